@@ -1,0 +1,262 @@
+"""The linearized ("replacement") model: same forward, RelP backward (relp-spec §A).
+
+`Linearization(model, ...)` is a context manager that patches a transformers causal LM
+(Llama 3.x, Qwen3, OLMo-2/3 layouts) in place and restores it on exit:
+
+* every module whose class name ends in ``RMSNorm`` gets a backward with the RMS factor
+  ``rho`` frozen (as the effective factor ``y / x`` of HF's own float32 computation); the
+  forward output is the module's own;
+* the attention pattern is frozen by detaching the outputs of ``q_proj`` and ``k_proj``;
+* the MLP product ``h = act(gate) * up`` gets the RelP half rule (``mlp_rule="relp"``), the
+  stop-gradient-on-gate rule (``"stop_grad_gate"``) or the true gradient (``"none"``).
+
+The forward values are bit-identical to the unpatched model: the patches only wrap the
+original computations in autograd functions whose forward reproduces HF's op order.
+
+While active it records, per decoder layer ``l``: ``neurons[l]`` (= ``h_l``, the input of
+``down_proj``, shape ``[B, T, F]``, connected to the graph so it can be a gradient *target*),
+``mlp_inputs[l]`` (an identity view of the MLP input, for conservation checks),
+``mlp_outputs[l]`` (``down_proj`` output) and, when ``detach_neurons=True``,
+``neuron_leaves[l]``: a detached leaf copy of ``h_l`` that ``down_proj`` consumes instead of
+``h_l``. Differentiating anything w.r.t. the leaves yields *direct* effects (no gradient
+crosses an MLP, relp-spec §C.4). ``residuals[l]`` (decoder-layer inputs, ``residuals[L]`` = the
+final norm input) are recorded when ``record_residuals=True``.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+MlpRule = Literal["relp", "stop_grad_gate", "none"]
+MLP_RULES: tuple[str, ...] = ("relp", "stop_grad_gate", "none")
+
+
+def _rms_eps(module: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, name, None)
+        if isinstance(value, float | int):
+            return float(value)
+    raise TypeError(f"{type(module).__name__}: cannot find the epsilon attribute of this RMSNorm")
+
+
+class _FrozenRMSNorm(torch.autograd.Function):
+    """y = original_forward(x); backward: dy/dx = diag(y / x), i.e. w * rho(x) with rho frozen.
+
+    HF evaluates RMSNorm in float32 and casts back, so the forward is ``w * rho * x`` only up to
+    that rounding. Freezing the effective per-element factor ``y / x`` (equal to ``w * rho`` up to
+    the forward's own rounding) makes the linear replacement reproduce the forward exactly, so
+    conservation (relp-spec §J.2-4) holds to working precision even in float64 / bf16.
+    Where ``x == 0`` the factor falls back to ``w * rho``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: nn.Module, original_forward: Any) -> torch.Tensor:
+        y = original_forward(x)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        x_acc = x.to(acc)
+        zero = x_acc == 0
+        factor = y.to(acc) / torch.where(zero, torch.ones_like(x_acc), x_acc)
+        if bool(zero.any()):
+            rho = torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + _rms_eps(module)).to(acc)
+            weight = getattr(module, "weight", None)
+            fallback = rho if weight is None else weight.to(acc) * rho
+            factor = torch.where(zero, fallback.expand_as(factor), factor)
+        ctx.save_for_backward(factor)
+        ctx.input_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        (factor,) = ctx.saved_tensors
+        grad_x = grad_y.to(factor.dtype) * factor
+        return grad_x.to(ctx.input_dtype), None, None
+
+
+class _HalfRuleProduct(torch.autograd.Function):
+    """h = act(g) * z (HF op order); backward: dh/dg = coef_g, dh/dz = coef_z (frozen)."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, z: torch.Tensor, act_fn: Any, rule: str) -> torch.Tensor:
+        s = act_fn(g)
+        h = s * z
+        if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
+            gate_ratio = torch.sigmoid(g)
+        else:
+            # Identity rule for a generic act(g) = g * ratio(g): ratio frozen at its clean value.
+            gate_ratio = torch.where(g == 0, torch.zeros_like(g), s / torch.where(g == 0, torch.ones_like(g), g))
+        if rule == "relp":
+            coef_g = 0.5 * z * gate_ratio
+            coef_z = 0.5 * s
+        elif rule == "stop_grad_gate":
+            coef_g = None
+            coef_z = s
+        else:  # pragma: no cover - guarded by the caller
+            raise ValueError(rule)
+        ctx.has_gate_grad = coef_g is not None
+        ctx.save_for_backward(*(t for t in (coef_g, coef_z) if t is not None))
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        if ctx.has_gate_grad:
+            coef_g, coef_z = ctx.saved_tensors
+            return grad_h * coef_g, grad_h * coef_z, None, None
+        (coef_z,) = ctx.saved_tensors
+        return None, grad_h * coef_z, None, None
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a transformers causal LM (Llama/Qwen3/OLMo layouts)."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__}: no decoder layers found at model.model.layers")
+    return list(layers)[: model.config.num_hidden_layers]
+
+
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    base = getattr(model, "model", model)
+    return getattr(base, "norm", None)
+
+
+class Linearization:
+    """Context manager installing the RelP backward rules on `model` (see module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mlp_rule: MlpRule = "relp",
+        detach_neurons: bool = False,
+        record_residuals: bool = False,
+        freeze_norms: bool = True,
+        freeze_attention: bool = True,
+    ) -> None:
+        if mlp_rule not in MLP_RULES:
+            raise ValueError(f"mlp_rule must be one of {MLP_RULES}, got {mlp_rule!r}")
+        self.model = model
+        self.mlp_rule = mlp_rule
+        self.detach_neurons = detach_neurons
+        self.record_residuals = record_residuals
+        self.freeze_norms = freeze_norms
+        self.freeze_attention = freeze_attention
+        self.layers = decoder_layers(model)
+        n_layers = len(self.layers)
+        self.neurons: list[torch.Tensor | None] = [None] * n_layers
+        self.neuron_leaves: list[torch.Tensor | None] = [None] * n_layers
+        self.mlp_inputs: list[torch.Tensor | None] = [None] * n_layers
+        self.mlp_outputs: list[torch.Tensor | None] = [None] * n_layers
+        self.residuals: list[torch.Tensor | None] = [None] * (n_layers + 1)
+        self._saved_forwards: list[tuple[nn.Module, Any]] = []
+        self._hooks: list[Any] = []
+        self._active = False
+
+    # -- patch helpers -------------------------------------------------------------------
+    def _set_forward(self, module: nn.Module, new_forward: Any) -> None:
+        self._saved_forwards.append((module, module.__dict__.get("forward")))
+        module.forward = new_forward
+
+    def _patch_rmsnorm(self, module: nn.Module) -> None:
+        original = module.forward
+
+        def frozen_forward(this: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+            if not torch.is_grad_enabled() or not hidden_states.requires_grad:
+                return original(hidden_states)
+            return _FrozenRMSNorm.apply(hidden_states, this, original)
+
+        self._set_forward(module, types.MethodType(frozen_forward, module))
+
+    def _patch_mlp(self, layer_index: int, mlp: nn.Module) -> None:
+        state = self
+        rule = self.mlp_rule
+
+        def relp_mlp_forward(this: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            x = x.view_as(x)  # a graph node holding only the MLP-branch gradient (spec §J.3)
+            state.mlp_inputs[layer_index] = x
+            gate = this.gate_proj(x)
+            up = this.up_proj(x)
+            if rule == "none" or not torch.is_grad_enabled():
+                h = this.act_fn(gate) * up
+            else:
+                h = _HalfRuleProduct.apply(gate, up, this.act_fn, rule)
+            state.neurons[layer_index] = h
+            if state.detach_neurons:
+                leaf = h.detach().requires_grad_(True)
+                state.neuron_leaves[layer_index] = leaf
+                h = leaf
+            out = this.down_proj(h)
+            state.mlp_outputs[layer_index] = out
+            return out
+
+        self._set_forward(mlp, types.MethodType(relp_mlp_forward, mlp))
+
+    def _residual_tap(self, index: int) -> Any:
+        state = self
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+            if args:
+                hidden = args[0].view_as(args[0])
+                state.residuals[index] = hidden
+                return (hidden, *args[1:]), kwargs
+            hidden = kwargs["hidden_states"].view_as(kwargs["hidden_states"])
+            state.residuals[index] = hidden
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return pre_hook
+
+    # -- context protocol ----------------------------------------------------------------
+    def __enter__(self) -> Linearization:
+        if self._active:
+            raise RuntimeError("Linearization is not re-entrant")
+        self._active = True
+        try:
+            if self.freeze_norms:
+                for module in self.model.modules():
+                    if type(module).__name__.endswith("RMSNorm"):
+                        self._patch_rmsnorm(module)
+            for index, layer in enumerate(self.layers):
+                if self.freeze_attention:
+                    attention = layer.self_attn
+                    for projection in (attention.q_proj, attention.k_proj):
+                        self._hooks.append(projection.register_forward_hook(lambda _m, _i, out: out.detach()))
+                self._patch_mlp(index, layer.mlp)
+                if self.record_residuals:
+                    self._hooks.append(layer.register_forward_pre_hook(self._residual_tap(index), with_kwargs=True))
+            if self.record_residuals:
+                norm = _final_norm(self.model)
+                if norm is not None:
+                    self._hooks.append(
+                        norm.register_forward_pre_hook(self._residual_tap(len(self.layers)), with_kwargs=True)
+                    )
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def _restore(self) -> None:
+        for handle in reversed(self._hooks):
+            handle.remove()
+        self._hooks.clear()
+        for module, previous in reversed(self._saved_forwards):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._saved_forwards.clear()
+        self._active = False
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+    def release(self) -> None:
+        """Drop references to recorded tensors (frees the autograd graph they hold)."""
+        n_layers = len(self.layers)
+        self.neurons = [None] * n_layers
+        self.neuron_leaves = [None] * n_layers
+        self.mlp_inputs = [None] * n_layers
+        self.mlp_outputs = [None] * n_layers
+        self.residuals = [None] * (n_layers + 1)
