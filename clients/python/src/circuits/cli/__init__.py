@@ -42,8 +42,15 @@ def _not_implemented(name: str):
     return run
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="circuits",
         description="RelP neuron attribution graphs, aggregation, labels, clusters and the atlas.",
     )
