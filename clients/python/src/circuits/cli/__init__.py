@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "intervene": ("circuits.cli.intervene", "set/scale/zero/mean-ablate neurons and show logits"),
     "view": ("circuits.cli.view", "open a graph in the interactive viewer"),
     "up": ("circuits.cli.up", "run all services locally, wired like the Helm chart"),
+    "neurondb": ("circuits.cli.neurondb", "import/query neuron descriptions in PostgreSQL"),
 }
 
 
