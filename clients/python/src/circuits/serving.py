@@ -11,6 +11,8 @@ Service packages supply only a function that adds their servicer to the server.
 
 from __future__ import annotations
 
+import argparse
+import hmac
 import logging
 import signal
 import threading
@@ -24,7 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from circuits.errors import CircuitsError
+from circuits.errors import CircuitsError, InvalidArgument
 
 log = logging.getLogger("circuits.serving")
 
@@ -46,6 +48,143 @@ class ServerSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Seconds in-flight calls get to finish on shutdown.
     grace_seconds: float = 10.0
+    #: PEM certificate chain and private key: serve TLS when both are set.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: PEM CA bundle of accepted client certificates: mutual TLS when set.
+    tls_client_ca_file: str = ""
+    #: File of bearer tokens, one per line: `TOKEN SCOPE[,SCOPE...]` (scopes: read, write, admin).
+    #: Empty: no authentication.
+    auth_tokens_file: str = ""
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials from the files, or None for plaintext."""
+        if not (self.tls_cert_file or self.tls_key_file):
+            return None
+        if not (self.tls_cert_file and self.tls_key_file):
+            raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
+        ca = _read_file(self.tls_client_ca_file, "TLS client CA") if self.tls_client_ca_file else None
+        return grpc.ssl_server_credentials(
+            [(_read_file(self.tls_key_file, "TLS key"), _read_file(self.tls_cert_file, "TLS certificate"))],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {what} file {path}: {exc.strerror}") from None
+
+
+# -- authentication ---------------------------------------------------------------------------
+SCOPES = ("read", "write", "admin")
+
+
+def load_tokens(path: str) -> dict[str, frozenset[str]]:
+    """Parse a tokens file (`TOKEN SCOPE[,SCOPE]` per line, `#` comments); errors never echo tokens."""
+    tokens: dict[str, frozenset[str]] = {}
+    text = _read_file(path, "auth tokens").decode("utf-8", errors="replace")
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        scopes = frozenset(parts[1].split(",")) if len(parts) > 1 else frozenset({"read"})
+        if len(parts) > 2 or not scopes <= set(SCOPES) or len(parts[0]) < 16:
+            raise InvalidArgument(
+                f"{path}:{line_no}: expected `TOKEN SCOPE[,SCOPE]` with a token of >= 16 characters "
+                f"and scopes from {', '.join(SCOPES)}"
+            )
+        tokens[parts[0]] = scopes
+    if not tokens:
+        raise InvalidArgument(f"{path}: no tokens")
+    return tokens
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Bearer-token authentication with scopes; health and reflection stay open for probes.
+
+    ``method_scopes`` maps a method name (``Ingest``) to the scope it needs; methods not listed
+    need ``read``. ``admin`` grants every scope. Tokens are compared in constant time and failures
+    say nothing about which part was wrong.
+    """
+
+    _OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, tokens: dict[str, frozenset[str]], method_scopes: dict[str, str] | None = None) -> None:
+        self._tokens = [(t.encode(), scopes) for t, scopes in tokens.items()]
+        self._method_scopes = dict(method_scopes or {})
+
+    def _scopes_for(self, presented: bytes) -> frozenset[str] | None:
+        found = None
+        for token, scopes in self._tokens:  # no early exit: time does not depend on which matched
+            if hmac.compare_digest(token, presented):
+                found = scopes
+        return found
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        method = handler_call_details.method
+        if method.startswith(self._OPEN):
+            return continuation(handler_call_details)
+        header = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode("latin-1")
+        presented = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+        scopes = self._scopes_for(presented) if presented else None
+        if scopes is None:
+            return _deny(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        needed = self._method_scopes.get(method.rsplit("/", 1)[-1], "read")
+        if needed not in scopes and "admin" not in scopes:
+            return _deny(grpc.StatusCode.PERMISSION_DENIED, f"this token lacks the '{needed}' scope")
+        return continuation(handler_call_details)
+
+
+def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    def abort(_request: Any, context: grpc.ServicerContext) -> None:
+        context.abort(code, message)
+
+    # A stream-stream handler works for every call shape: the request is never read.
+    return grpc.stream_stream_rpc_method_handler(lambda it, ctx: abort(it, ctx))
+
+
+# -- secrets never reach logs -------------------------------------------------------------------
+class RedactSecrets(logging.Filter):
+    """Replaces any registered secret value in log records with ***."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def add(self, *values: str) -> None:
+        self.secrets.update(v for v in values if v and len(v) >= 6)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            redacted = message
+            for secret in self.secrets:
+                redacted = redacted.replace(secret, "***")
+            if redacted != message:
+                record.msg, record.args = redacted, None
+        return True
+
+
+REDACTOR = RedactSecrets()
+
+
+def register_secret(*values: str) -> None:
+    """Register secret values (API keys, tokens, passwords) so logging never prints them."""
+    REDACTOR.add(*values)
+    root = logging.getLogger()
+    if REDACTOR not in root.filters:
+        root.addFilter(REDACTOR)
+    for handler in root.handlers:
+        if REDACTOR not in handler.filters:
+            handler.addFilter(REDACTOR)
 
 
 class Metrics:
@@ -236,18 +375,26 @@ def build_grpc_server(
     metrics: Metrics | None = None,
     interceptors: Iterable[grpc.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    method_scopes: dict[str, str] | None = None,
 ) -> GrpcServer:
     """Create (not start) a server with the shared plumbing; ``service_names`` are full names
-    such as ``circuits.v1.AtlasService`` (used by health and reflection)."""
+    such as ``circuits.v1.AtlasService`` (used by health and reflection). ``method_scopes`` maps
+    method names to the token scope they need when authentication is on (default ``read``)."""
     metrics = metrics or Metrics(service_names[0].rsplit(".", 1)[-1] if service_names else "circuits")
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    credentials = credentials or settings.credentials()
+    auth: list[grpc.ServerInterceptor] = []
+    if settings.auth_tokens_file:
+        tokens = load_tokens(settings.auth_tokens_file)
+        register_secret(*tokens)
+        auth.append(AuthInterceptor(tokens, method_scopes))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=[*interceptors, ErrorAndMetricsInterceptor(metrics)],
+        interceptors=[*auth, *interceptors, ErrorAndMetricsInterceptor(metrics)],
         options=options,
     )
     add_servicers(server)
@@ -271,3 +418,52 @@ def build_grpc_server(
     )
     handle.set_serving(False)
     return handle
+
+
+# -- command-line flags shared by every service -------------------------------------------------
+def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int) -> None:
+    """The network/security flags every `circuits serve <service>` accepts."""
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
+    g.add_argument("--port", type=int, default=default_port, help="gRPC port (0 = any free port)")
+    g.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics HTTP port")
+    g.add_argument("--max-workers", type=int, default=16, help="RPC worker threads")
+    g.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    g.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
+    g.add_argument("--tls-cert", default="", help="PEM certificate chain (TLS)")
+    g.add_argument("--tls-key", default="", help="PEM private key (TLS)")
+    g.add_argument("--tls-client-ca", default="", help="PEM CA of client certificates (mutual TLS)")
+    g.add_argument("--insecure", action="store_true", help="serve plaintext (local development only)")
+    g.add_argument("--auth-tokens-file", default="", help="bearer tokens file: `TOKEN SCOPE[,SCOPE]` per line")
+    g.add_argument("--port-file", default="", help="write the bound port to this file once listening")
+
+
+def server_settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """ServerSettings from add_server_arguments flags; plaintext needs an explicit --insecure."""
+    if not (args.tls_cert or args.tls_key) and not args.insecure:
+        raise InvalidArgument("refusing to serve plaintext: pass --tls-cert/--tls-key, or --insecure for local use")
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        max_workers=args.max_workers,
+        max_message_bytes=args.max_message_bytes,
+        grace_seconds=args.grace,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        tls_client_ca_file=args.tls_client_ca,
+        auth_tokens_file=args.auth_tokens_file,
+    )
+
+
+def announce(server: GrpcServer, args: argparse.Namespace) -> None:
+    """Print the bound address (and write --port-file atomically) once the server listens."""
+    import os
+
+    print(f"listening on {server.address}" + (f", metrics on :{server.metrics.port}" if server.metrics.port else ""),
+          flush=True)
+    if getattr(args, "port_file", ""):
+        tmp = f"{args.port_file}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(str(server.port))
+        os.replace(tmp, args.port_file)
