@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 from circuits.errors import CorruptInput, InvalidArgument
@@ -48,8 +49,8 @@ def read_graph_proto(path: str | Path):
             raw = gzip.decompress(raw)
         msg = graph_pb2.Graph()
         msg.ParseFromString(raw)
-    except (OSError, EOFError, DecodeError) as exc:
-        raise CorruptInput(f"{path}: not a valid compact graph ({exc})") from None
+    except (OSError, EOFError, zlib.error, DecodeError, RecursionError) as exc:
+        raise CorruptInput(f"{path}: not a valid compact graph ({' '.join(str(exc).split())[:200]})") from None
     return msg
 
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import re
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -413,6 +414,9 @@ def _parse_node(node: Any, n: int, prompt_tokens: tuple[str, ...], source: str) 
     clerp = _require(node, "clerp", str, where)
     _require(node, "jsNodeId", str, where)
     position = None if ctx < 0 else ctx
+    raw_labels = node.get("labels") or []
+    if not isinstance(raw_labels, list) or not all(isinstance(lab, Mapping) for lab in raw_labels):
+        raise CorruptInput(f"{where}: field 'labels' must be a list of objects")
     labels = tuple(
         UnitLabel(
             text=str(lab.get("text", "")),
@@ -420,16 +424,18 @@ def _parse_node(node: Any, n: int, prompt_tokens: tuple[str, ...], source: str) 
             confidence=str(lab.get("confidence", "")),
             description=str(lab.get("description", "")),
         )
-        for lab in node.get("labels", []) or []
-        if isinstance(lab, Mapping)
+        for lab in raw_labels
     )
+    count = node.get("appearance_count", 0) or 0
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise CorruptInput(f"{where}: field 'appearance_count' must be an integer")
     common = {
         "position": position,
         "attribution": _optional_number(node, "influence", where),
         "activation": _optional_number(node, "activation", where),
         "input_label": str(node.get("input_label", "") or ""),
         "cluster": str(node.get("cluster", "") or ""),
-        "appearance_count": int(node.get("appearance_count", 0) or 0),
+        "appearance_count": count,
         "labels": labels,
     }
     if feature is None:
@@ -574,8 +580,12 @@ def load_legacy(path: str | Path) -> Any:
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
         return json.loads(raw)
-    except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptInput(f"{path}: not a valid JSON graph ({exc})") from None
+    except (OSError, EOFError, zlib.error, ValueError, RecursionError) as exc:
+        raise CorruptInput(f"{path}: not a valid JSON graph ({_one_line(exc)})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def save_legacy(data: Mapping[str, Any], path: str | Path) -> Path:
@@ -604,3 +614,34 @@ def iter_units(graphs: Iterable[Graph]) -> Iterable[Unit]:
     """Every neuron unit of several graphs, in order."""
     for graph in graphs:
         yield from graph.neurons
+
+
+# ------------------------------------------------------------------------------------------
+# Labelling progress (LabelerService.RunProgressive)
+# ------------------------------------------------------------------------------------------
+LABEL_PASSES: tuple[str, ...] = ("output", "input")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LabelProgress:
+    """One progress report of a progressive labelling run (relp-spec §H).
+
+    ``done`` counts neurons finished in ``label_pass`` (``labelled`` newly paid + ``cached`` +
+    ``failed`` + skipped); token counts and ``spend_usd`` are for the whole run so far.
+    ``state``: running | layer_done | pass_done | done | budget_exhausted | stopped | failed.
+    """
+
+    label_pass: str = ""
+    layer: int = -1
+    done: int = 0
+    total: int = 0
+    labelled: int = 0
+    cached: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    spend_usd: float = 0.0
+    requests: int = 0
+    retries: int = 0
+    state: str = "running"
+    message: str = ""
