@@ -124,7 +124,7 @@
   }
 
   /* ----------------------------------------------------------------- layout */
-  function layout(model) {
+  function layout(model, avail) {
     var maxAbs = { neuron: 0, embedding: 0, logit: 0 };
     model.nodes.forEach(function (n) {
       var v = n.type === "logit" ? Math.abs(n.prob || 0) : Math.abs(n.influence || 0);
@@ -150,6 +150,13 @@
       var pos = list[0].pos;
       if (pos >= 0 && pos < colW.length) { colW[pos] = Math.max(colW[pos], width); }
     });
+    // Spread the columns over the width the page offers (the plot should not hug the left edge).
+    var used = MARGIN.left + MARGIN.right;
+    colW.forEach(function (w) { used += w; });
+    if (avail && used < avail) {
+      var grow = Math.min(6, (avail - MARGIN.left - MARGIN.right) / (used - MARGIN.left - MARGIN.right));
+      colW = colW.map(function (w) { return w * grow; });
+    }
     var colX = [];
     var x = MARGIN.left;
     colW.forEach(function (w) { colX.push(x); x += w; });
@@ -178,7 +185,7 @@
   function Viewer(root, data) {
     this.root = root;
     this.model = buildModel(data);
-    layout(this.model);
+    layout(this.model, Math.max(0, (root.clientWidth || 0) - 380));
     this.selected = null;
     this.focusCluster = null;
     var abs = this.model.edges.map(function (e) { return e.abs; }).filter(function (a) { return a > 0; });
