@@ -327,6 +327,7 @@ class GrpcServer:
     settings: ServerSettings
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     _stopped: threading.Event = field(default_factory=threading.Event)
+    _done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def address(self) -> str:
@@ -351,12 +352,15 @@ class GrpcServer:
         self._stopped.set()
         self.set_serving(False)
         self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
-        for hook in self.on_stop:
-            try:
-                hook()
-            except Exception:  # noqa: BLE001 - shutdown must finish
-                log.exception("shutdown hook failed")
-        self.metrics.close()
+        try:
+            for hook in self.on_stop:
+                try:
+                    hook()
+                except Exception:  # noqa: BLE001 - shutdown must finish
+                    log.exception("shutdown hook failed")
+            self.metrics.close()
+        finally:
+            self._done.set()
 
     def wait(self) -> None:
         """Block until the server stops; SIGTERM/SIGINT trigger a graceful stop."""
@@ -364,7 +368,10 @@ class GrpcServer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: threading.Thread(target=self.stop, daemon=True).start())
         self.server.wait_for_termination()
+        # stop() marks the server stopped first and runs its hooks (closing stores) after:
+        # return only once those finished, so the process never exits mid-close.
         self._stopped.wait()
+        self._done.wait()
 
 
 def build_grpc_server(

@@ -1,0 +1,99 @@
+"""`circuits up` / circuits.localstack: real service processes, health checks, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from circuits.errors import FailedPrecondition, InvalidArgument
+from circuits.localstack import LocalStack, LocalStackSettings, health_status
+
+CIRCUITS = Path(sys.executable).with_name("circuits")
+#: The labeler starts without calling its LLM, but refuses to start without a key.
+LABELER_ENV = {"ANTHROPIC_API_KEY": "test-key-not-used"}
+
+
+def test_unknown_services_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="unknown service"):
+        LocalStack(LocalStackSettings(state_dir=tmp_path, only=("labeler", "vllm")))
+
+
+def test_labeler_process_serves_health_and_stops_cleanly(tmp_path: Path) -> None:
+    settings = LocalStackSettings(state_dir=tmp_path, only=("labeler",), ports={"labeler": 0}, env=LABELER_ENV,
+                                  startup_timeout=60)  # fmt: skip
+    events: list[tuple[str, str]] = []
+    with LocalStack(settings, on_event=lambda p: events.append((p.name, p.state))) as stack:
+        proc = stack.status["labeler"]
+        assert proc.state == "serving", proc.detail + proc.log_tail()
+        address = stack.address("labeler")
+        assert health_status(address) == "SERVING"
+        # wired like the chart: the generated config and the standard flags
+        assert proc.argv[proc.argv.index("--config") + 1] == str(tmp_path / "labeler.yaml")
+        assert "--metrics-port" in proc.argv and "--host" in proc.argv
+        assert proc.metrics_port and proc.metrics_port != proc.port
+    assert events == [("labeler", "starting"), ("labeler", "serving"), ("labeler", "stopped")]
+    assert proc.process.returncode == 0, proc.log_tail()
+    assert health_status(address, timeout=0.5) == "UNREACHABLE"
+
+
+def test_a_crashing_service_is_reported_with_its_log(tmp_path: Path) -> None:
+    crash = tmp_path / "crash.sh"
+    crash.write_text("#!/bin/sh\necho 'error: boom at start' >&2\nexit 3\n")
+    crash.chmod(0o755)
+    settings = LocalStackSettings(state_dir=tmp_path, only=("labeler",), ports={"labeler": 0}, python=str(crash))
+    with LocalStack(settings) as stack:
+        proc = stack.status["labeler"]
+        assert proc.state == "failed"
+        assert "exited with code 3" in proc.detail
+        assert "error: boom at start" in proc.log_tail()
+        with pytest.raises(FailedPrecondition, match="labeler is failed"):
+            stack.address("labeler")
+
+
+def test_services_without_a_package_or_input_are_reported_not_fatal(tmp_path: Path, monkeypatch) -> None:
+    import circuits.localstack as localstack
+
+    real = localstack.package_missing
+    monkeypatch.setattr(localstack, "package_missing", lambda s: "not written yet" if s == "attribution" else real(s))
+    settings = LocalStackSettings(state_dir=tmp_path, only=("attribution", "atlas"), ports={"atlas": 0})
+    with LocalStack(settings) as stack:
+        assert stack.status["attribution"].state == "unavailable"
+        assert stack.status["attribution"].detail == "not written yet"
+        assert stack.status["atlas"].state == "unavailable"
+        assert "no atlas file" in stack.status["atlas"].detail
+
+
+def test_circuits_up_prints_addresses_and_stops_on_sigterm(tmp_path: Path) -> None:
+    command = [str(CIRCUITS), "up", "--only", "labeler", "--free-ports", "--state-dir", str(tmp_path)]
+    env = {**os.environ, **LABELER_ENV}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as up:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = up.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops them" in line:
+                break
+        serving = [ln for ln in lines if "SERVING" in ln and ln.startswith("labeler")]
+        assert serving, "".join(lines)
+        address = serving[0].split()[2]
+        assert health_status(address) == "SERVING"
+        up.send_signal(signal.SIGTERM)
+        rest, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, "".join(lines) + rest
+    assert "labeler        STOPPED" in rest
+    assert health_status(address, timeout=0.5) == "UNREACHABLE"
+
+
+def test_circuits_up_rejects_an_unknown_service() -> None:
+    result = subprocess.run([str(CIRCUITS), "up", "--only", "atlas,vllm"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --only: unknown service(s) vllm; choose from attribution, aggregator, labeler, atlas"
