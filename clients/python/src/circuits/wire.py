@@ -233,3 +233,404 @@ def units_to_proto(units: Iterable[Unit]) -> list[graph_pb2.Unit]:
 
 def edges_to_proto(edges: Iterable[Edge]) -> list[graph_pb2.Edge]:
     return [edge_to_proto(e) for e in edges]
+
+
+# -- labeler ----------------------------------------------------------------------------------
+def unit_refs_to_proto(keys: Iterable[tuple[int, int]]) -> list[Any]:
+    """(layer, index) pairs as labeler UnitRef messages."""
+    from circuits._proto.circuits.v1 import labeler_pb2
+
+    return [labeler_pb2.UnitRef(layer=int(layer), index=int(index)) for layer, index in keys]
+
+
+def unit_refs_from_proto(refs: Iterable[Any]) -> list[tuple[int, int]]:
+    """UnitRef messages as (layer, index) pairs; negative values raise InvalidArgument."""
+    keys = []
+    for ref in refs:
+        if ref.layer < 0 or ref.index < 0:
+            raise InvalidArgument(f"unit L{ref.layer}/N{ref.index}: layer and index must be >= 0")
+        keys.append((ref.layer, ref.index))
+    return keys
+
+
+_PROGRESS_FIELDS = (
+    "label_pass", "layer", "done", "total", "labelled", "cached", "failed", "input_tokens",
+    "output_tokens", "spend_usd", "requests", "retries", "state", "message",
+)
+
+
+def label_progress_to_proto(progress: Any) -> Any:
+    """circuits.schemas.LabelProgress -> circuits.v1.LabelProgress."""
+    from circuits._proto.circuits.v1 import labeler_pb2
+
+    return labeler_pb2.LabelProgress(**{name: getattr(progress, name) for name in _PROGRESS_FIELDS})
+
+
+def label_progress_from_proto(msg: Any) -> Any:
+    """circuits.v1.LabelProgress -> circuits.schemas.LabelProgress."""
+    from circuits.schemas import LabelProgress
+
+    return LabelProgress(**{name: getattr(msg, name) for name in _PROGRESS_FIELDS})
+
+
+# -- attribution service (TraceRequest, ModelInfo) ---------------------------------------------
+def trace_spec_to_proto(spec: Any) -> Any:
+    """Encode a :class:`circuits.tracing.TraceSpec` as a ``circuits.v1.TraceRequest``."""
+    from circuits._proto.circuits.v1 import attribution_pb2
+
+    msg = attribution_pb2.TraceRequest(
+        prompt=spec.prompt,
+        raw=spec.raw,
+        answer_prefix=spec.answer_prefix,
+        corpus_index=spec.corpus_index,
+        slug=spec.slug,
+    )
+    msg.target.k = spec.k
+    msg.target.target_tokens.extend(spec.target_tokens)
+    if spec.contrastive is not None:
+        msg.target.contrastive_positive, msg.target.contrastive_negative = spec.contrastive
+    if spec.target_position is not None:
+        msg.target_position = spec.target_position
+    if spec.tau is not None:
+        msg.tau = spec.tau
+    if spec.max_nodes is not None:
+        msg.max_nodes = spec.max_nodes
+    return msg
+
+
+def trace_spec_from_proto(msg: Any) -> Any:
+    """Decode a ``circuits.v1.TraceRequest``; bad values raise InvalidArgument naming the field."""
+    from circuits.tracing import TraceSpec
+
+    target = msg.target
+    pos, neg = target.contrastive_positive, target.contrastive_negative
+    if bool(pos) != bool(neg):
+        raise InvalidArgument("contrastive target needs both contrastive_positive and contrastive_negative")
+    return TraceSpec(
+        prompt=msg.prompt,
+        k=target.k,
+        target_tokens=tuple(target.target_tokens),
+        contrastive=(pos, neg) if pos else None,
+        raw=msg.raw,
+        answer_prefix=msg.answer_prefix,
+        target_position=_opt(msg, "target_position"),
+        tau=_opt(msg, "tau"),
+        max_nodes=_opt(msg, "max_nodes"),
+        corpus_index=msg.corpus_index,
+        slug=msg.slug,
+    )
+
+
+def model_info_to_proto(info: Any) -> Any:
+    """Encode a :class:`circuits.tracing.ModelInfo`."""
+    from circuits._proto.circuits.v1 import attribution_pb2
+
+    return attribution_pb2.ModelInfo(
+        model=info.model, num_layers=info.num_layers, d_model=info.d_model, d_mlp=info.d_mlp,
+        vocab_size=info.vocab_size, max_context=info.max_context, dtype=info.dtype, device=info.device,
+        architecture=info.architecture,
+    )
+
+
+def model_info_from_proto(msg: Any) -> Any:
+    from circuits.tracing import ModelInfo
+
+    return ModelInfo(
+        model=msg.model, num_layers=msg.num_layers, d_model=msg.d_model, d_mlp=msg.d_mlp,
+        vocab_size=msg.vocab_size, max_context=msg.max_context, dtype=msg.dtype, device=msg.device,
+        architecture=msg.architecture,
+    )
+
+
+# -- atlas ------------------------------------------------------------------------------------
+def _atlas_pb2() -> Any:
+    from circuits._proto.circuits.v1 import atlas_pb2
+
+    return atlas_pb2
+
+
+_DIRECTION_NAMES = ("both", "downstream", "upstream")
+
+
+def edge_direction_to_proto(direction: str) -> int:
+    """"both" | "downstream" | "upstream" -> EdgeDirection enum value."""
+    pb = _atlas_pb2()
+    values = {
+        "both": pb.EDGE_DIRECTION_BOTH,
+        "downstream": pb.EDGE_DIRECTION_DOWNSTREAM,
+        "upstream": pb.EDGE_DIRECTION_UPSTREAM,
+    }
+    if direction not in values:
+        raise InvalidArgument(f"direction must be one of {', '.join(_DIRECTION_NAMES)}, got {direction!r}")
+    return values[direction]
+
+
+def edge_direction_from_proto(value: int) -> str:
+    pb = _atlas_pb2()
+    names = {
+        pb.EDGE_DIRECTION_BOTH: "both",
+        pb.EDGE_DIRECTION_DOWNSTREAM: "downstream",
+        pb.EDGE_DIRECTION_UPSTREAM: "upstream",
+    }
+    if value not in names:
+        raise InvalidArgument(f"unknown edge direction {value}")
+    return names[value]
+
+
+def search_hits_to_proto(hits: Iterable[Any]) -> Any:
+    """list[SearchHit] -> SearchUnitsResponse (units and scores in the same order)."""
+    msg = _atlas_pb2().SearchUnitsResponse()
+    for hit in hits:
+        unit_to_proto(hit.unit, msg.units.add())
+        msg.scores.append(hit.score)
+    return msg
+
+
+def search_hits_from_proto(msg: Any) -> list[Any]:
+    from circuits.atlas_types import SearchHit
+
+    if len(msg.scores) not in (0, len(msg.units)):
+        raise InvalidArgument("search response has a different number of scores and units")
+    scores = list(msg.scores) or [0.0] * len(msg.units)
+    return [SearchHit(unit=unit_from_proto(u), score=s) for u, s in zip(msg.units, scores)]
+
+
+def edges_response_to_proto(edges: Iterable[Edge]) -> Any:
+    msg = _atlas_pb2().GetEdgesForUnitResponse()
+    msg.edges.extend(edge_to_proto(e) for e in edges)
+    return msg
+
+
+def cluster_members_to_proto(members: Any) -> Any:
+    """ClusterMembers -> GetClusterResponse."""
+    pb = _atlas_pb2()
+    c = members.cluster
+    msg = pb.GetClusterResponse(
+        cluster=pb.ClusterInfo(
+            cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
+            layer_max=c.layer_max, median_layer=c.median_layer,
+        )
+    )
+    for unit in members.units:
+        unit_to_proto(unit, msg.units.add())
+    return msg
+
+
+def cluster_members_from_proto(msg: Any) -> Any:
+    from circuits.atlas_types import ClusterInfo, ClusterMembers
+
+    c = msg.cluster
+    return ClusterMembers(
+        cluster=ClusterInfo(
+            cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
+            layer_max=c.layer_max, median_layer=c.median_layer,
+        ),
+        units=tuple(unit_from_proto(u) for u in msg.units),
+    )
+
+
+def atlas_stats_to_proto(stats: Any) -> Any:
+    msg = _atlas_pb2().AtlasStats(neurons=stats.neurons, edges=stats.edges, clusters=stats.clusters)
+    msg.metadata.update(dict(stats.metadata))
+    return msg
+
+
+def atlas_stats_from_proto(msg: Any) -> Any:
+    from circuits.atlas_types import AtlasStats
+
+    return AtlasStats(neurons=msg.neurons, edges=msg.edges, clusters=msg.clusters, metadata=dict(msg.metadata))
+
+
+# -- attribution service: Intervene ------------------------------------------------------------
+_INTERVENTION_MODES = {"set": 1, "scale": 2, "zero": 3, "mean": 4}
+_INTERVENTION_MODE_NAMES = {v: k for k, v in _INTERVENTION_MODES.items()}
+
+
+def intervene_request_to_proto(request: Any) -> Any:
+    """Encode a :class:`circuits.interventions.InterventionRequest` as ``circuits.v1.InterveneRequest``."""
+    from circuits._proto.circuits.v1 import attribution_pb2
+
+    msg = attribution_pb2.InterveneRequest(
+        prompt=request.prompt, raw=request.raw, answer_prefix=request.answer_prefix,
+        top_k=request.top_k, generate_tokens=request.generate_tokens,
+    )
+    for item in request.interventions:
+        msg.interventions.add(
+            layer=item.layer, index=item.index, positions=list(item.positions or ()),
+            mode=_INTERVENTION_MODES[item.mode], value=float(item.value), include_generated=item.include_generated,
+        )
+    return msg
+
+
+def intervene_request_from_proto(msg: Any) -> Any:
+    """Decode ``circuits.v1.InterveneRequest``; top_k 0 means 10. Bad values raise InvalidArgument."""
+    from circuits.interventions import InterventionRequest, NeuronIntervention
+
+    interventions = []
+    for number, item in enumerate(msg.interventions):
+        mode = _INTERVENTION_MODE_NAMES.get(item.mode)
+        if mode is None:
+            raise InvalidArgument(f"intervention {number}: mode is unspecified (use SET, SCALE, ZERO or MEAN)")
+        interventions.append(
+            NeuronIntervention(
+                layer=item.layer, index=item.index, mode=mode, value=item.value,
+                positions=tuple(item.positions) or None, include_generated=item.include_generated,
+            )
+        )
+    return InterventionRequest(
+        prompt=msg.prompt, interventions=tuple(interventions), raw=msg.raw, answer_prefix=msg.answer_prefix,
+        top_k=msg.top_k or 10, generate_tokens=msg.generate_tokens,
+    )
+
+
+def intervention_result_to_proto(result: Any) -> Any:
+    """Encode a :class:`circuits.interventions.InterventionResult` as ``circuits.v1.InterveneResponse``."""
+    from circuits._proto.circuits.v1 import attribution_pb2
+
+    def entries(items: Iterable[Any]) -> list[Any]:
+        return [
+            attribution_pb2.TokenProbability(token=t.token, token_id=t.token_id, logit=t.logit, probability=t.probability)
+            for t in items
+        ]
+
+    return attribution_pb2.InterveneResponse(
+        baseline=entries(result.baseline), intervened=entries(result.intervened), tracked=entries(result.tracked),
+        generated_text=result.generated_text, baseline_text=result.baseline_text,
+        prompt_tokens=list(result.prompt_tokens), position=result.position,
+    )
+
+
+def intervention_result_from_proto(msg: Any, *, interventions: Sequence[Any] = ()) -> Any:
+    """Decode ``circuits.v1.InterveneResponse`` (``interventions`` echo the request's)."""
+    from circuits.interventions import InterventionResult, TokenProbability
+
+    def entries(items: Iterable[Any]) -> tuple[Any, ...]:
+        return tuple(
+            TokenProbability(token=t.token, token_id=t.token_id, logit=t.logit, probability=t.probability) for t in items
+        )
+
+    return InterventionResult(
+        prompt_tokens=tuple(msg.prompt_tokens), position=msg.position, baseline=entries(msg.baseline),
+        intervened=entries(msg.intervened), tracked=entries(msg.tracked), baseline_text=msg.baseline_text,
+        generated_text=msg.generated_text, interventions=tuple(interventions),
+    )
+
+
+# -- aggregator -------------------------------------------------------------------------------
+def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id: str | None = None) -> Any:
+    """The aggregator's columnar view of a ``circuits.v1.Graph`` (:class:`~circuits.aggregator_types.GraphArrays`).
+
+    Edge columns are read straight from the packed EdgeTable into numpy (no per-edge Python
+    objects). ``graph_id`` overrides the message's id (files without one). Malformed tables
+    raise InvalidArgument.
+    """
+    import numpy as np
+
+    from circuits.aggregator_types import graph_arrays_from_units
+
+    units = msg.units
+    nan = math.nan
+    neuron = graph_pb2.UNIT_KIND_NEURON
+    table = msg.edges
+    n_raw = len(table.raw_weight)
+    if n_raw and n_raw != len(table.src):
+        raise InvalidArgument(f"{source or msg.graph_id or 'graph'}: edge table raw_weight has {n_raw} rows, src {len(table.src)}")
+    return graph_arrays_from_units(
+        graph_id=msg.graph_id if graph_id is None else graph_id,
+        source=source,
+        corpus_index=msg.metadata.corpus_index if msg.HasField("metadata") else -1,
+        layer=[u.layer for u in units],
+        index=[u.index for u in units],
+        is_neuron=[u.kind == neuron for u in units],
+        activation=[u.activation if u.HasField("activation") else nan for u in units],
+        attribution=[u.attribution if u.HasField("attribution") else nan for u in units],
+        edge_src=np.array(table.src, dtype=np.int64),
+        edge_tgt=np.array(table.tgt, dtype=np.int64),
+        edge_weight=np.array(table.weight, dtype=np.float64),
+    )
+
+
+def ingest_ack_to_proto(ack: Any) -> Any:
+    """circuits.aggregator_types.IngestAck -> circuits.v1.IngestAck."""
+    from circuits._proto.circuits.v1 import aggregator_pb2
+
+    return aggregator_pb2.IngestAck(
+        graph_ids=list(ack.graph_ids),
+        duplicates=ack.duplicates,
+        graphs_total=ack.graphs_total,
+        rejected_graph_ids=list(ack.rejected_graph_ids),
+    )
+
+
+def ingest_ack_from_proto(msg: Any) -> Any:
+    """circuits.v1.IngestAck -> circuits.aggregator_types.IngestAck."""
+    from circuits.aggregator_types import IngestAck
+
+    return IngestAck(
+        graph_ids=tuple(msg.graph_ids),
+        duplicates=msg.duplicates,
+        graphs_total=msg.graphs_total,
+        rejected_graph_ids=tuple(msg.rejected_graph_ids),
+    )
+
+
+def edge_columns_to_proto(cols: Any) -> Any:
+    """circuits.aggregator_types.EdgeColumns -> circuits.v1.EdgeBatch (packed columns)."""
+    from circuits._proto.circuits.v1 import aggregator_pb2
+
+    return aggregator_pb2.EdgeBatch(
+        src_layer=cols.src_layer.tolist(),
+        src_index=cols.src_neuron.tolist(),
+        tgt_layer=cols.tgt_layer.tolist(),
+        tgt_index=cols.tgt_neuron.tolist(),
+        count=cols.count.tolist(),
+        weight_sum=cols.weight_sum.tolist(),
+        weight_abs_sum=cols.weight_abs_sum.tolist(),
+        weight_sq_sum=cols.weight_sq_sum.tolist(),
+        weight_min=cols.weight_min.tolist(),
+        weight_max=cols.weight_max.tolist(),
+    )
+
+
+def edge_columns_from_proto(msg: Any) -> Any:
+    """circuits.v1.EdgeBatch -> circuits.aggregator_types.EdgeColumns; ragged columns raise InvalidArgument."""
+    import numpy as np
+
+    from circuits.aggregator_types import EdgeColumns
+
+    n = len(msg.count)
+    names = ("src_layer", "src_index", "tgt_layer", "tgt_index", "weight_sum", "weight_abs_sum",
+             "weight_sq_sum", "weight_min", "weight_max")  # fmt: skip
+    if any(len(getattr(msg, name)) != n for name in names):
+        raise InvalidArgument("edge batch columns differ in length")
+    return EdgeColumns(
+        src_layer=np.array(msg.src_layer, dtype=np.int32),
+        src_neuron=np.array(msg.src_index, dtype=np.int32),
+        tgt_layer=np.array(msg.tgt_layer, dtype=np.int32),
+        tgt_neuron=np.array(msg.tgt_index, dtype=np.int32),
+        count=np.array(msg.count, dtype=np.int64),
+        weight_sum=np.array(msg.weight_sum, dtype=np.float64),
+        weight_abs_sum=np.array(msg.weight_abs_sum, dtype=np.float64),
+        weight_sq_sum=np.array(msg.weight_sq_sum, dtype=np.float64),
+        weight_min=np.array(msg.weight_min, dtype=np.float64),
+        weight_max=np.array(msg.weight_max, dtype=np.float64),
+    )
+
+
+_AGG_STATS_FIELDS = (
+    "graphs_processed", "total_edge_observations", "distinct_edges", "distinct_units", "shard_index", "shard_count",
+)  # fmt: skip
+
+
+def aggregator_stats_to_proto(stats: Any) -> Any:
+    """circuits.aggregator_types.AggregatorStats -> circuits.v1.AggregatorStats."""
+    from circuits._proto.circuits.v1 import aggregator_pb2
+
+    return aggregator_pb2.AggregatorStats(**{name: getattr(stats, name) for name in _AGG_STATS_FIELDS})
+
+
+def aggregator_stats_from_proto(msg: Any) -> Any:
+    """circuits.v1.AggregatorStats -> circuits.aggregator_types.AggregatorStats."""
+    from circuits.aggregator_types import AggregatorStats
+
+    return AggregatorStats(**{name: getattr(msg, name) for name in _AGG_STATS_FIELDS})

@@ -6,7 +6,10 @@
 * every module whose class name ends in ``RMSNorm`` gets a backward with the RMS factor
   ``rho`` frozen (as the effective factor ``y / x`` of HF's own float32 computation); the
   forward output is the module's own;
-* the attention pattern is frozen by detaching the outputs of ``q_proj`` and ``k_proj``;
+* the attention pattern is frozen by detaching the outputs of ``q_proj`` and ``k_proj``; the
+  attention function itself (eager, sdpa, flash...) still computes the forward, but its backward
+  is replaced by the value path ``dV = A^T dOut`` with the pattern ``A`` as used (eager) or
+  recomputed (fused kernels), which is cheaper and batches under vmap;
 * the MLP product ``h = act(gate) * up`` gets the RelP half rule (``mlp_rule="relp"``), the
   stop-gradient-on-gate rule (``"stop_grad_gate"``) or the true gradient (``"none"``).
 
@@ -19,7 +22,13 @@ While active it records, per decoder layer ``l``: ``neurons[l]`` (= ``h_l``, the
 ``mlp_outputs[l]`` (``down_proj`` output) and, when ``detach_neurons=True``,
 ``neuron_leaves[l]``: a detached leaf copy of ``h_l`` that ``down_proj`` consumes instead of
 ``h_l``. Differentiating anything w.r.t. the leaves yields *direct* effects (no gradient
-crosses an MLP, relp-spec §C.4). ``residuals[l]`` (decoder-layer inputs, ``residuals[L]`` = the
+crosses an MLP, relp-spec §C.4). ``neuron_coefficients[l] = (coef_g, coef_z)`` are the frozen
+half-rule factors (``None`` for ``mlp_rule="none"``): ``d~h/dgate = coef_g``, ``d~h/dup = coef_z``
+(``coef_g`` is ``None`` for ``stop_grad_gate``). ``detach_mlp_outputs=True`` does the same one step later:
+``mlp_output_leaves[l]`` is a detached leaf copy of the ``down_proj`` output that the block
+consumes; since ``down_proj`` is linear, the direct effect of neuron ``i`` at position ``p`` is
+``W_down[:, i] . grad(mlp_output_leaves[l])[p]`` — cheaper (``D`` instead of ``F`` per position,
+and no ``down_proj`` backward). ``residuals[l]`` (decoder-layer inputs, ``residuals[L]`` = the
 final norm input) are recorded when ``record_residuals=True``.
 """
 
@@ -33,6 +42,7 @@ from torch import nn
 
 MlpRule = Literal["relp", "stop_grad_gate", "none"]
 MLP_RULES: tuple[str, ...] = ("relp", "stop_grad_gate", "none")
+_MISSING = object()
 
 
 def _rms_eps(module: nn.Module) -> float:
@@ -80,7 +90,7 @@ class _HalfRuleProduct(torch.autograd.Function):
     """h = act(g) * z (HF op order); backward: dh/dg = coef_g, dh/dz = coef_z (frozen)."""
 
     @staticmethod
-    def forward(ctx, g: torch.Tensor, z: torch.Tensor, act_fn: Any, rule: str) -> torch.Tensor:
+    def forward(ctx, g: torch.Tensor, z: torch.Tensor, act_fn: Any, rule: str, sink: list) -> torch.Tensor:
         s = act_fn(g)
         h = s * z
         if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
@@ -98,15 +108,64 @@ class _HalfRuleProduct(torch.autograd.Function):
             raise ValueError(rule)
         ctx.has_gate_grad = coef_g is not None
         ctx.save_for_backward(*(t for t in (coef_g, coef_z) if t is not None))
+        sink.append((coef_g, coef_z))  # the caller keeps them (frozen constants of this layer)
         return h
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
         if ctx.has_gate_grad:
             coef_g, coef_z = ctx.saved_tensors
-            return grad_h * coef_g, grad_h * coef_z, None, None
+            return grad_h * coef_g, grad_h * coef_z, None, None, None
         (coef_z,) = ctx.saved_tensors
-        return None, grad_h * coef_z, None, None
+        return None, grad_h * coef_z, None, None, None
+
+
+class _FrozenPatternValue(torch.autograd.Function):
+    """out = attention output (computed by the model's attention function); backward: value path
+    only, dV = sum over query heads of the group of A^T dOut, with the pattern A frozen."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, out: torch.Tensor, probs: torch.Tensor, n_rep: int) -> torch.Tensor:
+        ctx.save_for_backward(probs)
+        ctx.n_rep = n_rep
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (probs,) = ctx.saved_tensors  # [B, H, Tq, Tk]
+        # grad_out: [B, Tq, H, d_h] (HF attention functions return the transposed layout)
+        # (einsum has no batching rule under is_grads_batched; matmul does)
+        grad_rep = torch.matmul(probs.to(grad_out.dtype).transpose(-1, -2), grad_out.transpose(-3, -2))  # [B, H, Tk, d_h]
+        b, h, tk, d = grad_rep.shape
+        grad_value = grad_rep.reshape(b, h // ctx.n_rep, ctx.n_rep, tk, d).sum(-3)
+        return grad_value, None, None, None
+
+
+def _attention_probabilities(module: nn.Module, query, key, attention_mask, kwargs: dict) -> torch.Tensor:
+    """Softmax pattern [B, H, Tq, Tk] for attention functions that do not return it (sdpa, flash)."""
+    n_rep = int(getattr(module, "num_key_value_groups", 1))
+    if n_rep > 1:
+        b, kvh, tk, d = key.shape
+        key = key[:, :, None].expand(b, kvh, n_rep, tk, d).reshape(b, kvh * n_rep, tk, d)
+    scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+    acc = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.matmul(query.to(acc), key.to(acc).transpose(-1, -2)) * scaling
+    tq, tk = scores.shape[-2:]
+    if attention_mask is not None and attention_mask.dim() == 4:  # eager/sdpa: full [B, 1|H, Tq, Tk] mask
+        mask = attention_mask[..., :tk]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.to(scores.dtype)
+    else:  # causal (+ sliding window) implied by the kernel; flash passes a 2-D padding mask
+        blocked = torch.ones(tq, tk, dtype=torch.bool, device=scores.device).triu(1 + tk - tq)
+        window = kwargs.get("sliding_window")
+        if window:
+            blocked |= torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq - int(window))
+        scores = scores.masked_fill(blocked, float("-inf"))
+        if attention_mask is not None and attention_mask.dim() == 2:
+            scores = scores.masked_fill(~attention_mask[:, None, None, :tk].bool(), float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -132,6 +191,7 @@ class Linearization:
         *,
         mlp_rule: MlpRule = "relp",
         detach_neurons: bool = False,
+        detach_mlp_outputs: bool = False,
         record_residuals: bool = False,
         freeze_norms: bool = True,
         freeze_attention: bool = True,
@@ -141,6 +201,7 @@ class Linearization:
         self.model = model
         self.mlp_rule = mlp_rule
         self.detach_neurons = detach_neurons
+        self.detach_mlp_outputs = detach_mlp_outputs
         self.record_residuals = record_residuals
         self.freeze_norms = freeze_norms
         self.freeze_attention = freeze_attention
@@ -150,8 +211,11 @@ class Linearization:
         self.neuron_leaves: list[torch.Tensor | None] = [None] * n_layers
         self.mlp_inputs: list[torch.Tensor | None] = [None] * n_layers
         self.mlp_outputs: list[torch.Tensor | None] = [None] * n_layers
+        self.mlp_output_leaves: list[torch.Tensor | None] = [None] * n_layers
+        self.neuron_coefficients: list[tuple[torch.Tensor | None, torch.Tensor] | None] = [None] * n_layers
         self.residuals: list[torch.Tensor | None] = [None] * (n_layers + 1)
         self._saved_forwards: list[tuple[nn.Module, Any]] = []
+        self._saved_attention: tuple[str, Any] | None = None
         self._hooks: list[Any] = []
         self._active = False
 
@@ -182,7 +246,9 @@ class Linearization:
             if rule == "none" or not torch.is_grad_enabled():
                 h = this.act_fn(gate) * up
             else:
-                h = _HalfRuleProduct.apply(gate, up, this.act_fn, rule)
+                sink: list = []
+                h = _HalfRuleProduct.apply(gate, up, this.act_fn, rule, sink)
+                state.neuron_coefficients[layer_index] = sink[0]
             state.neurons[layer_index] = h
             if state.detach_neurons:
                 leaf = h.detach().requires_grad_(True)
@@ -190,9 +256,51 @@ class Linearization:
                 h = leaf
             out = this.down_proj(h)
             state.mlp_outputs[layer_index] = out
+            if state.detach_mlp_outputs:
+                out = out.detach().requires_grad_(True)
+                state.mlp_output_leaves[layer_index] = out
             return out
 
         self._set_forward(mlp, types.MethodType(relp_mlp_forward, mlp))
+
+    def _install_attention_backward(self) -> None:
+        import sys
+
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        key = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        attention_module = sys.modules[type(self.layers[0].self_attn).__module__]
+        default = getattr(attention_module, "eager_attention_forward", None)
+        original = ALL_ATTENTION_FUNCTIONS.get_interface(key, default)
+        if original is None:
+            return
+        owned = {id(layer.self_attn) for layer in self.layers}
+        self._saved_attention = (key, ALL_ATTENTION_FUNCTIONS._local_mapping.get(key, _MISSING))
+
+        def frozen_pattern_attention(module, query, key_states, value, attention_mask, *args, **kwargs):
+            if id(module) not in owned or not torch.is_grad_enabled() or not value.requires_grad:
+                return original(module, query, key_states, value, attention_mask, *args, **kwargs)
+            with torch.no_grad():
+                out, weights = original(module, query, key_states, value.detach(), attention_mask, *args, **kwargs)
+                probs = weights
+                if probs is None or probs.shape[-1] != value.shape[-2] or probs.shape[-3] != query.shape[1]:
+                    probs = _attention_probabilities(module, query, key_states, attention_mask, kwargs)
+            n_rep = query.shape[1] // value.shape[1]
+            return _FrozenPatternValue.apply(value, out, probs.detach(), n_rep), weights
+
+        ALL_ATTENTION_FUNCTIONS[key] = frozen_pattern_attention
+
+    def _remove_attention_backward(self) -> None:
+        if self._saved_attention is None:
+            return
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        key, previous = self._saved_attention
+        if previous is _MISSING:
+            ALL_ATTENTION_FUNCTIONS._local_mapping.pop(key, None)
+        else:
+            ALL_ATTENTION_FUNCTIONS[key] = previous
+        self._saved_attention = None
 
     def _residual_tap(self, index: int) -> Any:
         state = self
@@ -226,6 +334,8 @@ class Linearization:
                 self._patch_mlp(index, layer.mlp)
                 if self.record_residuals:
                     self._hooks.append(layer.register_forward_pre_hook(self._residual_tap(index), with_kwargs=True))
+            if self.freeze_attention:
+                self._install_attention_backward()
             if self.record_residuals:
                 norm = _final_norm(self.model)
                 if norm is not None:
@@ -238,6 +348,7 @@ class Linearization:
         return self
 
     def _restore(self) -> None:
+        self._remove_attention_backward()
         for handle in reversed(self._hooks):
             handle.remove()
         self._hooks.clear()
@@ -259,4 +370,6 @@ class Linearization:
         self.neuron_leaves = [None] * n_layers
         self.mlp_inputs = [None] * n_layers
         self.mlp_outputs = [None] * n_layers
+        self.mlp_output_leaves = [None] * n_layers
+        self.neuron_coefficients = [None] * n_layers
         self.residuals = [None] * (n_layers + 1)

@@ -144,6 +144,8 @@ def load_model(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu"
         raise InvalidArgument("model name is empty")
     torch_dtype = resolve_dtype(dtype)
     local = _find_local_dir(name_or_path)
+    if local is None and name_or_path.startswith(("/", "./", "../", "~")):
+        raise NotFound(f"model directory {name_or_path} does not exist or has no config.json")
     source = str(local) if local is not None else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -69,7 +69,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., num_layers: _Optional[int] = ..., d_model: _Optional[int] = ..., d_mlp: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ...) -> None: ...
 
 class NeuronIntervention(_message.Message):
-    __slots__ = ("layer", "index", "positions", "mode", "value")
+    __slots__ = ("layer", "index", "positions", "mode", "value", "include_generated")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         MODE_UNSPECIFIED: _ClassVar[NeuronIntervention.Mode]
@@ -87,12 +87,14 @@ class NeuronIntervention(_message.Message):
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_GENERATED_FIELD_NUMBER: _ClassVar[int]
     layer: int
     index: int
     positions: _containers.RepeatedScalarFieldContainer[int]
     mode: NeuronIntervention.Mode
     value: float
-    def __init__(self, layer: _Optional[int] = ..., index: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ..., mode: _Optional[_Union[NeuronIntervention.Mode, str]] = ..., value: _Optional[float] = ...) -> None: ...
+    include_generated: bool
+    def __init__(self, layer: _Optional[int] = ..., index: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ..., mode: _Optional[_Union[NeuronIntervention.Mode, str]] = ..., value: _Optional[float] = ..., include_generated: _Optional[bool] = ...) -> None: ...
 
 class InterveneRequest(_message.Message):
     __slots__ = ("prompt", "raw", "answer_prefix", "interventions", "top_k", "generate_tokens")
@@ -123,13 +125,19 @@ class TokenProbability(_message.Message):
     def __init__(self, token: _Optional[str] = ..., token_id: _Optional[int] = ..., logit: _Optional[float] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class InterveneResponse(_message.Message):
-    __slots__ = ("baseline", "intervened", "generated_text", "baseline_text")
+    __slots__ = ("baseline", "intervened", "generated_text", "baseline_text", "prompt_tokens", "position", "tracked")
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     INTERVENED_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TEXT_FIELD_NUMBER: _ClassVar[int]
     BASELINE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TRACKED_FIELD_NUMBER: _ClassVar[int]
     baseline: _containers.RepeatedCompositeFieldContainer[TokenProbability]
     intervened: _containers.RepeatedCompositeFieldContainer[TokenProbability]
     generated_text: str
     baseline_text: str
-    def __init__(self, baseline: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., intervened: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., generated_text: _Optional[str] = ..., baseline_text: _Optional[str] = ...) -> None: ...
+    prompt_tokens: _containers.RepeatedScalarFieldContainer[str]
+    position: int
+    tracked: _containers.RepeatedCompositeFieldContainer[TokenProbability]
+    def __init__(self, baseline: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., intervened: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., generated_text: _Optional[str] = ..., baseline_text: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[str]] = ..., position: _Optional[int] = ..., tracked: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ...) -> None: ...

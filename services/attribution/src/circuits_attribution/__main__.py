@@ -1,0 +1,117 @@
+"""`circuits serve attribution ...` / `python -m circuits_attribution ...`: the attribution server.
+
+The port opens first with health NOT_SERVING, the model loads once, then health turns SERVING.
+SIGTERM/SIGINT: NOT_SERVING, running traces get ``--grace`` seconds to finish, the rest stop.
+
+`python -m circuits_attribution worker ...` runs the batch worker instead (see worker.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from circuits.config import SMALL_MODEL
+from circuits.errors import CircuitsError, InvalidArgument
+
+
+def load_engine(model: str, *, dtype: str = "float32", device: str = "cpu", **config: Any) -> Any:
+    """Load ``model`` once and wrap it in a RelPAttributor (``config``: RelPConfig fields)."""
+    import torch
+
+    from circuits_attribution import RelPAttributor, RelPConfig, load_model
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgument(f"device {device!r} requested but no CUDA GPU is available")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise InvalidArgument(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    loaded = load_model(model, dtype=dtype, device=device)
+    return RelPAttributor(loaded.model, loaded.tokenizer, RelPConfig(model_name=model, **config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="circuits serve attribution",
+        description="Serve RelP attribution graphs over gRPC (Trace, TraceBatch, GetModelInfo).",
+    )
+    parser.add_argument("--model", default=SMALL_MODEL, help="hub id or local checkpoint directory (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in a container (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
+    parser.add_argument("--max-concurrent", type=int, default=1,
+                        help="traces running at once; replicas share one copy of the weights (default: %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=8,
+                        help="requests waiting for an engine; more get RESOURCE_EXHAUSTED (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
+    parser.add_argument("--grace", type=float, default=10.0,
+                        help="seconds running traces get to finish on shutdown (default: %(default)s)")
+    parser.add_argument("--max-workers", type=int, default=16,
+                        help="gRPC handler threads; raised to max-concurrent + max-queue + 4 when lower (default: %(default)s)")
+    return parser
+
+
+def serve(argv: Sequence[str]) -> int:
+    from circuits.serving import ServerSettings
+
+    from circuits_attribution.server import AttributionSettings, build_server
+
+    args = build_parser().parse_args(list(argv))
+    if args.max_concurrent < 1:
+        raise InvalidArgument(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if args.max_queue < 0:
+        raise InvalidArgument(f"--max-queue must be >= 0, got {args.max_queue}")
+    settings = AttributionSettings(
+        server=ServerSettings(
+            host=args.host, port=args.port, metrics_port=args.metrics_port,
+            max_workers=args.max_workers, grace_seconds=args.grace,
+        ),
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_concurrent=args.max_concurrent,
+        max_queue=args.max_queue,
+    )
+    server = build_server(settings).start()
+    metrics = f", metrics on :{server.grpc.metrics.port}" if server.grpc.metrics.port else ""
+    print(f"attribution server listening on {server.address}{metrics}; loading {args.model} ...", flush=True)
+    try:
+        engine = load_engine(args.model, dtype=args.dtype, device=args.device)
+        server.load(engine)
+    except BaseException:
+        server.stop(0)
+        raise
+    info = server.runner.model_info
+    print(
+        f"serving {info.model} ({info.architecture}, {info.num_layers} layers, {info.dtype} on {info.device}) "
+        f"on {server.address}, max_concurrent={server.runner.max_concurrent}, max_queue={args.max_queue}",
+        flush=True,
+    )
+    server.wait()
+    print("attribution server stopped", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if argv[:1] == ["worker"]:
+            from circuits_attribution.worker import main as worker_main
+
+            return worker_main(argv[1:])
+        return serve(argv)
+    except CircuitsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""AttributionService over gRPC: decode -> AttributionRunner -> encode, nothing else.
+
+Errors are domain exceptions; the shared interceptor (circuits.serving) maps them to status
+codes. A call's ``context.is_active()`` is the runner's stop signal, so a cancelled call or a
+passed deadline frees its queue place or engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from circuits import wire
+from circuits._proto.circuits.v1 import attribution_pb2, attribution_pb2_grpc, graph_pb2
+from circuits.errors import CircuitsError, InvalidArgument
+
+from circuits_attribution.service import AttributionRunner
+
+
+class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
+    def __init__(self, runner: AttributionRunner) -> None:
+        self.runner = runner
+
+    def Trace(self, request: attribution_pb2.TraceRequest, context: Any) -> graph_pb2.Graph:
+        spec = wire.trace_spec_from_proto(request)
+        graph = self.runner.trace(spec, should_stop=lambda: not context.is_active())
+        return wire.graph_to_proto(graph)
+
+    def TraceBatch(self, request_iterator: Iterator[attribution_pb2.TraceRequest], context: Any) -> Iterator[graph_pb2.Graph]:
+        for number, request in enumerate(request_iterator):
+            try:
+                spec = wire.trace_spec_from_proto(request)
+                graph = self.runner.trace(spec, should_stop=lambda: not context.is_active())
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"request {number}: {exc}") from None
+            except CircuitsError as exc:
+                raise type(exc)(f"request {number}: {exc}") from None
+            yield wire.graph_to_proto(graph)
+
+    def GetModelInfo(self, request: attribution_pb2.GetModelInfoRequest, context: Any) -> attribution_pb2.ModelInfo:
+        return wire.model_info_to_proto(self.runner.model_info)
+
+    def Intervene(self, request: Any, context: Any) -> Any:
+        # Owned by the interventions module; imported lazily so Trace never depends on it.
+        from circuits_attribution.intervene_rpc import handle_intervene
+
+        return handle_intervene(self.runner, request, context)

@@ -1,0 +1,333 @@
+"""Batch attribution worker: one shard of a prompts file -> compressed graph files / aggregator.
+
+    python -m circuits_attribution.worker --prompts prompts.jsonl --shard-index 3 --shard-count 16 \\
+        --output-dir graphs/ [--aggregator aggregator:50052] --model HuggingFaceTB/SmolLM2-135M-Instruct
+
+Prompts file: JSON lines ``{"prompt": ..., "id": ...?, "target_tokens": [...]?}`` (other
+:class:`~circuits.tracing.TraceSpec` fields are accepted too). Line ``n`` (1-based) belongs to
+shard ``(n - 1) % shard_count``; the shard index defaults to ``$JOB_COMPLETION_INDEX`` (Kubernetes
+Indexed Jobs). A bad line is reported as ``FILE:LINE: reason`` and skipped.
+
+Each graph is written atomically as ``<output-dir>/<graph_id>.pb.gz`` and/or streamed to the
+aggregator; only then is its line recorded in the shard's ledger
+(``<output-dir>/_progress/shard-<i>-of-<n>.jsonl``). A restarted worker skips recorded lines, so
+a SIGKILL loses nothing and repeats at most the one prompt that was being finished (which
+rewrites the same file under the same content id, and the aggregator counts a graph id once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from circuits.config import SMALL_MODEL, env_setting
+from circuits.errors import CircuitsError, InvalidArgument
+from circuits.schemas import Graph
+from circuits.tracing import TraceSpec
+
+#: Keys a prompts line may have besides the TraceSpec fields.
+_EXTRA_KEYS = ("id",)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSettings:
+    """One shard of a batch run. Field comments are the CLI help."""
+
+    #: JSONL prompts file.
+    prompts: Path
+    #: This worker's shard (0-based).
+    shard_index: int = 0
+    #: Number of shards the prompts are split into.
+    shard_count: int = 1
+    #: Directory for <graph_id>.pb.gz files and the progress ledger.
+    output_dir: Path = Path("graphs")
+    #: Write graph files (off: aggregator only; the ledger still lives in output_dir).
+    write_files: bool = True
+    #: Show a progress bar.
+    progress: bool = True
+    #: Trace settings for lines that don't set them (TraceSpec fields: k, tau, max_nodes, raw, ...).
+    trace_defaults: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.shard_count < 1:
+            raise InvalidArgument(f"--shard-count must be >= 1, got {self.shard_count}")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise InvalidArgument(f"--shard-index must be in [0, {self.shard_count}), got {self.shard_index}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PromptLine:
+    """One usable line of the prompts file."""
+
+    line: int  # 1-based
+    spec: TraceSpec
+    prompt_id: Any = None
+
+
+@dataclass(slots=True)
+class WorkerReport:
+    traced: int = 0
+    already_done: int = 0
+    bad_lines: int = 0
+    failed: int = 0
+    graph_ids: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self, settings: WorkerSettings) -> str:
+        return (
+            f"shard {settings.shard_index}/{settings.shard_count}: traced {self.traced}, "
+            f"already done {self.already_done}, bad lines {self.bad_lines}, failed {self.failed}"
+        )
+
+
+class GraphSink(Protocol):
+    """Somewhere graphs go besides files; ``send`` returns once the graph is durably accepted."""
+
+    def send(self, graph: Graph) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# -- prompts -------------------------------------------------------------------------------------
+def parse_prompt_line(text: str, *, line: int, source: str, defaults: Sequence[tuple[str, Any]] = ()) -> PromptLine:
+    """Parse one JSONL line (``defaults`` fill fields it doesn't set); raises InvalidArgument('FILE:LINE: reason')."""
+    where = f"{source}:{line}"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(data, str):
+        data = {"prompt": data}
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"{where}: expected a JSON object with a 'prompt', got {type(data).__name__}")
+    prompt_id = data.pop("id", None)
+    if prompt_id is not None and not isinstance(prompt_id, (str, int)):
+        raise InvalidArgument(f"{where}: 'id' must be a string or an integer")
+    data.setdefault("corpus_index", line - 1)
+    for key, value in defaults:
+        data.setdefault(key, value)
+    spec = TraceSpec.from_mapping(data, where=where)
+    return PromptLine(line=line, spec=spec, prompt_id=prompt_id)
+
+
+def shard_lines(path: Path, settings: WorkerSettings) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of this shard's non-blank lines."""
+    try:
+        handle = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidArgument(f"{path}: prompts file not found") from None
+    with handle:
+        for number, text in enumerate(handle, start=1):
+            if (number - 1) % settings.shard_count != settings.shard_index or not text.strip():
+                continue
+            yield number, text
+
+
+# -- ledger --------------------------------------------------------------------------------------
+class Ledger:
+    """Append-only record of finished lines of one shard (survives kills: torn lines are ignored)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[int, dict[str, Any]] = {}
+        if path.exists():
+            for text in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(text)
+                    self.done[int(record["line"])] = record
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a kill mid-write
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(path, "a", encoding="utf-8")
+        size = path.stat().st_size
+        if size and not path.read_bytes()[-1:] == b"\n":
+            self._handle.write("\n")  # end a torn last line so the next record parses
+
+    def record(self, line: int, **fields: Any) -> None:
+        entry = {"line": line, **fields}
+        self._handle.write(json.dumps(entry, sort_keys=True) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self.done[line] = entry
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def ledger_path(settings: WorkerSettings) -> Path:
+    return settings.output_dir / "_progress" / f"shard-{settings.shard_index}-of-{settings.shard_count}.jsonl"
+
+
+def graph_path(output_dir: Path, graph_id: str) -> Path:
+    return output_dir / f"{graph_id}.pb.gz"
+
+
+# -- the run -------------------------------------------------------------------------------------
+def run_worker(
+    settings: WorkerSettings,
+    engine: Any,
+    *,
+    sink: GraphSink | None = None,
+    log: Any = None,
+) -> WorkerReport:
+    """Trace this shard's prompts that are not yet in the ledger; return counts.
+
+    ``engine`` is a RelP attributor (or any object with its ``trace``); ``sink`` receives each
+    graph after its file is written and before the line is recorded as done.
+    """
+    from circuits.graphio import write_graph
+
+    from circuits_attribution.service import run_engine
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    if not settings.write_files and sink is None:
+        raise InvalidArgument("nothing to do with the graphs: give --output-dir files or --aggregator")
+    report = WorkerReport()
+    ledger = Ledger(ledger_path(settings))
+    lines = list(shard_lines(settings.prompts, settings))
+    bar = None
+    if settings.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(lines), desc=f"shard {settings.shard_index}", unit="prompt", file=sys.stderr)
+    try:
+        for number, text in lines:
+            if bar is not None:
+                bar.update(1)
+            previous = ledger.done.get(number)
+            if previous is not None and (
+                "graph_id" not in previous
+                or not settings.write_files
+                or graph_path(settings.output_dir, previous["graph_id"]).exists()
+            ):
+                report.already_done += 1
+                continue
+            try:
+                item = parse_prompt_line(
+                    text, line=number, source=str(settings.prompts), defaults=settings.trace_defaults
+                )
+            except InvalidArgument as exc:
+                log(f"{exc}; skipped")
+                report.bad_lines += 1
+                continue
+            try:
+                graph = run_engine(engine, item.spec)
+            except InvalidArgument as exc:
+                # Deterministic for this line (e.g. a multi-token target): record it, don't retry.
+                log(f"{settings.prompts}:{number}: {exc}; skipped")
+                ledger.record(number, error=str(exc))
+                report.failed += 1
+                continue
+            if item.prompt_id is not None:
+                extra = {**graph.metadata.extra, "prompt_id": item.prompt_id}
+                graph = dataclasses.replace(graph, metadata=dataclasses.replace(graph.metadata, extra=extra))
+            if settings.write_files:
+                write_graph(graph, graph_path(settings.output_dir, graph.graph_id))
+            if sink is not None:
+                sink.send(graph)
+            ledger.record(number, graph_id=graph.graph_id, **({"id": item.prompt_id} if item.prompt_id is not None else {}))
+            report.traced += 1
+            report.graph_ids.append(graph.graph_id)
+    finally:
+        if bar is not None:
+            bar.close()
+        ledger.close()
+    return report
+
+
+class AggregatorSink:
+    """Sends each graph to an aggregator; ``send`` returns once the aggregator acknowledged it as
+    committed (AggregatorClient keeps it and re-sends across reconnects until then)."""
+
+    def __init__(self, target: str) -> None:
+        from circuits.client.aggregator import AggregatorClient
+
+        self.target = target
+        self.client = AggregatorClient(target)
+
+    def send(self, graph: Graph) -> None:
+        from circuits.errors import FailedPrecondition
+
+        report = self.client.ingest([graph])
+        if graph.graph_id in report.rejected_graph_ids:
+            raise FailedPrecondition(
+                f"aggregator {self.target} does not own graph {graph.graph_id} (wrong shard address?)"
+            )
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# -- command line ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m circuits_attribution.worker",
+        description="Trace one shard of a JSONL prompts file into graph files and/or an aggregator (resumable).",
+    )
+    parser.add_argument("--prompts", required=True, type=Path, help="JSONL prompts file")
+    parser.add_argument("--shard-index", type=int, default=None,
+                        help="this shard (0-based; default: $JOB_COMPLETION_INDEX, else 0)")
+    parser.add_argument("--shard-count", type=int, default=1, help="number of shards (default: %(default)s)")
+    parser.add_argument("--output-dir", type=Path, default=Path("graphs"),
+                        help="graph files and progress ledger (default: %(default)s)")
+    parser.add_argument("--no-files", action="store_true", help="don't write graph files (aggregator only)")
+    parser.add_argument("--aggregator", default=None, metavar="HOST:PORT", help="stream graphs to this aggregator")
+    parser.add_argument("--model", default=SMALL_MODEL, help="hub id or local checkpoint directory (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=5, help="top logits in the metric (default: %(default)s)")
+    parser.add_argument("--tau", type=float, default=0.005, help="node threshold (default: %(default)s)")
+    parser.add_argument("--max-nodes", type=int, default=500, help="node cap (default: %(default)s)")
+    parser.add_argument("--raw", action="store_true", help="no chat template")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _shard_index(value: int | None) -> int:
+    if value is not None:
+        return value
+    raw = env_setting("JOB_COMPLETION_INDEX", "0") or "0"
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidArgument(f"JOB_COMPLETION_INDEX must be an integer, got {raw!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(None if argv is None else list(argv))
+    try:
+        settings = WorkerSettings(
+            prompts=args.prompts,
+            shard_index=_shard_index(args.shard_index),
+            shard_count=args.shard_count,
+            output_dir=args.output_dir,
+            write_files=not args.no_files,
+            progress=not args.no_progress,
+            trace_defaults=(("k", args.k), ("tau", args.tau), ("max_nodes", args.max_nodes), ("raw", args.raw)),
+        )
+        if not settings.prompts.is_file():
+            raise InvalidArgument(f"{settings.prompts}: prompts file not found")
+        from circuits_attribution.__main__ import load_engine
+
+        engine = load_engine(args.model, dtype=args.dtype, device=args.device)
+        sink = AggregatorSink(args.aggregator) if args.aggregator else None
+        try:
+            report = run_worker(settings, engine, sink=sink)
+        finally:
+            if sink is not None:
+                sink.close()
+    except CircuitsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary(settings), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

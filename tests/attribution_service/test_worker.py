@@ -1,0 +1,192 @@
+"""The batch worker: sharding, bad lines, resumption after SIGKILL, files and sinks."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from circuits.errors import InvalidArgument, Unavailable
+from circuits.graphio import is_graph_file, read_graph
+from circuits.tracing import TraceSpec
+from circuits_attribution.service import run_engine
+from circuits_attribution.worker import WorkerSettings, _shard_index, ledger_path, run_worker
+
+WORDS = "the capital of france is paris london rome city one two three four five red green blue big small cat dog sun moon".split()
+
+
+def prompts_file(tmp_path: Path, count: int, *, bad: dict[int, str] | None = None) -> tuple[Path, dict[int, dict]]:
+    """A JSONL file of ``count`` lines; ``bad`` replaces given 1-based lines by raw text."""
+    good: dict[int, dict] = {}
+    lines = []
+    for number in range(1, count + 1):
+        if bad and number in bad:
+            lines.append(bad[number])
+            continue
+        words = [WORDS[(number * 7 + j * 3) % len(WORDS)] for j in range(3 + number % 4)]
+        record: dict = {"prompt": " ".join(words), "id": f"p{number}"}
+        if number % 5 == 0:
+            record["target_tokens"] = ["paris"]
+        good[number] = record
+        lines.append(json.dumps(record))
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, good
+
+
+def expected_id(engine, number: int, record: dict) -> str:
+    spec = TraceSpec(prompt=record["prompt"], target_tokens=tuple(record.get("target_tokens", ())), corpus_index=number - 1)
+    return run_engine(engine, spec).graph_id
+
+
+def graph_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and is_graph_file(p))
+
+
+def test_shards_cover_every_good_line_once_and_report_bad_lines(tmp_path, tiny_engine):
+    bad = {3: "{not json", 6: '{"prompt": ""}', 8: '["a list"]', 9: '{"prompt": "x", "colour": 1}',
+           11: '{"prompt": "big dog", "target_tokens": ["paris rome"]}'}
+    path, good = prompts_file(tmp_path, 12, bad=bad)
+    out = tmp_path / "graphs"
+    messages: list[str] = []
+    reports = [
+        run_worker(WorkerSettings(prompts=path, shard_index=i, shard_count=3, output_dir=out, progress=False),
+                   tiny_engine, log=messages.append)
+        for i in range(3)
+    ]
+    assert sum(r.traced for r in reports) == len(good)
+    assert sum(r.bad_lines for r in reports) == 4 and sum(r.failed for r in reports) == 1
+    for number, fragment in [(3, "invalid JSON"), (6, "prompt is empty"), (8, "expected a JSON object"),
+                             (9, "unknown key(s) colour"), (11, "not a single token")]:
+        assert any(m.startswith(f"{path}:{number}: ") and fragment in m for m in messages), (number, messages)
+    files = graph_files(out)
+    expected = {expected_id(tiny_engine, n, r): (n, r) for n, r in good.items()}
+    assert {p.name for p in files} == {f"{gid}.pb.gz" for gid in expected}
+    for file in files:
+        graph = read_graph(file)
+        number, record = expected[graph.graph_id]
+        assert graph.prompt == record["prompt"]
+        assert graph.metadata.corpus_index == number - 1 and graph.metadata.extra["prompt_id"] == record["id"]
+        # line n belongs to shard (n - 1) % 3
+        ledger = ledger_path(WorkerSettings(prompts=path, shard_index=(number - 1) % 3, shard_count=3, output_dir=out))
+        assert f'"graph_id": "{graph.graph_id}"' in ledger.read_text()
+
+
+def test_rerun_repeats_nothing_and_retraces_a_deleted_file(tmp_path, tiny_engine):
+    path, good = prompts_file(tmp_path, 6)
+    settings = WorkerSettings(prompts=path, output_dir=tmp_path / "g", progress=False)
+    first = run_worker(settings, tiny_engine)
+    assert first.traced == 6
+    again = run_worker(settings, tiny_engine)
+    assert (again.traced, again.already_done) == (0, 6)
+    graph_files(tmp_path / "g")[0].unlink()
+    third = run_worker(settings, tiny_engine)
+    assert (third.traced, third.already_done) == (1, 5)
+    assert len(graph_files(tmp_path / "g")) == 6
+
+
+class RecordingSink:
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.graphs = []
+        self.fail_at = fail_at
+
+    def send(self, graph) -> None:
+        if self.fail_at is not None and len(self.graphs) == self.fail_at:
+            raise Unavailable("aggregator went away")
+        self.graphs.append(graph)
+
+    def close(self) -> None:
+        pass
+
+
+def test_sink_gets_each_graph_and_unacked_graphs_are_resent(tmp_path, tiny_engine):
+    path, good = prompts_file(tmp_path, 5)
+    settings = WorkerSettings(prompts=path, output_dir=tmp_path / "state", write_files=False, progress=False)
+    failing = RecordingSink(fail_at=2)
+    with pytest.raises(Unavailable):
+        run_worker(settings, tiny_engine, sink=failing)
+    resumed = RecordingSink()
+    report = run_worker(settings, tiny_engine, sink=resumed)
+    assert report.already_done == 2 and report.traced == 3
+    assert [g.prompt for g in failing.graphs + resumed.graphs] == [good[n]["prompt"] for n in sorted(good)]
+    assert graph_files(tmp_path / "state") == []  # files off
+
+
+def test_shard_index_defaults_to_the_job_completion_index(monkeypatch):
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "3")
+    assert _shard_index(None) == 3 and _shard_index(1) == 1
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "three")
+    with pytest.raises(InvalidArgument, match="JOB_COMPLETION_INDEX"):
+        _shard_index(None)
+    with pytest.raises(InvalidArgument, match="shard-index"):
+        WorkerSettings(prompts=Path("p"), shard_index=4, shard_count=4)
+
+
+def test_sigkill_midway_then_restart_gives_each_graph_exactly_once(tmp_path, tiny_checkpoint, tiny_engine):
+    count = 40
+    path, good = prompts_file(tmp_path, count)
+    out = tmp_path / "graphs"
+    base = ["--prompts", str(path), "--output-dir", str(out), "--model", str(tiny_checkpoint), "--no-progress",
+            "--shard-count", "2"]
+    env_shard = {"JOB_COMPLETION_INDEX": "1"}
+    import os
+
+    env = {**os.environ, **env_shard}
+    proc = subprocess.Popen([sys.executable, "-m", "circuits_attribution.worker", *base], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while (not out.exists() or len(graph_files(out)) < 3) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    before = len(graph_files(out))
+    shard = {n: r for n, r in good.items() if (n - 1) % 2 == 1}
+    assert 3 <= before < len(shard), "the worker was not killed midway"
+    done = subprocess.run([sys.executable, "-m", "circuits_attribution", "worker", *base], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    traced = int(summary.split("traced ")[1].split(",")[0])
+    already = int(summary.split("already done ")[1].split(",")[0])
+    assert traced + already == len(shard) and already >= before - 1
+    files = graph_files(out)
+    assert {p.name for p in files} == {f"{expected_id(tiny_engine, n, r)}.pb.gz" for n, r in shard.items()}
+    ledger = [json.loads(line) for line in ledger_path(
+        WorkerSettings(prompts=path, shard_index=1, shard_count=2, output_dir=out)).read_text().splitlines() if line.strip()
+        and line.strip().endswith("}")]
+    lines = [entry["line"] for entry in ledger if "graph_id" in entry]
+    assert sorted(set(lines)) == sorted(shard)
+    assert len(lines) == len(set(lines))  # no line recorded twice
+    for file in files:
+        assert read_graph(file).prompt in {r["prompt"] for r in shard.values()}
+
+
+def test_worker_streams_to_a_real_aggregator_exactly_once(tmp_path, tiny_engine):
+    server_module = pytest.importorskip("circuits_aggregator.server")
+    from circuits.client.aggregator import AggregatorClient
+    from circuits.serving import ServerSettings
+    from circuits_aggregator.store import AggregateStore
+    from circuits_attribution.worker import AggregatorSink
+
+    path, good = prompts_file(tmp_path, 4)
+    server = server_module.build_server(
+        server_module.AggregatorServerSettings(server=ServerSettings(port=0)), store=AggregateStore(":memory:")
+    ).start()
+    server.set_serving(True)
+    try:
+        settings = WorkerSettings(prompts=path, output_dir=tmp_path / "state", write_files=False, progress=False)
+        sink = AggregatorSink(server.address)
+        first = run_worker(settings, tiny_engine, sink=sink)
+        ledger_path(settings).unlink()  # lose the ledger: every graph is sent again
+        second = run_worker(settings, tiny_engine, sink=sink)
+        sink.close()
+        assert first.traced == second.traced == 4
+        with AggregatorClient(server.address) as client:
+            assert client.stats().graphs_processed == 4  # the re-sent graphs were counted once
+    finally:
+        server.stop(0.5)

@@ -1,0 +1,87 @@
+"""`circuits validate` and `circuits intervene` end to end on a tiny checkpoint saved to disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import PROMPT, build_model, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_model("llama", seed=2).save_pretrained(str(path))
+    build_tokenizer().save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def graph_file(checkpoint, tmp_path_factory):
+    from circuits_attribution import RelPAttributor, RelPConfig, load_model
+
+    loaded = load_model(str(checkpoint), dtype="float64")
+    config = RelPConfig(raw=True, tau=0.001, model_name=str(checkpoint))
+    graph = RelPAttributor(loaded.model, loaded.tokenizer, config).trace(PROMPT, compute_edges=False)
+    return graph.save(tmp_path_factory.mktemp("graphs") / "relp-tiny.json")
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRCUITS_HOME", str(tmp_path / "home"))
+
+
+def test_validate_prints_table_and_writes_json_and_png(graph_file, checkpoint, tmp_path, capsys):
+    from circuits.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["validate", str(graph_file), "--dtype", "float64", "--sizes", "3,10", "--random-seeds", "2",
+               "--ablation", "mean", "--output-dir", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "faith" in captured.out and "m_full=" in captured.out
+    data = json.loads((out / "relp-tiny.faithfulness-mean.json").read_text())
+    assert data["ablation"] == "mean" and data["model"] == str(checkpoint)
+    assert [p["size"] for p in data["points"]][:2] == [3, 10]
+    assert (out / "relp-tiny.faithfulness-mean.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "home" / "means").is_dir()  # mean ablation cached the means
+
+
+def test_validate_errors_are_one_line(tmp_path, capsys):
+    from circuits.cli import main
+
+    assert main(["validate", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["validate", "x.json", "--sizes", "a,b"])
+
+
+def test_intervene_shows_baseline_and_intervened_predictions(checkpoint, capsys):
+    from circuits.cli import main
+
+    rc = main(["intervene", PROMPT, "--model", str(checkpoint), "--dtype", "float64", "--raw",
+               "--neuron", "3:5=set:8", "--neuron", "1:2:-1=zero", "--generate", "3", "--top-k", "3"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "interventions: 3:5=set:8, 1:2:-1=zero" in captured.out
+    assert "baseline:" in captured.out and "intervened:" in captured.out
+    rc = main(["intervene", PROMPT, "--model", str(checkpoint), "--dtype", "float64", "--raw",
+               "--neuron", "3:5=scale:2", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0 and len(data["baseline"]) == 10 and data["interventions"][0]["mode"] == "scale"
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [("9:5=zero", "layer 9 is out of range"), ("1:500=zero", "neuron index 500 is out of range"),
+     ("1:5:40=zero", "position 40 is outside the prompt"), ("1-5=zero", "bad neuron spec")],
+)
+def test_intervene_bad_neurons_exit_2_with_one_line(checkpoint, capsys, spec, fragment):
+    from circuits.cli import main
+
+    rc = main(["intervene", PROMPT, "--model", str(checkpoint), "--raw", "--neuron", spec])
+    last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]  # after the weight-loading progress bar
+    assert rc == 2
+    assert last.startswith("error: ") and fragment in last
