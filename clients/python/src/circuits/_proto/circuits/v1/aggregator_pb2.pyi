@@ -74,10 +74,12 @@ class AggregatorStats(_message.Message):
     def __init__(self, graphs_processed: _Optional[int] = ..., total_edge_observations: _Optional[int] = ..., distinct_edges: _Optional[int] = ..., distinct_units: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
-    __slots__ = ("directory",)
+    __slots__ = ("directory", "min_count")
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    MIN_COUNT_FIELD_NUMBER: _ClassVar[int]
     directory: str
-    def __init__(self, directory: _Optional[str] = ...) -> None: ...
+    min_count: int
+    def __init__(self, directory: _Optional[str] = ..., min_count: _Optional[int] = ...) -> None: ...
 
 class ExportResponse(_message.Message):
     __slots__ = ("files", "stats")

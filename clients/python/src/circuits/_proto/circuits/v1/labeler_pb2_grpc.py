@@ -55,14 +55,18 @@ class LabelerServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def LabelUnits(self, request, context):
-        """Label specific units now (single pass chosen by the request).
+        """Label specific units now (single pass chosen by the request), whether or not they qualify
+        for the progressive run. Answers already in the persistent cache are not paid twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RunProgressive(self, request, context):
-        """Run the two-pass progressive labelling over an atlas / aggregate and stream progress.
+        """Run the two-pass progressive labelling (pass "output" late->early, then pass "input"
+        early->late) over the configured evidence and stream progress. One run at a time
+        (FAILED_PRECONDITION when one is already running). Resumable: a rerun pays only for
+        answers not yet cached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,35 @@
+"""Wiring of the aggregator gRPC server (no logic: see servicer.py and store.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from circuits._proto.circuits.v1 import aggregator_pb2_grpc
+from circuits.serving import GrpcServer, ServerSettings, build_grpc_server
+
+from circuits_aggregator.servicer import AggregatorServicer
+from circuits_aggregator.store import AggregateStore
+from circuits_aggregator.stream import BatchPolicy
+
+SERVICE_NAME = "circuits.v1.AggregatorService"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AggregatorServerSettings:
+    """Everything `circuits serve aggregator` configures."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    #: Ingest micro-batching (commit every N graphs or T seconds, whichever first).
+    batch: BatchPolicy = field(default_factory=BatchPolicy)
+
+
+def build_server(settings: AggregatorServerSettings, *, store: AggregateStore) -> GrpcServer:
+    """A (not yet started) server for ``store``; stopping the server closes the store."""
+    servicer = AggregatorServicer(store, policy=settings.batch)
+    handle = build_grpc_server(
+        settings=settings.server,
+        service_names=[SERVICE_NAME],
+        add_servicers=lambda server: aggregator_pb2_grpc.add_AggregatorServiceServicer_to_server(servicer, server),
+    )
+    handle.on_stop.append(store.close)
+    return handle

@@ -1,0 +1,47 @@
+"""AggregatorService: decode -> AggregateStore -> encode. Nothing else lives here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from circuits import wire
+from circuits._proto.circuits.v1 import aggregator_pb2, aggregator_pb2_grpc
+from circuits.errors import InvalidArgument
+
+from circuits_aggregator.store import AggregateStore
+from circuits_aggregator.stream import BatchPolicy, ingest_stream
+
+
+def _decode(requests: Iterator[Any]) -> Iterator[Any]:
+    for msg in requests:
+        if not msg.graph_id:
+            raise InvalidArgument("Ingest: graph_id is empty (it is the exactly-once identity; the client sets it)")
+        yield wire.graph_arrays_from_proto(msg, source="grpc")
+
+
+class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
+    def __init__(self, store: AggregateStore, *, policy: BatchPolicy | None = None) -> None:
+        self.store = store
+        self.policy = policy or BatchPolicy()
+
+    def Ingest(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
+        for ack in ingest_stream(self.store, _decode(request_iterator), policy=self.policy):
+            yield wire.ingest_ack_to_proto(ack)
+
+    def GetEdges(self, request: Any, context: Any) -> Iterator[Any]:
+        for cols in self.store.iter_edge_columns(
+            min_count=request.min_count, limit=request.limit, batch_size=request.batch_size
+        ):
+            yield wire.edge_columns_to_proto(cols)
+
+    def Stats(self, request: Any, context: Any) -> Any:
+        return wire.aggregator_stats_to_proto(self.store.stats())
+
+    def Export(self, request: Any, context: Any) -> Any:
+        if not request.directory:
+            raise InvalidArgument("Export: directory is required")
+        files = self.store.export(request.directory, min_count=request.min_count)
+        return aggregator_pb2.ExportResponse(
+            files=[str(f) for f in files], stats=wire.aggregator_stats_to_proto(self.store.stats())
+        )

@@ -1,0 +1,465 @@
+"""The aggregation engine: exactly-once edge and neuron statistics in one DuckDB file.
+
+Tables (relp-spec §F, positions collapsed, neuron -> neuron links only):
+
+* ``ledger(graph_id PRIMARY KEY, source, corpus_index, ingested_at, edge_observations,
+  unit_observations)`` - every graph counted, once.
+* ``edge_stats`` / ``edge_delta`` (same, keyed by the packed 64-bit key ``k``) - per
+  ``(src_layer, src_neuron, tgt_layer, tgt_neuron)``:
+  ``count`` (link observations), ``weight_sum``, ``weight_abs_sum``, ``weight_sq_sum``,
+  ``weight_min``, ``weight_max``.
+* ``unit_stats`` / ``unit_delta`` - per ``(layer, neuron)``: ``graph_count`` (graphs it appears
+  in, positions deduplicated), ``observation_count`` (nodes), activation and attribution sums,
+  sums of squares, min and max (over nodes that carry the value).
+
+Write path (:meth:`AggregateStore.ingest`): a batch of graphs is filtered against the ledger (and
+deduplicated within itself), its edges are grouped by a packed 64-bit key in one DuckDB
+``GROUP BY`` over Arrow columns, and the partial sums are appended to ``*_delta`` in the SAME
+transaction as the ledger rows. A graph is therefore either fully counted and in the ledger, or
+neither - a crash at any point followed by a re-send counts it exactly once.
+
+Appending partials instead of upserting keeps writes at memory speed (DuckDB's ART upsert runs at
+~60k rows/s); :meth:`AggregateStore.compact` folds the deltas into ``*_stats`` (one
+``GROUP BY`` over both, committed atomically) whenever the delta outgrows the compacted table.
+Sums, minima and maxima are associative, so every read (``GROUP BY`` over stats UNION ALL delta)
+sees exact statistics whatever was compacted.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from circuits.aggregator_types import (
+    EDGE_COLUMNS,
+    LEDGER_COLUMNS,
+    UNIT_COLUMNS,
+    AggregatorStats,
+    EdgeColumns,
+    GraphArrays,
+    IngestAck,
+    shard_of,
+)
+from circuits.errors import FailedPrecondition, InvalidArgument
+
+_EDGE_DDL = """(
+    src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, tgt_layer INTEGER NOT NULL, tgt_neuron INTEGER NOT NULL,
+    count BIGINT NOT NULL, weight_sum DOUBLE NOT NULL, weight_abs_sum DOUBLE NOT NULL, weight_sq_sum DOUBLE NOT NULL,
+    weight_min DOUBLE NOT NULL, weight_max DOUBLE NOT NULL)"""
+# Deltas keep the packed key (fewer bytes written per commit); see _EDGE_BATCH_SQL.
+_EDGE_DELTA_DDL = """(
+    k BIGINT NOT NULL, count BIGINT NOT NULL, weight_sum DOUBLE NOT NULL, weight_abs_sum DOUBLE NOT NULL,
+    weight_sq_sum DOUBLE NOT NULL, weight_min DOUBLE NOT NULL, weight_max DOUBLE NOT NULL)"""
+_UNIT_DDL = """(
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, graph_count BIGINT NOT NULL, observation_count BIGINT NOT NULL,
+    act_sum DOUBLE NOT NULL, act_sq_sum DOUBLE NOT NULL, act_min DOUBLE, act_max DOUBLE,
+    attr_sum DOUBLE NOT NULL, attr_abs_sum DOUBLE NOT NULL, attr_sq_sum DOUBLE NOT NULL, attr_min DOUBLE, attr_max DOUBLE)"""
+_LEDGER_DDL = """(
+    graph_id VARCHAR PRIMARY KEY, source VARCHAR NOT NULL, corpus_index BIGINT NOT NULL,
+    ingested_at TIMESTAMP NOT NULL, edge_observations BIGINT NOT NULL, unit_observations BIGINT NOT NULL)"""
+
+# Packed keys: edge = src_layer<<52 | src_neuron<<31 | tgt_layer<<21 | tgt_neuron (62 bits),
+# unit = layer<<21 | neuron. Grouping one BIGINT is ~2x faster than four INTEGER columns.
+_N = 2097151  # 2**21 - 1
+_L = 1023  # 2**10 - 1
+_EDGE_BATCH_SQL = """
+INSERT INTO edge_delta
+SELECT k, count(*), sum(w), sum(abs(w)), sum(w * w), min(w), max(w) FROM batch_edges GROUP BY k"""
+_UNIT_BATCH_SQL = f"""
+INSERT INTO unit_delta
+SELECT (k >> 21)::INTEGER, (k & {_N})::INTEGER, count(DISTINCT g), count(*),
+       coalesce(sum(a), 0), coalesce(sum(a * a), 0), min(a), max(a),
+       coalesce(sum(r), 0), coalesce(sum(abs(r)), 0), coalesce(sum(r * r), 0), min(r), max(r)
+FROM batch_units GROUP BY k"""
+
+_EDGE_MERGE = """SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, sum(count)::BIGINT AS count,
+       sum(weight_sum) AS weight_sum, sum(weight_abs_sum) AS weight_abs_sum, sum(weight_sq_sum) AS weight_sq_sum,
+       min(weight_min) AS weight_min, max(weight_max) AS weight_max
+FROM ({source}) GROUP BY src_layer, src_neuron, tgt_layer, tgt_neuron"""
+_UNIT_MERGE = """SELECT layer, neuron, sum(graph_count)::BIGINT AS graph_count,
+       sum(observation_count)::BIGINT AS observation_count,
+       sum(act_sum) AS act_sum, sum(act_sq_sum) AS act_sq_sum, min(act_min) AS act_min, max(act_max) AS act_max,
+       sum(attr_sum) AS attr_sum, sum(attr_abs_sum) AS attr_abs_sum, sum(attr_sq_sum) AS attr_sq_sum,
+       min(attr_min) AS attr_min, max(attr_max) AS attr_max
+FROM ({source}) GROUP BY layer, neuron"""
+EDGES_SQL = f"""SELECT (k >> 52)::INTEGER AS src_layer, ((k >> 31) & {_N})::INTEGER AS src_neuron,
+       ((k >> 21) & {_L})::INTEGER AS tgt_layer, (k & {_N})::INTEGER AS tgt_neuron, sum(count)::BIGINT AS count,
+       sum(weight_sum) AS weight_sum, sum(weight_abs_sum) AS weight_abs_sum, sum(weight_sq_sum) AS weight_sq_sum,
+       min(weight_min) AS weight_min, max(weight_max) AS weight_max
+FROM (SELECT (src_layer::BIGINT << 52) | (src_neuron::BIGINT << 31) | (tgt_layer::BIGINT << 21) | tgt_neuron::BIGINT AS k,
+             count, weight_sum, weight_abs_sum, weight_sq_sum, weight_min, weight_max FROM edge_stats
+      UNION ALL SELECT * FROM edge_delta) GROUP BY k"""
+UNITS_SQL = _UNIT_MERGE.format(source="SELECT * FROM unit_stats UNION ALL SELECT * FROM unit_delta")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IngestOutcome:
+    """An acknowledgement plus what was newly counted."""
+
+    ack: IngestAck
+    new_graphs: int = 0
+    new_edge_observations: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreSettings:
+    """How an aggregate store runs."""
+
+    #: This replica's shard (graphs with shard_of(graph_id, shard_count) != shard_index are rejected).
+    shard_index: int = 0
+    #: Number of aggregator shards.
+    shard_count: int = 1
+    #: DuckDB threads (1 = one core).
+    threads: int = 1
+    #: DuckDB memory limit (bounds the process's working set; DuckDB spills beyond it).
+    memory_limit: str = "1GB"
+    #: Compact deltas when they hold at least this many rows ...
+    compact_min_rows: int = 4_000_000
+    #: ... and at least this multiple of the compacted table's rows (amortises the rewrite).
+    compact_growth: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.shard_count < 1:
+            raise InvalidArgument(f"shard count must be >= 1, got {self.shard_count}")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise InvalidArgument(f"shard index must be in 0..{self.shard_count - 1}, got {self.shard_index}")
+        if self.threads < 1:
+            raise InvalidArgument(f"threads must be >= 1, got {self.threads}")
+
+
+class AggregateStore:
+    """Exactly-once aggregation state in one DuckDB file (``":memory:"`` for a throwaway store).
+
+    Thread-safe: writes are serialised by a lock; reads run on their own cursors against committed
+    snapshots.
+    """
+
+    def __init__(self, path: str | Path = ":memory:", settings: StoreSettings | None = None) -> None:
+        self.settings = settings or StoreSettings()
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._con = duckdb.connect(
+                self.path, config={"threads": self.settings.threads, "memory_limit": self.settings.memory_limit}
+            )
+        except duckdb.Error as exc:
+            raise FailedPrecondition(f"{self.path}: cannot open aggregator state ({exc})") from None
+        self._lock = threading.RLock()
+        con = self._con
+        con.execute(f"CREATE TABLE IF NOT EXISTS ledger {_LEDGER_DDL}")
+        con.execute(f"CREATE TABLE IF NOT EXISTS edge_stats {_EDGE_DDL}")
+        con.execute(f"CREATE TABLE IF NOT EXISTS edge_delta {_EDGE_DELTA_DDL}")
+        for name in ("unit_stats", "unit_delta"):
+            con.execute(f"CREATE TABLE IF NOT EXISTS {name} {_UNIT_DDL}")
+        con.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
+        self._check_shard_meta()
+        self._graphs = con.execute("SELECT count(*) FROM ledger").fetchone()[0]
+        self._delta_rows = con.execute("SELECT (SELECT count(*) FROM edge_delta) + (SELECT count(*) FROM unit_delta)").fetchone()[0]
+        self._stats_rows = con.execute("SELECT (SELECT count(*) FROM edge_stats) + (SELECT count(*) FROM unit_stats)").fetchone()[0]
+        self._closed = False
+
+    def _check_shard_meta(self) -> None:
+        want = {"shard_index": str(self.settings.shard_index), "shard_count": str(self.settings.shard_count)}
+        have = dict(self._con.execute("SELECT key, value FROM meta").fetchall())
+        if not have:
+            self._con.executemany("INSERT INTO meta VALUES (?, ?)", list(want.items()))
+            return
+        if any(have.get(k) != v for k, v in want.items()):
+            raise FailedPrecondition(
+                f"{self.path}: state belongs to shard {have.get('shard_index')} of {have.get('shard_count')}, "
+                f"not shard {want['shard_index']} of {want['shard_count']}"
+            )
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._con.close()
+
+    def __enter__(self) -> AggregateStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writes
+    @property
+    def graphs_total(self) -> int:
+        return self._graphs
+
+    def owns(self, graph_id: str) -> bool:
+        """Whether this shard counts ``graph_id``."""
+        return self.settings.shard_count == 1 or shard_of(graph_id, self.settings.shard_count) == self.settings.shard_index
+
+    def ingest(self, graphs: Sequence[GraphArrays]) -> IngestAck:
+        """See :meth:`ingest_batch`; returns only the acknowledgement."""
+        return self.ingest_batch(graphs).ack
+
+    def ingest_batch(self, graphs: Sequence[GraphArrays]) -> IngestOutcome:
+        """Count the graphs this shard owns and has not counted yet, in one transaction.
+
+        Returns once the transaction is committed (durable in the DuckDB WAL). Graphs another
+        shard owns are returned in ``rejected_graph_ids``; a graph already in the ledger (or
+        repeated within the batch) is acknowledged and counted in ``duplicates``.
+        """
+        for g in graphs:
+            if not g.graph_id:
+                raise InvalidArgument(f"{g.source or 'graph'}: graph_id is empty (it is the exactly-once identity)")
+        owned: dict[str, GraphArrays] = {}
+        rejected: list[str] = []
+        repeats = 0
+        for g in graphs:
+            if not self.owns(g.graph_id):
+                rejected.append(g.graph_id)
+            elif g.graph_id in owned:
+                repeats += 1
+            else:
+                owned[g.graph_id] = g
+        if not owned:
+            return IngestOutcome(
+                ack=IngestAck(duplicates=repeats, graphs_total=self._graphs, rejected_graph_ids=tuple(rejected))
+            )
+        with self._lock:
+            if self._closed:
+                raise FailedPrecondition("aggregator store is closed")
+            con = self._con
+            ids = pa.table({"graph_id": pa.array(list(owned), type=pa.string())})
+            con.register("batch_ids", ids)
+            try:
+                known = {row[0] for row in con.execute(
+                    "SELECT graph_id FROM ledger WHERE graph_id IN (SELECT graph_id FROM batch_ids)"
+                ).fetchall()}  # fmt: skip
+            finally:
+                con.unregister("batch_ids")
+            new = [g for gid, g in owned.items() if gid not in known]
+            if new:
+                self._commit(new)
+                self._graphs += len(new)
+                if self._should_compact():
+                    self.compact()
+            ack = IngestAck(
+                graph_ids=tuple(owned),
+                duplicates=repeats + len(known),
+                graphs_total=self._graphs,
+                rejected_graph_ids=tuple(rejected),
+            )
+            return IngestOutcome(
+                ack=ack, new_graphs=len(new), new_edge_observations=sum(g.n_edges for g in new)
+            )
+
+    def _commit(self, new: list[GraphArrays]) -> None:
+        n_edges = np.array([g.n_edges for g in new], dtype=np.int64)
+        n_units = np.array([g.n_units for g in new], dtype=np.int64)
+        ledger = pa.table({
+            "graph_id": pa.array([g.graph_id for g in new], type=pa.string()),
+            "source": pa.array([g.source for g in new], type=pa.string()),
+            "corpus_index": pa.array([g.corpus_index for g in new], type=pa.int64()),
+            "edge_observations": pa.array(n_edges),
+            "unit_observations": pa.array(n_units),
+        })  # fmt: skip
+        key = (
+            (np.concatenate([g.edge_src_layer for g in new]).astype(np.int64) << 52)
+            | (np.concatenate([g.edge_src_neuron for g in new]).astype(np.int64) << 31)
+            | (np.concatenate([g.edge_tgt_layer for g in new]).astype(np.int64) << 21)
+            | np.concatenate([g.edge_tgt_neuron for g in new]).astype(np.int64)
+        )
+        edges = pa.table({"k": key, "w": np.concatenate([g.edge_weight for g in new])})
+        act = np.concatenate([g.unit_activation for g in new])
+        attr = np.concatenate([g.unit_attribution for g in new])
+        units = pa.table({
+            "k": (np.concatenate([g.unit_layer for g in new]).astype(np.int64) << 21)
+            | np.concatenate([g.unit_neuron for g in new]).astype(np.int64),
+            "g": np.repeat(np.arange(len(new), dtype=np.int64), n_units),
+            "a": pa.array(act, mask=np.isnan(act)),
+            "r": pa.array(attr, mask=np.isnan(attr)),
+        })  # fmt: skip
+        con = self._con
+        con.register("batch_ledger", ledger)
+        con.register("batch_edges", edges)
+        con.register("batch_units", units)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                # The PRIMARY KEY makes a double count impossible even if the filter above raced.
+                con.execute(
+                    "INSERT INTO ledger SELECT graph_id, source, corpus_index, now()::TIMESTAMP, "
+                    "edge_observations, unit_observations FROM batch_ledger"
+                )
+                before = con.execute("SELECT (SELECT count(*) FROM edge_delta) + (SELECT count(*) FROM unit_delta)").fetchone()[0]
+                if key.shape[0]:
+                    con.execute(_EDGE_BATCH_SQL)
+                if act.shape[0]:
+                    con.execute(_UNIT_BATCH_SQL)
+                after = con.execute("SELECT (SELECT count(*) FROM edge_delta) + (SELECT count(*) FROM unit_delta)").fetchone()[0]
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        finally:
+            for name in ("batch_ledger", "batch_edges", "batch_units"):
+                con.unregister(name)
+        self._delta_rows += after - before
+
+    def _should_compact(self) -> bool:
+        s = self.settings
+        return self._delta_rows >= s.compact_min_rows and self._delta_rows >= s.compact_growth * self._stats_rows
+
+    def compact(self) -> None:
+        """Fold ``*_delta`` into ``*_stats`` atomically (statistics unchanged, fewer rows)."""
+        with self._lock:
+            con = self._con
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute("CREATE TABLE edge_stats_new AS " + EDGES_SQL)
+                con.execute("CREATE TABLE unit_stats_new AS " + UNITS_SQL)
+                for kind in ("edge", "unit"):
+                    con.execute(f"DROP TABLE {kind}_stats")
+                    con.execute(f"ALTER TABLE {kind}_stats_new RENAME TO {kind}_stats")
+                    con.execute(f"DELETE FROM {kind}_delta")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            self._stats_rows = con.execute(
+                "SELECT (SELECT count(*) FROM edge_stats) + (SELECT count(*) FROM unit_stats)"
+            ).fetchone()[0]
+            self._delta_rows = 0
+            con.execute("CHECKPOINT")
+
+    # ------------------------------------------------------------------ reads
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            if self._closed:
+                raise FailedPrecondition("aggregator store is closed")
+            return self._con.cursor()
+
+    def stats(self) -> AggregatorStats:
+        """Counters from one consistent snapshot."""
+        cur = self._cursor()
+        try:
+            graphs, observations = cur.execute(
+                "SELECT count(*), coalesce(sum(edge_observations), 0)::BIGINT FROM ledger"
+            ).fetchone()
+            distinct_edges = cur.execute(f"SELECT count(*) FROM ({EDGES_SQL})").fetchone()[0]
+            distinct_units = cur.execute(f"SELECT count(*) FROM ({UNITS_SQL})").fetchone()[0]
+        finally:
+            cur.close()
+        return AggregatorStats(
+            graphs_processed=int(graphs),
+            total_edge_observations=int(observations),
+            distinct_edges=int(distinct_edges),
+            distinct_units=int(distinct_units),
+            shard_index=self.settings.shard_index,
+            shard_count=self.settings.shard_count,
+        )
+
+    def iter_edge_columns(self, *, min_count: int = 1, limit: int = 0, batch_size: int = 65536) -> Iterator[EdgeColumns]:
+        """Aggregated edges with ``count >= min_count``, most observed first (ties by key), in batches."""
+        if min_count < 0 or limit < 0 or batch_size < 0:
+            raise InvalidArgument("min_count, limit and batch_size must be >= 0")
+        batch_size = batch_size or 65536
+        sql = (
+            f"SELECT * FROM ({EDGES_SQL}) WHERE count >= ? "
+            "ORDER BY count DESC, src_layer, src_neuron, tgt_layer, tgt_neuron"
+            + (f" LIMIT {int(limit)}" if limit else "")
+        )
+        cur = self._cursor()
+        try:
+            reader = cur.execute(sql, [max(min_count, 1)]).fetch_record_batch(batch_size)
+            for batch in reader:
+                if batch.num_rows:
+                    yield EdgeColumns(**{name: batch.column(name).to_numpy(zero_copy_only=False) for name in EDGE_COLUMNS})
+        finally:
+            cur.close()
+
+    def edge_columns(self, *, min_count: int = 1, limit: int = 0) -> EdgeColumns:
+        """All matching edges as one EdgeColumns (see iter_edge_columns)."""
+        parts = list(self.iter_edge_columns(min_count=min_count, limit=limit, batch_size=1 << 20))
+        if not parts:
+            empty = {n: np.zeros(0, dtype=np.int32 if i < 4 else (np.int64 if i == 4 else np.float64))
+                     for i, n in enumerate(EDGE_COLUMNS)}  # fmt: skip
+            return EdgeColumns(**empty)
+        return EdgeColumns(**{n: np.concatenate([getattr(p, n) for p in parts]) for n in EDGE_COLUMNS})
+
+    def unit_table(self) -> pa.Table:
+        """Per-neuron statistics (columns UNIT_COLUMNS), ordered by layer, neuron."""
+        cur = self._cursor()
+        try:
+            return cur.execute(f"SELECT * FROM ({UNITS_SQL}) ORDER BY layer, neuron").fetch_arrow_table()
+        finally:
+            cur.close()
+
+    def known_sources(self, sources: Sequence[str]) -> set[str]:
+        """Which of ``sources`` are already in the ledger (resume by file name)."""
+        if not sources:
+            return set()
+        cur = self._cursor()
+        try:
+            cur.register("probe", pa.table({"source": pa.array(list(sources), type=pa.string())}))
+            return {r[0] for r in cur.execute("SELECT DISTINCT source FROM ledger WHERE source IN (SELECT source FROM probe)").fetchall()}
+        finally:
+            cur.close()
+
+    def export(self, directory: str | Path, *, min_count: int = 1) -> list[Path]:
+        """Write edges.parquet, units.parquet and ledger.parquet from one consistent snapshot.
+
+        Files are written under temporary names and renamed into place, so a reader never sees a
+        half-written file. ``min_count`` filters edges (keep 1 for partials that will be merged).
+        """
+        if not str(directory):
+            raise InvalidArgument("export directory must not be empty")
+        if min_count < 0:
+            raise InvalidArgument(f"min_count must be >= 0, got {min_count}")
+        out = Path(directory)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidArgument(f"{out}: cannot create export directory ({exc.strerror or exc})") from None
+        queries = {
+            "edges.parquet": f"SELECT {', '.join(EDGE_COLUMNS)} FROM ({EDGES_SQL}) WHERE count >= {max(int(min_count), 1)} "
+            "ORDER BY src_layer, src_neuron, tgt_layer, tgt_neuron",
+            "units.parquet": f"SELECT {', '.join(UNIT_COLUMNS)} FROM ({UNITS_SQL}) ORDER BY layer, neuron",
+            "ledger.parquet": f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger ORDER BY graph_id",
+        }
+        return write_parquet_snapshot(self._cursor(), out, queries)
+
+
+def write_parquet_snapshot(cur: duckdb.DuckDBPyConnection, out: Path, queries: dict[str, str]) -> list[Path]:
+    """Run each query in one read transaction; stream its rows to ``out/<name>`` (Parquet, zstd).
+
+    Each file is written under a temporary name and renamed into place afterwards, so readers
+    never see a half-written file. Paths never enter SQL.
+    """
+    import pyarrow.parquet as pq
+
+    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
+    written: list[tuple[Path, Path]] = []
+    try:
+        cur.execute("BEGIN TRANSACTION")
+        for name, sql in queries.items():
+            tmp = out / f".{name}.{stamp}.tmp"
+            written.append((tmp, out / name))
+            reader = cur.execute(sql).fetch_record_batch(1 << 18)
+            with pq.ParquetWriter(tmp, reader.schema, compression="zstd") as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+        cur.execute("COMMIT")
+    except (duckdb.Error, OSError) as exc:
+        for tmp, _final in written:
+            tmp.unlink(missing_ok=True)
+        raise InvalidArgument(f"{out}: export failed ({exc})") from None
+    finally:
+        cur.close()
+    for tmp, final in written:
+        os.replace(tmp, final)
+    return [final for _tmp, final in written]

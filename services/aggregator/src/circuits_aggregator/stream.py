@@ -1,0 +1,103 @@
+"""Micro-batched ingestion of a stream of graphs, transport-neutral (the Ingest RPC uses it).
+
+Graphs arrive one by one; committing each alone would cost a transaction per graph. The stream
+groups them into micro-batches - at most ``max_graphs`` graphs, or whatever arrived within
+``max_delay_s`` of the first graph of the batch - commits each batch in one transaction and only
+then yields its :class:`~circuits.aggregator_types.IngestAck`. A reader thread keeps pulling
+graphs while a batch commits, and lets the time limit fire while the sender is idle (a client
+with a bounded window waits for acks before it sends more).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from circuits.aggregator_types import GraphArrays, IngestAck
+
+from circuits_aggregator.store import AggregateStore
+
+_END = object()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchPolicy:
+    """When a micro-batch is committed."""
+
+    #: Commit after this many graphs ...
+    max_graphs: int = 256
+    #: ... or this long after the first uncommitted graph arrived.
+    max_delay_s: float = 0.05
+
+
+class _Failure:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def ingest_stream(
+    store: AggregateStore, graphs: Iterable[GraphArrays], *, policy: BatchPolicy | None = None
+) -> Iterator[IngestAck]:
+    """Commit ``graphs`` in micro-batches; yield one ack per committed batch, after its commit.
+
+    An exception raised while producing graphs (a malformed message) is re-raised here after the
+    graphs before it were committed and acknowledged; graphs after it are not counted.
+    """
+    policy = policy or BatchPolicy()
+    inbox: queue.Queue = queue.Queue(maxsize=max(2 * policy.max_graphs, 16))
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for graph in graphs:
+                while not stop.is_set():
+                    try:
+                        inbox.put(graph, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            inbox.put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            inbox.put(_Failure(exc))
+
+    reader = threading.Thread(target=pump, name="ingest-reader", daemon=True)
+    reader.start()
+    try:
+        done = False
+        while not done:
+            item = inbox.get()
+            if item is _END:
+                break
+            batch: list[GraphArrays] = []
+            failure: _Failure | None = None
+            if isinstance(item, _Failure):
+                failure = item
+            else:
+                batch.append(item)
+                deadline = time.monotonic() + policy.max_delay_s
+                while len(batch) < policy.max_graphs:
+                    remaining = deadline - time.monotonic()
+                    try:
+                        item = inbox.get(timeout=max(remaining, 0.0)) if remaining > 0 else inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _END:
+                        done = True
+                        break
+                    if isinstance(item, _Failure):
+                        failure = item
+                        break
+                    batch.append(item)
+            if batch:
+                yield store.ingest(batch)
+            if failure is not None:
+                raise failure.exc
+    finally:
+        stop.set()
