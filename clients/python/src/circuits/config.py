@@ -68,6 +68,8 @@ class AggregationSection:
     graphs_dir: str = "graphs"
     #: Aggregator state (DuckDB) path.
     state_path: str = "aggregate.duckdb"
+    #: Directory of the aggregator's Parquet export (edges/units/ledger.parquet) that build-db reads.
+    export_dir: str = "export"
     #: Edges need at least this many observations to enter the atlas.
     min_edge_count: int = 3
     #: Commit every N graphs.
@@ -136,6 +138,40 @@ class LabelingSection:
     pg_password: str = ""
     pg_database: str = ""
     pg_table: str = "neuron_descriptions"
+    #: Aggregator export used as evidence: a folder of edges*.parquet / units*.parquet (or one
+    #: edges Parquet file); used when atlas_path is empty.
+    evidence_path: str = ""
+    #: Output projections of every neuron (Parquet), computed from model.name when missing.
+    projections_path: str = "output_projections.parquet"
+    #: Compute the output projections from model.name when projections_path does not exist.
+    compute_projections: bool = True
+    #: Promoted / suppressed tokens kept per neuron in the projections file.
+    projection_top_k: int = 20
+    #: Fold the final norm weight into the projection (W_U diag(w_norm) W_down[:, i]).
+    projection_final_norm: bool = True
+    #: Pass 1 labels a neuron only if max(logit effect, downstream effect) >= this.
+    min_effect: float = 0.05
+    #: Pass 2 labels a neuron only if at least this many upstream neurons carry labels.
+    min_labeled_upstream: int = 2
+    #: Edges with fewer observations are ignored as evidence.
+    min_edge_count: int = 1
+    #: Fraction of layers (the last ones) prompted with direct token effects.
+    late_band_fraction: float = 0.2
+    #: Fraction of layers (the first ones) treated as the early band.
+    early_band_fraction: float = 0.3
+    #: Decoder layers of the model; 0 = from the projections file or the evidence.
+    num_layers: int = 0
+    #: Re-asks after a malformed (unparseable / invalid) answer before the neuron is marked failed.
+    malformed_retries: int = 2
+    #: First retry delay in seconds (doubles per retry, with jitter), and its cap.
+    retry_base_delay: float = 0.5
+    retry_max_delay: float = 30.0
+    #: Ask OpenAI-compatible servers for a JSON object (response_format=json_object).
+    json_mode: bool = False
+    #: Ask again for neurons whose cached answer was malformed.
+    retry_failed: bool = False
+    #: fsync the answer cache after every answer (crash-safe; slower on slow disks).
+    cache_fsync: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,84 @@
+"""Wire a :class:`ProgressiveLabeler` from the YAML config (used by the CLI and the server)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from circuits.config import Config
+from circuits.errors import InvalidArgument
+
+from circuits_labeler.cache import AnswerCache
+from circuits_labeler.engine import ProgressiveLabeler
+from circuits_labeler.evidence import DuckDBEvidence, EmptyEvidence, NeuronEvidence
+from circuits_labeler.llm import LLMBackend, create_backend
+from circuits_labeler.projection import OutputProjections, compute_output_projections, load_model_for_projections
+
+log = logging.getLogger("circuits_labeler.build")
+
+
+def open_evidence(config: Config) -> NeuronEvidence:
+    """The atlas (labeling.atlas_path) or the aggregator export (labeling.evidence_path), else none."""
+    s = config.labeling
+    if s.atlas_path:
+        return DuckDBEvidence(config.resolve(s.atlas_path), min_edge_count=s.min_edge_count)
+    if s.evidence_path:
+        return DuckDBEvidence(config.resolve(s.evidence_path), min_edge_count=s.min_edge_count)
+    return EmptyEvidence()
+
+
+def ensure_projections(
+    config: Config, *, progress: Callable[[int, int], None] | None = None
+) -> OutputProjections | None:
+    """Load labeling.projections_path; compute it from model.name first when missing and allowed."""
+    s = config.labeling
+    if not s.projections_path:
+        return None
+    path = config.resolve(s.projections_path)
+    if path.is_file():
+        return OutputProjections.load(path)
+    if not s.compute_projections:
+        log.warning("no output projections at %s (compute_projections is off)", path)
+        return None
+    model, tokenizer = load_model_for_projections(config.model.name, device=config.model.device)
+    projections = compute_output_projections(
+        model, tokenizer=tokenizer, model_name=config.model.name, top_k=s.projection_top_k,
+        include_final_norm=s.projection_final_norm, device=config.model.device, progress=progress,
+    )
+    projections.save(path)
+    return projections
+
+
+def build_labeler(
+    config: Config,
+    *,
+    backend_factory: Callable[[], LLMBackend] | None = None,
+    projection_progress: Callable[[int, int], None] | None = None,
+) -> ProgressiveLabeler:
+    """A labeler with evidence, projections, cache and backend chosen by ``config.labeling``.
+
+    The API key is checked here (fail fast, one line) but only handed to the SDK."""
+    s = config.labeling
+    if s.method != "progressive":
+        raise InvalidArgument(f"labeling.method is {s.method!r}; `circuits label` runs method: progressive")
+    if s.concurrency < 1:
+        raise InvalidArgument("labeling.concurrency must be >= 1")
+    if backend_factory is None:
+        base_dir = Path(config.base_dir)
+        create_backend(s, base_dir=base_dir)  # validates backend and key now
+
+        def backend_factory() -> LLMBackend:
+            return create_backend(s, base_dir=base_dir)
+
+    evidence = open_evidence(config)
+    projections = ensure_projections(config, progress=projection_progress)
+    cache = AnswerCache(config.resolve(s.cache_path), fsync=s.cache_fsync)
+    return ProgressiveLabeler(
+        settings=s,
+        evidence=evidence,
+        projections=projections,
+        cache=cache,
+        backend_factory=backend_factory,
+        labels_path=config.resolve(s.labels_path) if s.labels_path else None,
+    )

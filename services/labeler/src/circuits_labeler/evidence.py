@@ -1,0 +1,256 @@
+"""What the labeller knows about each neuron from aggregated attribution graphs.
+
+:class:`NeuronEvidence` is the small read interface the progressive engine needs: the candidate
+neurons (with appearance counts and any prior description) and each neuron's strongest
+downstream / upstream neighbours by mean edge weight. :class:`DuckDBEvidence` implements it
+over either an atlas DuckDB file (``neurons``/``edges`` tables) or the aggregator's Parquet export
+(``edges*.parquet`` with running sums, ``units*.parquet`` with ``graph_count``); partial exports
+of several shards are merged by summing (the statistics are associative).
+:func:`write_evidence_parquet` writes a small evidence set (tests, examples).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from circuits.errors import CorruptInput, NotFound
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnitRecord:
+    """A candidate neuron: how often it appeared and any label it already had."""
+
+    layer: int
+    neuron: int
+    appearance_count: int = 0
+    #: A prior description (e.g. NeuronDB max-activation label), shown to the LLM as evidence.
+    prior_description: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Neighbour:
+    """One aggregated edge seen from a neuron: the other end, the mean weight, observations."""
+
+    layer: int
+    neuron: int
+    mean_weight: float
+    count: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.layer, self.neuron)
+
+
+class NeuronEvidence(Protocol):
+    """Read access to aggregated evidence about neurons."""
+
+    def units(self) -> list[UnitRecord]:
+        """Every known neuron, sorted by (layer, neuron)."""
+        ...
+
+    def max_layer(self) -> int:
+        """Largest layer seen in units or edges (-1 when empty)."""
+        ...
+
+    def downstream(self, layer: int, *, limit: int) -> dict[int, list[Neighbour]]:
+        """For each neuron of ``layer`` with outgoing edges: up to ``limit`` targets by |mean weight|."""
+        ...
+
+    def upstream(self, layer: int, *, limit: int) -> dict[int, list[Neighbour]]:
+        """For each neuron of ``layer`` with incoming edges: up to ``limit`` sources by |mean weight|."""
+        ...
+
+
+class EmptyEvidence:
+    """No aggregated evidence: no candidates, no neighbours (projection-only labelling)."""
+
+    def units(self) -> list[UnitRecord]:
+        return []
+
+    def max_layer(self) -> int:
+        return -1
+
+    def downstream(self, layer: int, *, limit: int) -> dict[int, list[Neighbour]]:
+        return {}
+
+    def upstream(self, layer: int, *, limit: int) -> dict[int, list[Neighbour]]:
+        return {}
+
+
+def _sql_path(path: Path) -> str:
+    # Paths come from the operator's config, never from RPC users; quote for the SQL literal.
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+class DuckDBEvidence:
+    """:class:`NeuronEvidence` over an atlas DuckDB file or an aggregator Parquet export.
+
+    The edges are loaded once into an in-memory DuckDB table (``src/tgt`` keys, ``count``,
+    ``mean_weight``), keeping only edges with ``count >= min_edge_count``.
+    """
+
+    def __init__(self, path: str | Path, *, min_edge_count: int = 1) -> None:
+        import duckdb
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise NotFound(f"evidence not found: {self.path}")
+        self._lock = threading.Lock()
+        self._con = duckdb.connect(":memory:")
+        try:
+            if self.path.is_file() and self.path.suffix != ".parquet":
+                self._load_atlas(min_edge_count)
+            else:
+                self._load_parquet(min_edge_count)
+        except duckdb.Error as exc:
+            raise CorruptInput(f"{self.path}: cannot read evidence ({str(exc).splitlines()[0]})") from None
+
+    def _load_atlas(self, min_edge_count: int) -> None:
+        con = self._con
+        con.execute(f"ATTACH {_sql_path(self.path)} AS atlas (READ_ONLY)")
+        cols = {r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_catalog='atlas' AND table_name='neurons'"
+        ).fetchall()}
+        if not cols:
+            raise CorruptInput(f"{self.path}: no neurons table (is this an atlas file?)")
+        desc = "coalesce(description, '')" if "description" in cols else "''"
+        appear = "coalesce(appearance_count, 0)" if "appearance_count" in cols else "0"
+        con.execute(
+            f"CREATE TABLE units AS SELECT layer::INT AS layer, neuron::INT AS neuron, {appear}::BIGINT AS "
+            f"appearance_count, {desc} AS prior_description FROM atlas.neurons"
+        )
+        con.execute(
+            "CREATE TABLE edges AS SELECT src_layer::INT AS src_layer, src_neuron::INT AS src_neuron, "
+            "tgt_layer::INT AS tgt_layer, tgt_neuron::INT AS tgt_neuron, count::BIGINT AS count, "
+            "(weight_sum / greatest(count, 1))::DOUBLE AS mean_weight FROM atlas.edges WHERE count >= ?",
+            [min_edge_count],
+        )
+        con.execute("DETACH atlas")
+
+    def _load_parquet(self, min_edge_count: int) -> None:
+        con = self._con
+        if self.path.is_dir():
+            edge_files = sorted(self.path.glob("edges*.parquet"))
+            unit_files = sorted([*self.path.glob("units*.parquet"), *self.path.glob("neurons*.parquet")])
+        else:
+            edge_files, unit_files = [self.path], []
+        if not edge_files:
+            raise NotFound(f"{self.path}: no edges*.parquet files")
+        files = "[" + ", ".join(_sql_path(f) for f in edge_files) + "]"
+        con.execute(
+            "CREATE TABLE edges AS SELECT src_layer::INT AS src_layer, src_neuron::INT AS src_neuron, "
+            "tgt_layer::INT AS tgt_layer, tgt_neuron::INT AS tgt_neuron, sum(count)::BIGINT AS count, "
+            f"(sum(weight_sum) / greatest(sum(count), 1))::DOUBLE AS mean_weight FROM read_parquet({files}) "
+            "GROUP BY ALL HAVING sum(count) >= ?",
+            [min_edge_count],
+        )
+        if unit_files:
+            ufiles = "[" + ", ".join(_sql_path(f) for f in unit_files) + "]"
+            cols = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({ufiles})").fetchall()}
+            count_col = next((c for c in ("graph_count", "appearance_count") if c in cols), None)
+            appear = f"sum({count_col})" if count_col else "0"
+            desc = "max(coalesce(description, ''))" if "description" in cols else "''"
+            con.execute(
+                f"CREATE TABLE units AS SELECT layer::INT AS layer, neuron::INT AS neuron, {appear}::BIGINT AS "
+                f"appearance_count, {desc} AS prior_description FROM read_parquet({ufiles}) GROUP BY layer, neuron"
+            )
+        else:
+            # No unit table: every edge endpoint is a unit; appearances unknown (0).
+            con.execute(
+                "CREATE TABLE units AS SELECT DISTINCT layer, neuron, 0::BIGINT AS appearance_count, "
+                "'' AS prior_description FROM (SELECT src_layer AS layer, src_neuron AS neuron FROM edges "
+                "UNION SELECT tgt_layer, tgt_neuron FROM edges)"
+            )
+
+    def units(self) -> list[UnitRecord]:
+        with self._lock:
+            rows = self._con.execute(
+                "SELECT layer, neuron, appearance_count, prior_description FROM units ORDER BY layer, neuron"
+            ).fetchall()
+        return [UnitRecord(layer=l, neuron=n, appearance_count=int(c), prior_description=d or "") for l, n, c, d in rows]
+
+    def max_layer(self) -> int:
+        with self._lock:
+            (value,) = self._con.execute(
+                "SELECT max(l) FROM (SELECT max(layer) AS l FROM units UNION ALL SELECT max(tgt_layer) FROM edges)"
+            ).fetchone()
+        return -1 if value is None else int(value)
+
+    def _neighbours(self, layer: int, limit: int, *, own: str, other: str) -> dict[int, list[Neighbour]]:
+        sql = (
+            f"SELECT {own}_neuron, {other}_layer, {other}_neuron, mean_weight, count FROM edges "
+            f"WHERE {own}_layer = ? QUALIFY row_number() OVER (PARTITION BY {own}_neuron "
+            f"ORDER BY abs(mean_weight) DESC, {other}_layer, {other}_neuron) <= ? "
+            f"ORDER BY {own}_neuron, abs(mean_weight) DESC, {other}_layer, {other}_neuron"
+        )
+        with self._lock:
+            rows = self._con.execute(sql, [layer, limit]).fetchall()
+        out: dict[int, list[Neighbour]] = {}
+        for neuron, olayer, oneuron, weight, count in rows:
+            out.setdefault(int(neuron), []).append(
+                Neighbour(layer=int(olayer), neuron=int(oneuron), mean_weight=float(weight), count=int(count))
+            )
+        return out
+
+    def downstream(self, layer: int, *, limit: int) -> dict[int, list[Neighbour]]:
+        return self._neighbours(layer, limit, own="src", other="tgt")
+
+    def upstream(self, layer: int, *, limit: int) -> dict[int, list[Neighbour]]:
+        return self._neighbours(layer, limit, own="tgt", other="src")
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+
+def write_evidence_parquet(
+    directory: str | Path,
+    *,
+    edges: Iterable[tuple[int, int, int, int, int, float]],
+    units: Iterable[tuple[int, int, int]] = (),
+    descriptions: Mapping[tuple[int, int], str] | None = None,
+) -> Path:
+    """Write ``edges.parquet`` (aggregator export columns) and ``units.parquet`` into ``directory``.
+
+    ``edges``: ``(src_layer, src_neuron, tgt_layer, tgt_neuron, count, mean_weight)``; the running
+    sums are derived as if every observation had the mean weight. ``units``: ``(layer, neuron,
+    graph_count)``. Returns the directory.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows: Sequence[tuple[int, int, int, int, int, float]] = list(edges)
+    cols = list(zip(*rows)) if rows else [[] for _ in range(6)]
+    counts = [int(c) for c in cols[4]]
+    means = [float(w) for w in cols[5]]
+    table = pa.table({
+        "src_layer": pa.array(cols[0], pa.int32()),
+        "src_neuron": pa.array(cols[1], pa.int32()),
+        "tgt_layer": pa.array(cols[2], pa.int32()),
+        "tgt_neuron": pa.array(cols[3], pa.int32()),
+        "count": pa.array(counts, pa.int64()),
+        "weight_sum": pa.array([c * w for c, w in zip(counts, means)], pa.float64()),
+        "weight_abs_sum": pa.array([c * abs(w) for c, w in zip(counts, means)], pa.float64()),
+        "weight_sq_sum": pa.array([c * w * w for c, w in zip(counts, means)], pa.float64()),
+        "weight_min": pa.array(means, pa.float64()),
+        "weight_max": pa.array(means, pa.float64()),
+    })
+    pq.write_table(table, directory / "edges.parquet")
+    unit_rows = list(units)
+    if unit_rows:
+        ucols = list(zip(*unit_rows))
+        data = {
+            "layer": pa.array(ucols[0], pa.int32()),
+            "neuron": pa.array(ucols[1], pa.int32()),
+            "graph_count": pa.array(ucols[2], pa.int64()),
+        }
+        if descriptions:
+            data["description"] = pa.array([descriptions.get((l, n), "") for l, n, _ in unit_rows], pa.string())
+        pq.write_table(pa.table(data), directory / "units.parquet")
+    return directory

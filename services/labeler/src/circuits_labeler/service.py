@@ -1,0 +1,94 @@
+"""LabelerService: the transport-neutral object behind the gRPC servicer.
+
+One progressive run or LabelUnits call at a time (a second one gets FailedPrecondition, since
+both write the same label store and cache). ``run_progressive`` streams progress while the run
+works in a background thread; closing the stream (client cancel) stops dispatching new requests.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+from circuits.errors import CircuitsError, FailedPrecondition, InvalidArgument
+from circuits.schemas import LabelProgress, Unit
+
+from circuits_labeler.engine import ProgressiveLabeler
+
+_END = object()
+
+
+class LabelerService:
+    def __init__(self, labeler: ProgressiveLabeler) -> None:
+        self.labeler = labeler
+        self._busy = threading.Lock()
+
+    def _acquire(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            raise FailedPrecondition("a labelling run is already in progress")
+
+    def run_progressive(
+        self, *, passes: Sequence[str] = (), max_units: int = 0, retry_failed: bool = False
+    ) -> Iterator[LabelProgress]:
+        """Progress reports of a full run, ending with the final one (state done / budget_exhausted
+        / stopped / failed)."""
+        if max_units < 0:
+            raise InvalidArgument("max_units must be >= 0")
+        self._acquire()
+        events: queue.Queue = queue.Queue()
+        error: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.labeler.run(passes=list(passes), max_units=max_units, retry_failed=retry_failed or None,
+                                 on_progress=events.put)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                error.append(exc)
+            finally:
+                events.put(_END)
+
+        self.labeler.cancel_event.clear()
+        thread = threading.Thread(target=work, name="labeler-run", daemon=True)
+        try:
+            thread.start()
+            while True:
+                item = events.get()
+                if item is _END:
+                    break
+                yield item
+            if error:
+                exc = error[0]
+                if isinstance(exc, CircuitsError):
+                    raise exc
+                raise RuntimeError(f"labelling run failed: {exc.__class__.__name__}") from exc
+        finally:
+            self.labeler.cancel_event.set()
+            thread.join()
+            self.labeler.cancel_event.clear()
+            self._busy.release()
+
+    def label_units(self, keys: Sequence[tuple[int, int]], *, label_pass: str) -> tuple[list[Unit], list[str]]:
+        """Label ``keys`` in one pass now; return the units with their labels and the failures."""
+        if not keys:
+            raise InvalidArgument("no units given")
+        self._acquire()
+        try:
+            outcomes, _progress = self.labeler.label_units(list(keys), label_pass=label_pass)
+        finally:
+            self._busy.release()
+        failures = [f"L{o.key[0]}/N{o.key[1]}: {o.error or o.status}" for o in outcomes if o.status in ("failed", "skipped")]
+        return self.get_labels(keys), failures
+
+    def get_labels(self, keys: Sequence[tuple[int, int]] = (), *, limit: int = 0) -> list[Unit]:
+        """Stored labels of ``keys`` (all labelled units when empty), as Units."""
+        if limit < 0:
+            raise InvalidArgument("limit must be >= 0")
+        store = self.labeler.store
+        if keys:
+            entries = [e for e in (store.get(tuple(k)) for k in keys) if e is not None]
+        else:
+            entries = store.all()
+        if limit:
+            entries = entries[:limit]
+        return [e.to_unit() for e in entries]

@@ -1,0 +1,31 @@
+"""gRPC adapter for LabelerService: decode -> domain -> encode, nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from circuits import wire
+from circuits._proto.circuits.v1 import labeler_pb2, labeler_pb2_grpc
+
+from circuits_labeler.service import LabelerService
+
+
+class LabelerServicer(labeler_pb2_grpc.LabelerServiceServicer):
+    def __init__(self, service: LabelerService) -> None:
+        self.service = service
+
+    def LabelUnits(self, request: labeler_pb2.LabelUnitsRequest, context) -> labeler_pb2.LabelUnitsResponse:  # noqa: N802
+        units, failures = self.service.label_units(
+            wire.unit_refs_from_proto(request.units), label_pass=request.label_pass
+        )
+        return labeler_pb2.LabelUnitsResponse(units=wire.units_to_proto(units), failures=failures)
+
+    def RunProgressive(self, request: labeler_pb2.RunProgressiveRequest, context) -> Iterator[labeler_pb2.LabelProgress]:  # noqa: N802
+        for progress in self.service.run_progressive(
+            passes=list(request.passes), max_units=request.max_units, retry_failed=request.retry_failed
+        ):
+            yield wire.label_progress_to_proto(progress)
+
+    def GetLabels(self, request: labeler_pb2.GetLabelsRequest, context) -> labeler_pb2.GetLabelsResponse:  # noqa: N802
+        units = self.service.get_labels(wire.unit_refs_from_proto(request.units), limit=request.limit)
+        return labeler_pb2.GetLabelsResponse(units=wire.units_to_proto(units))

@@ -1,0 +1,158 @@
+"""Labels per neuron (output and input pass) and the labels JSONL the atlas build reads.
+
+One JSONL line per labelled neuron::
+
+    {"layer": 3, "neuron": 17, "label": "<output label>", "input_label": "<input label>",
+     "description": "<output description>", "output_label": "...", "output_type": "semantic",
+     "input_type": "context", "confidence": "high", "source": "progressive_output",
+     "input_description": "...", "input_confidence": "medium", "passes": ["output", "input"],
+     "appearance_count": 12, "model": "<LLM model>"}
+
+``label``/``description``/``confidence`` are the output pass's (the function label);
+``source`` is ``progressive_output`` when an output label exists, else ``progressive_input``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from circuits.errors import CorruptInput
+from circuits.schemas import Unit, UnitLabel
+
+from circuits_labeler.prompts import ParsedAnswer
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NeuronLabels:
+    layer: int
+    neuron: int
+    appearance_count: int = 0
+    output: ParsedAnswer | None = None
+    input: ParsedAnswer | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.layer, self.neuron)
+
+    def to_record(self, *, model: str = "") -> dict:
+        out, inp = self.output, self.input
+        return {
+            "layer": self.layer,
+            "neuron": self.neuron,
+            "label": out.label if out else "",
+            "input_label": inp.label if inp else "",
+            "description": out.description if out else "",
+            "output_label": out.label if out else "",
+            "output_type": out.type if out else "",
+            "input_type": inp.type if inp else "",
+            "confidence": out.confidence if out else (inp.confidence if inp else ""),
+            "source": "progressive_output" if out else "progressive_input",
+            "input_description": inp.description if inp else "",
+            "input_confidence": inp.confidence if inp else "",
+            "passes": [p for p, a in (("output", out), ("input", inp)) if a],
+            "appearance_count": self.appearance_count,
+            "model": model,
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict) -> NeuronLabels:
+        out = inp = None
+        if rec.get("output_label") or rec.get("label"):
+            out = ParsedAnswer(
+                label=rec.get("output_label") or rec["label"],
+                description=rec.get("description", ""),
+                type=rec.get("output_type", ""),
+                confidence=rec.get("confidence", ""),
+            )
+        if rec.get("input_label"):
+            inp = ParsedAnswer(
+                label=rec["input_label"],
+                description=rec.get("input_description", ""),
+                type=rec.get("input_type", ""),
+                confidence=rec.get("input_confidence", ""),
+            )
+        return cls(
+            layer=int(rec["layer"]), neuron=int(rec["neuron"]),
+            appearance_count=int(rec.get("appearance_count", 0)), output=out, input=inp,
+        )
+
+    def to_unit(self) -> Unit:
+        labels = []
+        if self.output:
+            labels.append(UnitLabel(text=self.output.label, source="progressive_output",
+                                    confidence=self.output.confidence, description=self.output.description))
+        if self.input:
+            labels.append(UnitLabel(text=self.input.label, source="progressive_input",
+                                    confidence=self.input.confidence, description=self.input.description))
+        return Unit(
+            layer=self.layer, index=self.neuron, kind="neuron",
+            label=self.output.label if self.output else "",
+            input_label=self.input.label if self.input else "",
+            appearance_count=self.appearance_count, labels=tuple(labels),
+        )
+
+
+class LabelStore:
+    """In-memory labels of one run (thread-safe), written out as JSONL atomically."""
+
+    def __init__(self, labels: Iterable[NeuronLabels] = ()) -> None:
+        self._lock = threading.Lock()
+        self._by_key: dict[tuple[int, int], NeuronLabels] = {l.key: l for l in labels}
+
+    def get(self, key: tuple[int, int]) -> NeuronLabels | None:
+        with self._lock:
+            return self._by_key.get(key)
+
+    def output_label(self, key: tuple[int, int]) -> str:
+        entry = self.get(key)
+        return entry.output.label if entry and entry.output else ""
+
+    def input_label(self, key: tuple[int, int]) -> str:
+        entry = self.get(key)
+        return entry.input.label if entry and entry.input else ""
+
+    def set(self, key: tuple[int, int], *, label_pass: str, answer: ParsedAnswer, appearance_count: int = 0) -> None:
+        with self._lock:
+            entry = self._by_key.get(key) or NeuronLabels(layer=key[0], neuron=key[1], appearance_count=appearance_count)
+            entry = replace(entry, output=answer) if label_pass == "output" else replace(entry, input=answer)
+            self._by_key[key] = entry
+
+    def all(self) -> list[NeuronLabels]:
+        with self._lock:
+            return [self._by_key[k] for k in sorted(self._by_key)]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_key)
+
+    def write_jsonl(self, path: str | Path, *, model: str = "") -> Path:
+        """Write every label (sorted by layer, neuron) to ``path`` via tmp + fsync + rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for entry in self.all():
+                fh.write(json.dumps(entry.to_record(model=model), ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def read_jsonl(cls, path: str | Path) -> LabelStore:
+        path = Path(path)
+        entries = []
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entries.append(NeuronLabels.from_record(json.loads(line)))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise CorruptInput(f"{path}:{n}: not a labels record ({exc.__class__.__name__})") from None
+        return cls(entries)

@@ -1,0 +1,261 @@
+"""A local stand-in LLM server for tests and benchmarks (no network, no API key needed).
+
+:class:`StandInLLMServer` is a real HTTP server on ``127.0.0.1`` (port 0 by default) that speaks
+enough of the Anthropic Messages API (``POST /v1/messages``) and the OpenAI chat completions API
+(``POST /v1/chat/completions``) for the official SDKs pointed at ``base_url``:
+
+    with StandInLLMServer(latency=0.05) as server:
+        client = anthropic.Anthropic(base_url=server.base_url, api_key="test", max_retries=0)
+        server.fail_next("429", "500")          # scripted failures, consumed in order
+        ...
+        server.requests                          # every request seen (path, unit, pass, status)
+
+Answers come from ``responder(request) -> str``. The default, :func:`labeler_responder`, answers
+labeller prompts (``Task: output|input`` / ``Neuron: L{l}/N{i}``) with a valid JSON label that
+names the neuron, and anything else with a short fixed text. Faults: ``"429"``, ``"500"``,
+``"503"``, ``"400"``, ``"401"``, ``"malformed"`` (HTTP 200 whose text is not JSON), ``"timeout"``
+(hold the connection ``hang_seconds``). Token usage is ``len(text) // 4 + 1`` per side.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_UNIT = re.compile(r"Neuron: L(\d+)/N(\d+)")
+_TASK = re.compile(r"Task: (output|input)")
+FAULTS = ("429", "500", "503", "400", "401", "malformed", "timeout")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StandInRequest:
+    """One request as the stand-in saw it."""
+
+    api: str  # "anthropic" | "openai"
+    model: str
+    system: str
+    messages: tuple[dict, ...]
+    #: (layer, neuron) named in the first user message, if any.
+    unit: tuple[int, int] | None
+    #: "output" | "input" | None
+    label_pass: str | None
+    #: HTTP status sent back ("timeout" requests record 0).
+    status: int = 200
+    fault: str | None = None
+    auth: str = ""
+
+    @property
+    def prompt(self) -> str:
+        first = self.messages[0]["content"] if self.messages else ""
+        return first if isinstance(first, str) else json.dumps(first)
+
+
+def count_tokens(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+def labeler_responder(request: StandInRequest) -> str:
+    """A valid JSON answer for labeller prompts; plain text for anything else."""
+    if request.unit is None or request.label_pass is None:
+        return "Stand-in analysis: the circuit routes the prompt's subject to the answer token."
+    layer, neuron = request.unit
+    kind = "semantic" if request.label_pass == "output" else "context"
+    return json.dumps({
+        "label": f"{request.label_pass} L{layer}/N{neuron}",
+        "description": f"Stand-in {request.label_pass} description of L{layer}/N{neuron}.",
+        "type": kind,
+        "confidence": "medium",
+    })
+
+
+class StandInLLMServer:
+    """Threaded HTTP stand-in for the Anthropic and OpenAI chat APIs (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        responder: Callable[[StandInRequest], str] = labeler_responder,
+        hang_seconds: float = 5.0,
+        fault_for: Callable[[StandInRequest], str | None] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.latency = latency
+        self.responder = responder
+        self.hang_seconds = hang_seconds
+        self.fault_for = fault_for
+        self._faults: deque[str] = deque()
+        self._lock = threading.Lock()
+        self.requests: list[StandInRequest] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server API
+                outer._handle(self)
+
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256  # many concurrent clients connect at once
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # clients that went away (killed, timed out) are part of the script
+
+        self._httpd = Server((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        """Anthropic SDK base_url (the SDK appends /v1/messages)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        """OpenAI SDK base_url (the SDK appends /chat/completions)."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> StandInLLMServer:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="standin-llm", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> StandInLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- scripting ---------------------------------------------------------------------------------
+    def fail_next(self, *faults: str) -> None:
+        """Apply these faults to the next requests, one each, in order."""
+        for fault in faults:
+            if fault not in FAULTS:
+                raise ValueError(f"unknown fault {fault!r}; use one of {FAULTS}")
+        with self._lock:
+            self._faults.extend(faults)
+
+    def answered(self, *, label_pass: str | None = None) -> list[StandInRequest]:
+        """Requests answered with HTTP 200 (optionally of one pass)."""
+        with self._lock:
+            return [r for r in self.requests if r.status == 200 and (label_pass is None or r.label_pass == label_pass)]
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self._faults.clear()
+
+    # -- handling ----------------------------------------------------------------------------------
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        path = handler.path.split("?", 1)[0]
+        length = int(handler.headers.get("content-length") or 0)
+        try:
+            body = json.loads(handler.rfile.read(length) or b"{}")
+        except json.JSONDecodeError:
+            self._send(handler, 400, {"error": {"type": "invalid_request_error", "message": "body is not JSON"}})
+            return
+        if path.endswith("/v1/messages"):
+            api = "anthropic"
+            system = body.get("system") or ""
+            if isinstance(system, list):
+                system = "".join(part.get("text", "") for part in system)
+            messages = tuple(body.get("messages") or ())
+        elif path.endswith("/chat/completions"):
+            api = "openai"
+            all_messages = list(body.get("messages") or ())
+            system = "".join(m.get("content", "") for m in all_messages if m.get("role") == "system")
+            messages = tuple(m for m in all_messages if m.get("role") != "system")
+        else:
+            self._send(handler, 404, {"error": {"type": "not_found_error", "message": f"no route {path}"}})
+            return
+        first = messages[0].get("content", "") if messages else ""
+        first = first if isinstance(first, str) else json.dumps(first)
+        unit_match, task_match = _UNIT.search(first), _TASK.search(first)
+        request = StandInRequest(
+            api=api,
+            model=str(body.get("model", "")),
+            system=system,
+            messages=messages,
+            unit=(int(unit_match[1]), int(unit_match[2])) if unit_match else None,
+            label_pass=task_match[1] if task_match else None,
+            auth="present" if (handler.headers.get("x-api-key") or handler.headers.get("authorization")) else "",
+        )
+        with self._lock:
+            fault = self._faults.popleft() if self._faults else None
+        if fault is None and self.fault_for is not None:
+            fault = self.fault_for(request)
+        if self.latency:
+            time.sleep(self.latency)
+        if fault == "timeout":
+            self._record(request, 0, fault)
+            time.sleep(self.hang_seconds)
+            try:
+                handler.close_connection = True
+                self._send(handler, 504, {"error": {"type": "timeout", "message": "stand-in hung"}})
+            except OSError:
+                pass
+            return
+        if fault in ("429", "500", "503", "400", "401"):
+            status = int(fault)
+            self._record(request, status, fault)
+            kind = {429: "rate_limit_error", 401: "authentication_error", 400: "invalid_request_error"}.get(status, "api_error")
+            headers = {"retry-after": "0"} if status == 429 else {}
+            self._send(handler, status, {"type": "error", "error": {"type": kind, "message": f"stand-in {status}"}}, headers)
+            return
+        text = "I think this neuron is about things." if fault == "malformed" else self.responder(request)
+        self._record(request, 200, fault)
+        prompt_text = system + "".join(str(m.get("content", "")) for m in messages)
+        in_tok, out_tok = count_tokens(prompt_text), count_tokens(text)
+        if api == "anthropic":
+            payload = {
+                "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
+                "model": request.model, "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": in_tok, "output_tokens": out_tok},
+            }
+        else:
+            payload = {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                "model": request.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": in_tok, "completion_tokens": out_tok, "total_tokens": in_tok + out_tok},
+            }
+        self._send(handler, 200, payload)
+
+    def _record(self, request: StandInRequest, status: int, fault: str | None) -> None:
+        from dataclasses import replace
+
+        with self._lock:
+            self.requests.append(replace(request, status=status, fault=fault))
+
+    @staticmethod
+    def _send(handler: BaseHTTPRequestHandler, status: int, payload: dict, headers: dict | None = None) -> None:
+        data = json.dumps(payload).encode("utf-8")
+        handler.send_response(status)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("content-length", str(len(data)))
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(data)
+        handler.wfile.flush()
