@@ -131,3 +131,24 @@ def test_100k_descriptions_for_a_5k_neuron_graph_set(postgres) -> None:
     print(f"fetched {sum(map(len, everything.values())):,} descriptions (all) in {elapsed * 1000:.0f} ms")
     assert len(everything) == 100_000
     db.close()
+
+
+def test_neurondb_descriptions_become_labeler_evidence(postgres, tmp_path: Path) -> None:
+    from circuits.config import Config, LabelingSection
+    from circuits_labeler.build import open_evidence
+    from circuits_labeler.evidence import write_evidence_parquet
+
+    db = NeuronDB(_settings(postgres, table="desc_evidence"))
+    db.create_table()
+    db.import_records([LabelRecord(layer=1, neuron=4, label="", description="fires on enzyme names", polarity=1)])
+    db.close()
+    write_evidence_parquet(tmp_path / "export", edges=[(0, 2, 1, 4, 3, 1.5)], units=[(0, 2, 3), (1, 4, 3)])
+    section = LabelingSection(
+        method="progressive", evidence_path=str(tmp_path / "export"), neurondb_evidence=True,
+        pg_host=postgres["host"], pg_port=postgres["port"], pg_user=postgres["user"],
+        pg_password=postgres["password"], pg_database=postgres["database"], pg_table="desc_evidence",
+    )
+    evidence = open_evidence(Config(labeling=section))
+    prior = {(u.layer, u.neuron): u.prior_description for u in evidence.units()}
+    assert prior[(1, 4)] == "fires on enzyme names"
+    assert prior[(0, 2)] == ""

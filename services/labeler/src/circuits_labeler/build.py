@@ -19,13 +19,53 @@ log = logging.getLogger("circuits_labeler.build")
 
 
 def open_evidence(config: Config) -> NeuronEvidence:
-    """The atlas (labeling.atlas_path) or the aggregator export (labeling.evidence_path), else none."""
+    """The atlas (labeling.atlas_path) or the aggregator export (labeling.evidence_path), else none.
+
+    With ``labeling.neurondb_evidence`` the neurons' NeuronDB (PostgreSQL) descriptions are added
+    as prior descriptions, shown to the LLM as extra evidence.
+    """
     s = config.labeling
+    evidence: NeuronEvidence
     if s.atlas_path:
-        return DuckDBEvidence(config.resolve(s.atlas_path), min_edge_count=s.min_edge_count)
-    if s.evidence_path:
-        return DuckDBEvidence(config.resolve(s.evidence_path), min_edge_count=s.min_edge_count)
-    return EmptyEvidence()
+        evidence = DuckDBEvidence(config.resolve(s.atlas_path), min_edge_count=s.min_edge_count)
+    elif s.evidence_path:
+        evidence = DuckDBEvidence(config.resolve(s.evidence_path), min_edge_count=s.min_edge_count)
+    else:
+        evidence = EmptyEvidence()
+    if s.neurondb_evidence:
+        from circuits.labels import NeuronDB, PgSettings
+
+        with NeuronDB(PgSettings.from_config(s)) as db:
+            evidence = with_prior_descriptions(evidence, db)
+    return evidence
+
+
+class _PriorDescriptions:
+    """Evidence whose units carry descriptions from an external label source."""
+
+    def __init__(self, inner: NeuronEvidence, units: list) -> None:
+        self._inner = inner
+        self._units = units
+
+    def units(self) -> list:
+        return self._units
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def with_prior_descriptions(evidence: NeuronEvidence, source) -> NeuronEvidence:
+    """Fill every unit's prior_description from ``source.labels_for(keys)`` (NeuronDB or a label file)."""
+    from dataclasses import replace
+
+    units = evidence.units()
+    labels = source.labels_for([(u.layer, u.neuron) for u in units])
+    filled = [
+        replace(u, prior_description=labels[(u.layer, u.neuron)].description or labels[(u.layer, u.neuron)].label)
+        if (u.layer, u.neuron) in labels else u
+        for u in units
+    ]
+    return _PriorDescriptions(evidence, filled)
 
 
 def ensure_projections(
