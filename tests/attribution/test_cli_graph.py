@@ -88,3 +88,26 @@ def test_process_exit_code_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: prompt is empty"
+
+
+def test_graph_fills_clerps_from_a_label_file(tiny_model_dir, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(["graph", "the capital of france is", "--model", str(tiny_model_dir), "--raw",
+                 "--output-dir", str(first), "--tau", "0.01", "--dtype", "float64"]) == 0
+    data = json.loads((first / "relp-the-capital-of-france-is.json").read_text())
+    neurons = [n for n in data["nodes"] if n["feature_type"] == "mlp_neuron"]
+    chosen = neurons[0]
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"layer": int(chosen["layer"]), "neuron": chosen["feature"],
+                                  "label": "planted label", "source": "goodfire"}) + "\n")
+    second = tmp_path / "second"
+    assert main(["graph", "the capital of france is", "--model", str(tiny_model_dir), "--raw",
+                 "--output-dir", str(second), "--tau", "0.01", "--dtype", "float64", "--labels", str(labels)]) == 0
+    capsys.readouterr()
+    labelled = json.loads((second / "relp-the-capital-of-france-is.json").read_text())
+    clerps = {n["node_id"]: n["clerp"] for n in labelled["nodes"]}
+    same_neuron = [n["node_id"] for n in neurons if (n["layer"], n["feature"]) == (chosen["layer"], chosen["feature"])]
+    assert all(clerps[i] == f"L{chosen['layer']}/N{chosen['feature']}: planted label" for i in same_neuron)
+    others = [n for n in neurons if n["node_id"] not in same_neuron]
+    assert all(clerps[n["node_id"]] == n["clerp"] for n in others)
+    assert main(["graph", "x", "--model", str(tiny_model_dir), "--labels", str(tmp_path / "missing.jsonl")]) == 2

@@ -37,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
     parser.add_argument("--edge-chunk-size", type=int, default=16,
                         help="targets per batched VJP; lowered automatically to fit memory (default: %(default)s)")
+    parser.add_argument("--labels", default=None, metavar="FILE",
+                        help="fill node labels (clerp) from a label file (JSONL/JSON: layer, neuron, label)")
+    parser.add_argument("--neurondb", action="store_true",
+                        help="fill node labels from the PostgreSQL neuron database (PG_HOST, PG_PORT, PG_USER, "
+                             "PG_PASSWORD, PG_DATABASE)")
     parser.add_argument("--remote", default=None, metavar="HOST:PORT",
                         help="trace on a remote attribution service instead of in-process")
 
@@ -52,6 +57,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"--tau must be >= 0, got {args.tau}")
     if args.max_nodes < 0:
         raise InvalidArgument(f"--max-nodes must be >= 0, got {args.max_nodes}")
+    if args.labels and args.neurondb:
+        raise InvalidArgument("--labels and --neurondb cannot be combined; pick one label source")
+    if args.labels and not Path(args.labels).is_file():
+        raise InvalidArgument(f"--labels: no such file {args.labels}")
     if args.edge_chunk_size < 1:
         raise InvalidArgument(f"--edge-chunk-size must be >= 1, got {args.edge_chunk_size}")
 
@@ -67,6 +76,21 @@ def _check_device(device: str) -> None:
         raise InvalidArgument(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
 
 
+def _apply_labels(graph, args: argparse.Namespace):
+    """Neuron labels from the chosen external source (label file or neurondb), if any."""
+    if not (args.labels or args.neurondb):
+        return graph
+    from circuits.labels import FileLabelSource, NeuronDB, PgSettings
+
+    keys = [u.key for u in graph.neurons]
+    if args.labels:
+        labels = FileLabelSource(args.labels).labels_for(keys)
+    else:
+        with NeuronDB(PgSettings.from_config()) as db:
+            labels = db.labels_for(keys)
+    return graph.with_labels({k: r.label for k, r in labels.items()})
+
+
 def run(args: argparse.Namespace) -> int:
     _validate(args)
     from tqdm.auto import tqdm
@@ -78,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if args.remote:
         from circuits.client.attribution import trace_remote
 
-        graph = trace_remote(args)
+        graph = _apply_labels(trace_remote(args), args)
         graph.save(output)
         _print_summary(graph, output)
         return 0
@@ -109,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         attributor = RelPAttributor(loaded.model, loaded.tokenizer, config)
         bar.set_postfix_str("tracing")
         graph = attributor.trace(args.prompt, progress=True, slug=f"relp-{slug}")
+        graph = _apply_labels(graph, args)
         bar.update(1)
         bar.set_postfix_str("writing")
         graph.save(output)
