@@ -1,0 +1,321 @@
+#!/usr/bin/env python
+"""Atlas benchmark: build time, query latency through gRPC, and Infomap overhead.
+
+Full scale (Qwen3-32B: 64 layers x 25,600 neurons, 50M edges; Llama-8B-sized Infomap network):
+
+    OMP_NUM_THREADS=1 python benchmarks/atlas_bench.py --layers 64 --neurons 25600 --edges 50000000 \
+        --infomap-nodes 458752 --infomap-edges 5000000 --infomap-trials 20
+
+Every size is a flag; the defaults are a reduced scale that fits a shared 2-core / 24 GB box.
+Prints: build time per step; GetEdgesForUnit and SearchUnits p50/p99 through a real server
+(separate process) with 1 and 32 concurrent clients, error counts; Infomap time for
+cluster_full_model vs a bare Infomap run on the same links (ratio, target <= 1.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+WORDS = (
+    "enzyme capital city river number date month year name person country language verb noun plural past "
+    "tense negation quote bracket code python function variable loop math addition digit comparison color "
+    "animal food music sport science chemistry biology physics history war king queen law money market "
+    "emotion anger joy question answer greeting farewell rhyme poem story weather rain sun moon star ocean"
+).split()
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q)) if values else float("nan")
+
+
+# ------------------------------------------------------------------------------------------
+# Synthetic inputs
+# ------------------------------------------------------------------------------------------
+def write_export(root: Path, *, layers: int, neurons: int, edges: int, seed: int, chunk: int = 2_000_000) -> None:
+    """edges/units/ledger.parquet with the aggregator's columns; edges go to 1-3 layers later."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    schema = pa.schema(
+        [("src_layer", pa.int32()), ("src_neuron", pa.int32()), ("tgt_layer", pa.int32()), ("tgt_neuron", pa.int32()),
+         ("count", pa.int64())] + [(n, pa.float64()) for n in ("weight_sum", "weight_abs_sum", "weight_sq_sum", "weight_min", "weight_max")]
+    )  # fmt: skip
+    with pq.ParquetWriter(root / "edges.parquet", schema) as writer:
+        written = 0
+        while written < edges:
+            n = min(chunk, edges - written)
+            src_layer = rng.integers(0, layers - 1, n, dtype=np.int32)
+            tgt_layer = np.minimum(src_layer + rng.integers(1, 4, n, dtype=np.int32), layers - 1).astype(np.int32)
+            count = rng.geometric(0.25, n).astype(np.int64)
+            mean = rng.normal(0, 0.05, n)
+            spread = np.abs(rng.normal(0, 0.02, n))
+            wsum = mean * count
+            writer.write_table(
+                pa.table(
+                    {
+                        "src_layer": src_layer, "src_neuron": rng.integers(0, neurons, n, dtype=np.int32),
+                        "tgt_layer": tgt_layer, "tgt_neuron": rng.integers(0, neurons, n, dtype=np.int32),
+                        "count": count, "weight_sum": wsum, "weight_abs_sum": np.abs(mean) * count + spread,
+                        "weight_sq_sum": (mean**2 + spread**2) * count, "weight_min": mean - spread, "weight_max": mean + spread,
+                    },  # fmt: skip
+                    schema=schema,
+                )
+            )
+            written += n
+    total = layers * neurons
+    layer = np.repeat(np.arange(layers, dtype=np.int32), neurons)
+    neuron = np.tile(np.arange(neurons, dtype=np.int32), layers)
+    gc = rng.geometric(0.01, total).astype(np.int64)
+    cols = {"layer": layer, "neuron": neuron, "graph_count": gc, "observation_count": gc * 2}
+    for name in ("act_sum", "act_sq_sum", "act_min", "act_max", "attr_sum", "attr_abs_sum", "attr_sq_sum", "attr_min", "attr_max"):
+        cols[name] = rng.random(total)
+    pq.write_table(pa.table(cols), root / "units.parquet")
+    pq.write_table(
+        pa.table({"graph_id": [f"g{i}" for i in range(1000)], "source": ["bench"] * 1000, "corpus_index": np.arange(1000)}),
+        root / "ledger.parquet",
+    )
+
+
+def write_labels(path: Path, *, layers: int, neurons: int, fraction: float, seed: int) -> int:
+    rng = random.Random(seed)
+    n = 0
+    with path.open("w", encoding="utf-8") as fh:
+        for layer in range(layers):
+            for neuron in range(neurons):
+                if rng.random() >= fraction:
+                    continue
+                words = rng.sample(WORDS, 4)
+                fh.write(
+                    json.dumps(
+                        {"layer": layer, "neuron": neuron, "label": f"{words[0]} and {words[1]} detector",
+                         "input_label": f"tokens about {words[2]}", "description": f"Promotes {words[3]} continuations.",
+                         "source": "progressive_output"}  # fmt: skip
+                    )
+                    + "\n"
+                )
+                n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------------
+# Query latency through a real server
+# ------------------------------------------------------------------------------------------
+def start_server(atlas: Path, workers: int) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "circuits_atlas", "--duckdb", str(atlas), "--port", "0", "--host", "127.0.0.1",
+         "--max-workers", str(workers)],  # fmt: skip
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    assert proc.stdout is not None
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        match = re.search(r"serving on (\S+)", line)
+        if match:
+            return proc, match.group(1)
+        if proc.poll() is not None:
+            raise SystemExit("atlas server exited during start")
+    raise SystemExit("atlas server did not start")
+
+
+def measure(
+    address: str, *, concurrency: int, requests: int, kind: str, layers: int, neurons: int, seed: int, warmup: int = 0
+) -> dict:
+    from circuits.client.atlas import AtlasClient
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    per_client = max(1, requests // concurrency)
+
+    def worker(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        local: list[float] = []
+        with AtlasClient(address, timeout=30) as client:
+            client.stats()  # connect before timing
+            for _ in range(warmup // concurrency):  # untimed: fill the server's buffer pool
+                if kind == "edges":
+                    client.get_edges_for_unit(rng.randrange(layers), rng.randrange(neurons), "both", limit=100)
+                else:
+                    client.search(" ".join(rng.sample(WORDS, rng.choice((1, 2)))), limit=20)
+            for _ in range(per_client):
+                t0 = time.perf_counter()
+                try:
+                    if kind == "edges":
+                        client.get_edges_for_unit(rng.randrange(layers), rng.randrange(neurons), "both", limit=100)
+                    else:
+                        client.search(" ".join(rng.sample(WORDS, rng.choice((1, 2)))), limit=20)
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    with lock:
+                        errors.append(repr(exc)[:200])
+                    continue
+                local.append(time.perf_counter() - t0)
+        with lock:
+            latencies.extend(local)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {
+        "kind": kind, "concurrency": concurrency, "requests": len(latencies) + len(errors), "errors": len(errors),
+        "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
+        "qps": len(latencies) / wall if wall else 0.0, "first_error": errors[0] if errors else "",
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
+# Infomap overhead
+# ------------------------------------------------------------------------------------------
+def infomap_network(*, layers: int, neurons: int, edges: int, communities: int, seed: int):
+    """Aggregated edges with planted communities (90% of edges inside one)."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    total = layers * neurons
+    community = rng.integers(0, communities, total)
+    order = np.argsort(community, kind="stable")
+    starts = np.searchsorted(community[order], np.arange(communities))
+    sizes = np.bincount(community, minlength=communities)
+    src = rng.integers(0, total, edges)
+    inside = rng.random(edges) < 0.9
+    c = community[src]
+    pick = starts[c] + (rng.random(edges) * sizes[c]).astype(np.int64)
+    tgt = np.where(inside, order[pick], rng.integers(0, total, edges))
+    keep = src != tgt
+    src, tgt = src[keep], tgt[keep]
+    key = np.unique(src * total + tgt)  # aggregated edges are unique pairs
+    src, tgt = key // total, key % total
+    n = len(src)
+    count = rng.geometric(0.2, n).astype(np.int64) + 4  # all pass min_edge_count=5 except count 4... mostly
+    mean = np.abs(rng.normal(0.1, 0.05, n)) + 1e-3
+    table = pa.table(
+        {
+            "src_layer": (src // neurons).astype(np.int32), "src_neuron": (src % neurons).astype(np.int32),
+            "tgt_layer": (tgt // neurons).astype(np.int32), "tgt_neuron": (tgt % neurons).astype(np.int32),
+            "count": count, "weight_sum": mean * count, "weight_abs_sum": mean * count,
+        }  # fmt: skip
+    )
+    units = pa.table(
+        {"layer": np.repeat(np.arange(layers, dtype=np.int32), neurons), "neuron": np.tile(np.arange(neurons, dtype=np.int32), layers)}
+    )
+    return table, units
+
+
+def bench_infomap(args: argparse.Namespace) -> None:
+    from circuits_atlas.clustering import cluster_full_model, full_model_network, infomap_flags, run_infomap
+
+    layers = max(1, args.infomap_nodes // args.infomap_layer_width)
+    t0 = time.perf_counter()
+    edges, units = infomap_network(
+        layers=layers, neurons=args.infomap_layer_width, edges=args.infomap_edges, communities=args.infomap_communities, seed=args.seed
+    )
+    print(f"infomap input: {layers * args.infomap_layer_width:,} units, {edges.num_rows:,} edges (generated in {time.perf_counter() - t0:.1f} s)")
+    # Bare Infomap: the links array is prepared outside the timing (what any caller must hand it).
+    network = full_model_network(edges, units, min_edge_count=5)
+    flags = infomap_flags(num_trials=args.infomap_trials, seed=args.seed, multi_level=True)
+    t0 = time.perf_counter()
+    bare = run_infomap(network.links, flags)
+    bare_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = cluster_full_model(edges, units, num_trials=args.infomap_trials, seed=args.seed)
+    full_s = time.perf_counter() - t0
+    print(
+        f"infomap: {len(network.layers):,} nodes, {len(network.links):,} links, trials={args.infomap_trials}: "
+        f"bare add_links+run {bare_s:.2f} s (codelength {bare.codelength:.4f}); cluster_full_model {full_s:.2f} s "
+        f"(codelength {result.codelength:.4f}, {result.num_top_modules} top modules, depth {result.max_depth}); "
+        f"overhead {full_s / bare_s:.2f}x (target <= 1.5x)"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=64)
+    p.add_argument("--neurons", type=int, default=25600, help="neurons per layer")
+    p.add_argument("--edges", type=int, default=5_000_000, help="aggregated edges in the export (full scale 50M)")
+    p.add_argument("--label-fraction", type=float, default=1.0, help="share of neurons with labels")
+    p.add_argument("--requests", type=int, default=2000, help="requests per latency measurement")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--warmup", type=int, default=500, help="untimed requests before each measurement")
+    p.add_argument("--reuse-atlas", action="store_true", help="keep an atlas already in --workdir (skip the build)")
+    p.add_argument("--server-workers", type=int, default=32)
+    p.add_argument("--memory-limit", default="6GB", help="DuckDB memory limit for the build")
+    p.add_argument("--infomap-nodes", type=int, default=458_752)
+    p.add_argument("--infomap-layer-width", type=int, default=14_336)
+    p.add_argument("--infomap-edges", type=int, default=5_000_000)
+    p.add_argument("--infomap-communities", type=int, default=4000)
+    p.add_argument("--infomap-trials", type=int, default=1, help="Infomap trials (the atlas default is 20)")
+    p.add_argument("--skip-build", action="store_true", help="skip build and latency (Infomap only)")
+    p.add_argument("--skip-infomap", action="store_true")
+    p.add_argument("--workdir", help="keep inputs and the atlas here (default: a temp dir, removed)")
+    p.add_argument("--seed", type=int, default=42)
+    args = p.parse_args(argv)
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="atlas_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        if not args.skip_build:
+            from circuits_atlas.build import build_atlas
+
+            export = work / "export"
+            labels = work / "labels.jsonl"
+            t0 = time.perf_counter()
+            if not (export / "edges.parquet").exists():
+                write_export(export, layers=args.layers, neurons=args.neurons, edges=args.edges, seed=args.seed)
+            if not labels.exists():
+                write_labels(labels, layers=args.layers, neurons=args.neurons, fraction=args.label_fraction, seed=args.seed)
+            print(f"inputs: {args.layers} layers x {args.neurons:,} neurons, {args.edges:,} edges "
+                  f"(generated in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
+            atlas = work / "atlas.duckdb"
+            if not (args.reuse_atlas and atlas.exists()):
+                report = build_atlas(
+                    export_dir=export, output_path=atlas, labels_path=labels, clustering=None, min_edge_count=3,
+                    model="synthetic", memory_limit=args.memory_limit, progress=lambda s: None,
+                )  # fmt: skip
+                steps = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items() if not k.startswith("total"))
+                print(f"build: {report.timings['total']:.1f} s total ({steps}); {report.neurons:,} neurons, "
+                      f"{report.edges:,} edges kept (count >= 3), file {atlas.stat().st_size / 2**30:.2f} GiB")  # fmt: skip
+            proc, address = start_server(atlas, args.server_workers)
+            try:
+                for kind in ("edges", "search"):
+                    for conc in args.concurrency:
+                        r = measure(address, concurrency=conc, requests=args.requests, kind=kind,
+                                    layers=args.layers, neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
+                        name = "GetEdgesForUnit" if kind == "edges" else "SearchUnits"
+                        target = 5 if kind == "edges" else 50
+                        print(f"{name:<16} clients={conc:<3} n={r['requests']:<6} p50 {r['p50_ms']:7.2f} ms  "
+                              f"p99 {r['p99_ms']:8.2f} ms  {r['qps']:7.1f} req/s  errors {r['errors']}  "
+                              f"(p50 target <= {target} ms){'  ' + r['first_error'] if r['errors'] else ''}")  # fmt: skip
+            finally:
+                proc.terminate()
+                proc.wait(30)
+        if not args.skip_infomap:
+            bench_infomap(args)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""Build the DuckDB atlas (relp-spec §I.1) from an aggregator export, labels and clusters.
+
+The atlas is written to a temporary file beside the output and renamed over it only after every
+table, index and the full-text index exist and the database is checkpointed: a failed or killed
+build never leaves a half atlas under the final name (and never touches an existing one).
+
+Neighbour lookups: ``edges`` is stored sorted by (src_layer, src_neuron) and ``edges_by_target``
+holds the same rows sorted by (tgt_layer, tgt_neuron), so either lookup reads one row group via
+DuckDB's zone maps. (DuckDB 1.5 does not use composite ART indexes for these two-column equality
+filters -- EXPLAIN shows a sequential scan -- so the seed's two edge indexes would cost build time
+and memory for nothing; the neurons/clusters indexes are kept.)
+
+Deviations from the seed schema, on purpose: edge statistics are DOUBLE and ``count`` BIGINT
+(exact sums), neurons carry ``unit_id`` (``"L{l}/N{i}"``, the full-text document key),
+``label_source``, ``observation_count``, ``mean_activation`` and ``mean_attribution``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from circuits.errors import InvalidArgument
+
+from circuits_atlas.clustering import FullModelClustering, cluster_full_model
+from circuits_atlas.duck import connect, load_fts
+from circuits_atlas.inputs import export_files, labels_table, read_labels
+
+log = logging.getLogger("circuits_atlas.build")
+
+SCHEMA_VERSION = "1"
+#: Rows per storage row group (DuckDB default 122,880). Zone maps prune whole row groups, so a
+#: neighbour lookup scans one group: 16,384 rows cost ~7x less than the default.
+ROW_GROUP_SIZE = 16_384
+
+NEURONS_DDL = """
+CREATE TABLE neurons (
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, unit_id VARCHAR NOT NULL,
+    feature_id INTEGER, unit_type VARCHAR DEFAULT 'neuron',
+    label VARCHAR, input_label VARCHAR, output_label VARCHAR, description VARCHAR, label_source VARCHAR,
+    max_activation DOUBLE, num_exemplars INTEGER, appearance_count BIGINT DEFAULT 0,
+    observation_count BIGINT DEFAULT 0, mean_activation DOUBLE, mean_attribution DOUBLE, output_norm DOUBLE,
+    cluster_path VARCHAR, top_cluster INTEGER, sub_module INTEGER, subsub_module INTEGER,
+    hierarchy_depth INTEGER, infomap_flow DOUBLE,
+    PRIMARY KEY (layer, neuron)
+)"""
+EDGES_DDL = """
+CREATE TABLE edges (
+    src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, tgt_layer INTEGER NOT NULL, tgt_neuron INTEGER NOT NULL,
+    count BIGINT DEFAULT 1, weight_sum DOUBLE, weight_abs_sum DOUBLE, weight_sq_sum DOUBLE,
+    weight_min DOUBLE, weight_max DOUBLE, mean_weight DOUBLE, mean_abs_weight DOUBLE
+)"""
+CLUSTERS_DDL = """
+CREATE TABLE clusters (
+    cluster_path VARCHAR PRIMARY KEY, level INTEGER, top_cluster INTEGER, sub_module INTEGER, subsub_module INTEGER,
+    size BIGINT, layer_min INTEGER, layer_max INTEGER, median_layer DOUBLE
+)"""
+METADATA_DDL = "CREATE TABLE metadata (key VARCHAR PRIMARY KEY, value VARCHAR)"
+
+INDEXES = (
+    "CREATE INDEX idx_neurons_top_cluster ON neurons(top_cluster)",
+    "CREATE INDEX idx_neurons_cluster_path ON neurons(cluster_path)",
+    "CREATE INDEX idx_neurons_label ON neurons(label)",
+    "CREATE INDEX idx_neurons_unit_id ON neurons(unit_id)",
+    "CREATE INDEX idx_clusters_top ON clusters(top_cluster)",
+    "CREATE INDEX idx_clusters_level ON clusters(level)",
+)
+FTS_FIELDS = ("label", "input_label", "output_label", "description")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterSettings:
+    """Full-model clustering options (config section ``clustering``)."""
+
+    enabled: bool = True
+    min_edge_count: int = 5
+    weight_transform: str = "abs_weight_sq"
+    num_trials: int = 20
+    multi_level: bool = True
+    seed: int = 42
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BuildReport:
+    """What a build wrote and how long each step took (seconds)."""
+
+    path: Path
+    neurons: int
+    edges: int
+    clusters: int
+    labeled: int
+    timings: Mapping[str, float] = field(default_factory=dict, hash=False)
+
+
+def _remove_database_files(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".wal")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _parquet_columns(path: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return set(pq.read_schema(path).names)
+
+
+def build_atlas(
+    *,
+    export_dir: str | Path,
+    output_path: str | Path,
+    labels_path: str | Path | None = None,
+    clustering: ClusterSettings | FullModelClustering | None = ClusterSettings(),
+    min_edge_count: int = 3,
+    model: str = "",
+    memory_limit: str | None = None,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BuildReport:
+    """Build ``output_path`` from an aggregator export directory (see :mod:`circuits_atlas.inputs`).
+
+    ``labels_path``: optional labeler JSONL. ``clustering``: settings to run Infomap on the export
+    (edges with ``count >= clustering.min_edge_count``), a ready clustering, or None. Edges with
+    ``count >= min_edge_count`` enter the atlas, sorted by (src_layer, src_neuron) so downstream
+    lookups read one row group. Promises: on success the file holds complete tables, indexes,
+    the full-text index and metadata; on failure no file is left at ``output_path`` (an existing
+    one is left as it was) and the temporary file is removed.
+    """
+    if min_edge_count < 1:
+        raise InvalidArgument(f"min_edge_count must be >= 1, got {min_edge_count}")
+    files = export_files(export_dir)
+    labels = labels_table(read_labels(labels_path)) if labels_path else None
+    output = Path(output_path)
+    if output.is_dir():
+        raise InvalidArgument(f"{output}: is a directory, expected an atlas file path")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.building-{os.getpid()}")
+    _remove_database_files(tmp)
+    say = progress or (lambda msg: log.info("%s", msg))
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def step(name: str) -> Callable[[], None]:
+        t0 = time.perf_counter()
+        say(name)
+        return lambda: timings.__setitem__(name, time.perf_counter() - t0)
+
+    con = None
+    try:
+        con = connect(tmp, read_only=False, memory_limit=memory_limit, threads=threads, row_group_size=ROW_GROUP_SIZE)
+        for ddl in (NEURONS_DDL, EDGES_DDL, CLUSTERS_DDL, METADATA_DDL):
+            con.execute(ddl)
+
+        done = step("neurons")
+        _insert_neurons(con, files.units, labels)
+        done()
+
+        done = step("edges")
+        con.execute(
+            """
+            INSERT INTO edges
+            SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, count,
+                   weight_sum, weight_abs_sum, weight_sq_sum, weight_min, weight_max,
+                   weight_sum / count, weight_abs_sum / count
+            FROM read_parquet(?)
+            WHERE count >= ?
+            ORDER BY src_layer, src_neuron, tgt_layer, tgt_neuron
+            """,
+            [str(files.edges), min_edge_count],
+        )
+        con.execute(
+            "CREATE TABLE edges_by_target AS SELECT * FROM edges ORDER BY tgt_layer, tgt_neuron, src_layer, src_neuron"
+        )
+        done()
+
+        cluster_meta: dict[str, Any] = {}
+        if isinstance(clustering, ClusterSettings) and clustering.enabled:
+            done = step("clustering (Infomap)")
+            edges_for_clustering = con.execute(
+                "SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, count, weight_sum, weight_abs_sum "
+                "FROM read_parquet(?) WHERE count >= ?",
+                [str(files.edges), clustering.min_edge_count],
+            ).fetch_arrow_table()
+            units_for_clustering = con.execute("SELECT layer, neuron FROM neurons").fetch_arrow_table()
+            clustering = cluster_full_model(
+                edges_for_clustering,
+                units_for_clustering,
+                min_edge_count=clustering.min_edge_count,
+                weight_transform=clustering.weight_transform,  # type: ignore[arg-type]
+                num_trials=clustering.num_trials,
+                multi_level=clustering.multi_level,
+                seed=clustering.seed,
+            )
+            del edges_for_clustering
+            done()
+        if isinstance(clustering, FullModelClustering):
+            done = step("clusters table")
+            write_clusters(con, clustering)
+            cluster_meta = {f"clustering_{k}": v for k, v in clustering.settings.items()}
+            cluster_meta["clustering_codelength"] = clustering.codelength
+            done()
+
+        done = step("indexes")
+        for sql in INDEXES:
+            con.execute(sql)
+        done()
+
+        done = step("full-text index")
+        build_fts_index(con)
+        done()
+
+        graph_count = None
+        if files.ledger is not None:
+            graph_count = con.execute("SELECT count(DISTINCT graph_id) FROM read_parquet(?)", [str(files.ledger)]).fetchone()[0]
+        counts = {
+            name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0] for name in ("neurons", "edges", "clusters")
+        }
+        labeled = con.execute("SELECT count(*) FROM neurons WHERE coalesce(label, '') <> ''").fetchone()[0]
+        metadata = {
+            "schema_version": SCHEMA_VERSION,
+            "model": model,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "total_neurons": counts["neurons"],
+            "total_edges": counts["edges"],
+            "total_clusters": counts["clusters"],
+            "labeled_neurons": labeled,
+            "min_edge_count": min_edge_count,
+            "source_graph_count": "" if graph_count is None else graph_count,
+            "export_dir": str(Path(export_dir).resolve()),
+            "labels_path": str(Path(labels_path).resolve()) if labels_path else "",
+            **cluster_meta,
+        }
+        timings["total_before_metadata"] = time.perf_counter() - started
+        metadata["build_seconds"] = round(timings["total_before_metadata"], 3)
+        con.executemany("INSERT INTO metadata VALUES (?, ?)", [[k, str(v)] for k, v in metadata.items()])
+        con.execute("CHECKPOINT")
+        con.close()
+        con = None
+        os.replace(tmp, output)
+        _fsync_dir(output.parent)
+    except BaseException:
+        if con is not None:
+            try:
+                con.close()
+            except Exception:  # noqa: BLE001 - the original error matters
+                pass
+        _remove_database_files(tmp)
+        raise
+    timings["total"] = time.perf_counter() - started
+    return BuildReport(
+        path=output, neurons=counts["neurons"], edges=counts["edges"], clusters=counts["clusters"],
+        labeled=labeled, timings=timings,
+    )  # fmt: skip
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _insert_neurons(con: Any, units_path: Path, labels: Any) -> None:
+    cols = _parquet_columns(units_path)
+
+    def col(name: str, expr: str) -> str:
+        return expr if name in cols else "NULL"
+
+    units_select = f"""
+        SELECT layer::INTEGER AS layer, neuron::INTEGER AS neuron, graph_count::BIGINT AS appearance_count,
+               {col('observation_count', 'observation_count::BIGINT')} AS observation_count,
+               {col('act_sum', 'act_sum / nullif(observation_count, 0)') if 'observation_count' in cols else 'NULL'} AS mean_activation,
+               {col('attr_sum', 'attr_sum / nullif(observation_count, 0)') if 'observation_count' in cols else 'NULL'} AS mean_attribution,
+               {col('act_max', 'act_max::DOUBLE')} AS act_max
+        FROM read_parquet(?)
+    """
+    if labels is None:
+        con.execute(
+            f"""
+            INSERT INTO neurons (layer, neuron, unit_id, appearance_count, observation_count,
+                                 mean_activation, mean_attribution, max_activation)
+            SELECT layer, neuron, 'L' || layer || '/N' || neuron, appearance_count, coalesce(observation_count, 0),
+                   mean_activation, mean_attribution, act_max
+            FROM ({units_select})
+            """,
+            [str(units_path)],
+        )
+        return
+    con.register("labels_input", labels)
+    try:
+        con.execute(
+            f"""
+            INSERT INTO neurons (layer, neuron, unit_id, feature_id, label, input_label, output_label, description,
+                                 label_source, max_activation, num_exemplars, appearance_count, observation_count,
+                                 mean_activation, mean_attribution, output_norm)
+            SELECT coalesce(u.layer, l.layer), coalesce(u.neuron, l.neuron),
+                   'L' || coalesce(u.layer, l.layer) || '/N' || coalesce(u.neuron, l.neuron),
+                   l.feature_id, nullif(l.label, ''), nullif(l.input_label, ''), nullif(l.output_label, ''),
+                   nullif(l.description, ''), nullif(l.source, ''), coalesce(l.max_activation, u.act_max),
+                   l.num_exemplars, coalesce(u.appearance_count, 0), coalesce(u.observation_count, 0),
+                   u.mean_activation, u.mean_attribution, l.output_norm
+            FROM ({units_select}) u
+            FULL OUTER JOIN labels_input l ON u.layer = l.layer AND u.neuron = l.neuron
+            """,
+            [str(units_path)],
+        )
+    finally:
+        con.unregister("labels_input")
+
+
+def write_clusters(con: Any, clustering: FullModelClustering) -> int:
+    """Write cluster columns of ``neurons`` and rebuild ``clusters`` (one row per path prefix).
+
+    Units not in ``clustering`` get NULL cluster columns. Returns the number of clusters rows."""
+    import pyarrow as pa
+
+    paths = clustering.paths
+    assignment = pa.table(
+        {
+            "layer": pa.array(clustering.layers, pa.int32()),
+            "neuron": pa.array(clustering.neurons, pa.int32()),
+            "cluster_path": pa.array(clustering.path_strings, pa.string()),
+            "top_cluster": pa.array([p[0] for p in paths], pa.int32()),
+            "sub_module": pa.array([p[1] if len(p) > 1 else None for p in paths], pa.int32()),
+            "subsub_module": pa.array([p[2] if len(p) > 2 else None for p in paths], pa.int32()),
+            "hierarchy_depth": pa.array([len(p) for p in paths], pa.int32()),
+            "infomap_flow": pa.array(clustering.flows, pa.float64()),
+        }
+    )
+    con.register("cluster_assignment", assignment)
+    try:
+        con.execute(
+            "UPDATE neurons SET cluster_path = NULL, top_cluster = NULL, sub_module = NULL, subsub_module = NULL, "
+            "hierarchy_depth = NULL, infomap_flow = NULL WHERE cluster_path IS NOT NULL"
+        )
+        con.execute(
+            """
+            UPDATE neurons SET cluster_path = a.cluster_path, top_cluster = a.top_cluster, sub_module = a.sub_module,
+                   subsub_module = a.subsub_module, hierarchy_depth = a.hierarchy_depth, infomap_flow = a.infomap_flow
+            FROM cluster_assignment a WHERE neurons.layer = a.layer AND neurons.neuron = a.neuron
+            """
+        )
+    finally:
+        con.unregister("cluster_assignment")
+    con.execute("DELETE FROM clusters")
+    con.execute(
+        """
+        INSERT INTO clusters
+        WITH parts AS (
+            SELECT layer, string_split(cluster_path, '.') AS p, hierarchy_depth FROM neurons WHERE cluster_path IS NOT NULL
+        ), prefixes AS (
+            SELECT layer, k AS level, array_to_string(list_slice(p, 1, k), '.') AS cluster_path,
+                   p[1]::INTEGER AS top_cluster,
+                   CASE WHEN k >= 2 THEN p[2]::INTEGER END AS sub_module,
+                   CASE WHEN k >= 3 THEN p[3]::INTEGER END AS subsub_module
+            FROM parts, range(1, hierarchy_depth + 1) AS r(k)
+        )
+        SELECT cluster_path, level, top_cluster, sub_module, subsub_module, count(*) AS size,
+               min(layer), max(layer), median(layer)
+        FROM prefixes
+        GROUP BY cluster_path, level, top_cluster, sub_module, subsub_module
+        ORDER BY top_cluster, level, cluster_path
+        """
+    )
+    return con.execute("SELECT count(*) FROM clusters").fetchone()[0]
+
+
+def build_fts_index(con: Any) -> None:
+    """(Re)create the BM25 full-text index over the label columns of ``neurons``."""
+    load_fts(con)
+    fields = ", ".join(f"'{f}'" for f in FTS_FIELDS)
+    con.execute(f"PRAGMA create_fts_index('neurons', 'unit_id', {fields}, overwrite=1)")
+    # Per (term, document) BM25 contributions, precomputed and sorted by term: a query sums the
+    # rows of its few terms (zone maps skip the rest) instead of recounting term frequencies.
+    # k1 = 1.2, b = 0.75 as in the extension's match_bm25, so scores are identical to it.
+    con.execute(
+        """
+        CREATE OR REPLACE TABLE search_postings AS
+        WITH tf AS (
+            SELECT termid, docid, count(*) AS tf FROM fts_main_neurons.terms GROUP BY termid, docid
+        ), stats AS (SELECT num_docs, avgdl FROM fts_main_neurons.stats)
+        SELECT tf.termid, tf.docid,
+               log((stats.num_docs - d.df + 0.5) / (d.df + 0.5) + 1)
+               * tf.tf * 2.2 / (tf.tf + 1.2 * (0.25 + 0.75 * docs.len / stats.avgdl)) AS score
+        FROM tf JOIN fts_main_neurons.dict d ON d.termid = tf.termid
+        JOIN fts_main_neurons.docs docs ON docs.docid = tf.docid, stats
+        ORDER BY tf.termid, score DESC, tf.docid
+        """
+    )

@@ -1,0 +1,407 @@
+"""Read-only queries over a built atlas (relp-spec §I.2), safe to share between threads.
+
+Every query binds user values as parameters; no user text is ever part of the SQL string. Each
+thread gets its own DuckDB cursor on the one database instance, every query runs under a time
+limit (the cursor is interrupted when it expires -> DeadlineExceeded) and results are capped at
+``max_results`` rows.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from circuits.atlas_types import EDGE_DIRECTIONS, AtlasStats, ClusterInfo, ClusterMembers, SearchHit
+from circuits.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from circuits.schemas import Edge, Unit, UnitLabel
+
+from circuits_atlas.duck import FTS_SCHEMA, connect, load_fts
+
+_INT32_MAX = 2**31 - 1
+_CLUSTER_PATH = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9}){0,31}$")
+
+UNIT_COLUMNS = (
+    "layer", "neuron", "label", "input_label", "output_label", "description", "label_source",
+    "appearance_count", "cluster_path",
+)  # fmt: skip
+EDGE_SELECT = (
+    "src_layer, src_neuron, tgt_layer, tgt_neuron, count, weight_sum, weight_abs_sum, "
+    "weight_sq_sum, weight_min, weight_max, mean_weight"
+)
+
+
+#: BM25 (k1 = 1.2, b = 0.75, the fts extension's defaults) summed from the per-(term, document)
+#: contributions precomputed at build (``search_postings``); the extension's match_bm25 macro
+#: re-scores per row and is ~100x slower on a large atlas. Same tokenizer and Porter stemmer as
+#: the index. Ties break by docid (build order).
+BM25_SQL = """
+WITH tokens AS (
+    SELECT DISTINCT stem(unnest({fts}.tokenize(?)), 'porter') AS term
+), qterms AS (
+    SELECT d.termid FROM {fts}.dict d JOIN tokens t ON d.term = t.term
+), scores AS (
+    SELECT p.docid, sum(p.score) AS score
+    FROM search_postings p WHERE p.termid IN (SELECT termid FROM qterms)
+    GROUP BY p.docid
+    ORDER BY score DESC, p.docid
+    LIMIT ?
+)
+SELECT {cols}, s.score
+FROM scores s JOIN {fts}.docs d ON d.docid = s.docid JOIN neurons n ON n.unit_id = d.name
+ORDER BY s.score DESC, s.docid
+"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueryLimits:
+    """Guards applied to every query."""
+
+    #: Most rows one answer may hold (per direction for edges).
+    max_results: int = 1000
+    #: Seconds before a running query is interrupted.
+    query_timeout_s: float = 5.0
+    #: Longest accepted search text (characters).
+    max_query_chars: int = 1000
+
+
+class QueryWatchdog:
+    """One daemon thread that interrupts cursors whose query outlives its deadline.
+
+    Cheaper than a timer thread per query (a request may run several queries).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadlines: dict[int, tuple[float, Any]] = {}
+        self._next_token = 0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, cursor: Any, seconds: float) -> int:
+        with self._cond:
+            self._next_token += 1
+            token = self._next_token
+            self._deadlines[token] = (time.monotonic() + seconds, cursor)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="atlas-query-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return token
+
+    def done(self, token: int) -> bool:
+        """Stop watching; False when the query was already interrupted."""
+        with self._cond:
+            return self._deadlines.pop(token, None) is not None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._deadlines.clear()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                expired = [t for t, (deadline, _) in self._deadlines.items() if deadline <= now]
+                for token in expired:
+                    _, cursor = self._deadlines.pop(token)
+                    try:
+                        cursor.interrupt()
+                    except Exception:  # noqa: BLE001 - a closed cursor needs no interrupt
+                        pass
+                wait = min((d for d, _ in self._deadlines.values()), default=now + 60) - now
+                self._cond.wait(max(wait, 0.001))
+
+
+def _clean_text(text: Any, limits: QueryLimits) -> str:
+    if not isinstance(text, str):
+        raise InvalidArgument("search text must be a string")
+    if len(text) > limits.max_query_chars:
+        raise InvalidArgument(f"search text is longer than {limits.max_query_chars} characters ({len(text)})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument("search text is not valid UTF-8") from None
+    text = text.replace("\x00", " ").strip()
+    # Seed-compatible: "%enzyme%" means the same as "enzyme".
+    stripped = text.strip("%").strip()
+    text = stripped or text
+    if not text:
+        raise InvalidArgument("search text is empty")
+    return text
+
+
+def _like_pattern(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _check_int32(value: Any, name: str, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{name} must be an integer, got {value!r}")
+    if not minimum <= value <= _INT32_MAX:
+        raise InvalidArgument(f"{name} must be in [{minimum}, {_INT32_MAX}], got {value}")
+    return value
+
+
+class CircuitDatabase:
+    """An atlas file opened for queries; ``with CircuitDatabase("atlas.duckdb") as db: ...``.
+
+    ``read_only=True`` (default) opens the file without writing to it; several processes may
+    hold it open at once.
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = True, *, limits: QueryLimits = QueryLimits()) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise NotFound(f"{self.path}: atlas file not found")
+        self.read_only = read_only
+        self.limits = limits
+        self._con = connect(self.path, read_only=read_only)
+        self._local = threading.local()
+        self._cursors: list[Any] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._watchdog = QueryWatchdog()
+        tables = {r[0] for r in self._con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
+        missing = {"neurons", "edges", "clusters", "metadata"} - tables
+        if missing:
+            self._con.close()
+            raise FailedPrecondition(f"{self.path}: not an atlas (missing table(s) {', '.join(sorted(missing))})")
+        # Atlases built before edges_by_target existed fall back to scanning edges.
+        self._upstream_table = "edges_by_target" if "edges_by_target" in tables else "edges"
+        self.has_fts = "search_postings" in tables and bool(
+            self._con.execute("SELECT count(*) FROM duckdb_schemas() WHERE schema_name = ?", [FTS_SCHEMA]).fetchone()[0]
+        )
+        if self.has_fts:
+            load_fts(self._con)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def __enter__(self) -> CircuitDatabase:
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._watchdog.close()
+            for cur in self._cursors:
+                try:
+                    cur.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            self._con.close()
+
+    def _cursor(self) -> Any:
+        cur = getattr(self._local, "cursor", None)
+        if cur is None:
+            with self._lock:
+                if self._closed:
+                    raise FailedPrecondition("the atlas database is closed")
+                cur = self._con.cursor()
+                self._cursors.append(cur)
+            self._local.cursor = cur
+        return cur
+
+    def _rows(self, sql: str, params: Sequence[Any] = (), *, timeout: float | None = None) -> list[tuple]:
+        """Run one parameterised query under the time limit; interrupted queries raise DeadlineExceeded."""
+        import duckdb
+
+        limit = self.limits.query_timeout_s if timeout is None else min(timeout, self.limits.query_timeout_s)
+        if limit <= 0:
+            raise DeadlineExceeded("no time left for the query")
+        cur = self._cursor()
+        token = self._watchdog.watch(cur, limit)
+        try:
+            rows = cur.execute(sql, list(params)).fetchall()
+        except duckdb.InterruptException:
+            self._watchdog.done(token)
+            raise DeadlineExceeded(f"query took longer than {limit:g} s and was stopped") from None
+        except BaseException:
+            self._watchdog.done(token)
+            raise
+        if not self._watchdog.done(token):
+            # Interrupted right after it finished: the answer is complete, but make sure the
+            # pending interrupt cannot hit this cursor's next query.
+            try:
+                cur.execute("SELECT 1").fetchall()
+            except duckdb.InterruptException:
+                pass
+        return rows
+
+    def _limit(self, limit: Any, default: int = 100) -> int:
+        if limit is None or limit == 0:
+            return min(default, self.limits.max_results)
+        limit = _check_int32(limit, "limit", minimum=1)
+        return min(limit, self.limits.max_results)
+
+    @staticmethod
+    def _unit(row: Sequence[Any]) -> Unit:
+        layer, neuron, label, input_label, output_label, description, source, appearance, cluster = row
+        labels = []
+        if output_label or label:
+            labels.append(UnitLabel(text=output_label or label, source=source or "progressive_output", description=description or ""))
+        if input_label:
+            labels.append(UnitLabel(text=input_label, source="progressive_input"))
+        return Unit(
+            layer=layer,
+            index=neuron,
+            label=label or "",
+            input_label=input_label or "",
+            appearance_count=int(appearance or 0),
+            labels=tuple(labels),
+            cluster=cluster or "",
+        )
+
+    @staticmethod
+    def _edge(row: Sequence[Any]) -> Edge:
+        sl, sn, tl, tn, count, ws, was, wss, wmin, wmax, mean = row
+        return Edge(
+            src_layer=sl, src_index=sn, tgt_layer=tl, tgt_index=tn, weight=float(mean), count=int(count),
+            weight_sum=float(ws), weight_abs_sum=float(was), weight_sq_sum=float(wss),
+            weight_min=float(wmin), weight_max=float(wmax), method="relp",
+        )  # fmt: skip
+
+    # -- queries ----------------------------------------------------------------------------
+    def search(self, text: str, limit: int | None = 100, *, timeout: float | None = None) -> list[SearchHit]:
+        """Units whose labels match ``text``, best first.
+
+        BM25 over label, input_label, output_label and description (stemmed words) ranks first;
+        if that finds fewer than ``limit`` units, case-insensitive substring matches follow with
+        score 0 (ties by appearance count). ``%``/``_`` are literal characters.
+        """
+        text = _clean_text(text, self.limits)
+        limit = self._limit(limit)
+        cols = ", ".join(f"n.{c}" for c in UNIT_COLUMNS)
+        hits: list[SearchHit] = []
+        if self.has_fts:
+            rows = self._rows(BM25_SQL.format(cols=cols, fts=FTS_SCHEMA), [text, limit], timeout=timeout)
+            hits = [SearchHit(unit=self._unit(r[:-1]), score=float(r[-1])) for r in rows]
+        if len(hits) < limit:
+            found = [f"L{h.unit.layer}/N{h.unit.index}" for h in hits]
+            pattern = _like_pattern(text)
+            rows = self._rows(
+                f"""
+                SELECT {cols} FROM neurons n
+                WHERE (n.label ILIKE ? ESCAPE '\\' OR n.input_label ILIKE ? ESCAPE '\\'
+                       OR n.output_label ILIKE ? ESCAPE '\\' OR n.description ILIKE ? ESCAPE '\\')
+                  AND NOT list_contains(?::VARCHAR[], n.unit_id)
+                ORDER BY n.appearance_count DESC, n.layer, n.neuron
+                LIMIT ?
+                """,
+                [pattern, pattern, pattern, pattern, found, limit - len(hits)],
+                timeout=timeout,
+            )
+            hits.extend(SearchHit(unit=self._unit(r), score=0.0) for r in rows)
+        return hits
+
+    def search_units(self, text: str, limit: int | None = 100) -> list[Unit]:
+        """Seed-compatible: the units of :meth:`search`, best first."""
+        return [hit.unit for hit in self.search(text, limit)]
+
+    def get_unit(self, layer: int, index: int, *, timeout: float | None = None) -> Unit | None:
+        """The unit ``(layer, index)`` or None."""
+        layer = _check_int32(layer, "layer")
+        index = _check_int32(index, "index")
+        rows = self._rows(
+            f"SELECT {', '.join(UNIT_COLUMNS)} FROM neurons WHERE layer = ? AND neuron = ?", [layer, index], timeout=timeout
+        )
+        return self._unit(rows[0]) if rows else None
+
+    def get_edges_for_unit(
+        self,
+        layer: int,
+        index: int,
+        direction: str = "both",
+        limit: int | None = 100,
+        min_count: int = 0,
+        *,
+        timeout: float | None = None,
+    ) -> list[Edge]:
+        """Edges leaving (downstream) and/or entering (upstream) a unit; ``both`` = downstream then
+        upstream. Each direction holds at most ``limit`` edges with ``count >= min_count``, the most
+        frequent first (then largest mean |w|, then endpoint keys)."""
+        layer = _check_int32(layer, "layer")
+        index = _check_int32(index, "index")
+        if direction not in EDGE_DIRECTIONS:
+            raise InvalidArgument(f"direction must be one of {', '.join(EDGE_DIRECTIONS)}, got {direction!r}")
+        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
+            raise InvalidArgument(f"min_count must be a non-negative integer, got {min_count!r}")
+        limit = self._limit(limit)
+        sides = {"downstream": (0,), "upstream": (1,), "both": (0, 1)}[direction]
+        parts = []
+        params: list[Any] = []
+        for side in sides:
+            key, other = ("src", "tgt") if side == 0 else ("tgt", "src")
+            table = "edges" if side == 0 else self._upstream_table
+            parts.append(
+                f"""(SELECT {EDGE_SELECT}, {side} AS side, mean_abs_weight FROM {table}
+                    WHERE {key}_layer = ? AND {key}_neuron = ? AND count >= ?
+                    ORDER BY count DESC, mean_abs_weight DESC, {other}_layer, {other}_neuron LIMIT ?)"""
+            )
+            params += [layer, index, min_count, limit]
+        sql = " UNION ALL ".join(parts)
+        if len(parts) > 1:
+            sql = f"SELECT * FROM ({sql}) ORDER BY side, count DESC, mean_abs_weight DESC, src_layer, src_neuron, tgt_layer, tgt_neuron"
+        rows = self._rows(sql, params, timeout=timeout)
+        return [self._edge(r[:11]) for r in rows]
+
+    def get_cluster(self, cluster: str | int, limit: int | None = 100, *, timeout: float | None = None) -> ClusterMembers:
+        """A cluster by top-level id (``3``/``"3"``) or hierarchy path (``"3.1"``) and its members
+        (every unit whose path starts with it) ordered by layer, neuron; NotFound if absent."""
+        path = str(cluster).strip()
+        if not _CLUSTER_PATH.match(path):
+            raise InvalidArgument(f"cluster must be a number or a dotted path like '3.1', got {str(cluster)[:40]!r}")
+        limit = self._limit(limit)
+        info_rows = self._rows(
+            "SELECT cluster_path, level, size, layer_min, layer_max, median_layer FROM clusters WHERE cluster_path = ?",
+            [path],
+            timeout=timeout,
+        )
+        if not info_rows:
+            raise NotFound(f"cluster {path} not found")
+        p, level, size, lmin, lmax, median = info_rows[0]
+        rows = self._rows(
+            f"""
+            SELECT {', '.join(UNIT_COLUMNS)} FROM neurons
+            WHERE top_cluster = ? AND (cluster_path = ? OR starts_with(cluster_path, ?))
+            ORDER BY layer, neuron LIMIT ?
+            """,
+            [int(path.split(".")[0]), path, path + ".", limit],
+            timeout=timeout,
+        )
+        info = ClusterInfo(
+            cluster_path=p, level=int(level), size=int(size), layer_min=int(lmin), layer_max=int(lmax),
+            median_layer=float(median),
+        )  # fmt: skip
+        return ClusterMembers(cluster=info, units=tuple(self._unit(r) for r in rows))
+
+    def get_units_by_cluster(self, top_cluster: int | str, limit: int | None = None) -> list[Unit]:
+        """Seed-compatible: member units of a cluster ordered by layer, neuron ([] if absent)."""
+        try:
+            return list(self.get_cluster(top_cluster, limit).units)
+        except NotFound:
+            return []
+
+    def stats(self, *, timeout: float | None = None) -> AtlasStats:
+        """Row counts and the metadata table."""
+        counts = {
+            name: self._rows(f"SELECT count(*) FROM {name}", timeout=timeout)[0][0] for name in ("neurons", "edges", "clusters")
+        }
+        metadata = dict(self._rows("SELECT key, value FROM metadata ORDER BY key", timeout=timeout))
+        return AtlasStats(neurons=counts["neurons"], edges=counts["edges"], clusters=counts["clusters"], metadata=metadata)
+
+    def get_stats(self) -> dict[str, Any]:
+        """Seed-compatible: ``{"neurons": n, "edges": n, "clusters": n, "metadata": {...}}``."""
+        s = self.stats()
+        return {"neurons": s.neurons, "edges": s.edges, "clusters": s.clusters, "metadata": dict(s.metadata)}

@@ -1,0 +1,171 @@
+"""The atlas through a real gRPC server on port 0 with the real client (and raw gRPC for abuse)."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import duckdb
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from circuits._proto.circuits.v1 import atlas_pb2, atlas_pb2_grpc
+from circuits.cli import main as cli_main
+from circuits.client import AtlasClient
+from circuits.errors import InvalidArgument, NotFound
+from circuits.serving import ServerSettings
+from circuits_atlas import CircuitDatabase
+from circuits_atlas.server import AtlasSettings, build_server
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def server(planted_atlas: Path):
+    before = sha256(planted_atlas)
+    srv = build_server(AtlasSettings(duckdb_path=str(planted_atlas), server=ServerSettings(port=0, max_workers=8))).start()
+    srv.set_serving(True)
+    yield srv
+    srv.stop(grace=1)
+    assert sha256(planted_atlas) == before  # serving never writes to the atlas
+
+
+@pytest.fixture()
+def client(server):
+    with AtlasClient(server.address, timeout=10) as c:
+        yield c
+
+
+def test_health_and_stats(server, client, planted_atlas: Path) -> None:
+    with grpc.insecure_channel(server.address) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="circuits.v1.AtlasService"))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    stats = client.stats()
+    with CircuitDatabase(planted_atlas) as db:
+        assert stats == db.stats()
+
+
+def test_search_finds_planted_labels_and_right_neighbours(client, planted_atlas: Path, planted_export: Path) -> None:
+    hits = client.search("enzyme catalysis", limit=50)
+    assert len(hits) == 16 and hits[0].score > 0
+    assert all(h.unit.label.startswith("enzyme catalysis") for h in hits)
+    with CircuitDatabase(planted_atlas) as db:
+        assert hits == db.search("enzyme catalysis", 50)  # server == domain object
+    unit = hits[0].unit
+    edges = client.get_edges_for_unit(unit.layer, unit.index, "both", limit=100)
+    con = duckdb.connect()
+    want = con.execute(
+        "SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, count FROM read_parquet(?) "
+        "WHERE count >= 3 AND ((src_layer = $2 AND src_neuron = $3) OR (tgt_layer = $2 AND tgt_neuron = $3)) ORDER BY ALL",
+        [str(planted_export / "edges.parquet"), unit.layer, unit.index],
+    ).fetchall()
+    con.close()
+    got = sorted((e.src_layer, e.src_index, e.tgt_layer, e.tgt_index, e.count) for e in edges)
+    assert got == want and len(got) > 0
+    neighbours = {(e.tgt_layer, e.tgt_index) for e in edges} | {(e.src_layer, e.src_index) for e in edges}
+    neighbours.discard(unit.key)
+    labels = {client.get_unit(*k).label.split(" (")[0] for k in neighbours}
+    assert labels == {"enzyme catalysis in biochemistry"}
+    down = client.get_edges_for_unit(unit.layer, unit.index, "downstream", limit=2, min_count=1)
+    assert len(down) <= 2 and all((e.src_layer, e.src_index) == unit.key for e in down)
+    assert client.get_edges_for_unit(unit.layer, unit.index, min_count=10**9) == []
+
+
+def test_get_cluster_and_not_found(client) -> None:
+    unit = client.get_unit(0, 50)
+    assert unit.label.startswith("capital") and unit.appearance_count > 0 and unit.cluster
+    members = client.get_cluster(unit.cluster.split(".")[0], limit=100)
+    assert unit in members.units and members.cluster.size == len(members.units)
+    with pytest.raises(NotFound):
+        client.get_unit(40, 40)
+    with pytest.raises(NotFound):
+        client.get_cluster("12345")
+    with pytest.raises(InvalidArgument):
+        client.get_cluster("1 OR 1=1")
+
+
+@pytest.mark.parametrize("text", ["'; DROP TABLE neurons; --", "%", "x" * 100_000, "", "\u0000", "enzyme' --"])
+def test_hostile_search_text(client, text: str) -> None:
+    try:
+        hits = client.search(text, limit=5)
+    except InvalidArgument:
+        assert text.strip("\x00 ") == "" or len(text) > 1000
+    else:
+        assert isinstance(hits, list)
+    assert client.stats().neurons == 48
+
+
+def test_bad_requests_are_invalid_argument(server, client) -> None:
+    with pytest.raises(InvalidArgument):
+        client.search("enzyme", limit=-5)
+    with pytest.raises(InvalidArgument):
+        client.get_edges_for_unit(-3, 1)
+    with grpc.insecure_channel(server.address) as ch:
+        stub = atlas_pb2_grpc.AtlasServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetEdgesForUnit(atlas_pb2.GetEdgesForUnitRequest(layer=0, index=10, direction=7), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # field 1 (text), wire type 2, length 4, bytes that are not UTF-8
+        raw = ch.unary_unary("/circuits.v1.AtlasService/SearchUnits")
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\x0a\x04\xff\xfe\xc3\x28", timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\xff\xff\xff", timeout=5)  # not a protobuf at all
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # results are capped by the server's limit
+        big = stub.SearchUnits(atlas_pb2.SearchUnitsRequest(text="in", limit=10**9), timeout=5)
+        assert len(big.units) <= 1000
+
+
+def test_concurrent_clients_agree(server) -> None:
+    def work(i: int):
+        with AtlasClient(server.address, timeout=20) as c:
+            return [h.unit.key for h in c.search(("enzyme", "capital", "rhyming")[i % 3], 20)], len(
+                c.get_edges_for_unit(1, 11 if i % 2 else 51)
+            )
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(work, range(48)))
+    for i, r in enumerate(results):
+        assert r == results[i % 6]
+
+
+def test_cli_query_remote(server, capsys) -> None:
+    assert cli_main(["query", "--remote", server.address, "rhyming", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "rhyming words in poetry" in out
+    assert cli_main(["query", "--remote", server.address, "x" * 5000]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_serve_main_rejects_missing_atlas(tmp_path: Path, capsys) -> None:
+    assert cli_main(["serve", "atlas", "--duckdb", str(tmp_path / "no.duckdb"), "--port", "0"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_served_by_the_module_entry_point(planted_atlas: Path) -> None:
+    """`python -m circuits_atlas` (what `circuits serve atlas` runs) serves, answers, stops on SIGTERM."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "circuits_atlas", "--duckdb", str(planted_atlas), "--port", "0", "--host", "127.0.0.1",
+         "--metrics-port", "0", "--grace", "1"],  # fmt: skip
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"serving on (\S+)", line)
+        assert match, line + proc.stderr.read()
+        with AtlasClient(match.group(1), timeout=10) as c:
+            assert c.stats().neurons == 48
+            assert c.search("rhyming", 3)[0].unit.label.startswith("rhyming")
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
