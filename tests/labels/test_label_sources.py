@@ -152,3 +152,51 @@ def test_neurondb_descriptions_become_labeler_evidence(postgres, tmp_path: Path)
     prior = {(u.layer, u.neuron): u.prior_description for u in evidence.units()}
     assert prior[(1, 4)] == "fires on enzyme names"
     assert prior[(0, 2)] == ""
+
+
+def _export_with_neurons(tmp_path: Path) -> Path:
+    """Aggregate two small graphs with the real CLI; return the Parquet export folder."""
+    from circuits import Edge, GraphMetadata
+    from circuits.cli import main
+    from circuits.graphio import write_graph
+
+    graphs = tmp_path / "graphs"
+    for n in range(2):
+        units = [Unit(layer=1, index=4, position=0, activation=1.0, attribution=0.5),
+                 Unit(layer=2, index=7, position=1, activation=2.0, attribution=0.7)]
+        edges = [Edge(src_layer=1, src_index=4, src_position=0, tgt_layer=2, tgt_index=7, tgt_position=1, weight=0.3 + n)]
+        write_graph(Graph(units=units, edges=edges, prompt=f"p{n}", graph_id=f"g{n}",
+                          metadata=GraphMetadata(slug=f"s{n}", scan="m")), graphs / f"graph_{n}.pb.gz")
+    export = tmp_path / "export"
+    assert main(["aggregate", str(graphs), "--state", str(tmp_path / "agg.duckdb"), "--export", str(export)]) == 0
+    return export
+
+
+def test_build_db_takes_labels_from_neurondb(postgres, tmp_path: Path, monkeypatch) -> None:
+    from circuits.cli import main
+    from circuits_atlas import CircuitDatabase
+
+    db = NeuronDB(_settings(postgres, table="desc_atlas"))
+    db.create_table()
+    db.import_records([LabelRecord(layer=2, neuron=7, label="", description="capital cities", polarity=1)])
+    db.close()
+    export = _export_with_neurons(tmp_path)
+    config = tmp_path / "atlas.yaml"
+    config.write_text(
+        "aggregation:\n  export_dir: export\n  min_edge_count: 1\n"
+        "clustering:\n  enabled: false\n"
+        "labeling:\n  method: neurondb\n  pg_table: desc_atlas\n"
+        "output:\n  duckdb: atlas.duckdb\n"
+    )
+    for key in ("host", "port", "user", "password", "database"):
+        monkeypatch.setenv(f"PG_{key.upper()}", str(postgres[key]))
+    assert main(["build-db", "--config", str(config)]) == 0
+    with CircuitDatabase(tmp_path / "atlas.duckdb", read_only=True) as atlas:
+        assert atlas.get_unit(2, 7).label == "capital cities"
+        assert atlas.get_unit(1, 4).label == ""
+
+    # wrong password: one clear error, exit 2, and no (partial) atlas written
+    (tmp_path / "atlas.duckdb").unlink()
+    monkeypatch.setenv("PG_PASSWORD", "not-the-password")
+    assert main(["build-db", "--config", str(config)]) == 2
+    assert not (tmp_path / "atlas.duckdb").exists()

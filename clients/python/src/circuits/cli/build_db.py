@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         labels = candidate if candidate.exists() else None
     if args.no_labels:
         labels = None
+    tmp_labels = None
+    if labels is None and not args.no_labels and cfg is not None and cfg.labeling.method in ("neurondb", "file", "goodfire"):
+        labels = tmp_labels = _labels_from_source(cfg, export_dir)
 
     output = Path(args.output) if args.output else (cfg.resolve(cfg.output.duckdb) if cfg else Path("atlas.duckdb"))
     clustering_cfg = base.clustering
@@ -75,7 +78,47 @@ def run(args: argparse.Namespace) -> int:
         multi_level=clustering_cfg.multi_level,
         seed=clustering_cfg.seed,
     )
-    report = build_atlas(
+    try:
+        report = _build(build_atlas, export_dir, output, labels, settings, min_edge_count, args, base, cfg)
+    finally:
+        if tmp_labels is not None:
+            tmp_labels.unlink(missing_ok=True)
+    print(
+        f"wrote {report.path}: {report.neurons} neurons ({report.labeled} labeled), {report.edges} edges, "
+        f"{report.clusters} clusters in {report.timings['total']:.1f} s"
+    )
+    return 0
+
+
+def _labels_from_source(cfg, export_dir: Path) -> Path:
+    """Fetch labels for the export's neurons from the configured source into a temporary JSONL."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from circuits.labels import label_source_from_config, write_label_file
+
+    units_file = export_dir / "units.parquet"
+    if not units_file.exists():
+        raise InvalidArgument(f"{export_dir}: no units.parquet in the aggregator export")
+    table = pq.read_table(units_file, columns=["layer", "neuron"])
+    keys = list(zip(table.column("layer").to_pylist(), table.column("neuron").to_pylist()))
+    source = label_source_from_config(cfg.labeling, base_dir=cfg.base_dir)
+    try:
+        records = source.labels_for(keys)
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+    fd, name = tempfile.mkstemp(prefix="circuits-labels-", suffix=".jsonl")
+    import os
+
+    os.close(fd)
+    print(f"build-db: {len(records):,} labels from labeling.method={cfg.labeling.method}", file=sys.stderr)
+    return write_label_file(records.values(), name)
+
+
+def _build(build_atlas, export_dir, output, labels, settings, min_edge_count, args, base, cfg):
+    return build_atlas(
         export_dir=export_dir,
         output_path=output,
         labels_path=labels,
@@ -86,8 +129,3 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=lambda step: print(f"build-db: {step} ...", file=sys.stderr, flush=True),
     )
-    print(
-        f"wrote {report.path}: {report.neurons} neurons ({report.labeled} labeled), {report.edges} edges, "
-        f"{report.clusters} clusters in {report.timings['total']:.1f} s"
-    )
-    return 0
