@@ -13,7 +13,7 @@ import torch
 
 from circuits.errors import FailedPrecondition, InvalidArgument
 
-from conftest import PROMPT
+from circuits_attribution.testing import PROMPT
 
 TARGET_MODES = {
     "topk": {},

@@ -12,7 +12,7 @@ from circuits import wire
 from circuits._proto.circuits.v1 import attribution_pb2_grpc
 from circuits.interventions import InterventionRequest, parse_neuron_spec
 
-from conftest import PROMPT, build_model
+from circuits_attribution.testing import PROMPT, build_model
 
 
 @pytest.fixture(scope="module")

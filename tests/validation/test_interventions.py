@@ -11,7 +11,7 @@ import torch
 from circuits.errors import InvalidArgument
 from circuits.interventions import NeuronIntervention, parse_neuron_spec
 
-from conftest import PROMPT, build_model
+from circuits_attribution.testing import PROMPT, build_model
 
 IDS = [1, 5, 6, 7, 8, 9, 10]  # "<bos> the capital of france is paris" in the fixture tokenizer
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import PROMPT, build_model, build_tokenizer
+from circuits_attribution.testing import PROMPT, build_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")
