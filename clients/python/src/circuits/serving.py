@@ -26,11 +26,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from circuits.errors import CircuitsError, InvalidArgument
+from circuits.errors import CircuitsError, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger("circuits.serving")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_NODES_PER_GRAPH = 200_000
+DEFAULT_MAX_EDGES_PER_GRAPH = 5_000_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,6 +58,11 @@ class ServerSettings:
     #: File of bearer tokens, one per line: `TOKEN SCOPE[,SCOPE...]` (scopes: read, write, admin).
     #: Empty: no authentication.
     auth_tokens_file: str = ""
+    #: Most messages in one request stream (graphs in Ingest, requests in TraceBatch); 0 = unlimited.
+    max_stream_messages: int = 0
+    #: Most units / edges in one circuits.v1.Graph request message (Ingest); 0 = unlimited.
+    max_nodes_per_graph: int = DEFAULT_MAX_NODES_PER_GRAPH
+    max_edges_per_graph: int = DEFAULT_MAX_EDGES_PER_GRAPH
 
     def credentials(self) -> grpc.ServerCredentials | None:
         """TLS credentials from the files, or None for plaintext."""
@@ -81,6 +88,16 @@ def _read_file(path: str, what: str) -> bytes:
 
 # -- authentication ---------------------------------------------------------------------------
 SCOPES = ("read", "write", "admin")
+
+#: Scope each method needs when authentication is on, per service (methods not listed: ``read``).
+#: ``build_grpc_server`` applies the entries of its services unless ``method_scopes`` overrides
+#: them. Writes need ``write``; Export writes files on the server's filesystem and needs ``admin``.
+DEFAULT_METHOD_SCOPES: dict[str, dict[str, str]] = {
+    "circuits.v1.AggregatorService": {"Ingest": "write", "Export": "admin"},
+    "circuits.v1.AttributionService": {"Trace": "write", "TraceBatch": "write", "Intervene": "write"},
+    "circuits.v1.LabelerService": {"LabelUnits": "write", "RunProgressive": "write"},
+    "circuits.v1.AtlasService": {},
+}
 
 
 def load_tokens(path: str) -> dict[str, frozenset[str]]:
@@ -164,7 +181,10 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
-            message = record.getMessage()
+            try:
+                message = record.getMessage()
+            except Exception:  # noqa: BLE001 - a bad format string is the handler's problem, not ours
+                return True
             redacted = message
             for secret in self.secrets:
                 redacted = redacted.replace(secret, "***")
@@ -176,9 +196,32 @@ class RedactSecrets(logging.Filter):
 REDACTOR = RedactSecrets()
 
 
+_redacting_factory_installed = False
+_factory_lock = threading.Lock()
+
+
+def _install_redacting_record_factory() -> None:
+    """Redact every log record when it is created, so handlers and loggers added later (a
+    ``basicConfig`` after startup, a library's own handler) never see a secret either."""
+    global _redacting_factory_installed
+    with _factory_lock:
+        if _redacting_factory_installed:
+            return
+        previous = logging.getLogRecordFactory()
+
+        def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = previous(*args, **kwargs)
+            REDACTOR.filter(record)
+            return record
+
+        logging.setLogRecordFactory(redacting_factory)
+        _redacting_factory_installed = True
+
+
 def register_secret(*values: str) -> None:
     """Register secret values (API keys, tokens, passwords) so logging never prints them."""
     REDACTOR.add(*values)
+    _install_redacting_record_factory()
     root = logging.getLogger()
     if REDACTOR not in root.filters:
         root.addFilter(REDACTOR)
@@ -310,6 +353,105 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         )
 
 
+class _Undecodable:
+    """Stands in for request bytes that did not parse (truncated, wrong wire type, bad UTF-8)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class RequestGuardInterceptor(grpc.ServerInterceptor):
+    """Request guard: undecodable bytes become INVALID_ARGUMENT (not grpc's generic INTERNAL),
+    and request streams and graphs over the limits become RESOURCE_EXHAUSTED naming the limit.
+
+    Installed innermost by :func:`build_grpc_server` for every call shape: a unary request that
+    does not parse (or is too large a graph) is refused before the servicer runs; in a request
+    stream the servicer sees the error raised by the request iterator at the bad message
+    (messages before it were delivered normally). Limits come from :class:`ServerSettings`
+    (``max_stream_messages``, ``max_nodes_per_graph``, ``max_edges_per_graph``; 0 = unlimited).
+    """
+
+    def __init__(self, settings: ServerSettings | None = None) -> None:
+        settings = settings or ServerSettings()
+        self.max_stream_messages = settings.max_stream_messages
+        self.max_nodes_per_graph = settings.max_nodes_per_graph
+        self.max_edges_per_graph = settings.max_edges_per_graph
+
+    def _check_graph(self, request: Any, where: str) -> None:
+        descriptor = getattr(request, "DESCRIPTOR", None)
+        if descriptor is None or descriptor.full_name != "circuits.v1.Graph":
+            return
+        for count, limit, name, what in (
+            (len(request.units), self.max_nodes_per_graph, "max_nodes_per_graph", "units"),
+            (len(request.edges.src), self.max_edges_per_graph, "max_edges_per_graph", "edges"),
+        ):
+            if limit and count > limit:
+                raise ResourceExhausted(f"{where}: graph {request.graph_id[:80]!r} has {count} {what}, "
+                                        f"over the limit {name}={limit} (--{name.replace('_', '-')})")  # fmt: skip
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+
+        def tolerant_decode(raw: bytes) -> Any:
+            try:
+                return decode(raw)
+            except Exception as exc:  # noqa: BLE001 - any parse failure is the client's fault
+                return _Undecodable(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+
+        def refuse(reason: str, number: int | None = None) -> InvalidArgument:
+            where = f"{method} request" + (f" message {number}" if number is not None else "")
+            return InvalidArgument(f"{where} could not be decoded as protobuf ({reason})")
+
+        def unary(behavior: Callable) -> Callable:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    raise refuse(request.reason)
+                self._check_graph(request, f"{method} request")
+                return behavior(request, context)
+
+            return run
+
+        def checked(requests: Any) -> Any:
+            for number, request in enumerate(requests):
+                if isinstance(request, _Undecodable):
+                    raise refuse(request.reason, number)
+                if self.max_stream_messages and number >= self.max_stream_messages:
+                    raise ResourceExhausted(
+                        f"{method} stream has more than {self.max_stream_messages} messages, over the limit "
+                        f"max_stream_messages={self.max_stream_messages} (--max-stream-messages); open a new stream"
+                    )
+                self._check_graph(request, f"{method} request message {number}")
+                yield request
+
+        def streaming(behavior: Callable) -> Callable:
+            def run(request_iterator: Any, context: grpc.ServicerContext) -> Any:
+                return behavior(checked(request_iterator), context)
+
+            return run
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                unary(handler.unary_unary), tolerant_decode, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                unary(handler.unary_stream), tolerant_decode, handler.response_serializer
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                streaming(handler.stream_unary), tolerant_decode, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            streaming(handler.stream_stream), tolerant_decode, handler.response_serializer
+        )
+
+
 def _is_abort(exc: BaseException) -> bool:
     # context.abort raises a bare Exception subclass from grpc's internals.
     return type(exc).__module__.startswith("grpc")
@@ -386,7 +528,9 @@ def build_grpc_server(
 ) -> GrpcServer:
     """Create (not start) a server with the shared plumbing; ``service_names`` are full names
     such as ``circuits.v1.AtlasService`` (used by health and reflection). ``method_scopes`` maps
-    method names to the token scope they need when authentication is on (default ``read``)."""
+    method names to the token scope they need when authentication is on; it extends and overrides
+    :data:`DEFAULT_METHOD_SCOPES` of those services (unlisted methods need ``read``). Request bytes
+    that do not decode are refused with INVALID_ARGUMENT (:class:`RequestGuardInterceptor`)."""
     metrics = metrics or Metrics(service_names[0].rsplit(".", 1)[-1] if service_names else "circuits")
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -398,10 +542,14 @@ def build_grpc_server(
     if settings.auth_tokens_file:
         tokens = load_tokens(settings.auth_tokens_file)
         register_secret(*tokens)
-        auth.append(AuthInterceptor(tokens, method_scopes))
+        scopes: dict[str, str] = {}
+        for name in service_names:
+            scopes.update(DEFAULT_METHOD_SCOPES.get(name, {}))
+        scopes.update(method_scopes or {})
+        auth.append(AuthInterceptor(tokens, scopes))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=[*auth, *interceptors, ErrorAndMetricsInterceptor(metrics)],
+        interceptors=[*auth, *interceptors, ErrorAndMetricsInterceptor(metrics), RequestGuardInterceptor(settings)],
         options=options,
     )
     add_servicers(server)
@@ -443,6 +591,12 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int) 
     g.add_argument("--insecure", action="store_true", help="serve plaintext (local development only)")
     g.add_argument("--auth-tokens-file", default="", help="bearer tokens file: `TOKEN SCOPE[,SCOPE]` per line")
     g.add_argument("--port-file", default="", help="write the bound port to this file once listening")
+    g.add_argument("--max-stream-messages", type=int, default=0,
+                   help="most messages in one request stream; 0 = unlimited (default 0)")
+    g.add_argument("--max-nodes-per-graph", type=int, default=DEFAULT_MAX_NODES_PER_GRAPH,
+                   help="most units in one graph message (default %(default)s)")
+    g.add_argument("--max-edges-per-graph", type=int, default=DEFAULT_MAX_EDGES_PER_GRAPH,
+                   help="most edges in one graph message (default %(default)s)")
 
 
 def server_settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -460,6 +614,9 @@ def server_settings_from_args(args: argparse.Namespace) -> ServerSettings:
         tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,
         auth_tokens_file=args.auth_tokens_file,
+        max_stream_messages=args.max_stream_messages,
+        max_nodes_per_graph=args.max_nodes_per_graph,
+        max_edges_per_graph=args.max_edges_per_graph,
     )
 
 

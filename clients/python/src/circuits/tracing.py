@@ -79,7 +79,8 @@ class TraceSpec:
         allowed = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - allowed)
         if unknown:
-            raise InvalidArgument(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+            shown = ", ".join(k if k.isprintable() else repr(k) for k in unknown)  # one-line message
+            raise InvalidArgument(f"{where}: unknown key(s) {shown} (allowed: {', '.join(sorted(allowed))})")
         if "prompt" not in data:
             raise InvalidArgument(f"{where}: missing 'prompt'")
         values = dict(data)

@@ -99,6 +99,10 @@ def parse_prompt_line(text: str, *, line: int, source: str, defaults: Sequence[t
     """Parse one JSONL line (``defaults`` fill fields it doesn't set); raises InvalidArgument('FILE:LINE: reason')."""
     where = f"{source}:{line}"
     try:
+        text.encode("utf-8")  # shard_lines keeps undecodable bytes as lone surrogates
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{where}: not valid UTF-8") from None
+    try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
@@ -119,7 +123,8 @@ def parse_prompt_line(text: str, *, line: int, source: str, defaults: Sequence[t
 def shard_lines(path: Path, settings: WorkerSettings) -> Iterator[tuple[int, str]]:
     """(1-based line number, text) of this shard's non-blank lines."""
     try:
-        handle = open(path, encoding="utf-8")
+        # surrogateescape: one line of invalid UTF-8 is refused alone (parse_prompt_line), not the file
+        handle = open(path, encoding="utf-8", errors="surrogateescape")
     except FileNotFoundError:
         raise InvalidArgument(f"{path}: prompts file not found") from None
     with handle:
