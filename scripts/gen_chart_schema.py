@@ -169,6 +169,8 @@ def build_schema() -> dict[str, Any]:
                     "podSecurityContext": FREE_OBJECT,
                     "securityContext": FREE_OBJECT,
                     "tmpSizeLimit": ref("quantity"),
+                    "tls": closed({"secretName": STRING, "mutual": BOOLEAN}),
+                    "auth": closed({"tokensSecret": STRING}),
                 }
             ),
             "serviceAccount": closed(

@@ -30,7 +30,7 @@ class ServerProcess:
         for _attempt in range(50):
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "circuits_aggregator", "--state", str(self.state), "--port", str(self.port),
-                 "--batch-graphs", "64", "--batch-ms", "20"],
+                 "--batch-graphs", "64", "--batch-ms", "20", "--insecure"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             )  # fmt: skip
             line = self.proc.stdout.readline()

@@ -144,7 +144,7 @@ def test_cli_query_remote(server, capsys) -> None:
 
 
 def test_serve_main_rejects_missing_atlas(tmp_path: Path, capsys) -> None:
-    assert cli_main(["serve", "atlas", "--duckdb", str(tmp_path / "no.duckdb"), "--port", "0"]) == 2
+    assert cli_main(["serve", "atlas", "--duckdb", str(tmp_path / "no.duckdb"), "--port", "0", "--insecure"]) == 2
     assert "not found" in capsys.readouterr().err
 
 
@@ -155,7 +155,7 @@ def test_served_by_the_module_entry_point(planted_atlas: Path) -> None:
     import sys
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "circuits_atlas", "--duckdb", str(planted_atlas), "--port", "0", "--host", "127.0.0.1",
+        [sys.executable, "-m", "circuits_atlas", "--duckdb", str(planted_atlas), "--port", "0", "--host", "127.0.0.1", "--insecure",
          "--metrics-port", "0", "--grace", "1"],  # fmt: skip
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

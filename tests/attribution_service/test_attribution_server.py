@@ -286,7 +286,7 @@ def test_serve_subprocess_loads_serves_and_stops_on_sigterm(tiny_checkpoint):
     import signal
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "circuits_attribution", "--model", str(tiny_checkpoint), "--port", "0",
+        [sys.executable, "-m", "circuits_attribution", "--model", str(tiny_checkpoint), "--port", "0", "--insecure",
          "--metrics-port", "0", "--max-concurrent", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

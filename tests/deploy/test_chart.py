@@ -442,3 +442,33 @@ def test_fetch_script_downloads_verifies_and_keeps_a_good_file(tmp_path: Path) -
     assert good.returncode == 0 and dest.read_bytes() == source.read_bytes()
     again = fetch(digest)
     assert again.returncode == 0 and "already present" in again.stdout
+
+
+def test_servers_run_tls_and_token_auth_from_existing_secrets(render_chart) -> None:
+    plain = render_chart()
+    for workload in plain.workloads():
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            if "--port" in container.get("args", []):
+                assert "--insecure" in container["args"], workload["metadata"]["name"]
+    chart = render_chart(extra=("--set", "global.tls.secretName=circuits-tls", "--set", "global.tls.mutual=true",
+                                "--set", "global.auth.tokensSecret=circuits-tokens"))
+    servers = 0
+    for workload in chart.workloads():
+        pod = workload["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            args = container.get("args", [])
+            if "--port" not in args:
+                continue
+            servers += 1
+            assert "--insecure" not in args
+            assert args[args.index("--tls-cert") + 1] == "/etc/circuits/tls/tls.crt"
+            assert args[args.index("--tls-client-ca") + 1] == "/etc/circuits/tls/ca.crt"
+            assert args[args.index("--auth-tokens-file") + 1] == "/etc/circuits/auth/tokens"
+            mounts = {m["name"]: m for m in container["volumeMounts"]}
+            assert mounts["tls"]["readOnly"] and mounts["auth-tokens"]["readOnly"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        if "tls" in volumes:
+            assert volumes["tls"]["secret"]["secretName"] == "circuits-tls"
+            assert volumes["auth-tokens"]["secret"]["secretName"] == "circuits-tokens"
+    assert servers >= 3
+    assert not chart.of_kind("Secret")  # referenced, never inlined

@@ -71,7 +71,7 @@ def test_trace_ingest_build_serve_query_and_shut_down(tmp_path: Path) -> None:
         assert all(g.units and g.edges for g in graphs)
 
         # 3. ingest, twice: the second pass must be counted as duplicates only (exactly once)
-        export_dir = tmp_path / "export"
+        export_dir = tmp_path / "stack" / "export"  # inside the aggregator's export root
         with AggregatorClient(stack.address("aggregator")) as aggregator:
             first = aggregator.ingest(graphs)
             again = aggregator.ingest(graphs)

@@ -10,11 +10,7 @@ import pytest
 from circuits.config import Config, config_from_mapping
 from circuits_labeler.evidence import write_evidence_parquet
 from circuits_labeler.testing import StandInLLMServer
-
-NUM_LAYERS = 4
-NEURONS = 8
-SECRET_KEY = "sk-test-DO-NOT-LOG-7f3a9c"
-
+from labeler_support import NEURONS, NUM_LAYERS, SECRET_KEY, evidence_edges, evidence_units  # noqa: F401
 
 @pytest.fixture(scope="session")
 def tiny_model():
@@ -30,21 +26,6 @@ def tiny_model():
     with torch.no_grad():  # make the final norm weight non-trivial so folding it in matters
         model.model.norm.weight.uniform_(0.5, 2.0)
     return model
-
-
-def evidence_edges() -> list[tuple[int, int, int, int, int, float]]:
-    """Every neuron of layer l drives two neurons of layer l+1 (one excites, one inhibits)."""
-    edges = []
-    for layer in range(NUM_LAYERS - 1):
-        for n in range(NEURONS):
-            edges.append((layer, n, layer + 1, n, 5, 0.2 + 0.01 * n))
-            edges.append((layer, n, layer + 1, (n + 3) % NEURONS, 3, -0.1))
-    return edges
-
-
-def evidence_units() -> list[tuple[int, int, int]]:
-    # Neuron 7 of every layer never appeared: never a candidate with min_appearances=1.
-    return [(l, n, 0 if n == 7 else 10 + n) for l in range(NUM_LAYERS) for n in range(NEURONS)]
 
 
 @pytest.fixture()

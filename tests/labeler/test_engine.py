@@ -9,7 +9,7 @@ import pytest
 
 from circuits.errors import Unauthenticated
 from circuits_labeler.build import build_labeler
-from conftest import NEURONS, NUM_LAYERS, SECRET_KEY, evidence_edges
+from labeler_support import NEURONS, NUM_LAYERS, SECRET_KEY, evidence_edges
 
 
 def run(config, **kwargs):

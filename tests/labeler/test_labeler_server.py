@@ -82,5 +82,5 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_serve_labeler_main_rejects_bad_config(tmp_path, capsys):
     from circuits_labeler.__main__ import main
 
-    assert main(["--config", str(tmp_path / "missing.yaml"), "--port", "0"]) == 2
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--port", "0", "--insecure"]) == 2
     assert "config file not found" in capsys.readouterr().err

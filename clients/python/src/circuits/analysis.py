@@ -60,6 +60,9 @@ class TraceSettings:
     target_tokens: tuple[str, ...] = ()
     #: host:port of an attribution service; empty = in-process.
     remote: str = ""
+    #: Bearer token and TLS CA file for ``remote`` (empty = none / plaintext).
+    token: str = field(default="", repr=False)
+    tls_ca_file: str = ""
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> TraceSettings:
@@ -114,7 +117,7 @@ class GraphSource:
         except ImportError:
             raise FailedPrecondition("--remote needs circuits.client.attribution, which is not installed") from None
         if self._client is None:
-            self._client = AttributionClient(s.remote)
+            self._client = AttributionClient(s.remote, token=s.token, tls_ca_file=s.tls_ca_file)
         spec = TraceSpec(
             prompt=prompt, k=s.k, target_tokens=targets, raw=s.raw, answer_prefix=s.answer_prefix,
             tau=s.tau, max_nodes=s.max_nodes,

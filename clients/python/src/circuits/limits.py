@@ -47,6 +47,8 @@ class Limits:
     max_units_per_request: int = 10_000
     #: Attribution requests waiting for an engine; more get RESOURCE_EXHAUSTED at once.
     max_queue: int = 8
+    #: Most edges in one aggregator GetEdges message; larger batch_size requests are clamped.
+    max_edges_per_batch: int = 65_536
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -259,7 +259,7 @@ class LocalStack:
             metrics_port = self._free_port() if s.metrics else None
             if metrics_port is not None:
                 self._used_ports.add(metrics_port)
-            argv = [s.python, "-m", "circuits.cli", "serve", service, *args, "--host", s.host, "--port", str(port)]
+            argv = [s.python, "-m", "circuits.cli", "serve", service, *args, "--host", s.host, "--port", str(port), "--insecure"]
             if metrics_port is not None:
                 argv += ["--metrics-port", str(metrics_port)]
             argv += common_tail

@@ -620,14 +620,20 @@ def server_settings_from_args(args: argparse.Namespace) -> ServerSettings:
     )
 
 
-def announce(server: GrpcServer, args: argparse.Namespace) -> None:
+def announce(server: GrpcServer, args: argparse.Namespace, *, name: str = "") -> None:
     """Print the bound address (and write --port-file atomically) once the server listens."""
+    metrics = f", metrics on :{server.metrics.port}" if server.metrics.port else ""
+    print(f"{name + ' ' if name else ''}listening on {server.address}{metrics}", flush=True)
+    write_port_file(server, getattr(args, "port_file", ""))
+
+
+def write_port_file(server: GrpcServer, path: str) -> None:
+    """Write the bound port to ``path`` atomically (no-op when path is empty)."""
     import os
 
-    print(f"listening on {server.address}" + (f", metrics on :{server.metrics.port}" if server.metrics.port else ""),
-          flush=True)
-    if getattr(args, "port_file", ""):
-        tmp = f"{args.port_file}.tmp"
-        with open(tmp, "w") as fh:
-            fh.write(str(server.port))
-        os.replace(tmp, args.port_file)
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(str(server.port))
+    os.replace(tmp, path)

@@ -181,6 +181,18 @@ Arguments every circuits server takes, then the component's extraArgs:
 */}}
 {{- define "circuits.serverArgs" -}}
 {{- $args := list "--host" "0.0.0.0" "--port" (toString .values.service.port) -}}
+{{- $g := .root.Values.global -}}
+{{- if $g.tls.secretName -}}
+{{- $args = concat $args (list "--tls-cert" "/etc/circuits/tls/tls.crt" "--tls-key" "/etc/circuits/tls/tls.key") -}}
+{{- if $g.tls.mutual -}}
+{{- $args = concat $args (list "--tls-client-ca" "/etc/circuits/tls/ca.crt") -}}
+{{- end -}}
+{{- else -}}
+{{- $args = append $args "--insecure" -}}
+{{- end -}}
+{{- if $g.auth.tokensSecret -}}
+{{- $args = concat $args (list "--auth-tokens-file" "/etc/circuits/auth/tokens") -}}
+{{- end -}}
 {{- if .values.service.metricsPort -}}
 {{- $args = concat $args (list "--metrics-port" (toString .values.service.metricsPort)) -}}
 {{- end -}}
@@ -195,11 +207,31 @@ Arguments every circuits server takes, then the component's extraArgs:
 - name: tmp
   emptyDir:
     sizeLimit: {{ .root.Values.global.tmpSizeLimit }}
+{{- with .root.Values.global.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- with .root.Values.global.auth.tokensSecret }}
+- name: auth-tokens
+  secret:
+    secretName: {{ . }}
+{{- end }}
 {{- end -}}
 
 {{- define "circuits.tmpVolumeMount" -}}
 - name: tmp
   mountPath: /tmp
+{{- if .root.Values.global.tls.secretName }}
+- name: tls
+  mountPath: /etc/circuits/tls
+  readOnly: true
+{{- end }}
+{{- if .root.Values.global.auth.tokensSecret }}
+- name: auth-tokens
+  mountPath: /etc/circuits/auth
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/*

@@ -10,26 +10,23 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from circuits.errors import CircuitsError
-from circuits.serving import ServerSettings
+from circuits.serving import add_server_arguments, announce, server_settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuits serve aggregator", description="exactly-once streaming aggregation server")
     p.add_argument("--state", required=True, help="DuckDB state file (created if missing)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 in a pod)")
-    p.add_argument("--port", type=int, default=50052, help="gRPC port; 0 picks a free one (default 50052)")
-    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
     p.add_argument("--shard-index", type=int, default=0, help="this replica's shard (default 0)")
     p.add_argument("--shard-count", type=int, default=1, help="number of shards (default 1)")
     p.add_argument("--batch-graphs", type=int, default=256, help="commit an Ingest micro-batch after N graphs (default 256)")
     p.add_argument("--batch-ms", type=float, default=50.0, help="... or T ms after its first graph (default 50)")
     p.add_argument("--threads", type=int, default=1, help="DuckDB threads (default 1)")
     p.add_argument("--memory-limit", default="1GB", help="DuckDB memory limit (default 1GB)")
-    p.add_argument("--max-workers", type=int, default=16, help="gRPC worker threads (default 16)")
-    p.add_argument("--port-file", default=None, help="also write the bound port to this file")
+    p.add_argument("--export-root", default="",
+                   help="Export may only write below this folder (default: the state file's folder)")
+    add_server_arguments(p, default_port=50052)
     return p
 
 
@@ -49,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           memory_limit=args.memory_limit),
         )  # fmt: skip
         settings = AggregatorServerSettings(
-            server=ServerSettings(host=args.host, port=args.port, metrics_port=args.metrics_port, max_workers=args.max_workers),
+            server=server_settings_from_args(args),
+            export_root=args.export_root,
             batch=BatchPolicy(max_graphs=args.batch_graphs, max_delay_s=args.batch_ms / 1000.0),
         )
         server = build_server(settings, store=store).start()
@@ -57,11 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     server.set_serving(True)
-    if args.port_file:
-        tmp = Path(args.port_file + ".tmp")
-        tmp.write_text(str(server.port))
-        tmp.replace(args.port_file)
-    print(f"circuits-aggregator listening on {server.address}", flush=True)
+    announce(server, args)
     server.wait()
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from circuits._proto.circuits.v1 import aggregator_pb2_grpc
+from circuits.limits import Limits
 from circuits.serving import GrpcServer, ServerSettings, build_grpc_server
 
 from circuits_aggregator.servicer import AggregatorServicer
@@ -21,11 +22,15 @@ class AggregatorServerSettings:
     server: ServerSettings = field(default_factory=ServerSettings)
     #: Ingest micro-batching (commit every N graphs or T seconds, whichever first).
     batch: BatchPolicy = field(default_factory=BatchPolicy)
+    #: Request limits (GetEdges batch size).
+    limits: Limits = field(default_factory=Limits)
+    #: The only folder Export may write under; empty = the folder of the store's state file.
+    export_root: str = ""
 
 
 def build_server(settings: AggregatorServerSettings, *, store: AggregateStore) -> GrpcServer:
     """A (not yet started) server for ``store``; stopping the server closes the store."""
-    servicer = AggregatorServicer(store, policy=settings.batch)
+    servicer = AggregatorServicer(store, policy=settings.batch, limits=settings.limits, export_root=settings.export_root)
     handle = build_grpc_server(
         settings=settings.server,
         service_names=[SERVICE_NAME],

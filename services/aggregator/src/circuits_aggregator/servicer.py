@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from circuits import wire
 from circuits._proto.circuits.v1 import aggregator_pb2, aggregator_pb2_grpc
 from circuits.errors import InvalidArgument
+from circuits.limits import DEFAULT_LIMITS, Limits
 
 from circuits_aggregator.store import AggregateStore
 from circuits_aggregator.stream import BatchPolicy, ingest_stream
@@ -21,18 +23,39 @@ def _decode(requests: Iterator[Any]) -> Iterator[Any]:
 
 
 class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
-    def __init__(self, store: AggregateStore, *, policy: BatchPolicy | None = None) -> None:
+    def __init__(
+        self,
+        store: AggregateStore,
+        *,
+        policy: BatchPolicy | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        export_root: str | Path | None = None,
+    ) -> None:
+        """``export_root``: the only folder Export may write under (default: the folder of the
+        store's state file; the working directory for an in-memory store)."""
         self.store = store
         self.policy = policy or BatchPolicy()
+        self.limits = limits
+        if not export_root:
+            export_root = Path.cwd() if store.path == ":memory:" else Path(store.path).parent
+        self.export_root = Path(export_root).resolve()
+
+    def _export_directory(self, directory: str) -> Path:
+        """``directory`` resolved; InvalidArgument when it lies outside :attr:`export_root`."""
+        resolved = Path(directory).resolve()
+        if not resolved.is_relative_to(self.export_root):
+            raise InvalidArgument(f"Export: directory {directory} is outside the export root {self.export_root}")
+        return resolved
 
     def Ingest(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
         for ack in ingest_stream(self.store, _decode(request_iterator), policy=self.policy):
             yield wire.ingest_ack_to_proto(ack)
 
     def GetEdges(self, request: Any, context: Any) -> Iterator[Any]:
-        for cols in self.store.iter_edge_columns(
-            min_count=request.min_count, limit=request.limit, batch_size=request.batch_size
-        ):
+        batch_size = request.batch_size  # 0 = store default; negative is refused by the store
+        if batch_size > 0:
+            batch_size = self.limits.clamp("max_edges_per_batch", batch_size)
+        for cols in self.store.iter_edge_columns(min_count=request.min_count, limit=request.limit, batch_size=batch_size):
             yield wire.edge_columns_to_proto(cols)
 
     def Stats(self, request: Any, context: Any) -> Any:
@@ -41,7 +64,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
     def Export(self, request: Any, context: Any) -> Any:
         if not request.directory:
             raise InvalidArgument("Export: directory is required")
-        files = self.store.export(request.directory, min_count=request.min_count)
+        files = self.store.export(self._export_directory(request.directory), min_count=request.min_count)
         return aggregator_pb2.ExportResponse(
             files=[str(f) for f in files], stats=wire.aggregator_stats_to_proto(self.store.stats())
         )

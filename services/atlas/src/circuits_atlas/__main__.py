@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 
 from circuits.errors import CircuitsError
-from circuits.serving import ServerSettings
+from circuits.serving import add_server_arguments, server_settings_from_args, write_port_file
 
 from circuits_atlas.database import QueryLimits
 from circuits_atlas.server import AtlasSettings, build_server
@@ -22,26 +22,24 @@ _DEFAULT_LIMITS = QueryLimits()
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuits serve atlas", description="Serve a DuckDB atlas read-only over gRPC.")
     p.add_argument("--duckdb", required=True, help="atlas file built by `circuits build-db`")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=50054, help="gRPC port; 0 picks a free one (default 50054)")
-    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics HTTP port (default: off)")
-    p.add_argument("--max-workers", type=int, default=16, help="RPC worker threads (default 16)")
     p.add_argument("--max-results", type=int, default=_DEFAULT_LIMITS.max_results, help="most rows per answer")
     p.add_argument("--query-timeout", type=float, default=_DEFAULT_LIMITS.query_timeout_s, help="seconds before a query is interrupted")
     p.add_argument("--max-query-chars", type=int, default=_DEFAULT_LIMITS.max_query_chars, help="longest search text")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
+    add_server_arguments(p, default_port=50054)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server_settings = server_settings_from_args(args)
+    except CircuitsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     settings = AtlasSettings(
         duckdb_path=args.duckdb,
-        server=ServerSettings(
-            host=args.host, port=args.port, metrics_port=args.metrics_port, max_workers=args.max_workers,
-            grace_seconds=args.grace,
-        ),
+        server=server_settings,
         limits=QueryLimits(max_results=args.max_results, query_timeout_s=args.query_timeout, max_query_chars=args.max_query_chars),
     )  # fmt: skip
     try:
@@ -54,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "atlas %s serving on %s (metrics port %s)", args.duckdb, server.address, server.metrics.port
     )
     print(f"atlas serving on {server.address}", flush=True)
+    write_port_file(server, args.port_file)
     # Stop in the main thread: GrpcServer.wait() returns as soon as stop() *starts* in its signal
     # thread, and the interpreter could then exit while DuckDB is closing (std::terminate).
     stop_requested = threading.Event()

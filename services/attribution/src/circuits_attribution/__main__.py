@@ -40,24 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve RelP attribution graphs over gRPC (Trace, TraceBatch, GetModelInfo).",
     )
     parser.add_argument("--model", default=SMALL_MODEL, help="hub id or local checkpoint directory (default: %(default)s)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in a container (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: %(default)s)")
-    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
     parser.add_argument("--max-concurrent", type=int, default=1,
                         help="traces running at once; replicas share one copy of the weights (default: %(default)s)")
     parser.add_argument("--max-queue", type=int, default=8,
                         help="requests waiting for an engine; more get RESOURCE_EXHAUSTED (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
-    parser.add_argument("--grace", type=float, default=10.0,
-                        help="seconds running traces get to finish on shutdown (default: %(default)s)")
-    parser.add_argument("--max-workers", type=int, default=16,
-                        help="gRPC handler threads; raised to max-concurrent + max-queue + 4 when lower (default: %(default)s)")
+    from circuits.serving import add_server_arguments
+
+    add_server_arguments(parser, default_port=50051)
     return parser
 
 
 def serve(argv: Sequence[str]) -> int:
-    from circuits.serving import ServerSettings
+    from circuits.serving import server_settings_from_args, write_port_file
 
     from circuits_attribution.server import AttributionSettings, build_server
 
@@ -67,10 +63,7 @@ def serve(argv: Sequence[str]) -> int:
     if args.max_queue < 0:
         raise InvalidArgument(f"--max-queue must be >= 0, got {args.max_queue}")
     settings = AttributionSettings(
-        server=ServerSettings(
-            host=args.host, port=args.port, metrics_port=args.metrics_port,
-            max_workers=args.max_workers, grace_seconds=args.grace,
-        ),
+        server=server_settings_from_args(args),
         model=args.model,
         dtype=args.dtype,
         device=args.device,
@@ -80,6 +73,7 @@ def serve(argv: Sequence[str]) -> int:
     server = build_server(settings).start()
     metrics = f", metrics on :{server.grpc.metrics.port}" if server.grpc.metrics.port else ""
     print(f"attribution server listening on {server.address}{metrics}; loading {args.model} ...", flush=True)
+    write_port_file(server.grpc, args.port_file)
     try:
         engine = load_engine(args.model, dtype=args.dtype, device=args.device)
         server.load(engine)

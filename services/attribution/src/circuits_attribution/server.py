@@ -141,7 +141,8 @@ def build_server(
     metrics = Metrics("AttributionService")
     service_metrics = AttributionMetrics(metrics, track_cuda=settings.device.startswith("cuda"))
     runner = AttributionRunner(
-        max_concurrent=settings.max_concurrent, max_queue=settings.max_queue, observer=service_metrics
+        max_concurrent=settings.max_concurrent, max_queue=settings.max_queue, observer=service_metrics,
+        max_nodes_per_graph=settings.server.max_nodes_per_graph,
     )
     servicer = AttributionServicer(runner)
     # Queued requests hold a handler thread while they wait; keep spare threads so the queue

@@ -29,7 +29,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from circuits.errors import Cancelled, CircuitsError, ResourceExhausted, Unavailable
+from circuits.errors import Cancelled, CircuitsError, InvalidArgument, ResourceExhausted, Unavailable
+from circuits.limits import DEFAULT_LIMITS
+from circuits.limits import flag as limit_flag
 from circuits.schemas import Graph
 from circuits.tracing import ModelInfo, TraceSpec
 
@@ -70,7 +72,9 @@ class AttributionRunner:
         max_queue: int = 8,
         observer: RunnerObserver | None = None,
         poll_seconds: float = 0.05,
+        max_nodes_per_graph: int = DEFAULT_LIMITS.max_nodes_per_graph,
     ) -> None:
+        """``max_nodes_per_graph`` caps a request's ``max_nodes`` (0 = no cap)."""
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         if max_queue < 0:
@@ -79,6 +83,7 @@ class AttributionRunner:
         self.max_queue = max_queue
         self.observer = observer
         self.poll_seconds = poll_seconds
+        self.max_nodes_per_graph = max_nodes_per_graph
         self._cond = threading.Condition()
         self._free: list[Any] = []
         self._tickets: collections.deque[object] = collections.deque()
@@ -147,6 +152,7 @@ class AttributionRunner:
         Cancelled (``should_stop()`` became true), or whatever the engine raises for bad input
         (InvalidArgument).
         """
+        check_max_nodes(spec, self.max_nodes_per_graph)
         started = time.perf_counter()
         graph = self._run_exclusive(
             lambda engine, stop: run_engine(engine, spec, should_stop=stop), should_stop or _never, label=spec.prompt
@@ -262,6 +268,15 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def check_max_nodes(spec: TraceSpec, max_nodes_per_graph: int = DEFAULT_LIMITS.max_nodes_per_graph) -> None:
+    """InvalidArgument naming the limit when ``spec.max_nodes`` exceeds ``max_nodes_per_graph`` (0 = no cap)."""
+    if max_nodes_per_graph and spec.max_nodes is not None and spec.max_nodes > max_nodes_per_graph:
+        raise InvalidArgument(
+            f"max_nodes={spec.max_nodes} is over the limit max_nodes_per_graph={max_nodes_per_graph} "
+            f"({limit_flag('max_nodes_per_graph')})"
+        )
 
 
 def trace_options(spec: TraceSpec) -> dict[str, Any]:

@@ -13,10 +13,9 @@ from circuits.errors import CircuitsError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuits serve labeler", description="Run the LabelerService gRPC server.")
     parser.add_argument("--config", required=True, help="YAML config with a labeling section")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
-    parser.add_argument("--port", type=int, default=50053, help="gRPC port (0 = pick a free one)")
-    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
-    parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
+    from circuits.serving import add_server_arguments
+
+    add_server_arguments(parser, default_port=50053)
     return parser
 
 
@@ -24,17 +23,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from circuits.config import load_config
-    from circuits.serving import ServerSettings
+    from circuits.serving import server_settings_from_args, write_port_file
 
     from circuits_labeler.build import build_labeler
     from circuits_labeler.server import build_server
     from circuits_labeler.service import LabelerService
 
     try:
+        settings = server_settings_from_args(args)
         config = load_config(args.config)
         service = LabelerService(build_labeler(config))
         server = build_server(
-            ServerSettings(host=args.host, port=args.port, metrics_port=args.metrics_port, grace_seconds=args.grace),
+            settings,
             service=service,
         )
     except CircuitsError as exc:
@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.start()
     server.set_serving(True)
     print(f"labeler serving on {server.address}", flush=True)
+    write_port_file(server, args.port_file)
     server.wait()
     return 0
 

@@ -6,15 +6,18 @@ from collections.abc import Iterator
 
 from circuits import wire
 from circuits._proto.circuits.v1 import labeler_pb2, labeler_pb2_grpc
+from circuits.limits import DEFAULT_LIMITS, Limits
 
 from circuits_labeler.service import LabelerService
 
 
 class LabelerServicer(labeler_pb2_grpc.LabelerServiceServicer):
-    def __init__(self, service: LabelerService) -> None:
+    def __init__(self, service: LabelerService, *, limits: Limits = DEFAULT_LIMITS) -> None:
         self.service = service
+        self.limits = limits
 
     def LabelUnits(self, request: labeler_pb2.LabelUnitsRequest, context) -> labeler_pb2.LabelUnitsResponse:  # noqa: N802
+        self.limits.check("max_units_per_request", len(request.units), "LabelUnits request has", unit="units")
         units, failures = self.service.label_units(
             wire.unit_refs_from_proto(request.units), label_pass=request.label_pass
         )
@@ -27,5 +30,7 @@ class LabelerServicer(labeler_pb2_grpc.LabelerServiceServicer):
             yield wire.label_progress_to_proto(progress)
 
     def GetLabels(self, request: labeler_pb2.GetLabelsRequest, context) -> labeler_pb2.GetLabelsResponse:  # noqa: N802
-        units = self.service.get_labels(wire.unit_refs_from_proto(request.units), limit=request.limit)
+        self.limits.check("max_units_per_request", len(request.units), "GetLabels request has", unit="units")
+        limit = request.limit if request.limit < 0 else self.limits.clamp("max_results", request.limit)
+        units = self.service.get_labels(wire.unit_refs_from_proto(request.units), limit=limit)
         return labeler_pb2.GetLabelsResponse(units=wire.units_to_proto(units))

@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from circuits.cli._remote import add_remote_auth_arguments, remote_auth
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", default=None, help="prompt to trace and analyse")
@@ -36,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", action="store_true", default=None, help="no chat template")
     parser.add_argument("--answer-prefix", default=None, help="partial assistant answer appended to the prompt")
     parser.add_argument("--remote", default=None, metavar="HOST:PORT", help="trace on an attribution service")
+    add_remote_auth_arguments(parser)
     parser.add_argument("--atlas", default=None, help="DuckDB atlas to take neuron labels from (default: labeling.atlas_path)")
     parser.add_argument("--labels", default=None, help="label file (JSONL/JSON) to take neuron labels from")
     parser.add_argument("--paths", type=int, default=5, help="number of top paths to report (default: %(default)s)")
@@ -105,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         config, model=args.model, dtype=args.dtype, device=args.device, k=args.k, tau=args.tau,
         max_nodes=args.max_nodes, raw=args.raw, answer_prefix=args.answer_prefix,
         target_tokens=tuple(args.target_tokens) if args.target_tokens else None, remote=args.remote,
+        **(remote_auth(args) if args.remote else {}),
     )
     source = analysis.GraphSource(trace)
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from circuits.config import SMALL_MODEL
+from circuits.cli._remote import add_remote_auth_arguments, remote_auth
 from circuits.errors import InvalidArgument
 
 
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "PG_PASSWORD, PG_DATABASE)")
     parser.add_argument("--remote", default=None, metavar="HOST:PORT",
                         help="trace on a remote attribution service instead of in-process")
+    add_remote_auth_arguments(parser)
 
 
 def _validate(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ import argparse
 import json
 
 from circuits.config import SMALL_MODEL
+from circuits.cli._remote import add_remote_auth_arguments, remote_auth
 from circuits.errors import InvalidArgument
 
 
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show-tokens", action="store_true", help="print the prompt tokens with their positions")
     parser.add_argument("--remote", default=None, metavar="HOST:PORT",
                         help="run on a remote attribution service (its loaded model) instead of in-process")
+    add_remote_auth_arguments(parser)
     parser.add_argument("--timeout", type=float, default=300.0, help="remote call timeout in seconds (default: %(default)s)")
 
 
@@ -66,12 +68,12 @@ def _run_local(args: argparse.Namespace, request):
                           top_k=request.top_k, generate_tokens=request.generate_tokens)
 
 
-def _run_remote(address: str, request, timeout: float):
+def _run_remote(address: str, request, timeout: float, auth: dict[str, str] | None = None):
     from circuits import wire
     from circuits._proto.circuits.v1 import attribution_pb2_grpc
     from circuits.client._channel import call_unary, open_channel
 
-    channel = open_channel(address)
+    channel = open_channel(address, **(auth or {}))
     try:
         stub = attribution_pb2_grpc.AttributionServiceStub(channel)
         msg = call_unary(stub.Intervene, wire.intervene_request_to_proto(request), timeout=timeout, idempotent=True)
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     request = InterventionRequest(prompt=args.prompt, interventions=tuple(interventions), raw=args.raw,
                                   answer_prefix=args.answer_prefix, top_k=args.top_k, generate_tokens=args.generate)
-    result = _run_remote(args.remote, request, args.timeout) if args.remote else _run_local(args, request)
+    result = _run_remote(args.remote, request, args.timeout, remote_auth(args)) if args.remote else _run_local(args, request)
     if args.json:
         print(json.dumps(asdict(result), indent=2))
         return 0

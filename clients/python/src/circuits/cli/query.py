@@ -10,12 +10,14 @@ import argparse
 import json
 from typing import Any
 
+from circuits.cli._remote import add_remote_auth_arguments, remote_auth
 from circuits.errors import InvalidArgument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("args", nargs="+", metavar="[ATLAS] TEXT", help="atlas file (unless --remote) and search text")
     parser.add_argument("--remote", metavar="HOST:PORT", help="query an atlas server instead of a local file")
+    add_remote_auth_arguments(parser)
     parser.add_argument("--limit", type=int, default=20, help="most results (default 20)")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
 
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         (text,) = args.args
         from circuits.client.atlas import AtlasClient
 
-        with AtlasClient(args.remote) as client:
+        with AtlasClient(args.remote, **remote_auth(args)) as client:
             hits = client.search(text, args.limit)
     else:
         if len(args.args) != 2:

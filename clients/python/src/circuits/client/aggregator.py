@@ -42,6 +42,10 @@ class AggregatorClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         max_in_flight: int = 512,
         reconnect_timeout: float = 60.0,
+        token: str = "",
+        tls_ca_file: str = "",
+        tls_cert_file: str = "",
+        tls_key_file: str = "",
     ) -> None:
         from circuits._proto.circuits.v1 import aggregator_pb2, aggregator_pb2_grpc, graph_pb2
 
@@ -53,7 +57,7 @@ class AggregatorClient:
         self.timeout = timeout
         self.max_in_flight = max_in_flight
         self.reconnect_timeout = reconnect_timeout
-        self._channel = open_channel(target)
+        self._channel = open_channel(target, token=token, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file)
         self._stub = aggregator_pb2_grpc.AggregatorServiceStub(self._channel)
 
     def __enter__(self) -> AggregatorClient:

@@ -19,13 +19,23 @@ from circuits.schemas import Edge, Unit
 class AtlasClient:
     """Client of ``circuits.v1.AtlasService`` at ``target`` (``host:port``)."""
 
-    def __init__(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        token: str = "",
+        tls_ca_file: str = "",
+        tls_cert_file: str = "",
+        tls_key_file: str = "",
+    ) -> None:
+        """``token`` adds a bearer token; TLS files as for :func:`~circuits.client._channel.open_channel`."""
         from circuits._proto.circuits.v1 import atlas_pb2, atlas_pb2_grpc
 
         self._pb = atlas_pb2
         self.target = target
         self.timeout = timeout
-        self._channel = open_channel(target)
+        self._channel = open_channel(target, token=token, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file)
         self._stub = atlas_pb2_grpc.AtlasServiceStub(self._channel)
 
     def __enter__(self) -> AtlasClient:

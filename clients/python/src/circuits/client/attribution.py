@@ -50,12 +50,16 @@ class AttributionClient:
         *,
         timeout: float = DEFAULT_TRACE_TIMEOUT,
         channel: grpc.Channel | None = None,
+        token: str = "",
+        tls_ca_file: str = "",
+        tls_cert_file: str = "",
+        tls_key_file: str = "",
     ) -> None:
         if not target and channel is None:
             raise InvalidArgument("attribution server address is empty (expected HOST:PORT)")
         self.target = target
         self.timeout = timeout
-        self._channel = channel or open_channel(target)
+        self._channel = channel or open_channel(target, token=token, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file)
         self._stub = attribution_pb2_grpc.AttributionServiceStub(self._channel)
 
     def __enter__(self) -> AttributionClient:
@@ -173,7 +177,9 @@ def trace_remote(args: argparse.Namespace) -> Graph:
     spec = trace_spec_from_args(args)
     # Same slug as the in-process path of `circuits graph`.
     spec = dataclasses.replace(spec, slug="relp-" + slugify(spec.slug or spec.prompt))
-    with AttributionClient(target) as client:
+    from circuits.cli._remote import remote_auth
+
+    with AttributionClient(target, **remote_auth(args)) as client:
         try:
             return client.trace(spec, timeout=getattr(args, "timeout", None) or DEFAULT_TRACE_TIMEOUT)
         except Unavailable as exc:

@@ -16,10 +16,19 @@ class LabelerClient:
     Errors come back as the same :class:`circuits.errors.CircuitsError` classes the server raised.
     """
 
-    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        token: str = "",
+        tls_ca_file: str = "",
+        tls_cert_file: str = "",
+        tls_key_file: str = "",
+    ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = open_channel(target)
+        self._channel = open_channel(target, token=token, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file)
         self._stub = labeler_pb2_grpc.LabelerServiceStub(self._channel)
 
     def label_units(
