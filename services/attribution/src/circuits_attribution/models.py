@@ -96,6 +96,10 @@ def prepare_smollm2(*, force: bool = False) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     config = gguf_model.config
     config.dtype = torch.float32
+    # The weights are saved dequantized (float32): drop the GGUF quantization note, or other
+    # loaders (vLLM) take the checkpoint for a quantized one.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     fresh = LlamaForCausalLM(config)
     missing, unexpected = fresh.load_state_dict(gguf_model.state_dict(), strict=False)
     # Tied embeddings may legitimately miss lm_head.weight; anything else is a conversion bug.
