@@ -113,6 +113,30 @@ class AnthropicBackend:
             self._client = None
 
 
+def _answer_schema() -> dict[str, Any]:
+    from circuits_labeler.prompts import INPUT_TYPES, MAX_LABEL_CHARS, OUTPUT_TYPES
+
+    return {
+        "type": "object",
+        "properties": {
+            "label": {"type": "string", "minLength": 1, "maxLength": MAX_LABEL_CHARS},
+            "description": {"type": "string"},
+            "type": {"type": "string", "enum": [*OUTPUT_TYPES, *INPUT_TYPES]},
+            "confidence": {"type": "string", "enum": ["low", "medium", "high"]},
+        },
+        "required": ["label", "description", "type", "confidence"],
+        "additionalProperties": False,
+    }
+
+
+#: With json_mode, OpenAI-compatible servers (vLLM structured outputs, OpenAI) are asked for an
+#: answer that matches the schema of a label, so even small models return parseable answers.
+ANSWER_RESPONSE_FORMAT: dict[str, Any] = {
+    "type": "json_schema",
+    "json_schema": {"name": "neuron_label", "schema": _answer_schema(), "strict": True},
+}
+
+
 class OpenAIBackend:
     """OpenAI-compatible chat completions (OpenAI, vLLM, ...) through the ``openai`` SDK."""
 
@@ -136,7 +160,7 @@ class OpenAIBackend:
             self._client = openai.AsyncOpenAI(
                 api_key=self._api_key, base_url=self._base_url, max_retries=0, timeout=self._timeout
             )
-        extra: dict[str, Any] = {"response_format": {"type": "json_object"}} if self._json_mode else {}
+        extra: dict[str, Any] = {"response_format": ANSWER_RESPONSE_FORMAT} if self._json_mode else {}
         response = await self._client.chat.completions.create(
             model=self.model,
             max_completion_tokens=max_tokens,

@@ -51,6 +51,8 @@ class StandInRequest:
     status: int = 200
     fault: str | None = None
     auth: str = ""
+    #: The OpenAI ``response_format`` the client asked for, if any.
+    response_format: dict | None = None
 
     @property
     def prompt(self) -> str:
@@ -199,6 +201,7 @@ class StandInLLMServer:
             unit=(int(unit_match[1]), int(unit_match[2])) if unit_match else None,
             label_pass=task_match[1] if task_match else None,
             auth="present" if (handler.headers.get("x-api-key") or handler.headers.get("authorization")) else "",
+            response_format=body.get("response_format") if isinstance(body.get("response_format"), dict) else None,
         )
         with self._lock:
             fault = self._faults.popleft() if self._faults else None
