@@ -13,12 +13,6 @@ WORDS = (
     "the capital of france is paris london rome city country language spoken in germany berlin "
     "a b c d e f g h i j k l m n o p one two three four five red green blue cat dog sun moon"
 ).split()
-SPECIALS = ["<unk>", "<bos>", "<|user|>", "<|assistant|>", "<|end|>"]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }}"
-    "{% if not loop.last %} <|end|> {% endif %}{% endfor %}"
-    "{% if add_generation_prompt %} <|end|> <|assistant|>{% endif %}"
-)
 
 
 def schema_path() -> Path | None:
@@ -39,21 +33,9 @@ def graph_schema() -> dict:
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from circuits_attribution.testing import build_tokenizer
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for word in WORDS:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", unk_token="<unk>",
-        additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"],
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return build_tokenizer(words=WORDS, vocab_size=None)
 
 
 @pytest.fixture(scope="session")

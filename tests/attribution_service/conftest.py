@@ -14,33 +14,13 @@ WORDS = (
     "the capital of france is paris london rome city one two three four five red green blue "
     "big small cat dog sun moon a b c d e f g h i j k l m n o p"
 ).split()
-SPECIALS = ["<unk>", "<bos>", "<|user|>", "<|assistant|>", "<|end|>"]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }}"
-    "{% if not loop.last %} <|end|> {% endif %}{% endfor %}"
-    "{% if add_generation_prompt %} <|end|> <|assistant|>{% endif %}"
-)
 TINY_MODEL_NAME = "tiny-llama-service-test"
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from circuits_attribution.testing import build_tokenizer
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for word in WORDS:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return build_tokenizer(words=WORDS, vocab_size=None)
 
 
 @pytest.fixture(scope="session")

@@ -30,16 +30,20 @@ CHAT_TEMPLATE = (
 ARCHS = ("llama", "qwen3", "olmo2", "olmo3")
 
 
-def build_tokenizer():
-    """A 97-token word-level tokenizer (whitespace split) that adds <bos>, with a chat template."""
+def build_tokenizer(*, words: Iterable[str] = WORDS, vocab_size: int | None = VOCAB_SIZE):
+    """A word-level tokenizer (whitespace split) that adds <bos>, with a chat template.
+
+    The vocabulary is the special tokens, then ``words``, padded with ``w0, w1, ...`` up to
+    ``vocab_size`` (None: no padding).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for word in WORDS:
+    for word in words:
         vocab.setdefault(word, len(vocab))
     n = 0
-    while len(vocab) < VOCAB_SIZE:
+    while vocab_size is not None and len(vocab) < vocab_size:
         vocab[f"w{n}"] = len(vocab)
         n += 1
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
