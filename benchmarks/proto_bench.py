@@ -13,8 +13,9 @@ import json
 import random
 import time
 
-from circuits import Edge, Graph, GraphMetadata, Unit, wire
-from circuits._proto.circuits.v1 import graph_pb2
+from circuits import Edge, Graph, GraphMetadata, Unit
+from circuits_core import wire
+from circuits_core._proto.circuits.v1 import graph_pb2
 
 
 def make_graph(n_units: int, n_edges: int, seed: int = 0) -> Graph:

@@ -29,7 +29,7 @@ def main() -> int:
     from circuits_attribution.faithfulness import FaithfulnessConfig, faithfulness_report
     from circuits_attribution.interventions import Intervener
     from circuits_attribution.models import SMOLLM2_NAME
-    from circuits.interventions import parse_neuron_spec
+    from circuits_core.interventions import parse_neuron_spec
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     loaded = load_model(SMOLLM2_NAME, dtype=args.dtype, device=args.device)

@@ -250,7 +250,7 @@ def build_schema() -> dict[str, Any]:
                     "openaiApiKey": ref("secretRef"),
                     "config": {
                         "type": "object",
-                        "description": "extra keys of the labeling: config section (validated by circuits.config)",
+                        "description": "extra keys of the labeling: config section (validated by circuits_core.config)",
                     },
                     "workDir": closed({"mountPath": ABSOLUTE_PATH, "sizeLimit": ref("quantity")}),
                 },

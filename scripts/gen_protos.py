@@ -3,9 +3,9 @@
 
 Usage: python scripts/gen_protos.py [--out DIR] [--check]
 
-Stubs go to clients/python/src/circuits/_proto/circuits/v1/ (or DIR). Imports inside the
-generated files are rewritten to the package path `circuits._proto.circuits.v1`, so the stubs do
-not collide with the `circuits` package itself. `--check` regenerates into a temporary folder and
+Stubs go to clients/python/core/src/circuits_core/_proto/circuits/v1/ (or DIR). Imports inside the
+generated files are rewritten to the package path `circuits_core._proto.circuits.v1`, so the stubs do
+not collide with other `circuits` packages. `--check` regenerates into a temporary folder and
 exits 1 when the committed stubs differ (the CI drift check uses the same code path).
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "protos"
-DEFAULT_OUT = ROOT / "clients" / "python" / "src" / "circuits" / "_proto"
+DEFAULT_OUT = ROOT / "clients" / "python" / "core" / "src" / "circuits_core" / "_proto"
 _IMPORT = re.compile(r"^from circuits\.v1 import ", re.MULTILINE)
 
 
@@ -48,7 +48,7 @@ def generate(out_dir: Path) -> list[Path]:
     generated = sorted((out_dir / "circuits" / "v1").glob("*.py*"))
     for path in generated:
         text = path.read_text()
-        path.write_text(_IMPORT.sub("from circuits._proto.circuits.v1 import ", text))
+        path.write_text(_IMPORT.sub("from circuits_core._proto.circuits.v1 import ", text))
     for pkg in (out_dir, out_dir / "circuits", out_dir / "circuits" / "v1"):
         init = pkg / "__init__.py"
         if not init.exists():

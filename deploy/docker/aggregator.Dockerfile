@@ -11,8 +11,9 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Only the two packages (pip compiles their bytecode; the root filesystem is read-only later) the service needs: the circuits SDK and the service itself.
 COPY clients/python clients/python
+COPY services/common services/common
 COPY services/aggregator services/aggregator
-RUN pip install ./clients/python ./services/aggregator \
+RUN pip install ./clients/python/core ./clients/python/sdk ./services/common ./clients/python/app ./services/aggregator \
  && pip uninstall -y pip setuptools
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -15,9 +15,10 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY clients/python clients/python
+COPY services/common services/common
 COPY services/attribution services/attribution
 # torch pinned like the workspace; from PyPI (CUDA build) rather than the CPU wheel used in CI.
-RUN pip install "torch==2.13.0" ./clients/python ./services/attribution \
+RUN pip install "torch==2.13.0" ./clients/python/core ./clients/python/sdk ./services/common ./clients/python/app ./services/attribution \
  && pip uninstall -y pip setuptools
 
 FROM ${CUDA_IMAGE} AS runtime

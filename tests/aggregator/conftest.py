@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 
 import pytest
 
-from circuits.schemas import Graph
+from circuits_core.schemas import Graph
 
 
 def brute_force(graphs: Iterable[Graph]) -> tuple[dict, dict]:
@@ -106,7 +106,7 @@ def brute() -> object:
 @pytest.fixture
 def served_store(tmp_path) -> Iterator[tuple]:
     """A real aggregator gRPC server on port 0 over a fresh store, with a connected client."""
-    from circuits.client.aggregator import AggregatorClient
+    from circuits_sdk.aggregator import AggregatorClient
     from circuits_aggregator.server import AggregatorServerSettings, build_server
     from circuits_aggregator.store import AggregateStore
     from circuits_aggregator.stream import BatchPolicy

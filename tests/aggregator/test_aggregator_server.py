@@ -6,9 +6,9 @@ import grpc
 import numpy as np
 import pytest
 
-from circuits import wire
-from circuits._proto.circuits.v1 import aggregator_pb2, aggregator_pb2_grpc
-from circuits.errors import InvalidArgument
+from circuits_core import wire
+from circuits_core._proto.circuits.v1 import aggregator_pb2, aggregator_pb2_grpc
+from circuits_core.errors import InvalidArgument
 from circuits_aggregator.testing import random_graph
 
 
@@ -88,8 +88,8 @@ def test_bad_requests_are_invalid_argument(served_store) -> None:
 
 
 def test_sharded_server_rejects_graphs_it_does_not_own(tmp_path) -> None:
-    from circuits.aggregator_types import shard_of
-    from circuits.client.aggregator import AggregatorClient
+    from circuits_core.aggregator_types import shard_of
+    from circuits_sdk.aggregator import AggregatorClient
     from circuits_aggregator.server import AggregatorServerSettings, build_server
     from circuits_aggregator.store import AggregateStore, StoreSettings
 

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from circuits import wire
-from circuits.client.aggregator import AggregatorClient
+from circuits_core import wire
+from circuits_sdk.aggregator import AggregatorClient
 from circuits_aggregator import AggregateStore
 from circuits_aggregator.columns import graph_arrays_from_graph
 from circuits_aggregator.testing import random_graph

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from circuits.cli import main as cli_main
-from circuits.errors import CorruptInput
-from circuits.graphio import write_graph
+from circuits_core.errors import CorruptInput
+from circuits_core.graphio import write_graph
 from circuits_aggregator import InMemoryAggregator
 from circuits_aggregator.columns import read_graph_arrays
 from circuits_aggregator.testing import random_graph
@@ -62,7 +62,7 @@ def _corruptions(tmp_path, corpus) -> dict[str, bytes]:
     good_pb = (tmp_path / "x.pb").read_bytes()
     (tmp_path / "x.pb").unlink()
     # The first unit ends right before the second unit's tag: a cut at a field boundary.
-    from circuits import wire
+    from circuits_core import wire
 
     msg = wire.graph_to_proto(corpus[1])
     head = msg.__class__(graph_id=msg.graph_id, model=msg.model, prompt=msg.prompt)

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from circuits.aggregator_types import shard_of
-from circuits.errors import FailedPrecondition, InvalidArgument
-from circuits.schemas import Edge, Graph, Unit
+from circuits_core.aggregator_types import shard_of
+from circuits_core.errors import FailedPrecondition, InvalidArgument
+from circuits_core.schemas import Edge, Graph, Unit
 from circuits_aggregator import AggregateStore, InMemoryAggregator, StoreSettings, merge_exports
 from circuits_aggregator.columns import graph_arrays_from_graph
 from circuits_aggregator.testing import random_graph

@@ -16,7 +16,7 @@ import yaml
 from analyze_llm_stub import StubLLM
 
 from circuits.cli import main
-from circuits.schemas import Graph
+from circuits_core.schemas import Graph
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -138,7 +138,7 @@ def test_analyze_bad_input_is_one_line_error(tmp_path, capsys) -> None:
 
 
 def test_example_configs_load() -> None:
-    from circuits.config import load_config
+    from circuits_core.config import load_config
 
     configs = sorted((REPO / "configs").glob("*.yaml"))
     assert configs, "configs/ has example configs"
@@ -163,7 +163,7 @@ def _smollm2_ready() -> bool:
 @pytest.mark.skipif(not _smollm2_ready(), reason="SmolLM2 cache absent: run `python -m circuits_attribution.prepare_model`")
 def test_analyze_smollm2_knowledge_config(tmp_path, graph_schema, monkeypatch) -> None:
     """The shipped config's first prompt on the real model, write-up through the stub LLM."""
-    from circuits.config import load_config
+    from circuits_core.config import load_config
 
     shipped = load_config(REPO / "configs" / "knowledge_circuits.yaml")
     monkeypatch.setenv("CIRCUITS_TEST_LLM_KEY", "sk-test")

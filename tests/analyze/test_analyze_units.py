@@ -11,8 +11,8 @@ import pytest
 from analyze_llm_stub import StubLLM
 
 from circuits import analysis
-from circuits.config import LabelingSection
-from circuits.schemas import EMBEDDING_LAYER, Edge, Graph, Unit
+from circuits_core.config import LabelingSection
+from circuits_core.schemas import EMBEDDING_LAYER, Edge, Graph, Unit
 
 
 def random_dag_graph(seed: int, *, n_layers: int = 4, per_layer: int = 3, n_pos: int = 3, p_edge: float = 0.5) -> Graph:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from circuits.schemas import Edge, Graph, Unit
+from circuits_core.schemas import Edge, Graph, Unit
 
 #: Planted groups: label text -> units (layer, neuron) spread over layers 0..3.
 PLANTED = {

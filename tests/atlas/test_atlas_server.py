@@ -11,11 +11,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from circuits._proto.circuits.v1 import atlas_pb2, atlas_pb2_grpc
+from circuits_core._proto.circuits.v1 import atlas_pb2, atlas_pb2_grpc
 from circuits.cli import main as cli_main
 from circuits.client import AtlasClient
-from circuits.errors import InvalidArgument, NotFound
-from circuits.serving import ServerSettings
+from circuits_core.errors import InvalidArgument, NotFound
+from circuits_server.serving import ServerSettings
 from circuits_atlas import CircuitDatabase
 from circuits_atlas.server import AtlasSettings, build_server
 

@@ -13,7 +13,7 @@ import pytest
 
 from circuits.cli import main as cli_main
 from circuits.database import CircuitDatabase as ReexportedDatabase
-from circuits.errors import CorruptInput, DeadlineExceeded, InvalidArgument, NotFound
+from circuits_core.errors import CorruptInput, DeadlineExceeded, InvalidArgument, NotFound
 from circuits_atlas import CircuitDatabase, ClusterSettings, QueryLimits, build_atlas
 from circuits_atlas import build as build_module
 
@@ -283,7 +283,7 @@ def test_cli_build_db_config_query_and_cluster(planted_export: Path, planted_lab
 
 
 def test_cli_cluster_graph(tmp_path: Path, capsys) -> None:
-    from circuits.schemas import Edge, Graph, Unit
+    from circuits_core.schemas import Edge, Graph, Unit
 
     units = [Unit(layer=l, index=j, position=0, activation=1.0) for l in range(2) for j in range(3)]
     edges = [Edge(src_layer=0, src_index=a, src_position=0, tgt_layer=1, tgt_index=b, tgt_position=0, weight=1.0 + a)

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import circuits
-from circuits.errors import InvalidArgument
-from circuits.schemas import Edge, Graph, Unit
+from circuits_core.errors import InvalidArgument
+from circuits_core.schemas import Edge, Graph, Unit
 from circuits_atlas import cluster_full_model, cluster_graph
 from circuits_atlas.clustering import full_model_network, is_special_position
 

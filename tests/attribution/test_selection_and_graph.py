@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from circuits.errors import InvalidArgument
-from circuits.schemas import Graph
+from circuits_core.errors import InvalidArgument
+from circuits_core.schemas import Graph
 
 PROMPT = "the capital of france is paris"
 REPO = Path(__file__).resolve().parents[2]

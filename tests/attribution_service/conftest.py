@@ -90,13 +90,13 @@ class FakeEngine:
         return getattr(self, "_parent", self)
 
     def model_info(self):
-        from circuits.tracing import ModelInfo
+        from circuits_core.tracing import ModelInfo
 
         return ModelInfo(model="fake", num_layers=1, d_model=2, d_mlp=3, vocab_size=4, dtype="float32", device="cpu")
 
     def trace(self, prompt, *, should_stop=lambda: False, **options):
-        from circuits.errors import InvalidArgument
-        from circuits.schemas import Graph, Unit
+        from circuits_core.errors import InvalidArgument
+        from circuits_core.schemas import Graph, Unit
 
         root = self._root()
         if prompt == "bad":

@@ -15,12 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from circuits import wire
-from circuits._proto.circuits.v1 import attribution_pb2, attribution_pb2_grpc
-from circuits.client.attribution import AttributionClient
-from circuits.errors import InvalidArgument, ResourceExhausted, Unavailable
-from circuits.serving import ServerSettings
-from circuits.tracing import TraceSpec
+from circuits_core import wire
+from circuits_core._proto.circuits.v1 import attribution_pb2, attribution_pb2_grpc
+from circuits_sdk.attribution import AttributionClient
+from circuits_core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from circuits_server.serving import ServerSettings
+from circuits_core.tracing import TraceSpec
 from circuits_attribution.server import AttributionSettings, build_server
 from circuits_attribution.service import run_engine
 

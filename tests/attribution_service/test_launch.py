@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from circuits.cli import build_parser, main
-from circuits.errors import FailedPrecondition
+from circuits_core.errors import FailedPrecondition
 
 ARGS = ["launch", "--image", "registry.local/circuits-attribution:0.1", "--prompts", "/data/prompts.jsonl",
         "--shards", "3", "--gpus", "1", "--aggregator", "aggregator:50052", "--namespace", "circuits",

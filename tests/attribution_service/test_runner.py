@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from circuits.errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
-from circuits.tracing import ModelInfo, TraceSpec
+from circuits_core.errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
+from circuits_core.tracing import ModelInfo, TraceSpec
 from circuits_attribution.service import AttributionRunner, replicas_trace_concurrently, replicate_engines, run_engine
 
 INFO = ModelInfo(model="fake")

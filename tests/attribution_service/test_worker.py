@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from circuits.errors import InvalidArgument, Unavailable
-from circuits.graphio import is_graph_file, read_graph
-from circuits.tracing import TraceSpec
+from circuits_core.errors import InvalidArgument, Unavailable
+from circuits_core.graphio import is_graph_file, read_graph
+from circuits_core.tracing import TraceSpec
 from circuits_attribution.service import run_engine
 from circuits_attribution.worker import WorkerSettings, _shard_index, ledger_path, run_worker
 
@@ -168,8 +168,8 @@ def test_sigkill_midway_then_restart_gives_each_graph_exactly_once(tmp_path, tin
 
 def test_worker_streams_to_a_real_aggregator_exactly_once(tmp_path, tiny_engine):
     server_module = pytest.importorskip("circuits_aggregator.server")
-    from circuits.client.aggregator import AggregatorClient
-    from circuits.serving import ServerSettings
+    from circuits_sdk.aggregator import AggregatorClient
+    from circuits_server.serving import ServerSettings
     from circuits_aggregator.store import AggregateStore
     from circuits_attribution.worker import AggregatorSink
 

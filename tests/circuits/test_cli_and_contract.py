@@ -36,7 +36,7 @@ def test_unknown_flag_exits_2() -> None:
 
 def test_import_circuits_is_light() -> None:
     code = (
-        "import sys, circuits, circuits.cli, circuits.config, circuits.schemas, circuits.graphio;"
+        "import sys, circuits, circuits.cli, circuits_core.config, circuits_core.schemas, circuits_core.graphio;"
         "from circuits import Unit, Edge, Graph;"
         "heavy = [m for m in ('torch', 'duckdb', 'anthropic', 'transformers', 'openai') if m in sys.modules];"
         "print(','.join(heavy))"
@@ -58,7 +58,7 @@ def test_drift_check_detects_a_stale_stub(tmp_path: Path) -> None:
     import shutil
 
     stubs = tmp_path / "_proto"
-    shutil.copytree(ROOT / "clients/python/src/circuits/_proto", stubs)
+    shutil.copytree(ROOT / "clients/python/core/src/circuits_core/_proto", stubs)
     target = stubs / "circuits" / "v1" / "graph_pb2.py"
     target.write_text(target.read_text() + "\n# edited by hand\n")
     proc = subprocess.run(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from circuits.config import Config, load_config
-from circuits.errors import ConfigError
+from circuits_core.config import Config, load_config
+from circuits_core.errors import ConfigError
 
 GOOD = """
 model:

@@ -12,9 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from circuits import Edge, Graph, GraphMetadata, Unit, UnitLabel, wire
-from circuits.errors import CorruptInput
-from circuits.graphio import read_graph, write_graph
+from circuits import Edge, Graph, GraphMetadata, Unit, UnitLabel
+from circuits_core import wire
+from circuits_core.errors import CorruptInput
+from circuits_core.graphio import read_graph, write_graph
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "neuronpedia-graph-schema.json").read_text())
 
@@ -181,7 +182,7 @@ def test_corrupt_files_raise_corrupt_input_naming_the_file(tmp_path: Path) -> No
 
 
 def test_edge_table_with_bad_indices_is_rejected() -> None:
-    from circuits.errors import InvalidArgument
+    from circuits_core.errors import InvalidArgument
 
     msg = wire.graph_to_proto(Graph.from_legacy(_minimal()))
     msg.edges.src[0] = 99

@@ -10,10 +10,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from circuits._proto.circuits.v1 import atlas_pb2, atlas_pb2_grpc, graph_pb2
-from circuits.client._channel import call_unary, open_channel
-from circuits.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from circuits.serving import ServerSettings, build_grpc_server, load_tokens, register_secret
+from circuits_core._proto.circuits.v1 import atlas_pb2, atlas_pb2_grpc, graph_pb2
+from circuits_sdk._channel import call_unary, open_channel
+from circuits_core.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from circuits_server.serving import ServerSettings, build_grpc_server, load_tokens, register_secret
 
 READ_TOKEN = "read-token-0123456789abcdef"
 WRITE_TOKEN = "write-token-0123456789abcdef"
@@ -112,7 +112,7 @@ def test_registered_secrets_are_redacted_from_logs(caplog) -> None:
     secret = "sk-ant-0123456789-very-secret"
     register_secret(secret)
     logger = logging.getLogger("circuits.test")
-    logger.addFilter(__import__("circuits.serving", fromlist=["REDACTOR"]).REDACTOR)
+    logger.addFilter(__import__("circuits_server.serving", fromlist=["REDACTOR"]).REDACTOR)
     with caplog.at_level(logging.INFO):
         logger.info("calling the API with key %s", secret)
     assert secret not in caplog.text and "***" in caplog.text

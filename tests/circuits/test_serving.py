@@ -7,10 +7,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from circuits._proto.circuits.v1 import atlas_pb2, atlas_pb2_grpc, graph_pb2
-from circuits.client._channel import call_unary, open_channel
-from circuits.errors import InvalidArgument, NotFound
-from circuits.serving import ServerSettings, build_grpc_server
+from circuits_core._proto.circuits.v1 import atlas_pb2, atlas_pb2_grpc, graph_pb2
+from circuits_sdk._channel import call_unary, open_channel
+from circuits_core.errors import InvalidArgument, NotFound
+from circuits_server.serving import ServerSettings, build_grpc_server
 
 
 class _Atlas(atlas_pb2_grpc.AtlasServiceServicer):

@@ -300,7 +300,7 @@ def test_labeler_uses_the_in_cluster_vllm_when_enabled(render_chart) -> None:
 
 
 def test_labeler_config_is_accepted_by_the_circuits_config_loader(rendered) -> None:
-    from circuits.config import config_from_mapping
+    from circuits_core.config import config_from_mapping
 
     _, chart = rendered
     for config_map in chart.of_kind("ConfigMap"):

@@ -1,4 +1,4 @@
-"""`circuits up` / circuits.localstack: real service processes, health checks, clean shutdown."""
+"""`circuits up` / circuits_server.localstack: real service processes, health checks, clean shutdown."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from circuits.errors import FailedPrecondition, InvalidArgument
-from circuits.localstack import LocalStack, LocalStackSettings, health_status
+from circuits_core.errors import FailedPrecondition, InvalidArgument
+from circuits_server.localstack import LocalStack, LocalStackSettings, health_status
 
 CIRCUITS = Path(sys.executable).with_name("circuits")
 #: The labeler starts without calling its LLM, but refuses to start without a key.
@@ -57,7 +57,7 @@ def test_a_crashing_service_is_reported_with_its_log(tmp_path: Path) -> None:
 
 
 def test_services_without_a_package_or_input_are_reported_not_fatal(tmp_path: Path, monkeypatch) -> None:
-    import circuits.localstack as localstack
+    import circuits_server.localstack as localstack
 
     real = localstack.package_missing
     monkeypatch.setattr(localstack, "package_missing", lambda s: "not written yet" if s == "attribution" else real(s))

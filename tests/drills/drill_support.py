@@ -89,7 +89,7 @@ def service_flags(module: str) -> frozenset[str]:
 
 
 def health(address: str, timeout: float = 1.0) -> str:
-    from circuits.localstack import health_status
+    from circuits_server.localstack import health_status
 
     return health_status(address, timeout=timeout)
 

@@ -1,6 +1,6 @@
 """AUTH: calls without a token, with a wrong token, or with too small a scope are refused.
 
-Scopes (circuits.serving.DEFAULT_METHOD_SCOPES): the atlas is read-only (every query needs
+Scopes (circuits_server.serving.DEFAULT_METHOD_SCOPES): the atlas is read-only (every query needs
 ``read``); aggregator Ingest needs ``write`` and Export (it writes files on the server) ``admin``;
 attribution Trace/TraceBatch/Intervene and labeler LabelUnits/RunProgressive need ``write``.
 Health checks stay open for probes. A refused write changes nothing.
@@ -27,7 +27,7 @@ ROWS: list[tuple[str, str, str, str]] = []
 
 def call(address: str, token: str, path: str, request: bytes = b"", *, streaming: str = "uu") -> str:
     """Status name of one raw call with the given bearer token (empty: none)."""
-    from circuits.client._channel import open_channel
+    from circuits_sdk._channel import open_channel
 
     with open_channel(address, token=token) as channel:
         try:
@@ -61,8 +61,8 @@ def _health_open(address: str) -> None:
 
 
 def test_atlas_is_read_only_for_every_token(small_atlas, tokens_file) -> None:
-    from circuits._proto.circuits.v1 import atlas_pb2
-    from circuits.serving import ServerSettings
+    from circuits_core._proto.circuits.v1 import atlas_pb2
+    from circuits_server.serving import ServerSettings
     from circuits_atlas.server import AtlasSettings, build_server
 
     server = build_server(AtlasSettings(duckdb_path=str(small_atlas),
@@ -82,9 +82,9 @@ def test_atlas_is_read_only_for_every_token(small_atlas, tokens_file) -> None:
 
 def test_aggregator_ingest_needs_write_and_export_needs_admin(tmp_path, tokens_file) -> None:
     import numpy as np
-    from circuits import wire
-    from circuits._proto.circuits.v1 import aggregator_pb2
-    from circuits.serving import ServerSettings
+    from circuits_core import wire
+    from circuits_core._proto.circuits.v1 import aggregator_pb2
+    from circuits_server.serving import ServerSettings
     from circuits_aggregator import AggregateStore
     from circuits_aggregator.server import AggregatorServerSettings, build_server
     from circuits_aggregator.testing import random_graph
@@ -107,10 +107,10 @@ def test_aggregator_ingest_needs_write_and_export_needs_admin(tmp_path, tokens_f
 
 
 def test_attribution_trace_needs_write(tiny_engine, tokens_file) -> None:
-    from circuits import wire
-    from circuits._proto.circuits.v1 import attribution_pb2
-    from circuits.serving import ServerSettings
-    from circuits.tracing import TraceSpec
+    from circuits_core import wire
+    from circuits_core._proto.circuits.v1 import attribution_pb2
+    from circuits_server.serving import ServerSettings
+    from circuits_core.tracing import TraceSpec
     from circuits_attribution.server import AttributionSettings, build_server
 
     server = build_server(AttributionSettings(server=ServerSettings(port=0, auth_tokens_file=str(tokens_file)),
@@ -127,11 +127,11 @@ def test_attribution_trace_needs_write(tiny_engine, tokens_file) -> None:
 
 @pytest.mark.parametrize("module", ["circuits_atlas", "circuits_aggregator", "circuits_attribution", "circuits_labeler"])
 def test_service_command_line_accepts_shared_security_flags(module) -> None:
-    """Every `python -m circuits_<service>` takes the shared server flags (circuits.serving.add_server_arguments)."""
+    """Every `python -m circuits_<service>` takes the shared server flags (circuits_server.serving.add_server_arguments)."""
     wanted = {"--tls-cert", "--tls-key", "--tls-client-ca", "--insecure", "--auth-tokens-file", "--port-file",
               "--max-message-bytes"}  # fmt: skip
     missing = sorted(wanted - service_flags(module))
-    assert not missing, f"{module}.__main__ lacks {', '.join(missing)}: wire circuits.serving.add_server_arguments"
+    assert not missing, f"{module}.__main__ lacks {', '.join(missing)}: wire circuits_server.serving.add_server_arguments"
 
 
 def test_zz_auth_summary() -> None:

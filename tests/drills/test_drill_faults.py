@@ -27,7 +27,7 @@ def retry(fn: Callable[[], T], *, timeout: float = 180.0, what: str = "call") ->
 
     Returns (result, number of failed attempts); any other error is raised at once.
     """
-    from circuits.errors import DeadlineExceeded, Unavailable
+    from circuits_core.errors import DeadlineExceeded, Unavailable
 
     failures = 0
     delay = 0.05
@@ -63,11 +63,11 @@ def _assert_same_export(got_dir: Path, want_dir: Path) -> None:
 
 
 def test_sigkill_each_service_during_end_to_end_run(tmp_path, spawn, tiny_checkpoint, tiny_engine) -> None:
-    from circuits import wire
-    from circuits.client.aggregator import AggregatorClient
-    from circuits.client.atlas import AtlasClient
-    from circuits.client.attribution import AttributionClient
-    from circuits.tracing import TraceSpec
+    from circuits_core import wire
+    from circuits_sdk.aggregator import AggregatorClient
+    from circuits_sdk.atlas import AtlasClient
+    from circuits_sdk.attribution import AttributionClient
+    from circuits_core.tracing import TraceSpec
     from circuits_aggregator import AggregateStore
     from circuits_aggregator.columns import graph_arrays_from_graph
     from circuits_atlas import ClusterSettings, build_atlas
@@ -202,7 +202,7 @@ LAYERS, NEURONS = 4, 6
 
 def test_labeler_survives_llm_429_500_garbage_and_timeouts(tmp_path, spawn) -> None:
     import yaml
-    from circuits.client.labeler import LabelerClient
+    from circuits_sdk.labeler import LabelerClient
     from circuits_labeler.evidence import write_evidence_parquet
     from circuits_labeler.testing import StandInLLMServer
 

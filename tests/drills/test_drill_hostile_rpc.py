@@ -167,7 +167,7 @@ def _methods(pb2_module, service: str) -> list:
 # -- atlas --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def atlas_server(small_atlas):
-    from circuits.serving import ServerSettings
+    from circuits_server.serving import ServerSettings
     from circuits_atlas.server import AtlasSettings, build_server
 
     before = file_sha256(small_atlas)
@@ -181,7 +181,7 @@ def atlas_server(small_atlas):
 
 
 def _atlas_methods():
-    from circuits._proto.circuits.v1 import atlas_pb2
+    from circuits_core._proto.circuits.v1 import atlas_pb2
 
     return _methods(atlas_pb2, "circuits.v1.AtlasService")
 
@@ -207,8 +207,8 @@ def test_atlas_rpcs_survive_hostile_requests(atlas_server, method_name) -> None:
 @pytest.fixture(scope="module")
 def aggregator_server(tmp_path_factory):
     import numpy as np
-    from circuits.client.aggregator import AggregatorClient
-    from circuits.serving import ServerSettings
+    from circuits_sdk.aggregator import AggregatorClient
+    from circuits_server.serving import ServerSettings
     from circuits_aggregator import AggregateStore
     from circuits_aggregator.server import AggregatorServerSettings, build_server
     from circuits_aggregator.stream import BatchPolicy
@@ -229,7 +229,7 @@ def aggregator_server(tmp_path_factory):
 
 
 def _aggregator_methods():
-    from circuits._proto.circuits.v1 import aggregator_pb2
+    from circuits_core._proto.circuits.v1 import aggregator_pb2
 
     return _methods(aggregator_pb2, "circuits.v1.AggregatorService")
 
@@ -275,7 +275,7 @@ def test_aggregator_rpcs_survive_hostile_requests(aggregator_server, method_name
 
 def _leading_graphs(batch: list[bytes]) -> int:
     """How many messages at the head of the stream decode as a Graph with a graph_id."""
-    from circuits._proto.circuits.v1 import graph_pb2
+    from circuits_core._proto.circuits.v1 import graph_pb2
 
     n = 0
     for raw in batch:
@@ -291,7 +291,7 @@ def _leading_graphs(batch: list[bytes]) -> int:
 
 
 def _export_request(values: dict, directory: str) -> bytes:
-    from circuits._proto.circuits.v1 import aggregator_pb2
+    from circuits_core._proto.circuits.v1 import aggregator_pb2
 
     msg = aggregator_pb2.ExportRequest()
     _fill(msg, {k: v for k, v in values.items() if k != "directory"})
@@ -302,7 +302,7 @@ def _export_request(values: dict, directory: str) -> bytes:
 # -- attribution --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def attribution_server(tiny_engine):
-    from circuits.serving import ServerSettings
+    from circuits_server.serving import ServerSettings
     from circuits_attribution.server import AttributionSettings, build_server
 
     server = build_server(AttributionSettings(server=ServerSettings(port=0, grace_seconds=1), model="tiny", max_queue=8),
@@ -314,7 +314,7 @@ def attribution_server(tiny_engine):
 
 
 def _attribution_methods():
-    from circuits._proto.circuits.v1 import attribution_pb2
+    from circuits_core._proto.circuits.v1 import attribution_pb2
 
     return _methods(attribution_pb2, "circuits.v1.AttributionService")
 
@@ -340,8 +340,8 @@ def test_attribution_rpcs_survive_hostile_requests(attribution_server, method_na
 # -- labeler ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def labeler_server(tmp_path_factory):
-    from circuits.config import config_from_mapping
-    from circuits.serving import ServerSettings
+    from circuits_core.config import config_from_mapping
+    from circuits_server.serving import ServerSettings
     from circuits_labeler.build import build_labeler
     from circuits_labeler.evidence import write_evidence_parquet
     from circuits_labeler.server import build_server
@@ -371,7 +371,7 @@ def labeler_server(tmp_path_factory):
 
 
 def _labeler_methods():
-    from circuits._proto.circuits.v1 import labeler_pb2
+    from circuits_core._proto.circuits.v1 import labeler_pb2
 
     return _methods(labeler_pb2, "circuits.v1.LabelerService")
 
@@ -407,8 +407,8 @@ PROMPT_KEYS = ("prompt", "id", "k", "tau", "max_nodes", "raw", "target_tokens", 
     st.fixed_dictionaries({"prompt": st.text(max_size=30)}, optional={k: json_values for k in PROMPT_KEYS[1:]}).map(json.dumps),
 ))  # fmt: skip
 def test_prompts_jsonl_reader_accepts_or_names_the_line(line: str) -> None:
-    from circuits.errors import CircuitsError
-    from circuits.tracing import TraceSpec
+    from circuits_core.errors import CircuitsError
+    from circuits_core.tracing import TraceSpec
     from circuits_attribution.worker import parse_prompt_line
 
     try:
@@ -424,7 +424,7 @@ def test_prompts_jsonl_reader_accepts_or_names_the_line(line: str) -> None:
 def test_prompts_file_with_hostile_lines_is_read_line_by_line(tmp_path: Path) -> None:
     """The shard reader yields every non-blank line, whatever its bytes; each bad line is then
     refused alone with an error naming it (invalid UTF-8 included), never an escaping exception."""
-    from circuits.errors import CircuitsError
+    from circuits_core.errors import CircuitsError
     from circuits_attribution.worker import (
         WorkerSettings,
         parse_prompt_line,

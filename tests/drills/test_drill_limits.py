@@ -1,4 +1,4 @@
-"""LIMITS: documented defaults (docs/limits.md == circuits.limits), settable, and enforced where
+"""LIMITS: documented defaults (docs/limits.md == circuits_core.limits), settable, and enforced where
 they exist: over-limit requests get INVALID_ARGUMENT / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED
 with a message naming the limit. (The attribution queue bound is drilled in test_drill_load.py.)
 """
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from circuits.errors import InvalidArgument, ResourceExhausted
-from circuits.limits import (
+from circuits_core.errors import InvalidArgument, ResourceExhausted
+from circuits_core.limits import (
     DEFAULT_LIMITS,
     Limits,
     add_limit_arguments,
@@ -30,20 +30,20 @@ def test_docs_table_is_generated_from_the_limits() -> None:
     text = DOCS.read_text(encoding="utf-8")
     start, end = text.index("<!-- limits-table:start -->"), text.index("<!-- limits-table:end -->")
     assert text[start:end].split("\n", 1)[1].strip() == markdown_table().strip(), \
-        "docs/limits.md is stale: paste circuits.limits.markdown_table()"
+        "docs/limits.md is stale: paste circuits_core.limits.markdown_table()"
     for f in dataclasses.fields(Limits):
         assert f"`{f.name}`" in text[end:], f"docs/limits.md does not say where {f.name} is enforced"
 
 
 def test_defaults_are_the_ones_the_components_use() -> None:
-    """Until every service reads circuits.limits, the same numbers must live in the old places."""
-    from circuits.serving import (
+    """Until every service reads circuits_core.limits, the same numbers must live in the old places."""
+    from circuits_server.serving import (
         DEFAULT_MAX_EDGES_PER_GRAPH,
         DEFAULT_MAX_MESSAGE_BYTES,
         DEFAULT_MAX_NODES_PER_GRAPH,
         ServerSettings,  # fmt: skip
     )
-    from circuits.tracing import MAX_PROMPT_CHARS
+    from circuits_core.tracing import MAX_PROMPT_CHARS
     from circuits_atlas.database import QueryLimits
     from circuits_attribution.server import AttributionSettings
 
@@ -76,8 +76,8 @@ def test_limits_are_settable_and_checks_name_the_limit() -> None:
 
 
 def test_message_size_limit_gives_resource_exhausted(small_atlas) -> None:
-    from circuits._proto.circuits.v1 import atlas_pb2, atlas_pb2_grpc
-    from circuits.serving import ServerSettings
+    from circuits_core._proto.circuits.v1 import atlas_pb2, atlas_pb2_grpc
+    from circuits_server.serving import ServerSettings
     from circuits_atlas.server import AtlasSettings, build_server
 
     server = build_server(AtlasSettings(duckdb_path=str(small_atlas),
@@ -97,12 +97,12 @@ def test_message_size_limit_gives_resource_exhausted(small_atlas) -> None:
 
 
 def test_graph_size_and_stream_length_limits(tmp_path) -> None:
-    """Generic guards of every server (circuits.serving): graphs too large and streams too long are
+    """Generic guards of every server (circuits_server.serving): graphs too large and streams too long are
     refused with RESOURCE_EXHAUSTED naming the limit; a refused graph is not counted."""
     import numpy as np
-    from circuits import wire
-    from circuits.client.aggregator import AggregatorClient
-    from circuits.serving import ServerSettings
+    from circuits_core import wire
+    from circuits_sdk.aggregator import AggregatorClient
+    from circuits_server.serving import ServerSettings
     from circuits_aggregator import AggregateStore
     from circuits_aggregator.server import AggregatorServerSettings, build_server
     from circuits_aggregator.testing import random_graph
@@ -135,8 +135,8 @@ def test_graph_size_and_stream_length_limits(tmp_path) -> None:
 
 
 def test_prompt_length_limits(tiny_engine) -> None:
-    from circuits.client.attribution import AttributionClient
-    from circuits.serving import ServerSettings
+    from circuits_sdk.attribution import AttributionClient
+    from circuits_server.serving import ServerSettings
     from circuits_attribution.server import AttributionSettings, build_server
 
     server = build_server(AttributionSettings(server=ServerSettings(port=0), model="tiny"), tiny_engine).start()
@@ -153,7 +153,7 @@ def test_prompt_length_limits(tiny_engine) -> None:
 
 
 def test_atlas_result_rows_query_chars_and_query_time(small_atlas) -> None:
-    from circuits.errors import DeadlineExceeded
+    from circuits_core.errors import DeadlineExceeded
     from circuits_atlas.database import CircuitDatabase, QueryLimits
 
     with CircuitDatabase(small_atlas, limits=QueryLimits(max_results=5, max_query_chars=20)) as db:

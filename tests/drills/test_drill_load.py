@@ -32,7 +32,7 @@ def atlas_process(spawn, small_atlas):
 
 def _workload(address: str) -> list[tuple[str, tuple]]:
     """A fixed query mix over units, clusters and words the atlas holds."""
-    from circuits.client.atlas import AtlasClient
+    from circuits_sdk.atlas import AtlasClient
 
     with AtlasClient(address) as atlas:
         units = [(u.layer, u.index) for u in atlas.search_units("detector", limit=50)]
@@ -71,7 +71,7 @@ def _run(atlas, kind: str, args: tuple):
 
 
 def test_atlas_64_concurrent_clients_zero_errors(atlas_process) -> None:
-    from circuits.client.atlas import AtlasClient
+    from circuits_sdk.atlas import AtlasClient
 
     calls = _workload(atlas_process.address)
     with AtlasClient(atlas_process.address) as atlas:
@@ -125,9 +125,9 @@ WAVES = 6
 def _burst(address: str, prompts: list[str]) -> tuple[list[str], list[float], list[str]]:
     """Fire len(prompts) Trace calls at once; return each outcome (OK or a status code name)."""
     import grpc
-    from circuits import wire
-    from circuits._proto.circuits.v1 import attribution_pb2_grpc
-    from circuits.tracing import TraceSpec
+    from circuits_core import wire
+    from circuits_core._proto.circuits.v1 import attribution_pb2_grpc
+    from circuits_core.tracing import TraceSpec
 
     channels = [grpc.insecure_channel(address) for _ in prompts]
     stubs = [attribution_pb2_grpc.AttributionServiceStub(ch) for ch in channels]
@@ -160,7 +160,7 @@ def _burst(address: str, prompts: list[str]) -> tuple[list[str], list[float], li
 
 
 def test_attribution_overload_gets_resource_exhausted_and_memory_returns(tiny_engine) -> None:
-    from circuits.serving import ServerSettings
+    from circuits_server.serving import ServerSettings
     from circuits_attribution.server import AttributionSettings, build_server
 
     # A slow engine makes the overload certain: each trace holds its slot a while.

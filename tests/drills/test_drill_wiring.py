@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from drill_support import READ_TOKEN
 
-from circuits.errors import InvalidArgument, ResourceExhausted, Unauthenticated
-from circuits.limits import Limits
+from circuits_core.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from circuits_core.limits import Limits
 
 
 @pytest.fixture
 def token_atlas(small_atlas, tokens_file):
-    from circuits.serving import ServerSettings
+    from circuits_server.serving import ServerSettings
     from circuits_atlas.server import AtlasSettings, build_server
 
     server = build_server(AtlasSettings(duckdb_path=str(small_atlas),
@@ -30,7 +30,7 @@ def token_atlas(small_atlas, tokens_file):
 
 
 def test_atlas_client_sends_token_only_when_given(token_atlas) -> None:
-    from circuits.client.atlas import AtlasClient
+    from circuits_sdk.atlas import AtlasClient
 
     with AtlasClient(token_atlas.address, timeout=20) as client, pytest.raises(Unauthenticated):
         client.stats()
@@ -68,9 +68,9 @@ def test_every_remote_command_has_auth_flags() -> None:
 
 
 def test_clients_accept_auth_keywords() -> None:
-    from circuits.client.aggregator import AggregatorClient
-    from circuits.client.attribution import AttributionClient
-    from circuits.client.labeler import LabelerClient
+    from circuits_sdk.aggregator import AggregatorClient
+    from circuits_sdk.attribution import AttributionClient
+    from circuits_sdk.labeler import LabelerClient
 
     for cls in (AggregatorClient, AttributionClient, LabelerClient):
         client = cls("127.0.0.1:1", token="t", tls_ca_file="", tls_cert_file="", tls_key_file="")
@@ -91,8 +91,8 @@ def _filled_store(path: Path):
 
 
 def test_aggregator_get_edges_batch_is_clamped_and_export_stays_in_root(tmp_path) -> None:
-    from circuits import wire
-    from circuits._proto.circuits.v1 import aggregator_pb2
+    from circuits_core import wire
+    from circuits_core._proto.circuits.v1 import aggregator_pb2
     from circuits_aggregator.servicer import AggregatorServicer
 
     store = _filled_store(tmp_path / "state" / "agg.duckdb")
@@ -128,7 +128,7 @@ class _RecordingLabels:
 
 
 def test_labeler_unit_cap_and_get_labels_clamp() -> None:
-    from circuits._proto.circuits.v1 import labeler_pb2
+    from circuits_core._proto.circuits.v1 import labeler_pb2
     from circuits_labeler.servicer import LabelerServicer
 
     service = _RecordingLabels()
@@ -144,7 +144,7 @@ def test_labeler_unit_cap_and_get_labels_clamp() -> None:
 
 
 def test_attribution_trace_max_nodes_over_limit_is_refused() -> None:
-    from circuits.tracing import TraceSpec
+    from circuits_core.tracing import TraceSpec
     from circuits_attribution.service import AttributionRunner
 
     runner = AttributionRunner(max_nodes_per_graph=100)

@@ -25,8 +25,8 @@ from drill_support import (
 
 
 def _provoke_auth_failure(tokens_file, tmp_path) -> None:
-    from circuits.client._channel import open_channel
-    from circuits.serving import ServerSettings
+    from circuits_sdk._channel import open_channel
+    from circuits_server.serving import ServerSettings
     from circuits_aggregator import AggregateStore
     from circuits_aggregator.server import AggregatorServerSettings, build_server
 
@@ -47,7 +47,7 @@ def _provoke_auth_failure(tokens_file, tmp_path) -> None:
 
 def _provoke_llm_key_rejection(tmp_path, monkeypatch) -> list[str]:
     """The LLM answers 401 to the fake key: the labeler must stop cleanly without printing the key."""
-    from circuits.config import config_from_mapping
+    from circuits_core.config import config_from_mapping
     from circuits_labeler.build import build_labeler
     from circuits_labeler.evidence import write_evidence_parquet
     from circuits_labeler.service import LabelerService

@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from circuits import Edge, Graph, GraphMetadata, Unit, UnitLabel
-from circuits.config import load_config
-from circuits.errors import CircuitsError
-from circuits.graphio import read_graph, write_graph
-from circuits.labels import read_label_file
+from circuits_core.config import load_config
+from circuits_core.errors import CircuitsError
+from circuits_core.graphio import read_graph, write_graph
+from circuits_core.labels import read_label_file
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

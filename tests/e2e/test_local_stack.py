@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from circuits.localstack import LocalStack, LocalStackSettings, health_status, package_missing
+from circuits_server.localstack import LocalStack, LocalStackSettings, health_status, package_missing
 
 SERVICES = ("attribution", "aggregator", "atlas")
 PROMPTS = ("The capital of France is", "The opposite of hot is", "One, two, three,")
@@ -38,9 +38,9 @@ pytestmark = [pytest.mark.smollm2, pytest.mark.skipif(_skip_reason() is not None
 
 
 def test_trace_ingest_build_serve_query_and_shut_down(tmp_path: Path) -> None:
-    from circuits.client.aggregator import AggregatorClient
-    from circuits.client.atlas import AtlasClient
-    from circuits.client.attribution import AttributionClient
+    from circuits_sdk.aggregator import AggregatorClient
+    from circuits_sdk.atlas import AtlasClient
+    from circuits_sdk.attribution import AttributionClient
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -128,7 +128,7 @@ def test_trace_ingest_build_serve_query_and_shut_down(tmp_path: Path) -> None:
         assert proc.process is not None and proc.process.poll() is not None
         assert health_status(addresses[name], timeout=0.5) == "UNREACHABLE"
     exit_codes = {name: proc.process.returncode for name, proc in stack.status.items()}
-    # The aggregator is left out: circuits.serving.GrpcServer.wait() returns as soon as stop()
+    # The aggregator is left out: circuits_server.serving.GrpcServer.wait() returns as soon as stop()
     # begins, so the process can exit while AggregateStore.close() runs (SIGABRT, reported).
     assert exit_codes["attribution"] == 0 and exit_codes["atlas"] == 0, exit_codes
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from circuits.config import Config, config_from_mapping
+from circuits_core.config import Config, config_from_mapping
 from circuits_labeler.evidence import write_evidence_parquet
 from circuits_labeler.testing import StandInLLMServer
 from labeler_support import NEURONS, NUM_LAYERS, SECRET_KEY, evidence_edges, evidence_units  # noqa: F401

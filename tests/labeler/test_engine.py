@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from circuits.errors import Unauthenticated
+from circuits_core.errors import Unauthenticated
 from circuits_labeler.build import build_labeler
 from labeler_support import NEURONS, NUM_LAYERS, SECRET_KEY, evidence_edges
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from circuits.errors import NotFound
+from circuits_core.errors import NotFound
 from circuits_labeler.evidence import DuckDBEvidence, write_evidence_parquet
 
 EDGES = [

@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from circuits.cli import main as cli_main
-from circuits.client.labeler import LabelerClient
-from circuits.errors import FailedPrecondition, InvalidArgument
-from circuits.serving import ServerSettings
+from circuits_sdk.labeler import LabelerClient
+from circuits_core.errors import FailedPrecondition, InvalidArgument
+from circuits_server.serving import ServerSettings
 from circuits_labeler.build import build_labeler
 from circuits_labeler.server import build_server
 from circuits_labeler.service import LabelerService

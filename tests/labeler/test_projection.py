@@ -71,7 +71,7 @@ def test_load_rejects_foreign_files(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from circuits.errors import CorruptInput, NotFound
+    from circuits_core.errors import CorruptInput, NotFound
 
     with pytest.raises(NotFound):
         OutputProjections.load(tmp_path / "missing.parquet")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from circuits.config import load_config
+from circuits_core.config import load_config
 from circuits_labeler.build import build_labeler
 from circuits_labeler.testing import StandInLLMServer
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from circuits import Graph, Unit
-from circuits.config import LabelingSection
-from circuits.errors import CorruptInput, NotFound, Unavailable
-from circuits.labels import (
+from circuits_core.config import LabelingSection
+from circuits_core.errors import CorruptInput, NotFound, Unavailable
+from circuits_core.labels import (
     FileLabelSource,
     LabelRecord,
     NeuronDB,
@@ -134,7 +134,7 @@ def test_100k_descriptions_for_a_5k_neuron_graph_set(postgres) -> None:
 
 
 def test_neurondb_descriptions_become_labeler_evidence(postgres, tmp_path: Path) -> None:
-    from circuits.config import Config, LabelingSection
+    from circuits_core.config import Config, LabelingSection
     from circuits_labeler.build import open_evidence
     from circuits_labeler.evidence import write_evidence_parquet
 
@@ -158,7 +158,7 @@ def _export_with_neurons(tmp_path: Path) -> Path:
     """Aggregate two small graphs with the real CLI; return the Parquet export folder."""
     from circuits import Edge, GraphMetadata
     from circuits.cli import main
-    from circuits.graphio import write_graph
+    from circuits_core.graphio import write_graph
 
     graphs = tmp_path / "graphs"
     for n in range(2):

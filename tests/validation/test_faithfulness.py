@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from circuits.errors import FailedPrecondition, InvalidArgument
+from circuits_core.errors import FailedPrecondition, InvalidArgument
 
 from circuits_attribution.testing import PROMPT
 
@@ -201,7 +201,7 @@ def test_random_nodes_are_distinct_and_reproducible():
 
 # ------------------------------------------------------------------------------ bad graphs
 def test_graphs_that_do_not_fit_the_model_fail_clearly(make_attributor):
-    from circuits.schemas import Unit
+    from circuits_core.schemas import Unit
     from circuits_attribution.faithfulness import FaithfulnessConfig, faithfulness_report
 
     attributor, graph = _trace(make_attributor)

@@ -8,16 +8,16 @@ import dataclasses
 import grpc
 import pytest
 
-from circuits import wire
-from circuits._proto.circuits.v1 import attribution_pb2_grpc
-from circuits.interventions import InterventionRequest, parse_neuron_spec
+from circuits_core import wire
+from circuits_core._proto.circuits.v1 import attribution_pb2_grpc
+from circuits_core.interventions import InterventionRequest, parse_neuron_spec
 
 from circuits_attribution.testing import PROMPT, build_model
 
 
 @pytest.fixture(scope="module")
 def server_and_engine(tokenizer):
-    from circuits.serving import ServerSettings
+    from circuits_server.serving import ServerSettings
     from circuits_attribution import RelPAttributor, RelPConfig
     from circuits_attribution.intervene_rpc import handle_intervene
     from circuits_attribution.server import AttributionSettings, build_server

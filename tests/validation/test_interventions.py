@@ -8,8 +8,8 @@ import contextlib
 import pytest
 import torch
 
-from circuits.errors import InvalidArgument
-from circuits.interventions import NeuronIntervention, parse_neuron_spec
+from circuits_core.errors import InvalidArgument
+from circuits_core.interventions import NeuronIntervention, parse_neuron_spec
 
 from circuits_attribution.testing import PROMPT, build_model
 

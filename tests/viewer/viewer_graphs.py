@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from circuits.schemas import EMBEDDING_LAYER, Edge, Graph, Unit
+from circuits_core.schemas import EMBEDDING_LAYER, Edge, Graph, Unit
 
 TOKENS = ("<bos>", "The", " capital", " of", " France", " is")
 

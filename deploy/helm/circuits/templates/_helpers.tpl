@@ -37,7 +37,7 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .name }}
 {{- end -}}
 
-{{- define "circuits.labels" -}}
+{{- define "circuits_core.labels" -}}
 helm.sh/chart: {{ include "circuits.chart" .root }}
 {{ include "circuits.selectorLabels" . }}
 app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
@@ -74,7 +74,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* Pod metadata (labels + annotations) for a component's pod template; optional extraAnnotations. */}}
 {{- define "circuits.podMetadata" -}}
 labels:
-  {{- include "circuits.labels" . | nindent 2 }}
+  {{- include "circuits_core.labels" . | nindent 2 }}
   {{- with .values.podLabels }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -347,7 +347,7 @@ kind: Service
 metadata:
   name: {{ if .headless }}{{ $svcName }}-headless{{ else }}{{ $svcName }}{{ end }}
   labels:
-    {{- include "circuits.labels" . | nindent 4 }}
+    {{- include "circuits_core.labels" . | nindent 4 }}
   {{- with .values.service.annotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
@@ -385,7 +385,7 @@ kind: PersistentVolumeClaim
 metadata:
   name: {{ include "circuits.componentName" . }}-{{ .claimSuffix }}
   labels:
-    {{- include "circuits.labels" . | nindent 4 }}
+    {{- include "circuits_core.labels" . | nindent 4 }}
   annotations:
     helm.sh/resource-policy: keep
 spec:

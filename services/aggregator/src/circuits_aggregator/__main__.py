@@ -11,8 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from circuits.errors import CircuitsError
-from circuits.serving import add_server_arguments, announce, server_settings_from_args
+from circuits_core.errors import CircuitsError
+from circuits_server.serving import add_server_arguments, announce, server_settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:

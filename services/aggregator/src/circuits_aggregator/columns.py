@@ -1,15 +1,15 @@
-"""Graph files -> :class:`circuits.aggregator_types.GraphArrays`, fast.
+"""Graph files -> :class:`circuits_core.aggregator_types.GraphArrays`, fast.
 
-Formats (by name, as :mod:`circuits.graphio`): ``*.json`` / ``*.json.gz`` (legacy viewer JSON) and
+Formats (by name, as :mod:`circuits_core.graphio`): ``*.json`` / ``*.json.gz`` (legacy viewer JSON) and
 ``*.pb`` / ``*.pb.gz`` (serialized ``circuits.v1.Graph``). gzip is detected by its magic bytes.
 
-Compared with ``circuits.graphio.read_graph`` this skips building Unit/Edge objects: JSON links are
+Compared with ``circuits_core.graphio.read_graph`` this skips building Unit/Edge objects: JSON links are
 mapped to unit rows with C-level ``map`` calls and the protobuf EdgeTable goes straight to numpy.
-Unreadable, truncated or malformed files raise :class:`circuits.errors.CorruptInput` naming the
+Unreadable, truncated or malformed files raise :class:`circuits_core.errors.CorruptInput` naming the
 file.
 
 Graph identity: ``metadata.graph_id`` (JSON) / ``Graph.graph_id`` (protobuf) when present;
-otherwise :func:`circuits.aggregator_types.content_graph_id` of the file's decompressed bytes
+otherwise :func:`circuits_core.aggregator_types.content_graph_id` of the file's decompressed bytes
 (sha256, first 32 hex chars), so the same file counts once however often it is offered.
 """
 
@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from circuits.aggregator_types import GraphArrays, content_graph_id, graph_arrays_from_units
-from circuits.errors import CorruptInput, InvalidArgument
-from circuits.graphio import graph_format
+from circuits_core.aggregator_types import GraphArrays, content_graph_id, graph_arrays_from_units
+from circuits_core.errors import CorruptInput, InvalidArgument
+from circuits_core.graphio import graph_format
 
 _SOURCE = itemgetter("source")
 _TARGET = itemgetter("target")
@@ -134,8 +134,8 @@ def read_graph_arrays(path: str | Path, *, source: str | None = None) -> GraphAr
         return graph_arrays_from_legacy(data, source=source, default_graph_id=content_graph_id(payload))
     from google.protobuf.message import DecodeError
 
-    from circuits import wire
-    from circuits._proto.circuits.v1 import graph_pb2
+    from circuits_core import wire
+    from circuits_core._proto.circuits.v1 import graph_pb2
 
     msg = graph_pb2.Graph()
     try:
@@ -152,11 +152,11 @@ def read_graph_arrays(path: str | Path, *, source: str | None = None) -> GraphAr
 
 
 def graph_arrays_from_graph(graph: Any, *, source: str = "") -> GraphArrays:
-    """Columns of a domain :class:`circuits.schemas.Graph` (edges matched to units by node key).
+    """Columns of a domain :class:`circuits_core.schemas.Graph` (edges matched to units by node key).
 
     A graph without ``graph_id`` gets the content id of its deterministic protobuf encoding.
     """
-    from circuits import wire
+    from circuits_core import wire
 
     msg = wire.graph_to_proto(graph)
     graph_id = graph.graph_id or content_graph_id(msg.SerializeToString(deterministic=True))

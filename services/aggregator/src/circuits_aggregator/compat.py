@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from circuits.schemas import Edge, Graph, Unit
+from circuits_core.schemas import Edge, Graph, Unit
 
 from circuits_aggregator.columns import graph_arrays_from_graph
 from circuits_aggregator.directory import DirectoryReport, aggregate_directory

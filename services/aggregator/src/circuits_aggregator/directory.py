@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from circuits.aggregator_types import GraphArrays
-from circuits.errors import CorruptInput, InvalidArgument
-from circuits.graphio import is_graph_file
+from circuits_core.aggregator_types import GraphArrays
+from circuits_core.errors import CorruptInput, InvalidArgument
+from circuits_core.graphio import is_graph_file
 
 from circuits_aggregator.columns import read_graph_arrays
 from circuits_aggregator.store import AggregateStore

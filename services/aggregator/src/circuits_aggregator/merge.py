@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from circuits.aggregator_types import EDGE_COLUMNS, LEDGER_COLUMNS, UNIT_COLUMNS
-from circuits.errors import CorruptInput, InvalidArgument
+from circuits_core.aggregator_types import EDGE_COLUMNS, LEDGER_COLUMNS, UNIT_COLUMNS
+from circuits_core.errors import CorruptInput, InvalidArgument
 
 from circuits_aggregator.store import _EDGE_MERGE, _UNIT_MERGE, write_parquet_snapshot
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from circuits._proto.circuits.v1 import aggregator_pb2_grpc
-from circuits.limits import Limits
-from circuits.serving import GrpcServer, ServerSettings, build_grpc_server
+from circuits_core._proto.circuits.v1 import aggregator_pb2_grpc
+from circuits_core.limits import Limits
+from circuits_server.serving import GrpcServer, ServerSettings, build_grpc_server
 
 from circuits_aggregator.servicer import AggregatorServicer
 from circuits_aggregator.store import AggregateStore

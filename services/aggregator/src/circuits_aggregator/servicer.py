@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from circuits import wire
-from circuits._proto.circuits.v1 import aggregator_pb2, aggregator_pb2_grpc
-from circuits.errors import InvalidArgument
-from circuits.limits import DEFAULT_LIMITS, Limits
+from circuits_core import wire
+from circuits_core._proto.circuits.v1 import aggregator_pb2, aggregator_pb2_grpc
+from circuits_core.errors import InvalidArgument
+from circuits_core.limits import DEFAULT_LIMITS, Limits
 
 from circuits_aggregator.store import AggregateStore
 from circuits_aggregator.stream import BatchPolicy, ingest_stream

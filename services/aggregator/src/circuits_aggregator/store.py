@@ -38,7 +38,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from circuits.aggregator_types import (
+from circuits_core.aggregator_types import (
     EDGE_COLUMNS,
     LEDGER_COLUMNS,
     UNIT_COLUMNS,
@@ -48,7 +48,7 @@ from circuits.aggregator_types import (
     IngestAck,
     shard_of,
 )
-from circuits.errors import FailedPrecondition, InvalidArgument
+from circuits_core.errors import FailedPrecondition, InvalidArgument
 
 _EDGE_DDL = """(
     src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, tgt_layer INTEGER NOT NULL, tgt_neuron INTEGER NOT NULL,

@@ -3,7 +3,7 @@
 Graphs arrive one by one; committing each alone would cost a transaction per graph. The stream
 groups them into micro-batches - at most ``max_graphs`` graphs, or whatever arrived within
 ``max_delay_s`` of the first graph of the batch - commits each batch in one transaction and only
-then yields its :class:`~circuits.aggregator_types.IngestAck`. A reader thread keeps pulling
+then yields its :class:`~circuits_core.aggregator_types.IngestAck`. A reader thread keeps pulling
 graphs while a batch commits, and lets the time limit fire while the sender is idle (a client
 with a bounded window waits for acks before it sends more).
 """
@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from circuits.aggregator_types import GraphArrays, IngestAck
+from circuits_core.aggregator_types import GraphArrays, IngestAck
 
 from circuits_aggregator.store import AggregateStore
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from circuits.schemas import Edge, Graph, GraphMetadata, Unit
+from circuits_core.schemas import Edge, Graph, GraphMetadata, Unit
 
 
 def random_graph(
@@ -54,7 +54,7 @@ def random_graph(
 def random_graph_proto(rng: np.random.Generator, *, n_neurons: int, n_edges: int, n_layers: int = 16,
                        pool: int = 4096, graph_id: str = "", corpus_index: int = -1):  # fmt: skip
     """A large random ``circuits.v1.Graph`` built directly with numpy (benchmarks)."""
-    from circuits._proto.circuits.v1 import graph_pb2
+    from circuits_core._proto.circuits.v1 import graph_pb2
 
     msg = graph_pb2.Graph(graph_id=graph_id or f"g{rng.integers(0, 1 << 62):016x}", model="m", prompt="p")
     layers = rng.integers(0, n_layers, n_neurons)

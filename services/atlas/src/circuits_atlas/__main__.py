@@ -9,8 +9,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from circuits.errors import CircuitsError
-from circuits.serving import add_server_arguments, server_settings_from_args, write_port_file
+from circuits_core.errors import CircuitsError
+from circuits_server.serving import add_server_arguments, server_settings_from_args, write_port_file
 
 from circuits_atlas.database import QueryLimits
 from circuits_atlas.server import AtlasSettings, build_server

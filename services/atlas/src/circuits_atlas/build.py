@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from circuits.errors import InvalidArgument
+from circuits_core.errors import InvalidArgument
 
 from circuits_atlas.clustering import FullModelClustering, cluster_full_model
 from circuits_atlas.duck import connect, load_fts

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from circuits.errors import InvalidArgument
-from circuits.schemas import Graph, Unit
+from circuits_core.errors import InvalidArgument
+from circuits_core.schemas import Graph, Unit
 
 from circuits_atlas.inputs import edge_arrays, unit_arrays
 
@@ -201,8 +201,8 @@ def cluster_full_model(
     """Cluster the aggregated model with directed Infomap (relp-spec §G, full model).
 
     ``edges``: aggregated edges (pyarrow Table / column mapping / ``edges.parquet`` path /
-    iterable of :class:`~circuits.schemas.Edge` with running sums); ``units``: the known units
-    (same forms, or :class:`~circuits.schemas.Unit`). Keeps edges with ``count >= min_edge_count``
+    iterable of :class:`~circuits_core.schemas.Edge` with running sums); ``units``: the known units
+    (same forms, or :class:`~circuits_core.schemas.Unit`). Keeps edges with ``count >= min_edge_count``
     between known units, then units with more than one kept edge; links weigh
     ``weight_transform`` of the edge statistics and only positive weights enter. Same input and
     seed give the same clusters.

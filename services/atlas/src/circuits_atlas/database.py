@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from circuits.atlas_types import EDGE_DIRECTIONS, AtlasStats, ClusterInfo, ClusterMembers, SearchHit
-from circuits.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
-from circuits.schemas import Edge, Unit, UnitLabel
+from circuits_core.atlas_types import EDGE_DIRECTIONS, AtlasStats, ClusterInfo, ClusterMembers, SearchHit
+from circuits_core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from circuits_core.schemas import Edge, Unit, UnitLabel
 
 from circuits_atlas.duck import FTS_SCHEMA, connect, load_fts
 

@@ -8,7 +8,7 @@ Export directory (written by the aggregator, exact columns):
   act_max, attr_sum, attr_abs_sum, attr_sq_sum, attr_min, attr_max
 * ``ledger.parquet``: graph_id, source, corpus_index
 
-Missing files or columns raise :class:`~circuits.errors.CorruptInput` naming the file.
+Missing files or columns raise :class:`~circuits_core.errors.CorruptInput` naming the file.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from circuits.errors import CorruptInput, InvalidArgument
-from circuits.schemas import Edge, Unit
+from circuits_core.errors import CorruptInput, InvalidArgument
+from circuits_core.schemas import Edge, Unit
 
 EDGE_COLUMNS = (
     "src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "count",

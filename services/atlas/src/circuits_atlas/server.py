@@ -1,7 +1,7 @@
 """Wiring of the atlas gRPC server: settings, the shared plumbing, the servicer.
 
 ``build_server(settings, database=CircuitDatabase(path))`` returns a not-yet-started
-:class:`circuits.serving.GrpcServer`; ``__main__`` picks the real database.
+:class:`circuits_server.serving.GrpcServer`; ``__main__`` picks the real database.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from circuits.serving import GrpcServer, ServerSettings, build_grpc_server
+from circuits_server.serving import GrpcServer, ServerSettings, build_grpc_server
 
 from circuits_atlas.database import CircuitDatabase, QueryLimits
 from circuits_atlas.servicer import AtlasServicer
@@ -68,7 +68,7 @@ class RequestDecodeInterceptor(grpc.ServerInterceptor):
 
 def build_server(settings: AtlasSettings, *, database: CircuitDatabase | None = None) -> GrpcServer:
     """A configured, not started server; the database is closed when the server stops."""
-    from circuits._proto.circuits.v1 import atlas_pb2_grpc
+    from circuits_core._proto.circuits.v1 import atlas_pb2_grpc
 
     db = database or CircuitDatabase(settings.duckdb_path, read_only=True, limits=settings.limits)
     servicer = AtlasServicer(db)

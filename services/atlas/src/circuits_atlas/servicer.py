@@ -10,9 +10,9 @@ from typing import Any
 
 import grpc
 
-from circuits import wire
-from circuits._proto.circuits.v1 import atlas_pb2_grpc
-from circuits.errors import NotFound
+from circuits_core import wire
+from circuits_core._proto.circuits.v1 import atlas_pb2_grpc
+from circuits_core.errors import NotFound
 
 from circuits_atlas.database import CircuitDatabase
 

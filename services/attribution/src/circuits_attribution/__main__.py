@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from circuits.config import SMALL_MODEL
-from circuits.errors import CircuitsError, InvalidArgument
+from circuits_core.config import SMALL_MODEL
+from circuits_core.errors import CircuitsError, InvalidArgument
 
 
 def load_engine(model: str, *, dtype: str = "float32", device: str = "cpu", **config: Any) -> Any:
@@ -46,14 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests waiting for an engine; more get RESOURCE_EXHAUSTED (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
-    from circuits.serving import add_server_arguments
+    from circuits_server.serving import add_server_arguments
 
     add_server_arguments(parser, default_port=50051)
     return parser
 
 
 def serve(argv: Sequence[str]) -> int:
-    from circuits.serving import server_settings_from_args, write_port_file
+    from circuits_server.serving import server_settings_from_args, write_port_file
 
     from circuits_attribution.server import AttributionSettings, build_server
 

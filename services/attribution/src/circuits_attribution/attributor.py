@@ -1,6 +1,6 @@
 """RelP attribution graphs over MLP neurons (relp-spec §B-§D).
 
-`RelPAttributor(model, tokenizer, config).trace(prompt)` returns a `circuits.schemas.Graph`:
+`RelPAttributor(model, tokenizer, config).trace(prompt)` returns a `circuits_core.schemas.Graph`:
 
 * nodes: one linearized forward + one backward of the metric ``m = sum_j c_j logit_j`` gives
   ``S^l_{p,i} = h^l_{p,i} * d~m/dh^l_{p,i}`` for every neuron (total effect, §B.3); the selection
@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from circuits.errors import InvalidArgument
-from circuits.schemas import EMBEDDING_LAYER, Edge, Graph, GraphMetadata, Unit, graph_content_id, slugify
+from circuits_core.errors import InvalidArgument
+from circuits_core.schemas import EMBEDDING_LAYER, Edge, Graph, GraphMetadata, Unit, graph_content_id, slugify
 
 from circuits_attribution.linearize import MLP_RULES, Linearization
 from circuits_attribution.linearize import decoder_layers as _decoder_layers

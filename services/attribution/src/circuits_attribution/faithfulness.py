@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from circuits.errors import FailedPrecondition, InvalidArgument
-from circuits.schemas import Graph
+from circuits_core.errors import FailedPrecondition, InvalidArgument
+from circuits_core.schemas import Graph
 
 from circuits_attribution.interventions import neuron_masks, neuron_means, neuron_shape
 from circuits_attribution.linearize import Linearization

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from circuits import wire
+from circuits_core import wire
 
 from circuits_attribution.interventions import run_intervention
 

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from circuits.config import circuits_home
-from circuits.errors import InvalidArgument
-from circuits.interventions import InterventionRequest, InterventionResult, NeuronIntervention, TokenProbability
+from circuits_core.config import circuits_home
+from circuits_core.errors import InvalidArgument
+from circuits_core.interventions import InterventionRequest, InterventionResult, NeuronIntervention, TokenProbability
 
 from circuits_attribution.linearize import decoder_layers
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from circuits.errors import CircuitsError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from circuits_core.errors import CircuitsError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 WORKER_MODULE = "circuits_attribution.worker"

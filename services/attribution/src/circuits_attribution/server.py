@@ -13,9 +13,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from circuits.schemas import Graph
-from circuits.serving import GrpcServer, Metrics, ServerSettings, build_grpc_server
-from circuits.tracing import ModelInfo
+from circuits_core.schemas import Graph
+from circuits_server.serving import GrpcServer, Metrics, ServerSettings, build_grpc_server
+from circuits_core.tracing import ModelInfo
 
 from circuits_attribution.service import AttributionRunner, describe_model, replicas_trace_concurrently, replicate_engines
 
@@ -134,7 +134,7 @@ def build_server(
     model_info: ModelInfo | None = None,
 ) -> AttributionServer:
     """Build (not start) the server; with an attributor it is SERVING once started."""
-    from circuits._proto.circuits.v1 import attribution_pb2_grpc
+    from circuits_core._proto.circuits.v1 import attribution_pb2_grpc
 
     from circuits_attribution.servicer import AttributionServicer
 

@@ -5,14 +5,14 @@ that share one copy of the model weights) and runs requests on them:
 
 * at most ``max_concurrent`` traces run at once (one per engine replica);
 * at most ``max_queue`` further requests wait, first come first served; one more is refused at
-  once with :class:`~circuits.errors.ResourceExhausted`;
+  once with :class:`~circuits_core.errors.ResourceExhausted`;
 * a request whose ``should_stop()`` turns true (client cancelled, deadline passed) leaves the
   queue, or stops its running trace at the next decoder layer (or at the engine's own
   ``should_stop`` checkpoints when the engine accepts that argument), and frees its slot;
 * :meth:`AttributionRunner.close` refuses new work, lets running traces finish for a grace
   period, then stops the rest.
 
-An engine is any object with ``trace(prompt, **options) -> circuits.schemas.Graph`` (see
+An engine is any object with ``trace(prompt, **options) -> circuits_core.schemas.Graph`` (see
 :class:`Attributor`); tests inject fakes, ``__main__`` picks the real ``RelPAttributor``.
 """
 
@@ -29,11 +29,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from circuits.errors import Cancelled, CircuitsError, InvalidArgument, ResourceExhausted, Unavailable
-from circuits.limits import DEFAULT_LIMITS
-from circuits.limits import flag as limit_flag
-from circuits.schemas import Graph
-from circuits.tracing import ModelInfo, TraceSpec
+from circuits_core.errors import Cancelled, CircuitsError, InvalidArgument, ResourceExhausted, Unavailable
+from circuits_core.limits import DEFAULT_LIMITS
+from circuits_core.limits import flag as limit_flag
+from circuits_core.schemas import Graph
+from circuits_core.tracing import ModelInfo, TraceSpec
 
 log = logging.getLogger("circuits_attribution.service")
 
@@ -326,7 +326,7 @@ def _config_overrides(engine: Any, overrides: dict[str, Any], options: dict[str,
         return
     config = getattr(engine, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
-        from circuits.errors import InvalidArgument
+        from circuits_core.errors import InvalidArgument
 
         raise InvalidArgument(f"this server cannot override {', '.join(sorted(overrides))} per request")
     engine.config = dataclasses.replace(config, **overrides)

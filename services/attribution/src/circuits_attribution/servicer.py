@@ -1,6 +1,6 @@
 """AttributionService over gRPC: decode -> AttributionRunner -> encode, nothing else.
 
-Errors are domain exceptions; the shared interceptor (circuits.serving) maps them to status
+Errors are domain exceptions; the shared interceptor (circuits_server.serving) maps them to status
 codes. A call's ``context.is_active()`` is the runner's stop signal, so a cancelled call or a
 passed deadline frees its queue place or engine.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from circuits import wire
-from circuits._proto.circuits.v1 import attribution_pb2, attribution_pb2_grpc, graph_pb2
-from circuits.errors import CircuitsError, InvalidArgument
+from circuits_core import wire
+from circuits_core._proto.circuits.v1 import attribution_pb2, attribution_pb2_grpc, graph_pb2
+from circuits_core.errors import CircuitsError, InvalidArgument
 
 from circuits_attribution.service import AttributionRunner
 

@@ -4,7 +4,7 @@
         --output-dir graphs/ [--aggregator aggregator:50052] --model HuggingFaceTB/SmolLM2-135M-Instruct
 
 Prompts file: JSON lines ``{"prompt": ..., "id": ...?, "target_tokens": [...]?}`` (other
-:class:`~circuits.tracing.TraceSpec` fields are accepted too). Line ``n`` (1-based) belongs to
+:class:`~circuits_core.tracing.TraceSpec` fields are accepted too). Line ``n`` (1-based) belongs to
 shard ``(n - 1) % shard_count``; the shard index defaults to ``$JOB_COMPLETION_INDEX`` (Kubernetes
 Indexed Jobs). A bad line is reported as ``FILE:LINE: reason`` and skipped.
 
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from circuits.config import SMALL_MODEL, env_setting
-from circuits.errors import CircuitsError, InvalidArgument
-from circuits.schemas import Graph
-from circuits.tracing import TraceSpec
+from circuits_core.config import SMALL_MODEL, env_setting
+from circuits_core.errors import CircuitsError, InvalidArgument
+from circuits_core.schemas import Graph
+from circuits_core.tracing import TraceSpec
 
 #: Keys a prompts line may have besides the TraceSpec fields.
 _EXTRA_KEYS = ("id",)
@@ -186,7 +186,7 @@ def run_worker(
     ``engine`` is a RelP attributor (or any object with its ``trace``); ``sink`` receives each
     graph after its file is written and before the line is recorded as done.
     """
-    from circuits.graphio import write_graph
+    from circuits_core.graphio import write_graph
 
     from circuits_attribution.service import run_engine
 
@@ -251,13 +251,13 @@ class AggregatorSink:
     committed (AggregatorClient keeps it and re-sends across reconnects until then)."""
 
     def __init__(self, target: str) -> None:
-        from circuits.client.aggregator import AggregatorClient
+        from circuits_sdk.aggregator import AggregatorClient
 
         self.target = target
         self.client = AggregatorClient(target)
 
     def send(self, graph: Graph) -> None:
-        from circuits.errors import FailedPrecondition
+        from circuits_core.errors import FailedPrecondition
 
         report = self.client.ingest([graph])
         if graph.graph_id in report.rejected_graph_ids:

@@ -7,13 +7,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from circuits.errors import CircuitsError
+from circuits_core.errors import CircuitsError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuits serve labeler", description="Run the LabelerService gRPC server.")
     parser.add_argument("--config", required=True, help="YAML config with a labeling section")
-    from circuits.serving import add_server_arguments
+    from circuits_server.serving import add_server_arguments
 
     add_server_arguments(parser, default_port=50053)
     return parser
@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from circuits.config import load_config
-    from circuits.serving import server_settings_from_args, write_port_file
+    from circuits_core.config import load_config
+    from circuits_server.serving import server_settings_from_args, write_port_file
 
     from circuits_labeler.build import build_labeler
     from circuits_labeler.server import build_server

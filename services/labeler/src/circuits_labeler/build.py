@@ -6,8 +6,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from circuits.config import Config
-from circuits.errors import InvalidArgument
+from circuits_core.config import Config
+from circuits_core.errors import InvalidArgument
 
 from circuits_labeler.cache import AnswerCache
 from circuits_labeler.engine import ProgressiveLabeler
@@ -33,7 +33,7 @@ def open_evidence(config: Config) -> NeuronEvidence:
     else:
         evidence = EmptyEvidence()
     if s.neurondb_evidence:
-        from circuits.labels import NeuronDB, PgSettings
+        from circuits_core.labels import NeuronDB, PgSettings
 
         with NeuronDB(PgSettings.from_config(s)) as db:
             evidence = with_prior_descriptions(evidence, db)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from circuits.errors import CorruptInput
+from circuits_core.errors import CorruptInput
 
 
 def prompt_hash(*, system: str, user: str, max_tokens: int) -> str:

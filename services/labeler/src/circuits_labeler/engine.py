@@ -30,9 +30,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from circuits.config import LabelingSection
-from circuits.errors import InvalidArgument
-from circuits.schemas import LABEL_PASSES, LabelProgress
+from circuits_core.config import LabelingSection
+from circuits_core.errors import InvalidArgument
+from circuits_core.schemas import LABEL_PASSES, LabelProgress
 
 from circuits_labeler.cache import AnswerCache, CachedAnswer, prompt_hash
 from circuits_labeler.evidence import Neighbour, NeuronEvidence, UnitRecord

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from circuits.errors import CorruptInput, NotFound
+from circuits_core.errors import CorruptInput, NotFound
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from circuits.config import LabelingSection, env_setting
-from circuits.errors import ConfigError, Unauthenticated
+from circuits_core.config import LabelingSection, env_setting
+from circuits_core.errors import ConfigError, Unauthenticated
 
 log = logging.getLogger("circuits_labeler.llm")
 

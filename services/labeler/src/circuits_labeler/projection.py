@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from circuits.errors import CorruptInput, InvalidArgument, NotFound
+from circuits_core.errors import CorruptInput, InvalidArgument, NotFound
 
 SCHEMA_VERSION = 1
 

@@ -1,10 +1,10 @@
-"""Build the labeler gRPC server (health, reflection, metrics, shutdown from circuits.serving)."""
+"""Build the labeler gRPC server (health, reflection, metrics, shutdown from circuits_server.serving)."""
 
 from __future__ import annotations
 
-from circuits._proto.circuits.v1 import labeler_pb2_grpc
-from circuits.limits import DEFAULT_LIMITS, Limits
-from circuits.serving import GrpcServer, ServerSettings, build_grpc_server
+from circuits_core._proto.circuits.v1 import labeler_pb2_grpc
+from circuits_core.limits import DEFAULT_LIMITS, Limits
+from circuits_server.serving import GrpcServer, ServerSettings, build_grpc_server
 
 from circuits_labeler.service import LabelerService
 from circuits_labeler.servicer import LabelerServicer

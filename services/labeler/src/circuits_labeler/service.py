@@ -11,8 +11,8 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 
-from circuits.errors import CircuitsError, FailedPrecondition, InvalidArgument
-from circuits.schemas import LabelProgress, Unit
+from circuits_core.errors import CircuitsError, FailedPrecondition, InvalidArgument
+from circuits_core.schemas import LabelProgress, Unit
 
 from circuits_labeler.engine import ProgressiveLabeler
 

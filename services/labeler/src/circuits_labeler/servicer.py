@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from circuits import wire
-from circuits._proto.circuits.v1 import labeler_pb2, labeler_pb2_grpc
-from circuits.limits import DEFAULT_LIMITS, Limits
+from circuits_core import wire
+from circuits_core._proto.circuits.v1 import labeler_pb2, labeler_pb2_grpc
+from circuits_core.limits import DEFAULT_LIMITS, Limits
 
 from circuits_labeler.service import LabelerService
 

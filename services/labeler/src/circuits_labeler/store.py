@@ -21,8 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from circuits.errors import CorruptInput
-from circuits.schemas import Unit, UnitLabel
+from circuits_core.errors import CorruptInput
+from circuits_core.schemas import Unit, UnitLabel
 
 from circuits_labeler.prompts import ParsedAnswer
 

@@ -1,0 +1,63 @@
+"""`circuits query`: search the atlas by label text, locally or through the atlas server.
+
+    circuits query atlas.duckdb "enzyme"
+    circuits query --remote localhost:50054 "enzyme" --limit 10 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from circuits.cli._remote import add_remote_auth_arguments, remote_auth
+from circuits_core.errors import InvalidArgument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("args", nargs="+", metavar="[ATLAS] TEXT", help="atlas file (unless --remote) and search text")
+    parser.add_argument("--remote", metavar="HOST:PORT", help="query an atlas server instead of a local file")
+    add_remote_auth_arguments(parser)
+    parser.add_argument("--limit", type=int, default=20, help="most results (default 20)")
+    parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+
+
+def _hit_json(hit: Any) -> dict[str, Any]:
+    u = hit.unit
+    return {
+        "unit_id": u.unit_id, "layer": u.layer, "neuron": u.index, "score": hit.score, "label": u.label,
+        "input_label": u.input_label, "appearance_count": u.appearance_count, "cluster": u.cluster,
+    }  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.remote:
+        if len(args.args) != 1:
+            raise InvalidArgument("with --remote give only the search text")
+        (text,) = args.args
+        from circuits_sdk.atlas import AtlasClient
+
+        with AtlasClient(args.remote, **remote_auth(args)) as client:
+            hits = client.search(text, args.limit)
+    else:
+        if len(args.args) != 2:
+            raise InvalidArgument("give the atlas file and the search text (or --remote HOST:PORT TEXT)")
+        path, text = args.args
+        from circuits_atlas.database import CircuitDatabase
+
+        with CircuitDatabase(path, read_only=True) as db:
+            hits = db.search(text, args.limit)
+    if args.json:
+        for hit in hits:
+            print(json.dumps(_hit_json(hit), ensure_ascii=False))
+        return 0
+    if not hits:
+        print("no matching units")
+        return 0
+    print(f"{'#':>3}  {'unit':<12} {'score':>7} {'seen':>6} {'cluster':<9} label")
+    for rank, hit in enumerate(hits, 1):
+        u = hit.unit
+        label = " ".join(u.label.split())
+        label = label if len(label) <= 80 else label[:77] + "..."
+        print(f"{rank:>3}  {u.unit_id:<12} {hit.score:>7.3f} {u.appearance_count:>6} {u.cluster or '-':<9} {label}")
+    return 0

@@ -1,0 +1,117 @@
+from circuits_core._proto.circuits.v1 import graph_pb2 as _graph_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EdgeDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EDGE_DIRECTION_BOTH: _ClassVar[EdgeDirection]
+    EDGE_DIRECTION_DOWNSTREAM: _ClassVar[EdgeDirection]
+    EDGE_DIRECTION_UPSTREAM: _ClassVar[EdgeDirection]
+EDGE_DIRECTION_BOTH: EdgeDirection
+EDGE_DIRECTION_DOWNSTREAM: EdgeDirection
+EDGE_DIRECTION_UPSTREAM: EdgeDirection
+
+class SearchUnitsRequest(_message.Message):
+    __slots__ = ("text", "limit")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    limit: int
+    def __init__(self, text: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class SearchUnitsResponse(_message.Message):
+    __slots__ = ("units", "scores")
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    units: _containers.RepeatedCompositeFieldContainer[_graph_pb2.Unit]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, units: _Optional[_Iterable[_Union[_graph_pb2.Unit, _Mapping]]] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class GetUnitRequest(_message.Message):
+    __slots__ = ("layer", "index")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    index: int
+    def __init__(self, layer: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+
+class GetEdgesForUnitRequest(_message.Message):
+    __slots__ = ("layer", "index", "direction", "limit", "min_count")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    index: int
+    direction: EdgeDirection
+    limit: int
+    min_count: int
+    def __init__(self, layer: _Optional[int] = ..., index: _Optional[int] = ..., direction: _Optional[_Union[EdgeDirection, str]] = ..., limit: _Optional[int] = ..., min_count: _Optional[int] = ...) -> None: ...
+
+class GetEdgesForUnitResponse(_message.Message):
+    __slots__ = ("edges",)
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    edges: _containers.RepeatedCompositeFieldContainer[_graph_pb2.Edge]
+    def __init__(self, edges: _Optional[_Iterable[_Union[_graph_pb2.Edge, _Mapping]]] = ...) -> None: ...
+
+class GetClusterRequest(_message.Message):
+    __slots__ = ("cluster", "limit")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    cluster: str
+    limit: int
+    def __init__(self, cluster: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ClusterInfo(_message.Message):
+    __slots__ = ("cluster_path", "level", "size", "layer_min", "layer_max", "median_layer")
+    CLUSTER_PATH_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_MIN_FIELD_NUMBER: _ClassVar[int]
+    LAYER_MAX_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_LAYER_FIELD_NUMBER: _ClassVar[int]
+    cluster_path: str
+    level: int
+    size: int
+    layer_min: int
+    layer_max: int
+    median_layer: float
+    def __init__(self, cluster_path: _Optional[str] = ..., level: _Optional[int] = ..., size: _Optional[int] = ..., layer_min: _Optional[int] = ..., layer_max: _Optional[int] = ..., median_layer: _Optional[float] = ...) -> None: ...
+
+class GetClusterResponse(_message.Message):
+    __slots__ = ("cluster", "units")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    cluster: ClusterInfo
+    units: _containers.RepeatedCompositeFieldContainer[_graph_pb2.Unit]
+    def __init__(self, cluster: _Optional[_Union[ClusterInfo, _Mapping]] = ..., units: _Optional[_Iterable[_Union[_graph_pb2.Unit, _Mapping]]] = ...) -> None: ...
+
+class AtlasStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AtlasStats(_message.Message):
+    __slots__ = ("neurons", "edges", "clusters", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NEURONS_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    neurons: int
+    edges: int
+    clusters: int
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, neurons: _Optional[int] = ..., edges: _Optional[int] = ..., clusters: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -1,0 +1,239 @@
+"""Value types of the aggregator, shared by the aggregator service, its client and the CLI.
+
+* :class:`GraphArrays` - the position-collapsed, neuron-only columns of one graph: what the
+  aggregator needs from a graph, as numpy arrays (no per-edge Python objects).
+* :class:`IngestAck` - what one Ingest acknowledgement says (graphs durably committed).
+* :class:`AggregatorStats` - counters of one aggregator (one shard).
+* :class:`EdgeColumns` - aggregated edge statistics as columns (GetEdges / export rows).
+
+Plain frozen dataclasses; numpy is imported only by the functions that build arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from circuits_core.errors import InvalidArgument
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+#: Bits of the packed keys the aggregator groups by (layer < 1024, neuron < 2**21).
+LAYER_BITS = 10
+NEURON_BITS = 21
+MAX_LAYER = (1 << LAYER_BITS) - 1
+MAX_NEURON = (1 << NEURON_BITS) - 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GraphArrays:
+    """One graph reduced to what aggregation counts.
+
+    Units are the graph's neuron nodes (one row per node, so a neuron at three positions has three
+    rows); edges are its neuron -> neuron links (embedding and logit endpoints dropped). Missing
+    activations/attributions are NaN. ``source`` says where the graph came from (a file name, or
+    "grpc"); ``graph_id`` is its exactly-once identity.
+    """
+
+    graph_id: str
+    source: str = ""
+    corpus_index: int = -1
+    unit_layer: np.ndarray  # int32 [U]
+    unit_neuron: np.ndarray  # int32 [U]
+    unit_activation: np.ndarray  # float64 [U], NaN = missing
+    unit_attribution: np.ndarray  # float64 [U], NaN = missing
+    edge_src_layer: np.ndarray  # int32 [E]
+    edge_src_neuron: np.ndarray  # int32 [E]
+    edge_tgt_layer: np.ndarray  # int32 [E]
+    edge_tgt_neuron: np.ndarray  # int32 [E]
+    edge_weight: np.ndarray  # float64 [E]
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edge_weight.shape[0])
+
+    @property
+    def n_units(self) -> int:
+        return int(self.unit_layer.shape[0])
+
+
+def graph_arrays_from_units(
+    *,
+    graph_id: str,
+    source: str,
+    corpus_index: int,
+    layer: Any,
+    index: Any,
+    is_neuron: Any,
+    activation: Any,
+    attribution: Any,
+    edge_src: Any,
+    edge_tgt: Any,
+    edge_weight: Any,
+) -> GraphArrays:
+    """Build GraphArrays from per-unit columns and edges given as unit row numbers.
+
+    Keeps neuron units and the edges whose both endpoints are neurons; checks that edge rows
+    exist, column lengths agree and layer/neuron numbers fit the aggregator's keys. Bad input
+    raises InvalidArgument naming ``source``/``graph_id``.
+    """
+    import numpy as np
+
+    where = source or graph_id or "graph"
+    layer = np.asarray(layer, dtype=np.int64)
+    index = np.asarray(index, dtype=np.int64)
+    is_neuron = np.asarray(is_neuron, dtype=bool)
+    activation = np.asarray(activation, dtype=np.float64)
+    attribution = np.asarray(attribution, dtype=np.float64)
+    n_units = layer.shape[0]
+    if not (index.shape[0] == is_neuron.shape[0] == activation.shape[0] == attribution.shape[0] == n_units):
+        raise InvalidArgument(f"{where}: unit columns differ in length")
+    src = np.asarray(edge_src, dtype=np.int64)
+    tgt = np.asarray(edge_tgt, dtype=np.int64)
+    weight = np.asarray(edge_weight, dtype=np.float64)
+    if not (src.shape[0] == tgt.shape[0] == weight.shape[0]):
+        raise InvalidArgument(
+            f"{where}: edge columns differ in length (src={src.shape[0]}, tgt={tgt.shape[0]}, weight={weight.shape[0]})"
+        )
+    if src.shape[0]:
+        lo = min(int(src.min()), int(tgt.min()))
+        hi = max(int(src.max()), int(tgt.max()))
+        if lo < 0 or hi >= n_units:
+            raise InvalidArgument(f"{where}: an edge refers to unit {hi if hi >= n_units else lo}, but the graph has {n_units} units")
+    neuron_layer = layer[is_neuron]
+    neuron_index = index[is_neuron]
+    if neuron_layer.shape[0]:
+        if int(neuron_layer.min()) < 0 or int(neuron_layer.max()) > MAX_LAYER:
+            raise InvalidArgument(f"{where}: neuron layers must be in 0..{MAX_LAYER}")
+        if int(neuron_index.min()) < 0 or int(neuron_index.max()) > MAX_NEURON:
+            raise InvalidArgument(f"{where}: neuron indices must be in 0..{MAX_NEURON}")
+    keep = is_neuron[src] & is_neuron[tgt]
+    src, tgt = src[keep], tgt[keep]
+    return GraphArrays(
+        graph_id=graph_id,
+        source=source,
+        corpus_index=int(corpus_index),
+        unit_layer=neuron_layer.astype(np.int32),
+        unit_neuron=neuron_index.astype(np.int32),
+        unit_activation=activation[is_neuron],
+        unit_attribution=attribution[is_neuron],
+        edge_src_layer=layer[src].astype(np.int32),
+        edge_src_neuron=index[src].astype(np.int32),
+        edge_tgt_layer=layer[tgt].astype(np.int32),
+        edge_tgt_neuron=index[tgt].astype(np.int32),
+        edge_weight=weight[keep],
+    )
+
+
+def content_graph_id(payload: bytes) -> str:
+    """Identity of a graph that carries none: sha256 of its (decompressed) bytes, 32 hex chars.
+
+    Used for legacy JSON files without ``metadata.graph_id`` (the hash of the file's JSON text
+    after gzip decompression, so ``g.json`` and ``g.json.gz`` agree) and for graphs sent without
+    an id (the hash of the deterministic protobuf serialization).
+    """
+    return hashlib.sha256(payload).hexdigest()[:32]
+
+
+def shard_of(graph_id: str, shard_count: int) -> int:
+    """The shard that owns ``graph_id``: first 64 bits of sha256(graph_id) modulo ``shard_count``.
+
+    Stable across processes, machines and Python versions (unlike ``hash``).
+    """
+    if shard_count < 1:
+        raise InvalidArgument(f"shard count must be >= 1, got {shard_count}")
+    return int(hashlib.sha256(graph_id.encode("utf-8")).hexdigest()[:16], 16) % shard_count
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IngestAck:
+    """Graphs durably committed by one acknowledgement.
+
+    ``graph_ids`` lists every graph of the acknowledged batch that this shard owns (newly counted
+    or already present); ``duplicates`` how many of them were already in the ledger;
+    ``rejected_graph_ids`` the graphs of the batch another shard owns (not counted here).
+    """
+
+    graph_ids: tuple[str, ...] = ()
+    duplicates: int = 0
+    graphs_total: int = 0
+    rejected_graph_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IngestReport:
+    """What a client-side ingest achieved."""
+
+    #: Graphs acknowledged as committed (new or duplicate).
+    acked: int = 0
+    #: Of these, graphs already present in the ledger (counted once, earlier).
+    duplicates: int = 0
+    #: Graph ids that the server's shard does not own (not counted).
+    rejected_graph_ids: tuple[str, ...] = ()
+    #: Streams re-opened after the server became unavailable.
+    reconnects: int = 0
+    #: Graphs sent again after a reconnect (they were not acknowledged before the break).
+    resent: int = 0
+    #: Graphs committed in the aggregator after the last acknowledgement.
+    graphs_total: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AggregatorStats:
+    """Counters of one aggregator (one shard)."""
+
+    graphs_processed: int = 0
+    total_edge_observations: int = 0
+    distinct_edges: int = 0
+    distinct_units: int = 0
+    shard_index: int = 0
+    shard_count: int = 1
+
+
+#: Column order of aggregated edge statistics (= edges.parquet).
+EDGE_COLUMNS: tuple[str, ...] = (
+    "src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "count",
+    "weight_sum", "weight_abs_sum", "weight_sq_sum", "weight_min", "weight_max",
+)  # fmt: skip
+#: Column order of per-neuron statistics (= units.parquet).
+UNIT_COLUMNS: tuple[str, ...] = (
+    "layer", "neuron", "graph_count", "observation_count", "act_sum", "act_sq_sum", "act_min", "act_max",
+    "attr_sum", "attr_abs_sum", "attr_sq_sum", "attr_min", "attr_max",
+)  # fmt: skip
+#: Column order of the ledger export (= ledger.parquet).
+LEDGER_COLUMNS: tuple[str, ...] = ("graph_id", "source", "corpus_index")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EdgeColumns:
+    """Aggregated edges as numpy columns (row r of every column is one edge); see EDGE_COLUMNS."""
+
+    src_layer: np.ndarray
+    src_neuron: np.ndarray
+    tgt_layer: np.ndarray
+    tgt_neuron: np.ndarray
+    count: np.ndarray
+    weight_sum: np.ndarray
+    weight_abs_sum: np.ndarray
+    weight_sq_sum: np.ndarray
+    weight_min: np.ndarray
+    weight_max: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.count.shape[0])
+
+    def to_edges(self) -> list[Any]:
+        """Rows as :class:`circuits_core.schemas.Edge` with ``weight`` = mean weight, method "relp"."""
+        from circuits_core.schemas import Edge
+
+        cols = [getattr(self, name).tolist() for name in EDGE_COLUMNS]
+        return [
+            Edge(
+                src_layer=sl, src_index=sn, tgt_layer=tl, tgt_index=tn, weight=(s / c if c else 0.0),
+                count=c, weight_sum=s, weight_abs_sum=sa, weight_sq_sum=sq, weight_min=mn, weight_max=mx,
+                method="relp",
+            )
+            for sl, sn, tl, tn, c, s, sa, sq, mn, mx in zip(*cols)
+        ]  # fmt: skip

@@ -1,0 +1,98 @@
+"""One exception root for the whole platform.
+
+Domain code raises these; the gRPC error interceptor (circuits_server.serving) maps them to status
+codes, the clients raise the same classes back from status codes, and the CLI prints the
+message as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+
+class CircuitsError(Exception):
+    """Root of every error circuits raises on purpose. The message is meant for users."""
+
+    #: gRPC status code name this error maps to.
+    grpc_code = "INTERNAL"
+
+
+class InvalidArgument(CircuitsError, ValueError):
+    """Bad input from a user: a prompt, a flag, a file, a request field."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class NotFound(CircuitsError, LookupError):
+    """A named thing (model, unit, cluster, file) does not exist."""
+
+    grpc_code = "NOT_FOUND"
+
+
+class ResourceExhausted(CircuitsError):
+    """A limit was reached: queue full, budget spent, result too large."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class FailedPrecondition(CircuitsError):
+    """The system is not in a state that allows the operation (e.g. model not loaded)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class Unavailable(CircuitsError):
+    """A service or backend cannot be reached right now; retrying may help."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(CircuitsError):
+    """The operation ran past its deadline."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(CircuitsError):
+    """The caller cancelled the operation."""
+
+    grpc_code = "CANCELLED"
+
+
+class Unauthenticated(CircuitsError):
+    """Missing or wrong credentials."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(CircuitsError):
+    """Valid credentials without the needed scope."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
+class ConfigError(InvalidArgument):
+    """A configuration file or value is wrong; the message names the key or the file."""
+
+
+class CorruptInput(InvalidArgument):
+    """A data file (graph, prompts, checkpoint) cannot be parsed; the message names the file."""
+
+
+_BY_CODE = {
+    cls.grpc_code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        FailedPrecondition,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+        Unauthenticated,
+        PermissionDenied,
+    )
+}
+
+
+def error_for_code(code_name: str, message: str) -> CircuitsError:
+    """The CircuitsError subclass instance for a gRPC status code name (client side)."""
+    return _BY_CODE.get(code_name, CircuitsError)(message)
