@@ -73,7 +73,8 @@ def graphs(draw) -> Graph:
             )
     metadata = GraphMetadata(
         slug=draw(st.text(min_size=1, max_size=10)),
-        scan=draw(st.text(min_size=1, max_size=10)),
+        # a viewer model id (Neuronpedia's rule); other names are mapped on writing (test_viewer_fields)
+        scan=draw(st.text(alphabet="abcXYZ019_.-", min_size=1, max_size=10)),
         target_position=n_tokens - 1,
         node_threshold=draw(st.none() | st.floats(0, 1)),
         metric_value=draw(st.none() | finite),
@@ -139,7 +140,8 @@ def test_legacy_node_encodings_follow_the_spec() -> None:
     assert neuron["node_id"] == "2_7_0" and neuron["feature_type"] == "mlp_neuron"
     assert neuron["clerp"] == "L2/N7: capital cities" and neuron["layer"] == "2"
     assert logit["node_id"] == "L_11_0" and logit["isLogit"] is True
-    assert logit["clerp"] == " Paris (p=0.8000)"
+    assert logit["clerp"] == 'Output " Paris" (p=0.800)'
+    assert neuron["attribution"] == 0.25 and neuron["influence"] == 1.0 and logit["influence"] is None
     assert legacy["metadata"]["slug"] == "relp-the-capital-of-france-is"
     jsonschema.validate(legacy, SCHEMA)
 
