@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from viewer_requirements import viewer_problems
 
 from circuits import Edge, Graph, GraphMetadata, Unit, UnitLabel
 from circuits_core import wire
@@ -72,7 +73,7 @@ def graphs(draw) -> Graph:
                 )
             )
     metadata = GraphMetadata(
-        slug=draw(st.text(min_size=1, max_size=10)),
+        slug=draw(st.text(alphabet="abcXYZ019_.-", min_size=1, max_size=10)),
         # a viewer model id (Neuronpedia's rule); other names are mapped on writing (test_viewer_fields)
         scan=draw(st.text(alphabet="abcXYZ019_.-", min_size=1, max_size=10)),
         target_position=n_tokens - 1,
@@ -108,6 +109,7 @@ def test_protobuf_round_trip_is_lossless(graph: Graph) -> None:
 def test_legacy_round_trip_preserves_graph_and_validates(graph: Graph) -> None:
     legacy = graph.to_legacy()
     jsonschema.validate(legacy, SCHEMA)
+    assert viewer_problems(legacy) == []  # circuit-tracer's model and frontend, Neuronpedia's upload
     # through real JSON text, as files carry it
     parsed = Graph.from_legacy(json.loads(json.dumps(legacy)))
     assert parsed == graph

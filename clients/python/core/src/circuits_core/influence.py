@@ -134,7 +134,10 @@ def influence_shares(
     shares = cumulative_shares(influence) if influence is not None else None
     if shares is None:
         basis = BASIS_ATTRIBUTION
-        shares = cumulative_shares([abs(a) if a is not None else 0.0 for a in attributions])
+        # a logit's "attribution" is its logit value, not an effect on the logits: not ranked
+        shares = cumulative_shares(
+            [abs(a) if a is not None and not is_logit[n] else 0.0 for n, a in enumerate(attributions)]
+        )
     if shares is None:
         return InfluenceShares(shares=(None,) * n_nodes, basis=basis)
     return InfluenceShares(shares=tuple(None if is_logit[n] else shares[n] for n in range(n_nodes)), basis=basis)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 from circuits_core.errors import CorruptInput, InvalidArgument
 from circuits_core.influence import DEFAULT_NODE_THRESHOLD, InfluenceShares, influence_shares, logit_weights_from_probabilities
-from circuits_core.viewers import logit_clerp, parse_logit_clerp, scan_id
+from circuits_core.viewers import logit_clerp, parse_logit_clerp, scan_id, slug_id
 
 EMBEDDING_LAYER = -1
 UnitKind = Literal["neuron", "embedding", "logit"]
@@ -233,8 +234,11 @@ def graph_content_id(*, model: str, prompt: str, settings: Mapping[str, Any], re
 
 
 def slugify(text: str, *, max_chars: int = 50) -> str:
-    """Lowercase slug: drop non-word characters except space and '-', collapse runs to '-'."""
-    text = re.sub(r"[^\w\s-]", "", text.lower())
+    """Lowercase ASCII slug: accents dropped ("Région" -> "region"), other characters except
+    letters, digits, space, '_' and '-' removed, runs of space/'_'/'-' collapsed to '-'.
+    ASCII because Neuronpedia accepts only [a-zA-Z0-9_.-] in a slug."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^a-z0-9_\s-]", "", text.lower())
     text = re.sub(r"[\s_-]+", "-", text).strip("-")
     return text[:max_chars].strip("-") or "graph"
 
@@ -271,7 +275,8 @@ def _legacy_node(unit: Unit, first_logit: bool, influence: float | None) -> dict
         "isLogit": unit.kind == "logit",
     }
     if unit.kind == "logit":
-        node["token_prob"] = unit.probability
+        if unit.probability is not None:  # circuit-tracer's token_prob is a float (default 0.0), never null
+            node["token_prob"] = unit.probability
         node["is_target_logit"] = first_logit
     if unit.label:
         node["label"] = unit.label
@@ -325,7 +330,7 @@ def _viewer_metadata_from_legacy(meta: Mapping[str, Any], extra: dict[str, Any])
     """Inverse of :func:`_viewer_metadata`: keep only what differs from the defaults in ``extra``."""
     pruning = dict(meta.get("pruning_settings") or {}) if isinstance(meta.get("pruning_settings"), Mapping) else {}
     pruning.pop("influence_basis", None)
-    if "node_threshold" in meta:
+    if "transcoder_list" in meta and "node_threshold" in meta:  # older files: node_threshold was tau
         pruning["node_threshold"] = meta["node_threshold"]
     if pruning.get("node_threshold") == DEFAULT_NODE_THRESHOLD:
         pruning.pop("node_threshold")
@@ -364,7 +369,7 @@ def graph_to_legacy(graph: Graph) -> dict[str, Any]:
     q_params.setdefault("sg_pos", "")
     influence = graph_influence(graph)
     metadata: dict[str, Any] = {
-        "slug": md.slug or ("relp-" + slugify(graph.prompt)),
+        "slug": slug_id(md.slug) if md.slug else ("relp-" + slugify(graph.prompt)),
         "scan": scan_id(md.scan or graph.model or "model"),
         "prompt": graph.prompt,
         "prompt_tokens": list(graph.prompt_tokens),

@@ -4,13 +4,16 @@
   ``[a-zA-Z0-9_.-]+`` and looks the id up among its models, so the models we support map to the
   ids Neuronpedia uses for them (its ``np_model_to_hf.json``); any other model gets a sanitized
   id from its name. The hub id stays in ``metadata.model``.
+- ``metadata.slug`` follows the same rule (and names the file circuit-tracer's server fetches).
 - Logit ``clerp``: both viewers take the token from between the first pair of double quotes
   and the probability from ``(p=...)``: circuit-tracer writes ``Output " Paris" (p=0.773)``.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import unicodedata
 
 # Neuronpedia model ids of the hub models we support (from Neuronpedia's np_model_to_hf.json).
 NEURONPEDIA_MODEL_IDS: dict[str, str] = {
@@ -46,6 +49,14 @@ def scan_id(model: str) -> str:
     return cleaned or "model"
 
 
+def slug_id(slug: str) -> str:
+    """A graph slug Neuronpedia accepts: ``slug`` itself when valid, else an ASCII slug of it."""
+    if SCAN_PATTERN.match(slug):
+        return slug
+    ascii_text = unicodedata.normalize("NFKD", slug).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[^a-zA-Z0-9_.-]+", "-", ascii_text).strip("-.") or "graph"
+
+
 def logit_clerp(token: str, probability: float | None) -> str:
     """circuit-tracer's logit label: ``Output " Paris" (p=0.773)``."""
     p = probability if probability is not None else float("nan")
@@ -58,4 +69,5 @@ def parse_logit_clerp(clerp: str) -> tuple[str, float | None]:
     match = _LOGIT_CLERP.match(clerp) or _OLD_LOGIT_CLERP.match(clerp)
     if not match:
         return clerp, None
-    return match.group("token"), float(match.group("p"))
+    p = float(match.group("p"))
+    return match.group("token"), p if math.isfinite(p) else None
