@@ -144,3 +144,15 @@ def test_huge_weights_do_not_overflow_and_zero_rows_carry_nothing() -> None:
 def test_logit_weights_are_probabilities_or_equal_when_missing() -> None:
     assert logit_weights_from_probabilities([0.5, 0.7, None], [False, True, True]) == [0.0, 0.7, 0.0]
     assert logit_weights_from_probabilities([None, float("nan")], [True, True]) == [1.0, 1.0]
+
+
+def test_viewer_bench_smoke() -> None:
+    """benchmarks/viewer_bench.py --smoke runs and checks itself against the dense matrix series."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "viewer_bench.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ratio baseline / ours" in done.stdout and "influence share" in done.stdout

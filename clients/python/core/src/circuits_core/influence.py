@@ -11,7 +11,7 @@ adjacency ``A[t, s]`` (rows = targets, columns = sources) row-normalised to
 ``Â = |A| / rowsum(|A|)`` and the logit weight vector ``w`` (each logit's probability, 0 for
 other nodes), ``I = wᵀ(Â + Â² + Â³ + …)``. Our graphs are DAGs (edges go from lower to higher
 layers), so one pass over the nodes in reverse topological order computes the series exactly:
-``I_s = Σ_t Â[t, s] · (I_t + w_t)``. Row normalisation makes the result the same for the RelP
+``I_s = Σ_t Â[t, s] · (I_t + w_t)``, on the edge list (no dense N×N matrix). Row normalisation makes the result the same for the RelP
 flow weights and the raw direct-effect weights (flow = raw · RelP_t / h_t, a per-row factor).
 
 Everything here works on plain columns (node count, edge source/target indices, weights) so it
@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 DEFAULT_NODE_THRESHOLD = 0.8
 """The viewers' default pruning fraction (circuit-tracer's ``node_threshold``)."""
@@ -56,44 +58,50 @@ def propagate_influence(
     ``logit_weights[n]`` is ``w_n`` (non-zero only for logits). Parallel edges between the same
     pair are summed first, as an adjacency matrix would hold them. Returns None when the edges
     contain a cycle (the series need not converge; circuit-tracer raises there).
+
+    Nodes are finished in waves from the sinks (Kahn's algorithm): a node's influence is final
+    once every node it feeds is, and it then passes ``Â[t, s] · (I_t + w_t)`` to each source s.
+    Edges are grouped by target, so each wave touches only the edges into its nodes: O(E) in all.
     """
-    if not (len(sources) == len(targets) == len(weights)):
+    src = np.asarray(sources, dtype=np.int64)
+    tgt = np.asarray(targets, dtype=np.int64)
+    weight = np.asarray(weights, dtype=np.float64)
+    if not (src.shape == tgt.shape == weight.shape):
         raise ValueError("sources, targets and weights differ in length")
-    if len(logit_weights) != n_nodes:
+    w_logit = np.asarray(logit_weights, dtype=np.float64)
+    if w_logit.shape != (n_nodes,):
         raise ValueError("logit_weights must have one entry per node")
-    pair_weight: dict[tuple[int, int], float] = {}
-    for s, t, w in zip(sources, targets, weights):
-        if not (0 <= s < n_nodes and 0 <= t < n_nodes):
-            raise ValueError(f"edge {s}->{t} refers to a node outside 0..{n_nodes - 1}")
-        pair_weight[(t, s)] = pair_weight.get((t, s), 0.0) + float(w)
-    incoming: list[list[tuple[int, float]]] = [[] for _ in range(n_nodes)]
-    out_degree = [0] * n_nodes
-    for (t, s), w in pair_weight.items():
-        a = abs(w)
-        if a > 0.0 and math.isfinite(a):
-            incoming[t].append((s, a))
-            out_degree[s] += 1
-    # Kahn's algorithm from the sinks: a node is ready once every target it feeds is done.
-    ready = [n for n in range(n_nodes) if out_degree[n] == 0]
-    remaining = list(out_degree)
-    influence = [0.0] * n_nodes
+    if src.size and (min(src.min(), tgt.min()) < 0 or max(src.max(), tgt.max()) >= n_nodes):
+        raise ValueError(f"an edge refers to a node outside 0..{n_nodes - 1}")
+    # one entry per (target, source) pair, as in the adjacency matrix; zero entries carry nothing
+    pair, inverse = np.unique(tgt * n_nodes + src, return_inverse=True)
+    summed = np.abs(np.bincount(inverse, weights=weight, minlength=pair.size))
+    keep = (summed > 0) & np.isfinite(summed)
+    pair, summed = pair[keep], summed[keep]
+    tgt, src = pair // n_nodes, pair % n_nodes  # sorted by target
+    # |A[t, s]| / Σ_s |A[t, s]|, scaled by the row maximum first so huge weights cannot overflow
+    row_max = np.zeros(n_nodes)
+    np.maximum.at(row_max, tgt, summed)
+    scaled = summed / row_max[tgt]
+    a_hat = scaled / np.bincount(tgt, weights=scaled, minlength=n_nodes)[tgt]
+    starts = np.searchsorted(tgt, np.arange(n_nodes + 1))
+    remaining = np.bincount(src, minlength=n_nodes)  # targets each node feeds that are not done
+    influence = np.zeros(n_nodes)
+    wave = np.flatnonzero(remaining == 0)
     done = 0
-    while ready:
-        t = ready.pop()
-        done += 1
-        row = incoming[t]
-        if not row:
-            continue
-        # |A[t, s]| / Σ_s |A[t, s]|, scaled by the row maximum first so huge weights cannot overflow.
-        top = max(a for _, a in row)
-        total = sum(a / top for _, a in row)
-        carried = influence[t] + float(logit_weights[t])
-        for s, a in row:
-            influence[s] += carried * (a / top) / total
-            remaining[s] -= 1
-            if remaining[s] == 0:
-                ready.append(s)
-    return influence if done == n_nodes else None
+    while wave.size:
+        done += wave.size
+        counts = starts[wave + 1] - starts[wave]
+        if not counts.any():
+            break
+        # the edge indices into this wave's nodes: concatenated ranges starts[t]..starts[t+1]
+        offsets = np.repeat(starts[wave] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        e_src = src[offsets]
+        np.add.at(influence, e_src, a_hat[offsets] * (influence + w_logit)[tgt[offsets]])
+        fed, n_fed = np.unique(e_src, return_counts=True)
+        remaining[fed] -= n_fed
+        wave = fed[remaining[fed] == 0]
+    return influence.tolist() if done == n_nodes else None
 
 
 def cumulative_shares(scores: Sequence[float]) -> list[float] | None:

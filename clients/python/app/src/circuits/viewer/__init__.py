@@ -262,7 +262,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not entries:
             body = "<!DOCTYPE html><meta charset=\"utf-8\"><title>circuits</title><p>No graph files in this folder yet.</p>"
             return 200, "text/html; charset=utf-8", body.encode()
-        return self._page(entries[0])
+        for entry in entries:  # the first graph that reads; broken ones stay in the picker
+            try:
+                return self._page(entry)
+            except CircuitsError as exc:
+                error = exc
+        raise error
 
     def graph_page(self, name: str) -> Response:
         entry = self.catalog.find(name)
