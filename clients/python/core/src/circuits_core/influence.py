@@ -24,8 +24,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 DEFAULT_NODE_THRESHOLD = 0.8
 """The viewers' default pruning fraction (circuit-tracer's ``node_threshold``)."""
 
@@ -63,6 +61,8 @@ def propagate_influence(
     once every node it feeds is, and it then passes ``Â[t, s] · (I_t + w_t)`` to each source s.
     Edges are grouped by target, so each wave touches only the edges into its nodes: O(E) in all.
     """
+    import numpy as np  # deferred: `import circuits` stays light
+
     src = np.asarray(sources, dtype=np.int64)
     tgt = np.asarray(targets, dtype=np.int64)
     weight = np.asarray(weights, dtype=np.float64)
