@@ -213,12 +213,22 @@ class GraphCatalog:
 
     def index(self) -> dict[str, Any]:
         """circuit-tracer's ``graph-metadata.json`` for the served graphs."""
-        from circuits_core.graph_index import index_entry
+        from circuits_core.graph_index import index_entry, read_graph_index
 
+        indexed: dict[str, dict[str, Any]] = {}
+        if self.folder is not None:
+            try:  # the folder's own index spares reading every graph file
+                indexed = {g["slug"]: g for g in read_graph_index(self.folder)}
+            except CircuitsError:
+                indexed = {}
         graphs = []
         for entry in self.entries():
+            known = indexed.get(entry.slug)
+            if known is not None and entry.name == f"{entry.slug}.json":
+                graphs.append(known)
+                continue
             try:
-                graphs.append(index_entry(self.legacy(entry)))
+                graphs.append({**index_entry(self.legacy(entry)), "slug": entry.slug})
             except CircuitsError:
                 continue
         return {"graphs": graphs}
