@@ -171,8 +171,8 @@ def _health_filter(path: str, clusters: Sequence[str]) -> dict[str, Any]:
         headers=[{"name": ":path", "string_match": {"exact": path}}],
     )
     if clusters:
-        # Any healthy host will do: the percentage only has to be above zero.
-        config["cluster_min_healthy_percentages"] = {name: {"value": 0.0001} for name in clusters}
+        # Envoy truncates the percentage to an integer: 1% = one healthy host of up to 100.
+        config["cluster_min_healthy_percentages"] = {name: {"value": 1.0} for name in clusters}
     return {"name": "envoy.filters.http.health_check", "typed_config": config}
 
 
@@ -214,6 +214,8 @@ def _upstream_cluster(name: str, address: str, settings: GatewaySettings) -> dic
             {
                 "timeout": "2s",
                 "interval": _duration(settings.health_check_interval_s),
+                # Keep checking at the same pace while no requests flow (Envoy's default is 60 s).
+                "no_traffic_interval": _duration(settings.health_check_interval_s),
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
                 # The standard grpc.health.v1 check every circuits server answers ("" = whole server).
