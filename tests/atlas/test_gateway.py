@@ -304,3 +304,54 @@ def test_unknown_query_text_is_passed_as_data_never_as_a_route(gateway: EnvoyGat
     got = get_json(gateway, "/v1/units:search?" + urllib.parse.urlencode({"text": text, "limit": 5}), atlas_pb2.SearchUnitsResponse)
     assert got == stub.SearchUnits(atlas_pb2.SearchUnitsRequest(text=text, limit=5))
     assert get_json(gateway, "/v1/atlas/stats", atlas_pb2.AtlasStats).neurons == 48
+
+
+# ------------------------------------------------------------------------------ circuits up
+
+
+def test_local_stack_starts_the_gateway_in_front_of_the_atlas(planted_atlas: Path, tmp_path: Path) -> None:
+    from circuits_server.localstack import LocalStack, LocalStackSettings
+
+    settings = LocalStackSettings(state_dir=tmp_path, only=("atlas",), ports={"atlas": 0, "gateway": 0}, atlas_path=planted_atlas,
+                                  gateway=True, startup_timeout=120)  # fmt: skip
+    with LocalStack(settings) as stack:
+        gateway = stack.status["gateway"]
+        assert gateway.state == "serving", gateway.detail + gateway.log_tail()
+        assert gateway.argv[gateway.argv.index("--atlas") + 1] == stack.address("atlas")
+        status, _, body = http(f"http://{stack.address('gateway')}/v1/units/1/52/card")
+        with grpc.insecure_channel(stack.address("atlas")) as channel:
+            want = atlas_pb2_grpc.AtlasServiceStub(channel).GetUnitCard(atlas_pb2.GetUnitRequest(layer=1, index=52))
+        assert status == 200 and json_format.Parse(body, atlas_pb2.UnitCard()) == want
+        assert http(f"http://127.0.0.1:{gateway.metrics_port}/metrics")[0] == 200
+    assert gateway.state == "stopped" and gateway.process.returncode == 0, gateway.log_tail()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{gateway.address}/healthz", timeout=2)
+
+
+def test_circuits_up_with_gateway_serves_curl_style_requests(planted_atlas: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "circuits.cli", "up", "--only", "atlas", "--atlas", str(planted_atlas), "--gateway",
+         "--free-ports", "--no-metrics", "--state-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        url = ""
+        while time.monotonic() < deadline and not url:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("gateway") and "SERVING" in line:
+                url = line.split()[2]
+        assert url.startswith("http://127.0.0.1:"), "".join(lines)
+        status, _, body = http(url + "/v1/units:search?text=rhyming&limit=3")
+        assert status == 200 and len(json.loads(body)["units"]) == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "".join(lines) + out
