@@ -355,3 +355,13 @@ def test_circuits_up_with_gateway_serves_curl_style_requests(planted_atlas: Path
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, "".join(lines) + out
+
+
+def test_gateway_benchmark_smoke() -> None:
+    """benchmarks/gateway_bench.py --smoke runs end to end (answers checked inside; no timing asserted)."""
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "gateway_bench.py"
+    result = subprocess.run([sys.executable, str(bench), "--smoke", "--json"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "identical over HTTP/JSON, gRPC and gRPC via Envoy" in result.stdout
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(figures["stats_ms"]) == {"grpc-direct", "http-json", "grpc-gateway"} and figures["ratio_http_json"] > 0
