@@ -42,6 +42,7 @@ async def call(client: Client, name: str, arguments: dict[str, Any]) -> tuple[bo
     if result.is_error:
         return True, text
     assert result.structured_content == json.loads(text)
+    assert "\n" not in text, "answers are compact JSON"
     return False, result.structured_content
 
 

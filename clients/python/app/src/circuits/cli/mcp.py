@@ -13,6 +13,7 @@ arguments come back as tool errors, never as a crash of the server.
 # (Annotated[..., Field(...)] built inside build_server) from the live signature.
 import argparse
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -65,7 +66,7 @@ def build_server(tools: Any) -> Any:
     """An MCPServer whose tools call ``tools`` (an AtlasTools); domain errors become tool errors."""
     from mcp.server.mcpserver import MCPServer
     from mcp.server.mcpserver.exceptions import ToolError
-    from mcp.types import ToolAnnotations
+    from mcp.types import CallToolResult, TextContent, ToolAnnotations
     from pydantic import Field
 
     from circuits import __version__
@@ -74,11 +75,16 @@ def build_server(tools: Any) -> Any:
     server = MCPServer(name="circuits-atlas", version=__version__, instructions=INSTRUCTIONS, log_level="WARNING")
     read_only = ToolAnnotations(readOnlyHint=True, idempotentHint=True, openWorldHint=False)
 
-    def call(method: Any, *args: Any) -> dict[str, Any]:
+    # The answer as structured content, and as compact JSON text for models that read text.
+    Answer = Annotated[CallToolResult, dict[str, Any]]
+
+    def call(method: Any, *args: Any) -> CallToolResult:
         try:
-            return method(*args)
+            answer = method(*args)
         except CircuitsError as exc:
             raise ToolError(str(exc)) from None
+        text = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+        return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=answer)
 
     Layer = Annotated[int, Field(ge=0, description="decoder layer of the neuron (0 = first)")]
     Neuron = Annotated[int, Field(ge=0, description="neuron index within the layer's MLP")]
@@ -86,11 +92,11 @@ def build_server(tools: Any) -> Any:
     def search_units(
         text: Annotated[str, Field(min_length=1, max_length=1000, description="words to look for in neuron labels")],
         limit: Annotated[int, Field(ge=1, le=MAX_SEARCH, description="most results")] = 10,
-    ) -> dict[str, Any]:
+    ) -> Answer:
         """Find neurons whose labels match the text (BM25 over label words, then substring), best first, with relevance scores."""
         return call(tools.search_units, text, limit)
 
-    def unit_card(layer: Layer, neuron: Neuron) -> dict[str, Any]:
+    def unit_card(layer: Layer, neuron: Neuron) -> Answer:
         """One neuron's card: its labels (what it does / what triggers it), activation statistics over the traced prompts, its cluster and its number of edges."""
         return call(tools.unit_card, layer, neuron)
 
@@ -100,18 +106,18 @@ def build_server(tools: Any) -> Any:
         direction: Annotated[str, Field(pattern="^(both|downstream|upstream)$", description="downstream = neurons it feeds, upstream = neurons feeding it")] = "both",
         limit: Annotated[int, Field(ge=1, le=MAX_NEIGHBOURS, description="most neighbours per direction")] = 10,
         min_count: Annotated[int, Field(ge=0, description="only edges seen in at least this many graphs")] = 0,
-    ) -> dict[str, Any]:
+    ) -> Answer:
         """A neuron's strongest neighbours in the aggregated attribution graphs (most frequent edges first), with their labels and mean edge weights."""
         return call(tools.unit_neighbours, layer, neuron, direction, limit, min_count)
 
     def cluster_members(
         cluster: Annotated[str, Field(min_length=1, max_length=100, description='cluster id ("3") or hierarchy path ("3.1")')],
         limit: Annotated[int, Field(ge=1, le=MAX_MEMBERS, description="most member neurons")] = 25,
-    ) -> dict[str, Any]:
+    ) -> Answer:
         """An Infomap cluster of the atlas: its size and layer span, and its member neurons with labels."""
         return call(tools.cluster_members, cluster, limit)
 
-    def atlas_stats() -> dict[str, Any]:
+    def atlas_stats() -> Answer:
         """How big the atlas is (neurons, edges, clusters) and how it was built (model, thresholds)."""
         return call(tools.atlas_stats)
 
@@ -124,7 +130,7 @@ def build_server(tools: Any) -> Any:
             prompt: Annotated[str, Field(min_length=1, max_length=4000, description="the prompt to trace")],
             top: Annotated[int, Field(ge=1, le=MAX_TRACE_NEURONS, description="neurons in the summary")] = 15,
             k: Annotated[int, Field(ge=0, le=50, description="top logits the graph explains (0 = server default)")] = 0,
-        ) -> dict[str, Any]:
+        ) -> Answer:
             """Trace a prompt into a RelP attribution graph on the model and summarise it: the predicted tokens and the neurons with the largest attribution, labelled from the atlas."""
             return call(tools.trace_prompt, prompt, top, k)
 
