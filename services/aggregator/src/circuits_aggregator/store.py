@@ -49,6 +49,7 @@ from circuits_core.aggregator_types import (
     shard_of,
 )
 from circuits_core.errors import FailedPrecondition, InvalidArgument
+from circuits_server.duckdb_files import open_duckdb, refuse_code_objects
 
 _EDGE_DDL = """(
     src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, tgt_layer INTEGER NOT NULL, tgt_neuron INTEGER NOT NULL,
@@ -148,11 +149,11 @@ class AggregateStore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._con = duckdb.connect(
-                self.path, config={"threads": self.settings.threads, "memory_limit": self.settings.memory_limit}
-            )
-        except duckdb.Error as exc:
-            raise FailedPrecondition(f"{self.path}: cannot open aggregator state ({exc})") from None
+            self._con = open_duckdb(self.path, read_only=False, what="aggregator state", threads=self.settings.threads,
+                                    memory_limit=self.settings.memory_limit)  # fmt: skip
+        except InvalidArgument as exc:
+            raise FailedPrecondition(str(exc)) from None
+        refuse_code_objects(self._con, self.path, what="aggregator state")
         self._lock = threading.RLock()
         con = self._con
         con.execute(f"CREATE TABLE IF NOT EXISTS ledger {_LEDGER_DDL}")

@@ -20,7 +20,8 @@ from circuits_core.atlas_types import EDGE_DIRECTIONS, AtlasStats, ClusterInfo, 
 from circuits_core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from circuits_core.schemas import Edge, Unit, UnitLabel
 
-from circuits_atlas.duck import FTS_SCHEMA, connect, load_fts
+from circuits_atlas.duck import FTS_SCHEMA, connect
+from circuits_atlas.schema import verify_atlas
 
 _INT32_MAX = 2**31 - 1
 _CLUSTER_PATH = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9}){0,31}$")
@@ -154,7 +155,9 @@ class CircuitDatabase:
     """An atlas file opened for queries; ``with CircuitDatabase("atlas.duckdb") as db: ...``.
 
     ``read_only=True`` (default) opens the file without writing to it; several processes may
-    hold it open at once.
+    hold it open at once. The connection has external access off and its configuration locked,
+    and the file must hold exactly the schema ``circuits build-db`` writes (tables, views, macros,
+    indexes and their definitions); anything else is refused with FailedPrecondition.
     """
 
     def __init__(self, path: str | Path, read_only: bool = True, *, limits: QueryLimits = QueryLimits()) -> None:
@@ -169,18 +172,13 @@ class CircuitDatabase:
         self._lock = threading.Lock()
         self._closed = False
         self._watchdog = QueryWatchdog()
-        tables = {r[0] for r in self._con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
-        missing = {"neurons", "edges", "clusters", "metadata"} - tables
-        if missing:
+        try:
+            verify_atlas(self._con, self.path)
+        except BaseException:
             self._con.close()
-            raise FailedPrecondition(f"{self.path}: not an atlas (missing table(s) {', '.join(sorted(missing))})")
-        # Atlases built before edges_by_target existed fall back to scanning edges.
-        self._upstream_table = "edges_by_target" if "edges_by_target" in tables else "edges"
-        self.has_fts = "search_postings" in tables and bool(
-            self._con.execute("SELECT count(*) FROM duckdb_schemas() WHERE schema_name = ?", [FTS_SCHEMA]).fetchone()[0]
-        )
-        if self.has_fts:
-            load_fts(self._con)
+            raise
+        self._upstream_table = "edges_by_target"
+        self.has_fts = True
 
     # -- plumbing ---------------------------------------------------------------------------
     def __enter__(self) -> CircuitDatabase:
