@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from circuits_core.errors import CircuitsError, InvalidArgument, ResourceExhausted
-from circuits_core.limits import DEFAULT_MAX_MESSAGE_BYTES
+from circuits_core.limits import DEFAULT_LIMITS, DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger("circuits_server.serving")
 
@@ -63,6 +63,23 @@ class ServerSettings:
     #: Most units / edges in one circuits.v1.Graph request message (Ingest); 0 = unlimited.
     max_nodes_per_graph: int = DEFAULT_MAX_NODES_PER_GRAPH
     max_edges_per_graph: int = DEFAULT_MAX_EDGES_PER_GRAPH
+    #: Concurrent streaming calls (own thread pool); per method; per client address; health
+    #: Watch and reflection streams each (they need no token). Over a bound: RESOURCE_EXHAUSTED.
+    max_streams: int = DEFAULT_LIMITS.max_streams
+    max_streams_per_method: int = DEFAULT_LIMITS.max_streams_per_method
+    max_streams_per_peer: int = DEFAULT_LIMITS.max_streams_per_peer
+    max_open_streams: int = DEFAULT_LIMITS.max_open_streams
+    #: Seconds a stream may wait for the client (next message, or reading a reply) before it is cancelled.
+    stream_idle_timeout_s: float = DEFAULT_LIMITS.stream_idle_timeout_s
+
+    def __post_init__(self) -> None:
+        if self.max_workers < 1:
+            raise InvalidArgument(f"--max-workers must be >= 1, got {self.max_workers}")
+        for name in ("max_streams", "max_streams_per_method", "max_streams_per_peer", "max_open_streams"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.stream_idle_timeout_s > 0:
+            raise InvalidArgument(f"--stream-idle-timeout must be > 0 seconds, got {self.stream_idle_timeout_s}")
 
     def credentials(self) -> grpc.ServerCredentials | None:
         """TLS credentials from the files, or None for plaintext."""
@@ -160,12 +177,17 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return continuation(handler_call_details)
 
 
+#: Refusals (auth failures, stream bounds) run here, never on the workers of admitted calls.
+_REFUSAL_POOL = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rpc-refuse")
+
+
 def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    def abort(_request: Any, context: grpc.ServicerContext) -> None:
+    def abort(_requests: Any, context: grpc.ServicerContext) -> None:
         context.abort(code, message)
 
+    abort.experimental_thread_pool = _REFUSAL_POOL  # type: ignore[attr-defined]
     # A stream-stream handler works for every call shape: the request is never read.
-    return grpc.stream_stream_rpc_method_handler(lambda it, ctx: abort(it, ctx))
+    return grpc.stream_stream_rpc_method_handler(abort)
 
 
 # -- secrets never reach logs -------------------------------------------------------------------
@@ -234,7 +256,7 @@ class Metrics:
     """Per-server Prometheus registry with standard RPC metrics; services add their own."""
 
     def __init__(self, service: str) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
         self.service = service
@@ -247,6 +269,13 @@ class Metrics:
             ["service", "method"],
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.streams_active = Gauge(
+            "circuits_rpc_streams_active", "Streaming calls in progress", ["service", "method"], registry=self.registry
+        )
+        self.streams_refused = Counter(
+            "circuits_rpc_streams_refused", "Streaming calls refused by a stream bound", ["service", "limit"],
+            registry=self.registry,
         )
         self._http: Any = None
         self.port: int | None = None
@@ -351,6 +380,281 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(
             wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
         )
+
+
+# -- streams: bounded, on their own pool, cancelled when idle ----------------------------------
+_OPEN_STREAM_METHODS = ("/grpc.health.v1.Health/Watch", "/grpc.reflection.")
+
+
+class IdleWatchdog:
+    """One daemon thread that cancels calls whose armed deadline passes (cheaper than a timer per
+    wait). ``arm(context, seconds)`` before a wait on the client, ``disarm(token)`` after it."""
+
+    def __init__(self, name: str = "rpc-idle-watchdog") -> None:
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[float, Any, str]] = {}
+        self._next = 0
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        #: How many calls were cancelled for idling (tests and metrics read it).
+        self.cancelled = 0
+
+    def arm(self, context: Any, seconds: float, what: str = "") -> int:
+        with self._cond:
+            self._next += 1
+            self._armed[self._next] = (time.monotonic() + seconds, context, what)
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return self._next
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._armed.pop(token, None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._armed.clear()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                for token in [t for t, (deadline, _c, _w) in self._armed.items() if deadline <= now]:
+                    _deadline, context, what = self._armed.pop(token)
+                    self.cancelled += 1
+                    log.info("cancelling idle stream %s (no progress from the client)", what)
+                    try:
+                        context.cancel()
+                    except Exception:  # noqa: BLE001 - an ended call needs no cancel
+                        pass
+                wait = min((d for d, _c, _w in self._armed.values()), default=now + 60) - now
+                self._cond.wait(max(wait, 0.005))
+
+
+def _peer_address(context: Any) -> str:
+    """``ipv4:10.0.0.7:53122`` -> ``ipv4:10.0.0.7`` (streams are bounded per address, not per port)."""
+    peer = context.peer() if hasattr(context, "peer") else ""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer or "unknown"
+
+
+class StreamGuardInterceptor(grpc.ServerInterceptor):
+    """Keeps a server answering however many idle or slow streams clients hold.
+
+    Every streaming call (request or response stream) runs on a pool of its own
+    (``max_streams`` threads), so unary calls keep every RPC worker; health ``Check`` has a
+    small pool of its own as well, so probes are answered even while all workers are busy.
+    Admission is decided before a call gets a thread: over ``max_streams`` in all, over
+    ``max_streams_per_method`` for its method, or over ``max_open_streams`` for health
+    ``Watch`` / reflection (they need no token) the call is refused at once with
+    RESOURCE_EXHAUSTED; over ``max_streams_per_peer`` from one client address it is refused
+    as soon as it starts. (Authentication runs before this interceptor, so an unauthenticated
+    stream is refused without ever being counted.) A stream whose client sends nothing, or reads
+    nothing, for ``stream_idle_timeout_s`` seconds is cancelled.
+
+    Unary-request streaming handlers are served as request streams whose single message this
+    guard reads itself, so its bookkeeping always runs, whatever the client does.
+    """
+
+    def __init__(self, settings: ServerSettings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.pool = futures.ThreadPoolExecutor(max_workers=settings.max_streams, thread_name_prefix="rpc-stream")
+        self.health_pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rpc-health")
+        self.watchdog = IdleWatchdog()
+        self._lock = threading.Lock()
+        self._total = 0
+        self._per_method: dict[str, int] = {}
+        self._per_peer: dict[str, int] = {}
+        self.refused = 0
+
+    def close(self) -> None:
+        self.watchdog.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.health_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def active(self) -> dict[str, int]:
+        """Admitted streams per method (and ``total``)."""
+        with self._lock:
+            return {**self._per_method, "total": self._total}
+
+    def _refuse(self, reason: str) -> grpc.RpcMethodHandler:
+        self.refused += 1
+        if self.metrics is not None:
+            self.metrics.streams_refused.labels(self.metrics.service, reason.split("=", 1)[0]).inc()
+        return _deny(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many concurrent streams ({reason}); retry later")
+
+    def _admit(self, method: str) -> str:
+        """'' when admitted (counted), else the refusal reason."""
+        s = self.settings
+        name = method.rsplit("/", 1)[-1]
+        per_method = s.max_open_streams if method.startswith(_OPEN_STREAM_METHODS) else s.max_streams_per_method
+        flag = "--max-open-streams" if method.startswith(_OPEN_STREAM_METHODS) else "--max-streams-per-method"
+        with self._lock:
+            if self._total >= s.max_streams:
+                return f"max_streams={s.max_streams} (--max-streams)"
+            if self._per_method.get(method, 0) >= per_method:
+                return f"{flag[2:].replace('-', '_')}={per_method} for {name} ({flag})"
+            self._total += 1
+            self._per_method[method] = self._per_method.get(method, 0) + 1
+        self._gauge(method)
+        return ""
+
+    def _release(self, method: str) -> None:
+        with self._lock:
+            self._total -= 1
+            left = self._per_method.get(method, 1) - 1
+            if left:
+                self._per_method[method] = left
+            else:
+                self._per_method.pop(method, None)
+        self._gauge(method)
+
+    def _gauge(self, method: str) -> None:
+        if self.metrics is not None:
+            with self._lock:
+                value = self._per_method.get(method, 0)
+            self.metrics.streams_active.labels(self.metrics.service, method.rsplit("/", 1)[-1]).set(value)
+
+    def _enter_peer(self, peer: str) -> bool:
+        with self._lock:
+            if self._per_peer.get(peer, 0) >= self.settings.max_streams_per_peer:
+                return False
+            self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+            return True
+
+    def _leave_peer(self, peer: str) -> None:
+        with self._lock:
+            left = self._per_peer.get(peer, 1) - 1
+            if left:
+                self._per_peer[peer] = left
+            else:
+                self._per_peer.pop(peer, None)
+
+    # -- idle-timed iteration -----------------------------------------------------------------
+    def _timed_requests(self, requests: Any, context: Any, what: str) -> Any:
+        idle = self.settings.stream_idle_timeout_s
+        while True:
+            token = self.watchdog.arm(context, idle, what)
+            try:
+                message = next(requests)
+            except StopIteration:
+                return
+            finally:
+                self.watchdog.disarm(token)
+            yield message
+
+    def _timed_responses(self, responses: Any, context: Any, what: str) -> Any:
+        idle = self.settings.stream_idle_timeout_s
+        for message in responses:
+            # While suspended here grpc sends the message; a client that reads nothing blocks it.
+            token = self.watchdog.arm(context, idle, what)
+            try:
+                yield message
+            finally:
+                self.watchdog.disarm(token)
+
+    # -- the interceptor ----------------------------------------------------------------------
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if not (handler.request_streaming or handler.response_streaming):
+            if method == "/grpc.health.v1.Health/Check":
+                return self._on_pool(handler, self.health_pool)
+            return handler
+        reason = self._admit(method)
+        if reason:
+            return self._refuse(reason)
+        return self._guarded(handler, method)
+
+    @staticmethod
+    def _on_pool(handler: grpc.RpcMethodHandler, pool: futures.ThreadPoolExecutor) -> grpc.RpcMethodHandler:
+        behavior = handler.unary_unary
+
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
+            return behavior(request, context)
+
+        run.experimental_thread_pool = pool  # type: ignore[attr-defined]
+        return grpc.unary_unary_rpc_method_handler(run, handler.request_deserializer, handler.response_serializer)
+
+    def _guarded(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        name = method.rsplit("/", 1)[-1]
+        released = threading.Event()
+        release_lock = threading.Lock()
+
+        def release() -> None:
+            with release_lock:
+                if released.is_set():
+                    return
+                released.set()
+            self._release(method)
+
+        def start(context: grpc.ServicerContext) -> str:
+            """Per-peer admission; '' when refused (the call is aborted)."""
+            if not context.add_callback(release):  # the call already ended
+                release()
+                return ""
+            peer = _peer_address(context)
+            if not self._enter_peer(peer):
+                self.refused += 1
+                if self.metrics is not None:
+                    self.metrics.streams_refused.labels(self.metrics.service, "max_streams_per_peer").inc()
+                release()
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"too many concurrent streams from {peer} (max_streams_per_peer="
+                              f"{self.settings.max_streams_per_peer}, --max-streams-per-peer); retry later")  # fmt: skip
+            context.add_callback(lambda: self._leave_peer(peer))
+            return peer
+
+        def first_request(requests: Any, context: grpc.ServicerContext) -> Any:
+            for message in self._timed_requests(requests, context, name):
+                return message
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} expects one request message")
+
+        if handler.response_streaming:
+            inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+            def run_streaming(requests: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    peer = start(context)
+                    if not peer:
+                        return
+                    what = f"{name} from {peer}"
+                    if handler.request_streaming:
+                        argument = self._timed_requests(requests, context, what)
+                    else:
+                        argument = first_request(requests, context)
+                    yield from self._timed_responses(inner(argument, context), context, what)
+                finally:
+                    release()
+
+            run_streaming.experimental_thread_pool = self.pool  # type: ignore[attr-defined]
+            return grpc.stream_stream_rpc_method_handler(
+                run_streaming, handler.request_deserializer, handler.response_serializer
+            )
+
+        inner_unary = handler.stream_unary
+
+        def run_unary(requests: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                peer = start(context)
+                if not peer:
+                    return None
+                return inner_unary(self._timed_requests(requests, context, f"{name} from {peer}"), context)
+            finally:
+                release()
+
+        run_unary.experimental_thread_pool = self.pool  # type: ignore[attr-defined]
+        return grpc.stream_unary_rpc_method_handler(run_unary, handler.request_deserializer, handler.response_serializer)
 
 
 class _Undecodable:
@@ -467,6 +771,7 @@ class GrpcServer:
     service_names: tuple[str, ...]
     metrics: Metrics
     settings: ServerSettings
+    stream_guard: StreamGuardInterceptor | None = None
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     _stopped: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
@@ -494,6 +799,8 @@ class GrpcServer:
         self._stopped.set()
         self.set_serving(False)
         self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        if self.stream_guard is not None:
+            self.stream_guard.close()
         try:
             for hook in self.on_stop:
                 try:
@@ -547,11 +854,15 @@ def build_grpc_server(
             scopes.update(DEFAULT_METHOD_SCOPES.get(name, {}))
         scopes.update(method_scopes or {})
         auth.append(AuthInterceptor(tokens, scopes))
+    # Order: authentication first (refused calls are never counted), then the stream bounds,
+    # the service's own interceptors, error mapping/metrics, and the request guard innermost.
+    stream_guard = StreamGuardInterceptor(settings, metrics)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=[*auth, *interceptors, ErrorAndMetricsInterceptor(metrics), RequestGuardInterceptor(settings)],
+        interceptors=[*auth, stream_guard, *interceptors, ErrorAndMetricsInterceptor(metrics),
+                      RequestGuardInterceptor(settings)],
         options=options,
-    )
+    )  # fmt: skip
     add_servicers(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -570,6 +881,7 @@ def build_grpc_server(
         service_names=tuple(service_names),
         metrics=metrics,
         settings=settings,
+        stream_guard=stream_guard,
     )
     handle.set_serving(False)
     return handle
@@ -597,6 +909,16 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int) 
                    help="most units in one graph message (default %(default)s)")
     g.add_argument("--max-edges-per-graph", type=int, default=DEFAULT_MAX_EDGES_PER_GRAPH,
                    help="most edges in one graph message (default %(default)s)")
+    g.add_argument("--max-streams", type=int, default=DEFAULT_LIMITS.max_streams,
+                   help="concurrent streaming calls, on a thread pool of their own (default %(default)s)")
+    g.add_argument("--max-streams-per-method", type=int, default=DEFAULT_LIMITS.max_streams_per_method,
+                   help="concurrent streaming calls of one method (default %(default)s)")
+    g.add_argument("--max-streams-per-peer", type=int, default=DEFAULT_LIMITS.max_streams_per_peer,
+                   help="concurrent streaming calls from one client address (default %(default)s)")
+    g.add_argument("--max-open-streams", type=int, default=DEFAULT_LIMITS.max_open_streams,
+                   help="concurrent health Watch / reflection streams each; they need no token (default %(default)s)")
+    g.add_argument("--stream-idle-timeout", type=float, default=DEFAULT_LIMITS.stream_idle_timeout_s,
+                   help="seconds a stream may wait for its client before it is cancelled (default %(default)s)")
 
 
 def server_settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -617,6 +939,11 @@ def server_settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_stream_messages=args.max_stream_messages,
         max_nodes_per_graph=args.max_nodes_per_graph,
         max_edges_per_graph=args.max_edges_per_graph,
+        max_streams=args.max_streams,
+        max_streams_per_method=args.max_streams_per_method,
+        max_streams_per_peer=args.max_streams_per_peer,
+        max_open_streams=args.max_open_streams,
+        stream_idle_timeout_s=args.stream_idle_timeout,
     )
 
 

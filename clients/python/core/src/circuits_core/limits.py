@@ -52,6 +52,16 @@ class Limits:
     max_queue: int = 8
     #: Most edges in one aggregator GetEdges message; larger batch_size requests are clamped.
     max_edges_per_batch: int = 65_536
+    #: Concurrent streaming calls per server (Ingest, GetEdges, TraceBatch, RunProgressive, health Watch, reflection). They run on a thread pool of their own, so unary calls and health checks keep their workers; more are refused with RESOURCE_EXHAUSTED at once.
+    max_streams: int = 32
+    #: Concurrent streaming calls of one method; more are refused with RESOURCE_EXHAUSTED.
+    max_streams_per_method: int = 16
+    #: Concurrent streaming calls from one client address (IP, port ignored); more are refused with RESOURCE_EXHAUSTED.
+    max_streams_per_peer: int = 16
+    #: Concurrent health Watch streams, and server reflection streams, each (both need no token); more are refused with RESOURCE_EXHAUSTED.
+    max_open_streams: int = 4
+    #: Seconds a stream may wait for the client's next message, or for the client to read a reply, before the server cancels it.
+    stream_idle_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
