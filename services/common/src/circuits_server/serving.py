@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from circuits_core.errors import CircuitsError, InvalidArgument, ResourceExhausted
+from circuits_core.errors import CircuitsError, InvalidArgument, ResourceExhausted, echo
 from circuits_core.limits import DEFAULT_LIMITS, DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger("circuits_server.serving")
@@ -82,11 +82,16 @@ class ServerSettings:
             raise InvalidArgument(f"--stream-idle-timeout must be > 0 seconds, got {self.stream_idle_timeout_s}")
 
     def credentials(self) -> grpc.ServerCredentials | None:
-        """TLS credentials from the files, or None for plaintext."""
+        """TLS credentials from the files, or None for plaintext. The files are checked first
+        (:func:`check_tls_files`): a key that does not match its certificate, an expired
+        certificate or an unreadable CA bundle is refused with one InvalidArgument line."""
         if not (self.tls_cert_file or self.tls_key_file):
+            if self.tls_client_ca_file:
+                raise InvalidArgument("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
             return None
         if not (self.tls_cert_file and self.tls_key_file):
             raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
+        check_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
         ca = _read_file(self.tls_client_ca_file, "TLS client CA") if self.tls_client_ca_file else None
         return grpc.ssl_server_credentials(
             [(_read_file(self.tls_key_file, "TLS key"), _read_file(self.tls_cert_file, "TLS certificate"))],
@@ -100,7 +105,66 @@ def _read_file(path: str, what: str) -> bytes:
         with open(path, "rb") as fh:
             return fh.read()
     except OSError as exc:
-        raise InvalidArgument(f"cannot read {what} file {path}: {exc.strerror}") from None
+        raise InvalidArgument(f"cannot read {what} file {echo(path, quote=False)}: {exc.strerror}") from None
+
+
+#: A certificate this close to its end gets a warning at start.
+CERT_EXPIRY_WARNING_DAYS = 14
+
+
+def _certificate_validity(path: str) -> tuple[float, float] | None:
+    """(notBefore, notAfter) of the first certificate in a PEM file as epoch seconds, or None
+    when the file cannot be decoded (the TLS library reports that itself)."""
+    import ssl
+
+    try:
+        decoded = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]  # stdlib, no extra package
+        return ssl.cert_time_to_seconds(decoded["notBefore"]), ssl.cert_time_to_seconds(decoded["notAfter"])
+    except Exception:  # noqa: BLE001 - validity is checked when it can be read
+        return None
+
+
+def check_tls_files(cert_file: str, key_file: str, client_ca_file: str = "", *, now: float | None = None) -> None:
+    """Refuse (InvalidArgument, one line) TLS files a server could not serve with: unreadable,
+    a key that is not the certificate's, an encrypted key, an expired certificate, a client CA
+    bundle without certificates. Warn about a certificate not yet valid or expiring within
+    :data:`CERT_EXPIRY_WARNING_DAYS` days."""
+    import ssl
+
+    for path, what in ((cert_file, "TLS certificate"), (key_file, "TLS key"), (client_ca_file, "TLS client CA")):
+        if path:
+            _read_file(path, what)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # The password callback keeps OpenSSL from prompting on the terminal for an encrypted key.
+        context.load_cert_chain(cert_file, key_file, password=lambda: b"")
+    except ssl.SSLError as exc:
+        reason = exc.reason or str(exc)
+        if "KEY_VALUES_MISMATCH" in str(reason).upper():
+            raise InvalidArgument(f"TLS key {echo(key_file, quote=False)} does not belong to certificate "
+                                  f"{echo(cert_file, quote=False)} (--tls-key / --tls-cert)") from None  # fmt: skip
+        raise InvalidArgument(f"cannot use TLS certificate {echo(cert_file, quote=False)} with key "
+                              f"{echo(key_file, quote=False)}: {reason} (PEM files, unencrypted key expected)") from None  # fmt: skip
+    if client_ca_file:
+        try:
+            context.load_verify_locations(cafile=client_ca_file)
+        except (ssl.SSLError, ValueError) as exc:
+            raise InvalidArgument(f"TLS client CA {echo(client_ca_file, quote=False)} holds no usable certificate "
+                                  f"({getattr(exc, 'reason', None) or exc})") from None  # fmt: skip
+    validity = _certificate_validity(cert_file)
+    if validity is None:
+        log.warning("could not read the validity dates of TLS certificate %s", cert_file)
+        return
+    not_before, not_after = validity
+    now = time.time() if now is None else now
+    ends = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_after))
+    if not_after <= now:
+        raise InvalidArgument(f"TLS certificate {echo(cert_file, quote=False)} expired on {ends}; clients would refuse it")
+    if not_before > now:
+        log.warning("TLS certificate %s is not valid before %s (clock skew?)", cert_file,
+                    time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_before)))  # fmt: skip
+    elif not_after - now < CERT_EXPIRY_WARNING_DAYS * 86400:
+        log.warning("TLS certificate %s expires on %s (in %.1f days)", cert_file, ends, (not_after - now) / 86400)
 
 
 # -- authentication ---------------------------------------------------------------------------
@@ -118,24 +182,59 @@ DEFAULT_METHOD_SCOPES: dict[str, dict[str, str]] = {
 
 
 def load_tokens(path: str) -> dict[str, frozenset[str]]:
-    """Parse a tokens file (`TOKEN SCOPE[,SCOPE]` per line, `#` comments); errors never echo tokens."""
+    """Parse a tokens file; errors never echo tokens.
+
+    One ``TOKEN [SCOPE[,SCOPE...]]`` per line (scope default ``read``); lines starting with ``#``
+    are comments, and so is everything after a whitespace-separated ``#`` (a ``#`` inside a token
+    belongs to the token). Tokens are printable ASCII without spaces, at least 16 characters. A
+    UTF-8 byte-order mark is ignored. Refused: invalid UTF-8, a token listed twice, unknown
+    scopes. A file that users other than its owner can read or write gets a warning."""
+    raw = _read_file(path, "auth tokens")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{echo(path, quote=False)}: not UTF-8 text (byte {exc.start})") from None
     tokens: dict[str, frozenset[str]] = {}
-    text = _read_file(path, "auth tokens").decode("utf-8", errors="replace")
+    first_line: dict[str, int] = {}
     for line_no, line in enumerate(text.splitlines(), start=1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
         parts = line.split()
+        for i, part in enumerate(parts):
+            if part.startswith("#"):
+                parts = parts[:i]
+                break
+        if not parts:
+            continue
+        where = f"{echo(path, quote=False)}:{line_no}"
+        token = parts[0]
         scopes = frozenset(parts[1].split(",")) if len(parts) > 1 else frozenset({"read"})
-        if len(parts) > 2 or not scopes <= set(SCOPES) or len(parts[0]) < 16:
+        if len(parts) > 2 or not scopes <= set(SCOPES) or len(token) < 16:
             raise InvalidArgument(
-                f"{path}:{line_no}: expected `TOKEN SCOPE[,SCOPE]` with a token of >= 16 characters "
+                f"{where}: expected `TOKEN SCOPE[,SCOPE]` with a token of >= 16 characters "
                 f"and scopes from {', '.join(SCOPES)}"
             )
-        tokens[parts[0]] = scopes
+        if not all("!" <= ch <= "~" for ch in token):
+            raise InvalidArgument(f"{where}: a token may hold printable ASCII characters only (no spaces or control characters)")
+        if token in tokens:
+            raise InvalidArgument(f"{where}: this token is already listed on line {first_line[token]}; list each token once")
+        tokens[token] = scopes
+        first_line[token] = line_no
     if not tokens:
-        raise InvalidArgument(f"{path}: no tokens")
+        raise InvalidArgument(f"{echo(path, quote=False)}: no tokens")
+    _warn_if_exposed(path, "auth tokens file")
     return tokens
+
+
+def _warn_if_exposed(path: str, what: str) -> None:
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+        log.warning("%s %s is readable or writable by other users (mode %s); chmod 600 (or 0440 in a Kubernetes "
+                    "Secret volume)", what, path, oct(stat.S_IMODE(mode)))  # fmt: skip
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
@@ -163,10 +262,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(self._OPEN):
             return continuation(handler_call_details)
-        header = ""
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                header = value if isinstance(value, str) else value.decode("latin-1")
+        headers = [value if isinstance(value, str) else value.decode("latin-1")
+                   for key, value in handler_call_details.invocation_metadata or () if key == "authorization"]  # fmt: skip
+        if len(headers) > 1:
+            return _deny(grpc.StatusCode.UNAUTHENTICATED, "more than one authorization header")
+        header = headers[0] if headers else ""
         presented = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
         scopes = self._scopes_for(presented) if presented else None
         if scopes is None:
@@ -922,9 +1022,26 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int) 
 
 
 def server_settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    """ServerSettings from add_server_arguments flags; plaintext needs an explicit --insecure."""
+    """ServerSettings from add_server_arguments flags; plaintext needs an explicit --insecure.
+
+    Contradictions are refused rather than resolved silently: ``--insecure`` together with TLS
+    files, ``--tls-client-ca`` without a certificate. Plaintext with bearer tokens, or on an
+    address other than loopback, gets a warning."""
+    tls = [flag for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                                    ("--tls-client-ca", args.tls_client_ca)) if value]  # fmt: skip
+    if args.insecure and tls:
+        raise InvalidArgument(f"--insecure contradicts {', '.join(tls)}: serve TLS (drop --insecure) or plaintext "
+                              "(drop the TLS flags), not both")  # fmt: skip
     if not (args.tls_cert or args.tls_key) and not args.insecure:
+        if args.tls_client_ca:
+            raise InvalidArgument("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         raise InvalidArgument("refusing to serve plaintext: pass --tls-cert/--tls-key, or --insecure for local use")
+    if args.insecure:
+        if args.auth_tokens_file:
+            log.warning("serving plaintext (--insecure) with bearer tokens: tokens cross the network unencrypted; "
+                        "use TLS outside a trusted network")  # fmt: skip
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("serving plaintext (--insecure) on %s, not only on loopback", args.host)
     return ServerSettings(
         host=args.host,
         port=args.port,
