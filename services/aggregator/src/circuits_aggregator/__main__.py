@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from circuits_core.errors import CircuitsError
+from circuits_core.errors import CircuitsError, error_line
 from circuits_server.serving import add_server_arguments, announce, server_settings_from_args
 
 
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         server = build_server(settings, store=store).start()
     except (CircuitsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     server.set_serving(True)
     announce(server, args)

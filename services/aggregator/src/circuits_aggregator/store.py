@@ -48,7 +48,7 @@ from circuits_core.aggregator_types import (
     IngestAck,
     shard_of,
 )
-from circuits_core.errors import FailedPrecondition, InvalidArgument
+from circuits_core.errors import FailedPrecondition, InvalidArgument, echo
 from circuits_server.duckdb_files import open_duckdb, refuse_code_objects
 
 _EDGE_DDL = """(
@@ -425,7 +425,7 @@ class AggregateStore:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise InvalidArgument(f"{out}: cannot create export directory ({exc.strerror or exc})") from None
+            raise InvalidArgument(f"{echo(str(out), quote=False)}: cannot create export directory ({exc.strerror or exc})") from None
         queries = {
             "edges.parquet": f"SELECT {', '.join(EDGE_COLUMNS)} FROM ({EDGES_SQL}) WHERE count >= {max(int(min_count), 1)} "
             "ORDER BY src_layer, src_neuron, tgt_layer, tgt_neuron",
@@ -458,7 +458,7 @@ def write_parquet_snapshot(cur: duckdb.DuckDBPyConnection, out: Path, queries: d
     except (duckdb.Error, OSError) as exc:
         for tmp, _final in written:
             tmp.unlink(missing_ok=True)
-        raise InvalidArgument(f"{out}: export failed ({exc})") from None
+        raise InvalidArgument(f"{echo(str(out), quote=False)}: export failed ({echo(str(exc), 300, quote=False)})") from None
     finally:
         cur.close()
     for tmp, final in written:

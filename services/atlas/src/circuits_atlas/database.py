@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from circuits_core.atlas_types import EDGE_DIRECTIONS, AtlasStats, ClusterInfo, ClusterMembers, SearchHit
-from circuits_core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from circuits_core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, echo
 from circuits_core.schemas import Edge, Unit, UnitLabel
 
 from circuits_atlas.duck import FTS_SCHEMA, connect
@@ -145,7 +145,7 @@ def _like_pattern(text: str) -> str:
 
 def _check_int32(value: Any, name: str, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"{name} must be an integer, got {value!r}")
+        raise InvalidArgument(f"{name} must be an integer, got {echo(value)}")
     if not minimum <= value <= _INT32_MAX:
         raise InvalidArgument(f"{name} must be in [{minimum}, {_INT32_MAX}], got {value}")
     return value
@@ -162,8 +162,12 @@ class CircuitDatabase:
 
     def __init__(self, path: str | Path, read_only: bool = True, *, limits: QueryLimits = QueryLimits()) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise NotFound(f"{self.path}: atlas file not found")
+        try:
+            found = self.path.is_file()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            raise InvalidArgument(f"{echo(str(path), quote=False)}: not a usable atlas path ({exc.__class__.__name__})") from None
+        if not found:
+            raise NotFound(f"{echo(str(self.path), quote=False)}: atlas file not found")
         self.read_only = read_only
         self.limits = limits
         self._con = connect(self.path, read_only=read_only)
@@ -332,9 +336,9 @@ class CircuitDatabase:
         layer = _check_int32(layer, "layer")
         index = _check_int32(index, "index")
         if direction not in EDGE_DIRECTIONS:
-            raise InvalidArgument(f"direction must be one of {', '.join(EDGE_DIRECTIONS)}, got {direction!r}")
+            raise InvalidArgument(f"direction must be one of {', '.join(EDGE_DIRECTIONS)}, got {echo(direction)}")
         if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
-            raise InvalidArgument(f"min_count must be a non-negative integer, got {min_count!r}")
+            raise InvalidArgument(f"min_count must be a non-negative integer, got {echo(min_count)}")
         limit = self._limit(limit)
         sides = {"downstream": (0,), "upstream": (1,), "both": (0, 1)}[direction]
         parts = []
@@ -359,7 +363,7 @@ class CircuitDatabase:
         (every unit whose path starts with it) ordered by layer, neuron; NotFound if absent."""
         path = str(cluster).strip()
         if not _CLUSTER_PATH.match(path):
-            raise InvalidArgument(f"cluster must be a number or a dotted path like '3.1', got {str(cluster)[:40]!r}")
+            raise InvalidArgument(f"cluster must be a number or a dotted path like '3.1', got {echo(str(cluster), 60)}")
         limit = self._limit(limit)
         info_rows = self._rows(
             "SELECT cluster_path, level, size, layer_min, layer_max, median_layer FROM clusters WHERE cluster_path = ?",

@@ -26,8 +26,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from circuits_core.errors import CircuitsError, InvalidArgument, ResourceExhausted, echo
-from circuits_core.limits import DEFAULT_LIMITS, DEFAULT_MAX_MESSAGE_BYTES
+from circuits_core.errors import CircuitsError, InvalidArgument, ResourceExhausted, clip_message, echo
+from circuits_core.limits import DEFAULT_LIMITS, DEFAULT_MAX_MESSAGE_BYTES, Limits, add_limit_arguments, flag
 
 log = logging.getLogger("circuits_server.serving")
 
@@ -71,6 +71,10 @@ class ServerSettings:
     max_open_streams: int = DEFAULT_LIMITS.max_open_streams
     #: Seconds a stream may wait for the client (next message, or reading a reply) before it is cancelled.
     stream_idle_timeout_s: float = DEFAULT_LIMITS.stream_idle_timeout_s
+    #: Longest name / path / other text string in a request (check_request_strings).
+    max_name_chars: int = DEFAULT_LIMITS.max_name_chars
+    max_path_chars: int = DEFAULT_LIMITS.max_path_chars
+    max_text_chars: int = DEFAULT_LIMITS.max_text_chars
 
     def __post_init__(self) -> None:
         if self.max_workers < 1:
@@ -398,7 +402,10 @@ class Metrics:
 def _abort_for(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
     if isinstance(exc, CircuitsError):
         code = getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
-        context.abort(code, str(exc) or exc.__class__.__name__)
+        # One line, bounded: status details travel in HTTP/2 headers (a long one would turn the
+        # error into RESOURCE_EXHAUSTED on the client).
+        message = " ".join((str(exc) or exc.__class__.__name__).split("\n"))
+        context.abort(code, clip_message(message))
     log.exception("unexpected error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.rsplit('/', 1)[-1]}")
 
@@ -757,6 +764,57 @@ class StreamGuardInterceptor(grpc.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(run_unary, handler.request_deserializer, handler.response_serializer)
 
 
+# -- strings at the edge -------------------------------------------------------------------------
+#: Identifier-like request fields: at most max_name_chars, no control characters.
+NAME_FIELDS = frozenset({
+    "graph_id", "model", "slug", "scan", "generator", "generator_version", "cluster", "label_pass", "passes",
+})  # fmt: skip
+#: Path fields: at most max_path_chars, no control characters.
+PATH_FIELDS = frozenset({"directory"})
+#: Prompt fields: at most max_prompt_chars (newlines and tabs are text).
+PROMPT_FIELDS = frozenset({"prompt", "answer_prefix"})
+#: Bulk data inside Ingest graphs, not checked field by field (bounded by the message size).
+_UNCHECKED = frozenset({("circuits.v1.Graph", "units"), ("circuits.v1.Graph", "prompt_tokens"),
+                        ("circuits.v1.Graph", "edges")})  # fmt: skip
+_CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F))
+
+
+def check_request_strings(message: Any, limits: Limits, where: str) -> None:
+    """Refuse (InvalidArgument naming field and limit, never echoing the value in full) string
+    fields of a request that are too long for their kind or hold NUL / control characters:
+    names (:data:`NAME_FIELDS`) and paths (:data:`PATH_FIELDS`) no control character at all,
+    prompts and other text no NUL."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    owner = message.DESCRIPTOR.full_name
+    for field, value in message.ListFields():
+        if (owner, field.name) in _UNCHECKED:
+            continue
+        values = value if field.is_repeated else (value,)
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            for item in values:
+                check_request_strings(item, limits, where)
+            continue
+        if field.type != FieldDescriptor.TYPE_STRING:
+            continue
+        if field.name in NAME_FIELDS:
+            limit, strict = "max_name_chars", True
+        elif field.name in PATH_FIELDS:
+            limit, strict = "max_path_chars", True
+        elif field.name in PROMPT_FIELDS:
+            limit, strict = "max_prompt_chars", False
+        else:
+            limit, strict = "max_text_chars", False
+        most = int(getattr(limits, limit))
+        for text in values:
+            if most and len(text) > most:
+                raise InvalidArgument(f"{where}: {field.name} is {len(text)} characters, over the limit "
+                                      f"{limit}={most} ({flag(limit)})")  # fmt: skip
+            if "\x00" in text or (strict and not _CONTROL.isdisjoint(text)):
+                what = "control characters" if strict else "a NUL character"
+                raise InvalidArgument(f"{where}: {field.name} {echo(text, 60)} must not contain {what}")
+
+
 class _Undecodable:
     """Stands in for request bytes that did not parse (truncated, wrong wire type, bad UTF-8)."""
 
@@ -771,17 +829,23 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
     and request streams and graphs over the limits become RESOURCE_EXHAUSTED naming the limit.
 
     Installed innermost by :func:`build_grpc_server` for every call shape: a unary request that
-    does not parse (or is too large a graph) is refused before the servicer runs; in a request
+    does not parse (or is too large a graph, or has a string field over its limit or with
+    forbidden characters, :func:`check_request_strings`) is refused before the servicer runs; in a request
     stream the servicer sees the error raised by the request iterator at the bad message
     (messages before it were delivered normally). Limits come from :class:`ServerSettings`
     (``max_stream_messages``, ``max_nodes_per_graph``, ``max_edges_per_graph``; 0 = unlimited).
     """
 
     def __init__(self, settings: ServerSettings | None = None) -> None:
+        import dataclasses
+
         settings = settings or ServerSettings()
         self.max_stream_messages = settings.max_stream_messages
         self.max_nodes_per_graph = settings.max_nodes_per_graph
         self.max_edges_per_graph = settings.max_edges_per_graph
+        self.limits = dataclasses.replace(DEFAULT_LIMITS, max_name_chars=settings.max_name_chars,
+                                          max_path_chars=settings.max_path_chars,
+                                          max_text_chars=settings.max_text_chars)  # fmt: skip
 
     def _check_graph(self, request: Any, where: str) -> None:
         descriptor = getattr(request, "DESCRIPTOR", None)
@@ -817,6 +881,7 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
                 if isinstance(request, _Undecodable):
                     raise refuse(request.reason)
                 self._check_graph(request, f"{method} request")
+                check_request_strings(request, self.limits, f"{method} request")
                 return behavior(request, context)
 
             return run
@@ -831,6 +896,7 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
                         f"max_stream_messages={self.max_stream_messages} (--max-stream-messages); open a new stream"
                     )
                 self._check_graph(request, f"{method} request message {number}")
+                check_request_strings(request, self.limits, f"{method} request message {number}")
                 yield request
 
         def streaming(behavior: Callable) -> Callable:
@@ -1019,6 +1085,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int) 
                    help="concurrent health Watch / reflection streams each; they need no token (default %(default)s)")
     g.add_argument("--stream-idle-timeout", type=float, default=DEFAULT_LIMITS.stream_idle_timeout_s,
                    help="seconds a stream may wait for its client before it is cancelled (default %(default)s)")
+    add_limit_arguments(parser, ("max_name_chars", "max_path_chars", "max_text_chars"))
 
 
 def server_settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -1061,6 +1128,9 @@ def server_settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_streams_per_peer=args.max_streams_per_peer,
         max_open_streams=args.max_open_streams,
         stream_idle_timeout_s=args.stream_idle_timeout,
+        max_name_chars=args.limit_max_name_chars,
+        max_path_chars=args.limit_max_path_chars,
+        max_text_chars=args.limit_max_text_chars,
     )
 
 

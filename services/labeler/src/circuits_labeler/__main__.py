@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from circuits_core.errors import CircuitsError
+from circuits_core.errors import CircuitsError, error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             service=service,
         )
     except CircuitsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     server.start()
     server.set_serving(True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from circuits_core.config import LabelingSection
-from circuits_core.errors import InvalidArgument
+from circuits_core.errors import InvalidArgument, echo
 from circuits_core.schemas import LABEL_PASSES, LabelProgress
 
 from circuits_labeler.cache import AnswerCache, CachedAnswer, prompt_hash
@@ -443,6 +443,6 @@ def _check_passes(passes: Sequence[str]) -> list[str]:
     passes = list(passes) or list(LABEL_PASSES)
     for p in passes:
         if p not in LABEL_PASSES:
-            raise InvalidArgument(f"unknown pass {p!r}; use output or input")
+            raise InvalidArgument(f"unknown pass {echo(p, 60)}; use output or input")
     # Always in the progressive order: output (late->early) before input (early->late).
     return [p for p in LABEL_PASSES if p in passes]

@@ -47,6 +47,13 @@ def clip_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return message[: limit - 30] + f"... ({len(message)} chars in all)"
 
 
+def error_line(exc: BaseException | str) -> str:
+    """The one line a command prints for an error: ``error: <message>`` with newlines folded and
+    the length bounded (:func:`clip_message`)."""
+    text = str(exc) or (exc.__class__.__name__ if isinstance(exc, BaseException) else "")
+    return "error: " + clip_message(" ".join(text.splitlines()))
+
+
 class CircuitsError(Exception):
     """Root of every error circuits raises on purpose. The message is meant for users."""
 

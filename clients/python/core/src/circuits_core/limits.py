@@ -62,6 +62,12 @@ class Limits:
     max_open_streams: int = 4
     #: Seconds a stream may wait for the client's next message, or for the client to read a reply, before the server cancels it.
     stream_idle_timeout_s: float = 300.0
+    #: Longest identifier-like string in a request (graph_id, slug, model, cluster, label_pass, ...); no control characters allowed in these. INVALID_ARGUMENT beyond.
+    max_name_chars: int = 512
+    #: Longest path in a request (aggregator Export directory); no control characters. INVALID_ARGUMENT beyond.
+    max_path_chars: int = 4096
+    #: Longest other string in a request (target and contrastive tokens, search text, ...); NUL refused in every string. INVALID_ARGUMENT beyond.
+    max_text_chars: int = 65_536
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
