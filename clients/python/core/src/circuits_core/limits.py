@@ -62,6 +62,12 @@ class Limits:
     max_open_streams: int = 4
     #: Seconds a stream may wait for the client's next message, or for the client to read a reply, before the server cancels it.
     stream_idle_timeout_s: float = 300.0
+    #: Most units one LabelUnits request may ask to label (each can cost an LLM call); RESOURCE_EXHAUSTED beyond.
+    max_label_units_per_request: int = 256
+    #: Most units LabelUnits requests may ask to label within label_window_s seconds (all clients together); RESOURCE_EXHAUSTED beyond.
+    max_labels_per_window: int = 2000
+    #: Length of the LabelUnits window in seconds (see max_labels_per_window).
+    label_window_s: float = 3600.0
     #: Longest identifier-like string in a request (graph_id, slug, model, cluster, label_pass, ...); no control characters allowed in these. INVALID_ARGUMENT beyond.
     max_name_chars: int = 512
     #: Longest path in a request (aggregator Export directory); no control characters. INVALID_ARGUMENT beyond.
