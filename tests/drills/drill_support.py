@@ -48,7 +48,8 @@ DRILL_ROWS: list[DrillRow] = []
 #: appends a name only after it watched an over-limit request refused or clamped).
 ENFORCED_LIMITS: list[str] = []
 #: The drill modules that enforce limits; the summary asserts every limit only when all ran.
-LIMIT_DRILL_MODULES = ("test_drill_limits.py", "test_drill_streams.py", "test_drill_load.py")
+LIMIT_DRILL_MODULES = ("test_drill_limits.py", "test_drill_streams.py", "test_drill_load.py", "test_drill_echo.py",
+                       "test_drill_labeler_spend.py")  # fmt: skip
 
 
 def percentile(values: Sequence[float], q: float) -> float:
