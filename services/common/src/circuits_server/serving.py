@@ -504,17 +504,20 @@ class IdleWatchdog:
         self._name = name
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._wake_at = float("inf")  # when the watchdog thread wakes next
         #: How many calls were cancelled for idling (tests and metrics read it).
         self.cancelled = 0
 
     def arm(self, context: Any, seconds: float, what: str = "") -> int:
         with self._cond:
             self._next += 1
-            self._armed[self._next] = (time.monotonic() + seconds, context, what)
+            deadline = time.monotonic() + seconds
+            self._armed[self._next] = (deadline, context, what)
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if deadline < self._wake_at:  # wake the thread only when it would sleep past this deadline
+                self._cond.notify()
             return self._next
 
     def disarm(self, token: int) -> None:
@@ -539,8 +542,10 @@ class IdleWatchdog:
                         context.cancel()
                     except Exception:  # noqa: BLE001 - an ended call needs no cancel
                         pass
-                wait = min((d for d, _c, _w in self._armed.values()), default=now + 60) - now
-                self._cond.wait(max(wait, 0.005))
+                wait = max(min((d for d, _c, _w in self._armed.values()), default=now + 60) - now, 0.005)
+                self._wake_at = now + wait
+                self._cond.wait(wait)
+                self._wake_at = float("inf")
 
 
 def _peer_address(context: Any) -> str:
