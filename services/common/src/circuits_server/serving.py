@@ -724,7 +724,10 @@ class StreamGuardInterceptor(grpc.ServerInterceptor):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"too many concurrent streams from {peer} (max_streams_per_peer="
                               f"{self.settings.max_streams_per_peer}, --max-streams-per-peer); retry later")  # fmt: skip
-            context.add_callback(lambda: self._leave_peer(peer))
+            if not context.add_callback(lambda: self._leave_peer(peer)):  # ended meanwhile
+                self._leave_peer(peer)
+                release()
+                return ""
             return peer
 
         def first_request(requests: Any, context: grpc.ServicerContext) -> Any:
