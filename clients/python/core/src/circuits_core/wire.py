@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from circuits_core._proto.circuits.v1 import graph_pb2
-from circuits_core.errors import InvalidArgument
+from circuits_core.errors import InvalidArgument, echo
 from circuits_core.schemas import Edge, Graph, GraphMetadata, Unit, UnitLabel
 
 _KIND_TO_PB = {
@@ -361,7 +361,7 @@ def edge_direction_to_proto(direction: str) -> int:
         "upstream": pb.EDGE_DIRECTION_UPSTREAM,
     }
     if direction not in values:
-        raise InvalidArgument(f"direction must be one of {', '.join(_DIRECTION_NAMES)}, got {direction!r}")
+        raise InvalidArgument(f"direction must be one of {', '.join(_DIRECTION_NAMES)}, got {echo(direction)}")
     return values[direction]
 
 
