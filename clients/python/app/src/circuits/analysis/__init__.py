@@ -58,4 +58,5 @@ __all__ = [
     "summary_dict",
     "top_paths",
     "with_clusters",
+    "write_report",
 ]
