@@ -22,16 +22,31 @@ def wait_until(predicate, timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-def start_trace(runner: AttributionRunner, prompt: str, results: dict, **kwargs) -> threading.Thread:
+def start_call(results: dict, key: str, call) -> threading.Thread:
+    """Run ``call()`` in a thread; its result (or exception) lands in ``results[key]``."""
+
     def go() -> None:
         try:
-            results[prompt] = runner.trace(TraceRequest(prompt=prompt), **kwargs)
+            results[key] = call()
         except Exception as exc:  # noqa: BLE001 - the test inspects it
-            results[prompt] = exc
+            results[key] = exc
 
     thread = threading.Thread(target=go, daemon=True)
     thread.start()
     return thread
+
+
+def start_trace(runner: AttributionRunner, prompt: str, results: dict, **kwargs) -> threading.Thread:
+    return start_call(results, prompt, lambda: runner.trace(TraceRequest(prompt=prompt), **kwargs))
+
+
+def busy_runner(fake_engine, results: dict, *, max_queue: int) -> AttributionRunner:
+    """A one-engine runner whose engine is held by the trace of "running"."""
+    runner = AttributionRunner(max_concurrent=1, max_queue=max_queue)
+    runner.attach(fake_engine)
+    start_trace(runner, "running", results)
+    wait_until(lambda: fake_engine.started == 1)
+    return runner
 
 
 def normalized(graph):
@@ -80,11 +95,8 @@ def test_max_queue_zero_refuses_when_busy(fake_engine):
 
 
 def test_cancelled_while_queued_frees_the_queue_place(fake_engine):
-    runner = AttributionRunner(max_concurrent=1, max_queue=1)
-    runner.attach(fake_engine)
     results: dict = {}
-    start_trace(runner, "running", results)
-    wait_until(lambda: fake_engine.started == 1)
+    runner = busy_runner(fake_engine, results, max_queue=1)
     cancel = threading.Event()
     queued = start_trace(runner, "queued", results, should_stop=cancel.is_set)
     wait_until(lambda: runner.waiting == 1)
@@ -176,22 +188,11 @@ def test_the_engine_gets_the_request_itself(fake_engine):
 def test_interventions_queue_and_cancel_like_traces(fake_engine):
     from circuits_core.interventions import InterventionRequest, NeuronIntervention
 
-    runner = AttributionRunner(max_concurrent=1, max_queue=1)
-    runner.attach(fake_engine)
     results: dict = {}
-    start_trace(runner, "running", results)
-    wait_until(lambda: fake_engine.started == 1)
+    runner = busy_runner(fake_engine, results, max_queue=1)
     request = InterventionRequest(prompt="hi", interventions=(NeuronIntervention(layer=0, index=1),))
     cancel = threading.Event()
-
-    def go() -> None:
-        try:
-            results["intervene"] = runner.intervene(request, should_stop=cancel.is_set)
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            results["intervene"] = exc
-
-    thread = threading.Thread(target=go, daemon=True)
-    thread.start()
+    thread = start_call(results, "intervene", lambda: runner.intervene(request, should_stop=cancel.is_set))
     wait_until(lambda: runner.waiting == 1)
     with pytest.raises(ResourceExhausted):
         runner.intervene(request)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -465,9 +465,9 @@ class RelPAttributor:
         )
         self.last_timings.edge_chunk_size = K
         direct = self.config.edge_effect == "direct"
-        with Linearization(self.model, mlp_rule=self.config.mlp_rule, detach_mlp_outputs=direct) as lin:
+        bar = _progress_bar(len(targets)) if progress else nullcontext()
+        with Linearization(self.model, mlp_rule=self.config.mlp_rule, detach_mlp_outputs=direct) as lin, bar:
             edge_pass = _EdgePass.start(self, lin, embeds, edge_sources, targets, node_scores.target_position, batched)
-            bar = _progress_bar(len(targets)) if progress else None
             start = 0
             while start < len(targets):
                 if should_stop is not None and should_stop():
@@ -482,11 +482,9 @@ class RelPAttributor:
                     continue
                 edge_pass.keep(start, stop, raw_chunk)
                 self.last_timings.edge_chunks += 1
-                if bar is not None:
+                if progress:
                     bar.update(stop - start)
                 start = stop
-            if bar is not None:
-                bar.close()
             lin.release()
         return edge_pass.columns.table()
 

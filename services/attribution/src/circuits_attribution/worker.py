@@ -157,8 +157,8 @@ def run_worker(
 ) -> WorkerReport:
     """Trace this shard's prompts that are not yet in the ledger; return counts.
 
-    ``engine`` traces the requests (a RelPAttributor, or a client of a server that has one); ``sink`` receives each graph after its
-    file is written and before the line is recorded as done.
+    ``engine`` traces the requests (a RelPAttributor, or the client of a server that has one);
+    ``sink`` receives each graph after its file is written and before the line is recorded as done.
     """
     from circuits_core.graphio import write_graph
 
