@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from circuits_core.atlas_types import AtlasStats, ClusterMembers, SearchHit
+    from circuits_core.atlas_types import AtlasStats, ClusterMembers, SearchHit, UnitCard
     from circuits_core.interventions import InterventionRequest, InterventionResult
     from circuits_core.schemas import Edge, Graph, Unit
     from circuits_core.tracing import ModelInfo, TraceRequest
@@ -53,26 +53,32 @@ class Intervener(Protocol):
 
 @runtime_checkable
 class AtlasQueries(Protocol):
-    """Read-only queries over a built atlas. ``limit`` 0 means the implementation's default."""
+    """Read-only queries over a built atlas. ``limit`` 0 means the implementation's default;
+    ``timeout`` bounds one call in seconds (None: the implementation's default)."""
 
-    def search(self, text: str, limit: int = 0) -> list[SearchHit]:
+    def search(self, text: str, limit: int = 0, *, timeout: float | None = None) -> list[SearchHit]:
         """Units whose labels match ``text``, best first."""
         ...
 
-    def get_unit(self, layer: int, index: int) -> Unit | None:
+    def get_unit(self, layer: int, index: int, *, timeout: float | None = None) -> Unit | None:
         """One unit, or None when the atlas does not hold it."""
         ...
 
+    def get_unit_card(self, layer: int, index: int, *, timeout: float | None = None) -> UnitCard | None:
+        """A unit with its activation statistics, innermost cluster and edge counts, or None."""
+        ...
+
     def get_edges_for_unit(
-        self, layer: int, index: int, direction: str = "both", limit: int = 0, min_count: int = 0
+        self, layer: int, index: int, direction: str = "both", limit: int = 0, min_count: int = 0,
+        *, timeout: float | None = None,
     ) -> list[Edge]:
         """Aggregated edges leaving (downstream) and/or entering (upstream) a unit."""
         ...
 
-    def get_cluster(self, cluster: str | int, limit: int = 0) -> ClusterMembers:
+    def get_cluster(self, cluster: str | int, limit: int = 0, *, timeout: float | None = None) -> ClusterMembers:
         """A cluster (top id or dotted path) and its member units; NotFound when absent."""
         ...
 
-    def stats(self) -> AtlasStats: ...
+    def stats(self, *, timeout: float | None = None) -> AtlasStats: ...
 
     def close(self) -> None: ...

@@ -15,6 +15,11 @@ TOKEN_ENV = "CIRCUITS_TOKEN"
 def add_remote_arguments(parser: argparse.ArgumentParser, *, service: str, instead_of: str) -> None:
     """Add ``--remote HOST:PORT`` (use the ``service`` server instead of ``instead_of``) and the auth flags."""
     parser.add_argument("--remote", default=None, metavar="HOST:PORT", help=f"use the {service} server at HOST:PORT instead of {instead_of}")
+    add_auth_arguments(parser)
+
+
+def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--token-file PATH`` and ``--tls-ca PATH`` for the servers a command talks to."""
     parser.add_argument("--token-file", default=None, metavar="PATH",
                         help=f"file holding the bearer token for --remote (default: ${TOKEN_ENV})")
     parser.add_argument("--tls-ca", default=None, metavar="PATH",
@@ -22,17 +27,18 @@ def add_remote_arguments(parser: argparse.ArgumentParser, *, service: str, inste
 
 
 def remote_from_args(
-    args: argparse.Namespace, *, timeout: float | None = None, default_address: str = ""
+    args: argparse.Namespace, *, timeout: float | None = None, default_address: str = "", address: str | None = None
 ) -> Remote | None:
-    """The server ``--remote`` (else ``default_address``) names with its credentials (token from
-    ``--token-file`` or $CIRCUITS_TOKEN), or None when there is neither.
+    """The server ``address`` (default: ``--remote``, else ``default_address``) with the credentials
+    of the flags (token from ``--token-file`` or $CIRCUITS_TOKEN), or None when there is none.
 
     The token is the ``--token-file`` content stripped of surrounding whitespace; InvalidArgument
     when that file cannot be read or is empty.
     """
     from circuits_core.config import env_setting
 
-    address = getattr(args, "remote", None) or default_address
+    if address is None:
+        address = getattr(args, "remote", None) or default_address
     if not address:
         return None
     token_file = getattr(args, "token_file", None) or ""
