@@ -352,9 +352,26 @@ class RelPAttributor:
         self.last_timings.plan = plan
         embeds = self._embed(input_ids)
         device = embeds.device
+        L, F = self.n_layers, int(self.model.config.intermediate_size)
+        # RelP of each layer's neurons is computed as its gradient arrives (a tensor hook), and the
+        # neurons are copied out as the forward makes them: no layer's [T, F] tensors are kept
+        # twice or outlive their use (docs/memory.md).
+        activations = torch.empty((L, T, F), dtype=self.dtype, device=device)
+        scores = torch.zeros((L, T, F), dtype=acc, device=device)
+        seen: list[int] = []
+
+        def capture(layer: int, h: torch.Tensor) -> None:
+            activations[layer] = h[0].detach().to(device)
+            seen.append(layer)
+
+            def store(grad: torch.Tensor) -> None:
+                scores[layer] = activations[layer].to(acc) * grad[0].to(device=device, dtype=acc)
+
+            h.register_hook(store)
+
         with Linearization(
-            self.model, mlp_rule=self.config.mlp_rule, record_mlp_inputs=False,
-            pattern_storage=plan.node_patterns, pattern_block=plan.pattern_block or None,
+            self.model, mlp_rule=self.config.mlp_rule, record_mlp_inputs=False, record_neurons=False,
+            neuron_observer=capture, pattern_storage=plan.node_patterns, pattern_block=plan.pattern_block or None,
         ) as lin:
             out = self.model(
                 inputs_embeds=embeds,
@@ -371,23 +388,8 @@ class RelPAttributor:
                 direction=direction,
             )
             m = self._metric_value(logits_row, metric)
-            neurons = list(lin.neurons)
-            if any(h is None for h in neurons):
+            if sorted(seen) != list(range(L)):
                 raise RuntimeError("linearization did not capture every layer's neurons")
-            L, F = len(neurons), neurons[0].shape[-1]
-            # RelP of each layer's neurons is computed as its gradient arrives (a tensor hook), so no
-            # layer's [T, F] gradient outlives its use and the neurons need not be kept (docs/memory.md).
-            activations = torch.empty((L, T, F), dtype=neurons[0].dtype, device=device)
-            scores = torch.zeros((L, T, F), dtype=acc, device=device)
-            for layer, h in enumerate(neurons):
-                activations[layer] = h[0].detach()
-
-                def store(grad: torch.Tensor, layer: int = layer) -> None:
-                    scores[layer] = activations[layer].to(acc) * grad[0].to(device=device, dtype=acc)
-
-                h.register_hook(store)
-            del neurons, h
-            lin.release()
             lin.cone.end = t_pos + 1  # nothing after the target position feeds the metric
             (g_embed,) = torch.autograd.grad(m, [embeds])
         with torch.no_grad():

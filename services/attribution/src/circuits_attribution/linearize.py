@@ -30,6 +30,15 @@ consumes; since ``down_proj`` is linear, the direct effect of neuron ``i`` at po
 ``W_down[:, i] . grad(mlp_output_leaves[l])[p]`` — cheaper (``D`` instead of ``F`` per position,
 and no ``down_proj`` backward). ``residuals[l]`` (decoder-layer inputs, ``residuals[L]`` = the
 final norm input) are recorded when ``record_residuals=True``.
+
+For long prompts (docs/memory.md): ``pattern_storage`` keeps the frozen attention patterns as
+computed (``full``), in the model dtype (``model``) or as their inputs, recomputed per layer in
+blocks of ``pattern_block`` query rows (``recompute``); ``cone.end`` limits the attention backward to
+the query positions before it. ``mlp_graph=False`` runs the MLPs without a graph (direct-effect
+edges: no gradient crosses them). Callbacks let a caller take what it needs while the forward runs
+instead of recording whole tensors: ``mlp_observer(l, v, gate, up)``, ``neuron_observer(l, h)`` and
+``mlp_output_transform(l, out) -> out``; ``record_neurons`` / ``record_mlp_inputs`` turn the
+recording off.
 """
 
 from __future__ import annotations
@@ -302,6 +311,8 @@ class Linearization:
         record_mlp_inputs: bool = True,
         mlp_observer: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
         mlp_output_transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        neuron_observer: Callable[[int, torch.Tensor], None] | None = None,
+        record_neurons: bool = True,
     ) -> None:
         if mlp_rule not in MLP_RULES:
             raise ValueError(f"mlp_rule must be one of {MLP_RULES}, got {mlp_rule!r}")
@@ -315,6 +326,8 @@ class Linearization:
         self.record_mlp_inputs = record_mlp_inputs
         self.mlp_observer = mlp_observer
         self.mlp_output_transform = mlp_output_transform
+        self.neuron_observer = neuron_observer
+        self.record_neurons = record_neurons
         #: The causal cone of the backward being run (read by the attention backward).
         self.cone = _Cone()
         self.model = model
@@ -381,7 +394,10 @@ class Linearization:
                 sink: list = []
                 h = _HalfRuleProduct.apply(gate, up, this.act_fn, rule, sink)
                 state.neuron_coefficients[layer_index] = sink[0]
-            state.neurons[layer_index] = h
+            if state.record_neurons:
+                state.neurons[layer_index] = h
+            if state.neuron_observer is not None:
+                state.neuron_observer(layer_index, h)
             if state.detach_neurons:
                 leaf = h.detach().requires_grad_(True)
                 state.neuron_leaves[layer_index] = leaf

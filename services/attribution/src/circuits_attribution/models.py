@@ -9,11 +9,13 @@ default `~/.cache/circuits/models`), which then loads in well under a second.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from circuits_core.config import SMALL_MODEL, circuits_home, env_setting
+from circuits_core.memory import parse_size
 from circuits_core.errors import InvalidArgument, NotFound
 
 SMOLLM2_NAME = SMALL_MODEL
@@ -133,12 +135,27 @@ def _find_local_dir(name_or_path: str) -> Path | None:
     return None
 
 
-def load_model(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu") -> LoadedModel:
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: Any = "float32",
+    device: str = "cpu",
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: str | Mapping[Any, Any] | None = None,
+    offload_folder: str | None = None,
+    reserve: int | None = None,
+) -> LoadedModel:
     """Load a causal LM + tokenizer for attribution.
 
     Resolution order: an existing local checkpoint directory; the bundled SmolLM2 (prepared on
     first use); the circuits model cache; the transformers hub cache (HF_HUB_OFFLINE respected).
     The model comes back in eval mode with `requires_grad=False` on every parameter.
+
+    ``device_map`` spreads the model over devices instead of putting it on ``device``: ``"auto"``
+    (planned by :func:`~circuits_attribution.placement.plan_device_map` within ``max_memory``,
+    keeping ``reserve`` bytes free on each GPU for the trace, a fifth of each GPU by default),
+    a mapping of module names to devices, or that mapping as JSON text or a JSON file. Modules
+    on ``"disk"`` are offloaded to ``offload_folder`` (default: a temporary folder).
     Raises NotFound with one line when nothing matches.
     """
     import torch
@@ -151,9 +168,14 @@ def load_model(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu"
     if local is None and name_or_path.startswith(("/", "./", "../", "~")):
         raise NotFound(f"model directory {name_or_path} does not exist or has no config.json")
     source = str(local) if local is not None else name_or_path
+    load_options: dict[str, Any] = {}
+    if device_map:
+        load_options = _device_map_options(source, torch_dtype, device_map, max_memory, offload_folder, reserve)
+    elif max_memory:
+        raise InvalidArgument("max_memory only applies with a device map (device_map='auto')")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **load_options)
     except (OSError, ValueError) as exc:
         if local is not None:
             raise NotFound(f"cannot load model from {local}: {str(exc).splitlines()[0]}") from None
@@ -161,11 +183,55 @@ def load_model(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu"
             f"unknown model {name_or_path!r}: not a local checkpoint directory and not loadable from the "
             f"hub cache (offline={env_setting('HF_HUB_OFFLINE', '0')})"
         ) from None
-    model.to(device)
+    if not device_map:
+        model.to(device)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+
+
+def _device_map_options(
+    source: str, dtype: Any, device_map: Any, max_memory: Any, offload_folder: str | None, reserve: int | None
+) -> dict[str, Any]:
+    """from_pretrained keyword arguments for a device map (planned here when it is "auto")."""
+    from circuits_attribution.placement import parse_device_map, parse_max_memory, plan_device_map
+
+    limits = parse_max_memory(max_memory) if max_memory else None
+    if device_map == "auto":
+        if limits is None:
+            raise InvalidArgument("--device-map auto needs --max-memory (e.g. cuda:0=70GiB,cpu=200GiB)")
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(source)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if reserve is None:  # a fifth of each GPU for the trace's working memory
+            gpu_reserve: Any = {k: v // 5 for k, v in limits.items() if isinstance(k, int)}
+        else:
+            gpu_reserve = int(reserve)
+        mapping = plan_device_map(skeleton, max_memory=limits, reserve=gpu_reserve, dtype=dtype)
+        del skeleton
+    else:
+        mapping = parse_device_map(device_map)
+    _check_map_devices(mapping)
+    options: dict[str, Any] = {"device_map": mapping}
+    if "disk" in mapping.values():
+        if not offload_folder:
+            import tempfile
+
+            offload_folder = tempfile.mkdtemp(prefix="circuits-offload-")
+        options["offload_folder"] = offload_folder
+    return options
+
+
+def _check_map_devices(mapping: Mapping[str, Any]) -> None:
+    for device in set(mapping.values()):
+        if isinstance(device, int) or str(device).startswith("cuda"):
+            check_device(f"cuda:{device}" if isinstance(device, int) else str(device))
+        elif device not in ("cpu", "disk", "mps"):
+            raise InvalidArgument(f"device map: unknown device {device!r} (use an int GPU index, cuda:N, cpu or disk)")
 
 
 def check_device(device: str) -> None:
@@ -180,15 +246,31 @@ def check_device(device: str) -> None:
         raise InvalidArgument(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
 
 
-def load_engine(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu", **config: Any) -> Any:
+def load_engine(
+    name_or_path: str,
+    *,
+    dtype: Any = "float32",
+    device: str = "cpu",
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: str | Mapping[Any, Any] | None = None,
+    offload_folder: str | None = None,
+    **config: Any,
+) -> Any:
     """Load a model once and wrap it in the RelP engine, a ``RelPAttributor``.
 
-    ``config``: RelPConfig engine settings (mlp_rule, edge_chunk_size, progress, ...); the model
-    name recorded in graphs is ``name_or_path``. The engine is the in-process Tracer and
-    Intervener (``circuits_core.capabilities``) and the attribution server's engine.
+    ``config``: RelPConfig engine settings (mlp_rule, edge_chunk_size, memory_budget, progress,
+    ...); the model name recorded in graphs is ``name_or_path``. ``device_map`` / ``max_memory`` /
+    ``offload_folder``: see :func:`load_model` (with ``device_map="auto"`` each GPU keeps the
+    memory budget free for the trace). The engine is the in-process Tracer and Intervener
+    (``circuits_core.capabilities``) and the attribution server's engine.
     """
-    check_device(device)
-    loaded = load_model(name_or_path, dtype=dtype, device=device)
+    if not device_map:
+        check_device(device)
+    budget = config.get("memory_budget")
+    loaded = load_model(
+        name_or_path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+        offload_folder=offload_folder, reserve=None if budget is None else parse_size(budget, what="memory_budget"),
+    )
     from circuits_attribution.attributor import RelPAttributor, RelPConfig
 
     return RelPAttributor(loaded.model, loaded.tokenizer, RelPConfig(model_name=name_or_path, **config))

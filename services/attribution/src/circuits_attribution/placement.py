@@ -113,6 +113,39 @@ def parse_max_memory(text: str | Mapping[str, Any]) -> dict[Any, int]:
     return out
 
 
+def parse_device_map(spec: str | Mapping[str, Any]) -> dict[str, Any]:
+    """A device map from a mapping, JSON text or a JSON file: module name -> device.
+
+    Devices: an int GPU index, ``"cuda:N"`` (read as N), ``"cpu"`` or ``"disk"``.
+    """
+    import json
+    from pathlib import Path
+
+    if isinstance(spec, Mapping):
+        raw: Any = dict(spec)
+    else:
+        text = str(spec).strip()
+        if not text.startswith("{"):
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise InvalidArgument(f"--device-map: {text!r} is neither auto, a JSON object nor a JSON file")
+            text = path.read_text(encoding="utf-8")
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise InvalidArgument(f"--device-map: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise InvalidArgument("--device-map must map module names to devices, e.g. {\"model.layers.0\": 0, \"lm_head\": \"cpu\"}")
+    out: dict[str, Any] = {}
+    for name, device in raw.items():
+        if isinstance(device, str) and (match := _DEVICE_KEY.match(device)):
+            device = int(match.group(1))
+        if not (isinstance(device, int) and not isinstance(device, bool) and device >= 0) and device not in ("cpu", "disk", "mps"):
+            raise InvalidArgument(f"--device-map: {name!r} -> {device!r} is not a device (use 0, cuda:1, cpu or disk)")
+        out[str(name)] = device
+    return out
+
+
 def _bytes_per_layer(model: nn.Module) -> dict[str, int]:
     """Parameter bytes of every direct child that accelerate places as a unit."""
     sizes: dict[str, int] = {}

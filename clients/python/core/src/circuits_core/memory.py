@@ -33,12 +33,12 @@ PATTERN_STORAGE = ("full", "model", "recompute")
 #: Cotangent tensors of width D alive per target while a chunk's batched backward runs
 #: (residual gradient, attention branch in and out, norm output, value gradient, ...),
 #: calibrated on SmolLM2 (benchmarks/long_trace_bench.py) and rounded up.
-EDGE_COTANGENTS_PER_TARGET = 8
+EDGE_COTANGENTS_PER_TARGET = 3
 #: Live [T, F] gradients of the layer being differentiated in the node pass (grad at the
 #: neurons, the gate and up branches, the score), rounded up.
 NODE_LAYER_TRANSIENTS = 5
 #: Fixed allowance for everything else a trace allocates (index tensors, small buffers).
-FIXED_OVERHEAD = 32 << 20
+FIXED_OVERHEAD = 8 << 20
 #: Smallest block of query rows a recomputed pattern is evaluated in.
 MIN_PATTERN_BLOCK = 16
 
@@ -325,3 +325,40 @@ def fitted_growth(xs: list[float], ys: list[float]) -> tuple[float, float]:
         raise InvalidArgument("a growth fit needs two different x values")
     k = sum((p[0] - mx) * (p[1] - my) for p in points) / sxx
     return k, math.exp(my - k * mx)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnginePlacement:
+    """Where an in-process engine puts the model and how much working memory one trace may use.
+
+    The field comments are the help of ``circuits graph``'s, the attribution server's and the batch
+    worker's flags (:mod:`circuits_core.fieldargs`); ``circuits_attribution.models.load_engine`` reads them.
+    """
+
+    #: Working memory one trace may use beyond the weights, per device (e.g. 4GiB): attention patterns are then kept in the model dtype or recomputed per layer and edge chunks sized to fit (docs/memory.md). Empty: no limit (on a GPU, its free memory).
+    memory_budget: str = ""
+    #: Spread the model over devices: auto (fill the GPUs in --max-memory order, then offload to CPU memory, then disk), or a JSON object / JSON file mapping module names to devices (0, "cuda:1", "cpu", "disk"). Empty: the whole model on --device.
+    device_map: str = ""
+    #: Memory per device for --device-map auto, e.g. cuda:0=70GiB,cuda:1=70GiB,cpu=200GiB (each GPU keeps the memory budget, or a fifth, free for the trace).
+    max_memory: str = ""
+    #: Folder for weights a device map offloads to disk (default: a temporary folder).
+    offload_folder: str = ""
+
+    def __post_init__(self) -> None:
+        if self.memory_budget:
+            parse_size(self.memory_budget, what="--memory-budget")
+        if self.max_memory and not self.device_map:
+            raise InvalidArgument("--max-memory only applies with --device-map (e.g. --device-map auto)")
+
+    def engine_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``load_engine`` these settings give (unset ones left out)."""
+        options: dict[str, Any] = {}
+        if self.memory_budget:
+            options["memory_budget"] = parse_size(self.memory_budget, what="--memory-budget")
+        if self.device_map:
+            options["device_map"] = self.device_map
+        if self.max_memory:
+            options["max_memory"] = self.max_memory
+        if self.offload_folder:
+            options["offload_folder"] = self.offload_folder
+        return options
