@@ -38,7 +38,7 @@ from circuits_core.tracing import ModelInfo, TraceRequest, TraceSettings
 
 from circuits_attribution.linearize import MLP_RULES, Linearization, frozen_mlp_coefficients
 from circuits_attribution.linearize import decoder_layers as _decoder_layers
-from circuits_attribution.placement import module_device, module_weight
+from circuits_attribution.placement import module_device, module_weight, return_freed_host_memory
 
 #: Neurons that are active on (nearly) every token, dropped from graphs (relp-spec §D.1).
 ALWAYS_ON_NEURONS: dict[str, tuple[tuple[int, int], ...]] = {
@@ -479,6 +479,8 @@ class RelPAttributor:
             free, _ = torch.cuda.mem_get_info(self.device)
             implicit = budget is None
             budget = int(0.8 * free) if budget is None else min(int(budget), int(0.8 * free))
+        elif budget is not None and self.device.type == "cpu":
+            return_freed_host_memory()  # so that the budget bounds the process's RSS
         storage = None if cfg.pattern_storage == "auto" else cfg.pattern_storage
         kwargs = {"max_chunk": cfg.edge_chunk_size, "neurons": neurons or cfg.max_nodes,
                   "node_patterns": storage, "edge_patterns": storage}

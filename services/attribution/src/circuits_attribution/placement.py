@@ -202,3 +202,41 @@ def device_map_summary(device_map: Mapping[str, Any]) -> str:
             text += f" (+ {', '.join(others)})"
         parts.append(text)
     return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------- host memory
+#: Allocations at least this large are served by mmap and unmapped when freed (see below).
+HOST_MMAP_THRESHOLD = 128 << 10
+_host_memory_returned = False
+
+
+def return_freed_host_memory() -> bool:
+    """Make the C allocator give freed tensor memory back to the OS at once (glibc only).
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+    tensors of a few MiB come from the heap, whose freed pages stay in the process: a trace's
+    chunks then add up in RSS although the live tensors stay small. Fixing the threshold at
+    :data:`HOST_MMAP_THRESHOLD` (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic
+    adjustment off) keeps RSS at what the trace holds, so a memory budget on CPU is a bound on RSS
+    (docs/memory.md). Called once per process by an engine with a memory budget on CPU. Returns
+    False where there is no glibc (the budget then bounds the live tensors only).
+    """
+    global _host_memory_returned
+    if _host_memory_returned:
+        return True
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD = -3
+    _host_memory_returned = bool(mallopt(M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD))
+    if _host_memory_returned and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)  # what earlier work left on the heap
+    return _host_memory_returned

@@ -23,6 +23,7 @@ from circuits.cli._remote import add_remote_arguments, remote_from_args
 from circuits_core.config import SMALL_MODEL
 from circuits_core.errors import InvalidArgument, Unavailable
 from circuits_core.fieldargs import add_field_arguments, field_values
+from circuits_core.memory import EnginePlacement
 from circuits_core.tracing import TraceRequest
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MLP backward rule (default: %(default)s)")
     engine.add_argument("--edge-chunk-size", type=int, default=16,
                         help="targets per batched VJP; lowered automatically to fit memory (default: %(default)s)")
+    add_field_arguments(engine, EnginePlacement)
     add_remote_arguments(parser, service="attribution", instead_of="tracing in-process")
 
 
@@ -74,6 +76,14 @@ def _validate(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"--edge-chunk-size must be >= 1, got {args.edge_chunk_size}")
     if args.remote and args.mlp_rule != _MLP_RULE_DEFAULT:
         raise InvalidArgument("--mlp-rule cannot be changed with --remote (the server traces with its own rule)")
+    placement = placement_from_args(args)
+    if args.remote and placement != EnginePlacement():
+        raise InvalidArgument("--memory-budget / --device-map cannot be used with --remote (the server has its own)")
+
+
+def placement_from_args(args: argparse.Namespace) -> EnginePlacement:
+    """The in-process engine's placement flags (--memory-budget, --device-map, ...) as one value."""
+    return EnginePlacement(**field_values(args, EnginePlacement))
 
 
 def _apply_labels(graph: Graph, args: argparse.Namespace) -> Graph:
@@ -100,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output_dir) / f"{request.slug}.json"
     model = LocalModel(
         name=args.model, dtype=args.dtype, device=args.device,
-        engine=(("mlp_rule", args.mlp_rule), ("edge_chunk_size", args.edge_chunk_size), ("progress", True)),
+        engine=(("mlp_rule", args.mlp_rule), ("edge_chunk_size", args.edge_chunk_size), ("progress", True),
+                *placement_from_args(args).engine_options().items()),
     )
     with closing(open_tracer(remote=remote, model=model, what="`circuits graph`")) as tracer:
         # In process the model is loaded now; the edge pass shows its own bar while tracing.
