@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from circuits_core.errors import FailedPrecondition, InvalidArgument, NotFound
+from circuits_core.exemplars import ExemplarRunSettings, add_run_arguments, run_settings_from_args
 from circuits_server.exemplar_files import (
-    MAX_SEQ_LEN,
     POSITION_BITS,
     ExemplarSettings,
     ExemplarState,
@@ -58,62 +58,6 @@ BUILTIN_CORPORA = ("python-docs",)
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExemplarRunSettings:
-    """One exemplar run (one shard). Field comments are the CLI help."""
-
-    #: Corpus: a text / JSONL / Parquet file, a directory of them, or builtin:python-docs.
-    corpus: str
-    #: Output exemplar file (DuckDB); also the checkpoint a resumed run continues.
-    output: Path
-    #: Model id or checkpoint directory.
-    model: str
-    #: Field (JSONL) or column (Parquet) holding the text.
-    text_field: str = "text"
-    #: Layers to record (empty = all).
-    layers: tuple[int, ...] = ()
-    #: Top-activating contexts kept per neuron.
-    top_k: int = 20
-    #: Random-sample contexts (shared by all neurons; also the quantile estimate).
-    random_samples: int = 256
-    #: Tokens shown before / after the activating token.
-    context_before: int = 16
-    context_after: int = 4
-    #: Tokens per packed sequence.
-    seq_len: int = 256
-    #: Sequences per forward pass.
-    batch_size: int = 8
-    #: Stop after this many corpus tokens (all shards together; 0 = the whole corpus).
-    max_tokens: int = 0
-    #: Seed of the random sample.
-    seed: int = 0
-    #: This shard (0-based) and the number of shards.
-    shard_index: int = 0
-    shard_count: int = 1
-    #: Continue the run stored in the output file.
-    resume: bool = False
-    #: Seconds between checkpoints.
-    checkpoint_seconds: float = 300.0
-    #: Show a progress bar.
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.shard_count < 1:
-            raise InvalidArgument(f"--shard-count must be >= 1, got {self.shard_count}")
-        if not 0 <= self.shard_index < self.shard_count:
-            raise InvalidArgument(f"--shard-index must be in [0, {self.shard_count}), got {self.shard_index}")
-        for name in ("top_k", "seq_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise InvalidArgument(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("random_samples", "context_before", "context_after", "max_tokens"):
-            if getattr(self, name) < 0:
-                raise InvalidArgument(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.seq_len >= MAX_SEQ_LEN:
-            raise InvalidArgument(f"--seq-len must be < {MAX_SEQ_LEN}")
-        if any(layer < 0 for layer in self.layers):
-            raise InvalidArgument("--layers must be >= 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -675,6 +619,10 @@ def load_and_run(run: ExemplarRunSettings, *, dtype: str = "float32", device: st
     """Load ``run.model`` (bundled SmolLM2, a checkpoint directory or the hub cache) and run."""
     from circuits_attribution.models import load_model
 
+    if not run.corpus.startswith(BUILTIN_PREFIX):
+        corpus_files(run.corpus)  # a bad corpus fails before the model loads
+    if Path(run.output).exists() and not run.resume:
+        raise FailedPrecondition(f"{run.output} already exists; pass --resume to continue it or choose another --output")
     loaded = load_model(run.model, dtype=dtype, device=device)
     return run_exemplars(run, model=loaded.model, tokenizer=loaded.tokenizer, device=device)
 
@@ -707,6 +655,22 @@ def worker_command(*, corpus: str, output_dir: str, shards: int, model: str, dty
         "--shard-count", str(shards), "--model", model, "--dtype", dtype, "--device", device,
         "--resume", "--no-progress", *extra,
     ]  # fmt: skip
+
+
+def job_manifest(launch: Any, *, corpus: str, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """An Indexed Job running one exemplar shard per pod (``launch`` is a
+    :class:`circuits_attribution.launch.LaunchSettings`; shard files land in its output_dir)."""
+    from circuits_attribution.launch import job_manifest as attribution_job
+
+    manifest = attribution_job(launch)
+    pod = manifest["spec"]["template"]
+    pod["spec"]["containers"][0]["command"] = worker_command(
+        corpus=corpus, output_dir=launch.output_dir, shards=launch.shards, model=launch.model, dtype=launch.dtype,
+        device="cuda" if launch.gpus else "cpu", extra=extra,
+    )  # fmt: skip
+    for labels in (manifest["metadata"]["labels"], pod["metadata"]["labels"]):
+        labels["app.kubernetes.io/component"] = "exemplars-worker"
+    return manifest
 
 
 def shard_output(output_dir: str | Path, shard_index: int, shard_count: int) -> Path:
@@ -750,52 +714,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"shard {index}/{args.shard_count}: {report.batches} batches, {report.tokens} tokens "
           f"({report.tokens_per_second:,.0f} tokens/s) -> {report.output}", flush=True)
     return 0
-
-
-def add_run_arguments(parser: Any) -> None:
-    """Flags shared by ``circuits exemplars`` and the shard worker (defaults from ExemplarRunSettings)."""
-    d = ExemplarRunSettings.__dataclass_fields__
-    parser.add_argument("--text-field", default=d["text_field"].default, help="JSONL field / Parquet column of the text")
-    parser.add_argument("--layers", default="", help="comma-separated layers to record (default: all)")
-    parser.add_argument("--top-k", type=int, default=d["top_k"].default, help="top-activating contexts per neuron")
-    parser.add_argument("--random-samples", type=int, default=d["random_samples"].default,
-                        help="random-sample contexts shared by all neurons (also the quantile estimate)")
-    parser.add_argument("--context-before", type=int, default=d["context_before"].default, help="tokens shown before")
-    parser.add_argument("--context-after", type=int, default=d["context_after"].default, help="tokens shown after")
-    parser.add_argument("--seq-len", type=int, default=d["seq_len"].default, help="tokens per packed sequence")
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="sequences per forward pass")
-    parser.add_argument("--max-tokens", type=int, default=0, help="corpus tokens to use, all shards together (0 = all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random sample")
-    parser.add_argument("--checkpoint-seconds", type=float, default=d["checkpoint_seconds"].default,
-                        help="seconds between checkpoints into the output file")
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            lo, _, hi = part.partition("-")
-            if not (lo.isdigit() and hi.isdigit()) or int(lo) > int(hi):
-                raise InvalidArgument(f"--layers: bad range {part!r}")
-            out.extend(range(int(lo), int(hi) + 1))
-        elif part.isdigit():
-            out.append(int(part))
-        else:
-            raise InvalidArgument(f"--layers: {part!r} is not a layer number or range")
-    return tuple(out)
-
-
-def run_settings_from_args(args: Any, *, output: Path, shard_index: int, resume: bool, progress: bool) -> ExemplarRunSettings:
-    return ExemplarRunSettings(
-        corpus=args.corpus, output=output, model=args.model, text_field=args.text_field,
-        layers=parse_layers(args.layers), top_k=args.top_k, random_samples=args.random_samples,
-        context_before=args.context_before, context_after=args.context_after, seq_len=args.seq_len,
-        batch_size=args.batch_size, max_tokens=args.max_tokens, seed=args.seed, shard_index=shard_index,
-        shard_count=args.shard_count, resume=resume, checkpoint_seconds=args.checkpoint_seconds, progress=progress,
-    )  # fmt: skip
 
 
 if __name__ == "__main__":

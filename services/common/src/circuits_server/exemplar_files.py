@@ -43,12 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from circuits_core.errors import CorruptInput, FailedPrecondition, InvalidArgument, NotFound
+from circuits_core.exemplars import MAX_SEQ_LEN, POSITION_BITS
 
 SCHEMA_VERSION = "1"
 FORMAT_NAME = "circuits.exemplars"
-#: Bits of a uid that hold the position (sequences are shorter than 2**20 tokens).
-POSITION_BITS = 20
-MAX_SEQ_LEN = 1 << POSITION_BITS
 #: Quantile levels stored per neuron (estimated from the random sample).
 QUANTILE_LEVELS = (0.1, 0.5, 0.9, 0.99)
 TABLES = ("meta", "tokens", "neuron_stats", "exemplars", "samples", "sample_activations")
