@@ -176,8 +176,6 @@ class LabelingSection:
     exemplars_path: str = ""
     #: Score every label against held-out exemplars and random contexts (only where exemplars exist).
     score: bool = True
-    #: Scorer LLM model on the same backend; empty = labeling.model.
-    score_model: str = ""
     #: Held-out top exemplars (odd ranks) per scored label.
     score_held_out: int = 10
     #: Random-sample contexts per scored label.
@@ -186,6 +184,8 @@ class LabelingSection:
     score_fire_fraction: float = 0.5
     #: Max output tokens of one scorer answer.
     score_max_answer_tokens: int = 200
+    #: With exemplars: show pass 2 the tokens whose embeddings drive the neuron (loads model.name).
+    input_projection: bool = True
     #: Top exemplars (even ranks) shown in a pass-2 prompt.
     exemplars_in_prompt: int = 8
     #: Neuron -> logit links shown in a late-layer pass-1 prompt.
