@@ -47,8 +47,23 @@ CREATE TABLE neurons (
     max_activation DOUBLE, num_exemplars INTEGER, appearance_count BIGINT DEFAULT 0,
     observation_count BIGINT DEFAULT 0, mean_activation DOUBLE, mean_attribution DOUBLE, output_norm DOUBLE,
     cluster_path VARCHAR, top_cluster INTEGER, sub_module INTEGER, subsub_module INTEGER,
-    hierarchy_depth INTEGER, infomap_flow DOUBLE,
+    hierarchy_depth INTEGER, infomap_flow DOUBLE, score_detection DOUBLE, score_simulation DOUBLE,
     PRIMARY KEY (layer, neuron)
+)"""
+#: One row per label of a neuron (pass output = what it does, input = what triggers it), with the
+#: label's scores (circuits_labeler.scoring); neurons.score_* hold the best of a neuron's labels.
+LABELS_DDL = """
+CREATE TABLE labels (
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, label_pass VARCHAR NOT NULL, text VARCHAR NOT NULL,
+    description VARCHAR, source VARCHAR, score_detection DOUBLE, score_simulation DOUBLE,
+    score_contexts INTEGER, score_positives INTEGER,
+    PRIMARY KEY (layer, neuron, label_pass)
+)"""
+#: Aggregated neuron -> logit links (the aggregator's logits.parquet), most observed first per neuron.
+LOGIT_EDGES_DDL = """
+CREATE TABLE logit_edges (
+    src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, token_id BIGINT NOT NULL, token VARCHAR,
+    count BIGINT, weight_sum DOUBLE, weight_abs_sum DOUBLE, mean_weight DOUBLE
 )"""
 EDGES_DDL = """
 CREATE TABLE edges (
@@ -155,7 +170,7 @@ def build_atlas(
     con = None
     try:
         con = connect(tmp, read_only=False, memory_limit=memory_limit, threads=threads, row_group_size=ROW_GROUP_SIZE)
-        for ddl in (NEURONS_DDL, EDGES_DDL, CLUSTERS_DDL, METADATA_DDL):
+        for ddl in (NEURONS_DDL, EDGES_DDL, CLUSTERS_DDL, METADATA_DDL, LABELS_DDL, LOGIT_EDGES_DDL):
             con.execute(ddl)
 
         done = step("neurons")
@@ -178,6 +193,15 @@ def build_atlas(
         con.execute(
             "CREATE TABLE edges_by_target AS SELECT * FROM edges ORDER BY tgt_layer, tgt_neuron, src_layer, src_neuron"
         )
+        if files.logits is not None:
+            con.execute(
+                """
+                INSERT INTO logit_edges
+                SELECT src_layer, src_neuron, token_id, token, count, weight_sum, weight_abs_sum, weight_sum / count
+                FROM read_parquet(?) WHERE count >= ? ORDER BY src_layer, src_neuron, count DESC, token_id
+                """,
+                [str(files.logits), min_edge_count],
+            )
         done()
 
         cluster_meta: dict[str, Any] = {}
@@ -223,6 +247,7 @@ def build_atlas(
             name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0] for name in ("neurons", "edges", "clusters")
         }
         labeled = con.execute("SELECT count(*) FROM neurons WHERE coalesce(label, '') <> ''").fetchone()[0]
+        scored = con.execute("SELECT count(*) FROM labels WHERE score_contexts > 0").fetchone()[0]
         metadata = {
             "schema_version": SCHEMA_VERSION,
             "model": model,
@@ -231,6 +256,8 @@ def build_atlas(
             "total_edges": counts["edges"],
             "total_clusters": counts["clusters"],
             "labeled_neurons": labeled,
+            "scored_labels": scored,
+            "logit_links": con.execute("SELECT count(*) FROM logit_edges").fetchone()[0],
             "min_edge_count": min_edge_count,
             "source_graph_count": "" if graph_count is None else graph_count,
             "export_dir": str(Path(export_dir).resolve()),
@@ -316,6 +343,27 @@ def _insert_neurons(con: Any, units_path: Path, labels: Any) -> None:
             FULL OUTER JOIN labels_input l ON u.layer = l.layer AND u.neuron = l.neuron
             """,
             [str(units_path)],
+        )
+        con.execute(
+            """
+            INSERT INTO labels
+            SELECT layer, neuron, 'output', coalesce(nullif(output_label, ''), label), nullif(description, ''),
+                   coalesce(nullif(source, ''), 'progressive_output'), output_score_detection, output_score_simulation,
+                   output_score_contexts, output_score_positives
+            FROM labels_input WHERE coalesce(nullif(output_label, ''), nullif(label, '')) IS NOT NULL
+            UNION ALL
+            SELECT layer, neuron, 'input', input_label, NULL, 'progressive_input', input_score_detection,
+                   input_score_simulation, input_score_contexts, input_score_positives
+            FROM labels_input WHERE nullif(input_label, '') IS NOT NULL
+            """
+        )
+        con.execute(
+            """
+            UPDATE neurons SET score_detection = s.d, score_simulation = s.s
+            FROM (SELECT layer, neuron, max(score_detection) AS d, max(score_simulation) AS s FROM labels
+                  GROUP BY layer, neuron) s
+            WHERE neurons.layer = s.layer AND neurons.neuron = s.neuron
+            """
         )
     finally:
         con.unregister("labels_input")

@@ -556,6 +556,8 @@ def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id:
         edge_src=np.array(table.src, dtype=np.int64),
         edge_tgt=np.array(table.tgt, dtype=np.int64),
         edge_weight=np.array(table.weight, dtype=np.float64),
+        is_logit=[u.kind == graph_pb2.UNIT_KIND_LOGIT for u in units],
+        tokens=[u.token for u in units],
     )
 
 
