@@ -242,3 +242,25 @@ def test_launch_dry_run_prints_an_indexed_job(tmp_path):
     assert command[:3] == ["python", "-m", "circuits_attribution.exemplars"]
     assert "--resume" in command and command[command.index("--layers") + 1] == "0-3"
     assert command[command.index("--shard-count") + 1] == "4"
+
+
+def test_exemplar_files_refuse_foreign_and_crafted_files(tiny, corpus, tmp_path):
+    import duckdb
+
+    from circuits_core.errors import CorruptInput, NotFound
+
+    model, tok = tiny
+    out = tmp_path / "ex.duckdb"
+    run_exemplars(settings(corpus, out), model=model, tokenizer=tok)
+    with pytest.raises(NotFound):
+        ExemplarFile(tmp_path / "missing.duckdb")
+    (tmp_path / "junk.duckdb").write_bytes(b"not a database")
+    with pytest.raises(CorruptInput):
+        ExemplarFile(tmp_path / "junk.duckdb")
+    crafted = tmp_path / "crafted.duckdb"
+    crafted.write_bytes(out.read_bytes())
+    con = duckdb.connect(str(crafted))
+    con.execute("CREATE MACRO leak() AS TABLE SELECT * FROM read_text('/etc/hostname')")
+    con.close()
+    with pytest.raises(CorruptInput, match="SQL code"):
+        ExemplarFile(crafted)

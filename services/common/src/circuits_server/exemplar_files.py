@@ -253,8 +253,11 @@ def _connect(path: Path, *, read_only: bool) -> Any:
     import duckdb
 
     try:
+        # External access off: SQL in a crafted file (a view or macro calling read_text) cannot
+        # reach other files; registered Arrow tables still work.
         return duckdb.connect(str(path), read_only=read_only, config={
             "autoinstall_known_extensions": False, "autoload_known_extensions": False, "threads": 1,
+            "enable_external_access": False,
         })  # fmt: skip
     except duckdb.Error as exc:
         raise CorruptInput(f"{path}: not a readable exemplar file ({str(exc).splitlines()[0][:200]})") from None
@@ -358,6 +361,12 @@ def _open_checked(path: Path) -> tuple[Any, dict[str, str]]:
         missing = [t for t in TABLES if t not in tables]
         if missing:
             raise CorruptInput(f"{path}: not an exemplar file (missing table(s) {', '.join(missing)})")
+        code = con.execute(
+            "SELECT 'view ' || view_name FROM duckdb_views() WHERE NOT internal UNION ALL "
+            "SELECT 'macro ' || function_name FROM duckdb_functions() WHERE NOT internal AND database_name <> 'system'"
+        ).fetchall()
+        if code:
+            raise CorruptInput(f"{path}: refusing an exemplar file that holds SQL code ({code[0][0]}); circuits writes tables only")
         meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("format") != FORMAT_NAME:
             raise CorruptInput(f"{path}: not an exemplar file (meta.format is {meta.get('format')!r})")
