@@ -210,8 +210,8 @@ class ProgressiveLabeler:
                 stats = self.exemplars.stats(*key)  # type: ignore[union-attr]
                 lines = tuple(ExemplarLine(text=c.text(mark=MARK), activation=c.activation)
                               for c in shown[: self.settings.exemplars_in_prompt] if c.activation > 0)
-                note = (f"max {stats.maximum:.3f}; median {stats.quantiles.get(0.5, 0.0):.3f} and 99th percentile "
-                        f"{stats.quantiles.get(0.99, 0.0):.3f} over a random sample of {stats.token_count} tokens")
+                note = (f"max {stats.maximum:.3f} over {stats.token_count} corpus tokens; typical: median "
+                        f"{stats.quantiles.get(0.5, 0.0):.3f}, 99th percentile {stats.quantiles.get(0.99, 0.0):.3f}")
                 ctx = replace(ctx, exemplars=lines, activation_note=note)
             if self.input_projection is not None:
                 ctx = replace(ctx, input_tokens=tuple(
