@@ -250,17 +250,10 @@ def merge_states(states: Sequence[ExemplarState], *, allow_partial: bool = False
 
 # -- writing ----------------------------------------------------------------------------------------
 def _connect(path: Path, *, read_only: bool) -> Any:
-    import duckdb
+    # The one locked-down opener: external access off, no extension loading, settings locked.
+    from circuits_server.duckdb_files import open_duckdb
 
-    try:
-        # External access off: SQL in a crafted file (a view or macro calling read_text) cannot
-        # reach other files; registered Arrow tables still work.
-        return duckdb.connect(str(path), read_only=read_only, config={
-            "autoinstall_known_extensions": False, "autoload_known_extensions": False, "threads": 1,
-            "enable_external_access": False,
-        })  # fmt: skip
-    except duckdb.Error as exc:
-        raise CorruptInput(f"{path}: not a readable exemplar file ({str(exc).splitlines()[0][:200]})") from None
+    return open_duckdb(path, read_only=read_only, what="exemplar file", threads=1)
 
 
 def _fixed_list(values: Any, width: int, value_type: Any) -> Any:
@@ -353,6 +346,8 @@ def _quantiles(state: ExemplarState) -> Any:
 
 # -- reading ----------------------------------------------------------------------------------------
 def _open_checked(path: Path) -> tuple[Any, dict[str, str]]:
+    from circuits_server.duckdb_files import refuse_code_objects
+
     if not path.is_file():
         raise NotFound(f"{path}: exemplar file not found")
     con = _connect(path, read_only=True)
@@ -361,12 +356,7 @@ def _open_checked(path: Path) -> tuple[Any, dict[str, str]]:
         missing = [t for t in TABLES if t not in tables]
         if missing:
             raise CorruptInput(f"{path}: not an exemplar file (missing table(s) {', '.join(missing)})")
-        code = con.execute(
-            "SELECT 'view ' || view_name FROM duckdb_views() WHERE NOT internal UNION ALL "
-            "SELECT 'macro ' || function_name FROM duckdb_functions() WHERE NOT internal AND database_name <> 'system'"
-        ).fetchall()
-        if code:
-            raise CorruptInput(f"{path}: refusing an exemplar file that holds SQL code ({code[0][0]}); circuits writes tables only")
+        refuse_code_objects(con, path, what="an exemplar file")
         meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("format") != FORMAT_NAME:
             raise CorruptInput(f"{path}: not an exemplar file (meta.format is {meta.get('format')!r})")
