@@ -39,9 +39,6 @@ import numpy as np
 import pyarrow as pa
 
 from circuits_core.aggregator_types import (
-    EDGE_COLUMNS,
-    LEDGER_COLUMNS,
-    UNIT_COLUMNS,
     AggregatorStats,
     EdgeColumns,
     GraphArrays,
@@ -49,6 +46,7 @@ from circuits_core.aggregator_types import (
     shard_of,
 )
 from circuits_core.errors import FailedPrecondition, InvalidArgument
+from circuits_core.exports import EDGE_COLUMNS, EDGES_FILE, LEDGER_COLUMNS, LEDGER_FILE, UNIT_COLUMNS, UNITS_FILE
 
 _EDGE_DDL = """(
     src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, tgt_layer INTEGER NOT NULL, tgt_neuron INTEGER NOT NULL,
@@ -426,10 +424,10 @@ class AggregateStore:
         except OSError as exc:
             raise InvalidArgument(f"{out}: cannot create export directory ({exc.strerror or exc})") from None
         queries = {
-            "edges.parquet": f"SELECT {', '.join(EDGE_COLUMNS)} FROM ({EDGES_SQL}) WHERE count >= {max(int(min_count), 1)} "
+            EDGES_FILE: f"SELECT {', '.join(EDGE_COLUMNS)} FROM ({EDGES_SQL}) WHERE count >= {max(int(min_count), 1)} "
             "ORDER BY src_layer, src_neuron, tgt_layer, tgt_neuron",
-            "units.parquet": f"SELECT {', '.join(UNIT_COLUMNS)} FROM ({UNITS_SQL}) ORDER BY layer, neuron",
-            "ledger.parquet": f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger ORDER BY graph_id",
+            UNITS_FILE: f"SELECT {', '.join(UNIT_COLUMNS)} FROM ({UNITS_SQL}) ORDER BY layer, neuron",
+            LEDGER_FILE: f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger ORDER BY graph_id",
         }
         return write_parquet_snapshot(self._cursor(), out, queries)
 

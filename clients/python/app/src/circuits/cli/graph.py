@@ -95,7 +95,10 @@ def _apply_labels(graph, args: argparse.Namespace):
     else:
         with NeuronDB(PgSettings.from_config()) as db:
             labels = db.labels_for(keys)
-    return graph.with_labels({k: r.label for k, r in labels.items()})
+    return graph.with_labels(
+        {k: r.label for k, r in labels.items() if r.label},
+        input_labels={k: r.input_label for k, r in labels.items() if r.input_label},
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,7 +156,7 @@ def _print_summary(graph, output: Path) -> None:
     logits = ", ".join(f"{u.token!r} p={u.probability:.3f}" for u in graph.logits)
     exceeded = " (nodes exceeded max-nodes: neuron edges skipped)" if graph.metadata.nodes_exceeded else ""
     print(
-        f"{len(graph.neurons)} nodes, {len(graph.edges)} edges{exceeded}; "
+        f"{len(graph.neurons)} nodes, {len(graph.edge_table)} edges{exceeded}; "
         f"top logits: {logits}; m={graph.metadata.metric_value:.4g}; wrote {output}"
     )
 

@@ -20,20 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from circuits_core.errors import InvalidArgument
-    from circuits_core.graphio import graph_format, read_graph
-    from circuits_core.schemas import load_legacy
+    from circuits_core.graphio import read_viewer_json
     from circuits.viewer import graph_json_for_page, render_page, serve_page, write_page
 
     if not (0 <= args.port <= 65535):
         raise InvalidArgument(f"--port must be in 0..65535, got {args.port}")
-    # JSON graphs are shown as written (extra fields, supernodes); a parse checks they are graphs.
-    if graph_format(args.graph) == "json":
-        from circuits_core.schemas import Graph
-
-        data = load_legacy(args.graph)
-        Graph.from_legacy(data, source=str(args.graph))
-    else:
-        data = read_graph(args.graph).to_legacy()
+    # JSON graphs are shown as written (extra fields, supernodes), after the graph reader checked them.
+    data = read_viewer_json(args.graph)
 
     if args.output:
         path = write_page(data, args.output)
