@@ -206,14 +206,45 @@ def graph_to_proto(graph: Graph, out: graph_pb2.Graph | None = None) -> graph_pb
         unit_to_proto(unit, msg.units.add())
     edges = graph.edge_table
     src, tgt = edges.endpoint_rows(graph.units)
-    table = msg.edges
-    table.src.extend(src.tolist())
-    table.tgt.extend(tgt.tolist())
-    table.weight.extend(edges.weight.tolist())
+    packed = [_packed_varints(1, src), _packed_varints(2, tgt), _packed_doubles(3, edges.weight)]
     if edges.has_raw_weight:
-        table.raw_weight.extend(edges.raw_weight.tolist())
+        packed.append(_packed_doubles(4, edges.raw_weight))
+    msg.edges.MergeFromString(b"".join(packed))
     metadata_to_proto(graph.metadata, msg.metadata)
     return msg
+
+
+# Packed repeated fields are written as bytes straight from the numpy columns (the same bytes
+# protobuf's own serializer writes, without a Python list per column); the message parses them
+# in C. Wire format of a packed field: tag, byte length, payload.
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _packed_field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload if payload else b""
+
+
+def _packed_doubles(number: int, values: np.ndarray) -> bytes:
+    return _packed_field(number, values.astype("<f8", copy=False).tobytes())
+
+
+def _packed_varints(number: int, values: np.ndarray) -> bytes:
+    """Non-negative integers (< 2**35) as protobuf varints, vectorised: each row's 5 candidate
+    bytes are computed at once and the ones its varint needs are kept, in row order."""
+    v = values.astype(np.uint64, copy=False)
+    sizes = np.ones(v.shape[0], dtype=np.uint8)
+    for k in range(1, 5):
+        sizes += v >= (1 << (7 * k))
+    groups = np.empty((v.shape[0], 5), dtype=np.uint8)
+    for k in range(5):
+        groups[:, k] = ((v >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8) | ((sizes > k + 1) << 7).astype(np.uint8)
+    return _packed_field(number, groups[np.arange(5, dtype=np.uint8) < sizes[:, None]].tobytes())
 
 
 def graph_to_bytes(graph: Graph) -> bytes:
