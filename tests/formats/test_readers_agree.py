@@ -528,16 +528,13 @@ def _query(atlas: Path, sql: str) -> list[tuple]:
 
 def _export_readers(folder: Path, tmp: Path, capsys) -> dict[str, Outcome]:
     """Every reader of aggregator exports: merge (API and CLI), the atlas build, the labeler evidence."""
-    import pyarrow.parquet as pq
-
     from circuits_aggregator.merge import merge_exports
     from circuits_atlas.build import build_atlas
     from circuits_labeler.evidence import DuckDBEvidence
 
     def merged() -> set:
         merge_exports([folder], tmp / "merged")
-        table = pq.read_table(tmp / "merged" / "edges.parquet")
-        return set(zip(*(table.column(c).to_pylist() for c in ("src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "count"))))
+        return _edge_keys(tmp / "merged")
 
     def atlas() -> set:
         report = build_atlas(export_dir=folder, output_path=tmp / "atlas.duckdb", clustering=None, min_edge_count=1)
@@ -554,31 +551,29 @@ def _export_readers(folder: Path, tmp: Path, capsys) -> dict[str, Outcome]:
     readers = {"merge_exports": outcome(merged), "build_atlas": outcome(atlas), "DuckDBEvidence": outcome(evidence)}
     readers["cli aggregate --merge"] = cli_outcome(["aggregate", "--merge", str(folder), "--export", str(tmp / "cli")], capsys)
     if not readers["cli aggregate --merge"].error:
-        table = pq.read_table(tmp / "cli" / "edges.parquet")
-        readers["cli aggregate --merge"] = Outcome(content=set(zip(*(table.column(c).to_pylist() for c in (
-            "src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "count")))))  # fmt: skip
+        readers["cli aggregate --merge"] = Outcome(content=_edge_keys(tmp / "cli"))
     return readers
 
 
-def test_every_export_reader_agrees_on_every_directory(export_dirs, tmp_path, capsys) -> None:
+def _edge_keys(export: Path) -> set[tuple[int, ...]]:
+    """(src_layer, src_neuron, tgt_layer, tgt_neuron, count) of every row of an export's edges."""
     import pyarrow.parquet as pq
 
+    table = pq.read_table(export / "edges.parquet")
+    return set(zip(*(table.column(c).to_pylist() for c in ("src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "count"))))
+
+
+def test_every_export_reader_agrees_on_every_directory(export_dirs, tmp_path, capsys) -> None:
     for n, (name, (folder, valid)) in enumerate(sorted(export_dirs.items())):
         tmp = tmp_path / f"r{n}"
         tmp.mkdir()
         outcomes = _export_readers(folder, tmp, capsys)
-        rejected = [o.error for o in outcomes.values() if o.error]
-        if not valid:
-            assert len(rejected) == len(outcomes), (name, outcomes)
-            messages = {e.split(": ", 1)[1] if not r.startswith("cli") else e for r, e in
-                        ((r, o.error) for r, o in outcomes.items())}  # fmt: skip
-            assert len(messages) == 1, (name, outcomes)
-            continue
-        assert not rejected, (name, outcomes)
-        table = pq.read_table(folder / "edges.parquet")
-        truth = set(zip(*(table.column(c).to_pylist() for c in ("src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "count"))))
-        for reader, o in outcomes.items():
-            assert o.content == truth, (name, reader)
+        assert_same_verdict(outcomes, folder.name)
+        if valid:
+            truth = _edge_keys(folder)
+            assert all(o.content == truth for o in outcomes.values()), (name, outcomes)
+        else:
+            assert all(o.error for o in outcomes.values()), (name, outcomes)
 
 
 def test_exports_of_two_shards_sharing_a_graph_are_refused_by_every_multi_export_reader(small_export, tmp_path) -> None:

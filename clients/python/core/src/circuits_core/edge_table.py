@@ -24,29 +24,22 @@ from circuits_core.schemas import MAX_NEURON_INDEX, MAX_NEURON_LAYER, Edge, Unit
 #: Position column value of an edge endpoint without a token position.
 NO_POSITION = -1
 
+#: ``(layer, index, position)`` columns of a graph's units (int64; NO_POSITION = none).
+UnitKeys = tuple[np.ndarray, np.ndarray, np.ndarray]
+
 KEY_COLUMNS: tuple[str, ...] = ("src_layer", "src_index", "src_position", "tgt_layer", "tgt_index", "tgt_position")
 VALUE_COLUMNS: tuple[str, ...] = ("weight", "raw_weight")
 COLUMNS: tuple[str, ...] = KEY_COLUMNS + VALUE_COLUMNS
 
 
-def _int_column(name: str, values: Any) -> np.ndarray:
+def _column(name: str, values: Any, dtype: type, kinds: str) -> np.ndarray:
+    """A read-only one-dimensional copy of ``values`` as ``dtype`` (numpy kinds ``kinds`` only)."""
     array = np.asarray(values)
     if array.ndim != 1:
         raise InvalidArgument(f"edge column {name} must be one-dimensional, got shape {array.shape}")
-    if array.size and array.dtype.kind not in "iu":
-        raise InvalidArgument(f"edge column {name} must hold integers, got {array.dtype}")
-    out = array.astype(np.int64, copy=True)
-    out.setflags(write=False)
-    return out
-
-
-def _float_column(name: str, values: Any) -> np.ndarray:
-    array = np.asarray(values)
-    if array.ndim != 1:
-        raise InvalidArgument(f"edge column {name} must be one-dimensional, got shape {array.shape}")
-    if array.size and array.dtype.kind not in "iuf":
-        raise InvalidArgument(f"edge column {name} must hold numbers, got {array.dtype}")
-    out = array.astype(np.float64, copy=True)
+    if array.size and array.dtype.kind not in kinds:
+        raise InvalidArgument(f"edge column {name} must hold {'integers' if kinds == 'iu' else 'numbers'}, got {array.dtype}")
+    out = array.astype(dtype, copy=True)
     out.setflags(write=False)
     return out
 
@@ -70,11 +63,10 @@ class EdgeTable:
 
     def __post_init__(self) -> None:
         for name in KEY_COLUMNS:
-            object.__setattr__(self, name, _int_column(name, getattr(self, name)))
-        object.__setattr__(self, "weight", _float_column("weight", self.weight))
-        n = self.weight.shape[0]
-        raw = np.full(n, np.nan) if self.raw_weight is None else self.raw_weight
-        object.__setattr__(self, "raw_weight", _float_column("raw_weight", raw))
+            object.__setattr__(self, name, _column(name, getattr(self, name), np.int64, "iu"))
+        object.__setattr__(self, "weight", _column("weight", self.weight, np.float64, "iuf"))
+        raw = np.full(self.weight.shape[0], np.nan) if self.raw_weight is None else self.raw_weight
+        object.__setattr__(self, "raw_weight", _column("raw_weight", raw, np.float64, "iuf"))
         lengths = {name: getattr(self, name).shape[0] for name in COLUMNS}
         if len(set(lengths.values())) != 1:
             shown = ", ".join(f"{k}={v}" for k, v in lengths.items())
@@ -106,6 +98,19 @@ class EdgeTable:
             weight=[e.weight for e in rows],
             raw_weight=[math.nan if e.raw_weight is None else e.raw_weight for e in rows],
         )
+
+    @classmethod
+    def from_unit_rows(
+        cls, unit_keys: UnitKeys, src: np.ndarray, tgt: np.ndarray, weight: Any, raw_weight: Any = None
+    ) -> EdgeTable:
+        """Edges given as row numbers into a graph's units (the protobuf and legacy JSON form),
+        with the units' key columns from :func:`checked_unit_keys`. Rows must be in range."""
+        layer, index, position = unit_keys
+        return cls(
+            src_layer=layer[src], src_index=index[src], src_position=position[src],
+            tgt_layer=layer[tgt], tgt_index=index[tgt], tgt_position=position[tgt],
+            weight=weight, raw_weight=raw_weight,
+        )  # fmt: skip
 
     # -- views ------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -205,7 +210,14 @@ def check_unit_keys(layer: np.ndarray, index: np.ndarray, position: np.ndarray, 
             raise InvalidArgument(f"unit {row}: L{int(layer[row])}/N{int(index[row])}{where} appears twice in the graph")
 
 
-def unit_key_columns(units: Sequence[Unit]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def checked_unit_keys(units: Sequence[Unit]) -> UnitKeys:
+    """The key columns of a graph's units after :func:`check_unit_keys` (raises InvalidArgument)."""
+    keys = unit_key_columns(units)
+    check_unit_keys(*keys, np.fromiter((u.kind == "neuron" for u in units), dtype=bool, count=len(units)))
+    return keys
+
+
+def unit_key_columns(units: Sequence[Unit]) -> UnitKeys:
     """``(layer, index, position)`` of every unit as int64 arrays (no position -> NO_POSITION)."""
     n = len(units)
     layer = np.fromiter((u.layer for u in units), dtype=np.int64, count=n)

@@ -28,13 +28,14 @@ import re
 import struct
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from operator import itemgetter, methodcaller
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from circuits_core.edge_table import EdgeTable, check_unit_keys, unit_key_columns
+from circuits_core.edge_table import EdgeTable, UnitKeys, checked_unit_keys
 from circuits_core.errors import CorruptInput, InvalidArgument
 from circuits_core.schemas import (
     EMBEDDING_LAYER,
@@ -95,15 +96,14 @@ def read_graph_arrays(path: str | Path, *, source: str | None = None) -> GraphAr
     :func:`~circuits_core.aggregator_types.content_graph_id` of its decompressed bytes (so
     ``g.json`` and ``g.json.gz`` agree).
     """
-    from circuits_core.aggregator_types import content_graph_id, graph_arrays_from_graph
+    from circuits_core.aggregator_types import content_graph_id
 
     fmt = graph_format(path)
     source = str(path) if source is None else source
     payload = _read_payload(path)
     if fmt == "json":
-        graph = graph_from_legacy(_parse_json(payload, path), source=str(path))
-        graph_id = graph.graph_id or content_graph_id(payload)
-        return _as_corrupt(path, lambda: graph_arrays_from_graph(graph, source=source, graph_id=graph_id))
+        data = _parse_json(payload, path)
+        return _arrays_from_legacy(data, path=str(path), source=source, default_graph_id=content_graph_id(payload))
     pb = _parse_pb(payload, path)
     return _decode_pb(pb, path, wire_decode="arrays", source=source, default_graph_id=content_graph_id(pb))
 
@@ -455,7 +455,7 @@ def _parse_node(node: Any, n: int, prompt_tokens: tuple[str, ...], source: str) 
     _require(node, "jsNodeId", str, where)
     position = None if ctx < 0 else ctx
     raw_labels = node.get("labels") or []
-    if not isinstance(raw_labels, list) or not all(isinstance(lab, Mapping) for lab in raw_labels):
+    if raw_labels and (not isinstance(raw_labels, list) or not all(isinstance(lab, Mapping) for lab in raw_labels)):
         raise CorruptInput(f"{where}: field 'labels' must be a list of objects")
     labels = tuple(
         UnitLabel(
@@ -517,10 +517,9 @@ def _parse_links(links: list[Any], rows: dict[str, int], source: str) -> tuple[n
         tgt = np.fromiter(map(row_of, map(_TARGET, links)), dtype=np.int64, count=n)
         weights = list(map(_WEIGHT, links))
         raws = list(map(_RAW_WEIGHT, links))
+        # Endpoints need no type check: node ids are str keys, and any other value misses them.
         if not (set(map(type, weights)) <= _NUMBER_TYPES and set(map(type, raws)) <= _OPTIONAL_NUMBER_TYPES):
             raise TypeError("link value types")
-        if any(type(s) is not str for s in map(_SOURCE, links)) or any(type(t) is not str for t in map(_TARGET, links)):
-            raise TypeError("link endpoint types")
     except (KeyError, TypeError, AttributeError):
         for i, link in enumerate(links):
             _check_link(link, i, rows, source)
@@ -555,6 +554,62 @@ def graph_from_legacy(data: Any, *, source: str = "graph") -> Graph:
     and distinct (layer, index, position) keys; links must name existing nodes and carry finite
     weights.
     """
+    parts = _parse_legacy(data, source)
+    return Graph(
+        units=parts.units,
+        edges=EdgeTable.from_unit_rows(parts.unit_keys, parts.src, parts.tgt, parts.weight, parts.raw_weight),
+        prompt=parts.prompt,
+        prompt_tokens=parts.prompt_tokens,
+        model=str(parts.meta.get("model", "")),
+        graph_id=str(parts.meta.get("graph_id", "")),
+        metadata=parts.metadata,
+    )
+
+
+def _arrays_from_legacy(data: Any, *, path: str, source: str, default_graph_id: str) -> GraphArrays:
+    """The aggregator's columns of viewer JSON: the same parse and checks as graph_from_legacy,
+    with the links' unit rows used as they are (no edge keys built and looked up again)."""
+    from circuits_core.aggregator_types import graph_arrays_from_units
+
+    parts = _parse_legacy(data, path)
+    units = parts.units
+    n = len(units)
+    nan = math.nan
+    return _as_corrupt(
+        path,
+        lambda: graph_arrays_from_units(
+            graph_id=str(parts.meta.get("graph_id", "")) or default_graph_id,
+            source=source,
+            corpus_index=parts.metadata.corpus_index,
+            layer=parts.unit_keys[0],
+            index=parts.unit_keys[1],
+            is_neuron=np.fromiter((u.kind == "neuron" for u in units), dtype=bool, count=n),
+            activation=np.fromiter((nan if u.activation is None else u.activation for u in units), dtype=np.float64, count=n),
+            attribution=np.fromiter((nan if u.attribution is None else u.attribution for u in units), dtype=np.float64, count=n),
+            edge_src=parts.src,
+            edge_tgt=parts.tgt,
+            edge_weight=parts.weight,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _LegacyParts:
+    """A checked viewer JSON document, before it becomes a Graph or aggregator arrays."""
+
+    meta: Mapping[str, Any]
+    metadata: GraphMetadata
+    prompt: str
+    prompt_tokens: tuple[str, ...]
+    units: tuple[Unit, ...]
+    unit_keys: UnitKeys
+    src: np.ndarray
+    tgt: np.ndarray
+    weight: np.ndarray
+    raw_weight: np.ndarray
+
+
+def _parse_legacy(data: Any, source: str) -> _LegacyParts:
     if not isinstance(data, Mapping):
         raise CorruptInput(f"{source}: top level must be a JSON object, got {type(data).__name__}")
     meta = _require(data, "metadata", Mapping, source)
@@ -567,32 +622,21 @@ def graph_from_legacy(data: Any, *, source: str = "graph") -> Graph:
         raise CorruptInput(f"{where}: prompt_tokens must be a list of strings")
     prompt_tokens = tuple(tokens)
 
-    units = [_parse_node(node, n, prompt_tokens, source) for n, node in enumerate(nodes)]
+    units = tuple(_parse_node(node, n, prompt_tokens, source) for n, node in enumerate(nodes))
     rows: dict[str, int] = {}
     for n, node in enumerate(nodes):
         if node["node_id"] in rows:
             raise CorruptInput(f"{source}: duplicate node_id {node['node_id']!r}")
         rows[node["node_id"]] = n
-    layer, index, position = unit_key_columns(units)
     try:
-        check_unit_keys(layer, index, position, np.fromiter((u.kind == "neuron" for u in units), dtype=bool, count=len(units)))
+        unit_keys = checked_unit_keys(units)
     except InvalidArgument as exc:
         raise CorruptInput(f"{source}: {exc}") from None
     src, tgt, weight, raw = _parse_links(links, rows, source)
-    edges = EdgeTable(
-        src_layer=layer[src], src_index=index[src], src_position=position[src],
-        tgt_layer=layer[tgt], tgt_index=index[tgt], tgt_position=position[tgt],
-        weight=weight, raw_weight=raw,
+    return _LegacyParts(
+        meta=meta, metadata=_legacy_metadata(data, meta), prompt=prompt, prompt_tokens=prompt_tokens, units=units,
+        unit_keys=unit_keys, src=src, tgt=tgt, weight=weight, raw_weight=raw,
     )  # fmt: skip
-    return Graph(
-        units=tuple(units),
-        edges=edges,
-        prompt=prompt,
-        prompt_tokens=prompt_tokens,
-        model=str(meta.get("model", "")),
-        graph_id=str(meta.get("graph_id", "")),
-        metadata=_legacy_metadata(data, meta),
-    )
 
 
 def _legacy_metadata(data: Mapping[str, Any], meta: Mapping[str, Any]) -> GraphMetadata:

@@ -30,7 +30,7 @@ from circuits_core.aggregator_types import (
     graph_arrays_from_units,
 )
 from circuits_core.atlas_types import AtlasStats, ClusterInfo, ClusterMembers, SearchHit
-from circuits_core.edge_table import NO_POSITION, EdgeTable, check_unit_keys, unit_key_columns
+from circuits_core.edge_table import NO_POSITION, EdgeTable, check_unit_keys, checked_unit_keys
 from circuits_core.errors import InvalidArgument
 from circuits_core.interventions import (
     InterventionRequest,
@@ -297,18 +297,12 @@ def _check_units(layer: np.ndarray, index: np.ndarray, position: np.ndarray, kin
 def graph_from_proto(msg: graph_pb2.Graph) -> Graph:
     """Decode a graph (checked as the module docstring says; problems raise InvalidArgument)."""
     units = tuple(unit_from_proto(u) for u in msg.units)
-    layer, index, position = unit_key_columns(units)
-    check_unit_keys(layer, index, position, np.fromiter((u.kind == "neuron" for u in units), dtype=bool, count=len(units)))
+    unit_keys = checked_unit_keys(units)
     src, tgt, weight, raw = _edge_rows(msg.edges, len(units))
     metadata = metadata_from_proto(msg.metadata)
-    edges = EdgeTable(
-        src_layer=layer[src], src_index=index[src], src_position=position[src],
-        tgt_layer=layer[tgt], tgt_index=index[tgt], tgt_position=position[tgt],
-        weight=weight, raw_weight=raw,
-    )  # fmt: skip
     return Graph(
         units=units,
-        edges=edges,
+        edges=EdgeTable.from_unit_rows(unit_keys, src, tgt, weight, raw),
         prompt=msg.prompt,
         prompt_tokens=tuple(msg.prompt_tokens),
         model=msg.model,
