@@ -504,8 +504,10 @@ def _parse_node(node: Any, n: int, prompt_tokens: tuple[str, ...], source: str) 
     return Unit(layer=layer, index=feature, kind="neuron", label=label, token=token if isinstance(token, str) else "", **common)
 
 
-def _parse_links(links: list[Any], rows: dict[str, int], source: str) -> tuple[np.ndarray, ...]:
-    """``(src_row, tgt_row, weight, raw_weight)`` of the links, with C-level loops.
+def _parse_links(
+    links: list[Any], rows: dict[str, int], source: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(src_row, tgt_row, weight, raw_weight or None)`` of the links, with C-level loops.
 
     Any problem sends the links through :func:`_check_link` one by one, which raises the
     precise error (the fast path never decides acceptance on its own).
@@ -517,8 +519,9 @@ def _parse_links(links: list[Any], rows: dict[str, int], source: str) -> tuple[n
         tgt = np.fromiter(map(row_of, map(_TARGET, links)), dtype=np.int64, count=n)
         weights = list(map(_WEIGHT, links))
         raws = list(map(_RAW_WEIGHT, links))
+        raw_types = set(map(type, raws))
         # Endpoints need no type check: node ids are str keys, and any other value misses them.
-        if not (set(map(type, weights)) <= _NUMBER_TYPES and set(map(type, raws)) <= _OPTIONAL_NUMBER_TYPES):
+        if not (set(map(type, weights)) <= _NUMBER_TYPES and raw_types <= _OPTIONAL_NUMBER_TYPES):
             raise TypeError("link value types")
     except (KeyError, TypeError, AttributeError):
         for i, link in enumerate(links):
@@ -529,7 +532,9 @@ def _parse_links(links: list[Any], rows: dict[str, int], source: str) -> tuple[n
     if bad.size:
         i = int(bad[0])
         raise CorruptInput(f"{source}: links[{i}]: field 'weight' must be finite, got {weights[i]}")
-    raw = np.array([math.nan if r is None else r for r in raws] if None in raws else raws, dtype=np.float64)
+    if raw_types == {type(None)}:
+        return src, tgt, weight, None  # no raw weights (NaN columns)
+    raw = np.array([math.nan if r is None else r for r in raws] if type(None) in raw_types else raws, dtype=np.float64)
     return src, tgt, weight, raw
 
 
@@ -606,7 +611,7 @@ class _LegacyParts:
     src: np.ndarray
     tgt: np.ndarray
     weight: np.ndarray
-    raw_weight: np.ndarray
+    raw_weight: np.ndarray | None
 
 
 def _parse_legacy(data: Any, source: str) -> _LegacyParts:
