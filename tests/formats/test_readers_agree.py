@@ -253,10 +253,16 @@ def _graph_readers(path: Path, tmp: Path, capsys) -> dict[str, Outcome]:
     return readers
 
 
-def test_every_graph_reader_agrees_on_every_file(graph_files, tmp_path, capsys) -> None:
-    for n, (name, (path, expected)) in enumerate(sorted(graph_files.items())):
+def _each(fixtures: dict[str, Any], tmp_path: Path):
+    """``(name, fixture, a fresh folder)`` for every fixture, in name order."""
+    for n, (name, fixture) in enumerate(sorted(fixtures.items())):
         tmp = tmp_path / f"r{n}"
         tmp.mkdir()
+        yield name, fixture, tmp
+
+
+def test_every_graph_reader_agrees_on_every_file(graph_files, tmp_path, capsys) -> None:
+    for name, (path, expected), tmp in _each(graph_files, tmp_path):
         outcomes = _graph_readers(path, tmp, capsys)
         assert_same_verdict(outcomes, path.name)
         if expected is None:
@@ -446,9 +452,7 @@ def _label_readers(path: Path, keys: list, tmp: Path, tiny_model_dir: Path, smal
 
 
 def test_every_label_reader_agrees_on_every_file(label_files, graph_neurons, tiny_model_dir, small_export, tmp_path, capsys):
-    for n, (name, (path, expected)) in enumerate(sorted(label_files.items())):
-        tmp = tmp_path / f"r{n}"
-        tmp.mkdir()
+    for name, (path, expected), tmp in _each(label_files, tmp_path):
         outcomes = _label_readers(path, graph_neurons, tmp, tiny_model_dir, small_export, capsys)
         assert_same_verdict(outcomes, path.name)
         if expected is None:
@@ -564,9 +568,7 @@ def _edge_keys(export: Path) -> set[tuple[int, ...]]:
 
 
 def test_every_export_reader_agrees_on_every_directory(export_dirs, tmp_path, capsys) -> None:
-    for n, (name, (folder, valid)) in enumerate(sorted(export_dirs.items())):
-        tmp = tmp_path / f"r{n}"
-        tmp.mkdir()
+    for name, (folder, valid), tmp in _each(export_dirs, tmp_path):
         outcomes = _export_readers(folder, tmp, capsys)
         assert_same_verdict(outcomes, folder.name)
         if valid:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import re
 import struct
 import zlib
@@ -37,6 +36,7 @@ import numpy as np
 
 from circuits_core.edge_table import EdgeTable, UnitKeys, checked_unit_keys
 from circuits_core.errors import CorruptInput, InvalidArgument
+from circuits_core.files import atomic_writer
 from circuits_core.schemas import (
     EMBEDDING_LAYER,
     GENERATOR_NAME,
@@ -233,16 +233,8 @@ def write_json(data: Any, path: str | Path) -> Path:
 
 
 def _write_atomic(payload: bytes, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_writer(path) as fh:
+        fh.write(payload)
     return path
 
 

@@ -26,7 +26,6 @@ import --create`` makes it)::
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -35,6 +34,7 @@ from typing import Any
 
 from circuits_core.config import LabelingSection, env_setting
 from circuits_core.errors import CorruptInput, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from circuits_core.files import atomic_writer
 
 UnitKey = tuple[int, int]
 POLARITIES = {"positive": 1, "pos": 1, "+": 1, "negative": -1, "neg": -1, "-": -1, "": 0, "none": 0}
@@ -248,17 +248,9 @@ def read_label_file(path: str | Path, *, default_source: str = "file") -> dict[U
 def write_label_file(records: Iterable[LabelRecord], path: str | Path) -> Path:
     """Write records as JSONL atomically (temp file + fsync + rename); return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_writer(path, text=True) as fh:
+        for record in records:
+            fh.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
     return path
 
 
