@@ -428,38 +428,65 @@ def _optional_number(node: Mapping[str, Any], key: str, where: str) -> float | N
     value = node.get(key)
     if value is None:
         return None
+    if type(value) is float or type(value) is int:  # the common case, checked first
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CorruptInput(f"{where}: field '{key}' must be a number or null, got {type(value).__name__}")
     return float(value)
 
 
-def _parse_node(node: Any, n: int, prompt_tokens: tuple[str, ...], source: str) -> Unit:
+_NODE_FIELDS = itemgetter("node_id", "feature", "layer", "ctx_idx", "feature_type", "clerp", "jsNodeId")
+_STR_OR_INT = (str, int)
+
+
+def _node_fields(node: Any, n: int, source: str) -> tuple[Any, ...]:
+    """The required fields of a node, type-checked: a quick exact-type test for the usual case,
+    and the field-by-field checks (which raise the precise error) whenever that test fails."""
+    try:
+        fields = _NODE_FIELDS(node)
+    except (KeyError, TypeError):
+        fields = None
+    if fields is not None:
+        node_id, feature, layer_field, ctx, ftype, clerp, js = fields
+        if (type(node_id) is str and (feature is None or type(feature) is int) and type(layer_field) in _STR_OR_INT
+                and type(ctx) is int and type(ftype) is str and type(clerp) is str and type(js) is str):  # fmt: skip
+            return fields
     where = f"{source}: nodes[{n}]"
     if not isinstance(node, Mapping):
         raise CorruptInput(f"{where}: must be an object, got {type(node).__name__}")
     node_id = _require(node, "node_id", str, where)
     where = f"{source}: node '{node_id}'"
-    feature = _require(node, "feature", (int, type(None)), where)
-    layer_field = _require(node, "layer", (str, int), where)
-    ctx = _require(node, "ctx_idx", int, where)
-    ftype = _require(node, "feature_type", str, where)
-    clerp = _require(node, "clerp", str, where)
-    _require(node, "jsNodeId", str, where)
-    position = None if ctx < 0 else ctx
-    raw_labels = node.get("labels") or []
-    if raw_labels and (not isinstance(raw_labels, list) or not all(isinstance(lab, Mapping) for lab in raw_labels)):
-        raise CorruptInput(f"{where}: field 'labels' must be a list of objects")
-    labels = tuple(
-        UnitLabel(
-            text=str(lab.get("text", "")),
-            source=str(lab.get("source", "")),
-            confidence=str(lab.get("confidence", "")),
-            description=str(lab.get("description", "")),
-        )
-        for lab in raw_labels
+    return (
+        node_id,
+        _require(node, "feature", (int, type(None)), where),
+        _require(node, "layer", (str, int), where),
+        _require(node, "ctx_idx", int, where),
+        _require(node, "feature_type", str, where),
+        _require(node, "clerp", str, where),
+        _require(node, "jsNodeId", str, where),
     )
+
+
+def _parse_node(node: Any, n: int, prompt_tokens: tuple[str, ...], source: str) -> Unit:
+    node_id, feature, layer_field, ctx, ftype, clerp, _js = _node_fields(node, n, source)
+    where = f"{source}: node '{node_id}'"
+    position = None if ctx < 0 else ctx
+    raw_labels = node.get("labels")
+    labels: tuple[UnitLabel, ...] = ()
+    if raw_labels:
+        if not isinstance(raw_labels, list) or not all(isinstance(lab, Mapping) for lab in raw_labels):
+            raise CorruptInput(f"{where}: field 'labels' must be a list of objects")
+        labels = tuple(
+            UnitLabel(
+                text=str(lab.get("text", "")),
+                source=str(lab.get("source", "")),
+                confidence=str(lab.get("confidence", "")),
+                description=str(lab.get("description", "")),
+            )
+            for lab in raw_labels
+        )
     count = node.get("appearance_count", 0) or 0
-    if isinstance(count, bool) or not isinstance(count, int):
+    if type(count) is not int:
         raise CorruptInput(f"{where}: field 'appearance_count' must be an integer")
     common = {
         "position": position,
@@ -510,8 +537,9 @@ def _parse_links(
         src = np.fromiter(map(row_of, map(_SOURCE, links)), dtype=np.int64, count=n)
         tgt = np.fromiter(map(row_of, map(_TARGET, links)), dtype=np.int64, count=n)
         weights = list(map(_WEIGHT, links))
-        raws = list(map(_RAW_WEIGHT, links))
-        raw_types = set(map(type, raws))
+        # Links of exactly three keys (source, target, weight) carry no raw weight: skip the lookup.
+        raws = [] if sum(map(len, links)) == 3 * n else list(map(_RAW_WEIGHT, links))
+        raw_types = set(map(type, raws)) if raws else {type(None)}
         # Endpoints need no type check: node ids are str keys, and any other value misses them.
         if not (set(map(type, weights)) <= _NUMBER_TYPES and raw_types <= _OPTIONAL_NUMBER_TYPES):
             raise TypeError("link value types")
