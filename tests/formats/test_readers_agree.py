@@ -148,6 +148,8 @@ def _legacy_variants(graph: Graph) -> dict[str, Any]:
         "duplicate_node_id": changed(lambda d: d["nodes"].append(dict(d["nodes"][neuron]))),
         "duplicate_unit_key": changed(lambda d: d["nodes"].append({**d["nodes"][neuron], "node_id": "dup", "jsNodeId": "dup"})),
         "neuron_layer_too_big": changed(lambda d: d["nodes"][neuron].__setitem__("layer", "5000")),
+        "feature_beyond_int64": changed(lambda d: d["nodes"][0].__setitem__("feature", 10**30)),
+        "token_id_beyond_int32": changed(lambda d: d["nodes"][0].__setitem__("feature", 1 << 40)),
         "no_links": changed(lambda d: d.pop("links")),
         "not_an_object": [1, 2, 3],
     }

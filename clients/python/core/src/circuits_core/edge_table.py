@@ -27,6 +27,8 @@ NO_POSITION = -1
 #: ``(layer, index, position)`` columns of a graph's units (int64; NO_POSITION = none).
 UnitKeys = tuple[np.ndarray, np.ndarray, np.ndarray]
 
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
+
 KEY_COLUMNS: tuple[str, ...] = ("src_layer", "src_index", "src_position", "tgt_layer", "tgt_index", "tgt_position")
 VALUE_COLUMNS: tuple[str, ...] = ("weight", "raw_weight")
 COLUMNS: tuple[str, ...] = KEY_COLUMNS + VALUE_COLUMNS
@@ -186,10 +188,15 @@ class EdgeTable:
 def check_unit_keys(layer: np.ndarray, index: np.ndarray, position: np.ndarray, is_neuron: np.ndarray) -> None:
     """What every graph reader requires of a graph's units, checked on their key columns.
 
-    Node keys ``(layer, index, position)`` are distinct (edges are keyed by them) and neurons
+    Layers, indices and positions fit in 32 bits (the protobuf fields), node keys ``(layer,
+    index, position)`` are distinct (edges are keyed by them) and neurons
     have ``0 <= layer <= MAX_NEURON_LAYER`` and ``0 <= index <= MAX_NEURON_INDEX`` (the
     aggregator's packed keys). Raises InvalidArgument naming the first offending unit.
     """
+    for name, values in (("layer", layer), ("index", index), ("position", position)):
+        if values.size and (int(values.min()) < _INT32_MIN or int(values.max()) > _INT32_MAX):
+            row = int(np.flatnonzero((values < _INT32_MIN) | (values > _INT32_MAX))[0])
+            raise InvalidArgument(f"unit {row}: {name} {int(values[row])} is outside the 32-bit range graphs use")
     if is_neuron.any():
         n_layer, n_index = layer[is_neuron], index[is_neuron]
         for name, values, top in (("layer", n_layer, MAX_NEURON_LAYER), ("index", n_index, MAX_NEURON_INDEX)):
@@ -219,11 +226,23 @@ def checked_unit_keys(units: Sequence[Unit]) -> UnitKeys:
 
 def unit_key_columns(units: Sequence[Unit]) -> UnitKeys:
     """``(layer, index, position)`` of every unit as int64 arrays (no position -> NO_POSITION)."""
-    n = len(units)
-    layer = np.fromiter((u.layer for u in units), dtype=np.int64, count=n)
-    index = np.fromiter((u.index for u in units), dtype=np.int64, count=n)
-    position = np.fromiter((NO_POSITION if u.position is None else u.position for u in units), dtype=np.int64, count=n)
-    return layer, index, position
+    return key_columns(
+        (u.layer for u in units), (u.index for u in units),
+        (NO_POSITION if u.position is None else u.position for u in units), len(units),
+    )  # fmt: skip
+
+
+def key_columns(layer: Iterable[int], index: Iterable[int], position: Iterable[int], n: int) -> UnitKeys:
+    """Key columns from ``n`` layers, indices and positions (NO_POSITION for none) as int64
+    arrays; a value outside the 64-bit range raises InvalidArgument."""
+    try:
+        return (
+            np.fromiter(layer, dtype=np.int64, count=n),
+            np.fromiter(index, dtype=np.int64, count=n),
+            np.fromiter(position, dtype=np.int64, count=n),
+        )
+    except OverflowError:
+        raise InvalidArgument("a unit's layer, index or position is outside the 64-bit integer range") from None
 
 
 class _KeyPacker:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from circuits_core.edge_table import EdgeTable, UnitKeys, checked_unit_keys
+from circuits_core.edge_table import NO_POSITION, EdgeTable, UnitKeys, check_unit_keys, checked_unit_keys, key_columns
 from circuits_core.errors import CorruptInput, InvalidArgument
 from circuits_core.files import atomic_writer
 from circuits_core.schemas import (
@@ -467,54 +467,66 @@ def _node_fields(node: Any, n: int, source: str) -> tuple[Any, ...]:
     )
 
 
-def _parse_node(node: Any, n: int, prompt_tokens: tuple[str, ...], source: str) -> Unit:
+def _parse_node(node: Any, n: int, source: str, *, as_unit: bool = True) -> Any:
+    """One checked node as a Unit, or (``as_unit=False``) as the aggregator's columns
+    ``(kind, layer, index, position, activation, attribution)``; both run every check."""
     node_id, feature, layer_field, ctx, ftype, clerp, _js = _node_fields(node, n, source)
     where = f"{source}: node '{node_id}'"
     position = None if ctx < 0 else ctx
     raw_labels = node.get("labels")
-    labels: tuple[UnitLabel, ...] = ()
-    if raw_labels:
-        if not isinstance(raw_labels, list) or not all(isinstance(lab, Mapping) for lab in raw_labels):
-            raise CorruptInput(f"{where}: field 'labels' must be a list of objects")
-        labels = tuple(
-            UnitLabel(
-                text=str(lab.get("text", "")),
-                source=str(lab.get("source", "")),
-                confidence=str(lab.get("confidence", "")),
-                description=str(lab.get("description", "")),
-            )
-            for lab in raw_labels
-        )
+    if raw_labels and (not isinstance(raw_labels, list) or not all(isinstance(lab, Mapping) for lab in raw_labels)):
+        raise CorruptInput(f"{where}: field 'labels' must be a list of objects")
     count = node.get("appearance_count", 0) or 0
     if type(count) is not int:
         raise CorruptInput(f"{where}: field 'appearance_count' must be an integer")
+    attribution = _optional_number(node, "influence", where)
+    activation = _optional_number(node, "activation", where)
+    if feature is None:
+        raise CorruptInput(f"{where}: field 'feature' must be an integer for {ftype} nodes")
+    prob = match = None
+    if ftype == "embedding" or layer_field == "E":
+        kind, layer = "embedding", EMBEDDING_LAYER
+    else:
+        try:
+            layer = int(layer_field)
+        except ValueError:
+            raise CorruptInput(f"{where}: layer {layer_field!r} is not an integer") from None
+        if ftype == "logit" or node.get("isLogit") is True:
+            kind = "logit"
+            prob = _optional_number(node, "token_prob", where)
+        elif ftype != "mlp_neuron":
+            raise CorruptInput(f"{where}: unsupported feature_type {ftype!r} (expected mlp_neuron, embedding, logit)")
+        else:
+            kind = "neuron"
+    if not as_unit:
+        return kind, layer, feature, position, activation, attribution
+    labels = tuple(
+        UnitLabel(
+            text=str(lab.get("text", "")),
+            source=str(lab.get("source", "")),
+            confidence=str(lab.get("confidence", "")),
+            description=str(lab.get("description", "")),
+        )
+        for lab in raw_labels or ()
+    )
     common = {
         "position": position,
-        "attribution": _optional_number(node, "influence", where),
-        "activation": _optional_number(node, "activation", where),
+        "attribution": attribution,
+        "activation": activation,
         "input_label": str(node.get("input_label", "") or ""),
         "cluster": str(node.get("cluster", "") or ""),
         "appearance_count": count,
         "labels": labels,
     }
-    if feature is None:
-        raise CorruptInput(f"{where}: field 'feature' must be an integer for {ftype} nodes")
-    if ftype == "embedding" or layer_field == "E":
+    if kind == "embedding":
         token = clerp[len("Token: "):] if clerp.startswith("Token: ") else clerp
-        return Unit(layer=EMBEDDING_LAYER, index=feature, kind="embedding", token=token, **common)
-    try:
-        layer = int(layer_field)
-    except ValueError:
-        raise CorruptInput(f"{where}: layer {layer_field!r} is not an integer") from None
-    if ftype == "logit" or node.get("isLogit") is True:
+        return Unit(layer=layer, index=feature, kind="embedding", token=token, **common)
+    if kind == "logit":
         match = _LOGIT_CLERP.match(clerp)
         token = match.group("token") if match else clerp
-        prob = _optional_number(node, "token_prob", where)
         if prob is None and match:
             prob = float(match.group("p"))
         return Unit(layer=layer, index=feature, kind="logit", token=token, probability=prob, **common)
-    if ftype != "mlp_neuron":
-        raise CorruptInput(f"{where}: unsupported feature_type {ftype!r} (expected mlp_neuron, embedding, logit)")
     label = node.get("label")
     if not isinstance(label, str):
         prefix = f"L{layer}/N{feature}: "
@@ -593,13 +605,11 @@ def graph_from_legacy(data: Any, *, source: str = "graph") -> Graph:
 
 def _arrays_from_legacy(data: Any, *, path: str, source: str, default_graph_id: str) -> GraphArrays:
     """The aggregator's columns of viewer JSON: the same parse and checks as graph_from_legacy,
-    with the links' unit rows used as they are (no edge keys built and looked up again)."""
+    without Unit objects, and with the links' unit rows used as they are."""
     from circuits_core.aggregator_types import graph_arrays_from_units
 
-    parts = _parse_legacy(data, path)
-    units = parts.units
-    n = len(units)
-    nan = math.nan
+    parts = _parse_legacy(data, path, as_units=False)
+    columns = parts.unit_columns
     return _as_corrupt(
         path,
         lambda: graph_arrays_from_units(
@@ -608,9 +618,9 @@ def _arrays_from_legacy(data: Any, *, path: str, source: str, default_graph_id: 
             corpus_index=parts.metadata.corpus_index,
             layer=parts.unit_keys[0],
             index=parts.unit_keys[1],
-            is_neuron=np.fromiter((u.kind == "neuron" for u in units), dtype=bool, count=n),
-            activation=np.fromiter((nan if u.activation is None else u.activation for u in units), dtype=np.float64, count=n),
-            attribution=np.fromiter((nan if u.attribution is None else u.attribution for u in units), dtype=np.float64, count=n),
+            is_neuron=columns["is_neuron"],
+            activation=columns["activation"],
+            attribution=columns["attribution"],
             edge_src=parts.src,
             edge_tgt=parts.tgt,
             edge_weight=parts.weight,
@@ -620,13 +630,15 @@ def _arrays_from_legacy(data: Any, *, path: str, source: str, default_graph_id: 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _LegacyParts:
-    """A checked viewer JSON document, before it becomes a Graph or aggregator arrays."""
+    """A checked viewer JSON document, before it becomes a Graph (``units``) or aggregator
+    arrays (``unit_columns``: is_neuron, activation, attribution)."""
 
     meta: Mapping[str, Any]
     metadata: GraphMetadata
     prompt: str
     prompt_tokens: tuple[str, ...]
     units: tuple[Unit, ...]
+    unit_columns: Mapping[str, np.ndarray]
     unit_keys: UnitKeys
     src: np.ndarray
     tgt: np.ndarray
@@ -634,7 +646,7 @@ class _LegacyParts:
     raw_weight: np.ndarray | None
 
 
-def _parse_legacy(data: Any, source: str) -> _LegacyParts:
+def _parse_legacy(data: Any, source: str, *, as_units: bool = True) -> _LegacyParts:
     if not isinstance(data, Mapping):
         raise CorruptInput(f"{source}: top level must be a JSON object, got {type(data).__name__}")
     meta = _require(data, "metadata", Mapping, source)
@@ -647,21 +659,42 @@ def _parse_legacy(data: Any, source: str) -> _LegacyParts:
         raise CorruptInput(f"{where}: prompt_tokens must be a list of strings")
     prompt_tokens = tuple(tokens)
 
-    units = tuple(_parse_node(node, n, prompt_tokens, source) for n, node in enumerate(nodes))
+    parsed = [_parse_node(node, n, source, as_unit=as_units) for n, node in enumerate(nodes)]
     rows: dict[str, int] = {}
     for n, node in enumerate(nodes):
         if node["node_id"] in rows:
             raise CorruptInput(f"{source}: duplicate node_id {node['node_id']!r}")
         rows[node["node_id"]] = n
+    units: tuple[Unit, ...] = ()
+    columns: dict[str, np.ndarray] = {}
     try:
-        unit_keys = checked_unit_keys(units)
+        if as_units:
+            units = tuple(parsed)
+            unit_keys = checked_unit_keys(units)
+        else:
+            unit_keys, columns = _checked_node_columns(parsed)
     except InvalidArgument as exc:
         raise CorruptInput(f"{source}: {exc}") from None
     src, tgt, weight, raw = _parse_links(links, rows, source)
     return _LegacyParts(
         meta=meta, metadata=_legacy_metadata(data, meta), prompt=prompt, prompt_tokens=prompt_tokens, units=units,
-        unit_keys=unit_keys, src=src, tgt=tgt, weight=weight, raw_weight=raw,
+        unit_columns=columns, unit_keys=unit_keys, src=src, tgt=tgt, weight=weight, raw_weight=raw,
     )  # fmt: skip
+
+
+def _checked_node_columns(parsed: list[tuple[Any, ...]]) -> tuple[UnitKeys, dict[str, np.ndarray]]:
+    """Key columns (checked as checked_unit_keys does) and aggregator columns of parsed nodes."""
+    n = len(parsed)
+    kind, layer, index, position, activation, attribution = zip(*parsed) if n else ((),) * 6
+    nan, none = math.nan, NO_POSITION
+    keys = key_columns(layer, index, (none if p is None else p for p in position), n)
+    is_neuron = np.array([k == "neuron" for k in kind], dtype=bool).reshape(n)
+    check_unit_keys(*keys, is_neuron)
+    return keys, {
+        "is_neuron": is_neuron,
+        "activation": np.array([nan if a is None else a for a in activation], dtype=np.float64).reshape(n),
+        "attribution": np.array([nan if a is None else a for a in attribution], dtype=np.float64).reshape(n),
+    }
 
 
 def _legacy_metadata(data: Mapping[str, Any], meta: Mapping[str, Any]) -> GraphMetadata:
