@@ -141,3 +141,21 @@ def test_sdk_only_install_in_process_commands_name_the_extra(argv: list[str], ex
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
     assert f"pip install 'circuits[{extra}]'" in lines[0]
+
+
+def test_duckdb_files_are_opened_only_through_the_locked_down_opener() -> None:
+    """Every DuckDB database the code opens goes through circuits_server.duckdb_files.open_duckdb
+    (external access off, configuration locked, no extension auto-loading)."""
+    import re
+
+    opener = REPO / "services" / "common" / "src" / "circuits_server" / "duckdb_files.py"
+    pattern = re.compile(r"duckdb\s*\.\s*connect\s*\(|from\s+duckdb\s+import\s+[^\n]*\bconnect\b")
+    offenders = []
+    for root in ("clients", "services", "benchmarks", "scripts"):
+        for path in (REPO / root).rglob("*.py"):
+            if path == opener or "/_proto/" in str(path):
+                continue
+            text = path.read_text(encoding="utf-8", errors="replace")
+            offenders += [f"{path.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}" for m in pattern.finditer(text)]
+    assert offenders == [], f"open DuckDB files with circuits_server.duckdb_files.open_duckdb: {offenders}"
+    assert pattern.search(opener.read_text(encoding="utf-8"))  # the check itself can see a call

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from drill_support import PROMPTS, record_drill, rss_bytes
+from drill_support import ENFORCED_LIMITS, PROMPTS, record_drill, rss_bytes
 
 CLIENTS = 64
 REQUESTS_PER_CLIENT = 12
@@ -219,3 +219,4 @@ def test_attribution_overload_gets_resource_exhausted_and_memory_returns(tiny_en
     assert max(all_latencies) < 30, "a call hung"
     assert sorted(refused_latencies)[len(refused_latencies) // 2] < 1.0, "refusals must be immediate, not queued"
     assert grown_mb < 40, f"RSS grew {grown_mb:.1f} MiB over {WAVES} overload waves"
+    ENFORCED_LIMITS.append("max_queue")

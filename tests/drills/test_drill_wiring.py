@@ -123,7 +123,7 @@ class _RecordingLabels:
         self.limits.append(limit)
         return []
 
-    def label_units(self, keys, *, label_pass: str):
+    def label_units(self, keys, *, label_pass: str, allow_without_evidence: bool = False):
         return [], []
 
 

@@ -21,6 +21,8 @@ from circuits_core.exports import (
     open_exports,
 )
 
+from circuits_server.duckdb_files import open_duckdb
+
 from circuits_aggregator.store import _EDGE_MERGE, _UNIT_MERGE, write_parquet_snapshot
 
 
@@ -30,7 +32,6 @@ def merge_exports(inputs: Sequence[str | Path], out: str | Path, *, min_count: i
     Inputs are checked by :func:`circuits_core.exports.open_exports` (CorruptInput names a bad
     file; a graph id in more than one input raises InvalidArgument).
     """
-    import duckdb
     import pyarrow.dataset as ds
 
     if not inputs:
@@ -42,7 +43,8 @@ def merge_exports(inputs: Sequence[str | Path], out: str | Path, *, min_count: i
     if out_dir.resolve() in {e.root.resolve() for e in exports}:
         raise InvalidArgument(f"{out_dir}: the merge output must not be one of its inputs")
     out_dir.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(config={"threads": 1})
+    # Inputs reach DuckDB as Arrow datasets (read by pyarrow); SQL itself may touch no file.
+    con = open_duckdb(":memory:", read_only=False, what="merge workspace", threads=1)
     con.register("edges_in", ds.dataset([str(e.edges) for e in exports], format="parquet"))
     con.register("units_in", ds.dataset([str(e.units) for e in exports], format="parquet"))
     con.register("ledger_in", ds.dataset([str(e.ledger) for e in exports], format="parquet"))

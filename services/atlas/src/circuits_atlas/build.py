@@ -31,49 +31,22 @@ from circuits_core.exports import open_export
 from circuits_core.labels import iter_label_file
 
 from circuits_atlas.clustering import FullModelClustering, cluster_full_model
-from circuits_atlas.duck import connect, load_fts
+from circuits_atlas.duck import connect
 from circuits_atlas.inputs import labels_table
+from circuits_atlas.schema import (
+    SCHEMA_VERSION,
+    build_fts_index,
+    create_edges_by_target,
+    create_indexes,
+    create_tables,
+    schema_fingerprint,
+)
 
 log = logging.getLogger("circuits_atlas.build")
 
-SCHEMA_VERSION = "1"
 #: Rows per storage row group (DuckDB default 122,880). Zone maps prune whole row groups, so a
 #: neighbour lookup scans one group: 16,384 rows cost ~7x less than the default.
 ROW_GROUP_SIZE = 16_384
-
-NEURONS_DDL = """
-CREATE TABLE neurons (
-    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, unit_id VARCHAR NOT NULL,
-    feature_id INTEGER, unit_type VARCHAR DEFAULT 'neuron',
-    label VARCHAR, input_label VARCHAR, output_label VARCHAR, description VARCHAR, label_source VARCHAR,
-    max_activation DOUBLE, num_exemplars INTEGER, appearance_count BIGINT DEFAULT 0,
-    observation_count BIGINT DEFAULT 0, mean_activation DOUBLE, mean_attribution DOUBLE, output_norm DOUBLE,
-    cluster_path VARCHAR, top_cluster INTEGER, sub_module INTEGER, subsub_module INTEGER,
-    hierarchy_depth INTEGER, infomap_flow DOUBLE,
-    PRIMARY KEY (layer, neuron)
-)"""
-EDGES_DDL = """
-CREATE TABLE edges (
-    src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, tgt_layer INTEGER NOT NULL, tgt_neuron INTEGER NOT NULL,
-    count BIGINT DEFAULT 1, weight_sum DOUBLE, weight_abs_sum DOUBLE, weight_sq_sum DOUBLE,
-    weight_min DOUBLE, weight_max DOUBLE, mean_weight DOUBLE, mean_abs_weight DOUBLE
-)"""
-CLUSTERS_DDL = """
-CREATE TABLE clusters (
-    cluster_path VARCHAR PRIMARY KEY, level INTEGER, top_cluster INTEGER, sub_module INTEGER, subsub_module INTEGER,
-    size BIGINT, layer_min INTEGER, layer_max INTEGER, median_layer DOUBLE
-)"""
-METADATA_DDL = "CREATE TABLE metadata (key VARCHAR PRIMARY KEY, value VARCHAR)"
-
-INDEXES = (
-    "CREATE INDEX idx_neurons_top_cluster ON neurons(top_cluster)",
-    "CREATE INDEX idx_neurons_cluster_path ON neurons(cluster_path)",
-    "CREATE INDEX idx_neurons_label ON neurons(label)",
-    "CREATE INDEX idx_neurons_unit_id ON neurons(unit_id)",
-    "CREATE INDEX idx_clusters_top ON clusters(top_cluster)",
-    "CREATE INDEX idx_clusters_level ON clusters(level)",
-)
-FTS_FIELDS = ("label", "input_label", "output_label", "description")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,9 +123,10 @@ def build_atlas(
 
     con = None
     try:
-        con = connect(tmp, read_only=False, memory_limit=memory_limit, threads=threads, row_group_size=ROW_GROUP_SIZE)
-        for ddl in (NEURONS_DDL, EDGES_DDL, CLUSTERS_DDL, METADATA_DDL):
-            con.execute(ddl)
+        inputs = [files.edges, files.units, files.ledger]
+        con = connect(tmp, read_only=False, memory_limit=memory_limit, threads=threads, row_group_size=ROW_GROUP_SIZE,
+                      fts=True, allowed_paths=inputs, lock_configuration=False)  # fmt: skip
+        create_tables(con)
 
         done = step("neurons")
         _insert_neurons(con, files.units, labels)
@@ -171,9 +145,7 @@ def build_atlas(
             """,
             [str(files.edges), min_edge_count],
         )
-        con.execute(
-            "CREATE TABLE edges_by_target AS SELECT * FROM edges ORDER BY tgt_layer, tgt_neuron, src_layer, src_neuron"
-        )
+        create_edges_by_target(con)
         done()
 
         cluster_meta: dict[str, Any] = {}
@@ -204,8 +176,7 @@ def build_atlas(
             done()
 
         done = step("indexes")
-        for sql in INDEXES:
-            con.execute(sql)
+        create_indexes(con)
         done()
 
         done = step("full-text index")
@@ -219,6 +190,7 @@ def build_atlas(
         labeled = con.execute("SELECT count(*) FROM neurons WHERE coalesce(label, '') <> ''").fetchone()[0]
         metadata = {
             "schema_version": SCHEMA_VERSION,
+            "schema_sha256": schema_fingerprint(),
             "model": model,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "total_neurons": counts["neurons"],
@@ -366,27 +338,3 @@ def write_clusters(con: Any, clustering: FullModelClustering) -> int:
         """
     )
     return con.execute("SELECT count(*) FROM clusters").fetchone()[0]
-
-
-def build_fts_index(con: Any) -> None:
-    """(Re)create the BM25 full-text index over the label columns of ``neurons``."""
-    load_fts(con)
-    fields = ", ".join(f"'{f}'" for f in FTS_FIELDS)
-    con.execute(f"PRAGMA create_fts_index('neurons', 'unit_id', {fields}, overwrite=1)")
-    # Per (term, document) BM25 contributions, precomputed and sorted by term: a query sums the
-    # rows of its few terms (zone maps skip the rest) instead of recounting term frequencies.
-    # k1 = 1.2, b = 0.75 as in the extension's match_bm25, so scores are identical to it.
-    con.execute(
-        """
-        CREATE OR REPLACE TABLE search_postings AS
-        WITH tf AS (
-            SELECT termid, docid, count(*) AS tf FROM fts_main_neurons.terms GROUP BY termid, docid
-        ), stats AS (SELECT num_docs, avgdl FROM fts_main_neurons.stats)
-        SELECT tf.termid, tf.docid,
-               log((stats.num_docs - d.df + 0.5) / (d.df + 0.5) + 1)
-               * tf.tf * 2.2 / (tf.tf + 1.2 * (0.25 + 0.75 * docs.len / stats.avgdl)) AS score
-        FROM tf JOIN fts_main_neurons.dict d ON d.termid = tf.termid
-        JOIN fts_main_neurons.docs docs ON docs.docid = tf.docid, stats
-        ORDER BY tf.termid, score DESC, tf.docid
-        """
-    )

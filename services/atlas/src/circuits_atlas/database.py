@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from circuits_core.atlas_types import EDGE_DIRECTIONS, AtlasStats, ClusterInfo, ClusterMembers, SearchHit
-from circuits_core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from circuits_core.atlas_types import (
+    EDGE_DIRECTIONS, AtlasStats, ClusterInfo, ClusterMembers, SearchHit, UnitActivationStats, UnitCard,
+)  # fmt: skip
+from circuits_core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, echo
 from circuits_core.schemas import Edge, Unit, UnitLabel
 
-from circuits_atlas.duck import FTS_SCHEMA, connect, load_fts
+from circuits_atlas.duck import FTS_SCHEMA, connect
+from circuits_atlas.schema import verify_atlas
 
 _INT32_MAX = 2**31 - 1
 _CLUSTER_PATH = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9}){0,31}$")
@@ -144,7 +147,7 @@ def _like_pattern(text: str) -> str:
 
 def _check_int32(value: Any, name: str, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"{name} must be an integer, got {value!r}")
+        raise InvalidArgument(f"{name} must be an integer, got {echo(value)}")
     if not minimum <= value <= _INT32_MAX:
         raise InvalidArgument(f"{name} must be in [{minimum}, {_INT32_MAX}], got {value}")
     return value
@@ -154,13 +157,19 @@ class CircuitDatabase:
     """An atlas file opened for queries; ``with CircuitDatabase("atlas.duckdb") as db: ...``.
 
     ``read_only=True`` (default) opens the file without writing to it; several processes may
-    hold it open at once.
+    hold it open at once. The connection has external access off and its configuration locked,
+    and the file must hold exactly the schema ``circuits build-db`` writes (tables, views, macros,
+    indexes and their definitions); anything else is refused with FailedPrecondition.
     """
 
     def __init__(self, path: str | Path, read_only: bool = True, *, limits: QueryLimits = QueryLimits()) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise NotFound(f"{self.path}: atlas file not found")
+        try:
+            found = self.path.is_file()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            raise InvalidArgument(f"{echo(str(path), quote=False)}: not a usable atlas path ({exc.__class__.__name__})") from None
+        if not found:
+            raise NotFound(f"{echo(str(self.path), quote=False)}: atlas file not found")
         self.read_only = read_only
         self.limits = limits
         self._con = connect(self.path, read_only=read_only)
@@ -169,18 +178,13 @@ class CircuitDatabase:
         self._lock = threading.Lock()
         self._closed = False
         self._watchdog = QueryWatchdog()
-        tables = {r[0] for r in self._con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
-        missing = {"neurons", "edges", "clusters", "metadata"} - tables
-        if missing:
+        try:
+            verify_atlas(self._con, self.path)
+        except BaseException:
             self._con.close()
-            raise FailedPrecondition(f"{self.path}: not an atlas (missing table(s) {', '.join(sorted(missing))})")
-        # Atlases built before edges_by_target existed fall back to scanning edges.
-        self._upstream_table = "edges_by_target" if "edges_by_target" in tables else "edges"
-        self.has_fts = "search_postings" in tables and bool(
-            self._con.execute("SELECT count(*) FROM duckdb_schemas() WHERE schema_name = ?", [FTS_SCHEMA]).fetchone()[0]
-        )
-        if self.has_fts:
-            load_fts(self._con)
+            raise
+        self._upstream_table = "edges_by_target"
+        self.has_fts = True
 
     # -- plumbing ---------------------------------------------------------------------------
     def __enter__(self) -> CircuitDatabase:
@@ -318,6 +322,50 @@ class CircuitDatabase:
         )
         return self._unit(rows[0]) if rows else None
 
+    def get_unit_card(self, layer: int, index: int, *, timeout: float | None = None) -> UnitCard | None:
+        """The unit ``(layer, index)`` with its activation statistics, innermost cluster and edge
+        counts (downstream = edges leaving it, upstream = edges entering it), or None."""
+        layer = _check_int32(layer, "layer")
+        index = _check_int32(index, "index")
+        rows = self._rows(
+            f"""
+            SELECT {', '.join('n.' + c for c in UNIT_COLUMNS)},
+                   n.observation_count, n.mean_activation, n.max_activation, n.mean_attribution,
+                   n.output_norm, n.num_exemplars,
+                   c.cluster_path, c.level, c.size, c.layer_min, c.layer_max, c.median_layer,
+                   (SELECT count(*) FROM edges WHERE src_layer = ? AND src_neuron = ?),
+                   (SELECT count(*) FROM {self._upstream_table} WHERE tgt_layer = ? AND tgt_neuron = ?)
+            FROM neurons n LEFT JOIN clusters c ON c.cluster_path = n.cluster_path
+            WHERE n.layer = ? AND n.neuron = ?
+            """,
+            [layer, index, layer, index, layer, index],
+            timeout=timeout,
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        k = len(UNIT_COLUMNS)
+        obs, mean_act, max_act, mean_attr, norm, exemplars = row[k : k + 6]
+        path, level, size, lmin, lmax, median = row[k + 6 : k + 12]
+        cluster = None
+        if path is not None:
+            cluster = ClusterInfo(
+                cluster_path=path, level=int(level), size=int(size), layer_min=int(lmin), layer_max=int(lmax),
+                median_layer=float(median),
+            )  # fmt: skip
+        stats = UnitActivationStats(
+            observation_count=int(obs or 0),
+            mean_activation=None if mean_act is None else float(mean_act),
+            max_activation=None if max_act is None else float(max_act),
+            mean_attribution=None if mean_attr is None else float(mean_attr),
+            output_norm=None if norm is None else float(norm),
+            num_exemplars=None if exemplars is None else int(exemplars),
+        )
+        return UnitCard(
+            unit=self._unit(row[:k]), stats=stats, cluster=cluster,
+            downstream_edges=int(row[k + 12]), upstream_edges=int(row[k + 13]),
+        )  # fmt: skip
+
     def get_edges_for_unit(
         self,
         layer: int,
@@ -334,9 +382,9 @@ class CircuitDatabase:
         layer = _check_int32(layer, "layer")
         index = _check_int32(index, "index")
         if direction not in EDGE_DIRECTIONS:
-            raise InvalidArgument(f"direction must be one of {', '.join(EDGE_DIRECTIONS)}, got {direction!r}")
+            raise InvalidArgument(f"direction must be one of {', '.join(EDGE_DIRECTIONS)}, got {echo(direction)}")
         if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
-            raise InvalidArgument(f"min_count must be a non-negative integer, got {min_count!r}")
+            raise InvalidArgument(f"min_count must be a non-negative integer, got {echo(min_count)}")
         limit = self._limit(limit)
         sides = {"downstream": (0,), "upstream": (1,), "both": (0, 1)}[direction]
         parts = []
@@ -361,7 +409,7 @@ class CircuitDatabase:
         (every unit whose path starts with it) ordered by layer, neuron; NotFound if absent."""
         path = str(cluster).strip()
         if not _CLUSTER_PATH.match(path):
-            raise InvalidArgument(f"cluster must be a number or a dotted path like '3.1', got {str(cluster)[:40]!r}")
+            raise InvalidArgument(f"cluster must be a number or a dotted path like '3.1', got {echo(str(cluster), 60)}")
         limit = self._limit(limit)
         info_rows = self._rows(
             "SELECT cluster_path, level, size, layer_min, layer_max, median_layer FROM clusters WHERE cluster_path = ?",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from circuits_core.config import SMALL_MODEL
-from circuits_core.errors import CircuitsError, InvalidArgument
+from circuits_core.errors import CircuitsError, InvalidArgument, error_line
 
 
 def load_engine(model: str, *, dtype: str = "float32", device: str = "cpu", **config: Any) -> Any:
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return worker_main(argv[1:])
         return serve(argv)
     except CircuitsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from circuits_core.config import SMALL_MODEL, env_setting
-from circuits_core.errors import CircuitsError, InvalidArgument
+from circuits_core.errors import CircuitsError, InvalidArgument, error_line
 from circuits_core.schemas import Graph
 from circuits_core.tracing import TraceSpec
 
@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if sink is not None:
                 sink.close()
     except CircuitsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     print(report.summary(settings), flush=True)
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from circuits_core.errors import CorruptInput, NotFound
+from circuits_core.exports import EDGES_FILE, ExportFiles, open_exports
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,22 +99,45 @@ class DuckDBEvidence:
     def __init__(self, path: str | Path, *, min_edge_count: int = 1) -> None:
         import duckdb
 
+        from circuits_server.duckdb_files import open_duckdb
+
         self.path = Path(path)
         if not self.path.exists():
             raise NotFound(f"evidence not found: {self.path}")
         self._lock = threading.Lock()
-        self._con = duckdb.connect(":memory:")
+        is_atlas = self.path.is_file()
+        if is_atlas:
+            resolved = self.path.resolve()
+            readable = [resolved, resolved.with_name(resolved.name + ".wal")]
+        else:
+            exports = self._exports()
+            edge_files, unit_files = [e.edges for e in exports], [e.units for e in exports]
+            readable = [*edge_files, *unit_files]
+        # External access off: SQL reads exactly these files and nothing else.
+        self._con = open_duckdb(":memory:", read_only=False, what="evidence", allowed_paths=readable)
         try:
-            if self.path.is_file():
+            if is_atlas:
                 self._load_atlas(min_edge_count)
             else:
-                self._load_parquet(min_edge_count)
+                self._load_parquet(min_edge_count, edge_files, unit_files)
         except duckdb.Error as exc:
             raise CorruptInput(f"{self.path}: cannot read evidence ({str(exc).splitlines()[0]})") from None
 
+    def _exports(self) -> list[ExportFiles]:
+        """The export at ``path``, or the shard exports in its sub-directories (checked together)."""
+        shards = sorted(p for p in self.path.iterdir() if p.is_dir() and (p / EDGES_FILE).exists())
+        return open_exports(shards if shards and not (self.path / EDGES_FILE).exists() else [self.path])
+
     def _load_atlas(self, min_edge_count: int) -> None:
         con = self._con
-        con.execute(f"ATTACH {_sql_path(self.path)} AS atlas (READ_ONLY)")
+        con.execute(f"ATTACH {_sql_path(self.path.resolve())} AS atlas (READ_ONLY)")
+        kinds = dict(con.execute(
+            "SELECT table_name, table_type FROM information_schema.tables "
+            "WHERE table_catalog = 'atlas' AND table_schema = 'main' AND table_name IN ('neurons', 'edges')"
+        ).fetchall())  # fmt: skip
+        not_tables = sorted(name for name, kind in kinds.items() if kind != "BASE TABLE")
+        if not_tables:
+            raise CorruptInput(f"{self.path}: {', '.join(not_tables)} must be tables, not views (is this an atlas file?)")
         cols = {r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_catalog='atlas' AND table_name='neurons'"
         ).fetchall()}
@@ -133,13 +157,9 @@ class DuckDBEvidence:
         )
         con.execute("DETACH atlas")
 
-    def _load_parquet(self, min_edge_count: int) -> None:
-        from circuits_core.exports import EDGES_FILE, open_exports
-
-        shards = sorted(p for p in self.path.iterdir() if p.is_dir() and (p / EDGES_FILE).exists())
-        exports = open_exports(shards if shards and not (self.path / EDGES_FILE).exists() else [self.path])
+    def _load_parquet(self, min_edge_count: int, edge_files: list[Path], unit_files: list[Path]) -> None:
         con = self._con
-        files = "[" + ", ".join(_sql_path(e.edges) for e in exports) + "]"
+        files = "[" + ", ".join(_sql_path(f) for f in edge_files) + "]"
         con.execute(
             "CREATE TABLE edges AS SELECT src_layer::INT AS src_layer, src_neuron::INT AS src_neuron, "
             "tgt_layer::INT AS tgt_layer, tgt_neuron::INT AS tgt_neuron, sum(count)::BIGINT AS count, "
@@ -147,7 +167,7 @@ class DuckDBEvidence:
             "GROUP BY ALL HAVING sum(count) >= ?",
             [min_edge_count],
         )
-        ufiles = "[" + ", ".join(_sql_path(e.units) for e in exports) + "]"
+        ufiles = "[" + ", ".join(_sql_path(f) for f in unit_files) + "]"
         source = f"read_parquet({ufiles}, union_by_name = true)"
         cols = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
         desc = "max(coalesce(description, ''))" if "description" in cols else "''"
@@ -155,6 +175,140 @@ class DuckDBEvidence:
             "CREATE TABLE units AS SELECT layer::INT AS layer, neuron::INT AS neuron, sum(graph_count)::BIGINT AS "
             f"appearance_count, {desc} AS prior_description FROM {source} GROUP BY layer, neuron"
         )
+
+    def units(self) -> list[UnitRecord]:
+        """Every known neuron, sorted by (layer, neuron)."""
+        ...
+
+    def max_layer(self) -> int:
+        """Largest layer seen in units or edges (-1 when empty)."""
+        ...
+
+    def downstream(self, layer: int, *, limit: int) -> dict[int, list[Neighbour]]:
+        """For each neuron of ``layer`` with outgoing edges: up to ``limit`` targets by |mean weight|."""
+        ...
+
+    def upstream(self, layer: int, *, limit: int) -> dict[int, list[Neighbour]]:
+        """For each neuron of ``layer`` with incoming edges: up to ``limit`` sources by |mean weight|."""
+        ...
+
+
+class EmptyEvidence:
+    """No aggregated evidence: no candidates, no neighbours (projection-only labelling)."""
+
+    def units(self) -> list[UnitRecord]:
+        return []
+
+    def max_layer(self) -> int:
+        return -1
+
+    def downstream(self, layer: int, *, limit: int) -> dict[int, list[Neighbour]]:
+        return {}
+
+    def upstream(self, layer: int, *, limit: int) -> dict[int, list[Neighbour]]:
+        return {}
+
+
+def _sql_path(path: Path) -> str:
+    # Paths come from the operator's config, never from RPC users; quote for the SQL literal.
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+class DuckDBEvidence:
+    """:class:`NeuronEvidence` over an atlas DuckDB file or an aggregator Parquet export.
+
+    The edges are loaded once into an in-memory DuckDB table (``src/tgt`` keys, ``count``,
+    ``mean_weight``), keeping only edges with ``count >= min_edge_count``.
+    """
+
+    def __init__(self, path: str | Path, *, min_edge_count: int = 1) -> None:
+        import duckdb
+
+        from circuits_server.duckdb_files import open_duckdb
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise NotFound(f"evidence not found: {self.path}")
+        self._lock = threading.Lock()
+        is_atlas = self.path.is_file()
+        if is_atlas:
+            resolved = self.path.resolve()
+            readable = [resolved, resolved.with_name(resolved.name + ".wal")]
+        else:
+            exports = self._exports()
+            edge_files, unit_files = [e.edges for e in exports], [e.units for e in exports]
+            readable = [*edge_files, *unit_files]
+        # External access off: SQL reads exactly these files and nothing else.
+        self._con = open_duckdb(":memory:", read_only=False, what="evidence", allowed_paths=readable)
+        try:
+            if is_atlas:
+                self._load_atlas(min_edge_count)
+            else:
+                self._load_parquet(min_edge_count, edge_files, unit_files)
+        except duckdb.Error as exc:
+            raise CorruptInput(f"{self.path}: cannot read evidence ({str(exc).splitlines()[0]})") from None
+
+    def _exports(self) -> list[ExportFiles]:
+        """The export at ``path``, or the shard exports in its sub-directories (checked together)."""
+        shards = sorted(p for p in self.path.iterdir() if p.is_dir() and (p / EDGES_FILE).exists())
+        return open_exports(shards if shards and not (self.path / EDGES_FILE).exists() else [self.path])
+
+    def _load_atlas(self, min_edge_count: int) -> None:
+        con = self._con
+        con.execute(f"ATTACH {_sql_path(self.path.resolve())} AS atlas (READ_ONLY)")
+        kinds = dict(con.execute(
+            "SELECT table_name, table_type FROM information_schema.tables "
+            "WHERE table_catalog = 'atlas' AND table_schema = 'main' AND table_name IN ('neurons', 'edges')"
+        ).fetchall())  # fmt: skip
+        not_tables = sorted(name for name, kind in kinds.items() if kind != "BASE TABLE")
+        if not_tables:
+            raise CorruptInput(f"{self.path}: {', '.join(not_tables)} must be tables, not views (is this an atlas file?)")
+        cols = {r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_catalog='atlas' AND table_name='neurons'"
+        ).fetchall()}
+        if not cols:
+            raise CorruptInput(f"{self.path}: no neurons table (is this an atlas file?)")
+        desc = "coalesce(description, '')" if "description" in cols else "''"
+        appear = "coalesce(appearance_count, 0)" if "appearance_count" in cols else "0"
+        con.execute(
+            f"CREATE TABLE units AS SELECT layer::INT AS layer, neuron::INT AS neuron, {appear}::BIGINT AS "
+            f"appearance_count, {desc} AS prior_description FROM atlas.neurons"
+        )
+        con.execute(
+            "CREATE TABLE edges AS SELECT src_layer::INT AS src_layer, src_neuron::INT AS src_neuron, "
+            "tgt_layer::INT AS tgt_layer, tgt_neuron::INT AS tgt_neuron, count::BIGINT AS count, "
+            "(weight_sum / greatest(count, 1))::DOUBLE AS mean_weight FROM atlas.edges WHERE count >= ?",
+            [min_edge_count],
+        )
+        con.execute("DETACH atlas")
+
+    def _load_parquet(self, min_edge_count: int, edge_files: list[Path], unit_files: list[Path]) -> None:
+        con = self._con
+        files = "[" + ", ".join(_sql_path(f) for f in edge_files) + "]"
+        con.execute(
+            "CREATE TABLE edges AS SELECT src_layer::INT AS src_layer, src_neuron::INT AS src_neuron, "
+            "tgt_layer::INT AS tgt_layer, tgt_neuron::INT AS tgt_neuron, sum(count)::BIGINT AS count, "
+            f"(sum(weight_sum) / greatest(sum(count), 1))::DOUBLE AS mean_weight FROM read_parquet({files}) "
+            "GROUP BY ALL HAVING sum(count) >= ?",
+            [min_edge_count],
+        )
+        if unit_files:
+            ufiles = "[" + ", ".join(_sql_path(f) for f in unit_files) + "]"
+            cols = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({ufiles})").fetchall()}
+            count_col = next((c for c in ("graph_count", "appearance_count") if c in cols), None)
+            appear = f"sum({count_col})" if count_col else "0"
+            desc = "max(coalesce(description, ''))" if "description" in cols else "''"
+            con.execute(
+                f"CREATE TABLE units AS SELECT layer::INT AS layer, neuron::INT AS neuron, {appear}::BIGINT AS "
+                f"appearance_count, {desc} AS prior_description FROM read_parquet({ufiles}) GROUP BY layer, neuron"
+            )
+        else:
+            # No unit table: every edge endpoint is a unit; appearances unknown (0).
+            con.execute(
+                "CREATE TABLE units AS SELECT DISTINCT layer, neuron, 0::BIGINT AS appearance_count, "
+                "'' AS prior_description FROM (SELECT src_layer AS layer, src_neuron AS neuron FROM edges "
+                "UNION SELECT tgt_layer, tgt_neuron FROM edges)"
+            )
 
     def units(self) -> list[UnitRecord]:
         with self._lock:

@@ -161,6 +161,8 @@ class LabelingSection:
     early_band_fraction: float = 0.3
     #: Decoder layers of the model; 0 = from the projections file or the evidence.
     num_layers: int = 0
+    #: MLP neurons per layer (the model's intermediate size); 0 = from the projections file (unknown without one).
+    neurons_per_layer: int = 0
     #: Re-asks after a malformed (unparseable / invalid) answer before the neuron is marked failed.
     malformed_retries: int = 2
     #: First retry delay in seconds (doubles per retry, with jitter), and its cap.

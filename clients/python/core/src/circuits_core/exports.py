@@ -53,7 +53,7 @@ _TEXT = frozenset({"graph_id", "source"})
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExportFiles:
-    """The checked files of one export and how many graphs its ledger counts."""
+    """The checked files of one export (absolute paths) and how many graphs its ledger counts."""
 
     root: Path
     edges: Path
@@ -91,6 +91,8 @@ def open_exports(directories: Sequence[str | Path]) -> list[ExportFiles]:
         if twice:
             raise CorruptInput(f"{root / LEDGER_FILE}: graph(s) {', '.join(twice)} listed more than once")
         ledgers.append(ids)
+        # Absolute paths: a locked-down DuckDB connection may read exactly these files.
+        root = root.resolve()
         exports.append(
             ExportFiles(root=root, edges=root / EDGES_FILE, units=root / UNITS_FILE, ledger=root / LEDGER_FILE,
                         graphs=len(ids))

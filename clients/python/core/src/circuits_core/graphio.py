@@ -23,7 +23,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import re
 import struct
 import zlib
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ import numpy as np
 from circuits_core.edge_table import NO_POSITION, EdgeTable, UnitKeys, check_unit_keys, checked_unit_keys, key_columns
 from circuits_core.errors import CorruptInput, InvalidArgument
 from circuits_core.files import atomic_writer
+from circuits_core.influence import DEFAULT_NODE_THRESHOLD, InfluenceShares, influence_shares, logit_weights_from_probabilities
 from circuits_core.schemas import (
     EMBEDDING_LAYER,
     GENERATOR_NAME,
@@ -47,13 +47,13 @@ from circuits_core.schemas import (
     UnitLabel,
     slugify,
 )
+from circuits_core.viewers import logit_clerp, parse_logit_clerp, scan_id, slug_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from circuits_core.aggregator_types import GraphArrays
 
 GRAPH_SUFFIXES = (".json", ".json.gz", ".pb", ".pb.gz")
 CLERP_LABEL_CHARS = 60
-_LOGIT_CLERP = re.compile(r"^(?P<token>.*) \(p=(?P<p>[-+0-9.eE]+|nan|inf)\)$", re.DOTALL)
 
 #: Frame of compact graph files: magic, format version, payload length, CRC-32 of the payload.
 PB_MAGIC = b"\x89CGRAPH\n"
@@ -72,8 +72,9 @@ def graph_format(path: str | Path) -> str:
 
 
 def is_graph_file(path: str | Path) -> bool:
+    """A graph file by its name (hidden files and a folder's graph-metadata.json index are not)."""
     name = Path(path).name
-    return name.endswith(GRAPH_SUFFIXES) and not name.startswith(".")
+    return name.endswith(GRAPH_SUFFIXES) and not name.startswith(".") and name != "graph-metadata.json"
 
 
 # ------------------------------------------------------------------------------------------
@@ -265,13 +266,12 @@ def _clerp(unit: Unit) -> str:
     if unit.kind == "embedding":
         return f"Token: {unit.token}"
     if unit.kind == "logit":
-        p = unit.probability if unit.probability is not None else float("nan")
-        return f"{unit.token} (p={p:.4f})"
+        return logit_clerp(unit.token, unit.probability)
     base = f"L{unit.layer}/N{unit.index}"
     return f"{base}: {unit.label[:CLERP_LABEL_CHARS]}" if unit.label else base
 
 
-def _legacy_node(unit: Unit, first_logit: bool) -> dict[str, Any]:
+def _legacy_node(unit: Unit, first_logit: bool, influence: float | None) -> dict[str, Any]:
     node_id = unit.node_id
     layer = "E" if unit.kind == "embedding" else str(unit.layer)
     node: dict[str, Any] = {
@@ -282,12 +282,14 @@ def _legacy_node(unit: Unit, first_logit: bool) -> dict[str, Any]:
         "feature_type": {"neuron": "mlp_neuron", "embedding": "embedding", "logit": "logit"}[unit.kind],
         "jsNodeId": node_id,
         "clerp": _clerp(unit),
-        "influence": unit.attribution,
+        "influence": influence,
+        "attribution": unit.attribution,
         "activation": unit.activation,
         "isLogit": unit.kind == "logit",
     }
     if unit.kind == "logit":
-        node["token_prob"] = unit.probability
+        if unit.probability is not None:  # circuit-tracer's token_prob is a float (default 0.0), never null
+            node["token_prob"] = unit.probability
         node["is_target_logit"] = first_logit
     if unit.label:
         node["label"] = unit.label
@@ -305,6 +307,42 @@ def _legacy_node(unit: Unit, first_logit: bool) -> dict[str, Any]:
             for lab in unit.labels
         ]
     return node
+
+
+def graph_influence(graph: Graph) -> InfluenceShares:
+    """Each unit's viewer ``influence`` (cumulative influence share, relp-spec §E), in unit order."""
+    src, tgt = graph.edge_table.endpoint_rows(graph.units)
+    is_logit = [u.kind == "logit" for u in graph.units]
+    return influence_shares(
+        n_nodes=len(graph.units), sources=src.tolist(), targets=tgt.tolist(), weights=graph.edge_table.weight.tolist(),
+        logit_weights=logit_weights_from_probabilities([u.probability for u in graph.units], is_logit),
+        attributions=[u.attribution for u in graph.units], is_logit=is_logit,
+    )  # fmt: skip
+
+
+def _viewer_metadata(metadata: dict[str, Any], extra: dict[str, Any], influence: InfluenceShares) -> None:
+    """The metadata fields circuit-tracer's and Neuronpedia's viewers read (relp-spec §E)."""
+    pruning = dict(extra.pop("pruning_settings", {}) or {})
+    threshold = pruning.get("node_threshold", DEFAULT_NODE_THRESHOLD)
+    pruning.update({"node_threshold": threshold, "influence_basis": influence.basis})
+    metadata["node_threshold"] = threshold
+    metadata["pruning_settings"] = pruning
+    metadata["transcoder_list"] = list(extra.pop("transcoder_list", []) or [])
+
+
+def _viewer_metadata_from_legacy(meta: Mapping[str, Any], extra: dict[str, Any]) -> None:
+    """Inverse of :func:`_viewer_metadata`: keep only what differs from the defaults in ``extra``."""
+    pruning = dict(meta.get("pruning_settings") or {}) if isinstance(meta.get("pruning_settings"), Mapping) else {}
+    pruning.pop("influence_basis", None)
+    if "transcoder_list" in meta and "node_threshold" in meta:  # older files: node_threshold was tau
+        pruning["node_threshold"] = meta["node_threshold"]
+    if pruning.get("node_threshold") == DEFAULT_NODE_THRESHOLD:
+        pruning.pop("node_threshold")
+    extra.pop("pruning_settings", None)
+    if pruning:
+        extra["pruning_settings"] = pruning
+    if extra.get("transcoder_list") == []:
+        extra.pop("transcoder_list")
 
 
 def graph_to_legacy(graph: Graph) -> dict[str, Any]:
@@ -331,16 +369,18 @@ def graph_to_legacy(graph: Graph) -> dict[str, Any]:
     q_params.setdefault("pinnedIds", [])
     q_params.setdefault("supernodes", [])
     q_params.setdefault("linkType", "both")
+    q_params.setdefault("clickedId", "")
+    q_params.setdefault("sg_pos", "")
+    influence = graph_influence(graph)
     metadata: dict[str, Any] = {
-        "slug": md.slug or ("relp-" + slugify(graph.prompt)),
-        "scan": md.scan or graph.model,
+        "slug": slug_id(md.slug) if md.slug else ("relp-" + slugify(graph.prompt)),
+        "scan": scan_id(md.scan or graph.model or "model"),
         "prompt": graph.prompt,
         "prompt_tokens": list(graph.prompt_tokens),
         "info": info,
         "generation_settings": settings,
     }
-    if md.node_threshold is not None:
-        metadata["node_threshold"] = md.node_threshold
+    _viewer_metadata(metadata, extra, influence)
     if md.target_position is not None:
         metadata["target_position"] = md.target_position
     if graph.model:
@@ -353,8 +393,8 @@ def graph_to_legacy(graph: Graph) -> dict[str, Any]:
 
     nodes = []
     seen_logit = False
-    for unit in graph.units:
-        nodes.append(_legacy_node(unit, first_logit=unit.kind == "logit" and not seen_logit))
+    for unit, share in zip(graph.units, influence.shares):
+        nodes.append(_legacy_node(unit, first_logit=unit.kind == "logit" and not seen_logit, influence=share))
         seen_logit = seen_logit or unit.kind == "logit"
     links = _legacy_links(graph)
     features: dict[tuple[str, int], dict[str, Any]] = {}
@@ -479,11 +519,13 @@ def _parse_node(node: Any, n: int, source: str, *, as_unit: bool = True) -> Any:
     count = node.get("appearance_count", 0) or 0
     if type(count) is not int:
         raise CorruptInput(f"{where}: field 'appearance_count' must be an integer")
-    attribution = _optional_number(node, "influence", where)
+    # Since the viewer fix the signed RelP score has its own key and `influence` is the viewers'
+    # cumulative share; older files carry the score in `influence`.
+    attribution = _optional_number(node, "attribution" if "attribution" in node else "influence", where)
     activation = _optional_number(node, "activation", where)
     if feature is None:
         raise CorruptInput(f"{where}: field 'feature' must be an integer for {ftype} nodes")
-    prob = match = None
+    prob = None
     if ftype == "embedding" or layer_field == "E":
         kind, layer = "embedding", EMBEDDING_LAYER
     else:
@@ -522,10 +564,9 @@ def _parse_node(node: Any, n: int, source: str, *, as_unit: bool = True) -> Any:
         token = clerp[len("Token: "):] if clerp.startswith("Token: ") else clerp
         return Unit(layer=layer, index=feature, kind="embedding", token=token, **common)
     if kind == "logit":
-        match = _LOGIT_CLERP.match(clerp)
-        token = match.group("token") if match else clerp
-        if prob is None and match:
-            prob = float(match.group("p"))
+        token, clerp_prob = parse_logit_clerp(clerp)
+        if prob is None:
+            prob = clerp_prob
         return Unit(layer=layer, index=feature, kind="logit", token=token, probability=prob, **common)
     label = node.get("label")
     if not isinstance(label, str):
@@ -701,6 +742,7 @@ def _legacy_metadata(data: Mapping[str, Any], meta: Mapping[str, Any]) -> GraphM
     settings = dict(meta.get("generation_settings") or {}) if isinstance(meta.get("generation_settings"), Mapping) else {}
     known = set(_META_KEYS) | {"generation_settings", "model", "graph_id", "corpus_index"}
     extra: dict[str, Any] = {k: v for k, v in meta.items() if k not in known}
+    _viewer_metadata_from_legacy(meta, extra)
     for key in ("max_n_logits", "node_threshold", "metric_value", "target_position", "nodes_exceeded"):
         settings.pop(key, None)
     if settings:
@@ -720,23 +762,27 @@ def _legacy_metadata(data: Mapping[str, Any], meta: Mapping[str, Any]) -> GraphM
     q_params = data.get("qParams")
     if isinstance(q_params, Mapping):
         q = dict(q_params)
-        for key, empty in (("pinnedIds", []), ("supernodes", []), ("linkType", "both")):
+        for key, empty in (("pinnedIds", []), ("supernodes", []), ("linkType", "both"), ("clickedId", ""), ("sg_pos", "")):
             if q.get(key) == empty:
                 q.pop(key)
         if q:
             extra["qParams"] = q
     gs = meta.get("generation_settings") if isinstance(meta.get("generation_settings"), Mapping) else {}
 
-    def _num(key: str) -> float | None:
-        value = meta.get(key, gs.get(key))
+    def _num(key: str, *, settings_only: bool = False) -> float | None:
+        value = gs.get(key) if settings_only else meta.get(key, gs.get(key))
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    # tau: files written for the viewers (they carry transcoder_list) keep it in generation_settings
+    # only, metadata.node_threshold being the viewers' pruning fraction; older files had tau in both.
+    viewer_format = "transcoder_list" in meta
 
     target_position = meta.get("target_position", gs.get("target_position"))
     return GraphMetadata(
         slug=str(meta.get("slug", "")),
         scan=str(meta.get("scan", "")),
         target_position=int(target_position) if isinstance(target_position, int) else None,
-        node_threshold=_num("node_threshold"),
+        node_threshold=_num("node_threshold", settings_only=viewer_format),
         metric_value=_num("metric_value"),
         nodes_exceeded=bool(data.get("nodes_exceeded", gs.get("nodes_exceeded", False))),
         max_n_logits=int(gs.get("max_n_logits", 0) or 0),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -291,8 +292,11 @@ def graph_content_id(*, model: str, prompt: str, settings: Mapping[str, Any], re
 
 
 def slugify(text: str, *, max_chars: int = 50) -> str:
-    """Lowercase slug: drop non-word characters except space and '-', collapse runs to '-'."""
-    text = re.sub(r"[^\w\s-]", "", text.lower())
+    """Lowercase ASCII slug: accents dropped ("Région" -> "region"), other characters except
+    letters, digits, space, '_' and '-' removed, runs of space/'_'/'-' collapsed to '-'.
+    ASCII because Neuronpedia accepts only [a-zA-Z0-9_.-] in a slug."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^a-z0-9_\s-]", "", text.lower())
     text = re.sub(r"[\s_-]+", "-", text).strip("-")
     return text[:max_chars].strip("-") or "graph"
 

@@ -29,9 +29,9 @@ from circuits_core.aggregator_types import (
     IngestAck,
     graph_arrays_from_units,
 )
-from circuits_core.atlas_types import AtlasStats, ClusterInfo, ClusterMembers, SearchHit
+from circuits_core.atlas_types import AtlasStats, ClusterInfo, ClusterMembers, SearchHit, UnitActivationStats, UnitCard
 from circuits_core.edge_table import NO_POSITION, EdgeTable, check_unit_keys, checked_unit_keys
-from circuits_core.errors import InvalidArgument
+from circuits_core.errors import InvalidArgument, echo
 from circuits_core.interventions import (
     InterventionRequest,
     InterventionResult,
@@ -444,7 +444,7 @@ _DIRECTION_NAMES = {v: k for k, v in _DIRECTIONS.items()}
 def edge_direction_to_proto(direction: str) -> int:
     """"both" | "downstream" | "upstream" -> EdgeDirection enum value."""
     if direction not in _DIRECTIONS:
-        raise InvalidArgument(f"direction must be one of {', '.join(_DIRECTIONS)}, got {direction!r}")
+        raise InvalidArgument(f"direction must be one of {', '.join(_DIRECTIONS)}, got {echo(direction)}")
     return _DIRECTIONS[direction]
 
 
@@ -476,29 +476,32 @@ def edges_response_to_proto(edges: Iterable[Edge]) -> atlas_pb2.GetEdgesForUnitR
     return msg
 
 
+def _cluster_info_to_proto(c: ClusterInfo) -> atlas_pb2.ClusterInfo:
+    return atlas_pb2.ClusterInfo(
+        cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
+        layer_max=c.layer_max, median_layer=c.median_layer,
+    )  # fmt: skip
+
+
+def _cluster_info_from_proto(c: atlas_pb2.ClusterInfo) -> ClusterInfo:
+    return ClusterInfo(
+        cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
+        layer_max=c.layer_max, median_layer=c.median_layer,
+    )  # fmt: skip
+
+
 def cluster_members_to_proto(members: ClusterMembers) -> atlas_pb2.GetClusterResponse:
     """ClusterMembers -> GetClusterResponse."""
-    c = members.cluster
-    msg = atlas_pb2.GetClusterResponse(
-        cluster=atlas_pb2.ClusterInfo(
-            cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
-            layer_max=c.layer_max, median_layer=c.median_layer,
-        )
-    )  # fmt: skip
+    msg = atlas_pb2.GetClusterResponse(cluster=_cluster_info_to_proto(members.cluster))
     for unit in members.units:
         unit_to_proto(unit, msg.units.add())
     return msg
 
 
 def cluster_members_from_proto(msg: atlas_pb2.GetClusterResponse) -> ClusterMembers:
-    c = msg.cluster
     return ClusterMembers(
-        cluster=ClusterInfo(
-            cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
-            layer_max=c.layer_max, median_layer=c.median_layer,
-        ),
-        units=tuple(unit_from_proto(u) for u in msg.units),
-    )  # fmt: skip
+        cluster=_cluster_info_from_proto(msg.cluster), units=tuple(unit_from_proto(u) for u in msg.units)
+    )
 
 
 def atlas_stats_to_proto(stats: AtlasStats) -> atlas_pb2.AtlasStats:
@@ -509,6 +512,36 @@ def atlas_stats_to_proto(stats: AtlasStats) -> atlas_pb2.AtlasStats:
 
 def atlas_stats_from_proto(msg: atlas_pb2.AtlasStats) -> AtlasStats:
     return AtlasStats(neurons=msg.neurons, edges=msg.edges, clusters=msg.clusters, metadata=dict(msg.metadata))
+
+
+_CARD_STATS = ("mean_activation", "max_activation", "mean_attribution", "output_norm", "num_exemplars")
+
+
+def unit_card_to_proto(card: UnitCard) -> atlas_pb2.UnitCard:
+    """UnitCard -> atlas_pb2.UnitCard (absent statistics stay unset)."""
+    msg = atlas_pb2.UnitCard(downstream_edges=card.downstream_edges, upstream_edges=card.upstream_edges)
+    unit_to_proto(card.unit, msg.unit)
+    msg.stats.observation_count = card.stats.observation_count
+    for name in _CARD_STATS:
+        value = getattr(card.stats, name)
+        if value is not None:
+            setattr(msg.stats, name, value)
+    if card.cluster is not None:
+        msg.cluster.CopyFrom(_cluster_info_to_proto(card.cluster))
+    return msg
+
+
+def unit_card_from_proto(msg: atlas_pb2.UnitCard) -> UnitCard:
+    s = msg.stats
+    stats = UnitActivationStats(
+        observation_count=s.observation_count,
+        **{name: getattr(s, name) if s.HasField(name) else None for name in _CARD_STATS},
+    )
+    return UnitCard(
+        unit=unit_from_proto(msg.unit), stats=stats,
+        cluster=_cluster_info_from_proto(msg.cluster) if msg.HasField("cluster") else None,
+        downstream_edges=msg.downstream_edges, upstream_edges=msg.upstream_edges,
+    )  # fmt: skip
 
 
 # -- attribution service: Intervene ------------------------------------------------------------

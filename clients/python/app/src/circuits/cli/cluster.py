@@ -71,12 +71,14 @@ def _run_atlas(args: argparse.Namespace) -> int:
     from circuits_atlas.build import write_clusters
     from circuits_atlas.clustering import cluster_full_model
     from circuits_atlas.duck import connect
+    from circuits_atlas.schema import verify_atlas
 
     path = Path(args.duckdb)
     if not path.exists():
         raise InvalidArgument(f"{path}: atlas file not found")
     con = connect(path, read_only=args.dry_run)
     try:
+        verify_atlas(con, path)
         edges = con.execute(
             "SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, count, weight_sum, weight_abs_sum FROM edges WHERE count >= ?",
             [args.min_edge_count],
