@@ -332,6 +332,7 @@ def tiny_model_dir(tmp_path_factory, make_model, tokenizer) -> Path:
     return path
 
 
+GRAPH_FILE = "relp-the-capital-of-france-is.json"
 GRAPH_ARGS = ["graph", "the capital of france is", "--raw", "--tau", "0.05", "--dtype", "float64", "--max-nodes", "40"]
 
 
@@ -340,8 +341,7 @@ def graph_neurons(tiny_model_dir, tmp_path_factory) -> list[tuple[int, int]]:
     """Neurons of the tiny model's graph for the CLI prompt (the label files name them)."""
     out = tmp_path_factory.mktemp("unlabelled")
     assert cli_main([*GRAPH_ARGS, "--model", str(tiny_model_dir), "--output-dir", str(out)]) == 0
-    (path,) = out.glob("*.json")
-    keys = sorted({u.key for u in read_graph(path).neurons})
+    keys = sorted({u.key for u in read_graph(out / GRAPH_FILE).neurons})
     assert len(keys) >= 4
     return keys
 
@@ -442,8 +442,7 @@ def _label_readers(path: Path, keys: list, tmp: Path, tiny_model_dir: Path, smal
     out = tmp / "graph"
     cli = cli_outcome([*GRAPH_ARGS, "--model", str(tiny_model_dir), "--output-dir", str(out), "--labels", str(path)], capsys)
     if not cli.error:
-        (graph_file,) = out.glob("*.json")
-        cli = Outcome(content={u.key: (u.label, u.input_label) for u in read_graph(graph_file).neurons
+        cli = Outcome(content={u.key: (u.label, u.input_label) for u in read_graph(out / GRAPH_FILE).neurons
                                if u.label or u.input_label})  # fmt: skip
     readers["cli graph --labels"] = cli
     # The graph shows the neurons it has; compare every reader on those.

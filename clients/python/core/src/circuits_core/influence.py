@@ -110,6 +110,9 @@ def cumulative_shares(scores: Sequence[float]) -> list[float] | None:
     Ties keep their input order (a stable sort). Returns None when the scores sum to zero.
     """
     clean = [s if math.isfinite(s) and s > 0.0 else 0.0 for s in scores]
+    top = max(clean, default=0.0)
+    if top > 0.0:  # shares do not depend on scale; scaling keeps sums of huge scores finite
+        clean = [s / top for s in clean]
     total = math.fsum(clean)
     if not total > 0.0:
         return None
