@@ -105,11 +105,61 @@ def test_sdk_only_install_clients_work_against_a_real_server(tmp_path: Path) -> 
     assert answer == {"graphs": 1, "blocked_loaded": []}
 
 
+class EchoEngine:
+    """A stand-in attribution engine (the AttributionEngine contract): one unit per prompt."""
+
+    replicas_trace_concurrently = True
+
+    def trace(self, request, *, should_stop):
+        from circuits_core.schemas import Graph, GraphMetadata, Unit
+
+        return Graph(model="echo", prompt=request.prompt, prompt_tokens=(request.prompt,), graph_id=f"echo-{request.k}",
+                     units=(Unit(layer=0, index=request.k, position=0, activation=1.0, attribution=request.tau),),
+                     metadata=GraphMetadata(slug=request.slug, metric_value=1.0))
+
+    def intervene(self, request, *, should_stop):
+        raise NotImplementedError
+
+    def model_info(self):
+        from circuits_core.tracing import ModelInfo
+
+        return ModelInfo(model="echo")
+
+    def replicate(self):
+        return self
+
+
+def test_sdk_only_install_circuits_graph_remote_works(tmp_path: Path) -> None:
+    """With only the SDK, `circuits graph --remote` traces on the server (no engine, no torch here)."""
+    from circuits_server.serving import ServerSettings
+    from circuits_attribution.server import AttributionSettings, build_server
+
+    server = build_server(AttributionSettings(server=ServerSettings(port=0)), EchoEngine()).start()
+    try:
+        result = _sdk_only(
+            f"""
+            import json, sys
+            from circuits.cli import main
+            code = main(["graph", "hi there", "--k", "3", "--remote", {server.address!r}, "--output-dir", {str(tmp_path)!r}])
+            loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "circuits_attribution", "circuits_server"))
+            print(json.dumps({{"code": code, "loaded": loaded}}))
+            """
+        )
+    finally:
+        server.stop(0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"code": 0, "loaded": []}
+    data = json.loads((tmp_path / "relp-hi-there.json").read_text())
+    assert [n["feature"] for n in data["nodes"]] == [3]  # the request's k reached the engine
+
+
 #: Each in-process command, with the extra its one-line error must name.
 IN_PROCESS_COMMANDS = [
     (["graph", "hi"], "attribution"),
     (["validate", "g.json"], "attribution"),
     (["intervene", "hi", "--neuron", "1:2=zero"], "attribution"),
+    (["analyze", "hi", "--no-llm"], "attribution"),
+    (["analyze", "--graph", "g.json", "--no-llm"], "atlas"),
     (["launch", "--image", "x", "--prompts", "p.jsonl", "--shards", "1", "--dry-run"], "attribution"),
     (["aggregate", "graphs"], "aggregator"),
     (["cluster", "--duckdb", "atlas.duckdb"], "atlas"),

@@ -127,7 +127,7 @@ def _burst(address: str, prompts: list[str]) -> tuple[list[str], list[float], li
     import grpc
     from circuits_core import wire
     from circuits_core._proto.circuits.v1 import attribution_pb2_grpc
-    from circuits_core.tracing import TraceSpec
+    from circuits_core.tracing import TraceRequest
 
     channels = [grpc.insecure_channel(address) for _ in prompts]
     stubs = [attribution_pb2_grpc.AttributionServiceStub(ch) for ch in channels]
@@ -139,7 +139,7 @@ def _burst(address: str, prompts: list[str]) -> tuple[list[str], list[float], li
     messages: list[str] = []
 
     def one(i: int) -> None:
-        request = wire.trace_spec_to_proto(TraceSpec(prompt=prompts[i]))
+        request = wire.trace_request_to_proto(TraceRequest(prompt=prompts[i]))
         barrier.wait(timeout=30)
         t0 = time.perf_counter()
         try:

@@ -21,7 +21,7 @@ import datetime as _dt
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from circuits_atlas.schema import (
     create_indexes,
     create_tables,
     schema_fingerprint,
+    verify_atlas,
 )
 
 log = logging.getLogger("circuits_atlas.build")
@@ -148,31 +149,14 @@ def build_atlas(
         create_edges_by_target(con)
         done()
 
-        cluster_meta: dict[str, Any] = {}
+        cluster_meta: dict[str, str] = {}
         if isinstance(clustering, ClusterSettings) and clustering.enabled:
             done = step("clustering (Infomap)")
-            edges_for_clustering = con.execute(
-                "SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, count, weight_sum, weight_abs_sum "
-                "FROM read_parquet(?) WHERE count >= ?",
-                [str(files.edges), clustering.min_edge_count],
-            ).fetch_arrow_table()
-            units_for_clustering = con.execute("SELECT layer, neuron FROM neurons").fetch_arrow_table()
-            clustering = cluster_full_model(
-                edges_for_clustering,
-                units_for_clustering,
-                min_edge_count=clustering.min_edge_count,
-                weight_transform=clustering.weight_transform,  # type: ignore[arg-type]
-                num_trials=clustering.num_trials,
-                multi_level=clustering.multi_level,
-                seed=clustering.seed,
-            )
-            del edges_for_clustering
+            clustering = run_clustering(con, clustering, edges_from="read_parquet(?)", params=[str(files.edges)])
             done()
         if isinstance(clustering, FullModelClustering):
             done = step("clusters table")
-            write_clusters(con, clustering)
-            cluster_meta = {f"clustering_{k}": v for k, v in clustering.settings.items()}
-            cluster_meta["clustering_codelength"] = clustering.codelength
+            cluster_meta = store_clustering(con, clustering)
             done()
 
         done = step("indexes")
@@ -205,7 +189,7 @@ def build_atlas(
         }
         timings["total_before_metadata"] = time.perf_counter() - started
         metadata["build_seconds"] = round(timings["total_before_metadata"], 3)
-        con.executemany("INSERT INTO metadata VALUES (?, ?)", [[k, str(v)] for k, v in metadata.items()])
+        con.executemany("INSERT OR REPLACE INTO metadata VALUES (?, ?)", [[k, str(v)] for k, v in metadata.items()])
         con.execute("CHECKPOINT")
         con.close()
         con = None
@@ -281,6 +265,71 @@ def _insert_neurons(con: Any, units_path: Path, labels: Any) -> None:
         )
     finally:
         con.unregister("labels_input")
+
+
+def run_clustering(
+    con: Any, settings: ClusterSettings, *, edges_from: str = "edges", params: Sequence[Any] = ()
+) -> FullModelClustering:
+    """Full-model Infomap over the edges with ``count >= settings.min_edge_count`` and the units of
+    the ``neurons`` table.
+
+    ``edges_from`` is code, never user text: the atlas's ``edges`` table (reclustering a built
+    atlas), or ``read_parquet(?)`` of an export with its path in ``params`` (building one).
+    """
+    edges = con.execute(
+        "SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, count, weight_sum, weight_abs_sum "
+        f"FROM {edges_from} WHERE count >= ?",
+        [*params, settings.min_edge_count],
+    ).fetch_arrow_table()
+    units = con.execute("SELECT layer, neuron FROM neurons").fetch_arrow_table()
+    return cluster_full_model(
+        edges,
+        units,
+        min_edge_count=settings.min_edge_count,
+        weight_transform=settings.weight_transform,  # type: ignore[arg-type]
+        num_trials=settings.num_trials,
+        multi_level=settings.multi_level,
+        seed=settings.seed,
+    )
+
+
+def store_clustering(con: Any, clustering: FullModelClustering) -> dict[str, str]:
+    """Write a clustering into an open atlas: cluster columns, the ``clusters`` table and its
+    ``metadata`` rows (settings, codelength, total_clusters). Returns those metadata rows."""
+    rows = write_clusters(con, clustering)
+    meta = {f"clustering_{k}": str(v) for k, v in clustering.settings.items()}
+    meta["clustering_codelength"] = str(clustering.codelength)
+    meta["total_clusters"] = str(rows)
+    con.executemany("INSERT OR REPLACE INTO metadata VALUES (?, ?)", [[k, v] for k, v in meta.items()])
+    return meta
+
+
+def recluster_atlas(
+    path: str | Path, settings: ClusterSettings, *, write: bool = True, progress: Callable[[str], None] | None = None
+) -> FullModelClustering:
+    """Cluster a built atlas's ``edges`` again and, with ``write``, replace its clustering in one
+    transaction (a failure leaves the old clustering in place)."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidArgument(f"{path}: atlas file not found")
+    say = progress or (lambda msg: log.info("%s", msg))
+    con = connect(path, read_only=not write)
+    try:
+        verify_atlas(con, path)
+        say(f"clustering {path} (edges with count >= {settings.min_edge_count}) with Infomap ...")
+        clustering = run_clustering(con, settings)
+        if write:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                store_clustering(con, clustering)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    return clustering
 
 
 def write_clusters(con: Any, clustering: FullModelClustering) -> int:

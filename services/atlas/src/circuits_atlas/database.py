@@ -156,6 +156,9 @@ def _check_int32(value: Any, name: str, *, minimum: int = 0) -> int:
 class CircuitDatabase:
     """An atlas file opened for queries; ``with CircuitDatabase("atlas.duckdb") as db: ...``.
 
+    The in-process :class:`~circuits_core.capabilities.AtlasQueries` (``AtlasClient`` is the gRPC one:
+    same method names and results). A ``limit`` of 0 or None means 100 rows.
+
     ``read_only=True`` (default) opens the file without writing to it; several processes may
     hold it open at once. The connection has external access off and its configuration locked,
     and the file must hold exactly the schema ``circuits build-db`` writes (tables, views, macros,
@@ -277,8 +280,8 @@ class CircuitDatabase:
         )  # fmt: skip
 
     # -- queries ----------------------------------------------------------------------------
-    def search(self, text: str, limit: int | None = 100, *, timeout: float | None = None) -> list[SearchHit]:
-        """Units whose labels match ``text``, best first.
+    def search(self, text: str, limit: int | None = 0, *, timeout: float | None = None) -> list[SearchHit]:
+        """Units whose labels match ``text``, best first (``limit`` 0/None: 100).
 
         BM25 over label, input_label, output_label and description (stemmed words) ranks first;
         if that finds fewer than ``limit`` units, case-insensitive substring matches follow with
@@ -371,7 +374,7 @@ class CircuitDatabase:
         layer: int,
         index: int,
         direction: str = "both",
-        limit: int | None = 100,
+        limit: int | None = 0,
         min_count: int = 0,
         *,
         timeout: float | None = None,
@@ -404,7 +407,7 @@ class CircuitDatabase:
         rows = self._rows(sql, params, timeout=timeout)
         return [self._edge(r[:11]) for r in rows]
 
-    def get_cluster(self, cluster: str | int, limit: int | None = 100, *, timeout: float | None = None) -> ClusterMembers:
+    def get_cluster(self, cluster: str | int, limit: int | None = 0, *, timeout: float | None = None) -> ClusterMembers:
         """A cluster by top-level id (``3``/``"3"``) or hierarchy path (``"3.1"``) and its members
         (every unit whose path starts with it) ordered by layer, neuron; NotFound if absent."""
         path = str(cluster).strip()

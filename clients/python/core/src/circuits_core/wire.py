@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -39,7 +40,11 @@ from circuits_core.interventions import (
     TokenProbability,
 )
 from circuits_core.schemas import Edge, Graph, GraphMetadata, LabelProgress, Unit, UnitLabel
-from circuits_core.tracing import ModelInfo, TraceSpec
+from circuits_core.tracing import ModelInfo, TraceRequest
+
+if TYPE_CHECKING:
+    from circuits_core._proto.circuits.v1 import attribution_pb2
+    from circuits_core.tracing import TraceRequest
 
 _KIND_TO_PB = {
     "neuron": graph_pb2.UNIT_KIND_NEURON,
@@ -373,47 +378,49 @@ def label_progress_from_proto(msg: labeler_pb2.LabelProgress) -> LabelProgress:
 
 
 # -- attribution service (TraceRequest, ModelInfo) ---------------------------------------------
-def trace_spec_to_proto(spec: TraceSpec) -> attribution_pb2.TraceRequest:
-    """Encode a :class:`circuits_core.tracing.TraceSpec` as a ``circuits.v1.TraceRequest``."""
+def trace_request_to_proto(request: TraceRequest) -> attribution_pb2.TraceRequest:
+    """Encode a :class:`circuits_core.tracing.TraceRequest` (every setting explicit)."""
     msg = attribution_pb2.TraceRequest(
-        prompt=spec.prompt,
-        raw=spec.raw,
-        answer_prefix=spec.answer_prefix,
-        corpus_index=spec.corpus_index,
-        slug=spec.slug,
+        prompt=request.prompt,
+        raw=request.raw,
+        answer_prefix=request.answer_prefix,
+        corpus_index=request.corpus_index,
+        slug=request.slug,
+        tau=request.tau,
+        max_nodes=request.max_nodes,
     )
-    msg.target.k = spec.k
-    msg.target.target_tokens.extend(spec.target_tokens)
-    if spec.contrastive is not None:
-        msg.target.contrastive_positive, msg.target.contrastive_negative = spec.contrastive
-    if spec.target_position is not None:
-        msg.target_position = spec.target_position
-    if spec.tau is not None:
-        msg.tau = spec.tau
-    if spec.max_nodes is not None:
-        msg.max_nodes = spec.max_nodes
+    msg.target.k = request.k
+    msg.target.target_tokens.extend(request.target_tokens)
+    if request.contrastive is not None:
+        msg.target.contrastive_positive, msg.target.contrastive_negative = request.contrastive
+    if request.target_position is not None:
+        msg.target_position = request.target_position
     return msg
 
 
-def trace_spec_from_proto(msg: attribution_pb2.TraceRequest) -> TraceSpec:
-    """Decode a ``circuits.v1.TraceRequest``; bad values raise InvalidArgument naming the field."""
+def trace_request_from_proto(msg: attribution_pb2.TraceRequest) -> TraceRequest:
+    """Decode a ``circuits.v1.TraceRequest``; an unset field takes TraceRequest's default.
+
+    Bad values raise InvalidArgument naming the field.
+    """
     target = msg.target
     pos, neg = target.contrastive_positive, target.contrastive_negative
     if bool(pos) != bool(neg):
         raise InvalidArgument("contrastive target needs both contrastive_positive and contrastive_negative")
-    return TraceSpec(
-        prompt=msg.prompt,
-        k=target.k,
-        target_tokens=tuple(target.target_tokens),
-        contrastive=(pos, neg) if pos else None,
-        raw=msg.raw,
-        answer_prefix=msg.answer_prefix,
-        target_position=msg.target_position if msg.HasField("target_position") else None,
-        tau=msg.tau if msg.HasField("tau") else None,
-        max_nodes=msg.max_nodes if msg.HasField("max_nodes") else None,
-        corpus_index=msg.corpus_index,
-        slug=msg.slug,
-    )
+    given: dict[str, Any] = {
+        "prompt": msg.prompt,
+        "raw": msg.raw,
+        "answer_prefix": msg.answer_prefix,
+        "slug": msg.slug,
+        "target_tokens": tuple(target.target_tokens),
+        "contrastive": (pos, neg) if pos else None,
+    }
+    if target.k:  # proto3 int: 0 is "not set"
+        given["k"] = target.k
+    for name in ("target_position", "tau", "max_nodes", "corpus_index"):
+        if msg.HasField(name):
+            given[name] = getattr(msg, name)
+    return TraceRequest(**given)
 
 
 def model_info_to_proto(info: ModelInfo) -> attribution_pb2.ModelInfo:
