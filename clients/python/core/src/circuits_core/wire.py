@@ -42,10 +42,6 @@ from circuits_core.interventions import (
 from circuits_core.schemas import Edge, Graph, GraphMetadata, LabelProgress, Unit, UnitLabel
 from circuits_core.tracing import ModelInfo, TraceRequest
 
-if TYPE_CHECKING:
-    from circuits_core._proto.circuits.v1 import attribution_pb2
-    from circuits_core.tracing import TraceRequest
-
 _KIND_TO_PB = {
     "neuron": graph_pb2.UNIT_KIND_NEURON,
     "embedding": graph_pb2.UNIT_KIND_EMBEDDING,
