@@ -29,6 +29,9 @@ from circuits_core.tracing import TraceRequest
 if TYPE_CHECKING:
     from circuits_core.schemas import Graph
 
+#: File formats `circuits graph --format` writes (circuits_core.graphio owns them).
+GRAPH_FORMATS = ("json", "json.gz", "pb", "pb.gz")
+
 #: The in-process MLP rule unless --mlp-rule says otherwise (a server traces with its own).
 _MLP_RULE_DEFAULT = "relp"
 
@@ -36,6 +39,10 @@ _MLP_RULE_DEFAULT = "relp"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_field_arguments(parser, TraceRequest)
     parser.add_argument("--output-dir", default="graphs", help="directory for the graph file (default: %(default)s)")
+    parser.add_argument("--format", default="json", choices=GRAPH_FORMATS,
+                        help="graph file format: json (viewer JSON, listed in graph-metadata.json for circuit-tracer's "
+                             "server), json.gz, or the compact framed protobuf pb / pb.gz (several times smaller, "
+                             "for big graphs; `circuits view DIR` serves all four) (default: %(default)s)")
     parser.add_argument("--labels", default=None, metavar="FILE",
                         help="fill node labels (clerp) from a label file (JSONL/JSON: layer, neuron, label)")
     parser.add_argument("--neurondb", action="store_true",
@@ -110,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     remote = remote_from_args(args)
     from tqdm.auto import tqdm
 
-    output = Path(args.output_dir) / f"{request.slug}.json"
+    output = Path(args.output_dir) / f"{request.slug}.{args.format}"
     model = LocalModel(
         name=args.model, dtype=args.dtype, device=args.device,
         engine=(("mlp_rule", args.mlp_rule), ("edge_chunk_size", args.edge_chunk_size), ("progress", True),
@@ -127,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
             graph = _apply_labels(graph, args)
             bar.update(1)
             bar.set_postfix_str("writing")
-            write_graph_json(graph, output)
+            if args.format == "json":
+                write_graph_json(graph, output)
+            else:
+                write_graph_file(graph, output)
             bar.update(1)
     _print_summary(graph, output)
     return 0
@@ -142,6 +152,15 @@ def write_graph_json(graph: Graph, output: Path) -> Path:
     write_json(legacy, output)
     update_graph_index(output.parent, index_entry(legacy))
     return output
+
+
+def write_graph_file(graph: Graph, output: Path) -> Path:
+    """Write the graph in the format its name asks for (json.gz, pb, pb.gz); no index entry:
+    circuit-tracer's server reads only .json, and `circuits view DIR` finds every graph file itself."""
+    from circuits_core.graphio import write_graph
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return write_graph(graph, output)
 
 
 def _print_summary(graph: Graph, output: Path) -> None:
