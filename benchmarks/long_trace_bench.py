@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_point(args)))
         return 0
     if args.smoke:
-        tokens = args.tokens or [128, 512]
-        budget = "24MiB" if args.budget == parser.get_default("budget") else args.budget
+        tokens = args.tokens or [64, 192]
+        budget = "16MiB" if args.budget == parser.get_default("budget") else args.budget
         name = "long_trace_smoke"
     else:
         tokens = args.tokens or [128, 512, 1024, 2048]

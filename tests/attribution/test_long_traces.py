@@ -248,3 +248,20 @@ def test_device_map_trace_equals_single_device_trace(make_model, tokenizer, tmp_
     assert np.array_equal(np.asarray(sel_a.indices), np.asarray(sel_b.indices))
     assert len(edges_a) > 100
     _assert_same_edges(edges_a, edges_b, rel=1e-12)
+
+
+def test_long_trace_bench_smoke(tmp_path) -> None:
+    """benchmarks/long_trace_bench.py --smoke: the T sweep with and without a budget, table, fit and plot."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "long_trace_smoke.json").read_text())["rows"]
+    assert sorted((r["tokens"], r["budget"] or "") for r in rows) == [(64, ""), (64, "16MiB"), (192, ""), (192, "16MiB")]
+    for r in rows:
+        if r["budget"] and r["working"] is not None:
+            assert r["working"] <= parse_size(r["budget"])
+    assert "grows as T^" in done.stdout and "| T | budget |" in done.stdout
+    png = tmp_path / "long_trace_smoke.png"
+    if png.exists():  # matplotlib is optional
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
