@@ -9,7 +9,9 @@ and an edge |weight| filter; zoom and pan.
 
 ``GraphCatalog`` lists the graphs of one file or of a folder; ``serve_catalog`` serves them on
 localhost with a picker (``circuits view FILE|DIR``). Its routes (see ``_Handler.ROUTES``) include
-circuit-tracer's ``/data/graph-metadata.json`` and ``/graph_data/<slug>.json``.
+circuit-tracer's ``/data/graph-metadata.json`` and ``/graph_data/<slug>.json``. A graph with more
+than ``GraphCatalog.big_edges`` edges is served as a pruned first view, with the neighbourhood of a
+clicked node fetched from ``/neighbourhood/<name>?node=<node_id>`` (:mod:`circuits.viewer.subgraph`).
 """
 
 from __future__ import annotations
