@@ -1,3 +1,16 @@
 """Fixtures for the connectivity / diff / patching tests: tiny float64 models and the offline tokenizer."""
 
 from circuits_attribution.testing_fixtures import *  # noqa: F403
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama (float64) + the offline tokenizer saved as a local checkpoint directory."""
+    from circuits_attribution.testing import build_model, build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_model("llama", seed=11).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path

@@ -254,6 +254,7 @@ class _RunningTopK:
     """Per-row running top-k of a score, carrying extra per-entry columns (merged per block)."""
 
     k: int
+    largest: bool = True
     values: torch.Tensor | None = None
     extras: list[torch.Tensor] = field(default_factory=list)
 
@@ -262,7 +263,7 @@ class _RunningTopK:
             values = torch.cat([self.values, values], dim=1)
             extras = [torch.cat([old, new], dim=1) for old, new in zip(self.extras, extras)]
         k = min(self.k, values.shape[1])
-        top = torch.topk(values, k, dim=1, largest=True, sorted=True)
+        top = torch.topk(values, k, dim=1, largest=self.largest, sorted=True)
         self.values = top.values
         self.extras = [extra.gather(1, top.indices) for extra in extras]
 
@@ -309,7 +310,7 @@ def weight_graph_layer(
             up_rows, gate_rows = w_up[start : start + rows], w_gate[start : start + rows]
             b = up_rows.shape[0]
             exc = _RunningTopK(per_polarity)
-            inh = _RunningTopK(per_polarity)
+            inh = _RunningTopK(per_polarity, largest=False)
             for l0 in range(0, target_layer, group_layers):
                 c0, c1 = l0 * n_f, min(target_layer, l0 + group_layers) * n_f
                 d = down_all[:, c0:c1]  # [D, n] (a view)
@@ -317,11 +318,14 @@ def weight_graph_layer(
                 c_gate = gate_rows @ d  # [B, n]
                 strength = c_up + c_gate
                 source = torch.arange(c0, c1, device=dev).expand(b, -1)
-                excite = torch.where((c_up > 0) & (c_gate > 0), strength, torch.full_like(strength, _NEG_INF))
+                # Excitatory: both > 0 <=> min > 0; inhibitory: both < 0 <=> max < 0 (scalar fills:
+                # no extra full-size tensors; these elementwise passes are memory-bound).
+                excite = torch.where(torch.minimum(c_up, c_gate) > 0, strength, _NEG_INF)
                 exc.merge(*_block_topk(excite, per_polarity, (source, c_up, c_gate)))
-                inhibit = torch.where((c_up < 0) & (c_gate < 0), -strength, torch.full_like(strength, _NEG_INF))
-                inh.merge(*_block_topk(inhibit, per_polarity, (source, c_up, c_gate)))
-                del c_up, c_gate, strength, excite, inhibit
+                del excite
+                inhibit = torch.where(torch.maximum(c_up, c_gate) < 0, strength, -_NEG_INF)
+                inh.merge(*_block_topk(inhibit, per_polarity, (source, c_up, c_gate), largest=False))
+                del c_up, c_gate, strength, inhibit
             for polarity, running in ((EXCITATORY, exc), (INHIBITORY, inh)):
                 valid = torch.isfinite(running.values)
                 rows_idx, _ = valid.nonzero(as_tuple=True)
@@ -343,9 +347,11 @@ def weight_graph_layer(
     return {name: values[order] for name, values in merged.items()}
 
 
-def _block_topk(scores: torch.Tensor, k: int, extras: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _block_topk(
+    scores: torch.Tensor, k: int, extras: Sequence[torch.Tensor], *, largest: bool = True
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     k = min(k, scores.shape[1])
-    top = torch.topk(scores, k, dim=1, largest=True, sorted=False)
+    top = torch.topk(scores, k, dim=1, largest=largest, sorted=False)
     return top.values, [extra.gather(1, top.indices) for extra in extras]
 
 

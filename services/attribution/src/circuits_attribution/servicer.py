@@ -45,3 +45,8 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
         from circuits_attribution.intervene_rpc import handle_intervene
 
         return handle_intervene(self.runner, request, context)
+
+    def Patch(self, request: Any, context: Any) -> Any:
+        from circuits_attribution.patch_rpc import handle_patch
+
+        return handle_patch(self.runner, request, context)

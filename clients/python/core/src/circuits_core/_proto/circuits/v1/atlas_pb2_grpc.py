@@ -60,6 +60,16 @@ class AtlasServiceStub:
                 request_serializer=circuits_dot_v1_dot_atlas__pb2.AtlasStatsRequest.SerializeToString,
                 response_deserializer=circuits_dot_v1_dot_atlas__pb2.AtlasStats.FromString,
                 _registered_method=True)
+        self.GetUnitProjections = channel.unary_unary(
+                '/circuits.v1.AtlasService/GetUnitProjections',
+                request_serializer=circuits_dot_v1_dot_atlas__pb2.GetUnitProjectionsRequest.SerializeToString,
+                response_deserializer=circuits_dot_v1_dot_atlas__pb2.UnitProjections.FromString,
+                _registered_method=True)
+        self.GetWeightEdges = channel.unary_unary(
+                '/circuits.v1.AtlasService/GetWeightEdges',
+                request_serializer=circuits_dot_v1_dot_atlas__pb2.GetWeightEdgesRequest.SerializeToString,
+                response_deserializer=circuits_dot_v1_dot_atlas__pb2.GetWeightEdgesResponse.FromString,
+                _registered_method=True)
 
 
 class AtlasServiceServicer:
@@ -96,6 +106,21 @@ class AtlasServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUnitProjections(self, request, context):
+        """A unit's weight-only token effects (output and input projections); FAILED_PRECONDITION when the
+        atlas was built without a connectivity folder, NOT_FOUND when it has no row for the unit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWeightEdges(self, request, context):
+        """Weight-graph edges entering and/or leaving a unit (c_up, c_gate, polarity, strength).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AtlasServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +148,16 @@ def add_AtlasServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=circuits_dot_v1_dot_atlas__pb2.AtlasStatsRequest.FromString,
                     response_serializer=circuits_dot_v1_dot_atlas__pb2.AtlasStats.SerializeToString,
+            ),
+            'GetUnitProjections': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUnitProjections,
+                    request_deserializer=circuits_dot_v1_dot_atlas__pb2.GetUnitProjectionsRequest.FromString,
+                    response_serializer=circuits_dot_v1_dot_atlas__pb2.UnitProjections.SerializeToString,
+            ),
+            'GetWeightEdges': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWeightEdges,
+                    request_deserializer=circuits_dot_v1_dot_atlas__pb2.GetWeightEdgesRequest.FromString,
+                    response_serializer=circuits_dot_v1_dot_atlas__pb2.GetWeightEdgesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +295,60 @@ class AtlasService:
             '/circuits.v1.AtlasService/Stats',
             circuits_dot_v1_dot_atlas__pb2.AtlasStatsRequest.SerializeToString,
             circuits_dot_v1_dot_atlas__pb2.AtlasStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUnitProjections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/circuits.v1.AtlasService/GetUnitProjections',
+            circuits_dot_v1_dot_atlas__pb2.GetUnitProjectionsRequest.SerializeToString,
+            circuits_dot_v1_dot_atlas__pb2.UnitProjections.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWeightEdges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/circuits.v1.AtlasService/GetWeightEdges',
+            circuits_dot_v1_dot_atlas__pb2.GetWeightEdgesRequest.SerializeToString,
+            circuits_dot_v1_dot_atlas__pb2.GetWeightEdgesResponse.FromString,
             options,
             channel_credentials,
             insecure,
