@@ -20,15 +20,17 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from circuits_core.errors import InvalidArgument
 
 from circuits_atlas.clustering import FullModelClustering, cluster_full_model
+from circuits_atlas.connectivity import EDGE_METHODS, weight_export, write_connectivity_tables
 from circuits_atlas.duck import connect, load_fts
 from circuits_atlas.inputs import export_files, labels_table, read_labels
 
@@ -114,7 +116,7 @@ def _parquet_columns(path: Path) -> set[str]:
 
 def build_atlas(
     *,
-    export_dir: str | Path,
+    export_dir: str | Path | None,
     output_path: str | Path,
     labels_path: str | Path | None = None,
     clustering: ClusterSettings | FullModelClustering | None = ClusterSettings(),
@@ -123,6 +125,8 @@ def build_atlas(
     memory_limit: str | None = None,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
+    connectivity_dir: str | Path | None = None,
+    edge_source: str = "relp",
 ) -> BuildReport:
     """Build ``output_path`` from an aggregator export directory (see :mod:`circuits_atlas.inputs`).
 
@@ -132,14 +136,58 @@ def build_atlas(
     lookups read one row group. Promises: on success the file holds complete tables, indexes,
     the full-text index and metadata; on failure no file is left at ``output_path`` (an existing
     one is left as it was) and the temporary file is removed.
+
+    ``connectivity_dir``: a ``circuits connectivity`` folder whose projections and weight edges
+    become tables (:mod:`circuits_atlas.connectivity`). ``edge_source``: ``relp`` (the export's
+    edges) or ``weight_graph`` / ``output_projection`` (edges from the connectivity folder, every
+    edge counted once, so both edge-count minimums become 1; ``export_dir`` is not needed).
     """
     if min_edge_count < 1:
         raise InvalidArgument(f"min_edge_count must be >= 1, got {min_edge_count}")
-    files = export_files(export_dir)
-    labels = labels_table(read_labels(labels_path)) if labels_path else None
+    if edge_source not in EDGE_METHODS:
+        raise InvalidArgument(f"edge source (aggregation.method) must be one of {', '.join(EDGE_METHODS)}, got {edge_source!r}")
     output = Path(output_path)
     if output.is_dir():
         raise InvalidArgument(f"{output}: is a directory, expected an atlas file path")
+    weights_tmp: Path | None = None
+    if edge_source != "relp":
+        if connectivity_dir is None:
+            raise InvalidArgument(f"aggregation.method {edge_source} builds edges from weights: give the connectivity folder")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        weights_tmp = output.with_name(f".{output.name}.weights-{os.getpid()}")
+        export_dir = weight_export(connectivity_dir, edge_source, weights_tmp)
+        min_edge_count = 1
+        if isinstance(clustering, ClusterSettings):
+            clustering = replace(clustering, min_edge_count=1)
+    elif export_dir is None:
+        raise InvalidArgument("give the aggregator export directory (or a weight-based aggregation.method)")
+    try:
+        return _build_atlas(
+            export_dir=export_dir, output=output, labels_path=labels_path, clustering=clustering,
+            min_edge_count=min_edge_count, model=model, memory_limit=memory_limit, threads=threads,
+            progress=progress, connectivity_dir=connectivity_dir, edge_source=edge_source,
+        )
+    finally:
+        if weights_tmp is not None:
+            shutil.rmtree(weights_tmp, ignore_errors=True)
+
+
+def _build_atlas(
+    *,
+    export_dir: str | Path,
+    output: Path,
+    labels_path: str | Path | None,
+    clustering: ClusterSettings | FullModelClustering | None,
+    min_edge_count: int,
+    model: str,
+    memory_limit: str | None,
+    threads: int | None,
+    progress: Callable[[str], None] | None,
+    connectivity_dir: str | Path | None,
+    edge_source: str,
+) -> BuildReport:
+    files = export_files(export_dir)
+    labels = labels_table(read_labels(labels_path)) if labels_path else None
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.building-{os.getpid()}")
     _remove_database_files(tmp)
@@ -207,6 +255,12 @@ def build_atlas(
             cluster_meta["clustering_codelength"] = clustering.codelength
             done()
 
+        connectivity_meta: dict[str, Any] = {}
+        if connectivity_dir is not None:
+            done = step("connectivity tables")
+            connectivity_meta = write_connectivity_tables(con, connectivity_dir)
+            done()
+
         done = step("indexes")
         for sql in INDEXES:
             con.execute(sql)
@@ -233,9 +287,11 @@ def build_atlas(
             "labeled_neurons": labeled,
             "min_edge_count": min_edge_count,
             "source_graph_count": "" if graph_count is None else graph_count,
-            "export_dir": str(Path(export_dir).resolve()),
+            "export_dir": str(Path(export_dir).resolve()) if edge_source == "relp" else "",
             "labels_path": str(Path(labels_path).resolve()) if labels_path else "",
+            "edge_source": edge_source,
             **cluster_meta,
+            **connectivity_meta,
         }
         timings["total_before_metadata"] = time.perf_counter() - started
         metadata["build_seconds"] = round(timings["total_before_metadata"], 3)

@@ -213,16 +213,7 @@ class ConnectivityFolder:
                         f"{path}: holds connectivity of another model ({key} {old.get(key)!r}, now {getattr(shape, key)!r}); "
                         "use a new output folder"
                     )
-            settings = dict(old.get("settings") or {})
-            for part in spec.parts:
-                wanted = spec.content_settings(part)
-                if part in settings and settings[part] != wanted:
-                    raise FailedPrecondition(
-                        f"{path}: part {part!r} was computed with {settings[part]} and cannot be resumed with {wanted}; "
-                        "use a new output folder"
-                    )
-                settings[part] = wanted
-            folder.manifest["settings"] = settings
+            folder.manifest["settings"] = cls.check_resumable(path, spec)
             folder.save_manifest()
             return folder
         if path.is_dir() and any(p for p in path.iterdir() if not p.name.startswith(".")):
@@ -237,6 +228,28 @@ class ConnectivityFolder:
         folder = cls(path, manifest)
         folder.save_manifest()
         return folder
+
+    @classmethod
+    def check_resumable(cls, path: str | Path, spec: ConnectivitySpec) -> dict[str, Any]:
+        """The folder's settings with ``spec``'s parts added; FailedPrecondition when a part in the
+        folder was computed with other content settings (checked before any model is loaded)."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise InvalidArgument(f"{path}: exists and is not a folder")
+        if not (path / MANIFEST).is_file():
+            if path.is_dir() and any(p for p in path.iterdir() if not p.name.startswith(".")):
+                raise FailedPrecondition(f"{path}: folder is not empty and has no {MANIFEST}; use a new output folder")
+            return {part: spec.content_settings(part) for part in spec.parts}
+        settings = dict(cls.open(path).manifest.get("settings") or {})
+        for part in spec.parts:
+            wanted = spec.content_settings(part)
+            if part in settings and settings[part] != wanted:
+                raise FailedPrecondition(
+                    f"{path}: part {part!r} was computed with {settings[part]} and cannot be resumed with {wanted}; "
+                    "use a new output folder"
+                )
+            settings[part] = wanted
+        return settings
 
     def save_manifest(self) -> None:
         _atomic_write_bytes(self.path / MANIFEST, (json.dumps(self.manifest, indent=2, sort_keys=True) + "\n").encode())
