@@ -16,7 +16,8 @@ import pytest
 from circuits.cli import main as cli_main
 from circuits_atlas import CircuitDatabase, ClusterSettings, build_atlas, cluster_full_model
 from circuits_attribution.connectivity import compute_connectivity
-from circuits_core.connectivity import PARTS, ConnectivityFolder, ConnectivitySpec
+from circuits_core.connectivity import PARTS, ConnectivitySpec
+from circuits_core.connectivity_files import ConnectivityFolder
 from circuits_core.errors import FailedPrecondition, InvalidArgument, NotFound
 
 

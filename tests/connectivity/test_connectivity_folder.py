@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from circuits_attribution.connectivity import compute_connectivity
-from circuits_core.connectivity import PARTS, ConnectivityFolder, ConnectivitySpec
+from circuits_core.connectivity import PARTS, ConnectivitySpec
+from circuits_core.connectivity_files import ConnectivityFolder
 from circuits_core.errors import CorruptInput, FailedPrecondition, InvalidArgument, NotFound
 from circuits_core.projections import OutputProjections
 

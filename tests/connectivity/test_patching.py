@@ -220,3 +220,36 @@ def test_patch_rpc_matches_in_process(patch_server, setup):
         with pytest.raises(grpc.RpcError) as info:
             stub.Patch(attribution_pb2.PatchRequest(clean_prompt="", corrupt_prompt="x"), timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_cli(tiny_model_dir, tokenizer, make_attributor, tmp_path, capsys):
+    import json
+
+    from circuits.cli import main as cli_main
+
+    common = ["patch", "--model", str(tiny_model_dir), "--dtype", "float64", "--raw", "--clean", CLEAN, "--corrupt", CORRUPT]
+    out = tmp_path / "patch.json"
+    assert cli_main([*common, "--target-tokens", *TARGETS, "--top", "6", "--json", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "metric m = logit('paris') - logit('london')" in shown and "rank correlation" in shown
+    data = json.loads(out.read_text())
+    assert len(data["neurons"]) == 6 and data["positive_token"] == "paris"
+    graph_path = make_attributor("llama", tau=0.0).trace(CLEAN).save(tmp_path / "clean.json")
+    assert cli_main([*common, "--target-tokens", *TARGETS, "--graph", str(graph_path), "--top", "4", "--show", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert "4 neurons patched" in shown and "2 more" in shown
+    other_graph = make_attributor("llama", tau=0.0).trace(CORRUPT).save(tmp_path / "corrupt.json")
+    for argv, message in (
+        ([*common, "--graph", str(other_graph)], "not the --clean prompt"),
+        ([*common, "--graph", str(graph_path), "--neurons", "1:2"], "cannot be combined"),
+        ([*common, "--neurons", "1:x"], "expected LAYER:INDEX"),
+        ([*common, "--top", "0"], "--top"),
+        ([*common, "--graph", str(tmp_path / "missing.json")], "no such file"),
+        (["patch", "--model", str(tiny_model_dir), "--raw", "--clean", CLEAN, "--corrupt", "the big red city is here now",
+          "--target-tokens", *TARGETS], "same length"),
+        (["patch", "--model", str(tiny_model_dir), "--raw", "--clean", CLEAN, "--corrupt", CORRUPT, "--neurons", "7:1"],
+         "out of range"),
+    ):
+        assert cli_main(argv) == 2, argv
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading weights")]
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

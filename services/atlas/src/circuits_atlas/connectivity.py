@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from circuits_core.connectivity import ConnectivityFolder
+from circuits_core.connectivity_files import ConnectivityFolder
 from circuits_core.errors import FailedPrecondition, InvalidArgument
 
 #: aggregation.method values that build the atlas edges from weights.
@@ -185,7 +185,7 @@ def projections_query() -> str:
 
 
 def _tokens(ids: Any, tokens: Any, weights: Any) -> tuple[Any, ...]:
-    from circuits_core.projections import TokenWeight
+    from circuits_core.connectivity import TokenWeight
 
     if ids is None:
         return ()

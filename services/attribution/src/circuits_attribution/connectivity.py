@@ -38,13 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from circuits_core.connectivity import (
-    EXCITATORY,
-    INHIBITORY,
-    ConnectivityFolder,
-    ConnectivitySpec,
-    ModelShape,
-)
+from circuits_core.connectivity import EXCITATORY, INHIBITORY, ConnectivitySpec, ModelShape
+from circuits_core.connectivity_files import ConnectivityFolder
 from circuits_core.errors import InvalidArgument
 
 from circuits_attribution.linearize import decoder_layers

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from circuits_core.errors import InvalidArgument
+from circuits_core.tracing import MAX_PROMPT_CHARS
 
 #: Neurons patched when none are named: the top this-many by |RelP| of the clean prompt.
 DEFAULT_TOP = 50
@@ -86,6 +87,8 @@ class PatchRequest:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise InvalidArgument(f"{name} prompt is empty")
+            if len(value) > MAX_PROMPT_CHARS:
+                raise InvalidArgument(f"{name} prompt is {len(value)} characters, more than the limit of {MAX_PROMPT_CHARS}")
         object.__setattr__(self, "neurons", tuple(self.neurons))
         for item in self.neurons:
             if not isinstance(item, PatchNeuron):

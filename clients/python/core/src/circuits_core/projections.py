@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from circuits_core.connectivity import TokenWeight
 from circuits_core.errors import CorruptInput, NotFound
 
 SCHEMA_VERSION = 1
@@ -29,15 +30,6 @@ PROJECTION_COLUMNS = (
     "layer", "neuron", "output_norm", "logit_effect",
     "promote_ids", "promote_tokens", "promote_weights", "suppress_ids", "suppress_tokens", "suppress_weights",
 )  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TokenWeight:
-    """One vocabulary entry of a projection: its id, printable string and weight."""
-
-    token_id: int
-    token: str
-    weight: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -643,7 +643,7 @@ def _token_weights_to_proto(items: Iterable[Any], out: Any) -> None:
 
 
 def _token_weights_from_proto(items: Iterable[Any]) -> tuple[Any, ...]:
-    from circuits_core.projections import TokenWeight
+    from circuits_core.connectivity import TokenWeight
 
     return tuple(TokenWeight(token_id=t.token_id, token=t.token, weight=t.weight) for t in items)
 

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         if part not in PARTS:
             raise InvalidArgument(f"--parts: unknown part {part!r} (choose from {', '.join(PARTS)})")
     spec = ConnectivitySpec(**spec_values(args, ConnectivitySpec, SPEC_FLAGS))
-    from circuits_core.connectivity import ConnectivityFolder
+    from circuits_core.connectivity_files import ConnectivityFolder
 
     ConnectivityFolder.check_resumable(args.output, spec)  # fail before loading the model
     if args.device.startswith("cuda"):
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 def format_top_tokens(folder, count: int, *, tokens: int = 8) -> str:
     """The top promoted tokens of the ``count`` last-layer neurons with the largest logit effect."""
-    from circuits_core.connectivity import ConnectivityFolder
+    from circuits_core.connectivity_files import ConnectivityFolder
 
     table = ConnectivityFolder.open(folder).output_projections()
     last = max(table.column("layer").to_pylist())
