@@ -23,7 +23,16 @@ from circuits_core.errors import InvalidArgument
 SPEC_FLAGS = ("parts", "top_k", "edges_per_polarity", "similarity_k", "final_norm", "neuron_block", "block_memory_mb", "dtype")
 
 
+EXAMPLES = """examples:
+  circuits connectivity --model HuggingFaceTB/SmolLM2-135M-Instruct --output connectivity/
+  circuits connectivity --output connectivity/ --parts similarity          # add a part to the same folder
+  circuits build-db --connectivity connectivity/ --edges-from weight_graph --output weights.duckdb
+files and formulas: docs/connectivity.md"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default=SMALL_MODEL, help="hub id or local checkpoint directory (default: %(default)s)")
     parser.add_argument("--output", "-o", required=True, metavar="DIR",
                         help="output folder (created; an existing one from the same model and settings is resumed)")

@@ -19,7 +19,18 @@ from pathlib import Path
 from circuits_core.errors import InvalidArgument
 
 
+EXAMPLES = """examples:
+  circuits graph "The capital of France is" --raw --slug france
+  circuits graph "The capital of Germany is" --raw --slug germany
+  circuits diff graphs/france.json graphs/germany.json --json diff.json --graph diff-graph.json
+  circuits view diff-graph.json
+values are RelP / |m| of each graph; positions aligned by token when both prompts have the same
+number of tokens, otherwise by neuron only (docs/connectivity.md)"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("graph_a", metavar="A", help="first graph file (.json, .json.gz, .pb, .pb.gz)")
     parser.add_argument("graph_b", metavar="B", help="second graph file")
     parser.add_argument("--top", type=int, default=15, help="rows shown per table (default: %(default)s)")

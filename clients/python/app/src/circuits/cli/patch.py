@@ -28,7 +28,18 @@ from circuits_core.errors import InvalidArgument
 from circuits_core.patching import DEFAULT_TOP, PatchRequest
 
 
+EXAMPLES = """examples:
+  circuits patch --raw --clean "The capital of France is" --corrupt "The capital of Germany is"
+  circuits patch --raw --clean "The capital of France is" --corrupt "The capital of Germany is" \\
+      --graph graphs/france.json --top 50 --json patch.json
+  circuits patch --raw --clean ... --corrupt ... --neurons 29:1042:-1 25:1120 --target-tokens " Paris" " Berlin"
+noising = m(clean run, neuron from corrupt) - m(clean); denoising = m(corrupt run, neuron from clean) - m(corrupt);
+predicted = RelP first-order estimate of noising (docs/connectivity.md)"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     docs = field_docs(PatchRequest)
     parser.add_argument("--clean", required=True, help=docs["clean"])
     parser.add_argument("--corrupt", required=True, help=docs["corrupt"])
