@@ -242,6 +242,7 @@ def test_cli(tiny_model_dir, tokenizer, make_attributor, tmp_path, capsys):
     for argv, message in (
         ([*common, "--graph", str(other_graph)], "not the --clean prompt"),
         ([*common, "--graph", str(graph_path), "--neurons", "1:2"], "cannot be combined"),
+        ([c for c in common if c != "--raw"] + ["--graph", str(graph_path)], "traced with --raw"),
         ([*common, "--neurons", "1:x"], "expected LAYER:INDEX"),
         ([*common, "--top", "0"], "--top"),
         ([*common, "--graph", str(tmp_path / "missing.json")], "no such file"),

@@ -384,10 +384,12 @@ def projection_embedding(
         # A tiny ridge keeps the factorization defined if W_U is rank-deficient (tiny vocabularies).
         ridge = 1e-12 * torch.trace(gram) / gram.shape[0]
         factor = torch.linalg.cholesky(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=dev))  # L Lᵀ
-        down = stacked_down_projections(model, device=dev, dtype=torch.float64)  # [D, N]
-        z = (factor.T @ down).T  # [N, D]: ‖z_i‖² = w_iᵀ G w_i = ‖o_i‖²
-        z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-30)
-        return z.to(dt)
+        parts = []
+        for layer in _layers(model):  # one layer at a time in float64, stored in the compute dtype
+            down = layer.mlp.down_proj.weight.detach().to(device=dev, dtype=torch.float64)  # [D, F]
+            z = (factor.T @ down).T  # [F, D]: ‖z_i‖² = w_iᵀ G w_i = ‖o_i‖²
+            parts.append((z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-30)).to(dt))
+        return torch.cat(parts)
 
 
 def similarity_layer(

@@ -61,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="remote call timeout in seconds (default: %(default)s)")
 
 
-def neurons_from_graph(path: str, clean: str, top: int):
-    """The graph's top ``top`` neurons by |attribution| (at their positions); its prompt must be ``clean``."""
+def neurons_from_graph(path: str, clean: str, top: int, *, raw: bool = False, answer_prefix: str = ""):
+    """The graph's top ``top`` neurons by |attribution| (at their positions); its prompt must be
+    ``clean``, encoded the same way (raw / answer prefix) so the positions mean the same tokens."""
     from circuits_core.graphio import read_graph
     from circuits_core.patching import PatchNeuron
 
@@ -71,6 +72,12 @@ def neurons_from_graph(path: str, clean: str, top: int):
     graph = read_graph(path)
     if graph.prompt.strip() != clean.strip():
         raise InvalidArgument(f"--graph {path} was traced for {graph.prompt!r}, not the --clean prompt {clean!r}")
+    settings = dict(graph.metadata.extra.get("generation_settings") or {})
+    if "raw" in settings and bool(settings["raw"]) != raw:
+        flag = "with --raw" if settings["raw"] else "without --raw"
+        raise InvalidArgument(f"--graph {path} was traced {flag}; patch the same way so its token positions match")
+    if str(settings.get("answer_prefix") or "") != answer_prefix:
+        raise InvalidArgument(f"--graph {path} was traced with answer prefix {settings.get('answer_prefix')!r}; pass the same --answer-prefix")
     neurons = sorted(graph.neurons, key=lambda u: (-abs(u.attribution or 0.0), u.layer, u.index, u.position or 0))
     if not neurons:
         raise InvalidArgument(f"--graph {path} has no neurons to patch")
@@ -127,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if args.neurons:
         neurons = tuple(parse_patch_neuron(spec) for spec in args.neurons)
     elif args.graph:
-        neurons = neurons_from_graph(args.graph, args.clean, args.top)
+        neurons = neurons_from_graph(args.graph, args.clean, args.top, raw=args.raw, answer_prefix=args.answer_prefix)
     request = PatchRequest(
         clean=args.clean, corrupt=args.corrupt, neurons=neurons, top=args.top,
         target_tokens=tuple(args.target_tokens or ()), raw=args.raw, answer_prefix=args.answer_prefix,
