@@ -173,6 +173,10 @@ def test_bad_input(setup):
         PatchRequest(clean=" ", corrupt=CORRUPT)
     with pytest.raises(InvalidArgument, match="top"):
         PatchRequest(clean=CLEAN, corrupt=CORRUPT, top=0)
+    with pytest.raises(InvalidArgument, match="top"):
+        PatchRequest(clean=CLEAN, corrupt=CORRUPT, top=2**31 - 1)
+    with pytest.raises(InvalidArgument, match="limit"):
+        PatchRequest(clean=CLEAN, corrupt=CORRUPT, neurons=tuple(PatchNeuron(layer=0, index=i) for i in range(2001)))
     with pytest.raises(InvalidArgument, match="twice"):
         PatchRequest(clean=CLEAN, corrupt=CORRUPT, neurons=(PatchNeuron(layer=1, index=2),) * 2)
     assert parse_patch_neuron("12:345:-1") == PatchNeuron(layer=12, index=345, position=-1)

@@ -29,6 +29,8 @@ from circuits_core.tracing import MAX_PROMPT_CHARS
 
 #: Neurons patched when none are named: the top this-many by |RelP| of the clean prompt.
 DEFAULT_TOP = 50
+#: Most neurons one request may patch (each costs two forwards); more is INVALID_ARGUMENT.
+MAX_PATCH_NEURONS = 2000
 _NEURON = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*(?::\s*(-?\d+)\s*)?$")
 
 
@@ -95,8 +97,10 @@ class PatchRequest:
                 raise InvalidArgument(f"expected PatchNeuron items, got {type(item).__name__}")
         if len(set(self.neurons)) != len(self.neurons):
             raise InvalidArgument("a neuron is named twice")
-        if isinstance(self.top, bool) or not isinstance(self.top, int) or self.top < 1:
-            raise InvalidArgument(f"top must be an integer >= 1, got {self.top!r}")
+        if isinstance(self.top, bool) or not isinstance(self.top, int) or not 1 <= self.top <= MAX_PATCH_NEURONS:
+            raise InvalidArgument(f"top must be an integer in [1, {MAX_PATCH_NEURONS}], got {self.top!r}")
+        if len(self.neurons) > MAX_PATCH_NEURONS:
+            raise InvalidArgument(f"{len(self.neurons)} neurons named, more than the limit of {MAX_PATCH_NEURONS} per request")
         tokens = (self.target_tokens,) if isinstance(self.target_tokens, str) else tuple(self.target_tokens)
         if len(tokens) > 2 or any(not isinstance(t, str) or not t for t in tokens):
             raise InvalidArgument("target_tokens takes one or two non-empty tokens: A [B]")
