@@ -2,7 +2,7 @@
 
     circuits graph "The capital of France is" --slug france
     circuits graph "The capital of Germany is" --slug germany
-    circuits diff graphs/france.json graphs/germany.json --json diff.json --graph diff-graph.json
+    circuits diff graphs/relp-france.json graphs/relp-germany.json --json diff.json --graph diff-graph.json
 
 Prints neurons and edges only in A (lost), only in B (gained) and in both, ranked by |change| of
 RelP divided by each graph's |metric|. Positions are aligned by token when both prompts have the
@@ -22,7 +22,7 @@ from circuits_core.errors import InvalidArgument
 EXAMPLES = """examples:
   circuits graph "The capital of France is" --raw --slug france
   circuits graph "The capital of Germany is" --raw --slug germany
-  circuits diff graphs/france.json graphs/germany.json --json diff.json --graph diff-graph.json
+  circuits diff graphs/relp-france.json graphs/relp-germany.json --json diff.json --graph diff-graph.json
   circuits view diff-graph.json
 values are RelP / |m| of each graph; positions aligned by token when both prompts have the same
 number of tokens, otherwise by neuron only (docs/connectivity.md)"""

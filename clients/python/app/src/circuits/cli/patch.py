@@ -1,7 +1,7 @@
 """`circuits patch --clean PROMPT --corrupt PROMPT`: activation patching with RelP's prediction beside it.
 
     circuits patch --clean "The capital of France is" --corrupt "The capital of Germany is"
-    circuits patch --clean ... --corrupt ... --graph graphs/france.json --top 20
+    circuits patch --clean ... --corrupt ... --graph graphs/relp-france.json --top 20
     circuits patch --clean ... --corrupt ... --neurons 12:345 20:7:-1 --target-tokens " Paris" " Berlin"
 
 Runs both prompts; for each neuron (and for the whole set) replaces its activation in one run by
@@ -31,7 +31,7 @@ from circuits_core.patching import DEFAULT_TOP, PatchRequest
 EXAMPLES = """examples:
   circuits patch --raw --clean "The capital of France is" --corrupt "The capital of Germany is"
   circuits patch --raw --clean "The capital of France is" --corrupt "The capital of Germany is" \\
-      --graph graphs/france.json --top 50 --json patch.json
+      --graph graphs/relp-france.json --top 50 --json patch.json
   circuits patch --raw --clean ... --corrupt ... --neurons 29:1042:-1 25:1120 --target-tokens " Paris" " Berlin"
 noising = m(clean run, neuron from corrupt) - m(clean); denoising = m(corrupt run, neuron from clean) - m(corrupt);
 predicted = RelP first-order estimate of noising (docs/connectivity.md)"""
