@@ -136,12 +136,14 @@ class GraphDiff:
             self.normalisation_note(),
             f"neurons: {n['lost']} only in A (lost), {n['gained']} only in B (gained), {n['changed']} in both",
             f"edges:   {e['lost']} only in A (lost), {e['gained']} only in B (gained), {e['changed']} in both",
-            "",
-            f"top {min(top, len(self.units))} nodes by |change|:",
-            f"  {'node':<28} {'status':<8} {'A':>9} {'B':>9} {'change':>9}",
         ]
-        for u in self.units[:top]:
-            lines.append(f"  {u.name[:28]:<28} {u.status:<8} {u.a:>9.4f} {u.b:>9.4f} {u.change:>+9.4f}")
+        neurons = [u for u in self.units if u.kind == "neuron"]
+        tokens = [u for u in self.units if u.kind != "neuron"]
+        for title, rows in ((f"top {min(top, len(neurons))} neurons by |change|:", neurons[:top]),
+                            (f"top {min(top, len(tokens))} embeddings and logits by |change|:", tokens[:top])):
+            lines += ["", title, f"  {'node':<28} {'status':<8} {'A':>9} {'B':>9} {'change':>9}"]
+            for u in rows:
+                lines.append(f"  {u.name[:28]:<28} {u.status:<8} {u.a:>9.4f} {u.b:>9.4f} {u.change:>+9.4f}")
         by_key = {_key_of(u): u for u in self.units}
         lines += ["", f"top {min(top, len(self.edges))} edges by |change|:"]
         for edge in self.edges[:top]:
