@@ -139,6 +139,25 @@ def test_default_neurons_are_the_top_relp_and_batched_runs_equal_single_runs(set
         assert value == pytest.approx(single, abs=1e-10)
         assert effect.noising == pytest.approx(single, abs=1e-10)
     assert -1.0 <= result.rank_correlation <= 1.0
+    # default neurons start at the first differing token; all of them enter the correlation
+    assert result.first_difference == 4 and all(e.position >= 4 for e in result.neurons)
+    assert result.compared == 12
+    assert result.rank_correlation == pytest.approx(
+        rank_correlation([e.predicted for e in result.neurons], [e.noising for e in result.neurons]))
+
+
+def test_neurons_before_the_first_difference_change_nothing_and_are_not_compared(setup):
+    _, patcher = setup
+    early = tuple(PatchNeuron(layer=l, index=i, position=p) for l, i, p in ((0, 3, 1), (2, 8, 3), (3, 1, 0)))
+    late = tuple(PatchNeuron(layer=l, index=i, position=p) for l, i, p in ((1, 5, 4), (2, 9, 5), (3, 2, 5), (0, 7, 4)))
+    result = patcher.run(PatchRequest(clean=CLEAN, corrupt=CORRUPT, neurons=early + late, target_tokens=TARGETS, raw=True))
+    assert result.compared == 4
+    for effect in result.neurons[:3]:
+        assert effect.noising == 0.0 and effect.denoising == 0.0 and effect.predicted == 0.0
+        assert effect.clean_activation == effect.corrupt_activation
+    late_only = result.neurons[3:]
+    assert result.rank_correlation == pytest.approx(
+        rank_correlation([e.predicted for e in late_only], [e.noising for e in late_only]))
 
 
 def test_rank_correlation():
@@ -164,9 +183,13 @@ def test_bad_input(setup):
         patcher.run(PatchRequest(clean=CLEAN, corrupt=CORRUPT, target_tokens=("paris", "paris"), raw=True))
     with pytest.raises(InvalidArgument, match="not a single token"):
         patcher.run(PatchRequest(clean=CLEAN, corrupt=CORRUPT, target_tokens=("paris london",), raw=True))
-    same = PatchRequest(clean=CLEAN, corrupt=CLEAN, raw=True)
-    with pytest.raises(InvalidArgument, match="--target-tokens"):
-        patcher.run(same)
+    with pytest.raises(InvalidArgument, match="nothing to patch"):
+        patcher.run(PatchRequest(clean=CLEAN, corrupt=CLEAN, raw=True))
+    logits = torch.zeros(97, dtype=torch.float64)
+    logits[9] = 1.0
+    request = PatchRequest(clean=CLEAN, corrupt=CORRUPT, raw=True)
+    with pytest.raises(InvalidArgument, match="--target-tokens"):  # both prompts predict the same token
+        patcher._metric_tokens(patcher._attributor(request), request, logits, logits.clone())
     with pytest.raises(InvalidArgument, match="expected LAYER:INDEX"):
         parse_patch_neuron("3-4")
     with pytest.raises(InvalidArgument, match="empty"):

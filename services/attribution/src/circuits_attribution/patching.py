@@ -213,6 +213,10 @@ class Patcher:
                 "patching needs prompts of the same length (e.g. swap one single-token word)"
             )
         T = len(clean_ids)
+        differing = [p for p in range(T) if clean_ids[p] != corrupt_ids[p]]
+        if not differing:
+            raise InvalidArgument("clean and corrupt prompts tokenize to the same tokens; there is nothing to patch")
+        first_difference = differing[0]
         clean_acts, clean_logits = capture_activations(self.model, clean_ids)
         corrupt_acts, corrupt_logits = capture_activations(self.model, corrupt_ids)
         positive, negative = self._metric_tokens(attributor, request, clean_logits, corrupt_logits)
@@ -232,7 +236,13 @@ class Patcher:
         grad = torch.where(relp_acts != 0, scores / torch.where(relp_acts != 0, relp_acts, torch.ones_like(relp_acts)),
                            torch.zeros_like(scores))
 
-        neurons = list(request.neurons) or self.top_neurons(scores, request.top)
+        if request.neurons:
+            neurons = list(request.neurons)
+        else:
+            # Before the first differing token both runs are identical: nothing to patch there.
+            candidates = scores.clone()
+            candidates[:, :first_difference, :] = 0
+            neurons = self.top_neurons(candidates, request.top)
         resolved = self._resolve_neurons(neurons, T)
         set_noise: list[NeuronIntervention] = []
         set_denoise: list[NeuronIntervention] = []
@@ -264,8 +274,10 @@ class Patcher:
             ))
         set_noising = self._run_metric(clean_ids, _dedupe(set_noise), positive, negative) - clean_metric if effects else 0.0
         set_denoising = self._run_metric(corrupt_ids, _dedupe(set_denoise), positive, negative) - corrupt_metric if effects else 0.0
-        predicted_list = [e.predicted for e in effects]
-        noising_list = [e.noising for e in effects]
+        differs = [bool((clean_acts[item.layer, list(positions), item.index]
+                         != corrupt_acts[item.layer, list(positions), item.index]).any()) for item, positions in resolved]
+        predicted_list = [e.predicted for e, d in zip(effects, differs) if d]
+        noising_list = [e.noising for e, d in zip(effects, differs) if d]
         pos_text = decode([positive])
         neg_text = decode([negative]) if negative >= 0 else ""
         metric = f"logit({pos_text!r}) - logit({neg_text!r})" if negative >= 0 else f"logit({pos_text!r})"
@@ -280,6 +292,8 @@ class Patcher:
             set_noising=set_noising, set_denoising=set_denoising, set_predicted=set_predicted,
             rank_correlation=rank_correlation(predicted_list, noising_list),
             magnitude_rank_correlation=rank_correlation([abs(v) for v in predicted_list], [abs(v) for v in noising_list]),
+            compared=len(predicted_list),
+            first_difference=first_difference,
         )
 
 

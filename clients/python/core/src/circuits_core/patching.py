@@ -73,7 +73,8 @@ class PatchRequest:
     clean: str
     #: The corrupt prompt (same number of tokens; its top answer is the negative token).
     corrupt: str
-    #: Neurons to patch (L:N[:POS]); empty = the top neurons by |RelP| of the clean prompt.
+    #: Neurons to patch (L:N[:POS]); empty = the top neurons by |RelP| of the clean prompt at the
+    #: positions where the prompts differ and after.
     neurons: tuple[PatchNeuron, ...] = ()
     #: How many top neurons to patch when none are named.
     top: int = DEFAULT_TOP
@@ -148,10 +149,16 @@ class PatchResult:
     set_noising: float
     set_denoising: float
     set_predicted: float
-    #: Spearman correlation of predicted and real noising effects over the neurons.
+    #: Spearman correlation of predicted and real noising effects over the compared neurons.
     rank_correlation: float
-    #: Spearman correlation of |predicted| and |real| noising effects.
+    #: Spearman correlation of |predicted| and |real| noising effects over the compared neurons.
     magnitude_rank_correlation: float
+    #: Neurons in the correlations: those whose activation differs between the two prompts (a
+    #: neuron before the first differing token has the same value in both runs; patching it
+    #: changes nothing and predicts nothing).
+    compared: int = 0
+    #: First token position where the two prompts differ.
+    first_difference: int = 0
 
 
 def _ranks(values: Sequence[float]) -> list[float]:

@@ -725,6 +725,7 @@ def patch_request_from_proto(msg: Any) -> Any:
 _PATCH_SCALARS = (
     "metric", "positive_token", "positive_token_id", "negative_token", "negative_token_id", "clean_metric",
     "corrupt_metric", "set_noising", "set_denoising", "set_predicted", "rank_correlation", "magnitude_rank_correlation",
+    "compared", "first_difference",
 )
 _EFFECT_SCALARS = ("layer", "index", "clean_activation", "corrupt_activation", "relp", "predicted", "noising", "denoising")
 

@@ -115,9 +115,14 @@ def format_result(result, *, show: int) -> str:
         f"denoising {result.set_denoising:+.3f}"
     )
     lines.append(
-        f"rank correlation (Spearman) of predicted vs measured noising: {result.rank_correlation:.3f}; "
+        f"rank correlation (Spearman) of predicted vs measured noising over the {result.compared} neurons whose "
+        f"activation differs between the prompts: {result.rank_correlation:.3f}; "
         f"of |predicted| vs |measured|: {result.magnitude_rank_correlation:.3f}"
     )
+    unchanged = len(result.neurons) - result.compared
+    if unchanged:
+        lines.append(f"({unchanged} neurons have the same activation in both prompts -- positions before the first "
+                     f"differing token {result.first_difference} -- so patching them changes nothing)")
     return "\n".join(lines)
 
 

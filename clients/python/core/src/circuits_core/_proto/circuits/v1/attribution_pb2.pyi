@@ -193,7 +193,7 @@ class NeuronPatchEffect(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., index: _Optional[int] = ..., position: _Optional[int] = ..., clean_activation: _Optional[float] = ..., corrupt_activation: _Optional[float] = ..., relp: _Optional[float] = ..., predicted: _Optional[float] = ..., noising: _Optional[float] = ..., denoising: _Optional[float] = ...) -> None: ...
 
 class PatchResponse(_message.Message):
-    __slots__ = ("clean_tokens", "corrupt_tokens", "metric", "positive_token", "positive_token_id", "negative_token", "negative_token_id", "clean_metric", "corrupt_metric", "neurons", "set_noising", "set_denoising", "set_predicted", "rank_correlation", "magnitude_rank_correlation")
+    __slots__ = ("clean_tokens", "corrupt_tokens", "metric", "positive_token", "positive_token_id", "negative_token", "negative_token_id", "clean_metric", "corrupt_metric", "neurons", "set_noising", "set_denoising", "set_predicted", "rank_correlation", "magnitude_rank_correlation", "compared", "first_difference")
     CLEAN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CORRUPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,8 @@ class PatchResponse(_message.Message):
     SET_PREDICTED_FIELD_NUMBER: _ClassVar[int]
     RANK_CORRELATION_FIELD_NUMBER: _ClassVar[int]
     MAGNITUDE_RANK_CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
     clean_tokens: _containers.RepeatedScalarFieldContainer[str]
     corrupt_tokens: _containers.RepeatedScalarFieldContainer[str]
     metric: str
@@ -224,4 +226,6 @@ class PatchResponse(_message.Message):
     set_predicted: float
     rank_correlation: float
     magnitude_rank_correlation: float
-    def __init__(self, clean_tokens: _Optional[_Iterable[str]] = ..., corrupt_tokens: _Optional[_Iterable[str]] = ..., metric: _Optional[str] = ..., positive_token: _Optional[str] = ..., positive_token_id: _Optional[int] = ..., negative_token: _Optional[str] = ..., negative_token_id: _Optional[int] = ..., clean_metric: _Optional[float] = ..., corrupt_metric: _Optional[float] = ..., neurons: _Optional[_Iterable[_Union[NeuronPatchEffect, _Mapping]]] = ..., set_noising: _Optional[float] = ..., set_denoising: _Optional[float] = ..., set_predicted: _Optional[float] = ..., rank_correlation: _Optional[float] = ..., magnitude_rank_correlation: _Optional[float] = ...) -> None: ...
+    compared: int
+    first_difference: int
+    def __init__(self, clean_tokens: _Optional[_Iterable[str]] = ..., corrupt_tokens: _Optional[_Iterable[str]] = ..., metric: _Optional[str] = ..., positive_token: _Optional[str] = ..., positive_token_id: _Optional[int] = ..., negative_token: _Optional[str] = ..., negative_token_id: _Optional[int] = ..., clean_metric: _Optional[float] = ..., corrupt_metric: _Optional[float] = ..., neurons: _Optional[_Iterable[_Union[NeuronPatchEffect, _Mapping]]] = ..., set_noising: _Optional[float] = ..., set_denoising: _Optional[float] = ..., set_predicted: _Optional[float] = ..., rank_correlation: _Optional[float] = ..., magnitude_rank_correlation: _Optional[float] = ..., compared: _Optional[int] = ..., first_difference: _Optional[int] = ...) -> None: ...
