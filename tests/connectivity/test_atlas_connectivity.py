@@ -166,7 +166,7 @@ def test_atlas_without_connectivity_says_so(tmp_path):
             db.get_weight_edges(1, 2)
 
 
-def test_rpcs_through_a_real_server(relp_atlas, tmp_path):
+def test_rpcs_through_a_real_server(relp_atlas, tmp_path, capsys):
     import grpc
 
     from circuits_atlas.server import AtlasSettings, build_server
@@ -186,6 +186,7 @@ def test_rpcs_through_a_real_server(relp_atlas, tmp_path):
                 client.get_unit_projections(9, 9)
             with pytest.raises(InvalidArgument):
                 client.get_weight_edges(2, 7, polarity=5)
+        assert cli_main(["query", "--remote", server.address, "--unit", "L2/N7", "--json"]) == 0
         with grpc.insecure_channel(server.address) as channel:
             stub = atlas_pb2_grpc.AtlasServiceStub(channel)
             with pytest.raises(grpc.RpcError) as info:
@@ -193,6 +194,9 @@ def test_rpcs_through_a_real_server(relp_atlas, tmp_path):
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         server.stop(grace=1)
+    shown = json.loads(capsys.readouterr().out)
+    with CircuitDatabase(relp_atlas) as db:
+        assert [t["token_id"] for t in shown["projections"]["promotes"]] == [t.token_id for t in db.get_unit_projections(2, 7).promotes]
     plain = tmp_path / "plain.duckdb"
     build_atlas(export_dir=tiny_export(tmp_path / "export"), output_path=plain, clustering=None, min_edge_count=1)
     server = build_server(AtlasSettings(duckdb_path=str(plain), server=ServerSettings(port=0))).start()

@@ -96,13 +96,20 @@ def run_unit(args: argparse.Namespace) -> int:
             raise InvalidArgument("give the atlas file with --unit (or --remote HOST:PORT)")
         source = _Local(args.args[0])
     try:
-        unit = source.unit(layer, index)
+        unit, why_unit = _optional(lambda: source.unit(layer, index))
         limit = (min(args.limit, 10) if not args.json else args.limit) or 10
         projections, why_proj = _optional(lambda: source.projections(layer, index))
         weights, why_weights = _optional(lambda: source.weight_edges(layer, index, limit))
         edges = source.edges(layer, index, limit)
     finally:
         source.close()
+    if unit is None:
+        # Not among the atlas's neurons (never in a graph) but the weights may still know it.
+        if projections is None and not weights and not edges:
+            raise NotFound(why_unit or f"unit L{layer}/N{index} is not in the atlas")
+        from circuits_core.schemas import Unit
+
+        unit = Unit(layer=layer, index=index)
     if args.json:
         print(json.dumps(_jsonable({
             "unit_id": unit.unit_id, "layer": layer, "neuron": index, "label": unit.label,
