@@ -54,6 +54,8 @@ class UnitChange:
     token_a: str = ""
     token_b: str = ""
     label: str = ""
+    #: Logits: the token's probability in B (in A when only A has it).
+    probability: float | None = None
 
     @property
     def name(self) -> str:
@@ -171,7 +173,8 @@ class GraphDiff:
             "counts": self.counts(),
             "units": [
                 {"kind": u.kind, "layer": u.layer, "index": u.index, "position": u.position, "status": u.status,
-                 "a": u.a, "b": u.b, "change": u.change, "token_a": u.token_a, "token_b": u.token_b, "label": u.label}
+                 "a": u.a, "b": u.b, "change": u.change, "token_a": u.token_a, "token_b": u.token_b, "label": u.label,
+                 "probability": u.probability}
                 for u in self.units
             ],
             "edges": [
@@ -237,7 +240,7 @@ class GraphDiff:
                 layer=layer, index=u.index, position=position, kind=u.kind,  # type: ignore[arg-type]
                 attribution=u.change, activation=None, token=u.token_b or u.token_a,
                 label=f"{u.status}: A {u.a:+.4f} -> B {u.b:+.4f}" if u.kind == "neuron" else "",
-                probability=None,
+                probability=u.probability,
             )
             units.append(unit)
             node_keys[_key_of(u)] = unit.node_key
@@ -302,6 +305,7 @@ class _Node:
     value: float = 0.0
     token: str = ""
     label: str = ""
+    probability: float | None = None
 
 
 def _graph_model(graph: Graph) -> str:
@@ -328,7 +332,7 @@ def _collect(graph: Graph, by_position: bool, scale: float) -> tuple[dict[NodeKe
             node = nodes[key] = _Node(
                 kind=unit.kind, layer=unit.layer, index=unit.index,
                 position=unit.position if (by_position and unit.kind != "logit") else None,
-                token=unit.token, label=unit.label,
+                token=unit.token, label=unit.label, probability=unit.probability,
             )
         node.value += (unit.attribution or 0.0) * scale
     edges: dict[tuple[NodeKey, NodeKey], float] = {}
@@ -370,6 +374,7 @@ def diff_graphs(a: Graph, b: Graph, *, sources: Mapping[str, str] | None = None)
             index=ref.index, position=ref.position, status=_status(na is not None, nb is not None),
             a=va, b=vb, change=vb - va, token_a=na.token if na else "", token_b=nb.token if nb else "",
             label=(nb.label if nb and nb.label else (na.label if na else "")),
+            probability=ref.probability,
         ))
     units.sort(key=lambda u: (-abs(u.change), u.kind, u.layer, u.index, -1 if u.position is None else u.position))
     edges = []
