@@ -169,3 +169,32 @@ def test_served_by_the_module_entry_point(planted_atlas: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(20) == 0
+
+
+def test_unit_card_matches_the_tables_and_the_server(client, planted_atlas: Path) -> None:
+    """GetUnitCard: domain object vs a direct SQL recomputation, and the server vs the domain object."""
+    from circuits_atlas.duck import connect
+
+    con = connect(planted_atlas, read_only=True)  # the server's settings: DuckDB refuses others on an open file
+    try:
+        with CircuitDatabase(planted_atlas) as db:
+            for layer, index in [(0, 10), (1, 52), (3, 93), (2, 91)]:
+                card = db.get_unit_card(layer, index)
+                assert card is not None and client.get_unit_card(layer, index) == card
+                assert card.unit == db.get_unit(layer, index)
+                obs, mean_act, cluster_path = con.execute(
+                    "SELECT observation_count, mean_activation, cluster_path FROM neurons WHERE layer = ? AND neuron = ?",
+                    [layer, index]).fetchone()  # fmt: skip
+                assert card.stats.observation_count == obs and card.stats.mean_activation == pytest.approx(mean_act)
+                out_degree = con.execute("SELECT count(*) FROM edges WHERE src_layer = ? AND src_neuron = ?", [layer, index]).fetchone()[0]
+                in_degree = con.execute("SELECT count(*) FROM edges WHERE tgt_layer = ? AND tgt_neuron = ?", [layer, index]).fetchone()[0]
+                assert (card.downstream_edges, card.upstream_edges) == (out_degree, in_degree)
+                assert card.cluster is not None and card.cluster.cluster_path == cluster_path == card.unit.cluster
+                assert card.cluster == db.get_cluster(cluster_path, 1).cluster
+            assert db.get_unit_card(40, 40) is None
+    finally:
+        con.close()
+    with pytest.raises(NotFound, match="L40/N40"):
+        client.get_unit_card(40, 40)
+    with pytest.raises(InvalidArgument, match="layer"):
+        client.get_unit_card(-1, 3)

@@ -316,9 +316,12 @@ def test_circuits_graph_remote_writes_the_same_file_as_in_process(real_server, t
     common = [prompt, "--model", str(tiny_checkpoint), *flags]
     assert main(["graph", *common, "--output-dir", str(tmp_path / "local")]) == 0
     assert main(["graph", *common, "--output-dir", str(tmp_path / "remote"), "--remote", server.address]) == 0
-    (local,) = (tmp_path / "local").iterdir()
-    (remote,) = (tmp_path / "remote").iterdir()
+    (local,) = (tmp_path / "local").glob("relp-*.json")
+    (remote,) = (tmp_path / "remote").glob("relp-*.json")
     assert local.name == remote.name
+    # and the same viewers' index beside it
+    index = [json.loads((tmp_path / side / "graph-metadata.json").read_text()) for side in ("local", "remote")]
+    assert index[0] == index[1] and [g["slug"] for g in index[0]["graphs"]] == [local.name[: -len(".json")]]
 
     def content(path):
         data = json.loads(path.read_text())

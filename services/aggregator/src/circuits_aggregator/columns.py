@@ -80,7 +80,8 @@ def graph_arrays_from_legacy(data: Any, *, source: str, default_graph_id: str) -
                 continue
             layer[n] = int(node["layer"])
             index[n] = int(node["feature"])
-            act, infl = node.get("activation"), node.get("influence")
+            # the signed RelP score: "attribution" since the viewer fix, "influence" in older files
+            act, infl = node.get("activation"), node.get("attribution", node.get("influence"))
             if act is not None:
                 activation[n] = float(act)
             if infl is not None:

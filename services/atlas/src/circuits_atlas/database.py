@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from circuits_core.atlas_types import EDGE_DIRECTIONS, AtlasStats, ClusterInfo, ClusterMembers, SearchHit
+from circuits_core.atlas_types import (
+    EDGE_DIRECTIONS, AtlasStats, ClusterInfo, ClusterMembers, SearchHit, UnitActivationStats, UnitCard,
+)  # fmt: skip
 from circuits_core.connectivity import UnitProjections, WeightEdge
 from circuits_core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from circuits_core.schemas import Edge, Unit, UnitLabel
@@ -319,6 +321,50 @@ class CircuitDatabase:
             f"SELECT {', '.join(UNIT_COLUMNS)} FROM neurons WHERE layer = ? AND neuron = ?", [layer, index], timeout=timeout
         )
         return self._unit(rows[0]) if rows else None
+
+    def get_unit_card(self, layer: int, index: int, *, timeout: float | None = None) -> UnitCard | None:
+        """The unit ``(layer, index)`` with its activation statistics, innermost cluster and edge
+        counts (downstream = edges leaving it, upstream = edges entering it), or None."""
+        layer = _check_int32(layer, "layer")
+        index = _check_int32(index, "index")
+        rows = self._rows(
+            f"""
+            SELECT {', '.join('n.' + c for c in UNIT_COLUMNS)},
+                   n.observation_count, n.mean_activation, n.max_activation, n.mean_attribution,
+                   n.output_norm, n.num_exemplars,
+                   c.cluster_path, c.level, c.size, c.layer_min, c.layer_max, c.median_layer,
+                   (SELECT count(*) FROM edges WHERE src_layer = ? AND src_neuron = ?),
+                   (SELECT count(*) FROM {self._upstream_table} WHERE tgt_layer = ? AND tgt_neuron = ?)
+            FROM neurons n LEFT JOIN clusters c ON c.cluster_path = n.cluster_path
+            WHERE n.layer = ? AND n.neuron = ?
+            """,
+            [layer, index, layer, index, layer, index],
+            timeout=timeout,
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        k = len(UNIT_COLUMNS)
+        obs, mean_act, max_act, mean_attr, norm, exemplars = row[k : k + 6]
+        path, level, size, lmin, lmax, median = row[k + 6 : k + 12]
+        cluster = None
+        if path is not None:
+            cluster = ClusterInfo(
+                cluster_path=path, level=int(level), size=int(size), layer_min=int(lmin), layer_max=int(lmax),
+                median_layer=float(median),
+            )  # fmt: skip
+        stats = UnitActivationStats(
+            observation_count=int(obs or 0),
+            mean_activation=None if mean_act is None else float(mean_act),
+            max_activation=None if max_act is None else float(max_act),
+            mean_attribution=None if mean_attr is None else float(mean_attr),
+            output_norm=None if norm is None else float(norm),
+            num_exemplars=None if exemplars is None else int(exemplars),
+        )
+        return UnitCard(
+            unit=self._unit(row[:k]), stats=stats, cluster=cluster,
+            downstream_edges=int(row[k + 12]), upstream_edges=int(row[k + 13]),
+        )  # fmt: skip
 
     def get_edges_for_unit(
         self,

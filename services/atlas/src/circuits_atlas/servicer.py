@@ -38,6 +38,12 @@ class AtlasServicer(atlas_pb2_grpc.AtlasServiceServicer):
             raise NotFound(f"unit L{request.layer}/N{request.index} is not in the atlas")
         return wire.unit_to_proto(unit)
 
+    def GetUnitCard(self, request: Any, context: grpc.ServicerContext) -> Any:
+        card = self.database.get_unit_card(request.layer, request.index, timeout=_time_left(context))
+        if card is None:
+            raise NotFound(f"unit L{request.layer}/N{request.index} is not in the atlas")
+        return wire.unit_card_to_proto(card)
+
     def GetEdgesForUnit(self, request: Any, context: grpc.ServicerContext) -> Any:
         edges = self.database.get_edges_for_unit(
             request.layer,

@@ -441,6 +441,50 @@ def atlas_stats_from_proto(msg: Any) -> Any:
     return AtlasStats(neurons=msg.neurons, edges=msg.edges, clusters=msg.clusters, metadata=dict(msg.metadata))
 
 
+def _cluster_info_to_proto(pb: Any, c: Any) -> Any:
+    return pb.ClusterInfo(
+        cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
+        layer_max=c.layer_max, median_layer=c.median_layer,
+    )  # fmt: skip
+
+
+def unit_card_to_proto(card: Any) -> Any:
+    """UnitCard -> atlas_pb2.UnitCard (absent statistics stay unset)."""
+    pb = _atlas_pb2()
+    msg = pb.UnitCard(downstream_edges=card.downstream_edges, upstream_edges=card.upstream_edges)
+    unit_to_proto(card.unit, msg.unit)
+    s = card.stats
+    msg.stats.observation_count = s.observation_count
+    for name in ("mean_activation", "max_activation", "mean_attribution", "output_norm", "num_exemplars"):
+        value = getattr(s, name)
+        if value is not None:
+            setattr(msg.stats, name, value)
+    if card.cluster is not None:
+        msg.cluster.CopyFrom(_cluster_info_to_proto(pb, card.cluster))
+    return msg
+
+
+def unit_card_from_proto(msg: Any) -> Any:
+    from circuits_core.atlas_types import ClusterInfo, UnitActivationStats, UnitCard
+
+    s = msg.stats
+    stats = UnitActivationStats(
+        observation_count=s.observation_count,
+        **{name: _opt(s, name) for name in ("mean_activation", "max_activation", "mean_attribution", "output_norm", "num_exemplars")},
+    )
+    cluster = None
+    if msg.HasField("cluster"):
+        c = msg.cluster
+        cluster = ClusterInfo(
+            cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
+            layer_max=c.layer_max, median_layer=c.median_layer,
+        )  # fmt: skip
+    return UnitCard(
+        unit=unit_from_proto(msg.unit), stats=stats, cluster=cluster,
+        downstream_edges=msg.downstream_edges, upstream_edges=msg.upstream_edges,
+    )  # fmt: skip
+
+
 # -- attribution service: Intervene ------------------------------------------------------------
 _INTERVENTION_MODES = {"set": 1, "scale": 2, "zero": 3, "mean": 4}
 _INTERVENTION_MODE_NAMES = {v: k for k, v in _INTERVENTION_MODES.items()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from circuits_core import wire
-from circuits_core.atlas_types import AtlasStats, ClusterMembers, SearchHit
+from circuits_core.atlas_types import AtlasStats, ClusterMembers, SearchHit, UnitCard
 from circuits_core.connectivity import UnitProjections, WeightEdge
 from circuits_sdk._channel import DEFAULT_TIMEOUT, call_unary, open_channel
 from circuits_core.schemas import Edge, Unit
@@ -64,6 +64,11 @@ class AtlasClient:
         """One unit; NotFound when the atlas does not hold it."""
         msg = self._call(self._stub.GetUnit, self._pb.GetUnitRequest(layer=layer, index=index), timeout)
         return wire.unit_from_proto(msg)
+
+    def get_unit_card(self, layer: int, index: int, *, timeout: float | None = None) -> UnitCard:
+        """A unit with its activation statistics, innermost cluster and edge counts; NotFound when absent."""
+        msg = self._call(self._stub.GetUnitCard, self._pb.GetUnitRequest(layer=layer, index=index), timeout)
+        return wire.unit_card_from_proto(msg)
 
     def get_edges_for_unit(
         self,

@@ -1,7 +1,9 @@
 """`circuits graph PROMPT`: trace one prompt into a RelP attribution graph (legacy viewer JSON).
 
-Writes ``<output-dir>/relp-<slug>.json`` and prints one summary line: node and edge counts, the
-traced logits with their probabilities, and the output path.
+Writes ``<output-dir>/relp-<slug>.json``, adds it to ``<output-dir>/graph-metadata.json`` (so the
+folder can be served as is by circuit-tracer's local server or ``circuits view DIR``) and prints
+one summary line: node and edge counts, the traced logits with their probabilities, and the
+output path.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if args.remote:
 
         graph = _apply_labels(trace_remote(args), args)
-        graph.save(output)
+        write_graph_json(graph, output)
         _print_summary(graph, output)
         return 0
 
@@ -142,11 +144,22 @@ def run(args: argparse.Namespace) -> int:
         graph = _apply_labels(graph, args)
         bar.update(1)
         bar.set_postfix_str("writing")
-        graph.save(output)
+        write_graph_json(graph, output)
         bar.update(1)
 
     _print_summary(graph, output)
     return 0
+
+
+def write_graph_json(graph: Graph, output: Path) -> Path:
+    """Write the graph's viewer JSON and list it in the folder's graph-metadata.json."""
+    from circuits_core.graph_index import index_entry, update_graph_index
+    from circuits_core.schemas import save_legacy
+
+    legacy = graph.to_legacy()
+    save_legacy(legacy, output)
+    update_graph_index(output.parent, index_entry(legacy))
+    return output
 
 
 def _print_summary(graph, output: Path) -> None:

@@ -23,41 +23,48 @@ _sym_db = _symbol_database.Default()
 
 
 from circuits_core._proto.circuits.v1 import graph_pb2 as circuits_dot_v1_dot_graph__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ircuits/v1/attribution.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/graph.proto\"k\n\x0bTraceTarget\x12\t\n\x01k\x18\x01 \x01(\x05\x12\x15\n\rtarget_tokens\x18\x02 \x03(\t\x12\x1c\n\x14\x63ontrastive_positive\x18\x03 \x01(\t\x12\x1c\n\x14\x63ontrastive_negative\x18\x04 \x01(\t\"\x82\x02\n\x0cTraceRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x06target\x18\x02 \x01(\x0b\x32\x18.circuits.v1.TraceTarget\x12\x0b\n\x03raw\x18\x03 \x01(\x08\x12\x15\n\ranswer_prefix\x18\x04 \x01(\t\x12\x1c\n\x0ftarget_position\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x03tau\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tmax_nodes\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x14\n\x0c\x63orpus_index\x18\x08 \x01(\x03\x12\x0c\n\x04slug\x18\t \x01(\tB\x12\n\x10_target_positionB\x06\n\x04_tauB\x0c\n\n_max_nodes\"\x15\n\x13GetModelInfoRequest\"\xac\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x0f\n\x07\x64_model\x18\x03 \x01(\x05\x12\r\n\x05\x64_mlp\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x13\n\x0bmax_context\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\t \x01(\t\"\xfd\x01\n\x12NeuronIntervention\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\tpositions\x18\x03 \x03(\x05\x12\x32\n\x04mode\x18\x04 \x01(\x0e\x32$.circuits.v1.NeuronIntervention.Mode\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x19\n\x11include_generated\x18\x06 \x01(\x08\"X\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0c\n\x08MODE_SET\x10\x01\x12\x0e\n\nMODE_SCALE\x10\x02\x12\r\n\tMODE_ZERO\x10\x03\x12\r\n\tMODE_MEAN\x10\x04\"\xa6\x01\n\x10InterveneRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0b\n\x03raw\x18\x02 \x01(\x08\x12\x15\n\ranswer_prefix\x18\x03 \x01(\t\x12\x36\n\rinterventions\x18\x04 \x03(\x0b\x32\x1f.circuits.v1.NeuronIntervention\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x17\n\x0fgenerate_tokens\x18\x06 \x01(\x05\"W\n\x10TokenProbability\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\r\n\x05logit\x18\x03 \x01(\x01\x12\x13\n\x0bprobability\x18\x04 \x01(\x01\"\xff\x01\n\x11InterveneResponse\x12/\n\x08\x62\x61seline\x18\x01 \x03(\x0b\x32\x1d.circuits.v1.TokenProbability\x12\x31\n\nintervened\x18\x02 \x03(\x0b\x32\x1d.circuits.v1.TokenProbability\x12\x16\n\x0egenerated_text\x18\x03 \x01(\t\x12\x15\n\rbaseline_text\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x03(\t\x12\x10\n\x08position\x18\x06 \x01(\x05\x12.\n\x07tracked\x18\x07 \x03(\x0b\x32\x1d.circuits.v1.TokenProbability\"O\n\x0bPatchNeuron\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x15\n\x08position\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_position\"\xaf\x01\n\x0cPatchRequest\x12\x14\n\x0c\x63lean_prompt\x18\x01 \x01(\t\x12\x16\n\x0e\x63orrupt_prompt\x18\x02 \x01(\t\x12)\n\x07neurons\x18\x03 \x03(\x0b\x32\x18.circuits.v1.PatchNeuron\x12\x0b\n\x03top\x18\x04 \x01(\x05\x12\x15\n\rtarget_tokens\x18\x05 \x03(\t\x12\x0b\n\x03raw\x18\x06 \x01(\x08\x12\x15\n\ranswer_prefix\x18\x07 \x01(\t\"\xd0\x01\n\x11NeuronPatchEffect\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x15\n\x08position\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x10\x63lean_activation\x18\x04 \x01(\x01\x12\x1a\n\x12\x63orrupt_activation\x18\x05 \x01(\x01\x12\x0c\n\x04relp\x18\x06 \x01(\x01\x12\x11\n\tpredicted\x18\x07 \x01(\x01\x12\x0f\n\x07noising\x18\x08 \x01(\x01\x12\x11\n\tdenoising\x18\t \x01(\x01\x42\x0b\n\t_position\"\xbf\x03\n\rPatchResponse\x12\x14\n\x0c\x63lean_tokens\x18\x01 \x03(\t\x12\x16\n\x0e\x63orrupt_tokens\x18\x02 \x03(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x16\n\x0epositive_token\x18\x04 \x01(\t\x12\x19\n\x11positive_token_id\x18\x05 \x01(\x05\x12\x16\n\x0enegative_token\x18\x06 \x01(\t\x12\x19\n\x11negative_token_id\x18\x07 \x01(\x05\x12\x14\n\x0c\x63lean_metric\x18\x08 \x01(\x01\x12\x16\n\x0e\x63orrupt_metric\x18\t \x01(\x01\x12/\n\x07neurons\x18\n \x03(\x0b\x32\x1e.circuits.v1.NeuronPatchEffect\x12\x13\n\x0bset_noising\x18\x0b \x01(\x01\x12\x15\n\rset_denoising\x18\x0c \x01(\x01\x12\x15\n\rset_predicted\x18\r \x01(\x01\x12\x18\n\x10rank_correlation\x18\x0e \x01(\x01\x12\"\n\x1amagnitude_rank_correlation\x18\x0f \x01(\x01\x12\x10\n\x08\x63ompared\x18\x10 \x01(\x05\x12\x18\n\x10\x66irst_difference\x18\x11 \x01(\x05\x32\xe3\x02\n\x12\x41ttributionService\x12\x36\n\x05Trace\x12\x19.circuits.v1.TraceRequest\x1a\x12.circuits.v1.Graph\x12?\n\nTraceBatch\x12\x19.circuits.v1.TraceRequest\x1a\x12.circuits.v1.Graph(\x01\x30\x01\x12H\n\x0cGetModelInfo\x12 .circuits.v1.GetModelInfoRequest\x1a\x16.circuits.v1.ModelInfo\x12J\n\tIntervene\x12\x1d.circuits.v1.InterveneRequest\x1a\x1e.circuits.v1.InterveneResponse\x12>\n\x05Patch\x12\x19.circuits.v1.PatchRequest\x1a\x1a.circuits.v1.PatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ircuits/v1/attribution.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/graph.proto\x1a\x1cgoogle/api/annotations.proto\"k\n\x0bTraceTarget\x12\t\n\x01k\x18\x01 \x01(\x05\x12\x15\n\rtarget_tokens\x18\x02 \x03(\t\x12\x1c\n\x14\x63ontrastive_positive\x18\x03 \x01(\t\x12\x1c\n\x14\x63ontrastive_negative\x18\x04 \x01(\t\"\x82\x02\n\x0cTraceRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x06target\x18\x02 \x01(\x0b\x32\x18.circuits.v1.TraceTarget\x12\x0b\n\x03raw\x18\x03 \x01(\x08\x12\x15\n\ranswer_prefix\x18\x04 \x01(\t\x12\x1c\n\x0ftarget_position\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x03tau\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tmax_nodes\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x14\n\x0c\x63orpus_index\x18\x08 \x01(\x03\x12\x0c\n\x04slug\x18\t \x01(\tB\x12\n\x10_target_positionB\x06\n\x04_tauB\x0c\n\n_max_nodes\"\x15\n\x13GetModelInfoRequest\"\xac\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x0f\n\x07\x64_model\x18\x03 \x01(\x05\x12\r\n\x05\x64_mlp\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x13\n\x0bmax_context\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\t \x01(\t\"\xfd\x01\n\x12NeuronIntervention\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\tpositions\x18\x03 \x03(\x05\x12\x32\n\x04mode\x18\x04 \x01(\x0e\x32$.circuits.v1.NeuronIntervention.Mode\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x19\n\x11include_generated\x18\x06 \x01(\x08\"X\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0c\n\x08MODE_SET\x10\x01\x12\x0e\n\nMODE_SCALE\x10\x02\x12\r\n\tMODE_ZERO\x10\x03\x12\r\n\tMODE_MEAN\x10\x04\"\xa6\x01\n\x10InterveneRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0b\n\x03raw\x18\x02 \x01(\x08\x12\x15\n\ranswer_prefix\x18\x03 \x01(\t\x12\x36\n\rinterventions\x18\x04 \x03(\x0b\x32\x1f.circuits.v1.NeuronIntervention\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x17\n\x0fgenerate_tokens\x18\x06 \x01(\x05\"W\n\x10TokenProbability\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\r\n\x05logit\x18\x03 \x01(\x01\x12\x13\n\x0bprobability\x18\x04 \x01(\x01\"\xff\x01\n\x11InterveneResponse\x12/\n\x08\x62\x61seline\x18\x01 \x03(\x0b\x32\x1d.circuits.v1.TokenProbability\x12\x31\n\nintervened\x18\x02 \x03(\x0b\x32\x1d.circuits.v1.TokenProbability\x12\x16\n\x0egenerated_text\x18\x03 \x01(\t\x12\x15\n\rbaseline_text\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x03(\t\x12\x10\n\x08position\x18\x06 \x01(\x05\x12.\n\x07tracked\x18\x07 \x03(\x0b\x32\x1d.circuits.v1.TokenProbability\"O\n\x0bPatchNeuron\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x15\n\x08position\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_position\"\xaf\x01\n\x0cPatchRequest\x12\x14\n\x0c\x63lean_prompt\x18\x01 \x01(\t\x12\x16\n\x0e\x63orrupt_prompt\x18\x02 \x01(\t\x12)\n\x07neurons\x18\x03 \x03(\x0b\x32\x18.circuits.v1.PatchNeuron\x12\x0b\n\x03top\x18\x04 \x01(\x05\x12\x15\n\rtarget_tokens\x18\x05 \x03(\t\x12\x0b\n\x03raw\x18\x06 \x01(\x08\x12\x15\n\ranswer_prefix\x18\x07 \x01(\t\"\xd0\x01\n\x11NeuronPatchEffect\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x15\n\x08position\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x10\x63lean_activation\x18\x04 \x01(\x01\x12\x1a\n\x12\x63orrupt_activation\x18\x05 \x01(\x01\x12\x0c\n\x04relp\x18\x06 \x01(\x01\x12\x11\n\tpredicted\x18\x07 \x01(\x01\x12\x0f\n\x07noising\x18\x08 \x01(\x01\x12\x11\n\tdenoising\x18\t \x01(\x01\x42\x0b\n\t_position\"\xbf\x03\n\rPatchResponse\x12\x14\n\x0c\x63lean_tokens\x18\x01 \x03(\t\x12\x16\n\x0e\x63orrupt_tokens\x18\x02 \x03(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x16\n\x0epositive_token\x18\x04 \x01(\t\x12\x19\n\x11positive_token_id\x18\x05 \x01(\x05\x12\x16\n\x0enegative_token\x18\x06 \x01(\t\x12\x19\n\x11negative_token_id\x18\x07 \x01(\x05\x12\x14\n\x0c\x63lean_metric\x18\x08 \x01(\x01\x12\x16\n\x0e\x63orrupt_metric\x18\t \x01(\x01\x12/\n\x07neurons\x18\n \x03(\x0b\x32\x1e.circuits.v1.NeuronPatchEffect\x12\x13\n\x0bset_noising\x18\x0b \x01(\x01\x12\x15\n\rset_denoising\x18\x0c \x01(\x01\x12\x15\n\rset_predicted\x18\r \x01(\x01\x12\x18\n\x10rank_correlation\x18\x0e \x01(\x01\x12\"\n\x1amagnitude_rank_correlation\x18\x0f \x01(\x01\x12\x10\n\x08\x63ompared\x18\x10 \x01(\x05\x12\x18\n\x10\x66irst_difference\x18\x11 \x01(\x05\x32\xa2\x03\n\x12\x41ttributionService\x12L\n\x05Trace\x12\x19.circuits.v1.TraceRequest\x1a\x12.circuits.v1.Graph\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/v1/trace:\x01*\x12?\n\nTraceBatch\x12\x19.circuits.v1.TraceRequest\x1a\x12.circuits.v1.Graph(\x01\x30\x01\x12[\n\x0cGetModelInfo\x12 .circuits.v1.GetModelInfoRequest\x1a\x16.circuits.v1.ModelInfo\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/model\x12J\n\tIntervene\x12\x1d.circuits.v1.InterveneRequest\x1a\x1e.circuits.v1.InterveneResponse\x12T\n\x05Patch\x12\x19.circuits.v1.PatchRequest\x1a\x1a.circuits.v1.PatchResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/v1/patch:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'circuits.v1.attribution_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRACETARGET']._serialized_start=71
-  _globals['_TRACETARGET']._serialized_end=178
-  _globals['_TRACEREQUEST']._serialized_start=181
-  _globals['_TRACEREQUEST']._serialized_end=439
-  _globals['_GETMODELINFOREQUEST']._serialized_start=441
-  _globals['_GETMODELINFOREQUEST']._serialized_end=462
-  _globals['_MODELINFO']._serialized_start=465
-  _globals['_MODELINFO']._serialized_end=637
-  _globals['_NEURONINTERVENTION']._serialized_start=640
-  _globals['_NEURONINTERVENTION']._serialized_end=893
-  _globals['_NEURONINTERVENTION_MODE']._serialized_start=805
-  _globals['_NEURONINTERVENTION_MODE']._serialized_end=893
-  _globals['_INTERVENEREQUEST']._serialized_start=896
-  _globals['_INTERVENEREQUEST']._serialized_end=1062
-  _globals['_TOKENPROBABILITY']._serialized_start=1064
-  _globals['_TOKENPROBABILITY']._serialized_end=1151
-  _globals['_INTERVENERESPONSE']._serialized_start=1154
-  _globals['_INTERVENERESPONSE']._serialized_end=1409
-  _globals['_PATCHNEURON']._serialized_start=1411
-  _globals['_PATCHNEURON']._serialized_end=1490
-  _globals['_PATCHREQUEST']._serialized_start=1493
-  _globals['_PATCHREQUEST']._serialized_end=1668
-  _globals['_NEURONPATCHEFFECT']._serialized_start=1671
-  _globals['_NEURONPATCHEFFECT']._serialized_end=1879
-  _globals['_PATCHRESPONSE']._serialized_start=1882
-  _globals['_PATCHRESPONSE']._serialized_end=2329
-  _globals['_ATTRIBUTIONSERVICE']._serialized_start=2332
-  _globals['_ATTRIBUTIONSERVICE']._serialized_end=2687
+  _globals['_ATTRIBUTIONSERVICE'].methods_by_name['Trace']._loaded_options = None
+  _globals['_ATTRIBUTIONSERVICE'].methods_by_name['Trace']._serialized_options = b'\202\323\344\223\002\016\"\t/v1/trace:\001*'
+  _globals['_ATTRIBUTIONSERVICE'].methods_by_name['GetModelInfo']._loaded_options = None
+  _globals['_ATTRIBUTIONSERVICE'].methods_by_name['GetModelInfo']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/model'
+  _globals['_ATTRIBUTIONSERVICE'].methods_by_name['Patch']._loaded_options = None
+  _globals['_ATTRIBUTIONSERVICE'].methods_by_name['Patch']._serialized_options = b'\202\323\344\223\002\016\"\t/v1/patch:\001*'
+  _globals['_TRACETARGET']._serialized_start=101
+  _globals['_TRACETARGET']._serialized_end=208
+  _globals['_TRACEREQUEST']._serialized_start=211
+  _globals['_TRACEREQUEST']._serialized_end=469
+  _globals['_GETMODELINFOREQUEST']._serialized_start=471
+  _globals['_GETMODELINFOREQUEST']._serialized_end=492
+  _globals['_MODELINFO']._serialized_start=495
+  _globals['_MODELINFO']._serialized_end=667
+  _globals['_NEURONINTERVENTION']._serialized_start=670
+  _globals['_NEURONINTERVENTION']._serialized_end=923
+  _globals['_NEURONINTERVENTION_MODE']._serialized_start=835
+  _globals['_NEURONINTERVENTION_MODE']._serialized_end=923
+  _globals['_INTERVENEREQUEST']._serialized_start=926
+  _globals['_INTERVENEREQUEST']._serialized_end=1092
+  _globals['_TOKENPROBABILITY']._serialized_start=1094
+  _globals['_TOKENPROBABILITY']._serialized_end=1181
+  _globals['_INTERVENERESPONSE']._serialized_start=1184
+  _globals['_INTERVENERESPONSE']._serialized_end=1439
+  _globals['_PATCHNEURON']._serialized_start=1441
+  _globals['_PATCHNEURON']._serialized_end=1520
+  _globals['_PATCHREQUEST']._serialized_start=1523
+  _globals['_PATCHREQUEST']._serialized_end=1698
+  _globals['_NEURONPATCHEFFECT']._serialized_start=1701
+  _globals['_NEURONPATCHEFFECT']._serialized_end=1909
+  _globals['_PATCHRESPONSE']._serialized_start=1912
+  _globals['_PATCHRESPONSE']._serialized_end=2359
+  _globals['_ATTRIBUTIONSERVICE']._serialized_start=2362
+  _globals['_ATTRIBUTIONSERVICE']._serialized_end=2780
 # @@protoc_insertion_point(module_scope)
