@@ -47,7 +47,7 @@ def reference_from_json(path, by_position: bool):
         else:
             key = ("logit", None, node["feature"], None)
         by_id[node["node_id"]] = key
-        nodes[key] += (node["influence"] or 0.0) / m
+        nodes[key] += (node["attribution"] or 0.0) / m
     edges = defaultdict(float)
     for link in data["links"]:
         edges[(by_id[link["source"]], by_id[link["target"]])] += link["weight"] / m
