@@ -80,12 +80,34 @@ def test_get_cluster_and_not_found(client) -> None:
     assert unit.label.startswith("capital") and unit.appearance_count > 0 and unit.cluster
     members = client.get_cluster(unit.cluster.split(".")[0], limit=100)
     assert unit in members.units and members.cluster.size == len(members.units)
-    with pytest.raises(NotFound):
-        client.get_unit(40, 40)
+    assert client.get_unit(40, 40) is None  # as CircuitDatabase.get_unit
     with pytest.raises(NotFound):
         client.get_cluster("12345")
     with pytest.raises(InvalidArgument):
         client.get_cluster("1 OR 1=1")
+
+
+def test_client_and_database_answer_alike(client, planted_atlas: Path) -> None:
+    """AtlasClient (gRPC) and CircuitDatabase (in process) are the same AtlasQueries: same method
+    names, defaults and results, errors included."""
+    from circuits_core.capabilities import AtlasQueries
+
+    with CircuitDatabase(planted_atlas) as db:
+        assert isinstance(client, AtlasQueries) and isinstance(db, AtlasQueries)
+        top = db.search("capital")[0].unit
+        calls = [
+            ("search", ("capital",)), ("search", ("enzyme catalysis", 3)), ("search", ("no-such-word-anywhere",)),
+            ("get_unit", top.key), ("get_unit", (40, 40)), ("get_unit_card", top.key), ("get_unit_card", (40, 40)),
+            ("get_edges_for_unit", top.key), ("get_edges_for_unit", (*top.key, "upstream", 2, 1)),
+            ("get_cluster", (top.cluster.split(".")[0],)), ("get_cluster", (top.cluster, 2)), ("stats", ()),
+        ]
+        for name, args in calls:
+            assert getattr(client, name)(*args) == getattr(db, name)(*args), name
+        for name, args, error in [("get_cluster", ("12345",), NotFound), ("get_cluster", ("1 OR 1=1",), InvalidArgument),
+                                  ("search", ("",), InvalidArgument), ("get_edges_for_unit", (0, 1, "sideways"), InvalidArgument)]:
+            for implementation in (client, db):
+                with pytest.raises(error):
+                    getattr(implementation, name)(*args)
 
 
 @pytest.mark.parametrize("text", ["'; DROP TABLE neurons; --", "%", "x" * 100_000, "", "\u0000", "enzyme' --"])
@@ -194,7 +216,6 @@ def test_unit_card_matches_the_tables_and_the_server(client, planted_atlas: Path
             assert db.get_unit_card(40, 40) is None
     finally:
         con.close()
-    with pytest.raises(NotFound, match="L40/N40"):
-        client.get_unit_card(40, 40)
+    assert client.get_unit_card(40, 40) is None  # as CircuitDatabase.get_unit_card
     with pytest.raises(InvalidArgument, match="layer"):
         client.get_unit_card(-1, 3)

@@ -76,7 +76,7 @@ def test_graph_slug_and_target_tokens(tiny_model_dir, tmp_path, capsys):
         (["graph", "the capital", "--raw", "--target-tokens", "paris london"], "splits into ['paris', 'london']"),
         (["graph", " ".join(["cat"] * 70), "--raw"], "longer than the model's context"),
         (["graph", "the capital", "--dtype", "int7"], "unknown dtype"),
-        (["graph", "the capital", "--k", "0"], "--k must be >= 1"),
+        (["graph", "the capital", "--k", "0"], "k must be an integer >= 1"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, argv, message):

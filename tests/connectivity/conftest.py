@@ -1,8 +1,9 @@
-"""Fixtures for the connectivity / diff / patching tests: tiny float64 models and the offline tokenizer."""
+"""Fixtures for the connectivity / diff / patching tests (tiny float64 models and the offline
+tokenizer come from tests/conftest.py)."""
 
-from circuits_attribution.testing_fixtures import *  # noqa: F403
+from __future__ import annotations
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")

@@ -470,5 +470,6 @@ def test_servers_run_tls_and_token_auth_from_existing_secrets(render_chart) -> N
         if "tls" in volumes:
             assert volumes["tls"]["secret"]["secretName"] == "circuits-tls"
             assert volumes["auth-tokens"]["secret"]["secretName"] == "circuits-tokens"
+            assert volumes["auth-tokens"]["secret"]["defaultMode"] == volumes["tls"]["secret"]["defaultMode"] == 0o440
     assert servers >= 3
     assert not chart.of_kind("Secret")  # referenced, never inlined

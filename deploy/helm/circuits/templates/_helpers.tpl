@@ -213,11 +213,14 @@ Arguments every circuits server takes, then the component's extraArgs:
 - name: tls
   secret:
     secretName: {{ . }}
+    # Owner and the pod's fsGroup only: the server warns about key/token files others can read.
+    defaultMode: 0440
 {{- end }}
 {{- with .root.Values.global.auth.tokensSecret }}
 - name: auth-tokens
   secret:
     secretName: {{ . }}
+    defaultMode: 0440
 {{- end }}
 {{- end -}}
 

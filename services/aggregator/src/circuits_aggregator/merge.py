@@ -13,6 +13,8 @@ from pathlib import Path
 from circuits_core.aggregator_types import EDGE_COLUMNS, LEDGER_COLUMNS, UNIT_COLUMNS
 from circuits_core.errors import CorruptInput, InvalidArgument
 
+from circuits_server.duckdb_files import open_duckdb
+
 from circuits_aggregator.store import _EDGE_MERGE, _UNIT_MERGE, write_parquet_snapshot
 
 _REQUIRED = {"edges.parquet": EDGE_COLUMNS, "units.parquet": UNIT_COLUMNS, "ledger.parquet": LEDGER_COLUMNS}
@@ -24,7 +26,6 @@ def merge_exports(inputs: Sequence[str | Path], out: str | Path, *, min_count: i
     Inputs are checked for the three files and their columns (CorruptInput names the file);
     a graph id in more than one input raises InvalidArgument.
     """
-    import duckdb
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
@@ -53,7 +54,8 @@ def merge_exports(inputs: Sequence[str | Path], out: str | Path, *, min_count: i
     if out_dir.resolve() in {d.resolve() for d in dirs}:
         raise InvalidArgument(f"{out_dir}: the merge output must not be one of its inputs")
     out_dir.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(config={"threads": 1})
+    # Inputs reach DuckDB as Arrow datasets (read by pyarrow); SQL itself may touch no file.
+    con = open_duckdb(":memory:", read_only=False, what="merge workspace", threads=1)
     con.register("edges_in", ds.dataset(files["edges.parquet"], format="parquet"))
     con.register("units_in", ds.dataset(files["units.parquet"], format="parquet"))
     con.register("ledger_in", ds.dataset(files["ledger.parquet"], format="parquet"))

@@ -48,7 +48,8 @@ from circuits_core.aggregator_types import (
     IngestAck,
     shard_of,
 )
-from circuits_core.errors import FailedPrecondition, InvalidArgument
+from circuits_core.errors import FailedPrecondition, InvalidArgument, echo
+from circuits_server.duckdb_files import open_duckdb, refuse_code_objects
 
 _EDGE_DDL = """(
     src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, tgt_layer INTEGER NOT NULL, tgt_neuron INTEGER NOT NULL,
@@ -148,11 +149,11 @@ class AggregateStore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._con = duckdb.connect(
-                self.path, config={"threads": self.settings.threads, "memory_limit": self.settings.memory_limit}
-            )
-        except duckdb.Error as exc:
-            raise FailedPrecondition(f"{self.path}: cannot open aggregator state ({exc})") from None
+            self._con = open_duckdb(self.path, read_only=False, what="aggregator state", threads=self.settings.threads,
+                                    memory_limit=self.settings.memory_limit)  # fmt: skip
+        except InvalidArgument as exc:
+            raise FailedPrecondition(str(exc)) from None
+        refuse_code_objects(self._con, self.path, what="aggregator state")
         self._lock = threading.RLock()
         con = self._con
         con.execute(f"CREATE TABLE IF NOT EXISTS ledger {_LEDGER_DDL}")
@@ -424,7 +425,7 @@ class AggregateStore:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise InvalidArgument(f"{out}: cannot create export directory ({exc.strerror or exc})") from None
+            raise InvalidArgument(f"{echo(str(out), quote=False)}: cannot create export directory ({exc.strerror or exc})") from None
         queries = {
             "edges.parquet": f"SELECT {', '.join(EDGE_COLUMNS)} FROM ({EDGES_SQL}) WHERE count >= {max(int(min_count), 1)} "
             "ORDER BY src_layer, src_neuron, tgt_layer, tgt_neuron",
@@ -457,7 +458,7 @@ def write_parquet_snapshot(cur: duckdb.DuckDBPyConnection, out: Path, queries: d
     except (duckdb.Error, OSError) as exc:
         for tmp, _final in written:
             tmp.unlink(missing_ok=True)
-        raise InvalidArgument(f"{out}: export failed ({exc})") from None
+        raise InvalidArgument(f"{echo(str(out), quote=False)}: export failed ({echo(str(exc), 300, quote=False)})") from None
     finally:
         cur.close()
     for tmp, final in written:

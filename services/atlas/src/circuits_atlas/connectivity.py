@@ -28,19 +28,6 @@ from circuits_core.errors import FailedPrecondition, InvalidArgument
 WEIGHT_METHODS: tuple[str, ...] = ("weight_graph", "output_projection")
 EDGE_METHODS: tuple[str, ...] = ("relp", *WEIGHT_METHODS)
 
-PROJECTIONS_DDL = """
-CREATE TABLE projections (
-    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, output_norm DOUBLE, logit_effect DOUBLE,
-    promote_ids INTEGER[], promote_tokens VARCHAR[], promote_weights FLOAT[],
-    suppress_ids INTEGER[], suppress_tokens VARCHAR[], suppress_weights FLOAT[],
-    input_ids INTEGER[], input_tokens VARCHAR[], input_weights FLOAT[],
-    PRIMARY KEY (layer, neuron)
-)"""
-WEIGHT_EDGES_DDL = """
-CREATE TABLE weight_edges (
-    src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, tgt_layer INTEGER NOT NULL, tgt_neuron INTEGER NOT NULL,
-    polarity TINYINT NOT NULL, c_up DOUBLE, c_gate DOUBLE, strength DOUBLE
-)"""
 CONNECTIVITY_TABLES: tuple[str, ...] = ("projections", "weight_edges", "weight_edges_by_source")
 
 
@@ -51,58 +38,48 @@ def weight_export(folder: str | Path, method: str, out_dir: str | Path) -> Path:
     ``output_projection``: one edge per similarity pair, weight = cosine of the output projections.
     Every edge has ``count = 1``; every neuron of the model is a unit (``graph_count = 0``).
     """
-    import duckdb
+    import numpy as np
+    import pyarrow as pa
+
+    from circuits_core.connectivity_files import write_parquet
 
     if method not in WEIGHT_METHODS:
         raise InvalidArgument(f"aggregation method must be one of {', '.join(WEIGHT_METHODS)} here, got {method!r}")
     conn = ConnectivityFolder.open(folder)
     part = "weights" if method == "weight_graph" else "similarity"
-    path = conn.final_path(part)
-    if not path.is_file():
+    if not conn.final_path(part).is_file():
         raise FailedPrecondition(
-            f"aggregation.method {method} needs {path.name} in {conn.path}; run `circuits connectivity --parts {part}`"
+            f"aggregation.method {method} needs {conn.final_path(part).name} in {conn.path}; "
+            f"run `circuits connectivity --parts {part}`"
         )
-    # Read the columns through the owner (checks them), then write with DuckDB.
+    # Read the columns through the folder's owner (it checks them).
     edges = conn.weight_edges() if part == "weights" else conn.projection_edges()
-    weight = "strength" if part == "weights" else "similarity"
+    keys = ("src_layer", "src_neuron", "tgt_layer", "tgt_neuron")
+    columns = {k: np.asarray(edges.column(k).to_numpy(), dtype=np.int32) for k in keys}
+    weight = np.asarray(edges.column("strength" if part == "weights" else "similarity").to_numpy(), dtype=np.float64)
+    order = np.lexsort(tuple(columns[k] for k in reversed(keys)))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect()
-    try:
-        con.register("weights_input", edges)
-        con.execute(
-            f"""
-            COPY (
-                SELECT src_layer::INTEGER AS src_layer, src_neuron::INTEGER AS src_neuron,
-                       tgt_layer::INTEGER AS tgt_layer, tgt_neuron::INTEGER AS tgt_neuron, 1::BIGINT AS count,
-                       {weight}::DOUBLE AS weight_sum, abs({weight})::DOUBLE AS weight_abs_sum,
-                       ({weight} * {weight})::DOUBLE AS weight_sq_sum,
-                       {weight}::DOUBLE AS weight_min, {weight}::DOUBLE AS weight_max
-                FROM weights_input ORDER BY src_layer, src_neuron, tgt_layer, tgt_neuron
-            ) TO '{_sql_path(out / "edges.parquet")}' (FORMAT PARQUET)
-            """
-        )
-        con.execute(
-            f"""
-            COPY (
-                SELECT l.layer::INTEGER AS layer, n.neuron::INTEGER AS neuron, 0::BIGINT AS graph_count
-                FROM range({conn.num_layers}) l(layer), range({conn.d_mlp}) n(neuron) ORDER BY layer, neuron
-            ) TO '{_sql_path(out / "units.parquet")}' (FORMAT PARQUET)
-            """
-        )
-    finally:
-        con.close()
+    write_parquet(pa.table({
+        **{k: pa.array(columns[k][order]) for k in keys},
+        "count": pa.array(np.ones(len(order), dtype=np.int64)),
+        "weight_sum": pa.array(weight[order]),
+        "weight_abs_sum": pa.array(np.abs(weight[order])),
+        "weight_sq_sum": pa.array(weight[order] ** 2),
+        "weight_min": pa.array(weight[order]),
+        "weight_max": pa.array(weight[order]),
+    }), out / "edges.parquet")
+    layers, neurons = np.meshgrid(np.arange(conn.num_layers, dtype=np.int32), np.arange(conn.d_mlp, dtype=np.int32), indexing="ij")
+    write_parquet(pa.table({
+        "layer": pa.array(layers.ravel()), "neuron": pa.array(neurons.ravel()),
+        "graph_count": pa.array(np.zeros(layers.size, dtype=np.int64)),
+    }), out / "units.parquet")
     return out
 
 
-def _sql_path(path: Path) -> str:
-    # COPY ... TO takes a literal; the path is ours (a temporary folder), quotes doubled anyway.
-    return str(path).replace("'", "''")
-
-
 def write_connectivity_tables(con: Any, folder: str | Path) -> dict[str, Any]:
-    """Create ``projections`` and ``weight_edges`` (+ ``weight_edges_by_source``) in an atlas being
-    built, from whatever parts the folder holds; fill ``neurons.output_norm`` where it is empty.
+    """Fill the (empty) ``projections`` and ``weight_edges`` tables of an atlas being built from
+    whatever parts the folder holds (the build then sorts ``weight_edges_by_source`` from them);
+    fill ``neurons.output_norm`` where it is empty.
 
     Returns metadata entries (``connectivity_*``) for the atlas ``metadata`` table.
     """
@@ -110,7 +87,6 @@ def write_connectivity_tables(con: Any, folder: str | Path) -> dict[str, Any]:
     has_output, has_input, has_weights = conn.has("output"), conn.has("input"), conn.has("weights")
     if not (has_output or has_input or has_weights):
         raise FailedPrecondition(f"{conn.path}: holds no finished projections or weight edges yet")
-    con.execute(PROJECTIONS_DDL)
     if has_output or has_input:
         registered = []
         try:
@@ -144,7 +120,6 @@ def write_connectivity_tables(con: Any, folder: str | Path) -> dict[str, Any]:
                 WHERE neurons.layer = p.layer AND neurons.neuron = p.neuron AND neurons.output_norm IS NULL
                 """
             )
-    con.execute(WEIGHT_EDGES_DDL)
     if has_weights:
         con.register("conn_weights", conn.weight_edges())
         try:
@@ -157,10 +132,6 @@ def write_connectivity_tables(con: Any, folder: str | Path) -> dict[str, Any]:
             )
         finally:
             con.unregister("conn_weights")
-    con.execute(
-        "CREATE TABLE weight_edges_by_source AS SELECT * FROM weight_edges "
-        "ORDER BY src_layer, src_neuron, polarity DESC, abs(strength) DESC"
-    )
     return {
         "connectivity_dir": str(conn.path.resolve()),
         "connectivity_model": conn.model,

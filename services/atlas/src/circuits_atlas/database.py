@@ -20,10 +20,11 @@ from circuits_core.atlas_types import (
     EDGE_DIRECTIONS, AtlasStats, ClusterInfo, ClusterMembers, SearchHit, UnitActivationStats, UnitCard,
 )  # fmt: skip
 from circuits_core.connectivity import UnitProjections, WeightEdge
-from circuits_core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from circuits_core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, echo
 from circuits_core.schemas import Edge, Unit, UnitLabel
 
-from circuits_atlas.duck import FTS_SCHEMA, connect, load_fts
+from circuits_atlas.duck import FTS_SCHEMA, connect
+from circuits_atlas.schema import verify_atlas
 
 _INT32_MAX = 2**31 - 1
 _CLUSTER_PATH = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9}){0,31}$")
@@ -147,7 +148,7 @@ def _like_pattern(text: str) -> str:
 
 def _check_int32(value: Any, name: str, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"{name} must be an integer, got {value!r}")
+        raise InvalidArgument(f"{name} must be an integer, got {echo(value)}")
     if not minimum <= value <= _INT32_MAX:
         raise InvalidArgument(f"{name} must be in [{minimum}, {_INT32_MAX}], got {value}")
     return value
@@ -156,14 +157,23 @@ def _check_int32(value: Any, name: str, *, minimum: int = 0) -> int:
 class CircuitDatabase:
     """An atlas file opened for queries; ``with CircuitDatabase("atlas.duckdb") as db: ...``.
 
+    The in-process :class:`~circuits_core.capabilities.AtlasQueries` (``AtlasClient`` is the gRPC one:
+    same method names and results). A ``limit`` of 0 or None means 100 rows.
+
     ``read_only=True`` (default) opens the file without writing to it; several processes may
-    hold it open at once.
+    hold it open at once. The connection has external access off and its configuration locked,
+    and the file must hold exactly the schema ``circuits build-db`` writes (tables, views, macros,
+    indexes and their definitions); anything else is refused with FailedPrecondition.
     """
 
     def __init__(self, path: str | Path, read_only: bool = True, *, limits: QueryLimits = QueryLimits()) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise NotFound(f"{self.path}: atlas file not found")
+        try:
+            found = self.path.is_file()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            raise InvalidArgument(f"{echo(str(path), quote=False)}: not a usable atlas path ({exc.__class__.__name__})") from None
+        if not found:
+            raise NotFound(f"{echo(str(self.path), quote=False)}: atlas file not found")
         self.read_only = read_only
         self.limits = limits
         self._con = connect(self.path, read_only=read_only)
@@ -172,19 +182,17 @@ class CircuitDatabase:
         self._lock = threading.Lock()
         self._closed = False
         self._watchdog = QueryWatchdog()
-        tables = {r[0] for r in self._con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
-        missing = {"neurons", "edges", "clusters", "metadata"} - tables
-        if missing:
+        try:
+            verify_atlas(self._con, self.path)
+        except BaseException:
             self._con.close()
-            raise FailedPrecondition(f"{self.path}: not an atlas (missing table(s) {', '.join(sorted(missing))})")
-        self.tables = frozenset(tables)
-        # Atlases built before edges_by_target existed fall back to scanning edges.
-        self._upstream_table = "edges_by_target" if "edges_by_target" in tables else "edges"
-        self.has_fts = "search_postings" in tables and bool(
-            self._con.execute("SELECT count(*) FROM duckdb_schemas() WHERE schema_name = ?", [FTS_SCHEMA]).fetchone()[0]
-        )
-        if self.has_fts:
-            load_fts(self._con)
+            raise
+        self._upstream_table = "edges_by_target"
+        self.has_fts = True
+        # Parts of a connectivity folder the build put into projections / weight_edges (empty:
+        # built without one; those tables are then empty).
+        parts = self._con.execute("SELECT value FROM metadata WHERE key = 'connectivity_parts'").fetchall()
+        self.connectivity_parts = frozenset(p for p in (parts[0][0] if parts else "").split(",") if p)
 
     # -- plumbing ---------------------------------------------------------------------------
     def __enter__(self) -> CircuitDatabase:
@@ -277,8 +285,8 @@ class CircuitDatabase:
         )  # fmt: skip
 
     # -- queries ----------------------------------------------------------------------------
-    def search(self, text: str, limit: int | None = 100, *, timeout: float | None = None) -> list[SearchHit]:
-        """Units whose labels match ``text``, best first.
+    def search(self, text: str, limit: int | None = 0, *, timeout: float | None = None) -> list[SearchHit]:
+        """Units whose labels match ``text``, best first (``limit`` 0/None: 100).
 
         BM25 over label, input_label, output_label and description (stemmed words) ranks first;
         if that finds fewer than ``limit`` units, case-insensitive substring matches follow with
@@ -371,7 +379,7 @@ class CircuitDatabase:
         layer: int,
         index: int,
         direction: str = "both",
-        limit: int | None = 100,
+        limit: int | None = 0,
         min_count: int = 0,
         *,
         timeout: float | None = None,
@@ -382,9 +390,9 @@ class CircuitDatabase:
         layer = _check_int32(layer, "layer")
         index = _check_int32(index, "index")
         if direction not in EDGE_DIRECTIONS:
-            raise InvalidArgument(f"direction must be one of {', '.join(EDGE_DIRECTIONS)}, got {direction!r}")
+            raise InvalidArgument(f"direction must be one of {', '.join(EDGE_DIRECTIONS)}, got {echo(direction)}")
         if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
-            raise InvalidArgument(f"min_count must be a non-negative integer, got {min_count!r}")
+            raise InvalidArgument(f"min_count must be a non-negative integer, got {echo(min_count)}")
         limit = self._limit(limit)
         sides = {"downstream": (0,), "upstream": (1,), "both": (0, 1)}[direction]
         parts = []
@@ -411,7 +419,7 @@ class CircuitDatabase:
 
         layer = _check_int32(layer, "layer")
         index = _check_int32(index, "index")
-        self._require_connectivity("projections")
+        self._require_connectivity("projections", ("output", "input"))
         rows = self._rows(projections_query(), [layer, index], timeout=timeout)
         if not rows:
             raise NotFound(f"unit L{layer}/N{index} has no projections in the atlas")
@@ -422,7 +430,7 @@ class CircuitDatabase:
         layer: int,
         index: int,
         direction: str = "upstream",
-        limit: int | None = 100,
+        limit: int | None = 0,
         polarity: int = 0,
         *,
         timeout: float | None = None,
@@ -438,23 +446,24 @@ class CircuitDatabase:
             raise InvalidArgument(f"direction must be one of {', '.join(EDGE_DIRECTIONS)}, got {direction!r}")
         if polarity not in (-1, 0, 1) or isinstance(polarity, bool):
             raise InvalidArgument(f"polarity must be 1 (excitatory), -1 (inhibitory) or 0 (both), got {polarity!r}")
-        self._require_connectivity("weight_edges")
+        self._require_connectivity("weight_edges", ("weights",))
         limit = self._limit(limit)
         sql, params = weight_edges_query(layer, index, direction, limit, polarity)
         return [weight_edge_from_row(r) for r in self._rows(sql, params, timeout=timeout)]
 
-    def _require_connectivity(self, table: str) -> None:
-        if table not in self.tables:
+    def _require_connectivity(self, table: str, parts: tuple[str, ...]) -> None:
+        if not self.connectivity_parts & set(parts):
             raise FailedPrecondition(
-                f"{self.path}: the atlas has no {table} table; build it with `circuits build-db --connectivity DIR`"
+                f"{echo(str(self.path), quote=False)}: the atlas's {table} table is empty (built without connectivity {'/'.join(parts)}); "
+                "build it with `circuits build-db --connectivity DIR`"
             )
 
-    def get_cluster(self, cluster: str | int, limit: int | None = 100, *, timeout: float | None = None) -> ClusterMembers:
+    def get_cluster(self, cluster: str | int, limit: int | None = 0, *, timeout: float | None = None) -> ClusterMembers:
         """A cluster by top-level id (``3``/``"3"``) or hierarchy path (``"3.1"``) and its members
         (every unit whose path starts with it) ordered by layer, neuron; NotFound if absent."""
         path = str(cluster).strip()
         if not _CLUSTER_PATH.match(path):
-            raise InvalidArgument(f"cluster must be a number or a dotted path like '3.1', got {str(cluster)[:40]!r}")
+            raise InvalidArgument(f"cluster must be a number or a dotted path like '3.1', got {echo(str(cluster), 60)}")
         limit = self._limit(limit)
         info_rows = self._rows(
             "SELECT cluster_path, level, size, layer_min, layer_max, median_layer FROM clusters WHERE cluster_path = ?",

@@ -63,6 +63,8 @@ def export_files(export_dir: str | Path) -> ExportFiles:
         missing = [c for c in columns if c not in names]
         if missing:
             raise CorruptInput(f"{path}: missing column(s) {', '.join(missing)}")
+    # Absolute paths: a locked-down DuckDB connection may read exactly these files.
+    root = root.resolve()
     ledger = root / "ledger.parquet"
     return ExportFiles(edges=root / "edges.parquet", units=root / "units.parquet", ledger=ledger if ledger.exists() else None)
 

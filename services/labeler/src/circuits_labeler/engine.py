@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from circuits_core.config import LabelingSection
-from circuits_core.errors import InvalidArgument
+from circuits_core.errors import FailedPrecondition, InvalidArgument, echo
 from circuits_core.schemas import LABEL_PASSES, LabelProgress
 
 from circuits_labeler.cache import AnswerCache, CachedAnswer, prompt_hash
@@ -126,6 +126,10 @@ class ProgressiveLabeler:
         )
         if self.num_layers <= 0:
             raise InvalidArgument("cannot tell the number of layers: no projections, no evidence, labeling.num_layers = 0")
+        #: MLP neurons per layer; 0 when unknown (no labeling.neurons_per_layer, no projections).
+        self.neurons_per_layer = settings.neurons_per_layer or (
+            max((k[1] for k in projections.by_unit), default=-1) + 1 if projections is not None else 0
+        )
         self.bands = LayerBands.for_model(
             self.num_layers, late_fraction=settings.late_band_fraction, early_fraction=settings.early_band_fraction
         )
@@ -138,6 +142,31 @@ class ProgressiveLabeler:
         self.cancel_event = threading.Event()
         self._units = self._candidates()
         self.last_budget: Budget | None = None
+
+    # -- which units may be labelled on request ------------------------------------------------
+    def evidence_keys(self) -> set[tuple[int, int]]:
+        """Units the aggregated evidence lists (any appearance count); without an evidence source,
+        the projected units (projection-only labelling)."""
+        keys = {(u.layer, u.neuron) for u in self.evidence.units()}
+        if not keys and self.projections is not None:
+            keys = set(self.projections.by_unit)
+        return keys
+
+    def check_units(self, keys: Sequence[tuple[int, int]], *, allow_without_evidence: bool = False) -> None:
+        """Refuse units outside the model (InvalidArgument) and, unless ``allow_without_evidence``,
+        units the evidence does not list (FailedPrecondition), before anything is paid for."""
+        width = self.neurons_per_layer
+        outside = [k for k in keys if not (0 <= k[0] < self.num_layers and k[1] >= 0 and (not width or k[1] < width))]
+        if outside:
+            shape = f"{self.num_layers} layers x {width} neurons" if width else f"{self.num_layers} layers"
+            raise InvalidArgument(f"{_unit_list(outside)} outside the model ({shape})")
+        if allow_without_evidence:
+            return
+        known = self.evidence_keys()
+        missing = [k for k in keys if k not in known]
+        if missing:
+            raise FailedPrecondition(f"no evidence for {_unit_list(missing)}; set allow_without_evidence to label "
+                                     "units the aggregated graphs never showed")  # fmt: skip
 
     # -- candidates and qualification -----------------------------------------------------------
     def _candidates(self) -> dict[tuple[int, int], UnitRecord]:
@@ -439,10 +468,17 @@ class ProgressiveLabeler:
         return asyncio.run(self.alabel_units(keys, label_pass=label_pass))
 
 
+def _unit_list(keys: Sequence[tuple[int, int]], shown: int = 5) -> str:
+    """``L5/N999999, L1/N3 (+12 more)``: at most ``shown`` units named."""
+    names = ", ".join(f"L{layer}/N{neuron}" for layer, neuron in keys[:shown])
+    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
+    return f"{'unit' if len(keys) == 1 else 'units'} {names}{more}"
+
+
 def _check_passes(passes: Sequence[str]) -> list[str]:
     passes = list(passes) or list(LABEL_PASSES)
     for p in passes:
         if p not in LABEL_PASSES:
-            raise InvalidArgument(f"unknown pass {p!r}; use output or input")
+            raise InvalidArgument(f"unknown pass {echo(p, 60)}; use output or input")
     # Always in the progressive order: output (late->early) before input (early->late).
     return [p for p in LABEL_PASSES if p in passes]

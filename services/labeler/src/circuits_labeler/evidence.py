@@ -96,22 +96,50 @@ class DuckDBEvidence:
     def __init__(self, path: str | Path, *, min_edge_count: int = 1) -> None:
         import duckdb
 
+        from circuits_server.duckdb_files import open_duckdb
+
         self.path = Path(path)
         if not self.path.exists():
             raise NotFound(f"evidence not found: {self.path}")
         self._lock = threading.Lock()
-        self._con = duckdb.connect(":memory:")
+        is_atlas = self.path.is_file() and self.path.suffix != ".parquet"
+        if is_atlas:
+            resolved = self.path.resolve()
+            readable = [resolved, resolved.with_name(resolved.name + ".wal")]
+        else:
+            edge_files, unit_files = self._parquet_files()
+            readable = [*edge_files, *unit_files]
+        # External access off: SQL reads exactly these files and nothing else.
+        self._con = open_duckdb(":memory:", read_only=False, what="evidence", allowed_paths=readable)
         try:
-            if self.path.is_file() and self.path.suffix != ".parquet":
+            if is_atlas:
                 self._load_atlas(min_edge_count)
             else:
-                self._load_parquet(min_edge_count)
+                self._load_parquet(min_edge_count, edge_files, unit_files)
         except duckdb.Error as exc:
             raise CorruptInput(f"{self.path}: cannot read evidence ({str(exc).splitlines()[0]})") from None
 
+    def _parquet_files(self) -> tuple[list[Path], list[Path]]:
+        root = self.path.resolve()
+        if root.is_dir():
+            edge_files = sorted(root.glob("edges*.parquet"))
+            unit_files = sorted([*root.glob("units*.parquet"), *root.glob("neurons*.parquet")])
+        else:
+            edge_files, unit_files = [root], []
+        if not edge_files:
+            raise NotFound(f"{self.path}: no edges*.parquet files")
+        return edge_files, unit_files
+
     def _load_atlas(self, min_edge_count: int) -> None:
         con = self._con
-        con.execute(f"ATTACH {_sql_path(self.path)} AS atlas (READ_ONLY)")
+        con.execute(f"ATTACH {_sql_path(self.path.resolve())} AS atlas (READ_ONLY)")
+        kinds = dict(con.execute(
+            "SELECT table_name, table_type FROM information_schema.tables "
+            "WHERE table_catalog = 'atlas' AND table_schema = 'main' AND table_name IN ('neurons', 'edges')"
+        ).fetchall())  # fmt: skip
+        not_tables = sorted(name for name, kind in kinds.items() if kind != "BASE TABLE")
+        if not_tables:
+            raise CorruptInput(f"{self.path}: {', '.join(not_tables)} must be tables, not views (is this an atlas file?)")
         cols = {r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_catalog='atlas' AND table_name='neurons'"
         ).fetchall()}
@@ -131,15 +159,8 @@ class DuckDBEvidence:
         )
         con.execute("DETACH atlas")
 
-    def _load_parquet(self, min_edge_count: int) -> None:
+    def _load_parquet(self, min_edge_count: int, edge_files: list[Path], unit_files: list[Path]) -> None:
         con = self._con
-        if self.path.is_dir():
-            edge_files = sorted(self.path.glob("edges*.parquet"))
-            unit_files = sorted([*self.path.glob("units*.parquet"), *self.path.glob("neurons*.parquet")])
-        else:
-            edge_files, unit_files = [self.path], []
-        if not edge_files:
-            raise NotFound(f"{self.path}: no edges*.parquet files")
         files = "[" + ", ".join(_sql_path(f) for f in edge_files) + "]"
         con.execute(
             "CREATE TABLE edges AS SELECT src_layer::INT AS src_layer, src_neuron::INT AS src_neuron, "

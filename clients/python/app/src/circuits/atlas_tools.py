@@ -1,10 +1,9 @@
 """What an AI agent can ask the atlas, as compact, bounded JSON (the tools of ``circuits mcp``).
 
-:class:`AtlasTools` answers over any atlas reader with the atlas query methods (``search``,
-``get_unit``, ``get_unit_card``, ``get_edges_for_unit``, ``get_cluster``, ``stats``): the
+:class:`AtlasTools` answers over any :class:`~circuits_core.capabilities.AtlasQueries`: the
 in-process :class:`circuits_atlas.database.CircuitDatabase` or the SDK's
-:class:`circuits_sdk.atlas.AtlasClient`. With an attribution client it also traces a prompt and
-summarises the graph to its top neurons, labelled from the atlas. No MCP import here: the MCP
+:class:`circuits_sdk.atlas.AtlasClient`. With a :class:`~circuits_core.capabilities.Tracer` it also
+traces a prompt and summarises the graph to its top neurons, labelled from the atlas. No MCP import here: the MCP
 server (``circuits.cli.mcp``) only registers these methods as tools.
 
 Every answer is a plain dict of JSON types with bounded size: result counts are capped, long
@@ -17,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
-from circuits_core.atlas_types import EDGE_DIRECTIONS, AtlasStats, ClusterInfo, ClusterMembers, SearchHit, UnitCard
+from circuits_core.atlas_types import EDGE_DIRECTIONS, ClusterInfo, UnitCard
+from circuits_core.capabilities import AtlasQueries, Tracer
 from circuits_core.errors import InvalidArgument, NotFound
-from circuits_core.schemas import Edge, Unit
+from circuits_core.schemas import Unit
+from circuits_core.tracing import TraceRequest
 
 #: Longest label / description text in an answer (characters).
 MAX_TEXT = 300
@@ -31,22 +32,6 @@ MAX_MEMBERS = 100
 MAX_TRACE_NEURONS = 50
 #: Most metadata entries in atlas_stats.
 MAX_METADATA = 40
-
-
-class AtlasReader(Protocol):
-    """The atlas query methods both CircuitDatabase and AtlasClient provide."""
-
-    def search(self, text: str, limit: int = ..., *, timeout: float | None = ...) -> list[SearchHit]: ...
-
-    def get_unit(self, layer: int, index: int, *, timeout: float | None = ...) -> Unit | None: ...
-
-    def get_unit_card(self, layer: int, index: int, *, timeout: float | None = ...) -> UnitCard | None: ...
-
-    def get_edges_for_unit(self, layer: int, index: int, direction: str = ..., limit: int = ..., min_count: int = ..., *, timeout: float | None = ...) -> list[Edge]: ...
-
-    def get_cluster(self, cluster: str | int, limit: int = ..., *, timeout: float | None = ...) -> ClusterMembers: ...
-
-    def stats(self, *, timeout: float | None = ...) -> AtlasStats: ...
 
 
 def _text(value: str) -> str:
@@ -82,19 +67,16 @@ def unit_brief(unit: Unit) -> dict[str, Any]:
 
 
 class AtlasTools:
-    """Agent-facing atlas queries; ``attribution`` (an AttributionClient) enables :meth:`trace_prompt`."""
+    """Agent-facing atlas queries; ``attribution`` (a Tracer, e.g. an AttributionClient) enables :meth:`trace_prompt`."""
 
-    def __init__(self, atlas: AtlasReader, *, attribution: Any | None = None, timeout: float | None = 30.0) -> None:
+    def __init__(self, atlas: AtlasQueries, *, attribution: Tracer | None = None, timeout: float | None = 30.0) -> None:
         self.atlas = atlas
         self.attribution = attribution
         self.timeout = timeout
 
     # -- helpers ------------------------------------------------------------------------------
     def _unit_or_none(self, layer: int, index: int) -> Unit | None:
-        try:
-            return self.atlas.get_unit(layer, index, timeout=self.timeout)
-        except NotFound:  # the gRPC client raises, the database returns None
-            return None
+        return self.atlas.get_unit(layer, index, timeout=self.timeout)
 
     def _card(self, layer: int, neuron: int) -> UnitCard:
         card = self.atlas.get_unit_card(layer, neuron, timeout=self.timeout)
@@ -200,13 +182,13 @@ class AtlasTools:
         return {"neurons": stats.neurons, "edges": stats.edges, "clusters": stats.clusters, "metadata": metadata}
 
     def trace_prompt(self, prompt: str, top: int = 15, k: int = 0) -> dict[str, Any]:
-        """Trace a prompt on the attribution server; the graph summarised to its top neurons by
-        |attribution|, each with the atlas label when the atlas has one."""
+        """Trace a prompt on the attribution server (``k`` 0: TraceRequest's default); the graph
+        summarised to its top neurons by |attribution|, each with the atlas label when the atlas has one."""
         if self.attribution is None:
             raise InvalidArgument("no attribution endpoint configured (start `circuits mcp` with --attribution HOST:PORT)")
         top = _bounded(top, "top", 1, MAX_TRACE_NEURONS)
         k = _bounded(k, "k", 0, 50)
-        graph = self.attribution.trace(prompt, k=k)
+        graph = self.attribution.trace(TraceRequest(prompt=prompt, **({"k": k} if k else {})))
         neurons = sorted(graph.neurons, key=lambda u: -abs(u.attribution or 0.0))[:top]
         atlas_labels: dict[tuple[int, int], str] = {}
         for unit in neurons:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from circuits import __version__
 from circuits.extras import missing_part_error
-from circuits_core.errors import CircuitsError
+from circuits_core.errors import CircuitsError, error_line
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except CircuitsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
         missing = missing_part_error(exc, what=f"`circuits {args.command}`")

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from circuits.cli._remote import add_remote_auth_arguments, remote_auth
+from circuits.cli._remote import add_auth_arguments, remote_from_args
 from circuits_core.errors import CircuitsError, InvalidArgument
 
 INSTRUCTIONS = (
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--atlas", metavar="FILE", help="atlas DuckDB file opened read-only in this process")
     source.add_argument("--remote", metavar="HOST:PORT", help="an atlas server (circuits serve atlas)")
-    add_remote_auth_arguments(parser)
+    add_auth_arguments(parser)
     parser.add_argument("--attribution", metavar="HOST:PORT", default="",
                         help="an attribution server: enables the trace_prompt tool")
     parser.add_argument("--transport", choices=("stdio", "http"), default="stdio",
@@ -47,19 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def open_atlas(args: argparse.Namespace) -> "Iterator[Any]":
-    """The atlas reader the flags name: CircuitDatabase (in process) or AtlasClient (remote)."""
-    if args.remote:
-        from circuits_sdk.atlas import AtlasClient
+    """The atlas the flags name: CircuitDatabase (in process) or AtlasClient (remote)."""
+    from circuits import backends
 
-        with AtlasClient(args.remote, **remote_auth(args)) as client:
-            client.stats(timeout=args.timeout)  # fail now, with one line, when it is unreachable
-            yield client
-        return
-    from circuits.extras import require
-
-    database = require("circuits_atlas.database", what="`circuits mcp --atlas`")
-    with database.CircuitDatabase(args.atlas, read_only=True) as db:
-        yield db
+    remote = remote_from_args(args)
+    with contextlib.closing(backends.open_atlas(remote=remote, path=args.atlas or "", what="`circuits mcp --atlas`")) as atlas:
+        if remote is not None:
+            atlas.stats(timeout=args.timeout)  # fail now, with one line, when it is unreachable
+        yield atlas
 
 
 def build_server(tools: Any) -> Any:
@@ -129,7 +124,7 @@ def build_server(tools: Any) -> Any:
         def trace_prompt(
             prompt: Annotated[str, Field(min_length=1, max_length=4000, description="the prompt to trace")],
             top: Annotated[int, Field(ge=1, le=MAX_TRACE_NEURONS, description="neurons in the summary")] = 15,
-            k: Annotated[int, Field(ge=0, le=50, description="top logits the graph explains (0 = server default)")] = 0,
+            k: Annotated[int, Field(ge=0, le=50, description="top logits the graph explains (0 = the default, 5)")] = 0,
         ) -> Answer:
             """Trace a prompt into a RelP attribution graph on the model and summarise it: the predicted tokens and the neurons with the largest attribution, labelled from the atlas."""
             return call(tools.trace_prompt, prompt, top, k)
@@ -154,9 +149,10 @@ def run(args: argparse.Namespace) -> int:
         atlas = stack.enter_context(open_atlas(args))
         attribution = None
         if args.attribution:
-            from circuits_sdk.attribution import AttributionClient
+            from circuits import backends
 
-            attribution = stack.enter_context(AttributionClient(args.attribution, **remote_auth(args)))
+            remote = remote_from_args(args, address=args.attribution)
+            attribution = stack.enter_context(contextlib.closing(backends.open_tracer(remote=remote)))
         server = build_server(AtlasTools(atlas, attribution=attribution, timeout=args.timeout))
         if args.transport == "stdio":
             server.run("stdio")

@@ -21,7 +21,10 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from circuits.cli._remote import add_remote_auth_arguments, remote_auth
+from contextlib import closing
+
+from circuits.backends import LocalModel, open_patcher
+from circuits.cli._remote import add_remote_arguments, remote_from_args
 from circuits.cli._spec import field_docs
 from circuits_core.config import SMALL_MODEL
 from circuits_core.errors import InvalidArgument
@@ -55,9 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
     parser.add_argument("--show", type=int, default=20, help="neurons listed in the table (default: %(default)s)")
     parser.add_argument("--json", dest="json_out", metavar="FILE", help="also write the full result as JSON")
-    parser.add_argument("--remote", default=None, metavar="HOST:PORT",
-                        help="patch on a remote attribution service (its loaded model) instead of in-process")
-    add_remote_auth_arguments(parser)
+    add_remote_arguments(parser, service="attribution", instead_of="loading --model in-process (the server's model)")
     parser.add_argument("--timeout", type=float, default=600.0, help="remote call timeout in seconds (default: %(default)s)")
 
 
@@ -144,17 +145,9 @@ def run(args: argparse.Namespace) -> int:
         clean=args.clean, corrupt=args.corrupt, neurons=neurons, top=args.top,
         target_tokens=tuple(args.target_tokens or ()), raw=args.raw, answer_prefix=args.answer_prefix,
     )
-    if args.remote:
-        from circuits_sdk.attribution import AttributionClient
-
-        with AttributionClient(args.remote, **remote_auth(args)) as client:
-            result = client.patch(request, timeout=args.timeout)
-    else:
-        from circuits_attribution import load_model
-        from circuits_attribution.patching import Patcher
-
-        loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-        result = Patcher(loaded.model, loaded.tokenizer, model_name=args.model).run(request)
+    model = LocalModel(name=args.model, dtype=args.dtype, device=args.device)
+    with closing(open_patcher(remote=remote_from_args(args, timeout=args.timeout), model=model, what="`circuits patch`")) as patcher:
+        result = patcher.patch(request)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(_finite(asdict(result)), indent=1) + "\n", encoding="utf-8")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import closing
 from typing import Any
 
-from circuits.cli._remote import add_remote_auth_arguments, remote_auth
+from circuits.backends import open_atlas
+from circuits.cli._remote import add_remote_arguments, remote_from_args
 from circuits_core.errors import InvalidArgument
 
 
@@ -20,8 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unit", metavar="L/N",
                         help="show one unit (e.g. L29/N1234 or 29/1234): labels, cluster, output/input projections, "
                              "weight-graph and aggregated RelP edges")
-    parser.add_argument("--remote", metavar="HOST:PORT", help="query an atlas server instead of a local file")
-    add_remote_auth_arguments(parser)
+    add_remote_arguments(parser, service="atlas", instead_of="opening a local atlas file")
     parser.add_argument("--limit", type=int, default=20, help="most results (default 20)")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
 
@@ -39,22 +40,14 @@ def run(args: argparse.Namespace) -> int:
         from circuits.cli.query_unit import run_unit
 
         return run_unit(args)
-    if args.remote:
-        if len(args.args) != 1:
-            raise InvalidArgument("with --remote give only the search text")
-        (text,) = args.args
-        from circuits_sdk.atlas import AtlasClient
-
-        with AtlasClient(args.remote, **remote_auth(args)) as client:
-            hits = client.search(text, args.limit)
-    else:
-        if len(args.args) != 2:
-            raise InvalidArgument("give the atlas file and the search text (or --remote HOST:PORT TEXT)")
-        path, text = args.args
-        from circuits_atlas.database import CircuitDatabase
-
-        with CircuitDatabase(path, read_only=True) as db:
-            hits = db.search(text, args.limit)
+    remote = remote_from_args(args)
+    if remote is not None and len(args.args) != 1:
+        raise InvalidArgument("with --remote give only the search text")
+    if remote is None and len(args.args) != 2:
+        raise InvalidArgument("give the atlas file and the search text (or --remote HOST:PORT TEXT)")
+    *path, text = args.args
+    with closing(open_atlas(remote=remote, path=path[0] if path else "", what="`circuits query`")) as atlas:
+        hits = atlas.search(text, args.limit)
     if args.json:
         for hit in hits:
             print(json.dumps(_hit_json(hit), ensure_ascii=False))

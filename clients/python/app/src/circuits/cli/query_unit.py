@@ -3,8 +3,8 @@
 Shows the unit's labels and cluster, its output projection (tokens it promotes / suppresses), its
 input projection (tokens that activate it), its strongest weight-graph edges (excitatory and
 inhibitory, upstream and downstream) and its most frequent aggregated RelP edges. Works on a local
-atlas file or through ``--remote`` (AtlasService GetUnit, GetUnitProjections, GetWeightEdges,
-GetEdgesForUnit).
+atlas file or through ``--remote`` (the :class:`~circuits_core.capabilities.AtlasQueries` of
+:func:`circuits.backends.open_atlas`: GetUnit, GetUnitProjections, GetWeightEdges, GetEdgesForUnit).
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ import re
 from dataclasses import asdict
 from typing import Any
 
-from circuits.cli._remote import remote_auth
+from contextlib import closing
+
+from circuits.backends import open_atlas
+from circuits.cli._remote import remote_from_args
 from circuits_core.errors import FailedPrecondition, InvalidArgument, NotFound
 
 _UNIT = re.compile(r"^\s*L?(\d+)\s*[/:]\s*N?(\d+)\s*$", re.IGNORECASE)
@@ -30,53 +33,6 @@ def parse_unit(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-class _Local:
-    def __init__(self, path: str) -> None:
-        from circuits_atlas.database import CircuitDatabase
-
-        self.db = CircuitDatabase(path, read_only=True)
-
-    def close(self) -> None:
-        self.db.close()
-
-    def unit(self, layer: int, index: int) -> Any:
-        unit = self.db.get_unit(layer, index)
-        if unit is None:
-            raise NotFound(f"unit L{layer}/N{index} is not in the atlas")
-        return unit
-
-    def projections(self, layer: int, index: int) -> Any:
-        return self.db.get_unit_projections(layer, index)
-
-    def weight_edges(self, layer: int, index: int, limit: int) -> Any:
-        return self.db.get_weight_edges(layer, index, "both", limit)
-
-    def edges(self, layer: int, index: int, limit: int) -> Any:
-        return self.db.get_edges_for_unit(layer, index, "both", limit)
-
-
-class _Remote:
-    def __init__(self, address: str, auth: dict[str, str]) -> None:
-        from circuits_sdk.atlas import AtlasClient
-
-        self.client = AtlasClient(address, **auth)
-
-    def close(self) -> None:
-        self.client.close()
-
-    def unit(self, layer: int, index: int) -> Any:
-        return self.client.get_unit(layer, index)
-
-    def projections(self, layer: int, index: int) -> Any:
-        return self.client.get_unit_projections(layer, index)
-
-    def weight_edges(self, layer: int, index: int, limit: int) -> Any:
-        return self.client.get_weight_edges(layer, index, "both", limit)
-
-    def edges(self, layer: int, index: int, limit: int) -> Any:
-        return self.client.get_edges_for_unit(layer, index, "both", limit)
-
-
 def _optional(fn: Any) -> tuple[Any, str]:
     """(answer, "") or (None, why) when the atlas lacks the tables / the row."""
     try:
@@ -87,26 +43,21 @@ def _optional(fn: Any) -> tuple[Any, str]:
 
 def run_unit(args: argparse.Namespace) -> int:
     layer, index = parse_unit(args.unit)
-    if args.remote:
-        if args.args:
-            raise InvalidArgument("with --remote and --unit give no positional arguments")
-        source: Any = _Remote(args.remote, remote_auth(args))
-    else:
-        if len(args.args) != 1:
-            raise InvalidArgument("give the atlas file with --unit (or --remote HOST:PORT)")
-        source = _Local(args.args[0])
-    try:
-        unit, why_unit = _optional(lambda: source.unit(layer, index))
+    remote = remote_from_args(args)
+    if remote is not None and args.args:
+        raise InvalidArgument("with --remote and --unit give no positional arguments")
+    if remote is None and len(args.args) != 1:
+        raise InvalidArgument("give the atlas file with --unit (or --remote HOST:PORT)")
+    with closing(open_atlas(remote=remote, path=args.args[0] if args.args else "", what="`circuits query --unit`")) as atlas:
+        unit = atlas.get_unit(layer, index)
         limit = (min(args.limit, 10) if not args.json else args.limit) or 10
-        projections, why_proj = _optional(lambda: source.projections(layer, index))
-        weights, why_weights = _optional(lambda: source.weight_edges(layer, index, limit))
-        edges = source.edges(layer, index, limit)
-    finally:
-        source.close()
+        projections, why_proj = _optional(lambda: atlas.get_unit_projections(layer, index))
+        weights, why_weights = _optional(lambda: atlas.get_weight_edges(layer, index, "both", limit))
+        edges = atlas.get_edges_for_unit(layer, index, "both", limit)
     if unit is None:
         # Not among the atlas's neurons (never in a graph) but the weights may still know it.
         if projections is None and not weights and not edges:
-            raise NotFound(why_unit or f"unit L{layer}/N{index} is not in the atlas")
+            raise NotFound(f"unit L{layer}/N{index} is not in the atlas")
         from circuits_core.schemas import Unit
 
         unit = Unit(layer=layer, index=index)
