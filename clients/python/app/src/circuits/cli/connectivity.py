@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from circuits.cli._spec import add_spec_arguments, spec_values
 from circuits_core.config import SMALL_MODEL
 from circuits_core.connectivity import PARTS, ConnectivitySpec
 from circuits_core.errors import InvalidArgument
-
-SPEC_FLAGS = ("parts", "top_k", "edges_per_polarity", "similarity_k", "final_norm", "neuron_block", "block_memory_mb", "dtype")
-
+from circuits_core.fieldargs import add_field_arguments, field_values
 
 EXAMPLES = """examples:
   circuits connectivity --model HuggingFaceTB/SmolLM2-135M-Instruct --output connectivity/
@@ -37,17 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", required=True, metavar="DIR",
                         help="output folder (created; an existing one from the same model and settings is resumed)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
-    add_spec_arguments(parser, ConnectivitySpec, SPEC_FLAGS, choices={"dtype": ("float32", "float64", "bfloat16", "float16")})
+    add_field_arguments(parser, ConnectivitySpec)
     parser.add_argument("--show", type=int, default=3, metavar="N",
                         help="print the top promoted tokens of N neurons of the last layer (default: %(default)s; 0: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    for part in args.parts:
+    for part in getattr(args, "parts", ()):
         if part not in PARTS:
             raise InvalidArgument(f"--parts: unknown part {part!r} (choose from {', '.join(PARTS)})")
-    spec = ConnectivitySpec(**spec_values(args, ConnectivitySpec, SPEC_FLAGS))
+    spec = ConnectivitySpec(**field_values(args, ConnectivitySpec))
     from circuits_core.connectivity_files import ConnectivityFolder
 
     ConnectivityFolder.check_resumable(args.output, spec)  # fail before loading the model

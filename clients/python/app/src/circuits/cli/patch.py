@@ -25,9 +25,9 @@ from contextlib import closing
 
 from circuits.backends import LocalModel, open_patcher
 from circuits.cli._remote import add_remote_arguments, remote_from_args
-from circuits.cli._spec import field_docs
 from circuits_core.config import SMALL_MODEL
 from circuits_core.errors import InvalidArgument
+from circuits_core.fieldargs import field_docs
 from circuits_core.patching import DEFAULT_TOP, PatchRequest
 
 
