@@ -178,7 +178,7 @@ def _build_atlas(
 
     con = None
     try:
-        inputs = [p for p in (files.edges, files.units, files.ledger) if p is not None]
+        inputs = [p for p in (files.edges, files.units, files.ledger, files.logits) if p is not None]
         con = connect(tmp, read_only=False, memory_limit=memory_limit, threads=threads, row_group_size=ROW_GROUP_SIZE,
                       fts=True, allowed_paths=inputs, lock_configuration=False)  # fmt: skip
         create_tables(con)
@@ -201,6 +201,15 @@ def _build_atlas(
             [str(files.edges), min_edge_count],
         )
         create_edges_by_target(con)
+        if files.logits is not None:
+            con.execute(
+                """
+                INSERT INTO logit_edges
+                SELECT src_layer, src_neuron, token_id, token, count, weight_sum, weight_abs_sum, weight_sum / count
+                FROM read_parquet(?) WHERE count >= ? ORDER BY src_layer, src_neuron, count DESC, token_id
+                """,
+                [str(files.logits), min_edge_count],
+            )
         done()
 
         cluster_meta: dict[str, str] = {}
@@ -235,6 +244,7 @@ def _build_atlas(
             name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0] for name in ("neurons", "edges", "clusters")
         }
         labeled = con.execute("SELECT count(*) FROM neurons WHERE coalesce(label, '') <> ''").fetchone()[0]
+        scored = con.execute("SELECT count(*) FROM labels WHERE score_contexts > 0").fetchone()[0]
         metadata = {
             "schema_version": SCHEMA_VERSION,
             "schema_sha256": schema_fingerprint(),
@@ -244,6 +254,8 @@ def _build_atlas(
             "total_edges": counts["edges"],
             "total_clusters": counts["clusters"],
             "labeled_neurons": labeled,
+            "scored_labels": scored,
+            "logit_links": con.execute("SELECT count(*) FROM logit_edges").fetchone()[0],
             "min_edge_count": min_edge_count,
             "source_graph_count": "" if graph_count is None else graph_count,
             "export_dir": str(Path(export_dir).resolve()) if edge_source == "relp" else "",
@@ -331,6 +343,27 @@ def _insert_neurons(con: Any, units_path: Path, labels: Any) -> None:
             FULL OUTER JOIN labels_input l ON u.layer = l.layer AND u.neuron = l.neuron
             """,
             [str(units_path)],
+        )
+        con.execute(
+            """
+            INSERT INTO labels
+            SELECT layer, neuron, 'output', coalesce(nullif(output_label, ''), label), nullif(description, ''),
+                   coalesce(nullif(source, ''), 'progressive_output'), output_score_detection, output_score_simulation,
+                   output_score_contexts, output_score_positives
+            FROM labels_input WHERE coalesce(nullif(output_label, ''), nullif(label, '')) IS NOT NULL
+            UNION ALL
+            SELECT layer, neuron, 'input', input_label, NULL, 'progressive_input', input_score_detection,
+                   input_score_simulation, input_score_contexts, input_score_positives
+            FROM labels_input WHERE nullif(input_label, '') IS NOT NULL
+            """
+        )
+        con.execute(
+            """
+            UPDATE neurons SET score_detection = s.d, score_simulation = s.s
+            FROM (SELECT layer, neuron, max(score_detection) AS d, max(score_simulation) AS s FROM labels
+                  GROUP BY layer, neuron) s
+            WHERE neurons.layer = s.layer AND neurons.neuron = s.neuron
+            """
         )
     finally:
         con.unregister("labels_input")

@@ -205,6 +205,33 @@ def iter_output_projections(
 # --------------------------------------------------------------------------------------------
 # Input projections
 # --------------------------------------------------------------------------------------------
+def input_projection_rows(
+    model: Any,
+    layer: int,
+    neurons: Sequence[int],
+    *,
+    top_k: int = 50,
+    device: Any = None,
+    dtype: Any = None,
+    embedding: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [n, k], token ids [n, k])`` of the input projection for the given neurons of ``layer``."""
+    layers = _layers(model)
+    if not 0 <= layer < len(layers):
+        raise InvalidArgument(f"layer {layer} is out of range (model has layers 0..{len(layers) - 1})")
+    dev, dt = _resolve(model, device, dtype)
+    with torch.no_grad():
+        emb = embedding if embedding is not None else model.get_input_embeddings().weight.detach().to(device=dev, dtype=dt)
+        mlp = layers[layer].mlp
+        rows = torch.as_tensor(list(neurons), dtype=torch.long, device=mlp.gate_proj.weight.device)
+        w_gate = mlp.gate_proj.weight.detach()[rows].to(device=dev, dtype=dt)  # [n, D]
+        w_up = mlp.up_proj.weight.detach()[rows].to(device=dev, dtype=dt)  # [n, D]
+        score = mlp.act_fn(w_gate @ emb.T)  # [n, V]
+        score.mul_(w_up @ emb.T)
+        top = torch.topk(score, min(top_k, emb.shape[0]), dim=1, largest=True, sorted=True)
+        return top.values.cpu(), top.indices.cpu()
+
+
 def input_projection_layer(
     model: Any,
     layer: int,
@@ -221,24 +248,16 @@ def input_projection_layer(
     if not 0 <= layer < len(layers):
         raise InvalidArgument(f"layer {layer} is out of range (model has layers 0..{len(layers) - 1})")
     dev, dt = _resolve(model, device, dtype)
-    with torch.no_grad():
-        emb = embedding if embedding is not None else model.get_input_embeddings().weight.detach().to(device=dev, dtype=dt)
-        mlp = layers[layer].mlp
-        w_gate = mlp.gate_proj.weight.detach().to(device=dev, dtype=dt)  # [F, D]
-        w_up = mlp.up_proj.weight.detach().to(device=dev, dtype=dt)  # [F, D]
-        vocab = emb.shape[0]
-        k = min(top_k, vocab)
-        rows = _rows_for(block_memory_mb << 20, vocab, torch.finfo(dt).bits // 8, 3, neuron_block)
-        values, ids = [], []
-        for start in range(0, w_gate.shape[0], rows):
-            gate = w_gate[start : start + rows] @ emb.T  # [B, V]
-            score = mlp.act_fn(gate)
-            score.mul_(w_up[start : start + rows] @ emb.T)
-            top = torch.topk(score, k, dim=1, largest=True, sorted=True)
-            values.append(top.values)
-            ids.append(top.indices)
-            del gate, score
-        return torch.cat(values).cpu(), torch.cat(ids).cpu()
+    emb = embedding if embedding is not None else model.get_input_embeddings().weight.detach().to(device=dev, dtype=dt)
+    n_neurons = int(layers[layer].mlp.gate_proj.weight.shape[0])
+    rows = _rows_for(block_memory_mb << 20, emb.shape[0], torch.finfo(dt).bits // 8, 3, neuron_block)
+    values, ids = [], []
+    for start in range(0, n_neurons, rows):
+        v, i = input_projection_rows(model, layer, range(start, min(start + rows, n_neurons)), top_k=top_k,
+                                     device=dev, dtype=dt, embedding=emb)
+        values.append(v)
+        ids.append(i)
+    return torch.cat(values), torch.cat(ids)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 from circuits_core.projections import SCHEMA_VERSION, NeuronProjection, OutputProjections, TokenWeight
 
 __all__ = [
-    "SCHEMA_VERSION", "NeuronProjection", "OutputProjections", "TokenWeight", "compute_output_projections",
+    "SCHEMA_VERSION", "InputProjection", "NeuronProjection", "OutputProjections", "TokenWeight", "compute_output_projections",
     "iter_layer_projections", "load_model_for_projections", "vocabulary_strings",
 ]
 
@@ -106,3 +106,39 @@ def load_model_for_projections(name: str, *, device: str = "cpu") -> tuple[Any, 
 
     loaded = load_model(name, dtype="float32", device=device)
     return loaded.model, loaded.tokenizer
+
+
+class InputProjection:
+    """Tokens whose embeddings, fed straight into a layer's MLP, drive a neuron most (relp-spec §F:
+    ``act(W_E W_gate[i]) * (W_E W_up[i])`` per vocabulary token, norms and attention ignored).
+
+    The per-neuron form of :func:`circuits_attribution.connectivity.input_projection_rows` (the one
+    implementation), done on demand and cached; called as ``projection(layer, neuron) ->
+    [TokenWeight, ...]`` (strongest positive first); () for a neuron the model does not have.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, top_k: int = 10) -> None:
+        self.model = model
+        self.top_k = top_k
+        self._vocab: list[str] | None = None
+        self._tokenizer = tokenizer
+        self._cache: dict[tuple[int, int], tuple[TokenWeight, ...]] = {}
+
+    def __call__(self, layer: int, neuron: int) -> tuple[TokenWeight, ...]:
+        import torch
+
+        from circuits_attribution.connectivity import input_projection_rows, model_shape
+
+        key = (layer, neuron)
+        if key in self._cache:
+            return self._cache[key]
+        shape = model_shape(self.model)
+        if not (0 <= layer < shape.num_layers and 0 <= neuron < shape.d_mlp):
+            return ()
+        values, ids = input_projection_rows(self.model, layer, [neuron], top_k=self.top_k, dtype=torch.float32)
+        if self._vocab is None:
+            self._vocab = vocabulary_strings(self._tokenizer, shape.vocab_size)
+        out = tuple(TokenWeight(token_id=int(i), token=self._vocab[int(i)], weight=float(v))
+                    for v, i in zip(values[0].tolist(), ids[0].tolist()))
+        self._cache[key] = out
+        return out

@@ -43,6 +43,13 @@ class UnitLabel:
     source: str = ""
     confidence: str = ""
     description: str = ""
+    #: How well the label predicts the neuron's activations (circuits_labeler.scoring): balanced
+    #: accuracy of "fires" and correlation of predicted with true activations; None = not scored.
+    score_detection: float | None = None
+    score_simulation: float | None = None
+    #: Contexts the scorer judged, and how many of them truly fire.
+    score_contexts: int = 0
+    score_positives: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

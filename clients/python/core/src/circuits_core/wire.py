@@ -51,9 +51,14 @@ def unit_to_proto(unit: Unit, out: graph_pb2.Unit | None = None) -> graph_pb2.Un
         msg.probability = unit.probability
     msg.appearance_count = unit.appearance_count
     for label in unit.labels:
-        msg.labels.add(
-            text=label.text, source=label.source, confidence=label.confidence, description=label.description
+        entry = msg.labels.add(
+            text=label.text, source=label.source, confidence=label.confidence, description=label.description,
+            score_contexts=label.score_contexts, score_positives=label.score_positives,
         )
+        if label.score_detection is not None:
+            entry.score_detection = label.score_detection
+        if label.score_simulation is not None:
+            entry.score_simulation = label.score_simulation
     msg.cluster = unit.cluster
     return msg
 
@@ -75,7 +80,11 @@ def unit_from_proto(msg: graph_pb2.Unit) -> Unit:
         probability=_opt(msg, "probability"),
         appearance_count=msg.appearance_count,
         labels=tuple(
-            UnitLabel(text=l.text, source=l.source, confidence=l.confidence, description=l.description)
+            UnitLabel(
+                text=l.text, source=l.source, confidence=l.confidence, description=l.description,
+                score_detection=_opt(l, "score_detection"), score_simulation=_opt(l, "score_simulation"),
+                score_contexts=l.score_contexts, score_positives=l.score_positives,
+            )
             for l in msg.labels
         ),
         cluster=msg.cluster,
@@ -597,6 +606,8 @@ def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id:
         edge_src=np.array(table.src, dtype=np.int64),
         edge_tgt=np.array(table.tgt, dtype=np.int64),
         edge_weight=np.array(table.weight, dtype=np.float64),
+        is_logit=[u.kind == graph_pb2.UNIT_KIND_LOGIT for u in units],
+        tokens=[u.token for u in units],
     )
 
 
