@@ -19,6 +19,7 @@ from circuits_attribution.connectivity import compute_connectivity
 from circuits_core.connectivity import PARTS, ConnectivitySpec
 from circuits_core.connectivity_files import ConnectivityFolder
 from circuits_core.errors import FailedPrecondition, InvalidArgument, NotFound
+from circuits_core.exports import UNIT_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,13 @@ def tiny_export(out: Path) -> Path:
     }), out / "edges.parquet")
     pq.write_table(pa.table({
         "layer": pa.array([0, 1, 2, 3], pa.int32()), "neuron": pa.array([1, 2, 3, 4], pa.int32()),
-        "graph_count": pa.array([3, 3, 3, 3], pa.int64()),
+        "graph_count": pa.array([3, 3, 3, 3], pa.int64()), "observation_count": pa.array([3, 3, 3, 3], pa.int64()),
+        **{name: pa.array([0.0] * 4, pa.float64()) for name in UNIT_COLUMNS[4:]},
     }), out / "units.parquet")
+    pq.write_table(pa.table({
+        "graph_id": pa.array([f"g{i}" for i in range(7)]), "source": pa.array(["test"] * 7),
+        "corpus_index": pa.array(list(range(7)), pa.int64()),
+    }), out / "ledger.parquet")
     return out
 
 

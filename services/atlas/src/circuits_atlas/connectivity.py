@@ -12,7 +12,7 @@ Tables (schema in ``docs/connectivity.md``):
 
 For a weight-based ``aggregation.method`` the folder is turned into an aggregator-shaped export
 (``edges.parquet`` with ``count = 1`` and the weight as every statistic, ``units.parquet`` with
-every neuron) so the atlas build and Infomap run on it unchanged.
+every neuron and zero activation statistics, an empty ``ledger.parquet``) so the atlas build and Infomap run on it unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ CONNECTIVITY_TABLES: tuple[str, ...] = ("projections", "weight_edges", "weight_e
 
 
 def weight_export(folder: str | Path, method: str, out_dir: str | Path) -> Path:
-    """Write ``edges.parquet`` / ``units.parquet`` (the aggregator export layout) built from weights.
+    """Write a complete aggregator export (``circuits_core.exports`` layout) built from weights.
 
     ``weight_graph``: one edge per weight-graph edge, weight = strength (signed).
     ``output_projection``: one edge per similarity pair, weight = cosine of the output projections.
@@ -42,6 +42,7 @@ def weight_export(folder: str | Path, method: str, out_dir: str | Path) -> Path:
     import pyarrow as pa
 
     from circuits_core.connectivity_files import write_parquet
+    from circuits_core.exports import EDGES_FILE, LEDGER_FILE, UNIT_COLUMNS, UNITS_FILE
 
     if method not in WEIGHT_METHODS:
         raise InvalidArgument(f"aggregation method must be one of {', '.join(WEIGHT_METHODS)} here, got {method!r}")
@@ -67,12 +68,20 @@ def weight_export(folder: str | Path, method: str, out_dir: str | Path) -> Path:
         "weight_sq_sum": pa.array(weight[order] ** 2),
         "weight_min": pa.array(weight[order]),
         "weight_max": pa.array(weight[order]),
-    }), out / "edges.parquet")
+    }), out / EDGES_FILE)
     layers, neurons = np.meshgrid(np.arange(conn.num_layers, dtype=np.int32), np.arange(conn.d_mlp, dtype=np.int32), indexing="ij")
+    zeros = np.zeros(layers.size, dtype=np.int64)
     write_parquet(pa.table({
         "layer": pa.array(layers.ravel()), "neuron": pa.array(neurons.ravel()),
-        "graph_count": pa.array(np.zeros(layers.size, dtype=np.int64)),
-    }), out / "units.parquet")
+        "graph_count": pa.array(zeros), "observation_count": pa.array(zeros),
+        # No activations were observed: the statistics are zero sums (the atlas's means divide by nullif(count, 0)).
+        **{name: pa.array(np.zeros(layers.size, dtype=np.float64)) for name in UNIT_COLUMNS[4:]},
+    }), out / UNITS_FILE)
+    # No graph was counted: an empty ledger, so the export is complete for open_export.
+    write_parquet(pa.table({
+        "graph_id": pa.array([], pa.string()), "source": pa.array([], pa.string()),
+        "corpus_index": pa.array([], pa.int64()),
+    }), out / LEDGER_FILE)
     return out
 
 

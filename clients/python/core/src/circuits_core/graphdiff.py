@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from circuits_core.errors import CorruptInput, InvalidArgument
-from circuits_core.schemas import EMBEDDING_LAYER, Graph, GraphMetadata, Unit, save_legacy, slugify
+from circuits_core.schemas import EMBEDDING_LAYER, Graph, GraphMetadata, Unit, slugify
 
 FORMAT = "circuits.graph_diff"
 VERSION = 1
@@ -276,7 +276,9 @@ class GraphDiff:
 
     def save_graph(self, path: str | Path) -> Path:
         """Write :meth:`to_legacy_graph` (``.json`` / ``.json.gz``) atomically."""
-        return save_legacy(self.to_legacy_graph(), path)
+        from circuits_core.graphio import write_json
+
+        return write_json(self.to_legacy_graph(), path)
 
 
 def _key_of(u: UnitChange) -> NodeKey:
