@@ -78,6 +78,7 @@ def _size() -> tuple[int, int]:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium or websocket-client not installed")
+@pytest.mark.timeout(1800)  # the full 50000x10000000 size takes minutes to generate and read
 def test_big_graph_opens_in_chromium(tmp_path, request) -> None:
     n_nodes, n_edges = _size()
     started = time.perf_counter()
