@@ -119,18 +119,22 @@ def start_server(atlas: Path, workers: int) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "circuits_atlas", "--duckdb", str(atlas), "--port", "0", "--host", "127.0.0.1",
-         "--max-workers", str(workers)],  # fmt: skip
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+         "--max-workers", str(workers), "--insecure"],  # loopback only; servers refuse plaintext without the flag
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     deadline = time.time() + 300
     assert proc.stdout is not None
+    said: list[str] = []
     while time.time() < deadline:
         line = proc.stdout.readline()
+        said.append(line)
         match = re.search(r"serving on (\S+)", line)
         if match:
+            # Keep draining the server's output so its log never blocks on a full pipe.
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
             return proc, match.group(1)
         if proc.poll() is not None:
-            raise SystemExit("atlas server exited during start")
+            raise SystemExit("atlas server exited during start: " + "".join(said)[-2000:])
     raise SystemExit("atlas server did not start")
 
 
@@ -269,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-infomap", action="store_true")
     p.add_argument("--workdir", help="keep inputs and the atlas here (default: a temp dir, removed)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite runs this; no figure means anything)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.layers, args.neurons, args.edges, args.requests, args.warmup = 4, 64, 4000, 40, 5
+        args.concurrency, args.server_workers = [1, 4], 4
+        args.infomap_nodes, args.infomap_layer_width, args.infomap_edges, args.infomap_communities = 2000, 500, 8000, 20
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="atlas_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -306,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{name:<16} clients={conc:<3} n={r['requests']:<6} p50 {r['p50_ms']:7.2f} ms  "
                               f"p99 {r['p99_ms']:8.2f} ms  {r['qps']:7.1f} req/s  errors {r['errors']}  "
                               f"(p50 target <= {target} ms){'  ' + r['first_error'] if r['errors'] else ''}")  # fmt: skip
+                        assert r["errors"] == 0, f"{name}: {r['errors']} failed requests ({r['first_error']})"
+                print("atlas queries answered without errors")
             finally:
                 proc.terminate()
                 proc.wait(30)
