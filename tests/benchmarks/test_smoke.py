@@ -25,6 +25,7 @@ SMOKE = {
     "analysis_bench.py": "analysis stages done",
     "atlas_bench.py": "atlas queries answered without errors",
     "attribution_service_bench.py": "overhead ratio remote/in-process",
+    "connectivity_bench.py": "top promoted tokens",
     "exemplars_bench.py": "writing the exemplar file",
     "gateway_bench.py": "ratio http-json / grpc-direct",
     "label_bench.py": "speedup concurrency 4 vs 1",
