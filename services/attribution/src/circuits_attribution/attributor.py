@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from circuits_core.edge_table import EdgeTable as GraphEdgeTable
 from circuits_core.errors import Cancelled, CircuitsError, InvalidArgument
 from circuits_core.interventions import InterventionRequest, InterventionResult
-from circuits_core.schemas import EMBEDDING_LAYER, Edge, Graph, GraphMetadata, Unit, graph_content_id, slugify
+from circuits_core.schemas import EMBEDDING_LAYER, Graph, GraphMetadata, Unit, graph_content_id, slugify
 from circuits_core.tracing import ModelInfo, TraceRequest, TraceSettings
 
 from circuits_attribution.linearize import MLP_RULES, Linearization
@@ -183,8 +184,8 @@ class TraceTimings:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-#: Edges turned into Edge objects between two stop checks while a graph is built.
-_EDGES_PER_STOP_CHECK = 1 << 16
+#: Units built between two stop checks while a graph is built.
+_UNITS_PER_STOP_CHECK = 1 << 14
 
 
 def _check_stop(should_stop: Callable[[], bool] | None) -> None:
@@ -919,15 +920,21 @@ class RelPAttributor:
         logit_probs = probs[logit_ids].cpu().tolist()
         embedding_scores = node_scores.embedding_scores.to(torch.float64).cpu().tolist()
 
-        units: list[Unit] = [
-            Unit(
-                layer=int(layer), index=int(index), position=int(pos), kind="neuron",
-                activation=float(act), attribution=float(score), token=prompt_tokens[int(pos)],
+        units: list[Unit] = []
+        for lo in range(0, len(selection), _UNITS_PER_STOP_CHECK):
+            _check_stop(should_stop)
+            part = slice(lo, lo + _UNITS_PER_STOP_CHECK)
+            units.extend(
+                Unit(
+                    layer=int(layer), index=int(index), position=int(pos), kind="neuron",
+                    activation=float(act), attribution=float(score), token=prompt_tokens[int(pos)],
+                )
+                for layer, index, pos, act, score in zip(
+                    selection.layers[part].tolist(), selection.indices[part].tolist(), selection.positions[part].tolist(),
+                    selection.activations[part].tolist(), selection.scores[part].tolist(),
+                )
             )
-            for layer, index, pos, act, score in zip(
-                selection.layers, selection.indices, selection.positions, selection.activations, selection.scores
-            )
-        ]
+        _check_stop(should_stop)
         units += [
             Unit(layer=EMBEDDING_LAYER, index=int(token_id), position=p, kind="embedding",
                  activation=1.0, attribution=float(embedding_scores[p]), token=prompt_tokens[p])
@@ -938,23 +945,12 @@ class RelPAttributor:
                  attribution=float(coef) * float(value), probability=float(prob), token=tok.decode([int(token_id)]))
             for token_id, coef, value, prob in zip(metric.token_ids, metric.coefficients, logit_vals, logit_probs)
         ]
-        tgt_layers = np.where(edges.tgt_layer == self.n_layers, logit_layer, edges.tgt_layer)
-        edge_list: list[Edge] = []
-        for lo in range(0, len(edges), _EDGES_PER_STOP_CHECK):
-            _check_stop(should_stop)
-            part = slice(lo, lo + _EDGES_PER_STOP_CHECK)
-            edge_list.extend(
-                Edge(
-                    src_layer=int(sl), src_index=int(si), src_position=int(sp),
-                    tgt_layer=int(tl), tgt_index=int(ti), tgt_position=int(tp),
-                    weight=float(w), raw_weight=float(r),
-                )
-                for sl, si, sp, tl, ti, tp, w, r in zip(
-                    edges.src_layer[part].tolist(), edges.src_index[part].tolist(), edges.src_position[part].tolist(),
-                    tgt_layers[part].tolist(), edges.tgt_index[part].tolist(), edges.tgt_position[part].tolist(),
-                    edges.flow[part].tolist(), edges.raw[part].tolist(),
-                )
-            )
+        # The engine's columns go into the graph as they are; only the logit sentinel layer changes.
+        edge_table = GraphEdgeTable(
+            src_layer=edges.src_layer, src_index=edges.src_index, src_position=edges.src_position,
+            tgt_layer=np.where(edges.tgt_layer == self.n_layers, logit_layer, edges.tgt_layer),
+            tgt_index=edges.tgt_index, tgt_position=edges.tgt_position, weight=edges.flow, raw_weight=edges.raw,
+        )  # fmt: skip
         settings = self.settings_record(cfg)
         if direction is not None:
             settings["direction_sha"] = _tensor_digest(metric.direction)
@@ -978,7 +974,7 @@ class RelPAttributor:
             extra={"generation_settings": generation_settings},
         )
         return Graph(
-            units=tuple(units), edges=tuple(edge_list), prompt=prompt, prompt_tokens=prompt_tokens,
+            units=tuple(units), edges=edge_table, prompt=prompt, prompt_tokens=prompt_tokens,
             model=self.model_name, graph_id=graph_id, metadata=metadata,
         )
 
