@@ -303,7 +303,8 @@ def smollm2_agreement(settings: ProofSettings) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="shrunk configs on CPU: the same code path, in seconds")
+    parser.add_argument("--tiny", "--smoke", dest="tiny", action="store_true",
+                        help="shrunk configs on CPU: the same code path, in seconds (--smoke: the benchmarks' common name)")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
     parser.add_argument("--cases", default="llama,qwen3,smollm2", help="comma-separated: llama, qwen3, smollm2")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")

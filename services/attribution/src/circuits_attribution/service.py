@@ -68,15 +68,10 @@ class AttributionEngine(Protocol):
         """Trace ``requests`` as one batch; the result is aligned with them: each request's Graph
         or the InvalidArgument it alone raised (other errors fail the whole batch).
 
-        This default traces them one after another; an engine that batches overrides it.
+        Optional: for an engine without it (or subclasses keeping this default) the runner traces
+        a batch's requests one after another with :meth:`trace`.
         """
-        results: list[Graph | CircuitsError] = []
-        for request in requests:
-            try:
-                results.append(self.trace(request, should_stop=should_stop))
-            except InvalidArgument as exc:
-                results.append(exc)
-        return results
+        return trace_one_by_one(self, requests, should_stop=should_stop)
 
     def intervene(self, request: InterventionRequest, *, should_stop: StopCheck) -> InterventionResult: ...
 
@@ -469,7 +464,12 @@ class AttributionRunner:
                 raise stopped_error()
             with self._exclusive(stop, stopped_error):
                 if kind == "trace":
-                    outcomes = list(slot.engine.trace_many([t.request for t in batch], should_stop=stop))
+                    requests = [t.request for t in batch]
+                    trace_many = getattr(slot.engine, "trace_many", None)
+                    if trace_many is None:
+                        outcomes = trace_one_by_one(slot.engine, requests, should_stop=stop)
+                    else:
+                        outcomes = list(trace_many(requests, should_stop=stop))
                     if len(outcomes) != len(batch):
                         raise RuntimeError(f"engine returned {len(outcomes)} results for {len(batch)} requests")
                 else:
@@ -589,6 +589,19 @@ class _StreamFeed:
             tickets = [item for _, item in self._entries if isinstance(item, _Ticket)]
             self._entries.clear()
             return tickets
+
+
+def trace_one_by_one(
+    engine: AttributionEngine, requests: Sequence[TraceRequest], *, should_stop: StopCheck
+) -> list[Graph | CircuitsError]:
+    """``engine.trace`` of each request in turn: its Graph, or the InvalidArgument it alone raised."""
+    results: list[Graph | CircuitsError] = []
+    for request in requests:
+        try:
+            results.append(engine.trace(request, should_stop=should_stop))
+        except InvalidArgument as exc:
+            results.append(exc)
+    return results
 
 
 def _copy_error(error: BaseException) -> BaseException:
