@@ -37,6 +37,7 @@ from circuits_core.errors import Cancelled, CircuitsError, InvalidArgument, Reso
 from circuits_core.interventions import InterventionRequest, InterventionResult
 from circuits_core.limits import DEFAULT_LIMITS
 from circuits_core.limits import flag as limit_flag
+from circuits_core.patching import PatchRequest, PatchResult
 from circuits_core.schemas import Graph
 from circuits_core.tracing import ModelInfo, TraceRequest
 
@@ -75,6 +76,8 @@ class AttributionEngine(Protocol):
 
     def intervene(self, request: InterventionRequest, *, should_stop: StopCheck) -> InterventionResult: ...
 
+    def patch(self, request: PatchRequest, *, should_stop: StopCheck) -> PatchResult: ...
+
     def model_info(self) -> ModelInfo: ...
 
     def replicate(self) -> AttributionEngine:
@@ -98,7 +101,7 @@ class _Ticket:
     __slots__ = ("kind", "request", "should_stop", "enqueued", "batch", "done", "result", "error", "abandoned")
 
     def __init__(self, kind: str, request: Any, should_stop: StopCheck) -> None:
-        self.kind = kind  # "trace" | "intervene"
+        self.kind = kind  # "trace" | "intervene" | "patch"
         self.request = request
         self.should_stop = should_stop
         self.enqueued = time.monotonic()
@@ -325,6 +328,10 @@ class AttributionRunner:
         """Run an intervention on an engine, with the same queueing, limits and stop semantics as :meth:`trace`."""
         return self.wait(self._enqueue(_Ticket("intervene", request, should_stop or _never)), should_stop=should_stop)
 
+    def patch(self, request: PatchRequest, *, should_stop: StopCheck | None = None) -> PatchResult:
+        """Activation patching on an engine, with the same queueing, limits and stop semantics as :meth:`trace`."""
+        return self.wait(self._enqueue(_Ticket("patch", request, should_stop or _never)), should_stop=should_stop)
+
     def wait(self, ticket: _Ticket, *, should_stop: StopCheck | None = None) -> Any:
         """The result of a submitted request; Cancelled once ``should_stop()`` (default: the
         ticket's own) turns true."""
@@ -456,7 +463,9 @@ class AttributionRunner:
             return Cancelled("request cancelled or past its deadline")
 
         kind = batch[0].kind
-        what = f"tracing a batch of {len(batch)} prompt(s)" if kind == "trace" else "running the intervention"
+        what = {"trace": f"tracing a batch of {len(batch)} prompt(s)", "patch": "patching activations"}.get(
+            kind, "running the intervention"
+        )
         started = time.perf_counter()
         outcomes: list[Any]
         try:
@@ -472,6 +481,8 @@ class AttributionRunner:
                         outcomes = list(trace_many(requests, should_stop=stop))
                     if len(outcomes) != len(batch):
                         raise RuntimeError(f"engine returned {len(outcomes)} results for {len(batch)} requests")
+                elif kind == "patch":
+                    outcomes = [slot.engine.patch(batch[0].request, should_stop=stop)]
                 else:
                     outcomes = [slot.engine.intervene(batch[0].request, should_stop=stop)]
         except Exception as exc:  # noqa: BLE001 - every ticket gets an error, the thread lives on
