@@ -55,7 +55,7 @@ _ABORT_WAIT_S = 5.0
 class AttributionEngine(Protocol):
     """What :class:`AttributionRunner` needs from an engine (``RelPAttributor`` is the real one).
 
-    ``trace``, ``trace_many`` and ``intervene`` run on one replica held exclusively by the caller;
+    ``trace``, ``trace_many``, ``intervene`` and ``patch`` run on one replica held exclusively by the caller;
     they give up (raising any error) soon after ``should_stop()`` turns true.
     """
 
