@@ -842,6 +842,11 @@ class RelPAttributor:
         with _stop_checks(self.model, should_stop):
             return run_intervention(self, request)
 
+    def _d_mlp(self) -> int:
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(getattr(text_config, "intermediate_size", 0) or 0)
+
     def patch(self, request: PatchRequest, *, should_stop: Callable[[], bool] | None = None) -> PatchResult:
         """Activation patching between a clean and a corrupt prompt, with RelP's predictions (the Patch RPC)."""
         from circuits_attribution.patching import run_patch
@@ -966,6 +971,9 @@ class RelPAttributor:
         generation_settings = {
             **{k: v for k, v in settings.items() if v is not None},
             "n_selected_nodes": len(selection),
+            # The model's shape: the aggregator records it at first ingest and refuses other shapes.
+            "num_layers": self.n_layers,
+            "d_mlp": self._d_mlp(),
             "metric_tokens": [int(t) for t in metric.token_ids],
             "metric_coefficients": [float(c) for c in metric.coefficients],
         }

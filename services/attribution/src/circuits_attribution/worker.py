@@ -249,26 +249,54 @@ def _trace_lines(engine: Tracer, requests: list[TraceRequest]) -> list[Graph | I
 
 
 class AggregatorSink:
-    """Sends each graph to an aggregator; ``send`` returns once the aggregator acknowledged it as
-    committed (AggregatorClient keeps it and re-sends across reconnects until then)."""
+    """Sends each graph to the aggregator shard that owns it; ``send`` returns once that shard
+    acknowledged it as committed.
+
+    ``target``: ``host:port`` of the only aggregator, or the comma-separated addresses of every
+    shard in shard order (``<release>-aggregator-<i>.<release>-aggregator-headless...``, what the
+    chart passes): graph ``g`` goes to shard ``shard_of(g.graph_id, N)``, N = number of addresses.
+    Each shard's AggregatorClient keeps an unacknowledged graph and re-sends it across
+    reconnects (a restarted shard counts a graph id once), so every graph lands exactly once in
+    exactly one shard.
+    """
 
     def __init__(self, target: str) -> None:
-        from circuits_sdk.aggregator import AggregatorClient
-
+        self.targets = [t.strip() for t in target.split(",") if t.strip()]
+        if not self.targets:
+            raise InvalidArgument("--aggregator: give host:port, or the comma-separated addresses of every shard")
+        if len(set(self.targets)) != len(self.targets):
+            raise InvalidArgument(f"--aggregator: a shard address is listed twice ({target})")
         self.target = target
-        self.client = AggregatorClient(target)
+        self._clients: dict[int, Any] = {}
+
+    def shard_for(self, graph_id: str) -> int:
+        from circuits_core.aggregator_types import shard_of
+
+        return shard_of(graph_id, len(self.targets))
+
+    def _client(self, shard: int) -> Any:
+        client = self._clients.get(shard)
+        if client is None:
+            from circuits_sdk.aggregator import AggregatorClient
+
+            client = self._clients[shard] = AggregatorClient(self.targets[shard])
+        return client
 
     def send(self, graph: Graph) -> None:
         from circuits_core.errors import FailedPrecondition
 
-        report = self.client.ingest([graph])
+        shard = self.shard_for(graph.graph_id)
+        report = self._client(shard).ingest([graph])
         if graph.graph_id in report.rejected_graph_ids:
             raise FailedPrecondition(
-                f"aggregator {self.target} does not own graph {graph.graph_id} (wrong shard address?)"
+                f"aggregator {self.targets[shard]} (shard {shard} of {len(self.targets)}) does not own graph "
+                f"{graph.graph_id}: its --shard-index/--shard-count differ from the address order"
             )
 
     def close(self) -> None:
-        self.client.close()
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -284,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=Path("graphs"),
                         help="graph files and progress ledger (default: %(default)s)")
     parser.add_argument("--no-files", action="store_true", help="don't write graph files (aggregator only)")
-    parser.add_argument("--aggregator", default=None, metavar="HOST:PORT", help="stream graphs to this aggregator")
+    parser.add_argument("--aggregator", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                        help="stream graphs to this aggregator, or to shard_of(graph_id) of the comma-separated "
+                             "shard addresses (in shard order)")
     parser.add_argument("--model", default=SMALL_MODEL, help="hub id or local checkpoint directory (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
