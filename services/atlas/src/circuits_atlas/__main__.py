@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from circuits_core.config import DEFAULT_PORTS
 from circuits_core.errors import CircuitsError, error_line
 from circuits_server.serving import add_server_arguments, server_settings_from_args, write_port_file
 
@@ -25,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-results", type=int, default=_DEFAULT_LIMITS.max_results, help="most rows per answer")
     p.add_argument("--query-timeout", type=float, default=_DEFAULT_LIMITS.query_timeout_s, help="seconds before a query is interrupted")
     p.add_argument("--max-query-chars", type=int, default=_DEFAULT_LIMITS.max_query_chars, help="longest search text")
-    add_server_arguments(p, default_port=50054)
+    add_server_arguments(p, default_port=DEFAULT_PORTS["atlas"])
     return p
 
 

@@ -284,13 +284,15 @@ def trace_request_to_proto(request: TraceRequest) -> attribution_pb2.TraceReques
 
     msg = attribution_pb2.TraceRequest(
         prompt=request.prompt,
-        raw=request.raw,
         answer_prefix=request.answer_prefix,
         corpus_index=request.corpus_index,
         slug=request.slug,
         tau=request.tau,
         max_nodes=request.max_nodes,
+        over_max_nodes=request.over_max_nodes,
     )
+    if request.raw is not None:  # unset: the server's model picks its prompt form
+        msg.raw = request.raw
     msg.target.k = request.k
     msg.target.target_tokens.extend(request.target_tokens)
     if request.contrastive is not None:
@@ -313,7 +315,7 @@ def trace_request_from_proto(msg: attribution_pb2.TraceRequest) -> TraceRequest:
         raise InvalidArgument("contrastive target needs both contrastive_positive and contrastive_negative")
     given: dict[str, Any] = {
         "prompt": msg.prompt,
-        "raw": msg.raw,
+        "raw": msg.raw if msg.HasField("raw") else None,
         "answer_prefix": msg.answer_prefix,
         "slug": msg.slug,
         "target_tokens": tuple(target.target_tokens),
@@ -321,6 +323,8 @@ def trace_request_from_proto(msg: attribution_pb2.TraceRequest) -> TraceRequest:
     }
     if target.k:  # proto3 int: 0 is "not set"
         given["k"] = target.k
+    if msg.over_max_nodes:
+        given["over_max_nodes"] = msg.over_max_nodes
     for name in ("target_position", "tau", "max_nodes", "corpus_index"):
         if msg.HasField(name):
             given[name] = getattr(msg, name)
@@ -501,9 +505,11 @@ def intervene_request_to_proto(request: Any) -> Any:
     from circuits_core._proto.circuits.v1 import attribution_pb2
 
     msg = attribution_pb2.InterveneRequest(
-        prompt=request.prompt, raw=request.raw, answer_prefix=request.answer_prefix,
+        prompt=request.prompt, answer_prefix=request.answer_prefix,
         top_k=request.top_k, generate_tokens=request.generate_tokens,
     )
+    if request.raw is not None:
+        msg.raw = request.raw
     for item in request.interventions:
         msg.interventions.add(
             layer=item.layer, index=item.index, positions=list(item.positions or ()),
@@ -528,7 +534,8 @@ def intervene_request_from_proto(msg: Any) -> Any:
             )
         )
     return InterventionRequest(
-        prompt=msg.prompt, interventions=tuple(interventions), raw=msg.raw, answer_prefix=msg.answer_prefix,
+        prompt=msg.prompt, interventions=tuple(interventions), raw=msg.raw if msg.HasField("raw") else None,
+        answer_prefix=msg.answer_prefix,
         top_k=msg.top_k or 10, generate_tokens=msg.generate_tokens,
     )
 
