@@ -622,7 +622,7 @@ class RelPAttributor:
             targets = list(resolved.get("target_tokens", ())) + list(resolved.get("contrastive", ()))
             probs = torch.softmax(node_scores.logits.to(torch.float64), dim=-1).cpu()
             record["targets"] = [t.record(self.tokenizer) for t in targets]
-            record["target_notes"] = target_notes(self.tokenizer, targets, probs)
+            record["target_notes"], record["target_warnings"] = target_notes(self.tokenizer, targets, probs)
         return record
 
     # ------------------------------------------------------------------ engine contract

@@ -282,7 +282,7 @@ def load_model(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu"
     try:
         with _quiet_loading():  # the trace shows its own progress; no second bar for a 1 s load
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken checkpoint raises anything (OSError, SafetensorError, ...)
         raise _load_error(name_or_path, source, local_only, exc) from None
     model.to(device)
     model.eval()
@@ -314,6 +314,7 @@ def load_engine(
     engine is the in-process Tracer and Intervener (``circuits_core.capabilities``) and the
     attribution server's engine.
     """
+    resolve_model_source(name_or_path)  # an unknown model fails first, before torch is imported
     check_device(device)
     resolve_dtype(dtype)
     tokenizer = None

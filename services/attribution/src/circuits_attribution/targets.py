@@ -106,14 +106,15 @@ def resolve_targets(tokenizer: Any, settings: TraceSettings, *, model_name: str 
 
 def target_notes(
     tokenizer: Any, targets: Sequence[ResolvedTarget], probabilities: Any, *, ratio: float = SPACE_VARIANT_RATIO
-) -> list[str]:
-    """One line per thing the user should know about the traced targets.
+) -> tuple[list[str], list[str]]:
+    """(notes, warnings): what the user should know about the traced targets, one line each.
 
     ``probabilities``: the next-token distribution at the traced position (a [V] tensor or
-    sequence). Multi-token targets are named with their split; a target whose space-prefixed
+    sequence). A multi-token target gets a note with its split; a target whose space-prefixed
     variant is at least ``ratio`` times more probable gets a warning naming that variant.
     """
     notes: list[str] = []
+    warnings: list[str] = []
     vocab = dict(tokenizer.get_vocab())
     for target in targets:
         traced = tokenizer.decode([target.token_id])
@@ -127,8 +128,9 @@ def target_notes(
             continue
         p_target = float(probabilities[target.token_id])
         p_variant = float(probabilities[variant.token_id])
-        if p_variant > ratio * max(p_target, 1e-12) and p_variant >= 1e-3:
+        if p_variant > ratio * p_target:
             shown = tokenizer.decode([variant.token_id])
-            notes.append(f"target {target.text!r} traces {traced!r} (p={p_target:.3g}), but {shown!r} with a leading "
-                         f"space has p={p_variant:.3g} here: pass {' ' + target.text!r} to trace it")
-    return notes
+            warnings.append(f"target {target.text!r} traces {traced!r} (p={p_target:.2g}), but {shown!r} with a leading "
+                            f"space is {p_variant / max(p_target, 1e-300):.0f}x more probable here (p={p_variant:.2g}): "
+                            f"pass {' ' + target.text!r} to trace it")
+    return notes, warnings

@@ -170,7 +170,7 @@ def summary_line(graph: Graph, output: Path) -> str:
     traced = {t.get("token_id"): t for t in gs.get("targets", ()) or ()}
     shown = []
     for u in graph.logits:
-        text = f"{u.token!r} p={(u.probability or 0.0):.3f}"
+        text = f"{u.token!r} p={_probability(u.probability)}"
         target = traced.get(u.index)
         if target and len(target.get("pieces", ())) > 1:
             text += f" (first token of {target['text']!r})"
@@ -180,14 +180,24 @@ def summary_line(graph: Graph, output: Path) -> str:
     return f"{nodes}, {edges}; prompt: {form}; traced logits: {', '.join(shown)}{m}; wrote {output}"
 
 
+def _probability(p: float | None) -> str:
+    if p is None:
+        return "?"
+    return f"{p:.3f}" if p >= 1e-3 else f"{p:.2g}"
+
+
 def trace_notes(graph: Graph) -> list[str]:
-    """``note:`` lines about the targets, and a ``hint:`` when the top traced logit is weak."""
+    """``note:`` / ``warning:`` lines about the targets, and a ``hint:`` when the top traced logit is weak."""
     gs = _settings(graph)
     lines = [f"note: {note}" for note in gs.get("target_notes", ()) or ()]
+    lines += [f"warning: {warning}" for warning in gs.get("target_warnings", ()) or ()]
     probabilities = [u.probability for u in graph.logits if u.probability is not None]
     top = max(probabilities, default=None)
     if top is not None and top < WEAK_LOGIT_P:
-        other = "--chat (the chat template)" if gs.get("raw") else "--raw (completion form)"
-        lines.append(f"hint: the top traced logit has p={top:.3f} (< {WEAK_LOGIT_P}); the model may not be answering "
-                     f"in this form: try {other}, --answer-prefix TEXT (start the answer), or --target-tokens TOKEN")
+        tries = ["--chat (the chat template)" if gs.get("raw") else "--raw (completion form)",
+                 "--answer-prefix TEXT (start the answer)"]
+        if not gs.get("targets"):
+            tries.append("--target-tokens TOKEN (the answer you expect)")
+        lines.append(f"hint: the top traced logit has p={_probability(top)} (< {WEAK_LOGIT_P}), so the model may not be "
+                     f"answering in this form: try {', '.join(tries[:-1])} or {tries[-1]}")
     return lines
