@@ -53,7 +53,6 @@ def merge_exports(inputs: Sequence[str | Path], out: str | Path, *, min_count: i
     out_dir = Path(out)
     if out_dir.resolve() in {d.resolve() for d in dirs}:
         raise InvalidArgument(f"{out_dir}: the merge output must not be one of its inputs")
-    out_dir.mkdir(parents=True, exist_ok=True)
     # Inputs reach DuckDB as Arrow datasets (read by pyarrow); SQL itself may touch no file.
     con = open_duckdb(":memory:", read_only=False, what="merge workspace", threads=1)
     con.register("edges_in", ds.dataset(files["edges.parquet"], format="parquet"))
@@ -64,6 +63,7 @@ def merge_exports(inputs: Sequence[str | Path], out: str | Path, *, min_count: i
         con.close()
         ids = ", ".join(r[0] for r in twice)
         raise InvalidArgument(f"graph(s) {ids} appear in more than one export; merging would count them twice")
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to merge
     queries = {
         "edges.parquet": f"SELECT {', '.join(EDGE_COLUMNS)} FROM ({_EDGE_MERGE.format(source='SELECT * FROM edges_in')}) "
         f"WHERE count >= {max(int(min_count), 1)} ORDER BY src_layer, src_neuron, tgt_layer, tgt_neuron",
