@@ -85,3 +85,28 @@ def test_intervene_bad_neurons_exit_2_with_one_line(checkpoint, capsys, spec, fr
     last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]  # after the weight-loading progress bar
     assert rc == 2
     assert last.startswith("error: ") and fragment in last
+
+
+def test_intervene_without_neurons_shows_the_baseline(checkpoint, capsys):
+    """No --neuron: the baseline prediction alone, the same numbers a plain forward pass gives."""
+    import torch
+
+    from circuits.cli import main
+    from circuits_attribution import load_model
+
+    rc = main(["intervene", PROMPT, "--model", str(checkpoint), "--dtype", "float64", "--raw", "--top-k", "3",
+               "--generate", "2"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    lines = captured.out.strip().splitlines()
+    assert lines[0].startswith("interventions: (none): the baseline prediction")
+    assert "intervened" not in captured.out and lines[-1].startswith("baseline:   ")
+    loaded = load_model(str(checkpoint), dtype="float64")
+    ids = loaded.tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        probs = torch.softmax(loaded.model(input_ids=torch.tensor([ids])).logits[0, -1], -1)
+    top = torch.topk(probs, 3)
+    shown = [float(line.split()[-1]) for line in lines[3:6]]
+    assert shown == pytest.approx([round(float(p), 4) for p in top.values], abs=1e-4)
+    with pytest.raises(SystemExit):  # --raw and --chat exclude each other
+        main(["intervene", PROMPT, "--model", str(checkpoint), "--raw", "--chat"])
