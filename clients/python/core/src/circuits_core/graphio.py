@@ -17,6 +17,9 @@ from circuits_core.errors import CorruptInput, InvalidArgument
 from circuits_core.schemas import Graph, load_legacy, save_legacy
 
 GRAPH_SUFFIXES = (".json", ".json.gz", ".pb", ".pb.gz")
+#: ``circuits validate`` names its results ``<graph-stem>.faithfulness-<ablation>....json`` beside the
+#: graph; files with this mark are results about a graph, not graphs.
+VALIDATION_MARK = ".faithfulness"
 
 
 def graph_format(path: str | Path) -> str:
@@ -30,9 +33,11 @@ def graph_format(path: str | Path) -> str:
 
 
 def is_graph_file(path: str | Path) -> bool:
-    """A graph file by its name (hidden files and a folder's graph-metadata.json index are not)."""
+    """A graph file by its name (hidden files, a folder's graph-metadata.json index and the
+    validation results ``circuits validate`` writes beside a graph are not)."""
     name = Path(path).name
-    return name.endswith(GRAPH_SUFFIXES) and not name.startswith(".") and name != "graph-metadata.json"
+    return (name.endswith(GRAPH_SUFFIXES) and not name.startswith(".") and name != "graph-metadata.json"
+            and VALIDATION_MARK not in name)
 
 
 def read_graph_proto(path: str | Path):
