@@ -229,3 +229,22 @@ def test_graph_help_says_where_outputs_go():
     assert "directory for the graph file relp-<slug>.json and its graph-metadata.json index, relative to the working directory" in text
     assert "--overwrite" in text and "relp-<slug>-2.json" in text
     assert "--raw" in text and "--chat" in text and "--over-max-nodes {prune,skip_edges}" in text
+
+
+def test_an_error_after_the_progress_bar_starts_its_own_line(tiny_model_dir, tmp_path):
+    """Redirected stderr: the edge pass's bar leaves its line with a carriage return; the error
+    that follows (here: a corrupt label file, read once the graph is traced) is a line of its own."""
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("{not json\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "circuits.cli", "graph", "the capital of france is", "--model", str(tiny_model_dir),
+         "--raw", "--max-nodes", "3", "--labels", str(labels), "--output-dir", str(tmp_path / "out")],
+        capture_output=True, timeout=300,
+    )  # fmt: skip
+    stderr = result.stderr.decode()  # bytes: universal newlines would turn the bar's \r into line ends
+    assert result.returncode == 2, stderr
+    assert "%|" in stderr and "\r" in stderr  # the bar was drawn, and left its line with a carriage return
+    lines = stderr.split("\n")
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and str(labels) in errors[0], stderr
+    assert lines[-1] == "" and lines[-2] == errors[0]
