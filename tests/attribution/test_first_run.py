@@ -56,6 +56,9 @@ def _check_main_example(result: subprocess.CompletedProcess[str], folder: Path) 
     assert traced[0][0] == " Paris" and traced[0][1] > 0.7, summary
     assert "prompt: raw completion (SmolLM2-135M-Instruct's default" in summary
     assert "hint:" not in result.stderr  # a strong answer needs no hint
+    # one progress bar (the edge pass): loading the weights draws none of its own
+    bars = {line.split(":", 1)[0].strip() for line in re.split(r"[\r\n]", result.stderr) if "%|" in line}
+    assert bars == {"edges"}, result.stderr[-2000:]
     path = folder / "graphs" / "relp-the-capital-of-france-is.json"
     data = json.loads(path.read_text())
     logits = sorted((n for n in data["nodes"] if n["isLogit"]), key=lambda n: -n["token_prob"])
