@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from circuits_core.errors import InvalidArgument
+from circuits_core.exports import open_export
+from circuits_core.labels import iter_label_file
 
 from circuits_atlas.clustering import FullModelClustering, cluster_full_model
 from circuits_atlas.duck import connect
-from circuits_atlas.inputs import export_files, labels_table, read_labels
+from circuits_atlas.inputs import labels_table
 from circuits_atlas.schema import (
     SCHEMA_VERSION,
     build_fts_index,
@@ -80,12 +82,6 @@ def _remove_database_files(path: Path) -> None:
             pass
 
 
-def _parquet_columns(path: Path) -> set[str]:
-    import pyarrow.parquet as pq
-
-    return set(pq.read_schema(path).names)
-
-
 def build_atlas(
     *,
     export_dir: str | Path,
@@ -98,7 +94,7 @@ def build_atlas(
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BuildReport:
-    """Build ``output_path`` from an aggregator export directory (see :mod:`circuits_atlas.inputs`).
+    """Build ``output_path`` from an aggregator export directory (checked by :func:`circuits_core.exports.open_export`).
 
     ``labels_path``: optional labeler JSONL. ``clustering``: settings to run Infomap on the export
     (edges with ``count >= clustering.min_edge_count``), a ready clustering, or None. Edges with
@@ -109,8 +105,8 @@ def build_atlas(
     """
     if min_edge_count < 1:
         raise InvalidArgument(f"min_edge_count must be >= 1, got {min_edge_count}")
-    files = export_files(export_dir)
-    labels = labels_table(read_labels(labels_path)) if labels_path else None
+    files = open_export(export_dir)
+    labels = labels_table(iter_label_file(labels_path, default_source="")) if labels_path else None
     output = Path(output_path)
     if output.is_dir():
         raise InvalidArgument(f"{output}: is a directory, expected an atlas file path")
@@ -128,7 +124,7 @@ def build_atlas(
 
     con = None
     try:
-        inputs = [p for p in (files.edges, files.units, files.ledger) if p is not None]
+        inputs = [p for p in (files.edges, files.units, files.ledger, files.logits) if p is not None]
         con = connect(tmp, read_only=False, memory_limit=memory_limit, threads=threads, row_group_size=ROW_GROUP_SIZE,
                       fts=True, allowed_paths=inputs, lock_configuration=False)  # fmt: skip
         create_tables(con)
@@ -151,6 +147,15 @@ def build_atlas(
             [str(files.edges), min_edge_count],
         )
         create_edges_by_target(con)
+        if files.logits is not None:
+            con.execute(
+                """
+                INSERT INTO logit_edges
+                SELECT src_layer, src_neuron, token_id, token, count, weight_sum, weight_abs_sum, weight_sum / count
+                FROM read_parquet(?) WHERE count >= ? ORDER BY src_layer, src_neuron, count DESC, token_id
+                """,
+                [str(files.logits), min_edge_count],
+            )
         done()
 
         cluster_meta: dict[str, str] = {}
@@ -171,13 +176,12 @@ def build_atlas(
         build_fts_index(con)
         done()
 
-        graph_count = None
-        if files.ledger is not None:
-            graph_count = con.execute("SELECT count(DISTINCT graph_id) FROM read_parquet(?)", [str(files.ledger)]).fetchone()[0]
+        graph_count = files.graphs
         counts = {
             name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0] for name in ("neurons", "edges", "clusters")
         }
         labeled = con.execute("SELECT count(*) FROM neurons WHERE coalesce(label, '') <> ''").fetchone()[0]
+        scored = con.execute("SELECT count(*) FROM labels WHERE score_contexts > 0").fetchone()[0]
         metadata = {
             "schema_version": SCHEMA_VERSION,
             "schema_sha256": schema_fingerprint(),
@@ -187,8 +191,10 @@ def build_atlas(
             "total_edges": counts["edges"],
             "total_clusters": counts["clusters"],
             "labeled_neurons": labeled,
+            "scored_labels": scored,
+            "logit_links": con.execute("SELECT count(*) FROM logit_edges").fetchone()[0],
             "min_edge_count": min_edge_count,
-            "source_graph_count": "" if graph_count is None else graph_count,
+            "source_graph_count": graph_count,
             "export_dir": str(Path(export_dir).resolve()),
             "labels_path": str(Path(labels_path).resolve()) if labels_path else "",
             **cluster_meta,
@@ -230,17 +236,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _insert_neurons(con: Any, units_path: Path, labels: Any) -> None:
-    cols = _parquet_columns(units_path)
-
-    def col(name: str, expr: str) -> str:
-        return expr if name in cols else "NULL"
-
-    units_select = f"""
+    # units.parquet has every exports.UNIT_COLUMNS column (open_export checked it).
+    units_select = """
         SELECT layer::INTEGER AS layer, neuron::INTEGER AS neuron, graph_count::BIGINT AS appearance_count,
-               {col('observation_count', 'observation_count::BIGINT')} AS observation_count,
-               {col('act_sum', 'act_sum / nullif(observation_count, 0)') if 'observation_count' in cols else 'NULL'} AS mean_activation,
-               {col('attr_sum', 'attr_sum / nullif(observation_count, 0)') if 'observation_count' in cols else 'NULL'} AS mean_attribution,
-               {col('act_max', 'act_max::DOUBLE')} AS act_max
+               observation_count::BIGINT AS observation_count,
+               act_sum / nullif(observation_count, 0) AS mean_activation,
+               attr_sum / nullif(observation_count, 0) AS mean_attribution,
+               act_max::DOUBLE AS act_max
         FROM read_parquet(?)
     """
     if labels is None:
@@ -272,6 +274,27 @@ def _insert_neurons(con: Any, units_path: Path, labels: Any) -> None:
             FULL OUTER JOIN labels_input l ON u.layer = l.layer AND u.neuron = l.neuron
             """,
             [str(units_path)],
+        )
+        con.execute(
+            """
+            INSERT INTO labels
+            SELECT layer, neuron, 'output', coalesce(nullif(output_label, ''), label), nullif(description, ''),
+                   coalesce(nullif(source, ''), 'progressive_output'), output_score_detection, output_score_simulation,
+                   output_score_contexts, output_score_positives
+            FROM labels_input WHERE coalesce(nullif(output_label, ''), nullif(label, '')) IS NOT NULL
+            UNION ALL
+            SELECT layer, neuron, 'input', input_label, NULL, 'progressive_input', input_score_detection,
+                   input_score_simulation, input_score_contexts, input_score_positives
+            FROM labels_input WHERE nullif(input_label, '') IS NOT NULL
+            """
+        )
+        con.execute(
+            """
+            UPDATE neurons SET score_detection = s.d, score_simulation = s.s
+            FROM (SELECT layer, neuron, max(score_detection) AS d, max(score_simulation) AS s FROM labels
+                  GROUP BY layer, neuron) s
+            WHERE neurons.layer = s.layer AND neurons.neuron = s.neuron
+            """
         )
     finally:
         con.unregister("labels_input")

@@ -60,6 +60,25 @@ ORDER BY s.score DESC, s.docid
 """
 
 
+#: BM25_SQL with a detection-score filter on the neurons before the limit (``min_score``).
+BM25_FILTERED_SQL = """
+WITH tokens AS (
+    SELECT DISTINCT stem(unnest({fts}.tokenize(?)), 'porter') AS term
+), qterms AS (
+    SELECT d.termid FROM {fts}.dict d JOIN tokens t ON d.term = t.term
+), scores AS (
+    SELECT p.docid, sum(p.score) AS score
+    FROM search_postings p WHERE p.termid IN (SELECT termid FROM qterms)
+    GROUP BY p.docid
+)
+SELECT {cols}, s.score
+FROM scores s JOIN {fts}.docs d ON d.docid = s.docid JOIN neurons n ON n.unit_id = d.name
+WHERE coalesce(n.score_detection, -1) >= ?
+ORDER BY s.score DESC, s.docid
+LIMIT ?
+"""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class QueryLimits:
     """Guards applied to every query."""
@@ -188,6 +207,8 @@ class CircuitDatabase:
             raise
         self._upstream_table = "edges_by_target"
         self.has_fts = True
+        # build-db always writes the labels table (verify_atlas checked the schema).
+        self.has_labels = True
 
     # -- plumbing ---------------------------------------------------------------------------
     def __enter__(self) -> CircuitDatabase:
@@ -270,6 +291,31 @@ class CircuitDatabase:
             cluster=cluster or "",
         )
 
+    def _with_labels(self, units: list[Unit], *, timeout: float | None = None) -> list[Unit]:
+        """Units whose ``labels`` come from the ``labels`` table (one per pass, with scores)."""
+        if not self.has_labels or not units:
+            return units
+        import dataclasses
+
+        rows = self._rows(
+            """
+            SELECT layer, neuron, label_pass, text, description, source, score_detection, score_simulation,
+                   score_contexts, score_positives
+            FROM labels WHERE list_contains(?::VARCHAR[], 'L' || layer || '/N' || neuron)
+            ORDER BY layer, neuron, CASE label_pass WHEN 'output' THEN 0 ELSE 1 END
+            """,
+            [[f"L{u.layer}/N{u.index}" for u in units]],
+            timeout=timeout,
+        )
+        by_key: dict[tuple[int, int], list[UnitLabel]] = {}
+        for layer, neuron, _pass, text, description, source, det, sim, contexts, positives in rows:
+            by_key.setdefault((layer, neuron), []).append(UnitLabel(
+                text=text, source=source or "", description=description or "", score_detection=det,
+                score_simulation=sim, score_contexts=int(contexts or 0), score_positives=int(positives or 0),
+            ))
+        return [dataclasses.replace(u, labels=tuple(by_key[(u.layer, u.index)])) if (u.layer, u.index) in by_key else u
+                for u in units]
+
     @staticmethod
     def _edge(row: Sequence[Any]) -> Edge:
         sl, sn, tl, tn, count, ws, was, wss, wmin, wmax, mean = row
@@ -280,19 +326,29 @@ class CircuitDatabase:
         )  # fmt: skip
 
     # -- queries ----------------------------------------------------------------------------
-    def search(self, text: str, limit: int | None = 0, *, timeout: float | None = None) -> list[SearchHit]:
+    def search(self, text: str, limit: int | None = 0, *, min_score: float = 0.0,
+               timeout: float | None = None) -> list[SearchHit]:
         """Units whose labels match ``text``, best first (``limit`` 0/None: 100).
 
         BM25 over label, input_label, output_label and description (stemmed words) ranks first;
         if that finds fewer than ``limit`` units, case-insensitive substring matches follow with
-        score 0 (ties by appearance count). ``%``/``_`` are literal characters.
+        score 0 (ties by appearance count). ``%``/``_`` are literal characters. ``min_score`` > 0
+        keeps only units with a label whose detection score is at least that.
         """
         text = _clean_text(text, self.limits)
         limit = self._limit(limit)
+        if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0.0 <= min_score <= 1.0:
+            raise InvalidArgument(f"min_score must be a number in [0, 1], got {min_score!r}")
+        if min_score > 0 and not self.has_labels:
+            raise FailedPrecondition(f"{self.path}: this atlas has no label scores (rebuild it with scored labels)")
+        score_filter = "AND coalesce(n.score_detection, -1) >= ?" if min_score > 0 else ""
+        score_args = [float(min_score)] if min_score > 0 else []
         cols = ", ".join(f"n.{c}" for c in UNIT_COLUMNS)
         hits: list[SearchHit] = []
         if self.has_fts:
-            rows = self._rows(BM25_SQL.format(cols=cols, fts=FTS_SCHEMA), [text, limit], timeout=timeout)
+            sql = BM25_SQL if not score_filter else BM25_FILTERED_SQL
+            params = [text, limit] if not score_filter else [text, *score_args, limit]
+            rows = self._rows(sql.format(cols=cols, fts=FTS_SCHEMA), params, timeout=timeout)
             hits = [SearchHit(unit=self._unit(r[:-1]), score=float(r[-1])) for r in rows]
         if len(hits) < limit:
             found = [f"L{h.unit.layer}/N{h.unit.index}" for h in hits]
@@ -302,15 +358,16 @@ class CircuitDatabase:
                 SELECT {cols} FROM neurons n
                 WHERE (n.label ILIKE ? ESCAPE '\\' OR n.input_label ILIKE ? ESCAPE '\\'
                        OR n.output_label ILIKE ? ESCAPE '\\' OR n.description ILIKE ? ESCAPE '\\')
-                  AND NOT list_contains(?::VARCHAR[], n.unit_id)
+                  AND NOT list_contains(?::VARCHAR[], n.unit_id) {score_filter}
                 ORDER BY n.appearance_count DESC, n.layer, n.neuron
                 LIMIT ?
                 """,
-                [pattern, pattern, pattern, pattern, found, limit - len(hits)],
+                [pattern, pattern, pattern, pattern, found, *score_args, limit - len(hits)],
                 timeout=timeout,
             )
             hits.extend(SearchHit(unit=self._unit(r), score=0.0) for r in rows)
-        return hits
+        units = self._with_labels([h.unit for h in hits], timeout=timeout)
+        return [SearchHit(unit=u, score=h.score) for u, h in zip(units, hits)]
 
     def search_units(self, text: str, limit: int | None = 100) -> list[Unit]:
         """Seed-compatible: the units of :meth:`search`, best first."""
@@ -323,7 +380,7 @@ class CircuitDatabase:
         rows = self._rows(
             f"SELECT {', '.join(UNIT_COLUMNS)} FROM neurons WHERE layer = ? AND neuron = ?", [layer, index], timeout=timeout
         )
-        return self._unit(rows[0]) if rows else None
+        return self._with_labels([self._unit(rows[0])], timeout=timeout)[0] if rows else None
 
     def get_unit_card(self, layer: int, index: int, *, timeout: float | None = None) -> UnitCard | None:
         """The unit ``(layer, index)`` with its activation statistics, innermost cluster and edge
@@ -435,7 +492,7 @@ class CircuitDatabase:
             cluster_path=p, level=int(level), size=int(size), layer_min=int(lmin), layer_max=int(lmax),
             median_layer=float(median),
         )  # fmt: skip
-        return ClusterMembers(cluster=info, units=tuple(self._unit(r) for r in rows))
+        return ClusterMembers(cluster=info, units=tuple(self._with_labels([self._unit(r) for r in rows], timeout=timeout)))
 
     def get_units_by_cluster(self, top_cluster: int | str, limit: int | None = None) -> list[Unit]:
         """Seed-compatible: member units of a cluster ordered by layer, neuron ([] if absent)."""

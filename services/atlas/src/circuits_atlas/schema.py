@@ -36,8 +36,23 @@ CREATE TABLE neurons (
     max_activation DOUBLE, num_exemplars INTEGER, appearance_count BIGINT DEFAULT 0,
     observation_count BIGINT DEFAULT 0, mean_activation DOUBLE, mean_attribution DOUBLE, output_norm DOUBLE,
     cluster_path VARCHAR, top_cluster INTEGER, sub_module INTEGER, subsub_module INTEGER,
-    hierarchy_depth INTEGER, infomap_flow DOUBLE,
+    hierarchy_depth INTEGER, infomap_flow DOUBLE, score_detection DOUBLE, score_simulation DOUBLE,
     PRIMARY KEY (layer, neuron)
+)"""
+#: One row per label of a neuron (pass output = what it does, input = what triggers it), with the
+#: label's scores (circuits_labeler.scoring); neurons.score_* hold the best of a neuron's labels.
+LABELS_DDL = """
+CREATE TABLE labels (
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, label_pass VARCHAR NOT NULL, text VARCHAR NOT NULL,
+    description VARCHAR, source VARCHAR, score_detection DOUBLE, score_simulation DOUBLE,
+    score_contexts INTEGER, score_positives INTEGER,
+    PRIMARY KEY (layer, neuron, label_pass)
+)"""
+#: Aggregated neuron -> logit links (the aggregator's logits.parquet), most observed first per neuron.
+LOGIT_EDGES_DDL = """
+CREATE TABLE logit_edges (
+    src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, token_id BIGINT NOT NULL, token VARCHAR,
+    count BIGINT, weight_sum DOUBLE, weight_abs_sum DOUBLE, mean_weight DOUBLE
 )"""
 EDGES_DDL = """
 CREATE TABLE edges (
@@ -51,7 +66,7 @@ CREATE TABLE clusters (
     size BIGINT, layer_min INTEGER, layer_max INTEGER, median_layer DOUBLE
 )"""
 METADATA_DDL = "CREATE TABLE metadata (key VARCHAR PRIMARY KEY, value VARCHAR)"
-TABLES_DDL = (NEURONS_DDL, EDGES_DDL, CLUSTERS_DDL, METADATA_DDL)
+TABLES_DDL = (NEURONS_DDL, EDGES_DDL, CLUSTERS_DDL, METADATA_DDL, LABELS_DDL, LOGIT_EDGES_DDL)
 #: The edges again, sorted by target: an upstream lookup reads one row group.
 EDGES_BY_TARGET_SQL = "CREATE TABLE edges_by_target AS SELECT * FROM edges ORDER BY tgt_layer, tgt_neuron, src_layer, src_neuron"
 
@@ -82,7 +97,7 @@ ORDER BY tf.termid, score DESC, tf.docid
 
 
 def create_tables(con: Any) -> None:
-    """The four base tables of an atlas (empty)."""
+    """The base tables of an atlas (empty)."""
     for ddl in TABLES_DDL:
         con.execute(ddl)
 

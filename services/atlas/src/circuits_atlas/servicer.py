@@ -29,7 +29,7 @@ class AtlasServicer(atlas_pb2_grpc.AtlasServiceServicer):
         self.database = database
 
     def SearchUnits(self, request: Any, context: grpc.ServicerContext) -> Any:
-        hits = self.database.search(request.text, request.limit, timeout=_time_left(context))
+        hits = self.database.search(request.text, request.limit, min_score=request.min_score, timeout=_time_left(context))
         return wire.search_hits_to_proto(hits)
 
     def GetUnit(self, request: Any, context: grpc.ServicerContext) -> Any:

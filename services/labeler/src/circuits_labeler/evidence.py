@@ -3,10 +3,12 @@
 :class:`NeuronEvidence` is the small read interface the progressive engine needs: the candidate
 neurons (with appearance counts and any prior description) and each neuron's strongest
 downstream / upstream neighbours by mean edge weight. :class:`DuckDBEvidence` implements it
-over either an atlas DuckDB file (``neurons``/``edges`` tables) or the aggregator's Parquet export
-(``edges*.parquet`` with running sums, ``units*.parquet`` with ``graph_count``); partial exports
-of several shards are merged by summing (the statistics are associative).
-:func:`write_evidence_parquet` writes a small evidence set (tests, examples).
+over either an atlas DuckDB file (``neurons``/``edges`` tables) or aggregator exports: one export
+directory, or a directory whose sub-directories are the exports of several shards (merged by
+summing: the statistics are associative). Exports are checked by
+:func:`circuits_core.exports.open_exports`, like every other export reader. A ``description``
+column in ``units.parquet``, when present, is shown to the LLM as a prior description.
+:func:`write_evidence_parquet` writes a small evidence export (tests, examples).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from circuits_core.errors import CorruptInput, NotFound
+from circuits_core.exports import EDGES_FILE, ExportFiles, open_exports
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,6 +48,16 @@ class Neighbour:
         return (self.layer, self.neuron)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogitNeighbour:
+    """An aggregated neuron -> logit link seen from the neuron: the token, observations, mean weight."""
+
+    token_id: int
+    token: str
+    count: int
+    mean_weight: float
+
+
 class NeuronEvidence(Protocol):
     """Read access to aggregated evidence about neurons."""
 
@@ -64,6 +77,10 @@ class NeuronEvidence(Protocol):
         """For each neuron of ``layer`` with incoming edges: up to ``limit`` sources by |mean weight|."""
         ...
 
+    def logit_links(self, layer: int, *, limit: int) -> dict[int, list[LogitNeighbour]]:
+        """For each neuron of ``layer`` with logit links: up to ``limit`` tokens by |mean weight|."""
+        ...
+
 
 class EmptyEvidence:
     """No aggregated evidence: no candidates, no neighbours (projection-only labelling)."""
@@ -78,6 +95,9 @@ class EmptyEvidence:
         return {}
 
     def upstream(self, layer: int, *, limit: int) -> dict[int, list[Neighbour]]:
+        return {}
+
+    def logit_links(self, layer: int, *, limit: int) -> dict[int, list[LogitNeighbour]]:
         return {}
 
 
@@ -102,33 +122,29 @@ class DuckDBEvidence:
         if not self.path.exists():
             raise NotFound(f"evidence not found: {self.path}")
         self._lock = threading.Lock()
-        is_atlas = self.path.is_file() and self.path.suffix != ".parquet"
+        is_atlas = self.path.is_file()
         if is_atlas:
             resolved = self.path.resolve()
             readable = [resolved, resolved.with_name(resolved.name + ".wal")]
         else:
-            edge_files, unit_files = self._parquet_files()
-            readable = [*edge_files, *unit_files]
+            exports = self._exports()
+            edge_files, unit_files = [e.edges for e in exports], [e.units for e in exports]
+            logit_files = [e.logits for e in exports if e.logits is not None]
+            readable = [*edge_files, *unit_files, *logit_files]
         # External access off: SQL reads exactly these files and nothing else.
         self._con = open_duckdb(":memory:", read_only=False, what="evidence", allowed_paths=readable)
         try:
             if is_atlas:
                 self._load_atlas(min_edge_count)
             else:
-                self._load_parquet(min_edge_count, edge_files, unit_files)
+                self._load_parquet(min_edge_count, edge_files, unit_files, logit_files)
         except duckdb.Error as exc:
             raise CorruptInput(f"{self.path}: cannot read evidence ({str(exc).splitlines()[0]})") from None
 
-    def _parquet_files(self) -> tuple[list[Path], list[Path]]:
-        root = self.path.resolve()
-        if root.is_dir():
-            edge_files = sorted(root.glob("edges*.parquet"))
-            unit_files = sorted([*root.glob("units*.parquet"), *root.glob("neurons*.parquet")])
-        else:
-            edge_files, unit_files = [root], []
-        if not edge_files:
-            raise NotFound(f"{self.path}: no edges*.parquet files")
-        return edge_files, unit_files
+    def _exports(self) -> list[ExportFiles]:
+        """The export at ``path``, or the shard exports in its sub-directories (checked together)."""
+        shards = sorted(p for p in self.path.iterdir() if p.is_dir() and (p / EDGES_FILE).exists())
+        return open_exports(shards if shards and not (self.path / EDGES_FILE).exists() else [self.path])
 
     def _load_atlas(self, min_edge_count: int) -> None:
         con = self._con
@@ -157,9 +173,19 @@ class DuckDBEvidence:
             "(weight_sum / greatest(count, 1))::DOUBLE AS mean_weight FROM atlas.edges WHERE count >= ?",
             [min_edge_count],
         )
+        tables = {r[0] for r in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_catalog='atlas'").fetchall()}
+        if "logit_edges" in tables:
+            con.execute(
+                "CREATE TABLE logits AS SELECT src_layer::INT AS src_layer, src_neuron::INT AS src_neuron, token_id::BIGINT "
+                "AS token_id, token, count::BIGINT AS count, mean_weight::DOUBLE AS mean_weight FROM atlas.logit_edges "
+                "WHERE count >= ?", [min_edge_count])
+        else:
+            self._empty_logits()
         con.execute("DETACH atlas")
 
-    def _load_parquet(self, min_edge_count: int, edge_files: list[Path], unit_files: list[Path]) -> None:
+    def _load_parquet(self, min_edge_count: int, edge_files: list[Path], unit_files: list[Path],
+                      logit_files: list[Path]) -> None:
         con = self._con
         files = "[" + ", ".join(_sql_path(f) for f in edge_files) + "]"
         con.execute(
@@ -169,23 +195,44 @@ class DuckDBEvidence:
             "GROUP BY ALL HAVING sum(count) >= ?",
             [min_edge_count],
         )
-        if unit_files:
-            ufiles = "[" + ", ".join(_sql_path(f) for f in unit_files) + "]"
-            cols = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({ufiles})").fetchall()}
-            count_col = next((c for c in ("graph_count", "appearance_count") if c in cols), None)
-            appear = f"sum({count_col})" if count_col else "0"
-            desc = "max(coalesce(description, ''))" if "description" in cols else "''"
+        if logit_files:
+            lfiles = "[" + ", ".join(_sql_path(f) for f in logit_files) + "]"
             con.execute(
-                f"CREATE TABLE units AS SELECT layer::INT AS layer, neuron::INT AS neuron, {appear}::BIGINT AS "
-                f"appearance_count, {desc} AS prior_description FROM read_parquet({ufiles}) GROUP BY layer, neuron"
+                "CREATE TABLE logits AS SELECT src_layer::INT AS src_layer, src_neuron::INT AS src_neuron, token_id::BIGINT "
+                "AS token_id, max(token) AS token, sum(count)::BIGINT AS count, (sum(weight_sum) / greatest(sum(count), 1))"
+                f"::DOUBLE AS mean_weight FROM read_parquet({lfiles}) GROUP BY 1, 2, 3 HAVING sum(count) >= ?",
+                [min_edge_count],
             )
         else:
-            # No unit table: every edge endpoint is a unit; appearances unknown (0).
-            con.execute(
-                "CREATE TABLE units AS SELECT DISTINCT layer, neuron, 0::BIGINT AS appearance_count, "
-                "'' AS prior_description FROM (SELECT src_layer AS layer, src_neuron AS neuron FROM edges "
-                "UNION SELECT tgt_layer, tgt_neuron FROM edges)"
+            self._empty_logits()
+        ufiles = "[" + ", ".join(_sql_path(f) for f in unit_files) + "]"
+        source = f"read_parquet({ufiles}, union_by_name = true)"
+        cols = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+        desc = "max(coalesce(description, ''))" if "description" in cols else "''"
+        con.execute(
+            "CREATE TABLE units AS SELECT layer::INT AS layer, neuron::INT AS neuron, sum(graph_count)::BIGINT AS "
+            f"appearance_count, {desc} AS prior_description FROM {source} GROUP BY layer, neuron"
+        )
+
+    def _empty_logits(self) -> None:
+        self._con.execute("CREATE TABLE logits (src_layer INT, src_neuron INT, token_id BIGINT, token VARCHAR, "
+                          "count BIGINT, mean_weight DOUBLE)")
+
+    def logit_links(self, layer: int, *, limit: int) -> dict[int, list[LogitNeighbour]]:
+        sql = (
+            "SELECT src_neuron, token_id, token, count, mean_weight FROM logits WHERE src_layer = ? "
+            "QUALIFY row_number() OVER (PARTITION BY src_neuron ORDER BY abs(mean_weight) DESC, token_id) <= ? "
+            "ORDER BY src_neuron, abs(mean_weight) DESC, token_id"
+        )
+        with self._lock:
+            rows = self._con.execute(sql, [layer, limit]).fetchall()
+        out: dict[int, list[LogitNeighbour]] = {}
+        for neuron, token_id, token, count, weight in rows:
+            out.setdefault(int(neuron), []).append(
+                LogitNeighbour(token_id=int(token_id), token=token or f"<{token_id}>", count=int(count),
+                               mean_weight=float(weight))
             )
+        return out
 
     def units(self) -> list[UnitRecord]:
         with self._lock:
@@ -235,14 +282,18 @@ def write_evidence_parquet(
     units: Iterable[tuple[int, int, int]] = (),
     descriptions: Mapping[tuple[int, int], str] | None = None,
 ) -> Path:
-    """Write ``edges.parquet`` (aggregator export columns) and ``units.parquet`` into ``directory``.
+    """Write a complete aggregator export (edges, units, ledger Parquet) into ``directory``.
 
     ``edges``: ``(src_layer, src_neuron, tgt_layer, tgt_neuron, count, mean_weight)``; the running
     sums are derived as if every observation had the mean weight. ``units``: ``(layer, neuron,
-    graph_count)``. Returns the directory.
+    graph_count)`` (default: every edge endpoint, graph_count 0), with zero activation
+    statistics and a ``description`` column when ``descriptions`` is given. The ledger lists
+    ``<directory name>-<i>`` for as many graphs as the largest count needs. Returns the directory.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from circuits_core.exports import EDGES_FILE, LEDGER_FILE, UNIT_COLUMNS, UNITS_FILE
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -261,17 +312,30 @@ def write_evidence_parquet(
         "weight_sq_sum": pa.array([c * w * w for c, w in zip(counts, means)], pa.float64()),
         "weight_min": pa.array(means, pa.float64()),
         "weight_max": pa.array(means, pa.float64()),
-    })
-    pq.write_table(table, directory / "edges.parquet")
-    unit_rows = list(units)
-    if unit_rows:
-        ucols = list(zip(*unit_rows))
-        data = {
-            "layer": pa.array(ucols[0], pa.int32()),
-            "neuron": pa.array(ucols[1], pa.int32()),
-            "graph_count": pa.array(ucols[2], pa.int64()),
-        }
-        if descriptions:
-            data["description"] = pa.array([descriptions.get((l, n), "") for l, n, _ in unit_rows], pa.string())
-        pq.write_table(pa.table(data), directory / "units.parquet")
+    })  # fmt: skip
+    pq.write_table(table, directory / EDGES_FILE)
+    unit_rows = list(units) or [
+        (layer, neuron, 0) for layer, neuron in sorted({(r[0], r[1]) for r in rows} | {(r[2], r[3]) for r in rows})
+    ]
+    ucols = list(zip(*unit_rows)) if unit_rows else [[] for _ in range(3)]
+    graph_counts = [int(g) for g in ucols[2]]
+    data = {
+        "layer": pa.array(ucols[0], pa.int32()),
+        "neuron": pa.array(ucols[1], pa.int32()),
+        "graph_count": pa.array(graph_counts, pa.int64()),
+        "observation_count": pa.array(graph_counts, pa.int64()),
+        **{name: pa.array([0.0] * len(unit_rows), pa.float64()) for name in UNIT_COLUMNS[4:]},
+    }
+    if descriptions:
+        data["description"] = pa.array([descriptions.get((l, n), "") for l, n, _ in unit_rows], pa.string())
+    pq.write_table(pa.table(data), directory / UNITS_FILE)
+    n_graphs = max([0, *counts, *graph_counts])
+    pq.write_table(
+        pa.table({
+            "graph_id": pa.array([f"{directory.name}-{i}" for i in range(n_graphs)], pa.string()),
+            "source": pa.array(["evidence"] * n_graphs, pa.string()),
+            "corpus_index": pa.array(list(range(n_graphs)), pa.int64()),
+        }),  # fmt: skip
+        directory / LEDGER_FILE,
+    )
     return directory

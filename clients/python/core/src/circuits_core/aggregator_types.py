@@ -12,19 +12,20 @@ Plain frozen dataclasses; numpy is imported only by the functions that build arr
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from circuits_core.errors import InvalidArgument
+from circuits_core.schemas import MAX_NEURON_INDEX, MAX_NEURON_LAYER
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-#: Bits of the packed keys the aggregator groups by (layer < 1024, neuron < 2**21).
-LAYER_BITS = 10
-NEURON_BITS = 21
-MAX_LAYER = (1 << LAYER_BITS) - 1
-MAX_NEURON = (1 << NEURON_BITS) - 1
+    from circuits_core.schemas import Graph
+
+#: Largest neuron layer / index the aggregator's packed keys hold (every graph reader checks them).
+MAX_LAYER = MAX_NEURON_LAYER
+MAX_NEURON = MAX_NEURON_INDEX
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +50,17 @@ class GraphArrays:
     edge_tgt_layer: np.ndarray  # int32 [E]
     edge_tgt_neuron: np.ndarray  # int32 [E]
     edge_weight: np.ndarray  # float64 [E]
+    #: Neuron -> logit links (kept apart from neuron -> neuron edges): source neuron, vocabulary id
+    #: of the logit's token, weight; None = none. ``logit_tokens``: (token id, token string) pairs.
+    logit_src_layer: np.ndarray | None = None  # int32 [G]
+    logit_src_neuron: np.ndarray | None = None  # int32 [G]
+    logit_token_id: np.ndarray | None = None  # int64 [G]
+    logit_weight: np.ndarray | None = None  # float64 [G]
+    logit_tokens: tuple[tuple[int, str], ...] = ()
+
+    @property
+    def n_logit_links(self) -> int:
+        return 0 if self.logit_weight is None else int(self.logit_weight.shape[0])
 
     @property
     def n_edges(self) -> int:
@@ -72,12 +84,14 @@ def graph_arrays_from_units(
     edge_src: Any,
     edge_tgt: Any,
     edge_weight: Any,
+    is_logit: Any = None,
+    tokens: Any = None,
 ) -> GraphArrays:
     """Build GraphArrays from per-unit columns and edges given as unit row numbers.
 
     Keeps neuron units and the edges whose both endpoints are neurons; checks that edge rows
-    exist, column lengths agree and layer/neuron numbers fit the aggregator's keys. Bad input
-    raises InvalidArgument naming ``source``/``graph_id``.
+    exist, column lengths agree, weights are finite and layer/neuron numbers fit the aggregator's
+    keys. Bad input raises InvalidArgument naming ``source``/``graph_id``.
     """
     import numpy as np
 
@@ -102,6 +116,8 @@ def graph_arrays_from_units(
         hi = max(int(src.max()), int(tgt.max()))
         if lo < 0 or hi >= n_units:
             raise InvalidArgument(f"{where}: an edge refers to unit {hi if hi >= n_units else lo}, but the graph has {n_units} units")
+    if not np.isfinite(weight).all():
+        raise InvalidArgument(f"{where}: edge weights must be finite")
     neuron_layer = layer[is_neuron]
     neuron_index = index[is_neuron]
     if neuron_layer.shape[0]:
@@ -109,9 +125,29 @@ def graph_arrays_from_units(
             raise InvalidArgument(f"{where}: neuron layers must be in 0..{MAX_LAYER}")
         if int(neuron_index.min()) < 0 or int(neuron_index.max()) > MAX_NEURON:
             raise InvalidArgument(f"{where}: neuron indices must be in 0..{MAX_NEURON}")
+    logit = {}
+    if is_logit is not None:
+        is_logit = np.asarray(is_logit, dtype=bool)
+        if is_logit.shape[0] != n_units:
+            raise InvalidArgument(f"{where}: unit columns differ in length")
+        to_logit = is_neuron[src] & is_logit[tgt]
+        ls, lt = src[to_logit], tgt[to_logit]
+        token_ids = index[lt]
+        if token_ids.shape[0] and int(token_ids.min()) < 0:
+            raise InvalidArgument(f"{where}: logit token ids must be >= 0")
+        names = {}
+        if tokens is not None:
+            for row in np.unique(lt).tolist():
+                names[int(index[row])] = str(tokens[row])
+        logit = {
+            "logit_src_layer": layer[ls].astype(np.int32), "logit_src_neuron": index[ls].astype(np.int32),
+            "logit_token_id": token_ids.astype(np.int64), "logit_weight": weight[to_logit],
+            "logit_tokens": tuple(sorted(names.items())),
+        }  # fmt: skip
     keep = is_neuron[src] & is_neuron[tgt]
     src, tgt = src[keep], tgt[keep]
     return GraphArrays(
+        **logit,
         graph_id=graph_id,
         source=source,
         corpus_index=int(corpus_index),
@@ -124,6 +160,44 @@ def graph_arrays_from_units(
         edge_tgt_layer=layer[tgt].astype(np.int32),
         edge_tgt_neuron=index[tgt].astype(np.int32),
         edge_weight=weight[keep],
+    )
+
+
+def graph_arrays_from_graph(graph: Graph, *, source: str = "", graph_id: str | None = None) -> GraphArrays:
+    """The aggregator's columns of a domain Graph, straight from its edge columns.
+
+    ``graph_id`` defaults to the graph's id; a graph without one gets the content id of its
+    deterministic protobuf encoding (what the gRPC client sends for it, so both paths agree).
+    """
+    import numpy as np
+
+    from circuits_core.edge_table import unit_key_columns
+
+    if graph_id is None:
+        graph_id = graph.graph_id
+    if not graph_id:
+        from circuits_core import wire
+
+        graph_id = content_graph_id(wire.graph_to_bytes(graph))
+    units = graph.units
+    n = len(units)
+    layer, index, _position = unit_key_columns(units)
+    src, tgt = graph.edge_table.endpoint_rows(units)
+    nan = float("nan")
+    return graph_arrays_from_units(
+        graph_id=graph_id,
+        source=source,
+        corpus_index=graph.metadata.corpus_index,
+        layer=layer,
+        index=index,
+        is_neuron=np.fromiter((u.kind == "neuron" for u in units), dtype=bool, count=n),
+        activation=np.fromiter((nan if u.activation is None else u.activation for u in units), dtype=np.float64, count=n),
+        attribution=np.fromiter((nan if u.attribution is None else u.attribution for u in units), dtype=np.float64, count=n),
+        edge_src=src,
+        edge_tgt=tgt,
+        edge_weight=graph.edge_table.weight,
+        is_logit=np.fromiter((u.kind == "logit" for u in units), dtype=bool, count=n),
+        tokens=[u.token for u in units],
     )
 
 
@@ -192,23 +266,9 @@ class AggregatorStats:
     shard_count: int = 1
 
 
-#: Column order of aggregated edge statistics (= edges.parquet).
-EDGE_COLUMNS: tuple[str, ...] = (
-    "src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "count",
-    "weight_sum", "weight_abs_sum", "weight_sq_sum", "weight_min", "weight_max",
-)  # fmt: skip
-#: Column order of per-neuron statistics (= units.parquet).
-UNIT_COLUMNS: tuple[str, ...] = (
-    "layer", "neuron", "graph_count", "observation_count", "act_sum", "act_sq_sum", "act_min", "act_max",
-    "attr_sum", "attr_abs_sum", "attr_sq_sum", "attr_min", "attr_max",
-)  # fmt: skip
-#: Column order of the ledger export (= ledger.parquet).
-LEDGER_COLUMNS: tuple[str, ...] = ("graph_id", "source", "corpus_index")
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EdgeColumns:
-    """Aggregated edges as numpy columns (row r of every column is one edge); see EDGE_COLUMNS."""
+    """Aggregated edges as numpy columns (row r of every column is one edge); see exports.EDGE_COLUMNS."""
 
     src_layer: np.ndarray
     src_neuron: np.ndarray
@@ -228,7 +288,7 @@ class EdgeColumns:
         """Rows as :class:`circuits_core.schemas.Edge` with ``weight`` = mean weight, method "relp"."""
         from circuits_core.schemas import Edge
 
-        cols = [getattr(self, name).tolist() for name in EDGE_COLUMNS]
+        cols = [getattr(self, f.name).tolist() for f in fields(self)]  # exports.EDGE_COLUMNS order
         return [
             Edge(
                 src_layer=sl, src_index=sn, tgt_layer=tl, tgt_index=tn, weight=(s / c if c else 0.0),

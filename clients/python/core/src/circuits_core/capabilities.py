@@ -56,8 +56,9 @@ class AtlasQueries(Protocol):
     """Read-only queries over a built atlas. ``limit`` 0 means the implementation's default;
     ``timeout`` bounds one call in seconds (None: the implementation's default)."""
 
-    def search(self, text: str, limit: int = 0, *, timeout: float | None = None) -> list[SearchHit]:
-        """Units whose labels match ``text``, best first."""
+    def search(self, text: str, limit: int = 0, *, min_score: float = 0.0, timeout: float | None = None) -> list[SearchHit]:
+        """Units whose labels match ``text``, best first (``min_score`` > 0: only units with a label
+        whose detection score is at least that)."""
         ...
 
     def get_unit(self, layer: int, index: int, *, timeout: float | None = None) -> Unit | None:

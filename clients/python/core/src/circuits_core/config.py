@@ -138,8 +138,8 @@ class LabelingSection:
     pg_password: str = ""
     pg_database: str = ""
     pg_table: str = "neuron_descriptions"
-    #: Aggregator export used as evidence: a folder of edges*.parquet / units*.parquet (or one
-    #: edges Parquet file); used when atlas_path is empty.
+    #: Aggregator export used as evidence: an export folder (edges/units/ledger.parquet) or a
+    #: folder of shard export folders; used when atlas_path is empty.
     evidence_path: str = ""
     #: Output projections of every neuron (Parquet), computed from model.name when missing.
     projections_path: str = "output_projections.parquet"
@@ -174,6 +174,27 @@ class LabelingSection:
     retry_failed: bool = False
     #: fsync the answer cache after every answer (crash-safe; slower on slow disks).
     cache_fsync: bool = True
+    #: Exemplar file (`circuits exemplars`): pass-2 evidence and the contexts labels are scored on.
+    exemplars_path: str = ""
+    #: Score every label against held-out exemplars and random contexts (only where exemplars exist).
+    score: bool = True
+    #: Held-out top exemplars (odd ranks) per scored label.
+    score_held_out: int = 10
+    #: Random-sample contexts per scored label.
+    score_random: int = 10
+    #: A context truly fires when its activation >= this fraction of the neuron's lowest kept top activation.
+    score_fire_fraction: float = 0.5
+    #: Max output tokens of one scorer answer.
+    score_max_answer_tokens: int = 200
+    #: With exemplars: show pass 2 the tokens whose embeddings drive the neuron (loads model.name).
+    input_projection: bool = True
+    #: Top exemplars (even ranks) shown in a pass-2 prompt.
+    exemplars_in_prompt: int = 8
+    #: Neuron -> logit links shown in a late-layer pass-1 prompt.
+    logit_links_in_prompt: int = 8
+    #: Token budgets of the prompts (estimated as characters / 4); evidence lists are cut to fit.
+    output_prompt_budget: int = 1200
+    input_prompt_budget: int = 2000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -110,9 +110,12 @@ def cumulative_shares(scores: Sequence[float]) -> list[float] | None:
     Ties keep their input order (a stable sort). Returns None when the scores sum to zero.
     """
     clean = [s if math.isfinite(s) and s > 0.0 else 0.0 for s in scores]
-    total = math.fsum(clean)
-    if not total > 0.0:
+    largest = max(clean, default=0.0)
+    if not largest > 0.0:
         return None
+    # Shares are scale-free: dividing by the largest score keeps the sum finite for any finite input.
+    clean = [s / largest for s in clean]
+    total = math.fsum(clean)
     order = sorted(range(len(clean)), key=lambda n: -clean[n])
     shares = [0.0] * len(clean)
     running = 0.0

@@ -51,9 +51,11 @@ class AtlasClient:
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         return call_unary(method, request, timeout=self.timeout if timeout is None else timeout, idempotent=True)
 
-    def search(self, text: str, limit: int = 0, *, timeout: float | None = None) -> list[SearchHit]:
-        """Ranked search hits (unit + score) for label text; limit 0 = server default."""
-        msg = self._call(self._stub.SearchUnits, self._pb.SearchUnitsRequest(text=text, limit=limit), timeout)
+    def search(self, text: str, limit: int = 0, *, min_score: float = 0.0, timeout: float | None = None) -> list[SearchHit]:
+        """Ranked search hits (unit + score) for label text; limit 0 = server default; ``min_score``
+        keeps units with a label whose detection score is at least that (0 = no filter)."""
+        request = self._pb.SearchUnitsRequest(text=text, limit=limit, min_score=min_score)
+        msg = self._call(self._stub.SearchUnits, request, timeout)
         return wire.search_hits_from_proto(msg)
 
     def search_units(self, text: str, limit: int = 0, *, timeout: float | None = None) -> list[Unit]:

@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "graph": ("circuits.cli.graph", "trace a prompt into a RelP attribution graph"),
     "analyze": ("circuits.cli.analyze", "graph -> labels -> clusters -> analysis report"),
     "aggregate": ("circuits.cli.aggregate", "aggregate edge statistics over many graphs"),
+    "exemplars": ("circuits.cli.exemplars", "top-activating and random contexts of every neuron over a corpus"),
     "label": ("circuits.cli.label", "two-pass progressive LLM labelling of neurons"),
     "cluster": ("circuits.cli.cluster", "Infomap clusters of an atlas or a graph"),
     "build-db": ("circuits.cli.build_db", "build the DuckDB atlas"),

@@ -98,7 +98,10 @@ def _apply_labels(graph: Graph, args: argparse.Namespace) -> Graph:
     else:
         with NeuronDB(PgSettings.from_config()) as db:
             labels = db.labels_for(keys)
-    return graph.with_labels({k: r.label for k, r in labels.items()})
+    return graph.with_labels(
+        {k: r.label for k, r in labels.items() if r.label},
+        input_labels={k: r.input_label for k, r in labels.items() if r.input_label},
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,10 +146,10 @@ def free_slug(folder: Path, slug: str) -> str:
 def write_graph_json(graph: Graph, output: Path) -> Path:
     """Write the graph's viewer JSON and list it in the folder's graph-metadata.json."""
     from circuits_core.graph_index import index_entry, update_graph_index
-    from circuits_core.schemas import save_legacy
+    from circuits_core.graphio import write_json
 
     legacy = graph.to_legacy()
-    save_legacy(legacy, output)
+    write_json(legacy, output)
     update_graph_index(output.parent, index_entry(legacy))
     return output
 
@@ -163,7 +166,7 @@ def summary_line(graph: Graph, output: Path) -> str:
     if pruned:
         nodes += (f" (the {len(graph.neurons)} most influential of {gs.get('n_candidate_nodes', '?')} above tau; "
                   f"{pruned} pruned by --max-nodes {gs.get('max_nodes', '?')})")
-    edges = f"{len(graph.edges)} edges"
+    edges = f"{len(graph.edge_table)} edges"
     if graph.metadata.nodes_exceeded:
         edges += f" (over --max-nodes {gs.get('max_nodes', '?')}: neuron edges skipped)"
     form = gs.get("prompt_form_reason") or ("raw completion" if gs.get("raw") else "chat template")

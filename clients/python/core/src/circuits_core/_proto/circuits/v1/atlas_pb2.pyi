@@ -19,12 +19,14 @@ EDGE_DIRECTION_DOWNSTREAM: EdgeDirection
 EDGE_DIRECTION_UPSTREAM: EdgeDirection
 
 class SearchUnitsRequest(_message.Message):
-    __slots__ = ("text", "limit")
+    __slots__ = ("text", "limit", "min_score")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     text: str
     limit: int
-    def __init__(self, text: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    min_score: float
+    def __init__(self, text: _Optional[str] = ..., limit: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class SearchUnitsResponse(_message.Message):
     __slots__ = ("units", "scores")
