@@ -14,7 +14,7 @@ The result is stored as Parquet (one row per neuron: ``output_norm``, ``logit_ef
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,14 @@ class OutputProjections:
 
     def __len__(self) -> int:
         return len(self.by_unit)
+
+    def neurons_per_layer(self) -> int:
+        """MLP neurons per layer (the largest neuron index + 1)."""
+        return max((k[1] for k in self.by_unit), default=-1) + 1
+
+    def unit_keys(self) -> list[tuple[int, int]]:
+        """Every projected ``(layer, neuron)``, sorted."""
+        return sorted(self.by_unit)
 
     # -- storage -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -170,9 +178,11 @@ def iter_layer_projections(
     include_final_norm: bool = True,
     device: str | None = None,
     dtype: Any = None,
+    only_layers: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, Any, Any, Any, Any, Any, Any]]:
     """Per layer: ``(layer, output_norm[F], logit_effect[F], top_vals[F,k], top_ids[F,k],
-    bottom_vals[F,k], bottom_ids[F,k])`` as CPU tensors (bottom = most negative first)."""
+    bottom_vals[F,k], bottom_ids[F,k])`` as CPU tensors (bottom = most negative first).
+    ``only_layers``: just these layers (default: all)."""
     import torch
 
     layers = _decoder_layers(model)
@@ -185,7 +195,10 @@ def iter_layer_projections(
             w_eff = w_eff * _final_norm_weight(model).detach().to(device=device, dtype=dtype)[None, :]
         vocab = w_eff.shape[0]
         k = min(top_k, vocab)
+        wanted = None if only_layers is None else set(only_layers)
         for layer_index, layer in enumerate(layers):
+            if wanted is not None and layer_index not in wanted:
+                continue
             w_down = layer.mlp.down_proj.weight.detach().to(device=device, dtype=dtype)  # [H, F]
             n_neurons = w_down.shape[1]
             norms = torch.linalg.vector_norm(w_down, dim=0)  # [F]
@@ -233,29 +246,113 @@ def compute_output_projections(
     vocab_size = model.get_output_embeddings().weight.shape[0]
     vocab = vocabulary_strings(tokenizer, vocab_size)
     by_unit: dict[tuple[int, int], NeuronProjection] = {}
-    for layer, norms, effects, tv, ti, bv, bi in iter_layer_projections(
+    for item in iter_layer_projections(
         model, top_k=top_k, block_size=block_size, include_final_norm=include_final_norm, device=device
     ):
-        norms_l, effects_l = norms.tolist(), effects.tolist()
-        tv_l, ti_l, bv_l, bi_l = tv.tolist(), ti.tolist(), bv.tolist(), bi.tolist()
-        for neuron in range(len(norms_l)):
-            by_unit[(layer, neuron)] = NeuronProjection(
-                layer=layer,
-                neuron=neuron,
-                output_norm=norms_l[neuron],
-                logit_effect=effects_l[neuron],
-                promotes=tuple(
-                    TokenWeight(token_id=t, token=vocab[t], weight=w) for t, w in zip(ti_l[neuron], tv_l[neuron])
-                ),
-                suppresses=tuple(
-                    TokenWeight(token_id=t, token=vocab[t], weight=w) for t, w in zip(bi_l[neuron], bv_l[neuron])
-                ),
-            )
+        by_unit.update(_layer_entries(item, vocab))
         if progress is not None:
-            progress(layer + 1, num_layers)
+            progress(item[0] + 1, num_layers)
     return OutputProjections(
         model=model_name, num_layers=num_layers, top_k=top_k, include_final_norm=include_final_norm, by_unit=by_unit
     )
+
+
+def _layer_entries(item: tuple[int, Any, Any, Any, Any, Any, Any], vocab: Sequence[str]) -> dict[tuple[int, int], NeuronProjection]:
+    """The NeuronProjections of one :func:`iter_layer_projections` item."""
+    layer, norms, effects, tv, ti, bv, bi = item
+    norms_l, effects_l = norms.tolist(), effects.tolist()
+    tv_l, ti_l, bv_l, bi_l = tv.tolist(), ti.tolist(), bv.tolist(), bi.tolist()
+    return {
+        (layer, neuron): NeuronProjection(
+            layer=layer,
+            neuron=neuron,
+            output_norm=norms_l[neuron],
+            logit_effect=effects_l[neuron],
+            promotes=tuple(TokenWeight(token_id=t, token=vocab[t], weight=w) for t, w in zip(ti_l[neuron], tv_l[neuron])),
+            suppresses=tuple(TokenWeight(token_id=t, token=vocab[t], weight=w) for t, w in zip(bi_l[neuron], bv_l[neuron])),
+        )
+        for neuron in range(len(norms_l))
+    }
+
+
+class LazyOutputProjections:
+    """Output projections computed layer by layer, when a unit of that layer is first asked for.
+
+    A run that labels a few units (``circuits label --max-units 20``: the late layers) computes
+    only their layers. Once every layer has been computed the full set is written to ``save_to``
+    (when given), so a complete run leaves the same file :func:`compute_output_projections` +
+    :meth:`OutputProjections.save` would; a partial run writes nothing.
+    """
+
+    def __init__(
+        self, model: Any, *, tokenizer: Any = None, model_name: str = "", top_k: int = 20, block_size: int = 512,
+        include_final_norm: bool = True, device: str | None = None, save_to: str | Path | None = None,
+    ) -> None:
+        import threading
+
+        self._model = model
+        self._tokenizer = tokenizer
+        self._block_size = block_size
+        self._device = device
+        self._save_to = Path(save_to) if save_to else None
+        self._vocab: list[str] | None = None
+        self._lock = threading.RLock()
+        self._computed: dict[int, dict[tuple[int, int], NeuronProjection]] = {}
+        layers = _decoder_layers(model)
+        self.model = model_name
+        self.num_layers = len(layers)
+        self.top_k = top_k
+        self.include_final_norm = include_final_norm
+        self._width = int(layers[0].mlp.down_proj.weight.shape[1]) if len(layers) else 0
+
+    @property
+    def computed_layers(self) -> list[int]:
+        """The layers computed so far."""
+        return sorted(self._computed)
+
+    def get(self, layer: int, neuron: int) -> NeuronProjection | None:
+        if not (0 <= layer < self.num_layers):
+            return None
+        entries = self._computed.get(layer)
+        if entries is None:
+            entries = self._compute(layer)
+        return entries.get((layer, neuron))
+
+    def _compute(self, layer: int) -> dict[tuple[int, int], NeuronProjection]:
+        with self._lock:
+            if layer in self._computed:
+                return self._computed[layer]
+            if self._vocab is None:
+                vocab_size = self._model.get_output_embeddings().weight.shape[0]
+                self._vocab = vocabulary_strings(self._tokenizer, vocab_size)
+            (item,) = iter_layer_projections(
+                self._model, top_k=self.top_k, block_size=self._block_size, include_final_norm=self.include_final_norm,
+                device=self._device, only_layers=(layer,),
+            )  # fmt: skip
+            self._computed[layer] = entries = _layer_entries(item, self._vocab)
+            if self._save_to is not None and len(self._computed) == self.num_layers:
+                self.complete().save(self._save_to)
+            return entries
+
+    def complete(self) -> OutputProjections:
+        """Every layer's projections (computing the missing layers) as an :class:`OutputProjections`."""
+        for layer in range(self.num_layers):
+            if layer not in self._computed:
+                self._compute(layer)
+        by_unit: dict[tuple[int, int], NeuronProjection] = {}
+        for layer in sorted(self._computed):
+            by_unit.update(self._computed[layer])
+        return OutputProjections(model=self.model, num_layers=self.num_layers, top_k=self.top_k,
+                                 include_final_norm=self.include_final_norm, by_unit=by_unit)  # fmt: skip
+
+    def neurons_per_layer(self) -> int:
+        return self._width
+
+    def unit_keys(self) -> list[tuple[int, int]]:
+        return [(layer, neuron) for layer in range(self.num_layers) for neuron in range(self._width)]
+
+    def __len__(self) -> int:
+        return self.num_layers * self._width
 
 
 def load_model_for_projections(name: str, *, device: str = "cpu") -> tuple[Any, Any]:
