@@ -285,6 +285,19 @@ class RelPAttributor:
             raise InvalidArgument(f"target token {text!r} {found} for {self.model_name}")
         return found.token_id
 
+    def resolve_single_token(self, text: str) -> int:
+        """Vocabulary id of a string that is one token; a multi-token string raises InvalidArgument
+        (for metrics that report no "first token of" note, e.g. activation patching)."""
+        if self._vocab is None:
+            self._vocab = dict(self.tokenizer.get_vocab())
+        found = resolve_target(self.tokenizer, text, vocab=self._vocab)
+        if isinstance(found, str):
+            raise InvalidArgument(f"target token {text!r} {found} for {self.model_name}")
+        if found.multi_token:
+            raise InvalidArgument(f"target token {text!r} is not a single token for {self.model_name}: it splits into "
+                                  f"{list(found.pieces)}")
+        return found.token_id
+
     def build_metric(
         self,
         logits_row: torch.Tensor,
