@@ -369,7 +369,7 @@ def _cache_keyword(model: nn.Module) -> str:
 class Intervener:
     """Next-token predictions and greedy continuations of `model` with neurons changed.
 
-    Prompts are encoded exactly like the RelP engine encodes them (chat template unless raw).
+    Prompts are encoded exactly like the RelP engine encodes them (raw None: the model's own prompt form).
     Neuron means for mode 'mean' are loaded lazily (:func:`neuron_means`) unless given.
     """
 
@@ -395,7 +395,8 @@ class Intervener:
             self._means = neuron_means(self.model, self.tokenizer, name=self.model_name)
         return self._means
 
-    def encode(self, prompt: str, *, raw: bool = False, answer_prefix: str = "") -> list[int]:
+    def encode(self, prompt: str, *, raw: bool | None = None, answer_prefix: str = "") -> list[int]:
+        """Token ids as the RelP engine encodes them (``raw`` None: the model's own prompt form)."""
         return self._encoder.encode_prompt(prompt, raw=raw, answer_prefix=answer_prefix)
 
     def _means_for(self, interventions: Sequence[NeuronIntervention]) -> torch.Tensor | None:
@@ -455,7 +456,7 @@ class Intervener:
         prompt: str | None,
         interventions: Sequence[NeuronIntervention],
         *,
-        raw: bool = False,
+        raw: bool | None = None,
         answer_prefix: str = "",
         top_k: int = 10,
         generate_tokens: int = 0,

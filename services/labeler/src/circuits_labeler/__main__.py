@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from circuits_core.config import DEFAULT_PORTS
 from circuits_core.errors import CircuitsError, error_line
 
 
@@ -16,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from circuits_core.limits import add_limit_arguments
     from circuits_server.serving import add_server_arguments
 
-    add_server_arguments(parser, default_port=50053)
+    add_server_arguments(parser, default_port=DEFAULT_PORTS["labeler"])
     add_limit_arguments(parser, LIMITS)
     return parser
 
@@ -43,10 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         service = LabelerService(build_labeler(config), limits=limits)
         server = build_server(settings, service=service, limits=limits)
+        server.start()
     except CircuitsError as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
-    server.start()
     server.set_serving(True)
     print(f"labeler serving on {server.address}", flush=True)
     write_port_file(server, args.port_file)

@@ -410,13 +410,15 @@ def trace_request_to_proto(request: TraceRequest) -> attribution_pb2.TraceReques
     """Encode a :class:`circuits_core.tracing.TraceRequest` (every setting explicit)."""
     msg = attribution_pb2.TraceRequest(
         prompt=request.prompt,
-        raw=request.raw,
         answer_prefix=request.answer_prefix,
         corpus_index=request.corpus_index,
         slug=request.slug,
         tau=request.tau,
         max_nodes=request.max_nodes,
+        over_max_nodes=request.over_max_nodes,
     )
+    if request.raw is not None:  # unset: the server's model picks its prompt form
+        msg.raw = request.raw
     msg.target.k = request.k
     msg.target.target_tokens.extend(request.target_tokens)
     if request.contrastive is not None:
@@ -437,7 +439,7 @@ def trace_request_from_proto(msg: attribution_pb2.TraceRequest) -> TraceRequest:
         raise InvalidArgument("contrastive target needs both contrastive_positive and contrastive_negative")
     given: dict[str, Any] = {
         "prompt": msg.prompt,
-        "raw": msg.raw,
+        "raw": msg.raw if msg.HasField("raw") else None,
         "answer_prefix": msg.answer_prefix,
         "slug": msg.slug,
         "target_tokens": tuple(target.target_tokens),
@@ -445,6 +447,8 @@ def trace_request_from_proto(msg: attribution_pb2.TraceRequest) -> TraceRequest:
     }
     if target.k:  # proto3 int: 0 is "not set"
         given["k"] = target.k
+    if msg.over_max_nodes:
+        given["over_max_nodes"] = msg.over_max_nodes
     for name in ("target_position", "tau", "max_nodes", "corpus_index"):
         if msg.HasField(name):
             given[name] = getattr(msg, name)
@@ -587,9 +591,11 @@ _INTERVENTION_MODE_NAMES = {v: k for k, v in _INTERVENTION_MODES.items()}
 def intervene_request_to_proto(request: InterventionRequest) -> attribution_pb2.InterveneRequest:
     """Encode an :class:`~circuits_core.interventions.InterventionRequest`."""
     msg = attribution_pb2.InterveneRequest(
-        prompt=request.prompt, raw=request.raw, answer_prefix=request.answer_prefix,
+        prompt=request.prompt, answer_prefix=request.answer_prefix,
         top_k=request.top_k, generate_tokens=request.generate_tokens,
     )  # fmt: skip
+    if request.raw is not None:
+        msg.raw = request.raw
     for item in request.interventions:
         msg.interventions.add(
             layer=item.layer, index=item.index, positions=list(item.positions or ()),
@@ -612,7 +618,8 @@ def intervene_request_from_proto(msg: attribution_pb2.InterveneRequest) -> Inter
             )
         )  # fmt: skip
     return InterventionRequest(
-        prompt=msg.prompt, interventions=tuple(interventions), raw=msg.raw, answer_prefix=msg.answer_prefix,
+        prompt=msg.prompt, interventions=tuple(interventions), raw=msg.raw if msg.HasField("raw") else None,
+        answer_prefix=msg.answer_prefix,
         top_k=msg.top_k or 10, generate_tokens=msg.generate_tokens,
     )  # fmt: skip
 

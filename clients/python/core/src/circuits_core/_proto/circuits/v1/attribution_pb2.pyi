@@ -22,7 +22,7 @@ class TraceTarget(_message.Message):
     def __init__(self, k: _Optional[int] = ..., target_tokens: _Optional[_Iterable[str]] = ..., contrastive_positive: _Optional[str] = ..., contrastive_negative: _Optional[str] = ...) -> None: ...
 
 class TraceRequest(_message.Message):
-    __slots__ = ("prompt", "target", "raw", "answer_prefix", "target_position", "tau", "max_nodes", "corpus_index", "slug")
+    __slots__ = ("prompt", "target", "raw", "answer_prefix", "target_position", "tau", "max_nodes", "corpus_index", "slug", "over_max_nodes")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class TraceRequest(_message.Message):
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     CORPUS_INDEX_FIELD_NUMBER: _ClassVar[int]
     SLUG_FIELD_NUMBER: _ClassVar[int]
+    OVER_MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     target: TraceTarget
     raw: bool
@@ -41,7 +42,8 @@ class TraceRequest(_message.Message):
     max_nodes: int
     corpus_index: int
     slug: str
-    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[_Union[TraceTarget, _Mapping]] = ..., raw: _Optional[bool] = ..., answer_prefix: _Optional[str] = ..., target_position: _Optional[int] = ..., tau: _Optional[float] = ..., max_nodes: _Optional[int] = ..., corpus_index: _Optional[int] = ..., slug: _Optional[str] = ...) -> None: ...
+    over_max_nodes: str
+    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[_Union[TraceTarget, _Mapping]] = ..., raw: _Optional[bool] = ..., answer_prefix: _Optional[str] = ..., target_position: _Optional[int] = ..., tau: _Optional[float] = ..., max_nodes: _Optional[int] = ..., corpus_index: _Optional[int] = ..., slug: _Optional[str] = ..., over_max_nodes: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
