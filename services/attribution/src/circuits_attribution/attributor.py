@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from circuits_core.activations import ActivationRequest, ActivationResult
 from circuits_core.errors import Cancelled, InvalidArgument
 from circuits_core.interventions import InterventionRequest, InterventionResult
 from circuits_core.schemas import EMBEDDING_LAYER, Edge, Graph, GraphMetadata, Unit, graph_content_id, slugify
@@ -597,6 +598,15 @@ class RelPAttributor:
 
         with _stop_checks(self.model, should_stop):
             return run_intervention(self, request)
+
+    def activations(
+        self, request: ActivationRequest, *, should_stop: Callable[[], bool] | None = None
+    ) -> ActivationResult:
+        """Per-token activations of neurons on prompts (the GetActivations RPC)."""
+        from circuits_attribution.interventions import run_activations
+
+        with _stop_checks(self.model, should_stop):
+            return run_activations(self, request)
 
     def model_info(self) -> ModelInfo:
         """The model this engine traces (name, shape, dtype, device)."""

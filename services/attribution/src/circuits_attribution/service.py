@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
+from circuits_core.activations import ActivationRequest, ActivationResult
 from circuits_core.errors import Cancelled, CircuitsError, InvalidArgument, ResourceExhausted, Unavailable
 from circuits_core.interventions import InterventionRequest, InterventionResult
 from circuits_core.limits import DEFAULT_LIMITS
@@ -54,6 +55,8 @@ class AttributionEngine(Protocol):
     def trace(self, request: TraceRequest, *, should_stop: StopCheck) -> Graph: ...
 
     def intervene(self, request: InterventionRequest, *, should_stop: StopCheck) -> InterventionResult: ...
+
+    def activations(self, request: ActivationRequest, *, should_stop: StopCheck) -> ActivationResult: ...
 
     def model_info(self) -> ModelInfo: ...
 
@@ -181,6 +184,14 @@ class AttributionRunner:
         return self._run_exclusive(
             lambda engine, stop: engine.intervene(request, should_stop=stop), should_stop or _never,
             what="running the intervention",
+        )
+
+    def activations(self, request: ActivationRequest, *, should_stop: StopCheck | None = None) -> ActivationResult:
+        """Read per-token neuron activations on a free engine (same queueing, limits and stop
+        semantics as :meth:`trace`)."""
+        return self._run_exclusive(
+            lambda engine, stop: engine.activations(request, should_stop=stop), should_stop or _never,
+            what=f"reading activations of {len(request.prompts)} prompt(s)",
         )
 
     def _run_exclusive(

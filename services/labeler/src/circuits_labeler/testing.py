@@ -10,9 +10,13 @@ enough of the Anthropic Messages API (``POST /v1/messages``) and the OpenAI chat
         ...
         server.requests                          # every request seen (path, unit, pass, status)
 
-Answers come from ``responder(request) -> str``. The default, :func:`labeler_responder`, answers
-labeller prompts (``Task: output|input`` / ``Neuron: L{l}/N{i}``) with a valid JSON label that
-names the neuron, and anything else with a short fixed text. Faults: ``"429"``, ``"500"``,
+Answers come from ``responder(request) -> str | StandInReply``. The default, :func:`labeler_responder`,
+answers labeller prompts (``Task: output|input`` / ``Neuron: L{l}/N{i}``) with a valid JSON label
+that names the neuron, and anything else with a short fixed text. Tool use works in both APIs: the
+request's ``tools`` are recorded, :meth:`StandInRequest.tool_exchanges` reads the calls and results
+of the conversation so far, and a :class:`StandInReply` with ``tool_calls`` is sent back as
+Anthropic ``tool_use`` blocks or OpenAI ``tool_calls``. :class:`ScriptedScientist` is a responder
+that investigates a neuron through the neuron scientist's tools. Faults: ``"429"``, ``"500"``,
 ``"503"``, ``"400"``, ``"401"``, ``"malformed"`` (HTTP 200 whose text is not JSON), ``"timeout"``
 (hold the connection ``hang_seconds``). Token usage is ``len(text) // 4 + 1`` per side.
 """
@@ -39,6 +43,32 @@ FAULTS = ("429", "500", "503", "400", "401", "malformed", "timeout")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StandInReply:
+    """A scripted answer: text and tool calls ``(name, arguments)``; arguments that are not a dict
+    are sent as they are (a malformed call)."""
+
+    text: str = ""
+    tool_calls: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolExchange:
+    """One tool call of the conversation so far, with the result sent back for it ("" if none yet)."""
+
+    name: str
+    arguments: Any
+    result: str = ""
+    is_error: bool = False
+
+    def result_json(self) -> Any:
+        """The result parsed as JSON (None when it is not JSON)."""
+        try:
+            return json.loads(self.result)
+        except (TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StandInRequest:
     """One request as the stand-in saw it."""
 
@@ -56,11 +86,47 @@ class StandInRequest:
     auth: str = ""
     #: The OpenAI ``response_format`` the client asked for, if any.
     response_format: dict | None = None
+    #: Names of the tools the request offered (empty: no tool use).
+    tools: tuple[str, ...] = ()
 
     @property
     def prompt(self) -> str:
         first = self.messages[0]["content"] if self.messages else ""
         return first if isinstance(first, str) else json.dumps(first)
+
+    def tool_exchanges(self) -> list[ToolExchange]:
+        """Every tool call made so far in the conversation, in order, with its result."""
+        calls: list[tuple[str, str, Any]] = []
+        results: dict[str, tuple[str, bool]] = {}
+        for message in self.messages:
+            content = message.get("content")
+            if self.api == "anthropic":
+                for block in content if isinstance(content, list) else ():
+                    if block.get("type") == "tool_use":
+                        calls.append((str(block.get("id")), str(block.get("name")), block.get("input")))
+                    elif block.get("type") == "tool_result":
+                        text = block.get("content")
+                        if isinstance(text, list):
+                            text = "".join(part.get("text", "") for part in text)
+                        results[str(block.get("tool_use_id"))] = (str(text or ""), bool(block.get("is_error")))
+            else:
+                for call in message.get("tool_calls") or ():
+                    function = call.get("function") or {}
+                    raw = function.get("arguments", "")
+                    try:
+                        arguments = json.loads(raw) if isinstance(raw, str) else raw
+                    except ValueError:
+                        arguments = raw
+                    calls.append((str(call.get("id")), str(function.get("name")), arguments))
+                if message.get("role") == "tool":
+                    text = str(content or "")
+                    error = text.startswith("ERROR: ")
+                    results[str(message.get("tool_call_id"))] = (text.removeprefix("ERROR: "), error)
+        out = []
+        for call_id, name, arguments in calls:
+            text, error = results.get(call_id, ("", False))
+            out.append(ToolExchange(name=name, arguments=arguments, result=text, is_error=error))
+        return out
 
 
 def count_tokens(text: str) -> int:
@@ -114,6 +180,11 @@ def labeler_responder(request: StandInRequest) -> str:
     })
 
 
+def _tool_name(tool: dict) -> str:
+    function = tool.get("function")
+    return str((function or {}).get("name") if isinstance(function, dict) else tool.get("name", ""))
+
+
 class StandInLLMServer:
     """Threaded HTTP stand-in for the Anthropic and OpenAI chat APIs (see module docstring)."""
 
@@ -121,7 +192,7 @@ class StandInLLMServer:
         self,
         *,
         latency: float = 0.0,
-        responder: Callable[[StandInRequest], str] = labeler_responder,
+        responder: Callable[[StandInRequest], str | StandInReply] = labeler_responder,
         hang_seconds: float = 5.0,
         fault_for: Callable[[StandInRequest], str | None] | None = None,
         host: str = "127.0.0.1",
@@ -238,6 +309,7 @@ class StandInLLMServer:
             label_pass=task_match[1] if task_match else None,
             auth="present" if (handler.headers.get("x-api-key") or handler.headers.get("authorization")) else "",
             response_format=body.get("response_format") if isinstance(body.get("response_format"), dict) else None,
+            tools=tuple(_tool_name(t) for t in body.get("tools") or () if isinstance(t, dict)),
         )
         with self._lock:
             fault = self._faults.popleft() if self._faults else None
@@ -261,22 +333,34 @@ class StandInLLMServer:
             headers = {"retry-after": "0"} if status == 429 else {}
             self._send(handler, status, {"type": "error", "error": {"type": kind, "message": f"stand-in {status}"}}, headers)
             return
-        text = "I think this neuron is about things." if fault == "malformed" else self.responder(request)
+        answer = "I think this neuron is about things." if fault == "malformed" else self.responder(request)
+        reply = answer if isinstance(answer, StandInReply) else StandInReply(text=str(answer))
         self._record(request, 200, fault)
-        prompt_text = system + "".join(str(m.get("content", "")) for m in messages)
-        in_tok, out_tok = count_tokens(prompt_text), count_tokens(text)
+        prompt_text = system + json.dumps(body.get("tools") or "") + "".join(json.dumps(m.get("content", "")) for m in messages)
+        calls = [(f"call_{uuid.uuid4().hex[:16]}", name, arguments) for name, arguments in reply.tool_calls]
+        in_tok = count_tokens(prompt_text)
+        out_tok = count_tokens(reply.text + "".join(json.dumps(a) if not isinstance(a, str) else a for _i, _n, a in calls))
         if api == "anthropic":
+            content: list[dict[str, Any]] = [{"type": "text", "text": reply.text}] if reply.text or not calls else []
+            content += [{"type": "tool_use", "id": i, "name": n, "input": a} for i, n, a in calls]
             payload = {
                 "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
-                "model": request.model, "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn", "stop_sequence": None,
+                "model": request.model, "content": content,
+                "stop_reason": "tool_use" if calls else "end_turn", "stop_sequence": None,
                 "usage": {"input_tokens": in_tok, "output_tokens": out_tok},
             }
         else:
+            message: dict[str, Any] = {"role": "assistant", "content": reply.text or (None if calls else "")}
+            if calls:
+                message["tool_calls"] = [
+                    {"id": i, "type": "function",
+                     "function": {"name": n, "arguments": a if isinstance(a, str) else json.dumps(a)}}
+                    for i, n, a in calls
+                ]
             payload = {
                 "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
                 "model": request.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop"}],
                 "usage": {"prompt_tokens": in_tok, "completion_tokens": out_tok, "total_tokens": in_tok + out_tok},
             }
         self._send(handler, 200, payload)
