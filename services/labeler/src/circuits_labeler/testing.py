@@ -382,3 +382,89 @@ class StandInLLMServer:
         handler.end_headers()
         handler.wfile.write(data)
         handler.wfile.flush()
+
+
+def _tool_payload(exchange: ToolExchange) -> Any:
+    """The JSON part of a neuron-scientist tool result (the text after the summary line)."""
+    _summary, _, body = exchange.result.partition("\n")
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+class ScriptedScientist:
+    """A responder that investigates a neuron through every neuron-scientist tool, deciding each
+    step from the tool results so far (so it works on any model, and resumes from any point):
+
+    context (atlas_info, exemplars, projections) -> run_prompts(``probes``) -> hypothesis "fires on
+    the token T" (T = the token of the largest activation measured) -> predict (``fillers`` with
+    and without T) -> test_prediction -> intervene (ablate on a firing prompt, steer on a silent
+    one) -> patch -> attribute -> hypothesis update -> finish (label ``fires on the token T``,
+    confidence from the score). ``preamble`` replies are sent first (one per assistant turn), to
+    inject malformed or unknown calls.
+    """
+
+    def __init__(self, *, probes: list[str], fillers: list[str], preamble: list[StandInReply] | None = None) -> None:
+        self.probes = list(probes)
+        self.fillers = list(fillers)
+        self.preamble = list(preamble or [])
+
+    def __call__(self, request: StandInRequest) -> StandInReply:
+        turns = sum(1 for m in request.messages if m.get("role") == "assistant")
+        if turns < len(self.preamble):
+            return self.preamble[turns]
+        done: dict[str, list[ToolExchange]] = {}
+        seen = set()
+        for ex in request.tool_exchanges():
+            seen.add(ex.name)
+            if not ex.is_error:
+                done.setdefault(ex.name, []).append(ex)
+        if not {"atlas_info", "exemplars", "projections"} & seen and "run_prompts" not in done:
+            return StandInReply(text="Looking at what is known first.",
+                                tool_calls=(("atlas_info", {}), ("exemplars", {"count": 8}), ("projections", {"top_k": 5})))
+        if "run_prompts" not in done:
+            return StandInReply(text="Probing with varied prompts.", tool_calls=(("run_prompts", {"prompts": self.probes}),))
+        token = self._token(done)
+        fire = [f"{a} {token} {b}" for a, b in zip(self.fillers, self.fillers[1:] + self.fillers[:1])][:4]
+        silent = [f"{a} {b}" for a, b in zip(self.fillers, self.fillers[2:] + self.fillers[:2])][:4]
+        if "hypothesis" not in done:
+            return StandInReply(text=f"The largest activation was on {token!r}.",
+                                tool_calls=(("hypothesis", {"statement": f"fires on the token {token}"}),))
+        if "predict" not in done:
+            return StandInReply(text="Pre-registering predictions.",
+                                tool_calls=(("predict", {"hypothesis_id": "H1", "fires_on": fire, "silent_on": silent}),))
+        if "test_prediction" not in done:
+            pid = (_tool_payload(done["predict"][-1]) or {}).get("prediction_id", "P1")
+            return StandInReply(tool_calls=(("test_prediction", {"prediction_id": pid}),))
+        if len(done.get("intervene", [])) < 2:
+            top = max((_tool_payload(done["run_prompts"][0]) or {}).get("prompts", []) or [{}],
+                      key=lambda r: r.get("max_activation") or 0.0).get("max_activation") or 1.0
+            return StandInReply(text="Ablating and steering.", tool_calls=(
+                ("intervene", {"prompt": fire[0], "mode": "zero", "generate_tokens": 4}),
+                ("intervene", {"prompt": silent[0], "mode": "set", "value": round(2 * top, 4), "generate_tokens": 4}),
+            ))
+        if "patch" not in done:
+            return StandInReply(tool_calls=(("patch", {"source_prompt": f"{self.fillers[0]} {token}",
+                                                       "target_prompt": f"{self.fillers[0]} {self.fillers[1]}"}),))
+        if "attribute" not in done:
+            return StandInReply(tool_calls=(("attribute", {"prompt": f"{self.fillers[0]} {token}"}),))
+        score = _tool_payload(done["test_prediction"][-1]) or {}
+        correct, total = score.get("correct", 0), score.get("total", 0)
+        if len(done["hypothesis"]) < 2:
+            status = "supported" if total and correct == total else "refuted"
+            return StandInReply(tool_calls=(("hypothesis", {"id": "H1", "status": status,
+                                                            "note": f"{correct}/{total} predictions came true"}),))
+        return StandInReply(text="Done.", tool_calls=(("finish", {
+            "label": f"fires on the token {token}",
+            "description": f"The neuron fires on the token {token!r}; {correct} of {total} pre-registered predictions "
+                           "came true.",
+            "confidence": "high" if total and correct == total else "low",
+            "hypothesis_id": "H1",
+        }),))
+
+    @staticmethod
+    def _token(done: dict[str, list[ToolExchange]]) -> str:
+        rows = (_tool_payload(done["run_prompts"][0]) or {}).get("prompts", [])
+        best = max(rows, key=lambda r: r.get("max_activation") or float("-inf"), default={})
+        return str(best.get("max_token", "")).strip() or "?"
