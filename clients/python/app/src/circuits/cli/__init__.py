@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("circuits.cli.launch", "launch a batch attribution run as a Kubernetes Indexed Job"),
     "validate": ("circuits.cli.validate", "faithfulness curves of a graph by ablation"),
     "intervene": ("circuits.cli.intervene", "set/scale/zero/mean-ablate neurons and show logits"),
+    "investigate": ("circuits.cli.investigate", "an LLM agent investigates one neuron and writes an HTML report"),
     "view": ("circuits.cli.view", "open a graph in the interactive viewer"),
     "up": ("circuits.cli.up", "run all services locally, wired like the Helm chart"),
     "neurondb": ("circuits.cli.neurondb", "import/query neuron descriptions in PostgreSQL"),
