@@ -76,6 +76,14 @@ def atlas_file(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def engine(planted):
+    from circuits_attribution.attributor import RelPAttributor
+
+    model, tokenizer, _ = planted
+    return RelPAttributor(model, tokenizer)
+
+
 @pytest.fixture
 def scripted():
     from circuits_labeler.testing import ScriptedScientist

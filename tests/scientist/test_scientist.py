@@ -53,14 +53,6 @@ def run_agent(engine, responder, tmp_path: Path, *, api: str = "anthropic", **se
         return transcript, server.requests
 
 
-@pytest.fixture(scope="module")
-def engine(planted):
-    from circuits_attribution.attributor import RelPAttributor
-
-    model, tokenizer, _ = planted
-    return RelPAttributor(model, tokenizer)
-
-
 def expected_activation(model, tokenizer) -> float:
     """silu(c) * c for the planted channel of the token: its activation read here by a hook on down_proj."""
     ids = tokenizer(f"the {TOKEN}")["input_ids"]

@@ -30,7 +30,7 @@ th{background:#f5f7f9}.exp{border:1px solid #dde2e8;border-radius:6px;margin:10p
 .exp.err{border-color:#e8a9a3;background:#fff8f7}.exp h3{font-size:14px;margin:0 0 4px}
 pre{background:#f7f8fa;padding:6px 8px;overflow-x:auto;font-size:12px;margin:4px 0;white-space:pre-wrap}
 .toks{font-family:ui-monospace,monospace;font-size:13px;line-height:1.9;margin:2px 0}
-.tok{padding:1px 1px;border-radius:2px;white-space:pre}.tok.sp{color:#99a}
+.tok{padding:1px 1px;margin-right:2px;border-radius:2px;white-space:pre}.tok.sp{color:#99a}
 .ok{color:#17803d;font-weight:600}.bad{color:#b42318;font-weight:600}
 """
 
