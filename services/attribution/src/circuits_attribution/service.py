@@ -41,6 +41,10 @@ StopCheck = Callable[[], bool]
 _Result = TypeVar("_Result")
 
 
+#: Prompts one GetActivations request may carry (each bounded by max_prompt_chars at the edge).
+MAX_ACTIVATION_PROMPTS = 256
+
+
 class AttributionEngine(Protocol):
     """What :class:`AttributionRunner` needs from an engine (``RelPAttributor`` is the real one).
 
@@ -188,7 +192,11 @@ class AttributionRunner:
 
     def activations(self, request: ActivationRequest, *, should_stop: StopCheck | None = None) -> ActivationResult:
         """Read per-token neuron activations on a free engine (same queueing, limits and stop
-        semantics as :meth:`trace`)."""
+        semantics as :meth:`trace`); at most MAX_ACTIVATION_PROMPTS prompts and
+        ``max_units_per_request`` neurons per request."""
+        if len(request.prompts) > MAX_ACTIVATION_PROMPTS:
+            raise InvalidArgument(f"{len(request.prompts)} prompts, over the limit of {MAX_ACTIVATION_PROMPTS} per request")
+        DEFAULT_LIMITS.check("max_units_per_request", len(request.neurons), "GetActivations request has", unit="neurons")
         return self._run_exclusive(
             lambda engine, stop: engine.activations(request, should_stop=stop), should_stop or _never,
             what=f"reading activations of {len(request.prompts)} prompt(s)",

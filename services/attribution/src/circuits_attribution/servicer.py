@@ -44,3 +44,9 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
             wire.intervene_request_from_proto(request), should_stop=lambda: not context.is_active()
         )
         return wire.intervention_result_to_proto(result)
+
+    def GetActivations(self, request: attribution_pb2.GetActivationsRequest, context: Any) -> attribution_pb2.GetActivationsResponse:  # noqa: N802
+        result = self.runner.activations(
+            wire.activation_request_from_proto(request), should_stop=lambda: not context.is_active()
+        )
+        return wire.activation_result_to_proto(result)

@@ -780,7 +780,7 @@ NAME_FIELDS = frozenset({
 #: Path fields: at most max_path_chars, no control characters.
 PATH_FIELDS = frozenset({"directory"})
 #: Prompt fields: at most max_prompt_chars (newlines and tabs are text).
-PROMPT_FIELDS = frozenset({"prompt", "answer_prefix"})
+PROMPT_FIELDS = frozenset({"prompt", "prompts", "answer_prefix"})
 #: Bulk data inside Ingest graphs, not checked field by field (bounded by the message size).
 _UNCHECKED = frozenset({("circuits.v1.Graph", "units"), ("circuits.v1.Graph", "prompt_tokens"),
                         ("circuits.v1.Graph", "edges")})  # fmt: skip

@@ -24,6 +24,7 @@ from circuits_core import wire
 from circuits_core._proto.circuits.v1 import attribution_pb2, attribution_pb2_grpc
 from circuits_sdk._channel import DEFAULT_TIMEOUT, call_unary, iterate_stream, open_channel, translate
 from circuits_core.errors import InvalidArgument, Unavailable
+from circuits_core.activations import ActivationRequest, ActivationResult
 from circuits_core.interventions import InterventionRequest, InterventionResult
 from circuits_core.schemas import Graph
 from circuits_core.tracing import ModelInfo, TraceRequest
@@ -109,6 +110,14 @@ class AttributionClient:
             self._stub.Intervene, wire.intervene_request_to_proto(request), timeout=timeout or self.timeout, idempotent=True
         )
         return wire.intervention_result_from_proto(msg, interventions=request.interventions)
+
+    def activations(self, request: ActivationRequest, *, timeout: float | None = None) -> ActivationResult:
+        """Per-token activations of ``request.neurons`` on each of ``request.prompts`` (the server's model)."""
+        msg = call_unary(
+            self._stub.GetActivations, wire.activation_request_to_proto(request), timeout=timeout or self.timeout,
+            idempotent=True,
+        )
+        return wire.activation_result_from_proto(msg, neurons=request.neurons)
 
     def model_info(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> ModelInfo:
         msg = call_unary(self._stub.GetModelInfo, attribution_pb2.GetModelInfoRequest(), timeout=timeout, idempotent=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from circuits_core.errors import CircuitsError
+from circuits_core.investigation import InvestigationEvent as ProgressEvent
 
 from circuits_labeler.llm import (
     AgentMessage,
@@ -77,17 +78,6 @@ class AgentSettings:
     limits: ToolLimits = ToolLimits()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ProgressEvent:
-    """One thing that happened (for a progress line or the labeler's streaming RPC)."""
-
-    kind: str  # step | tool | finished | stopped
-    step: int
-    message: str
-    tool: str = ""
-    ok: bool = True
-
-
 def new_transcript(*, layer: int, neuron: int, model: str, llm: dict[str, str], settings: AgentSettings,
                    sources: Sources) -> Transcript:
     return Transcript(
@@ -133,6 +123,12 @@ class Scientist:
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _emit(self, transcript: Transcript, kind: str, message: str, **extra: Any) -> None:
+        if kind in ("finished", "stopped"):
+            correct, total = transcript.prediction_score()
+            final = transcript.final
+            extra.update(status=transcript.status, label=final.label if final else "",
+                         confidence=final.confidence if final else "", predictions_correct=correct,
+                         predictions_total=total, spend_usd=transcript.usage.spend_usd)
         self.on_event(ProgressEvent(kind=kind, step=transcript.steps, message=message, **extra))
 
     def _save(self, transcript: Transcript) -> None:

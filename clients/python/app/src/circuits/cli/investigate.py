@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         if args.exemplars:
             files = require("circuits_server.exemplar_files", what="--exemplars")
             sources.exemplars = files.ExemplarFile(args.exemplars)
-        model_name = args.model if remote is None else f"{remote.address} ({engine.model_info().name})"
+        model_name = args.model if remote is None else f"{remote.address} ({engine.model_info().model})"
         if previous is None:
             transcript = agent.new_transcript(layer=layer, neuron=neuron, model=model_name,
                                               llm={"backend": labeling.backend, "model": labeling.model},
