@@ -402,13 +402,29 @@ class ScriptedScientist:
     and without T) -> test_prediction -> intervene (ablate on a firing prompt, steer on a silent
     one) -> patch -> attribute -> hypothesis update -> finish (label ``fires on the token T``,
     confidence from the score). ``preamble`` replies are sent first (one per assistant turn), to
-    inject malformed or unknown calls.
+    inject malformed or unknown calls. For real models, ``contexts`` (sentences with one ``{}``)
+    and ``alternatives`` (words put in place of T) replace the filler-word prompts.
     """
 
-    def __init__(self, *, probes: list[str], fillers: list[str], preamble: list[StandInReply] | None = None) -> None:
+    def __init__(self, *, probes: list[str], fillers: list[str], preamble: list[StandInReply] | None = None,
+                 contexts: list[str] | None = None, alternatives: list[str] | None = None) -> None:
         self.probes = list(probes)
         self.fillers = list(fillers)
         self.preamble = list(preamble or [])
+        self.contexts = list(contexts or [])
+        self.alternatives = list(alternatives or [])
+
+    def _prompts(self, token: str) -> tuple[list[str], list[str], str, str]:
+        """(fire prompts, silent prompts, prompt ending in the token, the same ending in another word)."""
+        if self.contexts and self.alternatives:
+            fire = [c.format(token) for c in self.contexts][:4]
+            silent = [c.format(a) for c, a in zip(self.contexts, self.alternatives)][:4]
+            head = self.contexts[0].split("{}")[0]
+            return fire, silent, head + token, head + self.alternatives[0]
+        f = self.fillers
+        fire = [f"{a} {token} {b}" for a, b in zip(f, f[1:] + f[:1])][:4]
+        silent = [f"{a} {b}" for a, b in zip(f, f[2:] + f[:2])][:4]
+        return fire, silent, f"{f[0]} {token}", f"{f[0]} {f[1]}"
 
     def __call__(self, request: StandInRequest) -> StandInReply:
         turns = sum(1 for m in request.messages if m.get("role") == "assistant")
@@ -426,8 +442,7 @@ class ScriptedScientist:
         if "run_prompts" not in done:
             return StandInReply(text="Probing with varied prompts.", tool_calls=(("run_prompts", {"prompts": self.probes}),))
         token = self._token(done)
-        fire = [f"{a} {token} {b}" for a, b in zip(self.fillers, self.fillers[1:] + self.fillers[:1])][:4]
-        silent = [f"{a} {b}" for a, b in zip(self.fillers, self.fillers[2:] + self.fillers[:2])][:4]
+        fire, silent, ending, other = self._prompts(token)
         if "hypothesis" not in done:
             return StandInReply(text=f"The largest activation was on {token!r}.",
                                 tool_calls=(("hypothesis", {"statement": f"fires on the token {token}"}),))
@@ -445,10 +460,9 @@ class ScriptedScientist:
                 ("intervene", {"prompt": silent[0], "mode": "set", "value": round(2 * top, 4), "generate_tokens": 4}),
             ))
         if "patch" not in done:
-            return StandInReply(tool_calls=(("patch", {"source_prompt": f"{self.fillers[0]} {token}",
-                                                       "target_prompt": f"{self.fillers[0]} {self.fillers[1]}"}),))
+            return StandInReply(tool_calls=(("patch", {"source_prompt": ending, "target_prompt": other}),))
         if "attribute" not in done:
-            return StandInReply(tool_calls=(("attribute", {"prompt": f"{self.fillers[0]} {token}"}),))
+            return StandInReply(tool_calls=(("attribute", {"prompt": ending}),))
         score = _tool_payload(done["test_prediction"][-1]) or {}
         correct, total = score.get("correct", 0), score.get("total", 0)
         if len(done["hypothesis"]) < 2:

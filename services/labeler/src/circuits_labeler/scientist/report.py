@@ -183,7 +183,7 @@ def render_report(transcript: Transcript) -> str:
         args = json.dumps(exp.arguments, ensure_ascii=False, default=list)
         out.append(f"<div class='exp{'' if exp.ok else ' err'}' id='{_e(exp.id)}'><h3>{_e(exp.id)} · step {exp.step} · "
                    f"{_e(exp.tool)} <span class='muted'>({exp.seconds:.2f}s)</span></h3>"
-                   f"<pre>{_e(args)}</pre><div>{_e(exp.summary)}</div>{_experiment_body(exp, scale)}</div>")
+                   f"<pre>{_e(args)}</pre>{f'<div>{_e(exp.summary)}</div>' if exp.ok else ''}{_experiment_body(exp, scale)}</div>")
     notes = [m.text for m in t.messages if m.role == "assistant" and m.text]
     out.append("<h2>Agent notes</h2>" + ("".join(f"<p>{_e(n)}</p>" for n in notes) or "<p class='muted'>(none)</p>"))
     out.append("</body></html>")
