@@ -116,6 +116,7 @@ def test_cli_investigation_through_every_tool_reaches_the_planted_token(planted,
     # attribution: the neuron is in the graph of a prompt ending in its token, at that token
     attr = next(e for e in t.experiments if e.tool == "attribute")
     assert attr.result["in_graph"] and attr.result["nodes"][0]["token"] == TOKEN
+    assert attr.result["top_edges_in"] and attr.result["top_edges_out"]
     # report and summary line
     html = (folder / "report.html").read_text()
     assert f"fires on the token {TOKEN}" in html and "8/8" in html and "<script" not in html

@@ -348,15 +348,16 @@ def _attribute(inv: Investigation, args: dict[str, Any]) -> ToolOutcome:
                      "activation": _round(u.activation), "attribution": _round(u.attribution), "rank": rank})
     edges_in: list[dict[str, Any]] = []
     edges_out: list[dict[str, Any]] = []
-    try:
-        for e in graph.edges:
-            if (e.tgt_layer, e.tgt_index) == (inv.layer, inv.neuron):
-                edges_in.append({"from": f"L{e.src_layer}/N{e.src_index}" if e.src_layer >= 0 else f"emb {e.src_index}",
-                                 "weight": _round(e.weight)})
-            elif (e.src_layer, e.src_index) == (inv.layer, inv.neuron):
-                edges_out.append({"to": f"L{e.tgt_layer}/N{e.tgt_index}", "weight": _round(e.weight)})
-    except (TypeError, AttributeError):  # a graph whose edges are not iterable records
-        pass
+    logit_tokens = {(u.layer, u.index): u.token for u in graph.units if u.kind == "logit"}
+    edges = graph.edges
+    for e in (edges.rows() if hasattr(edges, "rows") else edges):
+        if (e.tgt_layer, e.tgt_index) == (inv.layer, inv.neuron):
+            edges_in.append({"from": f"L{e.src_layer}/N{e.src_index}" if e.src_layer >= 0 else f"emb {e.src_index}",
+                             "weight": _round(e.weight)})
+        elif (e.src_layer, e.src_index) == (inv.layer, inv.neuron):
+            key = (e.tgt_layer, e.tgt_index)
+            edges_out.append({"to": f"logit {logit_tokens[key]!r}" if key in logit_tokens else f"L{key[0]}/N{key[1]}",
+                              "weight": _round(e.weight)})
     edges_in.sort(key=lambda r: -abs(r["weight"] or 0))
     edges_out.sort(key=lambda r: -abs(r["weight"] or 0))
     logits = [{"token": u.token, "probability": _round(u.probability)} for u in graph.units if u.kind == "logit"]
