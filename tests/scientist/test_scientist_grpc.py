@@ -104,3 +104,10 @@ def test_labeler_without_attribution_refuses_investigate():
             list(labeler.investigate(1, 2))
     finally:
         server.stop(0.5)
+
+
+def test_labeler_server_takes_the_attribution_flags():
+    from circuits_labeler.__main__ import build_parser
+
+    args = build_parser().parse_args(["--config", "c.yaml", "--attribution", "localhost:50051", "--reports", "out"])
+    assert (args.attribution, args.reports) == ("localhost:50051", "out")
