@@ -161,16 +161,18 @@ def test_malformed_and_unknown_tool_calls_are_refused_and_the_run_goes_on(engine
         StandInReply(tool_calls=(("run_prompts", {"prompts": [long_prompt], "extra": 1}),)),
         StandInReply(tool_calls=(("intervene", {"prompt": "the cat", "mode": "explode", "generate_tokens": 10_000}),)),
         StandInReply(tool_calls=(("test_prediction", {"prediction_id": "P9"}),)),
+        StandInReply(tool_calls=(("run_prompts", {"prompts": ["cat " * 90]}),)),  # longer than the model's 64 positions
     ])
     t, _ = run_agent(engine, responder, tmp_path, max_steps=30)
     assert t.status == "finished" and t.final.label == f"fires on the token {TOKEN}"
-    bad = [e for e in t.experiments[:5]]
+    bad = [e for e in t.experiments[:6]]
     assert not any(e.ok for e in bad) and all(e.result == {} for e in bad)
     assert "unknown tool 'no_such_tool'" in bad[0].error
     assert "arguments must be a JSON object" in bad[1].error
     assert "over the limit of 400" in bad[2].error and "extra: unknown argument" in bad[2].error
     assert "mode: must be one of" in bad[3].error and "generate_tokens: must be <= 24" in bad[3].error
     assert "no prediction P9" in bad[4].error
+    assert bad[5].error == "InvalidArgument: prompt is 91 tokens, longer than the model's context of 64 tokens"
     html = render_report(t)
     assert "unknown tool" in html and "refused" in html
 

@@ -168,6 +168,10 @@ class Scientist:
                 error = str(exc)
             except CircuitsError as exc:
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            except Exception as exc:  # noqa: BLE001 - a tool failing on the LLM's input is answered, not fatal
+                log.warning("tool %s failed", call.name, exc_info=True)
+                first = str(exc).splitlines()[0][:300] if str(exc) else ""
+                error = f"the tool failed: {type(exc).__name__}: {first}"
         seconds = round(time.perf_counter() - started, 3)
         transcript.experiments.append(Experiment(
             id=f"E{number}", step=transcript.steps, tool=call.name, arguments=call.arguments, ok=outcome is not None,
