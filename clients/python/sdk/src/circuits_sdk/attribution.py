@@ -26,6 +26,7 @@ from circuits_sdk._channel import DEFAULT_TIMEOUT, call_unary, iterate_stream, o
 from circuits_core.errors import InvalidArgument, Unavailable
 from circuits_core.activations import ActivationRequest, ActivationResult
 from circuits_core.interventions import InterventionRequest, InterventionResult
+from circuits_core.patching import PatchRequest, PatchResult
 from circuits_core.schemas import Graph
 from circuits_core.tracing import ModelInfo, TraceRequest
 
@@ -118,6 +119,12 @@ class AttributionClient:
             idempotent=True,
         )
         return wire.activation_result_from_proto(msg, neurons=request.neurons)
+
+    def patch(self, request: PatchRequest, *, timeout: float | None = None) -> PatchResult:
+        """Activation patching of ``request.neurons`` (or the clean prompt's top RelP neurons)
+        between the clean and the corrupt prompt on the server's model."""
+        msg = call_unary(self._stub.Patch, wire.patch_request_to_proto(request), timeout=timeout or self.timeout, idempotent=True)
+        return wire.patch_result_from_proto(msg)
 
     def model_info(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> ModelInfo:
         msg = call_unary(self._stub.GetModelInfo, attribution_pb2.GetModelInfoRequest(), timeout=timeout, idempotent=True)
