@@ -117,6 +117,9 @@ def test_cli_investigation_through_every_tool_reaches_the_planted_token(planted,
     attr = next(e for e in t.experiments if e.tool == "attribute")
     assert attr.result["in_graph"] and attr.result["nodes"][0]["token"] == TOKEN
     assert attr.result["top_edges_in"] and attr.result["top_edges_out"]
+    # patching: the engine's RelP patching ran beside the intervention (same-length prompts)
+    rp = next(e for e in t.experiments if e.tool == "patch").result["relp_patch"]
+    assert {"metric", "noising", "denoising", "predicted"} <= set(rp), rp
     # report and summary line
     html = (folder / "report.html").read_text()
     assert f"fires on the token {TOKEN}" in html and "8/8" in html and "<script" not in html
@@ -270,4 +273,4 @@ def test_missing_sources_say_so(engine, tmp_path):
     errors = {e.tool: e.error for e in t.experiments if not e.ok}
     assert errors["atlas_info"].startswith("source missing: atlas") and "--atlas" in errors["atlas_info"]
     assert errors["exemplars"].startswith("source missing: exemplars")
-    assert t.sources["connectivity"].startswith("missing")
+    assert t.sources["connectivity"].startswith("not used")

@@ -118,6 +118,12 @@ def _experiment_body(exp: Experiment, scale: float) -> str:
         if tool == "patch":
             head = (f'<p>value {_num(r.get("source_activation"))} from {_e(repr(r.get("source_token")))} written over '
                     f'{_num(r.get("target_activation"))} at {_e(repr(r.get("target_token")))}</p>')
+            rp = r.get("relp_patch") or {}
+            if "noising" in rp:
+                head += ("<div>" + _e(rp["metric"]) + ": " + _table([rp], ["clean_metric", "corrupt_metric", "noising",
+                                                                      "denoising", "predicted"]) + "</div>")
+            elif rp.get("skipped"):
+                head += f'<p class="muted">RelP patching skipped: {_e(rp["skipped"])}</p>'
         gen = ""
         if r.get("baseline_text") or r.get("intervened_text"):
             gen = (f'<table><tr><th>clean continuation</th><td>{_e(r.get("baseline_text", ""))}</td></tr>'

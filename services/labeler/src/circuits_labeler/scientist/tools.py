@@ -75,8 +75,11 @@ class Sources:
         out["exemplars"] = ("available" if self.exemplars is not None
                             else self.missing.get("exemplars", "missing: pass --exemplars (circuits exemplars)"))
         out["connectivity"] = self.missing.get(
-            "connectivity", "missing: connectivity projections / graph diff (issue 20) are not in this build; "
-            "neuron patching uses interventions")
+            "connectivity", "not used: weight-based connectivity and graph diff are not scientist tools yet "
+                            "(see `circuits connectivity`, `circuits diff`)")
+        out["model.patch"] = ("available (RelP-predicted patching beside the intervention)"
+                              if self.engine is not None and callable(getattr(self.engine, "patch", None))
+                              else "missing: the engine has no patch operation (patching uses interventions only)")
         return out
 
 
@@ -325,11 +328,34 @@ def _patch(inv: Investigation, args: dict[str, Any]) -> ToolOutcome:
     result.update({"source_activation": src_value, "target_activation": tgt_value,
                    "source_token": source["tokens"][-1], "target_token": target["tokens"][-1]})
     top = result["shifts"][0] if result["shifts"] else None
-    return ToolOutcome(
-        summary=(f"patched {src_value} (from {source['tokens'][-1]!r}) over {tgt_value} at {target['tokens'][-1]!r}"
-                 + (f"; top token {top['token']!r} {top['before']} -> {top['after']}" if top else "")),
-        result=result,
-    )
+    summary = (f"patched {src_value} (from {source['tokens'][-1]!r}) over {tgt_value} at {target['tokens'][-1]!r}"
+               + (f"; top token {top['token']!r} {top['before']} -> {top['after']}" if top else ""))
+    result["relp_patch"] = _relp_patch(inv, clean=args["target_prompt"], corrupt=args["source_prompt"])
+    if "noising" in result["relp_patch"]:
+        rp = result["relp_patch"]
+        summary += (f"; {rp['metric']}: noising {rp['noising']}, denoising {rp['denoising']}, "
+                    f"RelP predicted {rp['predicted']}")
+    return ToolOutcome(summary=summary, result=result)
+
+
+def _relp_patch(inv: Investigation, *, clean: str, corrupt: str) -> dict[str, Any]:
+    """The attribution engine's activation patching (issue 20) of this neuron at the last token,
+    with RelP's first-order prediction; {"skipped": why} when the engine has none or the prompts
+    differ in length."""
+    fn = getattr(inv.sources.engine, "patch", None)
+    if not callable(fn):
+        return {"skipped": "the engine has no Patch operation"}
+    from circuits_core.patching import PatchNeuron, PatchRequest
+
+    try:
+        res = fn(PatchRequest(clean=clean, corrupt=corrupt, raw=True,
+                              neurons=(PatchNeuron(layer=inv.layer, index=inv.neuron, position=-1),)))
+    except CircuitsError as exc:
+        return {"skipped": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+    (effect,) = res.neurons
+    return {"metric": res.metric, "clean_metric": _round(res.clean_metric), "corrupt_metric": _round(res.corrupt_metric),
+            "noising": _round(effect.noising), "denoising": _round(effect.denoising),
+            "predicted": _round(effect.predicted), "relp": _round(effect.relp)}
 
 
 def _attribute(inv: Investigation, args: dict[str, Any]) -> ToolOutcome:
@@ -498,8 +524,9 @@ def build_registry(limits: ToolLimits = ToolLimits()) -> dict[str, Tool]:
                      Param(name="include_generated", kind="boolean", required=False, default=False,
                            description="Also intervene on the generated tokens.")), run=_intervene),
         Tool(name="patch", description="Activation patching between a prompt pair: the neuron's value at the source "
-             "prompt's last token replaces its value at the target prompt's last token; returns both values and the "
-             "target's prediction before and after.",
+             "prompt's last token replaces its value at the target prompt's last token; returns both values, the "
+             "target's prediction before and after, and (prompts of equal token length) the logit-difference effect "
+             "in both directions with RelP's prediction of it.",
              params=(_prompt(lim, "source_prompt", "Prompt the value is taken from."),
                      _prompt(lim, "target_prompt", "Prompt the value is written into.")), run=_patch),
         Tool(name="attribute", description="Trace a RelP attribution graph of the prompt's next-token prediction and "
