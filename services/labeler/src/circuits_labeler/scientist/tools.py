@@ -330,7 +330,8 @@ def _patch(inv: Investigation, args: dict[str, Any]) -> ToolOutcome:
     top = result["shifts"][0] if result["shifts"] else None
     summary = (f"patched {src_value} (from {source['tokens'][-1]!r}) over {tgt_value} at {target['tokens'][-1]!r}"
                + (f"; top token {top['token']!r} {top['before']} -> {top['after']}" if top else ""))
-    result["relp_patch"] = _relp_patch(inv, clean=args["target_prompt"], corrupt=args["source_prompt"])
+    answer = result["baseline_top"][0]["token"] if result["baseline_top"] else ""
+    result["relp_patch"] = _relp_patch(inv, clean=args["target_prompt"], corrupt=args["source_prompt"], answer=answer)
     if "noising" in result["relp_patch"]:
         rp = result["relp_patch"]
         summary += (f"; {rp['metric']}: noising {rp['noising']}, denoising {rp['denoising']}, "
@@ -338,18 +339,24 @@ def _patch(inv: Investigation, args: dict[str, Any]) -> ToolOutcome:
     return ToolOutcome(summary=summary, result=result)
 
 
-def _relp_patch(inv: Investigation, *, clean: str, corrupt: str) -> dict[str, Any]:
+def _relp_patch(inv: Investigation, *, clean: str, corrupt: str, answer: str = "") -> dict[str, Any]:
     """The attribution engine's activation patching (issue 20) of this neuron at the last token,
     with RelP's first-order prediction; {"skipped": why} when the engine has none or the prompts
-    differ in length."""
+    differ in length. The metric is the logit difference of the two prompts' top answers, or
+    logit(``answer``) (the clean prompt's top token) when both predict the same token."""
     fn = getattr(inv.sources.engine, "patch", None)
     if not callable(fn):
         return {"skipped": "the engine has no Patch operation"}
     from circuits_core.patching import PatchNeuron, PatchRequest
 
+    neuron = (PatchNeuron(layer=inv.layer, index=inv.neuron, position=-1),)
     try:
-        res = fn(PatchRequest(clean=clean, corrupt=corrupt, raw=True,
-                              neurons=(PatchNeuron(layer=inv.layer, index=inv.neuron, position=-1),)))
+        try:
+            res = fn(PatchRequest(clean=clean, corrupt=corrupt, raw=True, neurons=neuron))
+        except CircuitsError as exc:
+            if not answer or "both predict" not in str(exc):
+                raise
+            res = fn(PatchRequest(clean=clean, corrupt=corrupt, raw=True, neurons=neuron, target_tokens=(answer,)))
     except CircuitsError as exc:
         return {"skipped": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
     (effect,) = res.neurons
