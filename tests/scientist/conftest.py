@@ -12,12 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-#: The planted neuron: layer, index, private hidden dim, its token.
-LAYER, NEURON, DIM, TOKEN = 1, 10, 60, "cat"
-PROBES = ["the cat is big", "the dog is small", "paris is a city", "red green blue", "one two three"]
-FILLERS = ["the", "big", "red", "moon", "one", "city"]
-KEY = "sk-scientist-test-key"
+from scientist_support import DIM, FILLERS, LAYER, NEURON, PROBES, REPO, TOKEN  # noqa: F401
 
 
 def _atlas_fixtures():

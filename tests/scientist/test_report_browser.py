@@ -14,8 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TOKEN
-from test_scientist import run_agent
+from scientist_support import REPO, TOKEN, run_agent
 
 from circuits_labeler.scientist.report import write_report
 

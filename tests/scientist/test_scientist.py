@@ -9,49 +9,18 @@ are compared with a direct forward pass with the neuron zeroed by a hook written
 
 from __future__ import annotations
 
-import asyncio
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import FILLERS, KEY, LAYER, NEURON, PROBES, TOKEN
+from scientist_support import ALL_TOOLS, FILLERS, KEY, LAYER, NEURON, PROBES, TOKEN, investigate, run_agent
 
 from circuits.cli import main
-from circuits_labeler.llm import AnthropicBackend, OpenAIBackend, RetryingLLM, RetryPolicy
-from circuits_labeler.scientist.agent import AgentSettings, Scientist, budget_for, new_transcript
 from circuits_labeler.scientist.params import ArgumentErrors, Param, validate_arguments
 from circuits_labeler.scientist.report import render_report
-from circuits_labeler.scientist.tools import Sources, ToolLimits, build_registry
+from circuits_labeler.scientist.tools import ToolLimits, build_registry
 from circuits_labeler.scientist.transcript import load_transcript, measured_confidence, save_transcript
 from circuits_labeler.testing import ScriptedScientist, StandInLLMServer, StandInReply
-
-ALL_TOOLS = set(build_registry())
-
-
-def investigate(argv: list[str], server: StandInLLMServer, tmp_path: Path, capsys) -> tuple[int, str, str]:
-    (tmp_path / "key").write_text(KEY)
-    code = main(["investigate", f"{LAYER}/{NEURON}", "--base-url", server.base_url, "--llm-model", "stand-in",
-                 "--api-key-file", str(tmp_path / "key"), "--output", str(tmp_path / "reports"), "--quiet", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_agent(engine, responder, tmp_path: Path, *, api: str = "anthropic", **settings) -> tuple:
-    with StandInLLMServer(responder=responder) as server:
-        if api == "anthropic":
-            backend = AnthropicBackend(model="stand-in", api_key=KEY, base_url=server.base_url)
-        else:
-            backend = OpenAIBackend(model="stand-in", api_key=KEY, base_url=server.openai_base_url)
-        agent_settings = AgentSettings(**settings)
-        sources = Sources(engine=engine)
-        transcript = new_transcript(layer=LAYER, neuron=NEURON, model="tiny", llm={"backend": api, "model": "stand-in"},
-                                    settings=agent_settings, sources=sources)
-        llm = RetryingLLM(backend, policy=RetryPolicy(max_retries=0), budget=budget_for(agent_settings))
-        scientist = Scientist(llm=llm, sources=sources, settings=agent_settings, transcript_path=tmp_path / "t.json")
-        transcript = asyncio.run(scientist.run(transcript))
-        return transcript, server.requests
-
 
 def expected_activation(model, tokenizer) -> float:
     """silu(c) * c for the planted channel of the token: its activation read here by a hook on down_proj."""

@@ -7,8 +7,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import pytest
-from conftest import FILLERS, KEY, LAYER, NEURON, PROBES, TOKEN
-from test_scientist import ALL_TOOLS, investigate
+from scientist_support import ALL_TOOLS, FILLERS, KEY, LAYER, NEURON, PROBES, TOKEN, investigate
 
 from circuits_attribution.server import AttributionSettings, build_server
 from circuits_core.activations import ActivationRequest

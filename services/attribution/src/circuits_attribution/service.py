@@ -108,7 +108,7 @@ class _Ticket:
     __slots__ = ("kind", "request", "should_stop", "enqueued", "batch", "done", "result", "error", "abandoned")
 
     def __init__(self, kind: str, request: Any, should_stop: StopCheck) -> None:
-        self.kind = kind  # "trace" | "intervene" | "patch"
+        self.kind = kind  # "trace" | "intervene" | "patch" | "activations"
         self.request = request
         self.should_stop = should_stop
         self.enqueued = time.monotonic()
@@ -342,10 +342,7 @@ class AttributionRunner:
         if len(request.prompts) > MAX_ACTIVATION_PROMPTS:
             raise InvalidArgument(f"{len(request.prompts)} prompts, over the limit of {MAX_ACTIVATION_PROMPTS} per request")
         DEFAULT_LIMITS.check("max_units_per_request", len(request.neurons), "GetActivations request has", unit="neurons")
-        return self._run_exclusive(
-            lambda engine, stop: engine.activations(request, should_stop=stop), should_stop or _never,
-            what=f"reading activations of {len(request.prompts)} prompt(s)",
-        )
+        return self.wait(self._enqueue(_Ticket("activations", request, should_stop or _never)), should_stop=should_stop)
 
     def patch(self, request: PatchRequest, *, should_stop: StopCheck | None = None) -> PatchResult:
         """Activation patching on an engine, with the same queueing, limits and stop semantics as :meth:`trace`."""
@@ -482,7 +479,8 @@ class AttributionRunner:
             return Cancelled("request cancelled or past its deadline")
 
         kind = batch[0].kind
-        what = {"trace": f"tracing a batch of {len(batch)} prompt(s)", "patch": "patching activations"}.get(
+        what = {"trace": f"tracing a batch of {len(batch)} prompt(s)", "patch": "patching activations",
+                "activations": "reading activations"}.get(
             kind, "running the intervention"
         )
         started = time.perf_counter()
@@ -502,6 +500,8 @@ class AttributionRunner:
                         raise RuntimeError(f"engine returned {len(outcomes)} results for {len(batch)} requests")
                 elif kind == "patch":
                     outcomes = [slot.engine.patch(batch[0].request, should_stop=stop)]
+                elif kind == "activations":
+                    outcomes = [slot.engine.activations(batch[0].request, should_stop=stop)]
                 else:
                     outcomes = [slot.engine.intervene(batch[0].request, should_stop=stop)]
         except Exception as exc:  # noqa: BLE001 - every ticket gets an error, the thread lives on
