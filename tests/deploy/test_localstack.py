@@ -24,6 +24,15 @@ def test_unknown_services_are_rejected(tmp_path: Path) -> None:
         LocalStack(LocalStackSettings(state_dir=tmp_path, only=("labeler", "vllm")))
 
 
+def test_labeler_is_pointed_at_the_stacks_attribution_server(tmp_path: Path) -> None:
+    settings = LocalStackSettings(state_dir=tmp_path, only=("labeler", "attribution"), ports={"attribution": 50991})
+    (proc,) = LocalStack(settings)._plan("labeler")
+    assert proc.argv[proc.argv.index("--attribution") + 1] == f"{settings.host}:50991"
+    assert proc.argv[proc.argv.index("--reports") + 1] == str(tmp_path / "investigations")
+    (alone,) = LocalStack(LocalStackSettings(state_dir=tmp_path / "b", only=("labeler",)))._plan("labeler")
+    assert "--attribution" not in alone.argv
+
+
 def test_labeler_process_serves_health_and_stops_cleanly(tmp_path: Path) -> None:
     settings = LocalStackSettings(state_dir=tmp_path, only=("labeler",), ports={"labeler": 0}, env=LABELER_ENV,
                                   startup_timeout=60)  # fmt: skip

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from circuits_core.activations import ActivationRequest, ActivationResult
 from circuits_core.edge_table import EdgeTable as GraphEdgeTable
 from circuits_core.errors import Cancelled, CircuitsError, InvalidArgument
 from circuits_core.interventions import InterventionRequest, InterventionResult
@@ -894,6 +895,15 @@ class RelPAttributor:
 
         with _stop_checks(self.model, should_stop):
             return run_intervention(self, request)
+
+    def activations(
+        self, request: ActivationRequest, *, should_stop: Callable[[], bool] | None = None
+    ) -> ActivationResult:
+        """Per-token activations of neurons on prompts (the GetActivations RPC)."""
+        from circuits_attribution.interventions import run_activations
+
+        with _stop_checks(self.model, should_stop):
+            return run_activations(self, request)
 
     def _d_mlp(self) -> int:
         config = self.model.config

@@ -257,7 +257,12 @@ class LocalStack:
                 plans.append((name, args, shard))
         elif service == "labeler":
             config = s.labeler_config or generated_labeler_config(s)
-            plans.append((service, ["--config", str(config)], 0))
+            args = ["--config", str(config)]
+            attribution_port = s.ports.get("attribution", DEFAULT_PORTS["attribution"])
+            if "attribution" in self.selected and attribution_port:
+                # the neuron scientist (Investigate RPC) runs the model on the stack's attribution server
+                args += ["--attribution", f"{s.host}:{attribution_port}", "--reports", str(s.state_dir / "investigations")]
+            plans.append((service, args, 0))
         elif service == "atlas":
             plans.append((service, ["--duckdb", str(s.atlas_file())], 0))
         out = []

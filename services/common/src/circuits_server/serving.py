@@ -185,8 +185,9 @@ SCOPES = ("read", "write", "admin")
 #: them. Writes need ``write``; Export writes files on the server's filesystem and needs ``admin``.
 DEFAULT_METHOD_SCOPES: dict[str, dict[str, str]] = {
     "circuits.v1.AggregatorService": {"Ingest": "write", "Export": "admin"},
-    "circuits.v1.AttributionService": {"Trace": "write", "TraceBatch": "write", "Intervene": "write", "Patch": "write"},
-    "circuits.v1.LabelerService": {"LabelUnits": "write", "RunProgressive": "write"},
+    "circuits.v1.AttributionService": {"Trace": "write", "TraceBatch": "write", "Intervene": "write", "Patch": "write",
+                                       "GetActivations": "write"},
+    "circuits.v1.LabelerService": {"LabelUnits": "write", "RunProgressive": "write", "Investigate": "write"},
     "circuits.v1.AtlasService": {},
 }
 
@@ -786,7 +787,7 @@ NAME_FIELDS = frozenset({
 #: Path fields: at most max_path_chars, no control characters.
 PATH_FIELDS = frozenset({"directory"})
 #: Prompt fields: at most max_prompt_chars (newlines and tabs are text).
-PROMPT_FIELDS = frozenset({"prompt", "answer_prefix"})
+PROMPT_FIELDS = frozenset({"prompt", "prompts", "answer_prefix"})
 #: Bulk data inside Ingest graphs, not checked field by field (bounded by the message size).
 _UNCHECKED = frozenset({("circuits.v1.Graph", "units"), ("circuits.v1.Graph", "prompt_tokens"),
                         ("circuits.v1.Graph", "edges")})  # fmt: skip

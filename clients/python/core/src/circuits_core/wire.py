@@ -661,6 +661,67 @@ def intervention_result_from_proto(
     )  # fmt: skip
 
 
+# -- attribution service: GetActivations -------------------------------------------------------
+def activation_request_to_proto(request: Any) -> Any:
+    """Encode a :class:`circuits_core.activations.ActivationRequest` as ``circuits.v1.GetActivationsRequest``."""
+    from circuits_core._proto.circuits.v1 import attribution_pb2
+
+    return attribution_pb2.GetActivationsRequest(
+        prompts=list(request.prompts), chat_template=not request.raw, answer_prefix=request.answer_prefix,
+        neurons=[attribution_pb2.NeuronRef(layer=layer, index=index) for layer, index in request.neurons],
+    )
+
+
+def activation_request_from_proto(msg: Any) -> Any:
+    """Decode ``circuits.v1.GetActivationsRequest``; bad values raise InvalidArgument."""
+    from circuits_core.activations import ActivationRequest
+
+    return ActivationRequest(prompts=tuple(msg.prompts), neurons=tuple((n.layer, n.index) for n in msg.neurons),
+                             raw=not msg.chat_template, answer_prefix=msg.answer_prefix)
+
+
+def activation_result_to_proto(result: Any) -> Any:
+    """Encode a :class:`circuits_core.activations.ActivationResult` as ``circuits.v1.GetActivationsResponse``."""
+    from circuits_core._proto.circuits.v1 import attribution_pb2
+
+    return attribution_pb2.GetActivationsResponse(prompts=[
+        attribution_pb2.PromptActivations(
+            prompt=p.prompt, tokens=list(p.tokens), special_positions=list(p.special_positions),
+            neurons=[attribution_pb2.NeuronActivations(values=list(row)) for row in p.values],
+        )
+        for p in result.prompts
+    ])
+
+
+def activation_result_from_proto(msg: Any, *, neurons: Sequence[tuple[int, int]] = ()) -> Any:
+    """Decode ``circuits.v1.GetActivationsResponse`` (``neurons`` echo the request's)."""
+    from circuits_core.activations import ActivationResult, PromptActivations
+
+    return ActivationResult(neurons=tuple(neurons), prompts=tuple(
+        PromptActivations(prompt=p.prompt, tokens=tuple(p.tokens), values=tuple(tuple(n.values) for n in p.neurons),
+                          special_positions=tuple(p.special_positions))
+        for p in msg.prompts
+    ))
+
+
+# -- labeler service: Investigate --------------------------------------------------------------
+_EVENT_FIELDS = ("kind", "step", "message", "tool", "ok", "status", "label", "confidence", "predictions_correct",
+                 "predictions_total", "report_path", "spend_usd")
+
+
+def investigation_event_to_proto(event: Any) -> Any:
+    """circuits_core.investigation.InvestigationEvent -> circuits.v1.InvestigationEvent."""
+    from circuits_core._proto.circuits.v1 import labeler_pb2
+
+    return labeler_pb2.InvestigationEvent(**{name: getattr(event, name) for name in _EVENT_FIELDS})
+
+
+def investigation_event_from_proto(msg: Any) -> Any:
+    from circuits_core.investigation import InvestigationEvent
+
+    return InvestigationEvent(**{name: getattr(msg, name) for name in _EVENT_FIELDS})
+
+
 # -- aggregator -------------------------------------------------------------------------------
 def ingest_ack_to_proto(ack: IngestAck) -> aggregator_pb2.IngestAck:
     return aggregator_pb2.IngestAck(

@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("circuits.cli.launch", "launch a batch attribution run as a Kubernetes Indexed Job"),
     "validate": ("circuits.cli.validate", "faithfulness curves of a graph by ablation"),
     "intervene": ("circuits.cli.intervene", "set/scale/zero/mean-ablate neurons and show logits"),
+    "investigate": ("circuits.cli.investigate", "an LLM agent investigates one neuron and writes an HTML report"),
     "patch": ("circuits.cli.patch", "activation patching between a clean and a corrupt prompt, vs RelP"),
     "diff": ("circuits.cli.diff", "compare two graphs: neurons and edges gained, lost and changed"),
     "connectivity": ("circuits.cli.connectivity", "weight-based projections and weight-graph edges of a model"),
