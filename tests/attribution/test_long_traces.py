@@ -121,7 +121,7 @@ def test_pattern_storage_gives_the_same_graph(make_attributor, arch, storage) ->
     other = make_attributor(arch, tau=0.0, top_k_per_layer=6, edge_threshold=0.0, edge_chunk_size=5,
                             pattern_storage=storage)
     if storage == "recompute":
-        other_plan = other.plan(len(other.encode_prompt(PROMPT)))
+        other_plan = other.memory_plan(len(other.encode_prompt(PROMPT)))
         assert other_plan.node_patterns == "recompute"
     ns_a, sel_a, scores_a, edges_a = _trace_parts(base)
     ns_b, sel_b, scores_b, edges_b = _trace_parts(other)

@@ -8,13 +8,14 @@ default `~/.cache/circuits/models`), which then loads in well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from circuits_core.config import SMALL_MODEL, circuits_home, env_setting
+from circuits_core.config import SMALL_MODEL, circuits_home
 from circuits_core.memory import parse_size
 from circuits_core.errors import InvalidArgument, NotFound
 
@@ -135,11 +136,140 @@ def _find_local_dir(name_or_path: str) -> Path | None:
     return None
 
 
+#: Seconds the hub gets to accept a connection before a model that is nowhere local is refused.
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """True when the transformers hub cache holds this repo's config.json (it loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id=repo_id, filename="config.json")
+    except Exception:  # noqa: BLE001 - an id the hub library rejects is simply not cached
+        return False
+    return isinstance(found, str)
+
+
+def _hub_unreachable_reason() -> str | None:
+    """Why the hub cannot be used right now (offline setting, no connection), or None when it answers.
+
+    One TCP connection with a short timeout instead of the hub client's retries with back-off
+    (about 50 s and 20 retry lines before its error, measured on a machine without network)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE=1)"
+    endpoint = urlsplit(constants.ENDPOINT)
+    host = endpoint.hostname or ""
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
+            return None
+    except OSError as exc:
+        return f"the hub at {constants.ENDPOINT} is unreachable ({exc.__class__.__name__})"
+
+
+def local_model_names() -> list[str]:
+    """Hub ids of the models that load without a network: the circuits model cache and the hub cache."""
+    names: list[str] = []
+    folders = [(Path(circuits_home()).expanduser() / "models", "")]
+    try:
+        from huggingface_hub import constants
+
+        folders.append((Path(constants.HF_HUB_CACHE), "models--"))
+    except ImportError:
+        pass
+    for folder, prefix in folders:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir() and entry.name.startswith(prefix) and "--" in entry.name[len(prefix):]:
+                names.append(entry.name[len(prefix):].replace("--", "/", 1))
+    return names
+
+
+def _unknown_model(name: str, why: str) -> NotFound:
+    from circuits_core.model_registry import nearest_model_names
+
+    near = nearest_model_names(name, local_model_names())
+    hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+    return NotFound(
+        f"unknown model {name!r}: not a local checkpoint directory, not in the model caches, and {why}{hint} "
+        f"(without a network a model loads from a local directory, --model PATH, or the hub cache; "
+        f"the bundled {SMOLLM2_NAME} always loads)"
+    )
+
+
+def resolve_model_source(name_or_path: str) -> tuple[str, bool]:
+    """Where ``name_or_path`` loads from: (a local checkpoint directory or a hub id, hub cache only).
+
+    Fails within seconds with NotFound (nearest known names, the offline hint) when the model is
+    nowhere local and the hub is off or unreachable.
+    """
+    if not name_or_path or not str(name_or_path).strip():
+        raise InvalidArgument("model name is empty")
+    local = _find_local_dir(name_or_path)
+    if local is not None:
+        return str(local), True
+    if name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).expanduser().exists():
+        raise NotFound(f"model directory {name_or_path} does not exist or has no config.json")
+    if _hub_cached(name_or_path):
+        return name_or_path, True
+    why = _hub_unreachable_reason()
+    if why is not None:
+        raise _unknown_model(name_or_path, why)
+    return name_or_path, False
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of a model alone (no weights): enough to check a request's target tokens."""
+    source, local_only = resolve_model_source(name_or_path)
+    return _load_tokenizer(name_or_path, source, local_only)
+
+
+def _load_tokenizer(name: str, source: str, local_only: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, source, local_only, exc) from None
+
+
+def _load_error(name: str, source: str, local_only: bool, exc: BaseException) -> NotFound:
+    if Path(source).is_dir():
+        return NotFound(f"cannot load model from {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if local_only:
+        return NotFound(f"cannot load model {name!r} from the hub cache: {str(exc).splitlines()[0] if str(exc) else exc}")
+    return _unknown_model(name, "the hub does not serve it")
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' weight-loading progress bar off while inside (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     name_or_path: str,
     *,
     dtype: Any = "float32",
     device: str = "cpu",
+    tokenizer: Any = None,
     device_map: str | Mapping[str, Any] | None = None,
     max_memory: str | Mapping[Any, Any] | None = None,
     offload_folder: str | None = None,
@@ -147,42 +277,36 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM + tokenizer for attribution.
 
-    Resolution order: an existing local checkpoint directory; the bundled SmolLM2 (prepared on
-    first use); the circuits model cache; the transformers hub cache (HF_HUB_OFFLINE respected).
-    The model comes back in eval mode with `requires_grad=False` on every parameter.
+    Resolution order (:func:`resolve_model_source`): an existing local checkpoint directory; the
+    bundled SmolLM2 (prepared on first use); the circuits model cache; the transformers hub cache;
+    the hub itself when it is reachable. A model found nowhere fails within seconds with NotFound
+    naming the nearest known models. ``tokenizer``: one already loaded for this model
+    (:func:`load_tokenizer`). The model comes back in eval mode with ``requires_grad=False``.
 
     ``device_map`` spreads the model over devices instead of putting it on ``device``: ``"auto"``
     (planned by :func:`~circuits_attribution.placement.plan_device_map` within ``max_memory``,
     keeping ``reserve`` bytes free on each GPU for the trace, a fifth of each GPU by default),
     a mapping of module names to devices, or that mapping as JSON text or a JSON file. Modules
     on ``"disk"`` are offloaded to ``offload_folder`` (default: a temporary folder).
-    Raises NotFound with one line when nothing matches.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    if not name_or_path or not str(name_or_path).strip():
-        raise InvalidArgument("model name is empty")
     torch_dtype = resolve_dtype(dtype)
-    local = _find_local_dir(name_or_path)
-    if local is None and name_or_path.startswith(("/", "./", "../", "~")):
-        raise NotFound(f"model directory {name_or_path} does not exist or has no config.json")
-    source = str(local) if local is not None else name_or_path
+    source, local_only = resolve_model_source(name_or_path)
     load_options: dict[str, Any] = {}
     if device_map:
         load_options = _device_map_options(source, torch_dtype, device_map, max_memory, offload_folder, reserve)
     elif max_memory:
         raise InvalidArgument("max_memory only applies with a device map (device_map='auto')")
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(name_or_path, source, local_only)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **load_options)
-    except (OSError, ValueError) as exc:
-        if local is not None:
-            raise NotFound(f"cannot load model from {local}: {str(exc).splitlines()[0]}") from None
-        raise NotFound(
-            f"unknown model {name_or_path!r}: not a local checkpoint directory and not loadable from the "
-            f"hub cache (offline={env_setting('HF_HUB_OFFLINE', '0')})"
-        ) from None
+        with _quiet_loading():  # the trace shows its own progress; no second bar for a 1 s load
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only,
+                                                         **load_options)
+    except Exception as exc:  # noqa: BLE001 - a broken checkpoint raises anything (OSError, SafetensorError, ...)
+        raise _load_error(name_or_path, source, local_only, exc) from None
     if not device_map:
         model.to(device)
     model.eval()
@@ -251,6 +375,7 @@ def load_engine(
     *,
     dtype: Any = "float32",
     device: str = "cpu",
+    check: Any = None,
     device_map: str | Mapping[str, Any] | None = None,
     max_memory: str | Mapping[Any, Any] | None = None,
     offload_folder: str | None = None,
@@ -259,16 +384,26 @@ def load_engine(
     """Load a model once and wrap it in the RelP engine, a ``RelPAttributor``.
 
     ``config``: RelPConfig engine settings (mlp_rule, edge_chunk_size, memory_budget, progress,
-    ...); the model name recorded in graphs is ``name_or_path``. ``device_map`` / ``max_memory`` /
-    ``offload_folder``: see :func:`load_model` (with ``device_map="auto"`` each GPU keeps the
-    memory budget free for the trace). The engine is the in-process Tracer and Intervener
-    (``circuits_core.capabilities``) and the attribution server's engine.
+    ...); the model name recorded in graphs is ``name_or_path``. ``check``: a TraceRequest whose
+    target tokens are checked with the tokenizer before any weights load (every bad one reported
+    at once). ``device_map`` / ``max_memory`` / ``offload_folder``: see :func:`load_model` (with
+    ``device_map="auto"`` each GPU keeps the memory budget free for the trace). The engine is the
+    in-process Tracer and Intervener (``circuits_core.capabilities``) and the attribution server's
+    engine.
     """
+    resolve_model_source(name_or_path)  # an unknown model fails first, before torch is imported
     if not device_map:
         check_device(device)
+    resolve_dtype(dtype)
+    tokenizer = None
+    if check is not None:
+        from circuits_attribution.targets import resolve_targets
+
+        tokenizer = load_tokenizer(name_or_path)
+        resolve_targets(tokenizer, check, model_name=name_or_path)
     budget = config.get("memory_budget")
     loaded = load_model(
-        name_or_path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+        name_or_path, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map, max_memory=max_memory,
         offload_folder=offload_folder, reserve=None if budget is None else parse_size(budget, what="memory_budget"),
     )
     from circuits_attribution.attributor import RelPAttributor, RelPConfig

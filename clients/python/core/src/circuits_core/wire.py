@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from operator import attrgetter, methodcaller
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -92,10 +93,10 @@ def unit_from_proto(msg: graph_pb2.Unit) -> Unit:
         kind=kind,
         label=msg.label,
         input_label=msg.input_label,
-        activation=msg.activation if msg.HasField("activation") else None,
-        attribution=msg.attribution if msg.HasField("attribution") else None,
+        activation=_finite_or_none(msg.activation, "activation", msg) if msg.HasField("activation") else None,
+        attribution=_finite_or_none(msg.attribution, "attribution", msg) if msg.HasField("attribution") else None,
         token=msg.token,
-        probability=msg.probability if msg.HasField("probability") else None,
+        probability=_finite_or_none(msg.probability, "probability", msg) if msg.HasField("probability") else None,
         appearance_count=msg.appearance_count,
         labels=tuple(
             UnitLabel(
@@ -297,6 +298,12 @@ def _edge_rows(table: graph_pb2.EdgeTable, n_units: int) -> tuple[np.ndarray, np
     return src, tgt, weight, raw
 
 
+def _finite_or_none(value: float, what: str, unit: Any) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument(f"unit L{unit.layer}/N{unit.index}: {what} must be finite, got {value}")
+    return value
+
+
 def _check_units(layer: np.ndarray, index: np.ndarray, position: np.ndarray, kinds: np.ndarray) -> None:
     unknown = np.flatnonzero((kinds < graph_pb2.UNIT_KIND_NEURON) | (kinds > graph_pb2.UNIT_KIND_LOGIT))
     if unknown.size:
@@ -336,8 +343,19 @@ def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id:
     kinds = np.fromiter((u.kind for u in units), dtype=np.int64, count=n)
     _check_units(layer, index, position, kinds)
     src, tgt, weight, _raw = _edge_rows(msg.edges, n)
-    _extra_from_json(msg.metadata.extra_json)
+    extra = _extra_from_json(msg.metadata.extra_json)
     nan = math.nan
+    columns = {}
+    for name in ("activation", "attribution", "probability"):
+        # An absent optional double reads as 0.0, so a non-finite value here was sent.
+        values = np.fromiter(map(attrgetter(name), units), dtype=np.float64, count=n)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            row = int(bad[0])
+            raise InvalidArgument(f"unit L{int(layer[row])}/N{int(index[row])}: {name} must be finite, got {float(values[row])}")
+        if name != "probability":
+            present = np.fromiter(map(methodcaller("HasField", name), units), dtype=bool, count=n)
+            columns[name] = np.where(present, values, nan)
     return graph_arrays_from_units(
         graph_id=msg.graph_id if graph_id is None else graph_id,
         source=source,
@@ -345,13 +363,15 @@ def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id:
         layer=layer,
         index=index,
         is_neuron=kinds == graph_pb2.UNIT_KIND_NEURON,
-        activation=np.fromiter((u.activation if u.HasField("activation") else nan for u in units), dtype=np.float64, count=n),
-        attribution=np.fromiter((u.attribution if u.HasField("attribution") else nan for u in units), dtype=np.float64, count=n),
+        activation=columns["activation"],
+        attribution=columns["attribution"],
         edge_src=src,
         edge_tgt=tgt,
         edge_weight=weight,
         is_logit=kinds == graph_pb2.UNIT_KIND_LOGIT,
         tokens=[u.token for u in units],
+        model=msg.model,
+        extra=extra,
     )
 
 
@@ -390,13 +410,15 @@ def trace_request_to_proto(request: TraceRequest) -> attribution_pb2.TraceReques
     """Encode a :class:`circuits_core.tracing.TraceRequest` (every setting explicit)."""
     msg = attribution_pb2.TraceRequest(
         prompt=request.prompt,
-        raw=request.raw,
         answer_prefix=request.answer_prefix,
         corpus_index=request.corpus_index,
         slug=request.slug,
         tau=request.tau,
         max_nodes=request.max_nodes,
+        over_max_nodes=request.over_max_nodes,
     )
+    if request.raw is not None:  # unset: the server's model picks its prompt form
+        msg.raw = request.raw
     msg.target.k = request.k
     msg.target.target_tokens.extend(request.target_tokens)
     if request.contrastive is not None:
@@ -417,7 +439,7 @@ def trace_request_from_proto(msg: attribution_pb2.TraceRequest) -> TraceRequest:
         raise InvalidArgument("contrastive target needs both contrastive_positive and contrastive_negative")
     given: dict[str, Any] = {
         "prompt": msg.prompt,
-        "raw": msg.raw,
+        "raw": msg.raw if msg.HasField("raw") else None,
         "answer_prefix": msg.answer_prefix,
         "slug": msg.slug,
         "target_tokens": tuple(target.target_tokens),
@@ -425,6 +447,8 @@ def trace_request_from_proto(msg: attribution_pb2.TraceRequest) -> TraceRequest:
     }
     if target.k:  # proto3 int: 0 is "not set"
         given["k"] = target.k
+    if msg.over_max_nodes:
+        given["over_max_nodes"] = msg.over_max_nodes
     for name in ("target_position", "tau", "max_nodes", "corpus_index"):
         if msg.HasField(name):
             given[name] = getattr(msg, name)
@@ -567,9 +591,11 @@ _INTERVENTION_MODE_NAMES = {v: k for k, v in _INTERVENTION_MODES.items()}
 def intervene_request_to_proto(request: InterventionRequest) -> attribution_pb2.InterveneRequest:
     """Encode an :class:`~circuits_core.interventions.InterventionRequest`."""
     msg = attribution_pb2.InterveneRequest(
-        prompt=request.prompt, raw=request.raw, answer_prefix=request.answer_prefix,
+        prompt=request.prompt, answer_prefix=request.answer_prefix,
         top_k=request.top_k, generate_tokens=request.generate_tokens,
     )  # fmt: skip
+    if request.raw is not None:
+        msg.raw = request.raw
     for item in request.interventions:
         msg.interventions.add(
             layer=item.layer, index=item.index, positions=list(item.positions or ()),
@@ -592,7 +618,8 @@ def intervene_request_from_proto(msg: attribution_pb2.InterveneRequest) -> Inter
             )
         )  # fmt: skip
     return InterventionRequest(
-        prompt=msg.prompt, interventions=tuple(interventions), raw=msg.raw, answer_prefix=msg.answer_prefix,
+        prompt=msg.prompt, interventions=tuple(interventions), raw=msg.raw if msg.HasField("raw") else None,
+        answer_prefix=msg.answer_prefix,
         top_k=msg.top_k or 10, generate_tokens=msg.generate_tokens,
     )  # fmt: skip
 
@@ -634,6 +661,67 @@ def intervention_result_from_proto(
     )  # fmt: skip
 
 
+# -- attribution service: GetActivations -------------------------------------------------------
+def activation_request_to_proto(request: Any) -> Any:
+    """Encode a :class:`circuits_core.activations.ActivationRequest` as ``circuits.v1.GetActivationsRequest``."""
+    from circuits_core._proto.circuits.v1 import attribution_pb2
+
+    return attribution_pb2.GetActivationsRequest(
+        prompts=list(request.prompts), chat_template=not request.raw, answer_prefix=request.answer_prefix,
+        neurons=[attribution_pb2.NeuronRef(layer=layer, index=index) for layer, index in request.neurons],
+    )
+
+
+def activation_request_from_proto(msg: Any) -> Any:
+    """Decode ``circuits.v1.GetActivationsRequest``; bad values raise InvalidArgument."""
+    from circuits_core.activations import ActivationRequest
+
+    return ActivationRequest(prompts=tuple(msg.prompts), neurons=tuple((n.layer, n.index) for n in msg.neurons),
+                             raw=not msg.chat_template, answer_prefix=msg.answer_prefix)
+
+
+def activation_result_to_proto(result: Any) -> Any:
+    """Encode a :class:`circuits_core.activations.ActivationResult` as ``circuits.v1.GetActivationsResponse``."""
+    from circuits_core._proto.circuits.v1 import attribution_pb2
+
+    return attribution_pb2.GetActivationsResponse(prompts=[
+        attribution_pb2.PromptActivations(
+            prompt=p.prompt, tokens=list(p.tokens), special_positions=list(p.special_positions),
+            neurons=[attribution_pb2.NeuronActivations(values=list(row)) for row in p.values],
+        )
+        for p in result.prompts
+    ])
+
+
+def activation_result_from_proto(msg: Any, *, neurons: Sequence[tuple[int, int]] = ()) -> Any:
+    """Decode ``circuits.v1.GetActivationsResponse`` (``neurons`` echo the request's)."""
+    from circuits_core.activations import ActivationResult, PromptActivations
+
+    return ActivationResult(neurons=tuple(neurons), prompts=tuple(
+        PromptActivations(prompt=p.prompt, tokens=tuple(p.tokens), values=tuple(tuple(n.values) for n in p.neurons),
+                          special_positions=tuple(p.special_positions))
+        for p in msg.prompts
+    ))
+
+
+# -- labeler service: Investigate --------------------------------------------------------------
+_EVENT_FIELDS = ("kind", "step", "message", "tool", "ok", "status", "label", "confidence", "predictions_correct",
+                 "predictions_total", "report_path", "spend_usd")
+
+
+def investigation_event_to_proto(event: Any) -> Any:
+    """circuits_core.investigation.InvestigationEvent -> circuits.v1.InvestigationEvent."""
+    from circuits_core._proto.circuits.v1 import labeler_pb2
+
+    return labeler_pb2.InvestigationEvent(**{name: getattr(event, name) for name in _EVENT_FIELDS})
+
+
+def investigation_event_from_proto(msg: Any) -> Any:
+    from circuits_core.investigation import InvestigationEvent
+
+    return InvestigationEvent(**{name: getattr(msg, name) for name in _EVENT_FIELDS})
+
+
 # -- aggregator -------------------------------------------------------------------------------
 def ingest_ack_to_proto(ack: IngestAck) -> aggregator_pb2.IngestAck:
     return aggregator_pb2.IngestAck(
@@ -641,6 +729,7 @@ def ingest_ack_to_proto(ack: IngestAck) -> aggregator_pb2.IngestAck:
         duplicates=ack.duplicates,
         graphs_total=ack.graphs_total,
         rejected_graph_ids=list(ack.rejected_graph_ids),
+        conflict_graph_ids=list(ack.conflict_graph_ids),
     )
 
 
@@ -650,6 +739,7 @@ def ingest_ack_from_proto(msg: aggregator_pb2.IngestAck) -> IngestAck:
         duplicates=msg.duplicates,
         graphs_total=msg.graphs_total,
         rejected_graph_ids=tuple(msg.rejected_graph_ids),
+        conflict_graph_ids=tuple(msg.conflict_graph_ids),
     )
 
 
