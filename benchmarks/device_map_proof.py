@@ -108,7 +108,7 @@ def gpu(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CPU check on a tiny model (cpu + disk offload)")
+    parser.add_argument("--tiny", "--smoke", dest="tiny", action="store_true", help="CPU check on a tiny model (cpu + disk offload)")
     parser.add_argument("--gpu-memory", default="", help="GPU memory the map may use (default: 60%% of the model)")
     parser.add_argument("--cpu-memory", default="200GiB")
     parser.add_argument("--memory-budget", default="8GiB", help="working memory kept free on the GPU for the trace")
