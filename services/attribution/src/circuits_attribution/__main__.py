@@ -18,11 +18,22 @@ from circuits_core.config import SMALL_MODEL
 from circuits_core.errors import CircuitsError, InvalidArgument
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a CUDA GPU is visible, else ``cpu``; anything else unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_engine(model: str, *, dtype: str = "float32", device: str = "cpu", **config: Any) -> Any:
     """Load ``model`` once and wrap it in a RelPAttributor (``config``: RelPConfig fields)."""
     import torch
 
     from circuits_attribution import RelPAttributor, RelPConfig, load_model
+
+    device = resolve_device(device)
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidArgument(f"device {device!r} requested but no CUDA GPU is available")
@@ -45,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, default=8,
                         help="requests waiting for an engine; more get RESOURCE_EXHAUSTED (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu | cuda | cuda:N | auto (cuda when a GPU is visible, else cpu; default: %(default)s)")
     from circuits_server.serving import add_server_arguments
 
     add_server_arguments(parser, default_port=50051)
@@ -66,7 +78,7 @@ def serve(argv: Sequence[str]) -> int:
         server=server_settings_from_args(args),
         model=args.model,
         dtype=args.dtype,
-        device=args.device,
+        device=resolve_device(args.device),
         max_concurrent=args.max_concurrent,
         max_queue=args.max_queue,
     )
@@ -75,7 +87,7 @@ def serve(argv: Sequence[str]) -> int:
     print(f"attribution server listening on {server.address}{metrics}; loading {args.model} ...", flush=True)
     write_port_file(server.grpc, args.port_file)
     try:
-        engine = load_engine(args.model, dtype=args.dtype, device=args.device)
+        engine = load_engine(args.model, dtype=args.dtype, device=settings.device)
         server.load(engine)
     except BaseException:
         server.stop(0)

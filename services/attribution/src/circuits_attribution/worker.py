@@ -247,26 +247,38 @@ def run_worker(
 
 
 class AggregatorSink:
-    """Sends each graph to an aggregator; ``send`` returns once the aggregator acknowledged it as
-    committed (AggregatorClient keeps it and re-sends across reconnects until then)."""
+    """Sends each graph to the aggregator shard that owns it; ``send`` returns once that shard
+    acknowledged it as committed (AggregatorClient keeps it and re-sends across reconnects).
 
-    def __init__(self, target: str) -> None:
+    ``targets``: one ``HOST:PORT`` or a comma-separated list of every shard's address in shard
+    order (what the Helm chart passes for an N-replica aggregator StatefulSet); graph ``g`` goes
+    to ``targets[shard_of(g.graph_id, len(targets))]``, the rule each shard checks on ingest.
+    """
+
+    def __init__(self, targets: str) -> None:
         from circuits_sdk.aggregator import AggregatorClient
 
-        self.target = target
-        self.client = AggregatorClient(target)
+        addresses = [t.strip() for t in targets.split(",")]
+        if not all(addresses):
+            raise InvalidArgument(f"--aggregator: empty address in {targets!r}")
+        self.targets = addresses
+        self.clients = [AggregatorClient(address) for address in addresses]
 
     def send(self, graph: Graph) -> None:
+        from circuits_core.aggregator_types import shard_of
         from circuits_core.errors import FailedPrecondition
 
-        report = self.client.ingest([graph])
+        shard = shard_of(graph.graph_id, len(self.clients)) if len(self.clients) > 1 else 0
+        report = self.clients[shard].ingest([graph])
         if graph.graph_id in report.rejected_graph_ids:
             raise FailedPrecondition(
-                f"aggregator {self.target} does not own graph {graph.graph_id} (wrong shard address?)"
+                f"aggregator {self.targets[shard]} (shard {shard} of {len(self.targets)}) does not own graph "
+                f"{graph.graph_id}: give every shard's address in shard order"
             )
 
     def close(self) -> None:
-        self.client.close()
+        for client in self.clients:
+            client.close()
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -282,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=Path("graphs"),
                         help="graph files and progress ledger (default: %(default)s)")
     parser.add_argument("--no-files", action="store_true", help="don't write graph files (aggregator only)")
-    parser.add_argument("--aggregator", default=None, metavar="HOST:PORT", help="stream graphs to this aggregator")
+    parser.add_argument("--aggregator", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                        help="stream graphs to this aggregator (several shards: every address, in shard order)")
     parser.add_argument("--model", default=SMALL_MODEL, help="hub id or local checkpoint directory (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
