@@ -17,7 +17,7 @@ step() {
   local log="$LOGS/${name//\//_}.log" started=$SECONDS rc
   STEP_DETAIL="$LOGS/${name//\//_}.detail"
   : >"$STEP_DETAIL"
-  "$@" >"$log" 2>&1
+  "$@" </dev/null >"$log" 2>&1
   rc=$?
   local text; text="$(head -c 400 "$STEP_DETAIL" | tr '\n' ' ')"
   if [ $rc -eq 0 ]; then

@@ -45,10 +45,11 @@ serve() {
   podman run -d --name "$name" --label "circuits-smoke=$RUN_ID" --network "$NET" "$@" "$img" >/dev/null
 }
 
-# client IMAGE ARGS...: run the smoke client (deploy/podman/smoke_client.py) in IMAGE on the network.
+# client IMAGE ARGS...: run the smoke client (deploy/podman/smoke_client.py) in IMAGE on the network
+# (its standard input is the script's: `client ... <<<"$text"` feeds it).
 client() {
   local img="$1"; shift
-  podman run --rm --label "circuits-smoke=$RUN_ID" --network "$NET" --read-only \
+  podman run -i --rm --label "circuits-smoke=$RUN_ID" --network "$NET" --read-only \
     -v "$HERE:/smoke:ro" -v "$W/out:/out" -v "$W/agg:/agg:ro" -v "$W/work:/work:ro" \
     --entrypoint python "$img" /smoke/smoke_client.py "$@"
 }

@@ -55,6 +55,7 @@ def test_statefulset_pods_get_ordinal_label_claims_and_the_shard_index(kube_play
         assert container["securityContext"] == template["securityContext"]
         assert container["volumeMounts"] == template["volumeMounts"]
         assert container["image"] == "localhost/circuits-aggregator:dev"
+        assert "ports" not in container  # podman 4.3 would publish them on the host
 
 
 def test_indexed_job_pods_get_their_completion_index(kube_play, render_chart) -> None:
@@ -84,6 +85,10 @@ def test_deployment_becomes_one_pod_and_unknown_kinds_are_refused(kube_play, ren
         (pod,) = kube_play.pods_of(chart.get("Deployment", f"demo-circuits-{name}"))
         assert pod["metadata"]["name"] == f"demo-circuits-{name}-0"
         assert pod["spec"]["securityContext"]["runAsUser"] == 10001
+    labeler = kube_play.pods_of(chart.get("Deployment", "demo-circuits-labeler"))[0]
+    template = chart.get("Deployment", "demo-circuits-labeler")["spec"]["template"]["metadata"]
+    assert len(template["annotations"]["checksum/config"]) == 64  # podman 4.3 refuses values > 63
+    assert "checksum/config" not in labeler["metadata"]["annotations"]
     with pytest.raises(kube_play.StepFailed, match="not a workload"):
         kube_play.pods_of({"kind": "Service", "metadata": {"name": "x"}, "spec": {"template": {}}})
 
