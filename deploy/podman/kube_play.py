@@ -61,6 +61,7 @@ PROMPTS = [
     "The capital of France is",
     "The opposite of hot is",
     "Two plus two equals",
+    "The color of the sky is",
 ]
 HEALTH_PY = """
 import sys, grpc
@@ -404,7 +405,8 @@ class KubeRun:
         for name, code in zip(names, codes):
             if code != 0:
                 raise StepFailed(f"{name} exited {code}:\n{logs(name + '-worker')}")
-        summaries = [logs(f"{n}-worker", 1) for n in names]
+        summaries = [next((line for line in logs(f"{n}-worker", 200).splitlines() if line.startswith("shard ")), "?")
+                     for n in names]
         graphs = podman("volume", "inspect", "--format", "{{.Mountpoint}}", "circuits-graphs").stdout.strip()
         targets = ",".join(f"{h}:50051" for h in self.shard_hosts)
         self.client("aggregator", "check-shards", "/work/prompts.jsonl", "/graphs", targets,
@@ -464,7 +466,8 @@ class KubeRun:
         hosts = [f"--add-host={h}:{a}" for h, a in self.aliases.items()]
         result = podman("run", "--rm", "--network", self.network, *hosts, f"-v{out_dir}:/out",
                         f"localhost/circuits-aggregator:{self.tag}", "graph", PROMPTS[0],
-                        "--remote", f"{self.name('attribution')}.{NAMESPACE}.svc:50051", "--output-dir", "/out")
+                        "--remote", f"{self.name('attribution')}.{NAMESPACE}.svc:50051", "--tau", "0.02",
+                        "--output-dir", "/out")
         print(result.stdout)
         if not any(out_dir.iterdir()):
             raise StepFailed("no graph file written")

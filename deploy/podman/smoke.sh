@@ -79,7 +79,7 @@ attribution_start() {
 trace() {
   local prompt n=0
   for prompt in "${PROMPTS[@]}"; do
-    cli "$(image aggregator)" graph "$prompt" --remote smoke-attribution:50051 --output-dir /out/graphs || return 1
+    cli "$(image aggregator)" graph "$prompt" --remote smoke-attribution:50051 --tau 0.02 --output-dir /out/graphs || return 1
     n=$((n + 1))
   done
   local files; files="$(find "$W/out/graphs" -name '*.json*' -o -name '*.pb*' | wc -l)"
@@ -96,7 +96,7 @@ attribution_mounted() {
   serve smoke-attribution-mounted "$(image attribution)" \
     -v "$HOST_MODEL:/cache/circuits/models/HuggingFaceTB--SmolLM2-135M-Instruct:ro" || return 1
   wait_serving smoke-attribution-mounted 180 || return 1
-  cli "$(image aggregator)" graph "${PROMPTS[0]}" --remote smoke-attribution-mounted:50051 --output-dir /out/graphs-mounted || return 1
+  cli "$(image aggregator)" graph "${PROMPTS[0]}" --remote smoke-attribution-mounted:50051 --tau 0.02 --output-dir /out/graphs-mounted || return 1
   client "$(image aggregator)" same-graphs /out/graphs /out/graphs-mounted || return 1
   stop_expect_zero smoke-attribution-mounted || return 1
   detail "host-prepared model mounted read-only: same graph as the bundled model; SIGTERM -> exit 0"

@@ -316,6 +316,8 @@ def check_shards(prompts_file: str, graphs_dir: str, targets: str) -> None:
         if stats.graphs_processed != expected[index]:
             fail(f"shard {index} counted {stats.graphs_processed} graphs, owns {expected[index]} of the files")
         counted.append(stats.graphs_processed)
+    if 0 in counted:
+        fail(f"a shard received no graph ({counted}): pick prompts whose graphs land on every shard")
     summary(f"{len(prompts)} prompts -> {len(graphs)} graph files, each once; shards counted {counted} (= owned)")
 
 
@@ -330,6 +332,8 @@ def check_atlas(target: str, export_dir: str) -> None:
         stats = client.stats()
         print(f"atlas stats: {stats}")
         first = client.get_unit(*_export_units(export_dir, 1)[0])
+    if not stats.neurons or not stats.edges:
+        fail(f"an empty atlas: {stats.neurons} neurons, {stats.edges} edges")
     if (stats.neurons, stats.edges) != (units, edges):
         fail(f"atlas has {stats.neurons} neurons, {stats.edges} edges; the export {units} units, {edges} edges")
     summary(f"atlas = export: {stats.neurons} neurons, {stats.edges} edges, {stats.clusters} clusters; "

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from circuits_core.errors import CorruptInput, InvalidArgument, NotFound
+from circuits_core.errors import CorruptInput, FailedPrecondition, InvalidArgument, NotFound
 
 SCHEMA_VERSION = 1
 
@@ -268,7 +268,13 @@ def load_model_for_projections(name: str, *, device: str = "cpu") -> tuple[Any, 
     if load_model is not None:
         loaded = load_model(name, dtype="float32", device=device)
         return loaded.model, loaded.tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:  # e.g. the circuits-labeler image, which carries no torch
+        raise FailedPrecondition(
+            "computing output projections needs torch and transformers (pip install 'circuits-labeler[projections]'); "
+            "set labeling.compute_projections: false or provide labeling.projections_path"
+        ) from None
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
