@@ -122,7 +122,7 @@ def grpc_ingest(messages: list, state: Path, window: int, batch: int) -> tuple[i
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "circuits_aggregator", "--state", str(state), "--port", "0", "--threads", "1",
-         "--batch-graphs", str(batch), "--batch-ms", "50"],
+         "--batch-graphs", str(batch), "--batch-ms", "50", "--insecure"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:

@@ -14,7 +14,6 @@ import random
 import time
 
 from circuits import analysis
-from circuits_core.config import LabelingSection
 from circuits_core.schemas import EMBEDDING_LAYER, Edge, Graph, Unit
 from circuits.viewer import render_page
 
@@ -57,9 +56,8 @@ def main() -> None:
     base, _ = timed(lambda: json.dumps(graph.to_legacy()))
     print(f"graph: {len(graph.neurons)} neurons, {len(graph.edges)} edges")
     print(f"baseline json.dumps(to_legacy): {base:.3f} s")
-    settings = analysis.LabelSettings(labeling=LabelingSection(method="none"))
     stages = {
-        "label_graph (no source)": lambda: analysis.label_graph(graph, settings),
+        "label_graph (no source)": lambda: analysis.label_graph(graph, []),
         "cluster_graph (infomap)": lambda: analysis.cluster_graph(graph),
         "top_paths k=5 product": lambda: analysis.top_paths(graph, k=5),
         "top_paths k=5 sum": lambda: analysis.top_paths(graph, k=5, mode="sum"),

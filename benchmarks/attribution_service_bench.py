@@ -5,7 +5,7 @@
 Model: SmolLM2-135M-Instruct (prepared once by `python -m circuits_attribution.prepare_model`);
 skips with exit 0 when it is not available. Figures, all in this process:
 
-1. overhead: the same prompts traced in-process (run_engine) and through a local gRPC server +
+1. overhead: the same prompts traced in-process (engine.trace) and through a local gRPC server +
    AttributionClient, interleaved (local, remote, local, remote, ...) so machine load drifts hit
    both; ratio = remote / local median wall time (target <= 1.05). Also the pure transport cost
    (encode + serialize + parse + decode of each graph), which does not depend on load.
@@ -55,16 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     from circuits_core import wire
     from circuits_sdk.attribution import AttributionClient
     from circuits_server.serving import ServerSettings
-    from circuits_core.tracing import TraceSpec
-    from circuits_attribution.__main__ import load_engine
+    from circuits_core.tracing import TraceRequest
+    from circuits_attribution.models import load_engine
     from circuits_attribution.server import AttributionSettings, build_server
-    from circuits_attribution.service import run_engine
 
     started = time.perf_counter()
     engine = load_engine(SMOLLM2_NAME, dtype=args.dtype, device=args.device)
     print(f"model {SMOLLM2_NAME} loaded in {time.perf_counter() - started:.1f}s on {args.device} "
           f"({args.dtype}, torch threads {torch.get_num_threads()})")
-    specs = [TraceSpec(prompt=p, k=args.k, tau=args.tau, max_nodes=args.max_nodes) for p in PROMPTS]
+    requests = [TraceRequest(prompt=p, k=args.k, tau=args.tau, max_nodes=args.max_nodes) for p in PROMPTS]
 
     server = build_server(
         AttributionSettings(server=ServerSettings(port=0), model=SMOLLM2_NAME, device=args.device,
@@ -74,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     client = AttributionClient(server.address)
     try:
         # warm-up both paths (first-call allocations, tokenizer caches)
-        run_engine(engine, specs[0])
-        client.trace(specs[0])
+        engine.trace(requests[0])
+        client.trace(requests[0])
 
         # 1. overhead
         local_s: list[float] = []
@@ -83,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         transport_s: list[float] = []
         sizes: list[tuple[int, int]] = []
         for _ in range(args.repeats):
-            for spec in specs:
+            for request in requests:
                 t0 = time.perf_counter()
-                graph = run_engine(engine, spec)
+                graph = engine.trace(request)
                 local_s.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                remote = client.trace(spec)
+                remote = client.trace(request)
                 remote_s.append(time.perf_counter() - t0)
                 assert remote.graph_id == graph.graph_id and len(remote.edges) == len(graph.edges)
                 t0 = time.perf_counter()
@@ -111,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{transport / local_med * 100:.2f}% of an in-process trace")
 
         # 2. throughput
-        from circuits_attribution.service import replicas_trace_concurrently
-
-        print(f"engine replicas trace concurrently: {replicas_trace_concurrently(engine)} "
+        print(f"engine replicas trace concurrently: {engine.replicas_trace_concurrently} "
               f"(False: process-global patches in the engine, traces compute one at a time)")
         base = None
         for clients in (1, 2, 4):
@@ -124,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     with AttributionClient(server.address) as own:
                         for j in range(per_client):
-                            own.trace(specs[(index + j) % len(specs)])
+                            own.trace(requests[(index + j) % len(requests)])
                 except BaseException as exc:  # noqa: BLE001 - reported below
                     errors.append(exc)
 

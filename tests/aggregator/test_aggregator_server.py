@@ -38,7 +38,7 @@ def test_ingest_stats_get_edges_export(served_store, tmp_path, brute) -> None:
     assert sum(len(b) for b in batches) == len(ref_edges) and max(len(b) for b in batches) <= 100
 
     files = client.export(tmp_path / "export")
-    assert sorted(p.rsplit("/", 1)[-1] for p in files) == ["edges.parquet", "ledger.parquet", "units.parquet"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in files) == ["edges.parquet", "ledger.parquet", "logits.parquet", "units.parquet"]
     edge_rows, unit_rows, ledger = brute.export_rows(tmp_path / "export")
     brute.assert_matches(edge_rows, unit_rows, corpus)
     assert len(ledger) == 300

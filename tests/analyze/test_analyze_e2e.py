@@ -130,6 +130,25 @@ def test_analyze_config_many_prompts_openai_then_graph_without_key(tiny_model_di
     assert summary["counts"] == first["counts"] and summary["clusters"] == first["clusters"]
 
 
+def test_analyze_trace_settings_flag_over_line_over_config(tiny_model_dir, tmp_path) -> None:
+    """A trace flag beats the config's graphs section; a prompts-file line's own setting beats both
+    (graphs.k=2 in the config, --tau on the command line, k=1 on one line)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "the capital of france is", "id": "first"}) + "\n"
+                       + json.dumps({"prompt": "the capital of germany is", "id": "second", "k": 1}) + "\n")
+    cfg = write_config(tmp_path / "cfg.yaml", model=str(tiny_model_dir), prompts=[], base_url="")
+    data = yaml.safe_load(cfg.read_text())
+    data["graphs"] = {"prompts_file": str(prompts), "k": 2, "tau": 0.5}
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["analyze", "--config", str(cfg), "--tau", "0.002", "--no-llm", "--output", str(tmp_path / "rep")]) == 0
+    first = json.loads((tmp_path / "rep" / "first" / "summary.json").read_text())
+    second = json.loads((tmp_path / "rep" / "second" / "summary.json").read_text())
+    assert first["counts"]["logits"] == 2 and second["counts"]["logits"] == 1
+    for name in ("first", "second"):
+        legacy = json.loads((tmp_path / "rep" / name / "graph.json").read_text())
+        assert legacy["metadata"]["generation_settings"]["node_threshold"] == 0.002
+
+
 def test_analyze_bad_input_is_one_line_error(tmp_path, capsys) -> None:
     assert main(["analyze"]) == 2
     assert main(["analyze", "--graph", str(tmp_path / "missing.json")]) == 2

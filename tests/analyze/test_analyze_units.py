@@ -10,8 +10,11 @@ import random
 import pytest
 from analyze_llm_stub import StubLLM
 
+from contextlib import ExitStack
+
 from circuits import analysis
 from circuits_core.config import LabelingSection
+from circuits_core.errors import InvalidArgument
 from circuits_core.schemas import EMBEDDING_LAYER, Edge, Graph, Unit
 
 
@@ -86,9 +89,9 @@ def test_top_paths_explicit_target_and_errors() -> None:
     b = next(u for u in graph.logits if u.token == "B")
     paths = analysis.top_paths(graph, k=3, target=b.node_id)
     assert paths and all(p.node_ids[-1] == b.node_id for p in paths)
-    with pytest.raises(analysis.InvalidArgument):
+    with pytest.raises(InvalidArgument):
         analysis.top_paths(graph, target="nope")
-    with pytest.raises(analysis.InvalidArgument):
+    with pytest.raises(InvalidArgument):
         analysis.top_paths(graph, k=0)
 
 
@@ -97,8 +100,9 @@ def test_label_graph_from_file_marks_the_rest_unlabelled(tmp_path) -> None:
     labelled_key = graph.neurons[0].key
     labels = tmp_path / "labels.jsonl"
     labels.write_text(json.dumps({"layer": labelled_key[0], "neuron": labelled_key[1], "label": "capital cities"}) + "\n")
-    settings = analysis.LabelSettings(labeling=LabelingSection(method="file", labels_file=str(labels)))
-    out, sources = analysis.label_graph(graph, settings)
+    with ExitStack() as stack:
+        named = analysis.configured_label_sources(LabelingSection(method="file", labels_file=str(labels)), stack=stack)
+        out, sources = analysis.label_graph(graph, named)
     assert set(sources) == {u.node_id for u in graph.neurons}
     for unit in out.neurons:
         if unit.key == labelled_key:
@@ -168,33 +172,32 @@ def test_llm_failure_is_reported_not_raised(monkeypatch) -> None:
     assert result.status == "failed" and result.reason
 
 
-def test_atlas_labels_come_first(tmp_path, monkeypatch) -> None:
-    """Labels from circuits_atlas.CircuitDatabase(path).get_unit win over the label file."""
-    circuits_atlas = pytest.importorskip("circuits_atlas")
+class PlantedAtlas:
+    """An atlas holding one labelled unit (the get_unit of CircuitDatabase / AtlasClient)."""
+
+    def __init__(self, unit: Unit) -> None:
+        self.unit = unit
+        self.asked: list[tuple[int, int]] = []
+
+    def get_unit(self, layer: int, index: int) -> Unit | None:
+        self.asked.append((layer, index))
+        return self.unit if (layer, index) == self.unit.key else None
+
+
+def test_atlas_labels_come_first(tmp_path) -> None:
+    """The atlas's labels win over the label file; the file fills the rest; others are unlabelled."""
     graph = random_dag_graph(6)
     first, second = graph.neurons[0].key, graph.neurons[1].key
-    opened = []
-
-    class FakeAtlas:
-        def __init__(self, path):
-            opened.append(path)
-
-        def get_unit(self, layer, index):
-            if (layer, index) == first:
-                return Unit(layer=layer, index=index, label="ATLAS-LABEL", input_label="ATLAS-INPUT")
-            return None
-
-        def close(self):
-            opened.append("closed")
-
-    monkeypatch.setattr(circuits_atlas, "CircuitDatabase", FakeAtlas, raising=False)
-    atlas = tmp_path / "atlas.duckdb"
-    atlas.write_bytes(b"")
+    atlas = PlantedAtlas(Unit(layer=first[0], index=first[1], label="ATLAS-LABEL", input_label="ATLAS-INPUT"))
     labels = tmp_path / "labels.jsonl"
     labels.write_text("\n".join(json.dumps({"layer": k[0], "neuron": k[1], "label": "FILE-LABEL"}) for k in (first, second)))
-    settings = analysis.LabelSettings(atlas_path=str(atlas), labeling=LabelingSection(method="file", labels_file=str(labels)))
-    out, sources = analysis.label_graph(graph, settings)
-    assert opened == [str(atlas), "closed"]
+    with ExitStack() as stack:
+        named = analysis.configured_label_sources(
+            LabelingSection(method="file", labels_file=str(labels)), stack=stack, atlas=atlas
+        )
+        assert [n.name for n in named] == ["atlas", "file"]
+        out, sources = analysis.label_graph(graph, named)
+    assert set(atlas.asked) == {u.key for u in graph.neurons}
     for unit in out.neurons:
         if unit.key == first:
             assert (unit.label, unit.input_label, sources[unit.node_id]) == ("ATLAS-LABEL", "ATLAS-INPUT", "atlas")
@@ -202,3 +205,36 @@ def test_atlas_labels_come_first(tmp_path, monkeypatch) -> None:
             assert (unit.label, sources[unit.node_id]) == ("FILE-LABEL", "file")
         else:
             assert sources[unit.node_id] == analysis.UNLABELLED
+
+
+def test_a_failing_label_source_is_skipped_with_a_warning() -> None:
+    from circuits_core.errors import Unavailable
+
+    class Down:
+        def labels_for(self, keys):
+            raise Unavailable("database is down")
+
+    graph = random_dag_graph(7)
+    planted = {graph.neurons[0].key: "planted"}
+
+    class Planted:
+        def labels_for(self, keys):
+            return {k: v for k, v in planted.items() if k in keys}
+
+    warnings: list[str] = []
+    named = [analysis.NamedLabelSource(name="neurondb", source=Down()), analysis.NamedLabelSource(name="file", source=Planted())]
+    out, sources = analysis.label_graph(graph, named, warn=warnings.append)
+    assert warnings == ["label source neurondb skipped: database is down"]
+    assert out.neurons[0].label == "planted" and sources[out.neurons[0].node_id] == "file"
+
+
+def test_the_cluster_source_is_injected() -> None:
+    """analyze_graph clusters with the given clusterer (the atlas's Infomap one by default)."""
+    graph = random_dag_graph(8, per_layer=4)
+    neurons = [u.node_id for u in graph.neurons]
+    halves = [("1", neurons[: len(neurons) // 2]), ("2", neurons[len(neurons) // 2:])]
+    result = analysis.analyze_graph(graph, clusterer=lambda g: halves, settings=analysis.AnalysisSettings(use_llm=False))
+    assert [c.node_ids for c in sorted(result.clusters, key=lambda c: c.cluster_id)] == [tuple(h) for _, h in halves]
+    assert {u.cluster for u in result.graph.neurons} == {"1", "2"}
+    default = analysis.analyze_graph(graph, settings=analysis.AnalysisSettings(use_llm=False))
+    assert [c.node_ids for c in default.clusters] == [c.node_ids for c in analysis.cluster_graph(graph)]

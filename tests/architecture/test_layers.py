@@ -105,11 +105,61 @@ def test_sdk_only_install_clients_work_against_a_real_server(tmp_path: Path) -> 
     assert answer == {"graphs": 1, "blocked_loaded": []}
 
 
+class EchoEngine:
+    """A stand-in attribution engine (the AttributionEngine contract): one unit per prompt."""
+
+    replicas_trace_concurrently = True
+
+    def trace(self, request, *, should_stop):
+        from circuits_core.schemas import Graph, GraphMetadata, Unit
+
+        return Graph(model="echo", prompt=request.prompt, prompt_tokens=(request.prompt,), graph_id=f"echo-{request.k}",
+                     units=(Unit(layer=0, index=request.k, position=0, activation=1.0, attribution=request.tau),),
+                     metadata=GraphMetadata(slug=request.slug, metric_value=1.0))
+
+    def intervene(self, request, *, should_stop):
+        raise NotImplementedError
+
+    def model_info(self):
+        from circuits_core.tracing import ModelInfo
+
+        return ModelInfo(model="echo")
+
+    def replicate(self):
+        return self
+
+
+def test_sdk_only_install_circuits_graph_remote_works(tmp_path: Path) -> None:
+    """With only the SDK, `circuits graph --remote` traces on the server (no engine, no torch here)."""
+    from circuits_server.serving import ServerSettings
+    from circuits_attribution.server import AttributionSettings, build_server
+
+    server = build_server(AttributionSettings(server=ServerSettings(port=0)), EchoEngine()).start()
+    try:
+        result = _sdk_only(
+            f"""
+            import json, sys
+            from circuits.cli import main
+            code = main(["graph", "hi there", "--k", "3", "--remote", {server.address!r}, "--output-dir", {str(tmp_path)!r}])
+            loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "circuits_attribution", "circuits_server"))
+            print(json.dumps({{"code": code, "loaded": loaded}}))
+            """
+        )
+    finally:
+        server.stop(0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"code": 0, "loaded": []}
+    data = json.loads((tmp_path / "relp-hi-there.json").read_text())
+    assert [n["feature"] for n in data["nodes"]] == [3]  # the request's k reached the engine
+
+
 #: Each in-process command, with the extra its one-line error must name.
 IN_PROCESS_COMMANDS = [
     (["graph", "hi"], "attribution"),
     (["validate", "g.json"], "attribution"),
     (["intervene", "hi", "--neuron", "1:2=zero"], "attribution"),
+    (["analyze", "hi", "--no-llm"], "attribution"),
+    (["analyze", "--graph", "g.json", "--no-llm"], "atlas"),
     (["launch", "--image", "x", "--prompts", "p.jsonl", "--shards", "1", "--dry-run"], "attribution"),
     (["aggregate", "graphs"], "aggregator"),
     (["cluster", "--duckdb", "atlas.duckdb"], "atlas"),
@@ -141,3 +191,21 @@ def test_sdk_only_install_in_process_commands_name_the_extra(argv: list[str], ex
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
     assert f"pip install 'circuits[{extra}]'" in lines[0]
+
+
+def test_duckdb_files_are_opened_only_through_the_locked_down_opener() -> None:
+    """Every DuckDB database the code opens goes through circuits_server.duckdb_files.open_duckdb
+    (external access off, configuration locked, no extension auto-loading)."""
+    import re
+
+    opener = REPO / "services" / "common" / "src" / "circuits_server" / "duckdb_files.py"
+    pattern = re.compile(r"duckdb\s*\.\s*connect\s*\(|from\s+duckdb\s+import\s+[^\n]*\bconnect\b")
+    offenders = []
+    for root in ("clients", "services", "benchmarks", "scripts"):
+        for path in (REPO / root).rglob("*.py"):
+            if path == opener or "/_proto/" in str(path):
+                continue
+            text = path.read_text(encoding="utf-8", errors="replace")
+            offenders += [f"{path.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}" for m in pattern.finditer(text)]
+    assert offenders == [], f"open DuckDB files with circuits_server.duckdb_files.open_duckdb: {offenders}"
+    assert pattern.search(opener.read_text(encoding="utf-8"))  # the check itself can see a call

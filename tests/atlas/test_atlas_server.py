@@ -80,12 +80,34 @@ def test_get_cluster_and_not_found(client) -> None:
     assert unit.label.startswith("capital") and unit.appearance_count > 0 and unit.cluster
     members = client.get_cluster(unit.cluster.split(".")[0], limit=100)
     assert unit in members.units and members.cluster.size == len(members.units)
-    with pytest.raises(NotFound):
-        client.get_unit(40, 40)
+    assert client.get_unit(40, 40) is None  # as CircuitDatabase.get_unit
     with pytest.raises(NotFound):
         client.get_cluster("12345")
     with pytest.raises(InvalidArgument):
         client.get_cluster("1 OR 1=1")
+
+
+def test_client_and_database_answer_alike(client, planted_atlas: Path) -> None:
+    """AtlasClient (gRPC) and CircuitDatabase (in process) are the same AtlasQueries: same method
+    names, defaults and results, errors included."""
+    from circuits_core.capabilities import AtlasQueries
+
+    with CircuitDatabase(planted_atlas) as db:
+        assert isinstance(client, AtlasQueries) and isinstance(db, AtlasQueries)
+        top = db.search("capital")[0].unit
+        calls = [
+            ("search", ("capital",)), ("search", ("enzyme catalysis", 3)), ("search", ("no-such-word-anywhere",)),
+            ("get_unit", top.key), ("get_unit", (40, 40)), ("get_unit_card", top.key), ("get_unit_card", (40, 40)),
+            ("get_edges_for_unit", top.key), ("get_edges_for_unit", (*top.key, "upstream", 2, 1)),
+            ("get_cluster", (top.cluster.split(".")[0],)), ("get_cluster", (top.cluster, 2)), ("stats", ()),
+        ]
+        for name, args in calls:
+            assert getattr(client, name)(*args) == getattr(db, name)(*args), name
+        for name, args, error in [("get_cluster", ("12345",), NotFound), ("get_cluster", ("1 OR 1=1",), InvalidArgument),
+                                  ("search", ("",), InvalidArgument), ("get_edges_for_unit", (0, 1, "sideways"), InvalidArgument)]:
+            for implementation in (client, db):
+                with pytest.raises(error):
+                    getattr(implementation, name)(*args)
 
 
 @pytest.mark.parametrize("text", ["'; DROP TABLE neurons; --", "%", "x" * 100_000, "", "\u0000", "enzyme' --"])
@@ -169,3 +191,31 @@ def test_served_by_the_module_entry_point(planted_atlas: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(20) == 0
+
+
+def test_unit_card_matches_the_tables_and_the_server(client, planted_atlas: Path) -> None:
+    """GetUnitCard: domain object vs a direct SQL recomputation, and the server vs the domain object."""
+    from circuits_atlas.duck import connect
+
+    con = connect(planted_atlas, read_only=True)  # the server's settings: DuckDB refuses others on an open file
+    try:
+        with CircuitDatabase(planted_atlas) as db:
+            for layer, index in [(0, 10), (1, 52), (3, 93), (2, 91)]:
+                card = db.get_unit_card(layer, index)
+                assert card is not None and client.get_unit_card(layer, index) == card
+                assert card.unit == db.get_unit(layer, index)
+                obs, mean_act, cluster_path = con.execute(
+                    "SELECT observation_count, mean_activation, cluster_path FROM neurons WHERE layer = ? AND neuron = ?",
+                    [layer, index]).fetchone()  # fmt: skip
+                assert card.stats.observation_count == obs and card.stats.mean_activation == pytest.approx(mean_act)
+                out_degree = con.execute("SELECT count(*) FROM edges WHERE src_layer = ? AND src_neuron = ?", [layer, index]).fetchone()[0]
+                in_degree = con.execute("SELECT count(*) FROM edges WHERE tgt_layer = ? AND tgt_neuron = ?", [layer, index]).fetchone()[0]
+                assert (card.downstream_edges, card.upstream_edges) == (out_degree, in_degree)
+                assert card.cluster is not None and card.cluster.cluster_path == cluster_path == card.unit.cluster
+                assert card.cluster == db.get_cluster(cluster_path, 1).cluster
+            assert db.get_unit_card(40, 40) is None
+    finally:
+        con.close()
+    assert client.get_unit_card(40, 40) is None  # as CircuitDatabase.get_unit_card
+    with pytest.raises(InvalidArgument, match="layer"):
+        client.get_unit_card(-1, 3)

@@ -106,12 +106,11 @@ def test_search_ranks_bm25_then_substring(planted_atlas: Path) -> None:
 @pytest.mark.parametrize("text", ["enzyme", "capital cities", "rhyming words poetry L2", "tokens about enzyme"])
 def test_bm25_scores_equal_the_fts_extension_macro(planted_atlas: Path, text: str) -> None:
     """Differential check: our one-pass BM25 against the extension's own match_bm25."""
-    from circuits_atlas.duck import load_fts
+    from circuits_atlas.duck import connect
 
     with CircuitDatabase(planted_atlas) as db:
         ours = {h.unit.unit_id: h.score for h in db.search(text, 1000) if h.score > 0}
-    con = duckdb.connect(str(planted_atlas), read_only=True, config={"autoinstall_known_extensions": False})
-    load_fts(con)
+    con = connect(planted_atlas, read_only=True)
     theirs = dict(
         con.execute(
             "SELECT unit_id, s FROM (SELECT unit_id, fts_main_neurons.match_bm25(unit_id, ?) AS s FROM neurons) WHERE s IS NOT NULL",

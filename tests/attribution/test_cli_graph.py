@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from viewer_requirements import graph_index_problems, neuronpedia_upload_problems, viewer_problems
 
 from circuits.cli import main
 
@@ -47,6 +48,12 @@ def test_graph_writes_legacy_json(tiny_model_dir, tmp_path, capsys):
     n_neurons = sum(1 for n in data["nodes"] if n["feature_type"] == "mlp_neuron")
     assert lines[0].startswith(f"{n_neurons} nodes, {len(data['links'])} edges")
     assert data["metadata"]["slug"] == "relp-the-capital-of-france-is"
+    # what circuit-tracer's and Neuronpedia's viewers need, and the folder index beside the file
+    assert viewer_problems(data) == []
+    assert neuronpedia_upload_problems(data, file_name=path.name, size=path.stat().st_size) == []
+    index = json.loads((tmp_path / "graph-metadata.json").read_text())
+    assert [g["slug"] for g in index["graphs"]] == ["relp-the-capital-of-france-is"]
+    assert graph_index_problems(index, tmp_path) == []
 
 
 def test_graph_slug_and_target_tokens(tiny_model_dir, tmp_path, capsys):
@@ -54,7 +61,10 @@ def test_graph_slug_and_target_tokens(tiny_model_dir, tmp_path, capsys):
                  "--output-dir", str(tmp_path), "--target-tokens", "paris", "rome", "--max-nodes", "2"])
     assert code == 0, capsys.readouterr().err
     data = json.loads((tmp_path / "relp-my-run.json").read_text())
-    assert sorted(n["clerp"].split(" (p=")[0] for n in data["nodes"] if n["isLogit"]) == ["paris", "rome"]
+    # the viewers' rule: the token between the clerp's double quotes
+    assert sorted(n["clerp"].split('"')[1] for n in data["nodes"] if n["isLogit"]) == ["paris", "rome"]
+    index = json.loads((tmp_path / "graph-metadata.json").read_text())
+    assert [g["slug"] for g in index["graphs"]] == ["relp-my-run"]
 
 
 @pytest.mark.parametrize(
@@ -66,7 +76,7 @@ def test_graph_slug_and_target_tokens(tiny_model_dir, tmp_path, capsys):
         (["graph", "the capital", "--raw", "--target-tokens", "paris london"], "splits into ['paris', 'london']"),
         (["graph", " ".join(["cat"] * 70), "--raw"], "longer than the model's context"),
         (["graph", "the capital", "--dtype", "int7"], "unknown dtype"),
-        (["graph", "the capital", "--k", "0"], "--k must be >= 1"),
+        (["graph", "the capital", "--k", "0"], "k must be an integer >= 1"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, argv, message):

@@ -10,6 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from circuits_core.errors import InvalidArgument
+from circuits_core.interventions import InterventionRequest, InterventionResult, TokenProbability
+from circuits_core.schemas import Graph, GraphMetadata, Unit
+from circuits_core.tracing import ModelInfo, TraceRequest
+from circuits_attribution.service import AttributionEngine
+
 WORDS = (
     "the capital of france is paris london rome city one two three four five red green blue "
     "big small cat dog sun moon a b c d e f g h i j k l m n o p"
@@ -59,28 +65,31 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint: Path):
     """The real RelP engine on the tiny checkpoint, loaded like `circuits serve` loads it."""
-    from circuits_attribution.__main__ import load_engine
+    from circuits_attribution.models import load_engine
 
     return load_engine(str(tiny_checkpoint), dtype="float32", device="cpu")
 
 
-class FakeEngine:
+class FakeEngine(AttributionEngine):
     """An engine whose traces block until released (or stopped), for concurrency tests.
 
     Deterministic graphs: the prompt is echoed as a one-unit graph. ``started`` counts traces
     that reached the engine; ``stopped`` counts traces that ended through ``should_stop``.
+    ``concurrent`` is its ``replicas_trace_concurrently``.
     """
 
-    def __init__(self, *, hold: bool = True) -> None:
+    def __init__(self, *, hold: bool = True, concurrent: bool = True) -> None:
         self.hold = hold
+        self.replicas_trace_concurrently = concurrent
         self.release = threading.Event()
         self.lock = threading.Lock()
         self.started = 0
         self.stopped = 0
         self.finished = 0
+        self.requests: list[TraceRequest] = []
 
     def replicate(self) -> FakeEngine:
-        twin = FakeEngine(hold=self.hold)
+        twin = FakeEngine(hold=self.hold, concurrent=self.replicas_trace_concurrently)
         twin.release = self.release
         twin.lock = self.lock
         twin._parent = self  # noqa: SLF001 - counters live on the first engine
@@ -89,18 +98,11 @@ class FakeEngine:
     def _root(self) -> FakeEngine:
         return getattr(self, "_parent", self)
 
-    def model_info(self):
-        from circuits_core.tracing import ModelInfo
-
+    def model_info(self) -> ModelInfo:
         return ModelInfo(model="fake", num_layers=1, d_model=2, d_mlp=3, vocab_size=4, dtype="float32", device="cpu")
 
-    def trace(self, prompt, *, should_stop=lambda: False, **options):
-        from circuits_core.errors import InvalidArgument
-        from circuits_core.schemas import Graph, Unit
-
+    def _hold(self, should_stop) -> None:
         root = self._root()
-        if prompt == "bad":
-            raise InvalidArgument("prompt 'bad' is not traceable")
         with root.lock:
             root.started += 1
         while self.hold and not self.release.is_set():
@@ -111,12 +113,26 @@ class FakeEngine:
             time.sleep(0.01)
         with root.lock:
             root.finished += 1
+
+    def trace(self, request: TraceRequest, *, should_stop) -> Graph:
+        if request.prompt == "bad":
+            raise InvalidArgument("prompt 'bad' is not traceable")
+        with self._root().lock:
+            self._root().requests.append(request)
+        self._hold(should_stop)
         return Graph(
-            units=(Unit(layer=0, index=len(prompt), position=0, kind="neuron", activation=1.0),),
-            prompt=prompt,
+            units=(Unit(layer=0, index=len(request.prompt), position=0, kind="neuron", activation=1.0),),
+            prompt=request.prompt,
             model="fake",
-            graph_id=f"fake-{prompt}",
+            graph_id=f"fake-{request.prompt}",
+            metadata=GraphMetadata(slug=request.slug, metric_value=0.0, corpus_index=request.corpus_index),
         )
+
+    def intervene(self, request: InterventionRequest, *, should_stop) -> InterventionResult:
+        self._hold(should_stop)
+        top = TokenProbability(token=request.prompt, token_id=0, logit=1.0, probability=1.0)
+        return InterventionResult(prompt_tokens=(request.prompt,), position=0, baseline=(top,), intervened=(top,),
+                                  tracked=(top,), interventions=request.interventions)
 
 
 @pytest.fixture

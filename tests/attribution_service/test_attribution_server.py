@@ -20,9 +20,8 @@ from circuits_core._proto.circuits.v1 import attribution_pb2, attribution_pb2_gr
 from circuits_sdk.attribution import AttributionClient
 from circuits_core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from circuits_server.serving import ServerSettings
-from circuits_core.tracing import TraceSpec
+from circuits_core.tracing import TraceRequest
 from circuits_attribution.server import AttributionSettings, build_server
-from circuits_attribution.service import run_engine
 
 PROMPTS = ["the capital of france is", "big red dog a b c", "one two three four five", "sun moon cat dog"]
 
@@ -61,20 +60,20 @@ def real_server(tiny_engine):
 
 
 # -- results -------------------------------------------------------------------------------------
-SPECS = [
-    TraceSpec(prompt="the capital of france is"),
-    TraceSpec(prompt="the capital of france is", k=2, tau=0.02, max_nodes=5, corpus_index=3, slug="custom"),
-    TraceSpec(prompt="big red dog", target_tokens=("paris", "rome")),
-    TraceSpec(prompt="big red dog", contrastive=("paris", "rome"), raw=True),
-    TraceSpec(prompt="one two", answer_prefix="three", target_position=-2),
+REQUESTS = [
+    TraceRequest(prompt="the capital of france is"),
+    TraceRequest(prompt="the capital of france is", k=2, tau=0.02, max_nodes=5, corpus_index=3, slug="custom"),
+    TraceRequest(prompt="big red dog", target_tokens=("paris", "rome")),
+    TraceRequest(prompt="big red dog", contrastive=("paris", "rome"), raw=True),
+    TraceRequest(prompt="one two", answer_prefix="three", target_position=-2),
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=range(len(SPECS)))
-def test_remote_trace_equals_in_process_trace(real_server, tiny_engine, spec):
+@pytest.mark.parametrize("request_", REQUESTS, ids=range(len(REQUESTS)))
+def test_remote_trace_equals_in_process_trace(real_server, tiny_engine, request_):
     _, client = real_server
-    remote = client.trace(spec)
-    local = run_engine(tiny_engine, spec)
+    remote = client.trace(request_)
+    local = tiny_engine.trace(request_)
     assert len(remote.edges) > 0
     assert normalized(remote) == normalized(local)
 
@@ -92,7 +91,7 @@ def test_trace_batch_preserves_order_and_equals_single_traces(real_server, tiny_
 def test_model_info(real_server, tiny_engine):
     _, client = real_server
     info = client.model_info()
-    assert info.model == "tiny" and info.num_layers == 3 and info.d_mlp == 48 and info.d_model == 32
+    assert info.model == tiny_engine.model_name and info.num_layers == 3 and info.d_mlp == 48 and info.d_model == 32
     assert info.architecture == "LlamaForCausalLM" and info.dtype == "float32" and info.device == "cpu"
 
 
@@ -125,7 +124,7 @@ def test_client_raises_invalid_argument_and_batch_names_the_request(real_server)
         client.trace("big dog", target_tokens=("paris rome",))
     with grpc.insecure_channel(real_server[0].address) as channel:
         stub = attribution_pb2_grpc.AttributionServiceStub(channel)
-        requests = [wire.trace_spec_to_proto(TraceSpec(prompt="big dog")), attribution_pb2.TraceRequest(prompt="")]
+        requests = [wire.trace_request_to_proto(TraceRequest(prompt="big dog")), attribution_pb2.TraceRequest(prompt="")]
         with pytest.raises(grpc.RpcError) as info:
             list(stub.TraceBatch(iter(requests), timeout=30))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -150,7 +149,7 @@ def test_over_the_queue_bound_is_resource_exhausted(fake_engine):
 def test_cancelled_requests_free_their_slot(fake_engine):
     with serving(fake_engine, max_concurrent=1, max_queue=0) as (server, client):
         stub = attribution_pb2_grpc.AttributionServiceStub(client._channel)  # noqa: SLF001
-        future = stub.Trace.future(wire.trace_spec_to_proto(TraceSpec(prompt="abandoned")))
+        future = stub.Trace.future(wire.trace_request_to_proto(TraceRequest(prompt="abandoned")))
         wait_until(lambda: fake_engine.started == 1)
         future.cancel()
         wait_until(lambda: fake_engine.stopped == 1 and server.runner.running == 0)
@@ -162,7 +161,7 @@ def test_deadline_stops_the_work_and_frees_the_slot(fake_engine):
     with serving(fake_engine, max_concurrent=1, max_queue=0) as (server, client):
         stub = attribution_pb2_grpc.AttributionServiceStub(client._channel)  # noqa: SLF001
         with pytest.raises(grpc.RpcError) as info:
-            stub.Trace(wire.trace_spec_to_proto(TraceSpec(prompt="slow")), timeout=0.3)
+            stub.Trace(wire.trace_request_to_proto(TraceRequest(prompt="slow")), timeout=0.3)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_until(lambda: fake_engine.stopped == 1 and server.runner.running == 0)
 
@@ -170,7 +169,7 @@ def test_deadline_stops_the_work_and_frees_the_slot(fake_engine):
 def test_cancelled_batch_stream_stops(fake_engine):
     with serving(fake_engine, max_concurrent=1, max_queue=0) as (server, client):
         stub = attribution_pb2_grpc.AttributionServiceStub(client._channel)  # noqa: SLF001
-        call = stub.TraceBatch(iter([wire.trace_spec_to_proto(TraceSpec(prompt=p)) for p in ("a", "b", "c")]))
+        call = stub.TraceBatch(iter([wire.trace_request_to_proto(TraceRequest(prompt=p)) for p in ("a", "b", "c")]))
         wait_until(lambda: fake_engine.started == 1)
         call.cancel()
         wait_until(lambda: fake_engine.stopped == 1 and server.runner.running == 0)
@@ -261,7 +260,7 @@ def _grpcurl() -> str:
     return str(path)
 
 
-def test_grpcurl_lists_describes_and_calls_via_reflection(real_server):
+def test_grpcurl_lists_describes_and_calls_via_reflection(real_server, tiny_engine):
     server, _ = real_server
     grpcurl = _grpcurl()
 
@@ -274,7 +273,7 @@ def test_grpcurl_lists_describes_and_calls_via_reflection(real_server):
     assert "circuits.v1.AttributionService" in services and "grpc.health.v1.Health" in services
     assert "Trace" in run(server.address, "describe", "circuits.v1.AttributionService")
     info = json.loads(run(server.address, "circuits.v1.AttributionService/GetModelInfo"))
-    assert info["model"] == "tiny" and info["num_layers"] == 3
+    assert info["model"] == tiny_engine.model_name and info["num_layers"] == 3
     graph = json.loads(run("-d", '{"prompt": "the capital of france is", "target": {"k": 2}}',
                            server.address, "circuits.v1.AttributionService/Trace"))
     assert graph["prompt"] == "the capital of france is" and len(graph["edges"]["src"]) > 0
@@ -316,9 +315,12 @@ def test_circuits_graph_remote_writes_the_same_file_as_in_process(real_server, t
     common = [prompt, "--model", str(tiny_checkpoint), *flags]
     assert main(["graph", *common, "--output-dir", str(tmp_path / "local")]) == 0
     assert main(["graph", *common, "--output-dir", str(tmp_path / "remote"), "--remote", server.address]) == 0
-    (local,) = (tmp_path / "local").iterdir()
-    (remote,) = (tmp_path / "remote").iterdir()
+    (local,) = (tmp_path / "local").glob("relp-*.json")
+    (remote,) = (tmp_path / "remote").glob("relp-*.json")
     assert local.name == remote.name
+    # and the same viewers' index beside it
+    index = [json.loads((tmp_path / side / "graph-metadata.json").read_text()) for side in ("local", "remote")]
+    assert index[0] == index[1] and [g["slug"] for g in index[0]["graphs"]] == [local.name[: -len(".json")]]
 
     def content(path):
         data = json.loads(path.read_text())
@@ -326,6 +328,26 @@ def test_circuits_graph_remote_writes_the_same_file_as_in_process(real_server, t
         return data
 
     assert content(local) == content(remote)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--k", "2", "--tau", "0.02", "--slug", "My Graph", "--max-nodes", "7"],
+     ["--contrastive", "paris", "rome", "--raw", "--answer-prefix", "it is", "--target-position", "-2", "--corpus-index", "3"]],
+)
+def test_circuits_graph_sends_the_request_it_traces_in_process(fake_engine, tmp_path, flags):
+    """One function turns the argv into the request; --remote only changes who traces it."""
+    from circuits.cli import build_parser, main
+    from circuits.cli.graph import trace_request
+
+    fake_engine.release.set()
+    argv = ["graph", "the capital of france is", *flags, "--output-dir", str(tmp_path)]
+    in_process = trace_request(build_parser().parse_args(argv))
+    with serving(fake_engine) as (server, _):
+        remote_args = build_parser().parse_args([*argv, "--remote", server.address])
+        assert trace_request(remote_args) == in_process
+        assert main([*argv, "--remote", server.address]) == 0
+    assert fake_engine.requests == [in_process]  # after the wire round trip
 
 
 def test_circuits_graph_remote_unreachable_is_one_line(capsys):

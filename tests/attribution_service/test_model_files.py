@@ -80,7 +80,8 @@ def test_check_readable_passes_a_readable_checkpoint(tiny_checkpoint) -> None:
 def test_device_auto_picks_cpu_without_a_gpu() -> None:
     import torch
 
-    from circuits_attribution.__main__ import build_parser, resolve_device
+    from circuits_attribution.__main__ import build_parser
+    from circuits_attribution.models import resolve_device
 
     assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"
     expected = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,9 +13,8 @@ import pytest
 
 from circuits_core.errors import InvalidArgument, Unavailable
 from circuits_core.graphio import is_graph_file, read_graph
-from circuits_core.tracing import TraceSpec
-from circuits_attribution.service import run_engine
-from circuits_attribution.worker import WorkerSettings, _shard_index, ledger_path, run_worker
+from circuits_core.tracing import TraceRequest, TraceSettings
+from circuits_attribution.worker import WorkerSettings, _shard_index, build_parser, ledger_path, run_worker
 
 WORDS = "the capital of france is paris london rome city one two three four five red green blue big small cat dog sun moon".split()
 
@@ -40,8 +39,8 @@ def prompts_file(tmp_path: Path, count: int, *, bad: dict[int, str] | None = Non
 
 
 def expected_id(engine, number: int, record: dict) -> str:
-    spec = TraceSpec(prompt=record["prompt"], target_tokens=tuple(record.get("target_tokens", ())), corpus_index=number - 1)
-    return run_engine(engine, spec).graph_id
+    request = TraceRequest(prompt=record["prompt"], target_tokens=tuple(record.get("target_tokens", ())), corpus_index=number - 1)
+    return engine.trace(request).graph_id
 
 
 def graph_files(directory: Path) -> list[Path]:
@@ -88,6 +87,32 @@ def test_rerun_repeats_nothing_and_retraces_a_deleted_file(tmp_path, tiny_engine
     third = run_worker(settings, tiny_engine)
     assert (third.traced, third.already_done) == (1, 5)
     assert len(graph_files(tmp_path / "g")) == 6
+
+
+def test_trace_flags_fill_what_a_line_does_not_set(tmp_path, tiny_engine):
+    """The worker's trace flags are generated from TraceSettings; a line's own settings win, and a
+    line's target mode replaces the flags' one."""
+    lines = [{"prompt": "the capital of france is"}, {"prompt": "big red dog", "k": 1},
+             {"prompt": "one two three", "contrastive": ["paris", "rome"]}, {"prompt": "sun moon cat", "tau": 0.05}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = build_parser().parse_args(["--prompts", str(path), "--k", "2", "--tau", "0.02", "--target-tokens", "paris", "london"])
+    from circuits_core.fieldargs import field_values
+
+    defaults = TraceSettings(**field_values(args, TraceSettings))
+    assert defaults == TraceSettings(k=2, tau=0.02, target_tokens=("paris", "london"))
+    out = tmp_path / "graphs"
+    report = run_worker(WorkerSettings(prompts=path, output_dir=out, progress=False, trace_defaults=defaults), tiny_engine)
+    assert report.traced == 4
+    by_prompt = {g.prompt: g for g in map(read_graph, graph_files(out))}
+    for number, line in enumerate(lines, 1):
+        request = defaults.request(line["prompt"], corpus_index=number - 1,
+                                   **{k: tuple(v) if isinstance(v, list) else v for k, v in line.items() if k != "prompt"})
+        assert by_prompt[line["prompt"]].graph_id == tiny_engine.trace(request).graph_id
+    assert [u.token for u in by_prompt["the capital of france is"].logits] == ["paris", "london"]
+    assert len(by_prompt["big red dog"].logits) == 2  # k is ignored with target tokens: the flags' tokens stay
+    assert [u.token for u in by_prompt["one two three"].logits] == ["paris", "rome"]  # contrastive replaced them
+    assert by_prompt["sun moon cat"].metadata.node_threshold == 0.05 and by_prompt["the capital of france is"].metadata.node_threshold == 0.02
 
 
 class RecordingSink:

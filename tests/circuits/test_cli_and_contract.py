@@ -54,6 +54,36 @@ def test_committed_stubs_match_the_protos() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def test_drift_check_detects_a_stale_descriptor_set_in_the_chart(tmp_path: Path) -> None:
+    """The gateway's descriptor set (stubs folder and the chart's ConfigMap copy) is drift-checked too."""
+    import shutil
+
+    stale = tmp_path / "circuits.pb"
+    shutil.copyfile(ROOT / "deploy/helm/circuits/files/circuits.pb", stale)
+    stale.write_bytes(stale.read_bytes()[:-7])
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check", "--chart-descriptor", str(stale)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1 and "circuits.pb" in proc.stderr
+
+
+def test_descriptor_set_holds_every_service_and_its_http_routes() -> None:
+    from google.api import annotations_pb2
+    from google.protobuf import descriptor_pb2
+
+    fds = descriptor_pb2.FileDescriptorSet.FromString((ROOT / "clients/python/core/src/circuits_core/_proto/circuits.pb").read_bytes())
+    files = {f.name: f for f in fds.file}
+    assert "google/rpc/status.proto" in files  # the transcoder's JSON error bodies
+    atlas = next(s for s in files["circuits/v1/atlas.proto"].service if s.name == "AtlasService")
+    routes = {m.name: m.options.Extensions[annotations_pb2.http].get for m in atlas.method}
+    assert routes.items() >= {
+        "SearchUnits": "/v1/units:search", "GetUnit": "/v1/units/{layer}/{index}",
+        "GetEdgesForUnit": "/v1/units/{layer}/{index}/edges", "GetCluster": "/v1/clusters/{cluster}",
+        "Stats": "/v1/atlas/stats", "GetUnitCard": "/v1/units/{layer}/{index}/card",
+    }.items()  # fmt: skip
+
+
 def test_drift_check_detects_a_stale_stub(tmp_path: Path) -> None:
     import shutil
 

@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from viewer_requirements import viewer_problems
 
 from circuits import Edge, Graph, GraphMetadata, Unit, UnitLabel
 from circuits_core import wire
@@ -72,8 +73,9 @@ def graphs(draw) -> Graph:
                 )
             )
     metadata = GraphMetadata(
-        slug=draw(st.text(min_size=1, max_size=10)),
-        scan=draw(st.text(min_size=1, max_size=10)),
+        slug=draw(st.text(alphabet="abcXYZ019_.-", min_size=1, max_size=10)),
+        # a viewer model id (Neuronpedia's rule); other names are mapped on writing (test_viewer_fields)
+        scan=draw(st.text(alphabet="abcXYZ019_.-", min_size=1, max_size=10)),
         target_position=n_tokens - 1,
         node_threshold=draw(st.none() | st.floats(0, 1)),
         metric_value=draw(st.none() | finite),
@@ -107,6 +109,7 @@ def test_protobuf_round_trip_is_lossless(graph: Graph) -> None:
 def test_legacy_round_trip_preserves_graph_and_validates(graph: Graph) -> None:
     legacy = graph.to_legacy()
     jsonschema.validate(legacy, SCHEMA)
+    assert viewer_problems(legacy) == []  # circuit-tracer's model and frontend, Neuronpedia's upload
     # through real JSON text, as files carry it
     parsed = Graph.from_legacy(json.loads(json.dumps(legacy)))
     assert parsed == graph
@@ -139,7 +142,8 @@ def test_legacy_node_encodings_follow_the_spec() -> None:
     assert neuron["node_id"] == "2_7_0" and neuron["feature_type"] == "mlp_neuron"
     assert neuron["clerp"] == "L2/N7: capital cities" and neuron["layer"] == "2"
     assert logit["node_id"] == "L_11_0" and logit["isLogit"] is True
-    assert logit["clerp"] == " Paris (p=0.8000)"
+    assert logit["clerp"] == 'Output " Paris" (p=0.800)'
+    assert neuron["attribution"] == 0.25 and neuron["influence"] == 1.0 and logit["influence"] is None
     assert legacy["metadata"]["slug"] == "relp-the-capital-of-france-is"
     jsonschema.validate(legacy, SCHEMA)
 

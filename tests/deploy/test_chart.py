@@ -397,7 +397,7 @@ def test_schema_accepts_every_value_set_and_rejects_unknown_keys_independently(v
         values = json.loads(json.dumps(values), object_hook=lambda d: {k: v for k, v in d.items() if v is not None})
         errors = list(validator.iter_errors(values))
         assert not errors, (name, [e.message for e in errors])
-        for comp in ("attribution", "aggregator", "labeler", "atlas", "vllm"):
+        for comp in ("attribution", "aggregator", "labeler", "atlas", "vllm", "gateway"):
             assert not validator.is_valid({**values, comp: {**values[comp], "replicas": 2}}), comp
 
 
@@ -407,7 +407,7 @@ def test_components_share_one_shape() -> None:
     common = set(schema["properties"]["aggregator"]["required"])
     assert {"enabled", "image", "replicaCount", "resources", "env", "service", "probes", "nodeSelector",
             "tolerations", "affinity", "podSecurityContext", "securityContext", "extraArgs"} <= common  # fmt: skip
-    for comp in ("attribution", "aggregator", "labeler", "atlas", "vllm"):
+    for comp in ("attribution", "aggregator", "labeler", "atlas", "vllm", "gateway"):
         assert common <= set(values[comp]), f"{comp} lacks {common - set(values[comp])}"
         assert set(schema["properties"][comp]["required"]) == common
 
@@ -473,5 +473,6 @@ def test_servers_run_tls_and_token_auth_from_existing_secrets(render_chart) -> N
         if "tls" in volumes:
             assert volumes["tls"]["secret"]["secretName"] == "circuits-tls"
             assert volumes["auth-tokens"]["secret"]["secretName"] == "circuits-tokens"
+            assert volumes["auth-tokens"]["secret"]["defaultMode"] == volumes["tls"]["secret"]["defaultMode"] == 0o440
     assert servers >= 3
     assert not chart.of_kind("Secret")  # referenced, never inlined

@@ -130,7 +130,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint: Path):
-    from circuits_attribution.__main__ import load_engine
+    from circuits_attribution.models import load_engine
 
     return load_engine(str(tiny_checkpoint), dtype="float32", device="cpu")
 

@@ -44,6 +44,13 @@ class DrillRow:
 
 DRILL_ROWS: list[DrillRow] = []
 
+#: Names of the circuits_core.limits.Limits fields a drill of this session saw enforced (a drill
+#: appends a name only after it watched an over-limit request refused or clamped).
+ENFORCED_LIMITS: list[str] = []
+#: The drill modules that enforce limits; the summary asserts every limit only when all ran.
+LIMIT_DRILL_MODULES = ("test_drill_limits.py", "test_drill_streams.py", "test_drill_load.py", "test_drill_echo.py",
+                       "test_drill_labeler_spend.py")  # fmt: skip
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-quantile (0..1) of values by nearest rank."""

@@ -110,7 +110,7 @@ def test_attribution_trace_needs_write(tiny_engine, tokens_file) -> None:
     from circuits_core import wire
     from circuits_core._proto.circuits.v1 import attribution_pb2
     from circuits_server.serving import ServerSettings
-    from circuits_core.tracing import TraceSpec
+    from circuits_core.tracing import TraceRequest
     from circuits_attribution.server import AttributionSettings, build_server
 
     server = build_server(AttributionSettings(server=ServerSettings(port=0, auth_tokens_file=str(tokens_file)),
@@ -119,7 +119,7 @@ def test_attribution_trace_needs_write(tiny_engine, tokens_file) -> None:
         _health_open(server.address)
         expect("AttributionService", server.address, "GetModelInfo",
                attribution_pb2.GetModelInfoRequest().SerializeToString(), {"read", "write", "admin"})  # fmt: skip
-        trace = wire.trace_spec_to_proto(TraceSpec(prompt="the capital of france is")).SerializeToString()
+        trace = wire.trace_request_to_proto(TraceRequest(prompt="the capital of france is")).SerializeToString()
         expect("AttributionService", server.address, "Trace", trace, {"write", "admin"})
     finally:
         server.stop(0.5)

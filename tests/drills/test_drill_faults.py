@@ -67,17 +67,16 @@ def test_sigkill_each_service_during_end_to_end_run(tmp_path, spawn, tiny_checkp
     from circuits_sdk.aggregator import AggregatorClient
     from circuits_sdk.atlas import AtlasClient
     from circuits_sdk.attribution import AttributionClient
-    from circuits_core.tracing import TraceSpec
+    from circuits_core.tracing import TraceRequest
     from circuits_aggregator import AggregateStore
     from circuits_aggregator.columns import graph_arrays_from_graph
     from circuits_atlas import ClusterSettings, build_atlas
-    from circuits_attribution.service import run_engine
 
     faults = recovered = 0
     timings: dict[str, float] = {}
 
     # -- the clean reference: same engine and prompts, in process, no faults ------------------------
-    clean_graphs = [run_engine(tiny_engine, TraceSpec(prompt=p)) for p in PROMPTS]
+    clean_graphs = [tiny_engine.trace(TraceRequest(prompt=p)) for p in PROMPTS]
     with AggregateStore(tmp_path / "clean.duckdb") as clean:
         clean.ingest([graph_arrays_from_graph(g) for g in clean_graphs])
         clean.export(tmp_path / "clean-export")

@@ -408,16 +408,16 @@ PROMPT_KEYS = ("prompt", "id", "k", "tau", "max_nodes", "raw", "target_tokens", 
 ))  # fmt: skip
 def test_prompts_jsonl_reader_accepts_or_names_the_line(line: str) -> None:
     from circuits_core.errors import CircuitsError
-    from circuits_core.tracing import TraceSpec
-    from circuits_attribution.worker import parse_prompt_line
+    from circuits_core.tracing import TraceRequest
+    from circuits_attribution.worker import read_prompt_line
 
     try:
-        parsed = parse_prompt_line(line, line=7, source="prompts.jsonl")
+        parsed = read_prompt_line(line, line=7, source="prompts.jsonl")
     except CircuitsError as exc:
         message = str(exc)
         assert message.startswith("prompts.jsonl:7") and "\n" not in message, message
         return
-    assert isinstance(parsed.spec, TraceSpec) and isinstance(parsed.spec.prompt, str)
+    assert isinstance(parsed.request, TraceRequest) and isinstance(parsed.request.prompt, str)
     assert parsed.prompt_id is None or isinstance(parsed.prompt_id, (str, int))
 
 
@@ -427,7 +427,7 @@ def test_prompts_file_with_hostile_lines_is_read_line_by_line(tmp_path: Path) ->
     from circuits_core.errors import CircuitsError
     from circuits_attribution.worker import (
         WorkerSettings,
-        parse_prompt_line,
+        read_prompt_line,
         shard_lines,
     )
 
@@ -438,7 +438,7 @@ def test_prompts_file_with_hostile_lines_is_read_line_by_line(tmp_path: Path) ->
     good, bad = [], []
     for number, text in shard_lines(path, WorkerSettings(prompts=path, output_dir=tmp_path / "out")):
         try:
-            good.append((number, parse_prompt_line(text, line=number, source=path.name).spec.prompt))
+            good.append((number, read_prompt_line(text, line=number, source=path.name).request.prompt))
         except CircuitsError as exc:
             assert str(exc).startswith(f"{path.name}:{number}:") and "\n" not in str(exc)
             bad.append(number)

@@ -20,10 +20,9 @@ from circuits_core.limits import (
     limits_from_args,
     markdown_table,
 )
-from drill_support import record_drill
+from drill_support import ENFORCED_LIMITS as ENFORCED
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "limits.md"
-ENFORCED: list[str] = []
 
 
 def test_docs_table_is_generated_from_the_limits() -> None:
@@ -185,10 +184,44 @@ def test_atlas_result_rows_query_chars_and_query_time(small_atlas) -> None:
     ENFORCED.extend(["max_results", "max_query_chars", "query_timeout_s"])
 
 
-def test_zz_limits_summary() -> None:
-    if not ENFORCED:
-        pytest.skip("no limit drill ran in this session")
-    missing = [f.name for f in dataclasses.fields(Limits) if not any(e.startswith(f.name) for e in ENFORCED)
-               and f.name != "max_queue"]  # fmt: skip
-    record_drill("limits: over-limit requests refused", requests=len(ENFORCED), errors=0,
-                 note=f"not wired yet: {', '.join(missing)}"[:90])  # fmt: skip
+def test_edges_per_batch_and_units_per_request_flags_on_real_servers(spawn, tmp_path) -> None:
+    """--max-edges-per-batch (aggregator GetEdges) and --max-units-per-request (labeler GetLabels,
+    LabelUnits) set on the command line of real server processes."""
+    import numpy as np
+    import yaml
+    from circuits_aggregator.testing import random_graph
+    from circuits_core import wire
+    from circuits_labeler.evidence import write_evidence_parquet
+    from circuits_sdk.aggregator import AggregatorClient
+    from circuits_sdk.labeler import LabelerClient
+
+    agg = spawn("circuits_aggregator", "--state", str(tmp_path / "agg" / "state.duckdb"), "--max-edges-per-batch", "5",
+                name="aggregator-batch").start(timeout=120)  # fmt: skip
+    rng = np.random.default_rng(9)
+    with AggregatorClient(agg.address) as client:
+        client.ingest([wire.graph_to_proto(random_graph(rng, graph_id=f"b{i}")) for i in range(4)])
+        distinct = client.stats().distinct_edges
+        sizes = [len(batch.count) for batch in client.iter_edge_columns(batch_size=1_000_000)]
+    assert distinct > 5 and sum(sizes) == distinct and max(sizes) == 5, (distinct, sizes)
+    ENFORCED.append("max_edges_per_batch")
+
+    key = tmp_path / "key"
+    key.write_text("sk-drill-not-a-real-key\n")
+    evidence = write_evidence_parquet(tmp_path / "export", edges=[(0, n, 1, n, 3, 0.2) for n in range(6)],
+                                      units=[(layer, n, 3) for layer in range(2) for n in range(6)])  # fmt: skip
+    config = tmp_path / "label.yaml"
+    config.write_text(yaml.safe_dump({"labeling": {
+        "backend": "anthropic", "model": "stand-in", "base_url": "http://127.0.0.1:9", "api_key_file": str(key),
+        "evidence_path": str(evidence), "projections_path": "", "cache_path": str(tmp_path / "cache.jsonl"),
+        "labels_path": str(tmp_path / "labels.jsonl"),
+    }}))  # fmt: skip
+    labeler = spawn("circuits_labeler", "--config", str(config), "--max-units-per-request", "3",
+                    name="labeler-units").start(timeout=120)  # fmt: skip
+    with LabelerClient(labeler.address) as client:
+        assert client.get_labels([(0, n) for n in range(3)]) == []  # at the limit: fine (nothing labelled yet)
+        with pytest.raises(ResourceExhausted, match=r"GetLabels request has 4 units, over the limit max_units_per_request=3 "
+                                                    r"\(--max-units-per-request\)"):  # fmt: skip
+            client.get_labels([(0, n) for n in range(4)])
+        with pytest.raises(ResourceExhausted, match="LabelUnits request has 4 units, over the limit max_units_per_request=3"):
+            client.label_units([(0, n) for n in range(4)], label_pass="output")
+    ENFORCED.append("max_units_per_request")

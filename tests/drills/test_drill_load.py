@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from drill_support import PROMPTS, record_drill, rss_bytes
+from drill_support import ENFORCED_LIMITS, PROMPTS, record_drill, rss_bytes
 
 CLIENTS = 64
 REQUESTS_PER_CLIENT = 12
@@ -127,7 +127,7 @@ def _burst(address: str, prompts: list[str]) -> tuple[list[str], list[float], li
     import grpc
     from circuits_core import wire
     from circuits_core._proto.circuits.v1 import attribution_pb2_grpc
-    from circuits_core.tracing import TraceSpec
+    from circuits_core.tracing import TraceRequest
 
     channels = [grpc.insecure_channel(address) for _ in prompts]
     stubs = [attribution_pb2_grpc.AttributionServiceStub(ch) for ch in channels]
@@ -139,7 +139,7 @@ def _burst(address: str, prompts: list[str]) -> tuple[list[str], list[float], li
     messages: list[str] = []
 
     def one(i: int) -> None:
-        request = wire.trace_spec_to_proto(TraceSpec(prompt=prompts[i]))
+        request = wire.trace_request_to_proto(TraceRequest(prompt=prompts[i]))
         barrier.wait(timeout=30)
         t0 = time.perf_counter()
         try:
@@ -219,3 +219,4 @@ def test_attribution_overload_gets_resource_exhausted_and_memory_returns(tiny_en
     assert max(all_latencies) < 30, "a call hung"
     assert sorted(refused_latencies)[len(refused_latencies) // 2] < 1.0, "refusals must be immediate, not queued"
     assert grown_mb < 40, f"RSS grew {grown_mb:.1f} MiB over {WAVES} overload waves"
+    ENFORCED_LIMITS.append("max_queue")

@@ -123,7 +123,7 @@ class _RecordingLabels:
         self.limits.append(limit)
         return []
 
-    def label_units(self, keys, *, label_pass: str):
+    def label_units(self, keys, *, label_pass: str, allow_without_evidence: bool = False):
         return [], []
 
 
@@ -144,12 +144,12 @@ def test_labeler_unit_cap_and_get_labels_clamp() -> None:
 
 
 def test_attribution_trace_max_nodes_over_limit_is_refused() -> None:
-    from circuits_core.tracing import TraceSpec
+    from circuits_core.tracing import TraceRequest
     from circuits_attribution.service import AttributionRunner
 
     runner = AttributionRunner(max_nodes_per_graph=100)
     with pytest.raises(InvalidArgument, match="max_nodes_per_graph=100"):
-        runner.trace(TraceSpec(prompt="hello", max_nodes=101))
+        runner.trace(TraceRequest(prompt="hello", max_nodes=101))
     default_runner = AttributionRunner()
     with pytest.raises(InvalidArgument, match="max_nodes_per_graph"):
-        default_runner.trace(TraceSpec(prompt="hello", max_nodes=Limits().max_nodes_per_graph + 1))
+        default_runner.trace(TraceRequest(prompt="hello", max_nodes=Limits().max_nodes_per_graph + 1))

@@ -19,19 +19,10 @@ from circuits_attribution.testing import PROMPT, build_model
 def server_and_engine(tokenizer):
     from circuits_server.serving import ServerSettings
     from circuits_attribution import RelPAttributor, RelPConfig
-    from circuits_attribution.intervene_rpc import handle_intervene
     from circuits_attribution.server import AttributionSettings, build_server
-    from circuits_attribution.servicer import AttributionServicer
 
     engine = RelPAttributor(build_model("llama", seed=7), tokenizer, RelPConfig(raw=True, model_name="tiny"))
-    patched = "Intervene" not in AttributionServicer.__dict__
-    if patched:  # until the servicer delegates to handle_intervene itself
-        AttributionServicer.Intervene = lambda self, request, context: handle_intervene(self.runner, request, context)
-    try:
-        server = build_server(AttributionSettings(server=ServerSettings(port=0), model="tiny"), engine).start()
-    finally:
-        if patched:
-            del AttributionServicer.Intervene
+    server = build_server(AttributionSettings(server=ServerSettings(port=0), model="tiny"), engine).start()
     channel = grpc.insecure_channel(server.address)
     try:
         yield attribution_pb2_grpc.AttributionServiceStub(channel), engine, server.address
@@ -62,6 +53,19 @@ def test_intervene_rpc_matches_in_process(server_and_engine):
     after = engine.trace(PROMPT, compute_edges=False)
     fresh = RelPAttributor(twin, engine.tokenizer, engine.config).trace(PROMPT, compute_edges=False)
     assert [(u.node_key, u.attribution) for u in after.units] == [(u.node_key, u.attribution) for u in fresh.units]
+
+
+def test_client_and_engine_are_the_same_intervener(server_and_engine):
+    """AttributionClient (gRPC) and RelPAttributor (in process) implement the Intervener interface alike."""
+    from circuits_core.capabilities import Intervener
+    from circuits_sdk.attribution import AttributionClient
+
+    _, engine, address = server_and_engine
+    request = InterventionRequest(prompt="the capital of france is", raw=True, top_k=3,
+                                  interventions=(parse_neuron_spec("2:7=zero"),))
+    with AttributionClient(address) as client:
+        assert isinstance(client, Intervener) and isinstance(engine, Intervener)
+        assert client.intervene(request) == engine.intervene(request)
 
 
 @pytest.mark.parametrize(

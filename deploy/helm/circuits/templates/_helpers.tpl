@@ -138,12 +138,14 @@ Takes dict root, resources, gpu ({count, resourceName} or nil).
 
 {{/*
 startup/liveness/readiness probes. Takes dict values (the component) and handler: the probe
-action as a dict, e.g. (dict "grpc" (dict "port" 50051)) or (dict "httpGet" ...).
+action as a dict, e.g. (dict "grpc" (dict "port" 50051)) or (dict "httpGet" ...); optional
+readinessHandler when readiness asks something else than liveness.
 */}}
 {{- define "circuits.probes" -}}
-{{- $handler := .handler -}}
 {{- range $kind := list "startup" "liveness" "readiness" }}
 {{- $probe := get $.values.probes $kind }}
+{{- $handler := $.handler }}
+{{- if and (eq $kind "readiness") $.readinessHandler }}{{ $handler = $.readinessHandler }}{{ end }}
 {{- if $probe.enabled }}
 {{ $kind }}Probe:
   {{- toYaml $handler | nindent 2 }}
@@ -211,11 +213,14 @@ Arguments every circuits server takes, then the component's extraArgs:
 - name: tls
   secret:
     secretName: {{ . }}
+    # Owner and the pod's fsGroup only: the server warns about key/token files others can read.
+    defaultMode: 0440
 {{- end }}
 {{- with .root.Values.global.auth.tokensSecret }}
 - name: auth-tokens
   secret:
     secretName: {{ . }}
+    defaultMode: 0440
 {{- end }}
 {{- end -}}
 
@@ -338,7 +343,8 @@ Takes dict root, values, containerName, url, sha256, dest, volumeName, mountPath
 
 {{/*
 A component's Service: grpc (+ metrics) ports. Takes dict root, name, values, and optional
-headless (true for the aggregator's per-shard names), portName (default grpc).
+headless (true for the aggregator's per-shard names), readyOnly (a headless Service listing only
+ready pods), portName (default grpc).
 */}}
 {{- define "circuits.service" -}}
 {{- $svcName := include "circuits.componentName" . -}}
@@ -355,8 +361,10 @@ metadata:
 spec:
   {{- if .headless }}
   clusterIP: None
+  {{- if not .readyOnly }}
   # Shards must be addressable while they start, so clients can wait on them.
   publishNotReadyAddresses: true
+  {{- end }}
   {{- else }}
   type: {{ .values.service.type }}
   {{- end }}

@@ -11,7 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from circuits_core.errors import CircuitsError
+from circuits_core.errors import CircuitsError, error_line
+from circuits_core.limits import add_limit_arguments, limits_from_args
 from circuits_server.serving import add_server_arguments, announce, server_settings_from_args
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-root", default="",
                    help="Export may only write below this folder (default: the state file's folder)")
     add_server_arguments(p, default_port=50052)
+    add_limit_arguments(p, ("max_edges_per_batch",))
     return p
 
 
@@ -48,11 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = AggregatorServerSettings(
             server=server_settings_from_args(args),
             export_root=args.export_root,
+            limits=limits_from_args(args),
             batch=BatchPolicy(max_graphs=args.batch_graphs, max_delay_s=args.batch_ms / 1000.0),
         )
         server = build_server(settings, store=store).start()
     except (CircuitsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     server.set_serving(True)
     announce(server, args)

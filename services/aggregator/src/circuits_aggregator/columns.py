@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import zlib
 from collections.abc import Mapping
 from operator import itemgetter
@@ -70,17 +71,26 @@ def graph_arrays_from_legacy(data: Any, *, source: str, default_graph_id: str) -
     layer = np.zeros(n_nodes, dtype=np.int64)
     index = np.zeros(n_nodes, dtype=np.int64)
     is_neuron = np.zeros(n_nodes, dtype=bool)
+    is_logit = np.zeros(n_nodes, dtype=bool)
+    tokens = [""] * n_nodes
     activation = np.full(n_nodes, np.nan)
     attribution = np.full(n_nodes, np.nan)
     rows: dict[str, int] = {}
     for n, node in enumerate(nodes):
         try:
             rows[node["node_id"]] = n
-            if node.get("feature_type") != "mlp_neuron" or node.get("isLogit") is True:
+            if node.get("feature_type") == "logit" or node.get("isLogit") is True:
+                if isinstance(node.get("feature"), int) and not isinstance(node.get("feature"), bool):
+                    index[n] = node["feature"]
+                    is_logit[n] = True
+                    tokens[n] = logit_token(node.get("clerp"))
+                continue
+            if node.get("feature_type") != "mlp_neuron":
                 continue
             layer[n] = int(node["layer"])
             index[n] = int(node["feature"])
-            act, infl = node.get("activation"), node.get("influence")
+            # the signed RelP score: "attribution" since the viewer fix, "influence" in older files
+            act, infl = node.get("activation"), node.get("attribution", node.get("influence"))
             if act is not None:
                 activation[n] = float(act)
             if infl is not None:
@@ -110,10 +120,24 @@ def graph_arrays_from_legacy(data: Any, *, source: str, default_graph_id: str) -
             source=source,
             corpus_index=corpus_index,
             layer=layer, index=index, is_neuron=is_neuron, activation=activation, attribution=attribution,
-            edge_src=src, edge_tgt=tgt, edge_weight=weight,
+            edge_src=src, edge_tgt=tgt, edge_weight=weight, is_logit=is_logit, tokens=tokens,
         )  # fmt: skip
     except InvalidArgument as exc:
         raise CorruptInput(str(exc)) from None
+
+
+_OUTPUT_CLERP = re.compile(r'^Output "(.*)" \(p=[^)]*\)$', re.DOTALL)
+_PROB_SUFFIX = re.compile(r" \(p=[^)]*\)$")
+
+
+def logit_token(clerp: Any) -> str:
+    """The token of a logit node's clerp (``Output "tok" (p=0.1)`` or ``tok (p=0.1)``, relp-spec §E)."""
+    if not isinstance(clerp, str):
+        return ""
+    match = _OUTPUT_CLERP.match(clerp)
+    if match:
+        return match[1]
+    return _PROB_SUFFIX.sub("", clerp.removeprefix("Logit: "))
 
 
 def read_graph_arrays(path: str | Path, *, source: str | None = None) -> GraphArrays:

@@ -8,7 +8,7 @@ from typing import Any
 
 from circuits_core import wire
 from circuits_core._proto.circuits.v1 import aggregator_pb2, aggregator_pb2_grpc
-from circuits_core.errors import InvalidArgument
+from circuits_core.errors import InvalidArgument, echo
 from circuits_core.limits import DEFAULT_LIMITS, Limits
 
 from circuits_aggregator.store import AggregateStore
@@ -42,9 +42,12 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
 
     def _export_directory(self, directory: str) -> Path:
         """``directory`` resolved; InvalidArgument when it lies outside :attr:`export_root`."""
-        resolved = Path(directory).resolve()
+        try:
+            resolved = Path(directory).resolve()
+        except (ValueError, OSError) as exc:  # NUL byte, a loop of links
+            raise InvalidArgument(f"Export: directory {echo(directory, quote=False)} is not a usable path ({exc})") from None
         if not resolved.is_relative_to(self.export_root):
-            raise InvalidArgument(f"Export: directory {directory} is outside the export root {self.export_root}")
+            raise InvalidArgument(f"Export: directory {echo(directory, quote=False)} is outside the export root {self.export_root}")
         return resolved
 
     def Ingest(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:

@@ -41,6 +41,7 @@ import pyarrow as pa
 from circuits_core.aggregator_types import (
     EDGE_COLUMNS,
     LEDGER_COLUMNS,
+    LOGIT_COLUMNS,
     UNIT_COLUMNS,
     AggregatorStats,
     EdgeColumns,
@@ -48,7 +49,8 @@ from circuits_core.aggregator_types import (
     IngestAck,
     shard_of,
 )
-from circuits_core.errors import FailedPrecondition, InvalidArgument
+from circuits_core.errors import FailedPrecondition, InvalidArgument, echo
+from circuits_server.duckdb_files import open_duckdb, refuse_code_objects
 
 _EDGE_DDL = """(
     src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, tgt_layer INTEGER NOT NULL, tgt_neuron INTEGER NOT NULL,
@@ -62,6 +64,9 @@ _UNIT_DDL = """(
     layer INTEGER NOT NULL, neuron INTEGER NOT NULL, graph_count BIGINT NOT NULL, observation_count BIGINT NOT NULL,
     act_sum DOUBLE NOT NULL, act_sq_sum DOUBLE NOT NULL, act_min DOUBLE, act_max DOUBLE,
     attr_sum DOUBLE NOT NULL, attr_abs_sum DOUBLE NOT NULL, attr_sq_sum DOUBLE NOT NULL, attr_min DOUBLE, attr_max DOUBLE)"""
+# Neuron -> logit links, keyed by the packed k = src_layer<<52 | src_neuron<<31 | token_id.
+_LOGIT_DDL = """(
+    k BIGINT NOT NULL, count BIGINT NOT NULL, weight_sum DOUBLE NOT NULL, weight_abs_sum DOUBLE NOT NULL)"""
 _LEDGER_DDL = """(
     graph_id VARCHAR PRIMARY KEY, source VARCHAR NOT NULL, corpus_index BIGINT NOT NULL,
     ingested_at TIMESTAMP NOT NULL, edge_observations BIGINT NOT NULL, unit_observations BIGINT NOT NULL)"""
@@ -80,6 +85,15 @@ SELECT (k >> 21)::INTEGER, (k & {_N})::INTEGER, count(DISTINCT g), count(*),
        coalesce(sum(r), 0), coalesce(sum(abs(r)), 0), coalesce(sum(r * r), 0), min(r), max(r)
 FROM batch_units GROUP BY k"""
 
+_LOGIT_BATCH_SQL = """
+INSERT INTO logit_delta SELECT k, count(*), sum(w), sum(abs(w)) FROM batch_logits GROUP BY k"""
+LOGITS_SQL = f"""SELECT (k >> 52)::INTEGER AS src_layer, ((k >> 31) & {_N})::INTEGER AS src_neuron,
+       (k & 2147483647)::BIGINT AS token_id, sum(count)::BIGINT AS count, sum(weight_sum) AS weight_sum,
+       sum(weight_abs_sum) AS weight_abs_sum
+FROM (SELECT * FROM logit_stats UNION ALL SELECT * FROM logit_delta) GROUP BY k"""
+LOGIT_EXPORT_SQL = f"""SELECT l.src_layer, l.src_neuron, l.token_id, coalesce(t.token, '') AS token, l.count,
+       l.weight_sum, l.weight_abs_sum
+FROM ({LOGITS_SQL}) l LEFT JOIN logit_tokens t ON t.token_id = l.token_id"""
 _EDGE_MERGE = """SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, sum(count)::BIGINT AS count,
        sum(weight_sum) AS weight_sum, sum(weight_abs_sum) AS weight_abs_sum, sum(weight_sq_sum) AS weight_sq_sum,
        min(weight_min) AS weight_min, max(weight_max) AS weight_max
@@ -148,11 +162,11 @@ class AggregateStore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._con = duckdb.connect(
-                self.path, config={"threads": self.settings.threads, "memory_limit": self.settings.memory_limit}
-            )
-        except duckdb.Error as exc:
-            raise FailedPrecondition(f"{self.path}: cannot open aggregator state ({exc})") from None
+            self._con = open_duckdb(self.path, read_only=False, what="aggregator state", threads=self.settings.threads,
+                                    memory_limit=self.settings.memory_limit)  # fmt: skip
+        except InvalidArgument as exc:
+            raise FailedPrecondition(str(exc)) from None
+        refuse_code_objects(self._con, self.path, what="aggregator state")
         self._lock = threading.RLock()
         con = self._con
         con.execute(f"CREATE TABLE IF NOT EXISTS ledger {_LEDGER_DDL}")
@@ -160,6 +174,9 @@ class AggregateStore:
         con.execute(f"CREATE TABLE IF NOT EXISTS edge_delta {_EDGE_DELTA_DDL}")
         for name in ("unit_stats", "unit_delta"):
             con.execute(f"CREATE TABLE IF NOT EXISTS {name} {_UNIT_DDL}")
+        for name in ("logit_stats", "logit_delta"):
+            con.execute(f"CREATE TABLE IF NOT EXISTS {name} {_LOGIT_DDL}")
+        con.execute("CREATE TABLE IF NOT EXISTS logit_tokens (token_id BIGINT PRIMARY KEY, token VARCHAR NOT NULL)")
         con.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
         self._check_shard_meta()
         self._graphs = con.execute("SELECT count(*) FROM ledger").fetchone()[0]
@@ -283,10 +300,22 @@ class AggregateStore:
             "a": pa.array(act, mask=np.isnan(act)),
             "r": pa.array(attr, mask=np.isnan(attr)),
         })  # fmt: skip
+        logit_parts = [g for g in new if g.n_logit_links]
+        logits = pa.table({
+            "k": (np.concatenate([g.logit_src_layer for g in logit_parts]).astype(np.int64) << 52)
+            | (np.concatenate([g.logit_src_neuron for g in logit_parts]).astype(np.int64) << 31)
+            | np.concatenate([g.logit_token_id for g in logit_parts]).astype(np.int64),
+            "w": np.concatenate([g.logit_weight for g in logit_parts]),
+        }) if logit_parts else None  # fmt: skip
+        names = dict(t for g in new for t in g.logit_tokens)
+        token_names = pa.table({"token_id": pa.array(list(names), pa.int64()), "token": pa.array(list(names.values()), pa.string())})
         con = self._con
         con.register("batch_ledger", ledger)
         con.register("batch_edges", edges)
         con.register("batch_units", units)
+        con.register("batch_tokens", token_names)
+        if logits is not None:
+            con.register("batch_logits", logits)
         try:
             con.execute("BEGIN TRANSACTION")
             try:
@@ -300,14 +329,21 @@ class AggregateStore:
                     con.execute(_EDGE_BATCH_SQL)
                 if act.shape[0]:
                     con.execute(_UNIT_BATCH_SQL)
+                if logits is not None:
+                    con.execute(_LOGIT_BATCH_SQL)
+                if names:
+                    con.execute("INSERT INTO logit_tokens SELECT * FROM batch_tokens ON CONFLICT DO NOTHING")
                 after = con.execute("SELECT (SELECT count(*) FROM edge_delta) + (SELECT count(*) FROM unit_delta)").fetchone()[0]
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
         finally:
-            for name in ("batch_ledger", "batch_edges", "batch_units"):
-                con.unregister(name)
+            for name in ("batch_ledger", "batch_edges", "batch_units", "batch_tokens", "batch_logits"):
+                try:
+                    con.unregister(name)
+                except Exception:  # noqa: BLE001 - batch_logits is registered only when present
+                    pass
         self._delta_rows += after - before
 
     def _should_compact(self) -> bool:
@@ -322,7 +358,10 @@ class AggregateStore:
             try:
                 con.execute("CREATE TABLE edge_stats_new AS " + EDGES_SQL)
                 con.execute("CREATE TABLE unit_stats_new AS " + UNITS_SQL)
-                for kind in ("edge", "unit"):
+                con.execute("CREATE TABLE logit_stats_new AS SELECT k, sum(count)::BIGINT AS count, sum(weight_sum) AS "
+                            "weight_sum, sum(weight_abs_sum) AS weight_abs_sum FROM (SELECT * FROM logit_stats UNION ALL "
+                            "SELECT * FROM logit_delta) GROUP BY k")
+                for kind in ("edge", "unit", "logit"):
                     con.execute(f"DROP TABLE {kind}_stats")
                     con.execute(f"ALTER TABLE {kind}_stats_new RENAME TO {kind}_stats")
                     con.execute(f"DELETE FROM {kind}_delta")
@@ -424,14 +463,26 @@ class AggregateStore:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise InvalidArgument(f"{out}: cannot create export directory ({exc.strerror or exc})") from None
+            raise InvalidArgument(f"{echo(str(out), quote=False)}: cannot create export directory ({exc.strerror or exc})") from None
         queries = {
             "edges.parquet": f"SELECT {', '.join(EDGE_COLUMNS)} FROM ({EDGES_SQL}) WHERE count >= {max(int(min_count), 1)} "
             "ORDER BY src_layer, src_neuron, tgt_layer, tgt_neuron",
             "units.parquet": f"SELECT {', '.join(UNIT_COLUMNS)} FROM ({UNITS_SQL}) ORDER BY layer, neuron",
             "ledger.parquet": f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger ORDER BY graph_id",
+            "logits.parquet": f"SELECT {', '.join(LOGIT_COLUMNS)} FROM ({LOGIT_EXPORT_SQL}) "
+            "ORDER BY src_layer, src_neuron, token_id",
         }
         return write_parquet_snapshot(self._cursor(), out, queries)
+
+    def logit_table(self) -> pa.Table:
+        """Aggregated neuron -> logit links (columns LOGIT_COLUMNS), ordered by source, token."""
+        cur = self._cursor()
+        try:
+            return cur.execute(
+                f"SELECT {', '.join(LOGIT_COLUMNS)} FROM ({LOGIT_EXPORT_SQL}) ORDER BY src_layer, src_neuron, token_id"
+            ).fetch_arrow_table()
+        finally:
+            cur.close()
 
 
 def write_parquet_snapshot(cur: duckdb.DuckDBPyConnection, out: Path, queries: dict[str, str]) -> list[Path]:
@@ -457,7 +508,7 @@ def write_parquet_snapshot(cur: duckdb.DuckDBPyConnection, out: Path, queries: d
     except (duckdb.Error, OSError) as exc:
         for tmp, _final in written:
             tmp.unlink(missing_ok=True)
-        raise InvalidArgument(f"{out}: export failed ({exc})") from None
+        raise InvalidArgument(f"{echo(str(out), quote=False)}: export failed ({echo(str(exc), 300, quote=False)})") from None
     finally:
         cur.close()
     for tmp, final in written:

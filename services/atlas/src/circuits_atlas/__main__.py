@@ -9,7 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from circuits_core.errors import CircuitsError
+from circuits_core.errors import CircuitsError, error_line
 from circuits_server.serving import add_server_arguments, server_settings_from_args, write_port_file
 
 from circuits_atlas.database import QueryLimits
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server_settings = server_settings_from_args(args)
     except CircuitsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     settings = AtlasSettings(
         duckdb_path=args.duckdb,
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server = build_server(settings).start()
     except CircuitsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     server.set_serving(True)
     logging.getLogger("circuits_atlas").info(

@@ -21,7 +21,7 @@ import datetime as _dt
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,49 +29,23 @@ from typing import Any
 from circuits_core.errors import InvalidArgument
 
 from circuits_atlas.clustering import FullModelClustering, cluster_full_model
-from circuits_atlas.duck import connect, load_fts
+from circuits_atlas.duck import connect
 from circuits_atlas.inputs import export_files, labels_table, read_labels
+from circuits_atlas.schema import (
+    SCHEMA_VERSION,
+    build_fts_index,
+    create_edges_by_target,
+    create_indexes,
+    create_tables,
+    schema_fingerprint,
+    verify_atlas,
+)
 
 log = logging.getLogger("circuits_atlas.build")
 
-SCHEMA_VERSION = "1"
 #: Rows per storage row group (DuckDB default 122,880). Zone maps prune whole row groups, so a
 #: neighbour lookup scans one group: 16,384 rows cost ~7x less than the default.
 ROW_GROUP_SIZE = 16_384
-
-NEURONS_DDL = """
-CREATE TABLE neurons (
-    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, unit_id VARCHAR NOT NULL,
-    feature_id INTEGER, unit_type VARCHAR DEFAULT 'neuron',
-    label VARCHAR, input_label VARCHAR, output_label VARCHAR, description VARCHAR, label_source VARCHAR,
-    max_activation DOUBLE, num_exemplars INTEGER, appearance_count BIGINT DEFAULT 0,
-    observation_count BIGINT DEFAULT 0, mean_activation DOUBLE, mean_attribution DOUBLE, output_norm DOUBLE,
-    cluster_path VARCHAR, top_cluster INTEGER, sub_module INTEGER, subsub_module INTEGER,
-    hierarchy_depth INTEGER, infomap_flow DOUBLE,
-    PRIMARY KEY (layer, neuron)
-)"""
-EDGES_DDL = """
-CREATE TABLE edges (
-    src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, tgt_layer INTEGER NOT NULL, tgt_neuron INTEGER NOT NULL,
-    count BIGINT DEFAULT 1, weight_sum DOUBLE, weight_abs_sum DOUBLE, weight_sq_sum DOUBLE,
-    weight_min DOUBLE, weight_max DOUBLE, mean_weight DOUBLE, mean_abs_weight DOUBLE
-)"""
-CLUSTERS_DDL = """
-CREATE TABLE clusters (
-    cluster_path VARCHAR PRIMARY KEY, level INTEGER, top_cluster INTEGER, sub_module INTEGER, subsub_module INTEGER,
-    size BIGINT, layer_min INTEGER, layer_max INTEGER, median_layer DOUBLE
-)"""
-METADATA_DDL = "CREATE TABLE metadata (key VARCHAR PRIMARY KEY, value VARCHAR)"
-
-INDEXES = (
-    "CREATE INDEX idx_neurons_top_cluster ON neurons(top_cluster)",
-    "CREATE INDEX idx_neurons_cluster_path ON neurons(cluster_path)",
-    "CREATE INDEX idx_neurons_label ON neurons(label)",
-    "CREATE INDEX idx_neurons_unit_id ON neurons(unit_id)",
-    "CREATE INDEX idx_clusters_top ON clusters(top_cluster)",
-    "CREATE INDEX idx_clusters_level ON clusters(level)",
-)
-FTS_FIELDS = ("label", "input_label", "output_label", "description")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,9 +128,10 @@ def build_atlas(
 
     con = None
     try:
-        con = connect(tmp, read_only=False, memory_limit=memory_limit, threads=threads, row_group_size=ROW_GROUP_SIZE)
-        for ddl in (NEURONS_DDL, EDGES_DDL, CLUSTERS_DDL, METADATA_DDL):
-            con.execute(ddl)
+        inputs = [p for p in (files.edges, files.units, files.ledger, files.logits) if p is not None]
+        con = connect(tmp, read_only=False, memory_limit=memory_limit, threads=threads, row_group_size=ROW_GROUP_SIZE,
+                      fts=True, allowed_paths=inputs, lock_configuration=False)  # fmt: skip
+        create_tables(con)
 
         done = step("neurons")
         _insert_neurons(con, files.units, labels)
@@ -175,41 +150,30 @@ def build_atlas(
             """,
             [str(files.edges), min_edge_count],
         )
-        con.execute(
-            "CREATE TABLE edges_by_target AS SELECT * FROM edges ORDER BY tgt_layer, tgt_neuron, src_layer, src_neuron"
-        )
+        create_edges_by_target(con)
+        if files.logits is not None:
+            con.execute(
+                """
+                INSERT INTO logit_edges
+                SELECT src_layer, src_neuron, token_id, token, count, weight_sum, weight_abs_sum, weight_sum / count
+                FROM read_parquet(?) WHERE count >= ? ORDER BY src_layer, src_neuron, count DESC, token_id
+                """,
+                [str(files.logits), min_edge_count],
+            )
         done()
 
-        cluster_meta: dict[str, Any] = {}
+        cluster_meta: dict[str, str] = {}
         if isinstance(clustering, ClusterSettings) and clustering.enabled:
             done = step("clustering (Infomap)")
-            edges_for_clustering = con.execute(
-                "SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, count, weight_sum, weight_abs_sum "
-                "FROM read_parquet(?) WHERE count >= ?",
-                [str(files.edges), clustering.min_edge_count],
-            ).fetch_arrow_table()
-            units_for_clustering = con.execute("SELECT layer, neuron FROM neurons").fetch_arrow_table()
-            clustering = cluster_full_model(
-                edges_for_clustering,
-                units_for_clustering,
-                min_edge_count=clustering.min_edge_count,
-                weight_transform=clustering.weight_transform,  # type: ignore[arg-type]
-                num_trials=clustering.num_trials,
-                multi_level=clustering.multi_level,
-                seed=clustering.seed,
-            )
-            del edges_for_clustering
+            clustering = run_clustering(con, clustering, edges_from="read_parquet(?)", params=[str(files.edges)])
             done()
         if isinstance(clustering, FullModelClustering):
             done = step("clusters table")
-            write_clusters(con, clustering)
-            cluster_meta = {f"clustering_{k}": v for k, v in clustering.settings.items()}
-            cluster_meta["clustering_codelength"] = clustering.codelength
+            cluster_meta = store_clustering(con, clustering)
             done()
 
         done = step("indexes")
-        for sql in INDEXES:
-            con.execute(sql)
+        create_indexes(con)
         done()
 
         done = step("full-text index")
@@ -223,14 +187,18 @@ def build_atlas(
             name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0] for name in ("neurons", "edges", "clusters")
         }
         labeled = con.execute("SELECT count(*) FROM neurons WHERE coalesce(label, '') <> ''").fetchone()[0]
+        scored = con.execute("SELECT count(*) FROM labels WHERE score_contexts > 0").fetchone()[0]
         metadata = {
             "schema_version": SCHEMA_VERSION,
+            "schema_sha256": schema_fingerprint(),
             "model": model,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "total_neurons": counts["neurons"],
             "total_edges": counts["edges"],
             "total_clusters": counts["clusters"],
             "labeled_neurons": labeled,
+            "scored_labels": scored,
+            "logit_links": con.execute("SELECT count(*) FROM logit_edges").fetchone()[0],
             "min_edge_count": min_edge_count,
             "source_graph_count": "" if graph_count is None else graph_count,
             "export_dir": str(Path(export_dir).resolve()),
@@ -239,7 +207,7 @@ def build_atlas(
         }
         timings["total_before_metadata"] = time.perf_counter() - started
         metadata["build_seconds"] = round(timings["total_before_metadata"], 3)
-        con.executemany("INSERT INTO metadata VALUES (?, ?)", [[k, str(v)] for k, v in metadata.items()])
+        con.executemany("INSERT OR REPLACE INTO metadata VALUES (?, ?)", [[k, str(v)] for k, v in metadata.items()])
         con.execute("CHECKPOINT")
         con.close()
         con = None
@@ -317,8 +285,94 @@ def _insert_neurons(con: Any, units_path: Path, labels: Any) -> None:
             """,
             [str(units_path)],
         )
+        con.execute(
+            """
+            INSERT INTO labels
+            SELECT layer, neuron, 'output', coalesce(nullif(output_label, ''), label), nullif(description, ''),
+                   coalesce(nullif(source, ''), 'progressive_output'), output_score_detection, output_score_simulation,
+                   output_score_contexts, output_score_positives
+            FROM labels_input WHERE coalesce(nullif(output_label, ''), nullif(label, '')) IS NOT NULL
+            UNION ALL
+            SELECT layer, neuron, 'input', input_label, NULL, 'progressive_input', input_score_detection,
+                   input_score_simulation, input_score_contexts, input_score_positives
+            FROM labels_input WHERE nullif(input_label, '') IS NOT NULL
+            """
+        )
+        con.execute(
+            """
+            UPDATE neurons SET score_detection = s.d, score_simulation = s.s
+            FROM (SELECT layer, neuron, max(score_detection) AS d, max(score_simulation) AS s FROM labels
+                  GROUP BY layer, neuron) s
+            WHERE neurons.layer = s.layer AND neurons.neuron = s.neuron
+            """
+        )
     finally:
         con.unregister("labels_input")
+
+
+def run_clustering(
+    con: Any, settings: ClusterSettings, *, edges_from: str = "edges", params: Sequence[Any] = ()
+) -> FullModelClustering:
+    """Full-model Infomap over the edges with ``count >= settings.min_edge_count`` and the units of
+    the ``neurons`` table.
+
+    ``edges_from`` is code, never user text: the atlas's ``edges`` table (reclustering a built
+    atlas), or ``read_parquet(?)`` of an export with its path in ``params`` (building one).
+    """
+    edges = con.execute(
+        "SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, count, weight_sum, weight_abs_sum "
+        f"FROM {edges_from} WHERE count >= ?",
+        [*params, settings.min_edge_count],
+    ).fetch_arrow_table()
+    units = con.execute("SELECT layer, neuron FROM neurons").fetch_arrow_table()
+    return cluster_full_model(
+        edges,
+        units,
+        min_edge_count=settings.min_edge_count,
+        weight_transform=settings.weight_transform,  # type: ignore[arg-type]
+        num_trials=settings.num_trials,
+        multi_level=settings.multi_level,
+        seed=settings.seed,
+    )
+
+
+def store_clustering(con: Any, clustering: FullModelClustering) -> dict[str, str]:
+    """Write a clustering into an open atlas: cluster columns, the ``clusters`` table and its
+    ``metadata`` rows (settings, codelength, total_clusters). Returns those metadata rows."""
+    rows = write_clusters(con, clustering)
+    meta = {f"clustering_{k}": str(v) for k, v in clustering.settings.items()}
+    meta["clustering_codelength"] = str(clustering.codelength)
+    meta["total_clusters"] = str(rows)
+    con.executemany("INSERT OR REPLACE INTO metadata VALUES (?, ?)", [[k, v] for k, v in meta.items()])
+    return meta
+
+
+def recluster_atlas(
+    path: str | Path, settings: ClusterSettings, *, write: bool = True, progress: Callable[[str], None] | None = None
+) -> FullModelClustering:
+    """Cluster a built atlas's ``edges`` again and, with ``write``, replace its clustering in one
+    transaction (a failure leaves the old clustering in place)."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidArgument(f"{path}: atlas file not found")
+    say = progress or (lambda msg: log.info("%s", msg))
+    con = connect(path, read_only=not write)
+    try:
+        verify_atlas(con, path)
+        say(f"clustering {path} (edges with count >= {settings.min_edge_count}) with Infomap ...")
+        clustering = run_clustering(con, settings)
+        if write:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                store_clustering(con, clustering)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    return clustering
 
 
 def write_clusters(con: Any, clustering: FullModelClustering) -> int:
@@ -376,27 +430,3 @@ def write_clusters(con: Any, clustering: FullModelClustering) -> int:
         """
     )
     return con.execute("SELECT count(*) FROM clusters").fetchone()[0]
-
-
-def build_fts_index(con: Any) -> None:
-    """(Re)create the BM25 full-text index over the label columns of ``neurons``."""
-    load_fts(con)
-    fields = ", ".join(f"'{f}'" for f in FTS_FIELDS)
-    con.execute(f"PRAGMA create_fts_index('neurons', 'unit_id', {fields}, overwrite=1)")
-    # Per (term, document) BM25 contributions, precomputed and sorted by term: a query sums the
-    # rows of its few terms (zone maps skip the rest) instead of recounting term frequencies.
-    # k1 = 1.2, b = 0.75 as in the extension's match_bm25, so scores are identical to it.
-    con.execute(
-        """
-        CREATE OR REPLACE TABLE search_postings AS
-        WITH tf AS (
-            SELECT termid, docid, count(*) AS tf FROM fts_main_neurons.terms GROUP BY termid, docid
-        ), stats AS (SELECT num_docs, avgdl FROM fts_main_neurons.stats)
-        SELECT tf.termid, tf.docid,
-               log((stats.num_docs - d.df + 0.5) / (d.df + 0.5) + 1)
-               * tf.tf * 2.2 / (tf.tf + 1.2 * (0.25 + 0.75 * docs.len / stats.avgdl)) AS score
-        FROM tf JOIN fts_main_neurons.dict d ON d.termid = tf.termid
-        JOIN fts_main_neurons.docs docs ON docs.docid = tf.docid, stats
-        ORDER BY tf.termid, score DESC, tf.docid
-        """
-    )

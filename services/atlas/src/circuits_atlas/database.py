@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from circuits_core.atlas_types import EDGE_DIRECTIONS, AtlasStats, ClusterInfo, ClusterMembers, SearchHit
-from circuits_core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from circuits_core.atlas_types import (
+    EDGE_DIRECTIONS, AtlasStats, ClusterInfo, ClusterMembers, SearchHit, UnitActivationStats, UnitCard,
+)  # fmt: skip
+from circuits_core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, echo
 from circuits_core.schemas import Edge, Unit, UnitLabel
 
-from circuits_atlas.duck import FTS_SCHEMA, connect, load_fts
+from circuits_atlas.duck import FTS_SCHEMA, connect
+from circuits_atlas.schema import verify_atlas
 
 _INT32_MAX = 2**31 - 1
 _CLUSTER_PATH = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9}){0,31}$")
@@ -54,6 +57,25 @@ WITH tokens AS (
 SELECT {cols}, s.score
 FROM scores s JOIN {fts}.docs d ON d.docid = s.docid JOIN neurons n ON n.unit_id = d.name
 ORDER BY s.score DESC, s.docid
+"""
+
+
+#: BM25_SQL with a detection-score filter on the neurons before the limit (``min_score``).
+BM25_FILTERED_SQL = """
+WITH tokens AS (
+    SELECT DISTINCT stem(unnest({fts}.tokenize(?)), 'porter') AS term
+), qterms AS (
+    SELECT d.termid FROM {fts}.dict d JOIN tokens t ON d.term = t.term
+), scores AS (
+    SELECT p.docid, sum(p.score) AS score
+    FROM search_postings p WHERE p.termid IN (SELECT termid FROM qterms)
+    GROUP BY p.docid
+)
+SELECT {cols}, s.score
+FROM scores s JOIN {fts}.docs d ON d.docid = s.docid JOIN neurons n ON n.unit_id = d.name
+WHERE coalesce(n.score_detection, -1) >= ?
+ORDER BY s.score DESC, s.docid
+LIMIT ?
 """
 
 
@@ -144,7 +166,7 @@ def _like_pattern(text: str) -> str:
 
 def _check_int32(value: Any, name: str, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"{name} must be an integer, got {value!r}")
+        raise InvalidArgument(f"{name} must be an integer, got {echo(value)}")
     if not minimum <= value <= _INT32_MAX:
         raise InvalidArgument(f"{name} must be in [{minimum}, {_INT32_MAX}], got {value}")
     return value
@@ -153,14 +175,23 @@ def _check_int32(value: Any, name: str, *, minimum: int = 0) -> int:
 class CircuitDatabase:
     """An atlas file opened for queries; ``with CircuitDatabase("atlas.duckdb") as db: ...``.
 
+    The in-process :class:`~circuits_core.capabilities.AtlasQueries` (``AtlasClient`` is the gRPC one:
+    same method names and results). A ``limit`` of 0 or None means 100 rows.
+
     ``read_only=True`` (default) opens the file without writing to it; several processes may
-    hold it open at once.
+    hold it open at once. The connection has external access off and its configuration locked,
+    and the file must hold exactly the schema ``circuits build-db`` writes (tables, views, macros,
+    indexes and their definitions); anything else is refused with FailedPrecondition.
     """
 
     def __init__(self, path: str | Path, read_only: bool = True, *, limits: QueryLimits = QueryLimits()) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise NotFound(f"{self.path}: atlas file not found")
+        try:
+            found = self.path.is_file()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            raise InvalidArgument(f"{echo(str(path), quote=False)}: not a usable atlas path ({exc.__class__.__name__})") from None
+        if not found:
+            raise NotFound(f"{echo(str(self.path), quote=False)}: atlas file not found")
         self.read_only = read_only
         self.limits = limits
         self._con = connect(self.path, read_only=read_only)
@@ -169,18 +200,15 @@ class CircuitDatabase:
         self._lock = threading.Lock()
         self._closed = False
         self._watchdog = QueryWatchdog()
-        tables = {r[0] for r in self._con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
-        missing = {"neurons", "edges", "clusters", "metadata"} - tables
-        if missing:
+        try:
+            verify_atlas(self._con, self.path)
+        except BaseException:
             self._con.close()
-            raise FailedPrecondition(f"{self.path}: not an atlas (missing table(s) {', '.join(sorted(missing))})")
-        # Atlases built before edges_by_target existed fall back to scanning edges.
-        self._upstream_table = "edges_by_target" if "edges_by_target" in tables else "edges"
-        self.has_fts = "search_postings" in tables and bool(
-            self._con.execute("SELECT count(*) FROM duckdb_schemas() WHERE schema_name = ?", [FTS_SCHEMA]).fetchone()[0]
-        )
-        if self.has_fts:
-            load_fts(self._con)
+            raise
+        self._upstream_table = "edges_by_target"
+        self.has_fts = True
+        # build-db always writes the labels table (verify_atlas checked the schema).
+        self.has_labels = True
 
     # -- plumbing ---------------------------------------------------------------------------
     def __enter__(self) -> CircuitDatabase:
@@ -263,6 +291,31 @@ class CircuitDatabase:
             cluster=cluster or "",
         )
 
+    def _with_labels(self, units: list[Unit], *, timeout: float | None = None) -> list[Unit]:
+        """Units whose ``labels`` come from the ``labels`` table (one per pass, with scores)."""
+        if not self.has_labels or not units:
+            return units
+        import dataclasses
+
+        rows = self._rows(
+            """
+            SELECT layer, neuron, label_pass, text, description, source, score_detection, score_simulation,
+                   score_contexts, score_positives
+            FROM labels WHERE list_contains(?::VARCHAR[], 'L' || layer || '/N' || neuron)
+            ORDER BY layer, neuron, CASE label_pass WHEN 'output' THEN 0 ELSE 1 END
+            """,
+            [[f"L{u.layer}/N{u.index}" for u in units]],
+            timeout=timeout,
+        )
+        by_key: dict[tuple[int, int], list[UnitLabel]] = {}
+        for layer, neuron, _pass, text, description, source, det, sim, contexts, positives in rows:
+            by_key.setdefault((layer, neuron), []).append(UnitLabel(
+                text=text, source=source or "", description=description or "", score_detection=det,
+                score_simulation=sim, score_contexts=int(contexts or 0), score_positives=int(positives or 0),
+            ))
+        return [dataclasses.replace(u, labels=tuple(by_key[(u.layer, u.index)])) if (u.layer, u.index) in by_key else u
+                for u in units]
+
     @staticmethod
     def _edge(row: Sequence[Any]) -> Edge:
         sl, sn, tl, tn, count, ws, was, wss, wmin, wmax, mean = row
@@ -273,19 +326,29 @@ class CircuitDatabase:
         )  # fmt: skip
 
     # -- queries ----------------------------------------------------------------------------
-    def search(self, text: str, limit: int | None = 100, *, timeout: float | None = None) -> list[SearchHit]:
-        """Units whose labels match ``text``, best first.
+    def search(self, text: str, limit: int | None = 0, *, min_score: float = 0.0,
+               timeout: float | None = None) -> list[SearchHit]:
+        """Units whose labels match ``text``, best first (``limit`` 0/None: 100).
 
         BM25 over label, input_label, output_label and description (stemmed words) ranks first;
         if that finds fewer than ``limit`` units, case-insensitive substring matches follow with
-        score 0 (ties by appearance count). ``%``/``_`` are literal characters.
+        score 0 (ties by appearance count). ``%``/``_`` are literal characters. ``min_score`` > 0
+        keeps only units with a label whose detection score is at least that.
         """
         text = _clean_text(text, self.limits)
         limit = self._limit(limit)
+        if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0.0 <= min_score <= 1.0:
+            raise InvalidArgument(f"min_score must be a number in [0, 1], got {min_score!r}")
+        if min_score > 0 and not self.has_labels:
+            raise FailedPrecondition(f"{self.path}: this atlas has no label scores (rebuild it with scored labels)")
+        score_filter = "AND coalesce(n.score_detection, -1) >= ?" if min_score > 0 else ""
+        score_args = [float(min_score)] if min_score > 0 else []
         cols = ", ".join(f"n.{c}" for c in UNIT_COLUMNS)
         hits: list[SearchHit] = []
         if self.has_fts:
-            rows = self._rows(BM25_SQL.format(cols=cols, fts=FTS_SCHEMA), [text, limit], timeout=timeout)
+            sql = BM25_SQL if not score_filter else BM25_FILTERED_SQL
+            params = [text, limit] if not score_filter else [text, *score_args, limit]
+            rows = self._rows(sql.format(cols=cols, fts=FTS_SCHEMA), params, timeout=timeout)
             hits = [SearchHit(unit=self._unit(r[:-1]), score=float(r[-1])) for r in rows]
         if len(hits) < limit:
             found = [f"L{h.unit.layer}/N{h.unit.index}" for h in hits]
@@ -295,15 +358,16 @@ class CircuitDatabase:
                 SELECT {cols} FROM neurons n
                 WHERE (n.label ILIKE ? ESCAPE '\\' OR n.input_label ILIKE ? ESCAPE '\\'
                        OR n.output_label ILIKE ? ESCAPE '\\' OR n.description ILIKE ? ESCAPE '\\')
-                  AND NOT list_contains(?::VARCHAR[], n.unit_id)
+                  AND NOT list_contains(?::VARCHAR[], n.unit_id) {score_filter}
                 ORDER BY n.appearance_count DESC, n.layer, n.neuron
                 LIMIT ?
                 """,
-                [pattern, pattern, pattern, pattern, found, limit - len(hits)],
+                [pattern, pattern, pattern, pattern, found, *score_args, limit - len(hits)],
                 timeout=timeout,
             )
             hits.extend(SearchHit(unit=self._unit(r), score=0.0) for r in rows)
-        return hits
+        units = self._with_labels([h.unit for h in hits], timeout=timeout)
+        return [SearchHit(unit=u, score=h.score) for u, h in zip(units, hits)]
 
     def search_units(self, text: str, limit: int | None = 100) -> list[Unit]:
         """Seed-compatible: the units of :meth:`search`, best first."""
@@ -316,14 +380,58 @@ class CircuitDatabase:
         rows = self._rows(
             f"SELECT {', '.join(UNIT_COLUMNS)} FROM neurons WHERE layer = ? AND neuron = ?", [layer, index], timeout=timeout
         )
-        return self._unit(rows[0]) if rows else None
+        return self._with_labels([self._unit(rows[0])], timeout=timeout)[0] if rows else None
+
+    def get_unit_card(self, layer: int, index: int, *, timeout: float | None = None) -> UnitCard | None:
+        """The unit ``(layer, index)`` with its activation statistics, innermost cluster and edge
+        counts (downstream = edges leaving it, upstream = edges entering it), or None."""
+        layer = _check_int32(layer, "layer")
+        index = _check_int32(index, "index")
+        rows = self._rows(
+            f"""
+            SELECT {', '.join('n.' + c for c in UNIT_COLUMNS)},
+                   n.observation_count, n.mean_activation, n.max_activation, n.mean_attribution,
+                   n.output_norm, n.num_exemplars,
+                   c.cluster_path, c.level, c.size, c.layer_min, c.layer_max, c.median_layer,
+                   (SELECT count(*) FROM edges WHERE src_layer = ? AND src_neuron = ?),
+                   (SELECT count(*) FROM {self._upstream_table} WHERE tgt_layer = ? AND tgt_neuron = ?)
+            FROM neurons n LEFT JOIN clusters c ON c.cluster_path = n.cluster_path
+            WHERE n.layer = ? AND n.neuron = ?
+            """,
+            [layer, index, layer, index, layer, index],
+            timeout=timeout,
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        k = len(UNIT_COLUMNS)
+        obs, mean_act, max_act, mean_attr, norm, exemplars = row[k : k + 6]
+        path, level, size, lmin, lmax, median = row[k + 6 : k + 12]
+        cluster = None
+        if path is not None:
+            cluster = ClusterInfo(
+                cluster_path=path, level=int(level), size=int(size), layer_min=int(lmin), layer_max=int(lmax),
+                median_layer=float(median),
+            )  # fmt: skip
+        stats = UnitActivationStats(
+            observation_count=int(obs or 0),
+            mean_activation=None if mean_act is None else float(mean_act),
+            max_activation=None if max_act is None else float(max_act),
+            mean_attribution=None if mean_attr is None else float(mean_attr),
+            output_norm=None if norm is None else float(norm),
+            num_exemplars=None if exemplars is None else int(exemplars),
+        )
+        return UnitCard(
+            unit=self._unit(row[:k]), stats=stats, cluster=cluster,
+            downstream_edges=int(row[k + 12]), upstream_edges=int(row[k + 13]),
+        )  # fmt: skip
 
     def get_edges_for_unit(
         self,
         layer: int,
         index: int,
         direction: str = "both",
-        limit: int | None = 100,
+        limit: int | None = 0,
         min_count: int = 0,
         *,
         timeout: float | None = None,
@@ -334,9 +442,9 @@ class CircuitDatabase:
         layer = _check_int32(layer, "layer")
         index = _check_int32(index, "index")
         if direction not in EDGE_DIRECTIONS:
-            raise InvalidArgument(f"direction must be one of {', '.join(EDGE_DIRECTIONS)}, got {direction!r}")
+            raise InvalidArgument(f"direction must be one of {', '.join(EDGE_DIRECTIONS)}, got {echo(direction)}")
         if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
-            raise InvalidArgument(f"min_count must be a non-negative integer, got {min_count!r}")
+            raise InvalidArgument(f"min_count must be a non-negative integer, got {echo(min_count)}")
         limit = self._limit(limit)
         sides = {"downstream": (0,), "upstream": (1,), "both": (0, 1)}[direction]
         parts = []
@@ -356,12 +464,12 @@ class CircuitDatabase:
         rows = self._rows(sql, params, timeout=timeout)
         return [self._edge(r[:11]) for r in rows]
 
-    def get_cluster(self, cluster: str | int, limit: int | None = 100, *, timeout: float | None = None) -> ClusterMembers:
+    def get_cluster(self, cluster: str | int, limit: int | None = 0, *, timeout: float | None = None) -> ClusterMembers:
         """A cluster by top-level id (``3``/``"3"``) or hierarchy path (``"3.1"``) and its members
         (every unit whose path starts with it) ordered by layer, neuron; NotFound if absent."""
         path = str(cluster).strip()
         if not _CLUSTER_PATH.match(path):
-            raise InvalidArgument(f"cluster must be a number or a dotted path like '3.1', got {str(cluster)[:40]!r}")
+            raise InvalidArgument(f"cluster must be a number or a dotted path like '3.1', got {echo(str(cluster), 60)}")
         limit = self._limit(limit)
         info_rows = self._rows(
             "SELECT cluster_path, level, size, layer_min, layer_max, median_layer FROM clusters WHERE cluster_path = ?",
@@ -384,7 +492,7 @@ class CircuitDatabase:
             cluster_path=p, level=int(level), size=int(size), layer_min=int(lmin), layer_max=int(lmax),
             median_layer=float(median),
         )  # fmt: skip
-        return ClusterMembers(cluster=info, units=tuple(self._unit(r) for r in rows))
+        return ClusterMembers(cluster=info, units=tuple(self._with_labels([self._unit(r) for r in rows], timeout=timeout)))
 
     def get_units_by_cluster(self, top_cluster: int | str, limit: int | None = None) -> list[Unit]:
         """Seed-compatible: member units of a cluster ordered by layer, neuron ([] if absent)."""

@@ -31,6 +31,7 @@ EDGE_COLUMNS = (
 UNIT_KEY_COLUMNS = ("layer", "neuron", "graph_count")
 LEDGER_COLUMNS = ("graph_id",)
 LABEL_TEXT_FIELDS = ("label", "input_label", "output_label", "description", "source")
+SCORE_FIELDS = (("detection", float), ("simulation", float), ("contexts", int), ("positives", int))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,6 +41,8 @@ class ExportFiles:
     edges: Path
     units: Path
     ledger: Path | None
+    #: Neuron -> logit links (``logits.parquet``); absent in exports written before they existed.
+    logits: Path | None = None
 
 
 def export_files(export_dir: str | Path) -> ExportFiles:
@@ -63,8 +66,12 @@ def export_files(export_dir: str | Path) -> ExportFiles:
         missing = [c for c in columns if c not in names]
         if missing:
             raise CorruptInput(f"{path}: missing column(s) {', '.join(missing)}")
+    # Absolute paths: a locked-down DuckDB connection may read exactly these files.
+    root = root.resolve()
     ledger = root / "ledger.parquet"
-    return ExportFiles(edges=root / "edges.parquet", units=root / "units.parquet", ledger=ledger if ledger.exists() else None)
+    logits = root / "logits.parquet"
+    return ExportFiles(edges=root / "edges.parquet", units=root / "units.parquet", ledger=ledger if ledger.exists() else None,
+                       logits=logits if logits.exists() else None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -177,6 +184,15 @@ class LabelRecord:
     num_exemplars: int | None = None
     feature_id: int | None = None
     output_norm: float | None = None
+    #: Label scores per pass (circuits_labeler.scoring), None when not scored.
+    output_score_detection: float | None = None
+    output_score_simulation: float | None = None
+    output_score_contexts: int | None = None
+    output_score_positives: int | None = None
+    input_score_detection: float | None = None
+    input_score_simulation: float | None = None
+    input_score_contexts: int | None = None
+    input_score_positives: int | None = None
 
 
 def _text(value: Any) -> str:
@@ -230,6 +246,8 @@ def parse_label_line(obj: Any, where: str) -> LabelRecord:
         num_exemplars=_opt_number(obj.get("num_exemplars", meta.get("num_exemplars")), int),
         feature_id=_opt_number(obj.get("feature_id"), int),
         output_norm=_opt_number(obj.get("output_norm"), float),
+        **{f"{p}_score_{k}": _opt_number(obj.get(f"{p}_score_{k}"), kind)
+           for p in ("output", "input") for k, kind in SCORE_FIELDS},
         **fields,
     )
 
@@ -272,5 +290,8 @@ def labels_table(records: Iterable[LabelRecord]) -> Any:
             "num_exemplars": pa.array([r.num_exemplars for r in rows], pa.int32()),
             "feature_id": pa.array([r.feature_id for r in rows], pa.int32()),
             "output_norm": pa.array([r.output_norm for r in rows], pa.float64()),
+            **{f"{p}_score_{k}": pa.array([getattr(r, f"{p}_score_{k}") for r in rows],
+                                          pa.float64() if kind is float else pa.int32())
+               for p in ("output", "input") for k, kind in SCORE_FIELDS},
         }
     )

@@ -29,7 +29,7 @@ class AtlasServicer(atlas_pb2_grpc.AtlasServiceServicer):
         self.database = database
 
     def SearchUnits(self, request: Any, context: grpc.ServicerContext) -> Any:
-        hits = self.database.search(request.text, request.limit, timeout=_time_left(context))
+        hits = self.database.search(request.text, request.limit, min_score=request.min_score, timeout=_time_left(context))
         return wire.search_hits_to_proto(hits)
 
     def GetUnit(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -37,6 +37,12 @@ class AtlasServicer(atlas_pb2_grpc.AtlasServiceServicer):
         if unit is None:
             raise NotFound(f"unit L{request.layer}/N{request.index} is not in the atlas")
         return wire.unit_to_proto(unit)
+
+    def GetUnitCard(self, request: Any, context: grpc.ServicerContext) -> Any:
+        card = self.database.get_unit_card(request.layer, request.index, timeout=_time_left(context))
+        if card is None:
+            raise NotFound(f"unit L{request.layer}/N{request.index} is not in the atlas")
+        return wire.unit_card_to_proto(card)
 
     def GetEdgesForUnit(self, request: Any, context: grpc.ServicerContext) -> Any:
         edges = self.database.get_edges_for_unit(

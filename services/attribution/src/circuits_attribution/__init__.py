@@ -1,8 +1,9 @@
 """circuits-attribution: the RelP attribution engine (relp-spec §A-§E) and its service.
 
 ``RelPAttributor(model, tokenizer, RelPConfig(...)).trace(prompt) -> circuits_core.schemas.Graph``;
-``load_model(name_or_path, dtype=..., device=...)`` loads a model for it. Names are imported on
-first use, so ``import circuits_attribution`` (e.g. for ``circuits launch``) loads no torch.
+``load_model(name_or_path, dtype=..., device=...)`` loads a model for it and ``load_engine(...)``
+both. Names are imported on first use, so ``import circuits_attribution`` (e.g. for ``circuits
+launch``) loads no torch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ _EXPORTS = {
     "Linearization": "circuits_attribution.linearize",
     "LoadedModel": "circuits_attribution.models",
     "load_model": "circuits_attribution.models",
+    "load_engine": "circuits_attribution.models",
 }
 
 __all__ = sorted(_EXPORTS)

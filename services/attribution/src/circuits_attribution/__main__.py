@@ -12,37 +12,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from circuits_core.config import SMALL_MODEL
-from circuits_core.errors import CircuitsError, InvalidArgument
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a CUDA GPU is visible, else ``cpu``; anything else unchanged."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_engine(model: str, *, dtype: str = "float32", device: str = "cpu", **config: Any) -> Any:
-    """Load ``model`` once and wrap it in a RelPAttributor (``config``: RelPConfig fields)."""
-    import torch
-
-    from circuits_attribution import RelPAttributor, RelPConfig, load_model
-
-    device = resolve_device(device)
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidArgument(f"device {device!r} requested but no CUDA GPU is available")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise InvalidArgument(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    loaded = load_model(model, dtype=dtype, device=device)
-    return RelPAttributor(loaded.model, loaded.tokenizer, RelPConfig(model_name=model, **config))
+from circuits_core.errors import CircuitsError, InvalidArgument, error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(argv: Sequence[str]) -> int:
     from circuits_server.serving import server_settings_from_args, write_port_file
 
+    from circuits_attribution.models import load_engine, resolve_device
     from circuits_attribution.server import AttributionSettings, build_server
 
     args = build_parser().parse_args(list(argv))
@@ -113,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return worker_main(argv[1:])
         return serve(argv)
     except CircuitsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

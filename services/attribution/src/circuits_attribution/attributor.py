@@ -20,18 +20,20 @@ traverse attention/norm layers below each target. One device->host transfer per 
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from circuits_core.errors import InvalidArgument
+from circuits_core.errors import Cancelled, InvalidArgument
+from circuits_core.interventions import InterventionRequest, InterventionResult
 from circuits_core.schemas import EMBEDDING_LAYER, Edge, Graph, GraphMetadata, Unit, graph_content_id, slugify
+from circuits_core.tracing import ModelInfo, TraceRequest, TraceSettings
 
 from circuits_attribution.linearize import MLP_RULES, Linearization
 from circuits_attribution.linearize import decoder_layers as _decoder_layers
@@ -57,31 +59,20 @@ def always_on_neurons_for(model_name: str) -> tuple[tuple[int, int], ...]:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RelPConfig:
-    """Settings of one RelP trace. Field comments are the CLI help."""
+class RelPConfig(TraceSettings):
+    """Engine settings of a RelPAttributor.
 
-    #: Number of top logits combined into the metric (ignored with target_tokens/contrastive).
-    k: int = 5
-    #: Explicit target tokens; the metric is the sum of their logits (overrides k).
-    target_tokens: tuple[str, ...] = ()
-    #: (POS, NEG): the metric is logit(POS) - logit(NEG) (overrides k; excludes target_tokens).
-    contrastive: tuple[str, str] | None = None
-    #: Position whose logits are traced (default: last token; negative counts from the end).
-    target_position: int | None = None
-    #: Tokenize the prompt as is, without the chat template.
-    raw: bool = False
-    #: Partial assistant answer appended after the generation prompt (raw: appended to the prompt).
-    answer_prefix: str = ""
-    #: Node threshold: keep neurons with |RelP_v| >= tau * |m|.
-    tau: float = 0.005
+    The per-request settings (k, target_tokens, contrastive, target_position, raw, answer_prefix,
+    tau, max_nodes) are inherited from :class:`~circuits_core.tracing.TraceSettings`, their one
+    home; here they are the defaults of ``trace(prompt)``. A :class:`TraceRequest` carries its own.
+    """
+
     #: Per-layer pre-filter: only the top this-many |RelP| entries of each layer compete.
     top_k_per_layer: int = 500
     #: Drop the model's known always-on neurons (list keyed by model name; empty for most).
     filter_always_on: bool = True
     #: Explicit always-on list overriding the built-in one (None = by model name).
     always_on_neurons: tuple[tuple[int, int], ...] | None = None
-    #: Above this many selected neurons the graph keeps its nodes and logit edges only.
-    max_nodes: int = 500
     #: MLP backward rule: relp (half rule), stop_grad_gate, none (plain gradient).
     mlp_rule: str = "relp"
     #: Targets per batched vector-Jacobian product (lowered automatically to fit memory).
@@ -100,24 +91,14 @@ class RelPConfig:
     device: str | None = None
     #: Model name recorded in graphs and used for the always-on list (None: from the model).
     model_name: str | None = None
+    #: Show a progress bar over the edge targets of each trace.
+    progress: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.target_tokens, tuple):
-            object.__setattr__(self, "target_tokens", tuple(self.target_tokens))
-        if self.contrastive is not None:
-            object.__setattr__(self, "contrastive", tuple(self.contrastive))
-            if len(self.contrastive) != 2:
-                raise InvalidArgument("contrastive needs exactly two tokens: POS NEG")
-            if self.target_tokens:
-                raise InvalidArgument("contrastive and target_tokens cannot be combined; pick one target mode")
-        if self.k < 1:
-            raise InvalidArgument(f"k must be >= 1, got {self.k}")
-        if not (self.tau >= 0 and math.isfinite(self.tau)):
-            raise InvalidArgument(f"tau must be a finite number >= 0, got {self.tau}")
+        # dataclass(slots=True) rebuilds the class, so zero-argument super() is not available here.
+        TraceSettings.__post_init__(self)
         if self.top_k_per_layer < 1:
             raise InvalidArgument(f"top_k_per_layer must be >= 1, got {self.top_k_per_layer}")
-        if self.max_nodes < 0:
-            raise InvalidArgument(f"max_nodes must be >= 0, got {self.max_nodes}")
         if self.mlp_rule not in MLP_RULES:
             raise InvalidArgument(f"mlp_rule must be one of {', '.join(MLP_RULES)}, got {self.mlp_rule!r}")
         if self.edge_effect not in ("direct", "total"):
@@ -194,7 +175,15 @@ class TraceTimings:
 
 
 class RelPAttributor:
-    """Builds RelP graphs for a transformers causal LM (Llama 3.x, Qwen3, OLMo-2/3 layouts)."""
+    """Builds RelP graphs for a transformers causal LM (Llama 3.x, Qwen3, OLMo-2/3 layouts).
+
+    It is the attribution service's engine (``circuits_attribution.service.AttributionEngine``) and
+    the in-process :class:`~circuits_core.capabilities.Tracer` and ``Intervener`` of the app.
+    """
+
+    #: Linearization patches transformers' process-global attention registry while it traces, so
+    #: replicas in one process must not trace at the same time.
+    replicas_trace_concurrently = False
 
     def __init__(self, model: Any, tokenizer: Any, config: RelPConfig | None = None) -> None:
         self.config = config or RelPConfig()
@@ -327,14 +316,14 @@ class RelPAttributor:
 
     # ------------------------------------------------------------------ node pass
     def node_scores(
-        self, input_ids: Sequence[int], config: RelPConfig | None = None, *, direction: Any = None
+        self, input_ids: Sequence[int], settings: TraceSettings | None = None, *, direction: Any = None
     ) -> NodeScores:
         """One linearized forward + backward: RelP of every neuron and embedding position (§B.3).
 
-        The target mode and position come from `config` (default: the attributor's config);
-        `direction` (a dense [V] vector) makes the metric ``logits . direction``.
+        The target mode and position come from `settings` (a TraceRequest, or the attributor's
+        config by default); `direction` (a dense [V] vector) makes the metric ``logits . direction``.
         """
-        cfg = self.config if config is None else config
+        cfg = self.config if settings is None else settings
         T = len(input_ids)
         t_pos = T - 1 if cfg.target_position is None else int(cfg.target_position)
         if t_pos < 0:
@@ -343,7 +332,7 @@ class RelPAttributor:
             raise InvalidArgument(f"target position {cfg.target_position} is outside the prompt (0..{T - 1})")
         acc = self.acc_dtype
         embeds = self._embed(input_ids)
-        with Linearization(self.model, mlp_rule=cfg.mlp_rule) as lin:
+        with Linearization(self.model, mlp_rule=self.config.mlp_rule) as lin:
             out = self.model(
                 inputs_embeds=embeds,
                 use_cache=False,
@@ -392,16 +381,20 @@ class RelPAttributor:
             return tuple(self.config.always_on_neurons)
         return always_on_neurons_for(self.model_name)
 
-    def select_nodes(self, node_scores: NodeScores) -> Selection:
-        """relp-spec §D.1: per-layer top-k pre-filter, |S| >= tau|m|, always-on filter, sort, cap."""
+    def select_nodes(self, node_scores: NodeScores, settings: TraceSettings | None = None) -> Selection:
+        """relp-spec §D.1: per-layer top-k pre-filter, |S| >= tau|m|, always-on filter, sort, cap.
+
+        ``tau`` and ``max_nodes`` come from ``settings`` (default: the attributor's config).
+        """
         cfg = self.config
+        request = cfg if settings is None else settings
         scores = node_scores.scores
         L, T, F = scores.shape
         with torch.no_grad():
             flat = scores.reshape(L, T * F)
             kk = min(cfg.top_k_per_layer, T * F)
             top_abs, top_idx = flat.abs().topk(kk, dim=1)  # [L, kk]
-            threshold = cfg.tau * abs(node_scores.metric_value)
+            threshold = request.tau * abs(node_scores.metric_value)
             keep = (top_abs >= _MIN_SCORE) & (top_abs >= threshold)
             layer_grid = torch.arange(L, device=scores.device)[:, None].expand(L, kk)
             layers = layer_grid[keep]
@@ -428,7 +421,7 @@ class RelPAttributor:
             indices=indices_np[order],
             scores=values_np[order],
             activations=acts_np[order],
-            nodes_exceeded=len(order) > cfg.max_nodes,
+            nodes_exceeded=len(order) > request.max_nodes,
         )
 
     # ------------------------------------------------------------------ edge pass
@@ -453,220 +446,55 @@ class RelPAttributor:
         batched: bool = True,
         progress: bool = False,
         sources: Selection | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> EdgeTable:
         """Direct-effect edges into every target (logits, then selected neurons) from every source
         (selected neurons, or `sources` when given, plus embedding positions); §C.3-C.4.
 
         `batched=False` runs one plain `autograd.grad` per target (the reference loop).
         Rows with no valid source contribute nothing; structural zeros are never emitted.
+        `should_stop` is checked before every chunk of targets (Cancelled once true).
         """
-        cfg = self.config
-        acc = self.acc_dtype
-        device = self.device
-        sources = selection if sources is None else sources
-        T = len(node_scores.input_ids)
-        L = self.n_layers
-        t_pos = node_scores.target_position
-        metric = node_scores.metric
-
-        # ---- sources: neurons grouped by layer, then embedding positions
-        src_layer_np = sources.layers
-        src_pos_np = sources.positions
-        src_idx_np = sources.indices
-        order = np.lexsort((src_idx_np, src_pos_np, src_layer_np))
-        src_layer_np, src_pos_np, src_idx_np = src_layer_np[order], src_pos_np[order], src_idx_np[order]
-        src_layers_present = sorted(set(int(x) for x in src_layer_np))
-        layer_slices: dict[int, slice] = {}
-        for layer in src_layers_present:
-            lo = int(np.searchsorted(src_layer_np, layer, side="left"))
-            hi = int(np.searchsorted(src_layer_np, layer, side="right"))
-            layer_slices[layer] = slice(lo, hi)
-        n_src = len(src_layer_np)
-        src_pos_t = torch.as_tensor(src_pos_np, device=device)
-        src_idx_t = torch.as_tensor(src_idx_np, device=device)
-        src_act = node_scores.activations[
-            torch.as_tensor(src_layer_np, device=device), src_pos_t, src_idx_t
-        ].to(acc)  # [N]
-        all_src_layer = torch.as_tensor(
-            np.concatenate([src_layer_np, np.full(T, EMBEDDING_LAYER)]), device=device
-        )  # [N + T]
-        all_src_pos = torch.as_tensor(np.concatenate([src_pos_np, np.arange(T)]), device=device)
-        input_ids_np = np.asarray(node_scores.input_ids, dtype=np.int64)
-        all_src_index_np = np.concatenate([src_idx_np, input_ids_np])
-        all_src_layer_np = np.concatenate([src_layer_np, np.full(T, EMBEDDING_LAYER)])
-        all_src_pos_np = np.concatenate([src_pos_np, np.arange(T)])
-
-        # ---- targets: logits (layer sentinel L), then selected neurons ordered by layer
-        tgt_kind: list[str] = []
-        tgt_layer_list: list[int] = []
-        tgt_pos_list: list[int] = []
-        tgt_idx_list: list[int] = []
-        tgt_scale_list: list[float] = []  # flow = raw * scale
-        for token_id, coef in zip(metric.token_ids, metric.coefficients):
-            tgt_kind.append("logit")
-            tgt_layer_list.append(L)
-            tgt_pos_list.append(t_pos)
-            tgt_idx_list.append(int(token_id))
-            tgt_scale_list.append(float(coef))
-        if neuron_targets and len(selection):
-            t_order = np.lexsort((selection.indices, selection.positions, -selection.layers))
-            for j in t_order:
-                layer, pos, idx = int(selection.layers[j]), int(selection.positions[j]), int(selection.indices[j])
-                act = float(selection.activations[j])
-                tgt_kind.append("neuron")
-                tgt_layer_list.append(layer)
-                tgt_pos_list.append(pos)
-                tgt_idx_list.append(idx)
-                tgt_scale_list.append(float(selection.scores[j]) / act if act != 0 else 0.0)
-        n_tgt = len(tgt_kind)
-        if n_tgt == 0:
+        edge_sources = _EdgeSources.build(self, node_scores, selection if sources is None else sources)
+        targets = _EdgeTargets.build(node_scores, selection if neuron_targets else None, logit_layer=self.n_layers)
+        if not len(targets):
             return _empty_edge_table()
-
         embeds = self._embed(node_scores.input_ids)
-        D = embeds.shape[-1]
-        F = node_scores.activations.shape[-1]
-        K = chunk_size or self._chunk_size(T, len(src_layers_present), F, D)
+        K = chunk_size or self._chunk_size(
+            len(node_scores.input_ids), len(edge_sources.layer_slices), node_scores.activations.shape[-1], embeds.shape[-1]
+        )
         self.last_timings.edge_chunk_size = K
-
-        cols: list[list[np.ndarray]] = [[] for _ in range(8)]
-        direct = cfg.edge_effect == "direct"
-        # Sources are read at the MLP outputs: raw_{s->t} = h_s * W_down[:, i_s] . g_t[p_s], where
-        # g_t = d~target/d(mlp output). Per layer: down_proj columns of the selected sources [D, n_l].
-        mlp_layers = [layer.mlp for layer in _decoder_layers(self.model)]
-        down_columns = {
-            layer: mlp_layers[layer].down_proj.weight[:, src_idx_t[cols]].to(acc)
-            for layer, cols in layer_slices.items()
-        }
-        with Linearization(self.model, mlp_rule=cfg.mlp_rule, detach_mlp_outputs=direct) as lin:
-            out = self.model(
-                inputs_embeds=embeds,
-                use_cache=False,
-                logits_to_keep=torch.tensor([t_pos], device=device),
-            )
-            logits_row = out.logits[0, -1]  # [V]
-            readouts = self._neuron_readouts(lin)
-            # Direct effects differentiate w.r.t. the detached MLP-output leaves (no path crosses
-            # an MLP), total effects w.r.t. the connected MLP outputs.
-            leaves = list(lin.mlp_output_leaves) if direct else list(lin.mlp_outputs)
-            tgt_layer_np = np.asarray(tgt_layer_list, dtype=np.int64)
-            tgt_idx_np = np.asarray(tgt_idx_list, dtype=np.int64)
-            tgt_pos_np = np.asarray(tgt_pos_list, dtype=np.int64)
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=n_tgt, desc="edges", unit="target", leave=False)
+        direct = self.config.edge_effect == "direct"
+        bar = _progress_bar(len(targets)) if progress else nullcontext()
+        with Linearization(self.model, mlp_rule=self.config.mlp_rule, detach_mlp_outputs=direct) as lin, bar:
+            edge_pass = _EdgePass.start(self, lin, embeds, edge_sources, targets, node_scores.target_position, batched)
             start = 0
-            while start < n_tgt:
-                stop = min(start + K, n_tgt)
+            while start < len(targets):
+                if should_stop is not None and should_stop():
+                    raise Cancelled("trace stopped on request")
+                stop = min(start + K, len(targets))
                 try:
-                    raw_chunk = self._edge_chunk(
-                        logits_row, readouts, leaves, embeds, src_act, layer_slices, src_pos_t, down_columns, n_src,
-                        tgt_kind[start:stop], tgt_layer_list[start:stop], tgt_pos_list[start:stop],
-                        tgt_idx_list[start:stop], batched=batched,
-                    )  # [k, N + T] (acc dtype, device)
+                    raw_chunk = edge_pass.raw_edges(start, stop)  # [k, N + T] (acc dtype, device)
                 except torch.OutOfMemoryError:
                     if K == 1:
                         raise
-                    K = max(1, K // 2)  # adapt: retry this chunk with half the targets
-                    self.last_timings.edge_chunk_size = K
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    K = self._halve_chunk(K)  # adapt: retry this chunk with half the targets
                     continue
-                tgt_layer_t = torch.as_tensor(tgt_layer_list[start:stop], device=device)
-                tgt_pos_t = torch.as_tensor(tgt_pos_list[start:stop], device=device)
-                valid = (all_src_layer[None, :] < tgt_layer_t[:, None]) & (all_src_pos[None, :] <= tgt_pos_t[:, None])
-                if not cfg.embedding_logit_edges:
-                    is_logit = tgt_layer_t == L
-                    valid &= ~(is_logit[:, None] & (all_src_layer[None, :] == EMBEDDING_LAYER))
-                scale = torch.tensor(tgt_scale_list[start:stop], dtype=acc, device=device)
-                flow = raw_chunk * scale[:, None]
-                valid &= (raw_chunk != 0) & (flow.abs() > cfg.edge_threshold)
-                rows, srcs = valid.nonzero(as_tuple=True)
-                # one device->host transfer per chunk
-                packed = torch.stack(
-                    [rows.to(torch.float64), srcs.to(torch.float64),
-                     raw_chunk[rows, srcs].to(torch.float64), flow[rows, srcs].to(torch.float64)]
-                ).cpu().numpy()
-                r = packed[0].astype(np.int64) + start
-                s = packed[1].astype(np.int64)
-                cols[0].append(all_src_layer_np[s])
-                cols[1].append(all_src_index_np[s])
-                cols[2].append(all_src_pos_np[s])
-                cols[3].append(tgt_layer_np[r])
-                cols[4].append(tgt_idx_np[r])
-                cols[5].append(tgt_pos_np[r])
-                cols[6].append(packed[2])
-                cols[7].append(packed[3])
+                edge_pass.keep(start, stop, raw_chunk)
                 self.last_timings.edge_chunks += 1
-                if bar is not None:
+                if progress:
                     bar.update(stop - start)
                 start = stop
-            if bar is not None:
-                bar.close()
             lin.release()
-        del out, logits_row, leaves, readouts
-        return EdgeTable(
-            src_layer=np.concatenate(cols[0]), src_index=np.concatenate(cols[1]), src_position=np.concatenate(cols[2]),
-            tgt_layer=np.concatenate(cols[3]), tgt_index=np.concatenate(cols[4]), tgt_position=np.concatenate(cols[5]),
-            raw=np.concatenate(cols[6]), flow=np.concatenate(cols[7]),
-        )
+        return edge_pass.columns.table()
 
-    def _edge_chunk(
-        self,
-        logits_row: torch.Tensor,
-        readouts: list[Any],
-        leaves: list[torch.Tensor],
-        embeds: torch.Tensor,
-        src_act: torch.Tensor,
-        layer_slices: dict[int, slice],
-        src_pos_t: torch.Tensor,
-        down_columns: dict[int, torch.Tensor],
-        n_src: int,
-        kinds: list[str],
-        layers: list[int],
-        positions: list[int],
-        indices: list[int],
-        *,
-        batched: bool,
-    ) -> torch.Tensor:
-        """Raw direct edges [k, N + T] for k targets: h_s * d~target/dh_s, then e_p . d~target/de_p."""
-        acc = self.acc_dtype
-        device = embeds.device
-        k = len(kinds)
-        # Target scalars, gathered per layer in one indexing op each.
-        pieces: list[torch.Tensor] = []
-        run_start = 0
-        while run_start < k:
-            run_end = run_start
-            while run_end < k and kinds[run_end] == kinds[run_start] and layers[run_end] == layers[run_start]:
-                run_end += 1
-            idx = torch.as_tensor(indices[run_start:run_end], device=device)
-            if kinds[run_start] == "logit":
-                pieces.append(logits_row[idx])
-            else:
-                pos = torch.as_tensor(positions[run_start:run_end], device=device)
-                pieces.append(readouts[layers[run_start]](pos, idx))
-            run_start = run_end
-        targets = torch.cat([piece.to(acc) for piece in pieces])  # [k]
-        max_layer = max(layers)
-        used_layers = [layer for layer in layer_slices if layer < max_layer]
-        inputs = [leaves[layer] for layer in used_layers] + [embeds]
-        raw = torch.zeros((k, n_src + embeds.shape[1]), dtype=acc, device=device)
-        if batched:
-            eye = torch.eye(k, dtype=targets.dtype, device=device)
-            grads = torch.autograd.grad(
-                targets, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
-            )  # each [k, 1, T, D]
-            self._gather_into(raw, grads, used_layers, layer_slices, src_act, src_pos_t, down_columns, embeds, n_src, rows=None)
-            del grads
-        else:
-            for row in range(k):
-                grads = torch.autograd.grad(targets[row], inputs, retain_graph=True, allow_unused=True)
-                grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
-                self._gather_into(raw, grads, used_layers, layer_slices, src_act, src_pos_t, down_columns, embeds, n_src, rows=row)
-                del grads
-        return raw
+    def _halve_chunk(self, K: int) -> int:
+        """The chunk size to retry with after an out-of-memory error."""
+        K = max(1, K // 2)
+        self.last_timings.edge_chunk_size = K
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return K
 
     def _neuron_readouts(self, lin: Linearization) -> list[Any]:
         """Per layer, a function (pos, idx) -> target scalars [n] with the neurons' RelP gradient.
@@ -697,93 +525,117 @@ class RelPAttributor:
             readouts.append(readout)
         return readouts
 
-    @staticmethod
-    def _gather_into(
-        raw: torch.Tensor,
-        grads: Sequence[torch.Tensor | None],
-        used_layers: list[int],
-        layer_slices: dict[int, slice],
-        src_act: torch.Tensor,
-        src_pos_t: torch.Tensor,
-        down_columns: dict[int, torch.Tensor],
-        embeds: torch.Tensor,
-        n_src: int,
-        rows: int | None,
-    ) -> None:
-        acc = raw.dtype
-        target_rows = slice(None) if rows is None else slice(rows, rows + 1)
-        for grad, layer in zip(grads[:-1], used_layers):
-            if grad is None:
-                continue
-            cols = layer_slices[layer]
-            picked = grad[:, 0, src_pos_t[cols], :].to(acc)  # [k, n_l, D]: cotangent at each source's position
-            through_down = torch.einsum("knd,dn->kn", picked, down_columns[layer])  # d~target/dh_s
-            raw[target_rows, cols] = through_down * src_act[cols]
-        g_embed = grads[-1]
-        if g_embed is not None:
-            raw[target_rows, n_src:] = (g_embed[:, 0].to(acc) * embeds[0].detach().to(acc)).sum(-1)  # [k, T]
-
     # ------------------------------------------------------------------ trace
     def trace(
         self,
-        prompt: str,
+        prompt: str | TraceRequest,
         *,
-        target_tokens: Sequence[str] | None = None,
-        contrastive: Sequence[str] | None = None,
-        target_position: int | None = None,
-        k: int | None = None,
-        raw: bool | None = None,
-        answer_prefix: str | None = None,
+        should_stop: Callable[[], bool] | None = None,
         direction: Any = None,
         compute_edges: bool = True,
-        progress: bool = False,
-        slug: str | None = None,
+        progress: bool | None = None,
+        **fields: Any,
     ) -> Graph:
         """Trace one prompt into a Graph (nodes, embeddings, logits and direct-effect edges).
 
-        Per-call arguments override the config's target settings. Raises InvalidArgument for bad
-        input (empty prompt, multi-token targets, conflicting modes, too-long prompt).
+        ``prompt`` is a :class:`TraceRequest`, or a prompt string traced with the config's
+        per-request settings overridden by ``fields`` (TraceRequest fields; None keeps the
+        configured value; a target mode replaces the configured one). ``should_stop`` is checked
+        before every decoder layer's forward: once true, the trace raises Cancelled. Raises
+        InvalidArgument for bad input (empty prompt, multi-token targets, conflicting modes,
+        too-long prompt).
         """
-        cfg = self.config
-        if target_tokens is not None or contrastive is not None:
-            # A target mode given per call replaces the config's mode (RelPConfig validates it).
-            modes = {
-                "target_tokens": tuple(target_tokens or ()),
-                "contrastive": tuple(contrastive) if contrastive is not None else None,
-            }
+        if isinstance(prompt, TraceRequest):
+            if fields:
+                raise InvalidArgument("pass either a TraceRequest or keyword fields, not both")
+            request = prompt
         else:
-            modes = {"target_tokens": cfg.target_tokens, "contrastive": cfg.contrastive}
-        effective = dataclasses.replace(
-            cfg,
-            **modes,
-            target_position=cfg.target_position if target_position is None else target_position,
-            k=cfg.k if k is None else k,
-            raw=cfg.raw if raw is None else raw,
-            answer_prefix=cfg.answer_prefix if answer_prefix is None else answer_prefix,
-        )
+            request = self.config.request(prompt, **{name: v for name, v in fields.items() if v is not None})
+        show_progress = self.config.progress if progress is None else progress
+        with _stop_checks(self.model, should_stop):
+            return self._trace(
+                request, direction=direction, compute_edges=compute_edges, progress=show_progress, should_stop=should_stop
+            )
+
+    def _trace(
+        self,
+        request: TraceRequest,
+        *,
+        direction: Any,
+        compute_edges: bool,
+        progress: bool,
+        should_stop: Callable[[], bool] | None,
+    ) -> Graph:
         self.last_timings = TraceTimings()
         started = time.perf_counter()
-        input_ids = self.encode_prompt(prompt, raw=effective.raw, answer_prefix=effective.answer_prefix)
-        node_scores = self.node_scores(input_ids, effective, direction=direction)
-        selection = self.select_nodes(node_scores)
+        input_ids = self.encode_prompt(request.prompt, raw=request.raw, answer_prefix=request.answer_prefix)
+        node_scores = self.node_scores(input_ids, request, direction=direction)
+        selection = self.select_nodes(node_scores, request)
         nodes_done = time.perf_counter()
         self.last_timings.nodes_s = nodes_done - started
         if compute_edges:
             edges = self.compute_edges(
-                node_scores, selection, neuron_targets=not selection.nodes_exceeded, progress=progress
+                node_scores, selection, neuron_targets=not selection.nodes_exceeded, progress=progress,
+                should_stop=should_stop,
             )
         else:
             edges = _empty_edge_table()
         self.last_timings.edges_s = time.perf_counter() - nodes_done
-        graph = self._build_graph(prompt, effective, node_scores, selection, edges, slug=slug, direction=direction)
+        graph = self._build_graph(
+            request.prompt, request, node_scores, selection, edges, slug=request.slug, direction=direction,
+            corpus_index=request.corpus_index,
+        )
         self.last_timings.total_s = time.perf_counter() - started
         return graph
 
-    def settings_record(self, cfg: RelPConfig) -> dict[str, Any]:
-        """The settings that determine a graph's content (hashed into graph_id)."""
+    # ------------------------------------------------------------------ engine contract
+    def intervene(
+        self, request: InterventionRequest, *, should_stop: Callable[[], bool] | None = None
+    ) -> InterventionResult:
+        """Baseline vs intervened next-token prediction of the real model (the Intervene RPC)."""
+        from circuits_attribution.interventions import run_intervention
+
+        with _stop_checks(self.model, should_stop):
+            return run_intervention(self, request)
+
+    def model_info(self) -> ModelInfo:
+        """The model this engine traces (name, shape, dtype, device)."""
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        architectures = getattr(config, "architectures", None) or [type(self.model).__name__]
+        return ModelInfo(
+            model=self.model_name,
+            num_layers=int(getattr(text_config, "num_hidden_layers", 0) or 0),
+            d_model=int(getattr(text_config, "hidden_size", 0) or 0),
+            d_mlp=int(getattr(text_config, "intermediate_size", 0) or 0),
+            vocab_size=int(getattr(text_config, "vocab_size", 0) or 0),
+            max_context=int(getattr(text_config, "max_position_embeddings", 0) or 0),
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            architecture=str(architectures[0]),
+        )
+
+    def replicate(self) -> RelPAttributor:
+        """Another engine on a structural copy of the model that shares its parameters and buffers.
+
+        The copy has its own module objects (so per-trace patches and hooks don't collide) but no
+        second copy of the weights.
+        """
+        memo: dict[int, Any] = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+        twin = RelPAttributor(copy.deepcopy(self.model, memo), copy.deepcopy(self.tokenizer), self.config)
+        twin.model_name = self.model_name
+        return twin
+
+    def close(self) -> None:
+        """Nothing to release (the model is freed with the object); here for the Tracer interface."""
+
+    def settings_record(self, cfg: TraceSettings) -> dict[str, Any]:
+        """The settings that determine a graph's content (hashed into graph_id): the request's
+        ``cfg`` and the engine's own."""
+        engine = self.config
         return {
             "method": "relp",
-            "edges": cfg.edge_effect,
+            "edges": engine.edge_effect,
             "k": cfg.k,
             "target_tokens": list(cfg.target_tokens),
             "contrastive": list(cfg.contrastive) if cfg.contrastive else None,
@@ -791,25 +643,26 @@ class RelPAttributor:
             "raw": cfg.raw,
             "answer_prefix": cfg.answer_prefix,
             "tau": cfg.tau,
-            "top_k_per_layer": cfg.top_k_per_layer,
-            "filter_always_on": cfg.filter_always_on,
+            "top_k_per_layer": engine.top_k_per_layer,
+            "filter_always_on": engine.filter_always_on,
             "max_nodes": cfg.max_nodes,
-            "mlp_rule": cfg.mlp_rule,
-            "embedding_logit_edges": cfg.embedding_logit_edges,
-            "edge_threshold": cfg.edge_threshold,
+            "mlp_rule": engine.mlp_rule,
+            "embedding_logit_edges": engine.embedding_logit_edges,
+            "edge_threshold": engine.edge_threshold,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
 
     def _build_graph(
         self,
         prompt: str,
-        cfg: RelPConfig,
+        cfg: TraceSettings,
         node_scores: NodeScores,
         selection: Selection,
         edges: EdgeTable,
         *,
         slug: str | None,
         direction: Any,
+        corpus_index: int = -1,
     ) -> Graph:
         tok = self.tokenizer
         ids = node_scores.input_ids
@@ -874,12 +727,250 @@ class RelPAttributor:
             nodes_exceeded=selection.nodes_exceeded,
             max_n_logits=len(metric.token_ids),
             create_time_ms=int(time.time() * 1000),
+            corpus_index=corpus_index,
             extra={"generation_settings": generation_settings},
         )
         return Graph(
             units=tuple(units), edges=tuple(edge_list), prompt=prompt, prompt_tokens=prompt_tokens,
             model=self.model_name, graph_id=graph_id, metadata=metadata,
         )
+
+
+# ---------------------------------------------------------------------- edge pass state
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _EdgeSources:
+    """Edge sources: neurons sorted by (layer, position, index), then one embedding per prompt position.
+
+    Device tensors feed the gathers; host arrays (``*_np``, length N + T) name each column's source.
+    """
+
+    n_neurons: int  # N
+    layer_slices: dict[int, slice]  # layer -> its neurons' columns
+    positions: torch.Tensor  # [N] position of each neuron source
+    activations: torch.Tensor  # [N] h_s (accumulation dtype)
+    down_columns: dict[int, torch.Tensor]  # layer -> W_down[:, i_s] of its sources, [D, n_l]
+    all_layers: torch.Tensor  # [N + T] source layer (embeddings: EMBEDDING_LAYER)
+    all_positions: torch.Tensor  # [N + T]
+    layer_np: np.ndarray
+    index_np: np.ndarray  # neuron index, or token id for embeddings
+    position_np: np.ndarray
+
+    @staticmethod
+    def build(attributor: RelPAttributor, node_scores: NodeScores, sources: Selection) -> _EdgeSources:
+        acc, device = attributor.acc_dtype, attributor.device
+        T = len(node_scores.input_ids)
+        order = np.lexsort((sources.indices, sources.positions, sources.layers))
+        layer_np, pos_np, idx_np = sources.layers[order], sources.positions[order], sources.indices[order]
+        layer_slices = {
+            layer: slice(int(np.searchsorted(layer_np, layer, side="left")), int(np.searchsorted(layer_np, layer, side="right")))
+            for layer in sorted(set(int(x) for x in layer_np))
+        }
+        pos_t = torch.as_tensor(pos_np, device=device)
+        idx_t = torch.as_tensor(idx_np, device=device)
+        activations = node_scores.activations[torch.as_tensor(layer_np, device=device), pos_t, idx_t].to(acc)
+        # Sources are read at the MLP outputs: raw_{s->t} = h_s * W_down[:, i_s] . g_t[p_s], where
+        # g_t = d~target/d(mlp output).
+        mlps = [layer.mlp for layer in _decoder_layers(attributor.model)]
+        down_columns = {
+            layer: mlps[layer].down_proj.weight[:, idx_t[cols]].to(acc) for layer, cols in layer_slices.items()
+        }
+        all_layer_np = np.concatenate([layer_np, np.full(T, EMBEDDING_LAYER)])
+        all_pos_np = np.concatenate([pos_np, np.arange(T)])
+        return _EdgeSources(
+            n_neurons=len(layer_np), layer_slices=layer_slices, positions=pos_t, activations=activations,
+            down_columns=down_columns, all_layers=torch.as_tensor(all_layer_np, device=device),
+            all_positions=torch.as_tensor(all_pos_np, device=device), layer_np=all_layer_np,
+            index_np=np.concatenate([idx_np, np.asarray(node_scores.input_ids, dtype=np.int64)]),
+            position_np=all_pos_np,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _EdgeTargets:
+    """Edge targets: the metric's logits (layer sentinel ``logit_layer``), then selected neurons,
+    latest layer first. ``scales``: flow = raw * scale."""
+
+    kinds: list[str]
+    layers: list[int]
+    positions: list[int]
+    indices: list[int]
+    scales: list[float]
+    layer_np: np.ndarray
+    index_np: np.ndarray
+    position_np: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    @staticmethod
+    def build(node_scores: NodeScores, neurons: Selection | None, *, logit_layer: int) -> _EdgeTargets:
+        metric = node_scores.metric
+        count = len(metric.token_ids)
+        kinds = ["logit"] * count
+        layers = [logit_layer] * count
+        positions = [node_scores.target_position] * count
+        indices = [int(token_id) for token_id in metric.token_ids]
+        scales = [float(coef) for coef in metric.coefficients]
+        if neurons is not None and len(neurons):
+            for j in np.lexsort((neurons.indices, neurons.positions, -neurons.layers)):
+                act = float(neurons.activations[j])
+                kinds.append("neuron")
+                layers.append(int(neurons.layers[j]))
+                positions.append(int(neurons.positions[j]))
+                indices.append(int(neurons.indices[j]))
+                scales.append(float(neurons.scores[j]) / act if act != 0 else 0.0)
+        return _EdgeTargets(
+            kinds=kinds, layers=layers, positions=positions, indices=indices, scales=scales,
+            layer_np=np.asarray(layers, dtype=np.int64), index_np=np.asarray(indices, dtype=np.int64),
+            position_np=np.asarray(positions, dtype=np.int64),
+        )
+
+
+@dataclass(slots=True)
+class _EdgeColumns:
+    """The kept edges, one array per column and chunk; :meth:`table` concatenates them."""
+
+    parts: dict[str, list[np.ndarray]] = field(
+        default_factory=lambda: {name: [] for name in EdgeTable.__dataclass_fields__}
+    )
+
+    def add(self, **columns: np.ndarray) -> None:
+        for name, values in columns.items():
+            self.parts[name].append(values)
+
+    def table(self) -> EdgeTable:
+        return EdgeTable(**{name: np.concatenate(values) for name, values in self.parts.items()})
+
+
+@dataclass(slots=True, kw_only=True)
+class _EdgePass:
+    """The state of one edge pass inside a Linearization: the forward's leaves and readouts, the
+    sources and targets, and the kept edges; :meth:`raw_edges` and :meth:`keep` handle one chunk."""
+
+    attributor: RelPAttributor
+    sources: _EdgeSources
+    targets: _EdgeTargets
+    embeds: torch.Tensor  # [1, T, D] leaf
+    logits_row: torch.Tensor  # [V] at the target position
+    readouts: list[Any]  # per layer: (pos, idx) -> neuron target scalars
+    leaves: list[torch.Tensor]  # per layer: the MLP output each source is read at
+    batched: bool
+    columns: _EdgeColumns = field(default_factory=_EdgeColumns)
+
+    @staticmethod
+    def start(
+        attributor: RelPAttributor, lin: Linearization, embeds: torch.Tensor, sources: _EdgeSources,
+        targets: _EdgeTargets, target_position: int, batched: bool,
+    ) -> _EdgePass:
+        """Run the linearized forward the chunks differentiate."""
+        out = attributor.model(
+            inputs_embeds=embeds,
+            use_cache=False,
+            logits_to_keep=torch.tensor([target_position], device=attributor.device),
+        )
+        # Direct effects differentiate w.r.t. the detached MLP-output leaves (no path crosses an
+        # MLP), total effects w.r.t. the connected MLP outputs.
+        direct = attributor.config.edge_effect == "direct"
+        return _EdgePass(
+            attributor=attributor, sources=sources, targets=targets, embeds=embeds, logits_row=out.logits[0, -1],
+            readouts=attributor._neuron_readouts(lin),
+            leaves=list(lin.mlp_output_leaves) if direct else list(lin.mlp_outputs), batched=batched,
+        )
+
+    def _target_scalars(self, start: int, stop: int) -> torch.Tensor:
+        """Targets ``start:stop`` as scalars [k], gathered per run of one kind and layer in one indexing op."""
+        t = self.targets
+        device = self.embeds.device
+        pieces: list[torch.Tensor] = []
+        run_start = start
+        while run_start < stop:
+            run_end = run_start
+            while run_end < stop and t.kinds[run_end] == t.kinds[run_start] and t.layers[run_end] == t.layers[run_start]:
+                run_end += 1
+            idx = torch.as_tensor(t.indices[run_start:run_end], device=device)
+            if t.kinds[run_start] == "logit":
+                pieces.append(self.logits_row[idx])
+            else:
+                pos = torch.as_tensor(t.positions[run_start:run_end], device=device)
+                pieces.append(self.readouts[t.layers[run_start]](pos, idx))
+            run_start = run_end
+        return torch.cat([piece.to(self.attributor.acc_dtype) for piece in pieces])
+
+    def raw_edges(self, start: int, stop: int) -> torch.Tensor:
+        """Raw direct edges [k, N + T] into targets ``start:stop``: h_s * d~target/dh_s, then e_p . d~target/de_p."""
+        acc = self.attributor.acc_dtype
+        device = self.embeds.device
+        k = stop - start
+        targets = self._target_scalars(start, stop)  # [k]
+        max_layer = max(self.targets.layers[start:stop])
+        used_layers = [layer for layer in self.sources.layer_slices if layer < max_layer]
+        inputs = [self.leaves[layer] for layer in used_layers] + [self.embeds]
+        raw = torch.zeros((k, self.sources.n_neurons + self.embeds.shape[1]), dtype=acc, device=device)
+        if self.batched:
+            eye = torch.eye(k, dtype=targets.dtype, device=device)
+            grads = torch.autograd.grad(
+                targets, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
+            )  # each [k, 1, T, D]
+            self._gather_into(raw, grads, used_layers, rows=slice(None))
+            del grads
+        else:
+            for row in range(k):
+                grads = torch.autograd.grad(targets[row], inputs, retain_graph=True, allow_unused=True)
+                grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+                self._gather_into(raw, grads, used_layers, rows=slice(row, row + 1))
+                del grads
+        return raw
+
+    def _gather_into(
+        self, raw: torch.Tensor, grads: Sequence[torch.Tensor | None], used_layers: list[int], *, rows: slice
+    ) -> None:
+        """Write each source's raw edge into ``raw[rows]`` from the cotangents ``grads`` (one per used layer, then embeddings)."""
+        acc = raw.dtype
+        src = self.sources
+        for grad, layer in zip(grads[:-1], used_layers):
+            if grad is None:
+                continue
+            cols = src.layer_slices[layer]
+            picked = grad[:, 0, src.positions[cols], :].to(acc)  # [k, n_l, D]: cotangent at each source's position
+            through_down = torch.einsum("knd,dn->kn", picked, src.down_columns[layer])  # d~target/dh_s
+            raw[rows, cols] = through_down * src.activations[cols]
+        g_embed = grads[-1]
+        if g_embed is not None:
+            raw[rows, src.n_neurons:] = (g_embed[:, 0].to(acc) * self.embeds[0].detach().to(acc)).sum(-1)  # [k, T]
+
+    def keep(self, start: int, stop: int, raw_chunk: torch.Tensor) -> None:
+        """Keep the valid edges of one chunk: source before target (layer and position), nonzero,
+        |flow| above the threshold; one device->host transfer."""
+        cfg = self.attributor.config
+        device = raw_chunk.device
+        src, tgt = self.sources, self.targets
+        tgt_layer_t = torch.as_tensor(tgt.layers[start:stop], device=device)
+        tgt_pos_t = torch.as_tensor(tgt.positions[start:stop], device=device)
+        valid = (src.all_layers[None, :] < tgt_layer_t[:, None]) & (src.all_positions[None, :] <= tgt_pos_t[:, None])
+        if not cfg.embedding_logit_edges:
+            is_logit = tgt_layer_t == self.attributor.n_layers
+            valid &= ~(is_logit[:, None] & (src.all_layers[None, :] == EMBEDDING_LAYER))
+        scale = torch.tensor(tgt.scales[start:stop], dtype=raw_chunk.dtype, device=device)
+        flow = raw_chunk * scale[:, None]
+        valid &= (raw_chunk != 0) & (flow.abs() > cfg.edge_threshold)
+        rows, srcs = valid.nonzero(as_tuple=True)
+        packed = torch.stack(
+            [rows.to(torch.float64), srcs.to(torch.float64),
+             raw_chunk[rows, srcs].to(torch.float64), flow[rows, srcs].to(torch.float64)]
+        ).cpu().numpy()
+        r = packed[0].astype(np.int64) + start
+        s = packed[1].astype(np.int64)
+        self.columns.add(
+            src_layer=src.layer_np[s], src_index=src.index_np[s], src_position=src.position_np[s],
+            tgt_layer=tgt.layer_np[r], tgt_index=tgt.index_np[r], tgt_position=tgt.position_np[r],
+            raw=packed[2], flow=packed[3],
+        )
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="edges", unit="target", leave=False)
 
 
 def _empty_edge_table() -> EdgeTable:
@@ -889,6 +980,26 @@ def _empty_edge_table() -> EdgeTable:
         src_layer=empty_i, src_index=empty_i, src_position=empty_i, tgt_layer=empty_i,
         tgt_index=empty_i, tgt_position=empty_i, raw=empty_f, flow=empty_f,
     )
+
+
+@contextmanager
+def _stop_checks(model: Any, should_stop: Callable[[], bool] | None) -> Iterator[None]:
+    """While active, every decoder layer's forward first checks ``should_stop`` and raises
+    Cancelled once it is true (hooks are removed on exit, so the model stays clean)."""
+    if should_stop is None:
+        yield
+        return
+
+    def check(_module: Any, _args: Any) -> None:
+        if should_stop():
+            raise Cancelled("trace stopped on request")
+
+    handles = [layer.register_forward_pre_hook(check) for layer in _decoder_layers(model)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _tensor_digest(tensor: torch.Tensor) -> str:

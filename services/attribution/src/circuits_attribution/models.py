@@ -218,3 +218,39 @@ def load_model(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu"
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a CUDA GPU is visible, else ``cpu``; anything else unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> None:
+    """InvalidArgument naming the problem when ``device`` is not usable here (e.g. cuda without a GPU)."""
+    import torch
+
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgument(f"device {device!r} requested but no CUDA GPU is available")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise InvalidArgument(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+
+
+def load_engine(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu", **config: Any) -> Any:
+    """Load a model once and wrap it in the RelP engine, a ``RelPAttributor``.
+
+    ``config``: RelPConfig engine settings (mlp_rule, edge_chunk_size, progress, ...); the model
+    name recorded in graphs is ``name_or_path``. The engine is the in-process Tracer and
+    Intervener (``circuits_core.capabilities``) and the attribution server's engine.
+    """
+    device = resolve_device(device)
+    check_device(device)
+    loaded = load_model(name_or_path, dtype=dtype, device=device)
+    from circuits_attribution.attributor import RelPAttributor, RelPConfig
+
+    return RelPAttributor(loaded.model, loaded.tokenizer, RelPConfig(model_name=name_or_path, **config))

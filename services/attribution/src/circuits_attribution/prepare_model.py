@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="re-convert even if the cache exists")
     args = parser.parse_args(argv)
 
-    from circuits_core.errors import CircuitsError
+    from circuits_core.errors import CircuitsError, error_line
 
     from circuits_attribution.models import SMOLLM2_NAME, is_prepared, prepare_smollm2
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target = prepare_smollm2(force=args.force)
     except CircuitsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     state = "already prepared" if already else f"prepared in {time.perf_counter() - started:.1f}s"
     print(f"{SMOLLM2_NAME}: {state} at {target}")

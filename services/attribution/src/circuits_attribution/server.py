@@ -1,7 +1,7 @@
 """Wires the attribution gRPC server: runner + servicer + shared plumbing + metrics.
 
-``build_server(settings, attributor)`` returns an :class:`AttributionServer` (not started).
-With ``attributor=None`` the server starts NOT_SERVING and answers UNAVAILABLE until
+``build_server(settings, engine)`` returns an :class:`AttributionServer` (not started).
+With ``engine=None`` the server starts NOT_SERVING and answers UNAVAILABLE until
 :meth:`AttributionServer.load` attaches an engine (``__main__`` loads the model after the port is
 open so health probes see the loading state).
 """
@@ -9,17 +9,12 @@ open so health probes see the loading state).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 from circuits_core.schemas import Graph
 from circuits_server.serving import GrpcServer, Metrics, ServerSettings, build_grpc_server
-from circuits_core.tracing import ModelInfo
 
-from circuits_attribution.service import AttributionRunner, describe_model, replicas_trace_concurrently, replicate_engines
-
-log = logging.getLogger("circuits_attribution.server")
+from circuits_attribution.service import AttributionEngine, AttributionRunner
 
 SERVICE_NAME = "circuits.v1.AttributionService"
 
@@ -109,14 +104,9 @@ class AttributionServer:
         self.grpc.start()
         return self
 
-    def load(self, attributor: Any, *, model_info: ModelInfo | None = None) -> None:
+    def load(self, engine: AttributionEngine) -> None:
         """Attach an engine (replicated to max_concurrent) and report SERVING."""
-        engines = replicate_engines(attributor, self.settings.max_concurrent)
-        info = model_info or describe_model(attributor, name=self.settings.model)
-        one_at_a_time = not replicas_trace_concurrently(attributor)
-        if one_at_a_time and len(engines) > 1:
-            log.warning("%s replicas share process-global state: traces compute one at a time", type(attributor).__name__)
-        self.runner.attach(engines, info, one_at_a_time=one_at_a_time)
+        self.runner.attach(engine)
         self.grpc.set_serving(True)
 
     def stop(self, grace: float | None = None) -> None:
@@ -127,13 +117,8 @@ class AttributionServer:
         self.grpc.wait()
 
 
-def build_server(
-    settings: AttributionSettings,
-    attributor: Any | None = None,
-    *,
-    model_info: ModelInfo | None = None,
-) -> AttributionServer:
-    """Build (not start) the server; with an attributor it is SERVING once started."""
+def build_server(settings: AttributionSettings, engine: AttributionEngine | None = None) -> AttributionServer:
+    """Build (not start) the server; with an engine it is SERVING once started."""
     from circuits_core._proto.circuits.v1 import attribution_pb2_grpc
 
     from circuits_attribution.servicer import AttributionServicer
@@ -161,6 +146,6 @@ def build_server(
     # grpc's stop(grace) already waited `grace` for in-flight RPCs and then cancelled them; the
     # runner's close stops any trace still on an engine (checked per decoder layer).
     grpc_server.on_stop.append(lambda: runner.close(grace=0.0))
-    if attributor is not None:
-        handle.load(attributor, model_info=model_info)
+    if engine is not None:
+        handle.load(engine)
     return handle

@@ -22,15 +22,14 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
         self.runner = runner
 
     def Trace(self, request: attribution_pb2.TraceRequest, context: Any) -> graph_pb2.Graph:
-        spec = wire.trace_spec_from_proto(request)
-        graph = self.runner.trace(spec, should_stop=lambda: not context.is_active())
+        graph = self.runner.trace(wire.trace_request_from_proto(request), should_stop=lambda: not context.is_active())
         return wire.graph_to_proto(graph)
 
     def TraceBatch(self, request_iterator: Iterator[attribution_pb2.TraceRequest], context: Any) -> Iterator[graph_pb2.Graph]:
         for number, request in enumerate(request_iterator):
             try:
-                spec = wire.trace_spec_from_proto(request)
-                graph = self.runner.trace(spec, should_stop=lambda: not context.is_active())
+                trace_request = wire.trace_request_from_proto(request)
+                graph = self.runner.trace(trace_request, should_stop=lambda: not context.is_active())
             except InvalidArgument as exc:
                 raise InvalidArgument(f"request {number}: {exc}") from None
             except CircuitsError as exc:
@@ -40,8 +39,8 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
     def GetModelInfo(self, request: attribution_pb2.GetModelInfoRequest, context: Any) -> attribution_pb2.ModelInfo:
         return wire.model_info_to_proto(self.runner.model_info)
 
-    def Intervene(self, request: Any, context: Any) -> Any:
-        # Owned by the interventions module; imported lazily so Trace never depends on it.
-        from circuits_attribution.intervene_rpc import handle_intervene
-
-        return handle_intervene(self.runner, request, context)
+    def Intervene(self, request: attribution_pb2.InterveneRequest, context: Any) -> attribution_pb2.InterveneResponse:
+        result = self.runner.intervene(
+            wire.intervene_request_from_proto(request), should_stop=lambda: not context.is_active()
+        )
+        return wire.intervention_result_to_proto(result)

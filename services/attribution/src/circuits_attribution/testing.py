@@ -237,3 +237,27 @@ def all_neuron_selection(node_scores):
     )
 
 
+
+
+def plant_token_neuron(model, *, layer: int, neuron: int, token_id: int, dim: int, strength: float = 4.0) -> None:
+    """Make MLP neuron ``(layer, neuron)`` of a tiny Llama-style model fire on one token only.
+
+    Hidden dimension ``dim`` becomes a private channel: only ``token_id``'s embedding has it
+    (``strength``), no attention or MLP of layers <= ``layer`` writes to it, and the neuron's
+    gate and up rows read only it. The neuron's activation is then ``silu(c) * c > 0`` on that
+    token (c = the normed channel value) and exactly 0 on every other token. Give each planted
+    neuron its own ``dim``.
+    """
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        embed[:, dim] = 0.0
+        embed[token_id, dim] = strength
+        for l in range(layer + 1):
+            block = model.model.layers[l]
+            block.self_attn.o_proj.weight[dim, :] = 0.0
+            if l < layer:
+                block.mlp.down_proj.weight[dim, :] = 0.0
+        mlp = model.model.layers[layer].mlp
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            proj.weight[neuron, :] = 0.0
+            proj.weight[neuron, dim] = 1.0

@@ -3,10 +3,12 @@
     python -m circuits_attribution.worker --prompts prompts.jsonl --shard-index 3 --shard-count 16 \\
         --output-dir graphs/ [--aggregator aggregator:50052] --model HuggingFaceTB/SmolLM2-135M-Instruct
 
-Prompts file: JSON lines ``{"prompt": ..., "id": ...?, "target_tokens": [...]?}`` (other
-:class:`~circuits_core.tracing.TraceSpec` fields are accepted too). Line ``n`` (1-based) belongs to
-shard ``(n - 1) % shard_count``; the shard index defaults to ``$JOB_COMPLETION_INDEX`` (Kubernetes
-Indexed Jobs). A bad line is reported as ``FILE:LINE: reason`` and skipped.
+Prompts file: JSON lines ``{"prompt": ..., "id": ...?, "target_tokens": [...]?}`` (any
+:class:`~circuits_core.tracing.TraceRequest` field; read by :func:`circuits_core.tracing.parse_prompt_line`).
+Settings a line does not give come from the trace flags (``--k``, ``--tau``, ... generated from
+TraceSettings). Line ``n`` (1-based) belongs to shard ``(n - 1) % shard_count`` and is traced with
+``corpus_index = n - 1`` unless it sets one; the shard index defaults to ``$JOB_COMPLETION_INDEX``
+(Kubernetes Indexed Jobs). A bad line is reported as ``FILE:LINE: reason`` and skipped.
 
 Each graph is written atomically as ``<output-dir>/<graph_id>.pb.gz`` and/or streamed to the
 aggregator; only then is its line recorded in the shard's ledger
@@ -25,15 +27,16 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from circuits_core.config import SMALL_MODEL, env_setting
-from circuits_core.errors import CircuitsError, InvalidArgument
+from circuits_core.errors import CircuitsError, InvalidArgument, error_line
+from circuits_core.fieldargs import add_field_arguments, field_values
 from circuits_core.schemas import Graph
-from circuits_core.tracing import TraceSpec
+from circuits_core.tracing import PromptLine, TraceSettings, parse_prompt_line
 
-#: Keys a prompts line may have besides the TraceSpec fields.
-_EXTRA_KEYS = ("id",)
+if TYPE_CHECKING:
+    from circuits_core.capabilities import Tracer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,23 +55,14 @@ class WorkerSettings:
     write_files: bool = True
     #: Show a progress bar.
     progress: bool = True
-    #: Trace settings for lines that don't set them (TraceSpec fields: k, tau, max_nodes, raw, ...).
-    trace_defaults: tuple[tuple[str, Any], ...] = ()
+    #: Trace settings for lines that don't set them.
+    trace_defaults: TraceSettings = TraceSettings()
 
     def __post_init__(self) -> None:
         if self.shard_count < 1:
             raise InvalidArgument(f"--shard-count must be >= 1, got {self.shard_count}")
         if not 0 <= self.shard_index < self.shard_count:
             raise InvalidArgument(f"--shard-index must be in [0, {self.shard_count}), got {self.shard_index}")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PromptLine:
-    """One usable line of the prompts file."""
-
-    line: int  # 1-based
-    spec: TraceSpec
-    prompt_id: Any = None
 
 
 @dataclass(slots=True)
@@ -95,29 +89,9 @@ class GraphSink(Protocol):
 
 
 # -- prompts -------------------------------------------------------------------------------------
-def parse_prompt_line(text: str, *, line: int, source: str, defaults: Sequence[tuple[str, Any]] = ()) -> PromptLine:
-    """Parse one JSONL line (``defaults`` fill fields it doesn't set); raises InvalidArgument('FILE:LINE: reason')."""
-    where = f"{source}:{line}"
-    try:
-        text.encode("utf-8")  # shard_lines keeps undecodable bytes as lone surrogates
-    except UnicodeEncodeError:
-        raise InvalidArgument(f"{where}: not valid UTF-8") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-    if isinstance(data, str):
-        data = {"prompt": data}
-    if not isinstance(data, dict):
-        raise InvalidArgument(f"{where}: expected a JSON object with a 'prompt', got {type(data).__name__}")
-    prompt_id = data.pop("id", None)
-    if prompt_id is not None and not isinstance(prompt_id, (str, int)):
-        raise InvalidArgument(f"{where}: 'id' must be a string or an integer")
-    data.setdefault("corpus_index", line - 1)
-    for key, value in defaults:
-        data.setdefault(key, value)
-    spec = TraceSpec.from_mapping(data, where=where)
-    return PromptLine(line=line, spec=spec, prompt_id=prompt_id)
+def read_prompt_line(text: str, *, line: int, source: str, defaults: TraceSettings = TraceSettings()) -> PromptLine:
+    """One line of the shard: its request (``corpus_index = line - 1`` unless set); InvalidArgument('FILE:LINE: reason')."""
+    return parse_prompt_line(text, where=f"{source}:{line}", defaults=defaults, corpus_index=line - 1)
 
 
 def shard_lines(path: Path, settings: WorkerSettings) -> Iterator[tuple[int, str]]:
@@ -176,19 +150,17 @@ def graph_path(output_dir: Path, graph_id: str) -> Path:
 # -- the run -------------------------------------------------------------------------------------
 def run_worker(
     settings: WorkerSettings,
-    engine: Any,
+    engine: Tracer,
     *,
     sink: GraphSink | None = None,
     log: Any = None,
 ) -> WorkerReport:
     """Trace this shard's prompts that are not yet in the ledger; return counts.
 
-    ``engine`` is a RelP attributor (or any object with its ``trace``); ``sink`` receives each
-    graph after its file is written and before the line is recorded as done.
+    ``engine`` traces the requests (a RelPAttributor, or the client of a server that has one);
+    ``sink`` receives each graph after its file is written and before the line is recorded as done.
     """
     from circuits_core.graphio import write_graph
-
-    from circuits_attribution.service import run_engine
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if not settings.write_files and sink is None:
@@ -214,15 +186,13 @@ def run_worker(
                 report.already_done += 1
                 continue
             try:
-                item = parse_prompt_line(
-                    text, line=number, source=str(settings.prompts), defaults=settings.trace_defaults
-                )
+                item = read_prompt_line(text, line=number, source=str(settings.prompts), defaults=settings.trace_defaults)
             except InvalidArgument as exc:
                 log(f"{exc}; skipped")
                 report.bad_lines += 1
                 continue
             try:
-                graph = run_engine(engine, item.spec)
+                graph = engine.trace(item.request)
             except InvalidArgument as exc:
                 # Deterministic for this line (e.g. a multi-token target): record it, don't retry.
                 log(f"{settings.prompts}:{number}: {exc}; skipped")
@@ -299,11 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=SMALL_MODEL, help="hub id or local checkpoint directory (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
-    parser.add_argument("--k", type=int, default=5, help="top logits in the metric (default: %(default)s)")
-    parser.add_argument("--tau", type=float, default=0.005, help="node threshold (default: %(default)s)")
-    parser.add_argument("--max-nodes", type=int, default=500, help="node cap (default: %(default)s)")
-    parser.add_argument("--raw", action="store_true", help="no chat template")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_field_arguments(
+        parser.add_argument_group("trace settings (for prompt lines that don't set them)"), TraceSettings
+    )
     return parser
 
 
@@ -327,11 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             output_dir=args.output_dir,
             write_files=not args.no_files,
             progress=not args.no_progress,
-            trace_defaults=(("k", args.k), ("tau", args.tau), ("max_nodes", args.max_nodes), ("raw", args.raw)),
+            trace_defaults=TraceSettings(**field_values(args, TraceSettings)),
         )
         if not settings.prompts.is_file():
             raise InvalidArgument(f"{settings.prompts}: prompts file not found")
-        from circuits_attribution.__main__ import load_engine
+        from circuits_attribution.models import load_engine
 
         engine = load_engine(args.model, dtype=args.dtype, device=args.device)
         sink = AggregatorSink(args.aggregator) if args.aggregator else None
@@ -341,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if sink is not None:
                 sink.close()
     except CircuitsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     print(report.summary(settings), flush=True)
     return 0

@@ -1,11 +1,13 @@
-"""Run the four circuits services as local processes, wired like the Helm chart.
+"""Run the four circuits services (and optionally the Envoy gateway) as local processes, wired like the Helm chart.
 
 :class:`LocalStack` starts ``circuits serve <service> ...`` subprocesses with the same flags the
 chart's containers get (``--host --port --metrics-port`` plus ``--model``/``--state``/
 ``--shard-index``/``--config``/``--duckdb``), waits until each answers the standard
 ``grpc.health.v1`` check with SERVING, and stops them gracefully (SIGTERM, then SIGKILL after the
 grace period). A service whose package is not installed, or whose process exits while starting,
-is reported in :attr:`LocalStack.status` instead of failing the others.
+is reported in :attr:`LocalStack.status` instead of failing the others. With ``gateway=True`` the
+HTTP gateway (``circuits serve gateway``: Envoy with HTTP/JSON, gRPC-Web and gRPC) starts last,
+routed to the services that are SERVING, and counts as serving once its ``/readyz`` answers 200.
 
     with LocalStack(LocalStackSettings(state_dir=tmp, only=("aggregator",), ports={"aggregator": 0})) as stack:
         address = stack.address("aggregator")
@@ -36,8 +38,9 @@ from circuits_core.errors import FailedPrecondition, InvalidArgument
 SERVICES: tuple[str, ...] = ("aggregator", "atlas", "labeler", "attribution")
 #: Default gRPC ports (the same as each service's own default).
 DEFAULT_PORTS: Mapping[str, int] = MappingProxyType(
-    {"attribution": 50051, "aggregator": 50052, "labeler": 50053, "atlas": 50054}
+    {"attribution": 50051, "aggregator": 50052, "labeler": 50053, "atlas": 50054, "gateway": 8080}
 )
+GATEWAY = "gateway"
 
 State = Literal["pending", "starting", "serving", "unavailable", "failed", "stopped"]
 
@@ -77,6 +80,9 @@ class LocalStackSettings:
     env: Mapping[str, str] = field(default_factory=dict)
     #: Interpreter running `-m circuits_<service> ...` (each service package's own entry point).
     python: str = sys.executable
+    #: Also start the Envoy HTTP gateway (port: ports["gateway"], default 8080) in front of the
+    #: services that are serving (the aggregator only when it has one shard).
+    gateway: bool = False
 
     def selected(self) -> tuple[str, ...]:
         unknown = sorted(set(self.only) - set(SERVICES))
@@ -283,8 +289,14 @@ class LocalStack:
         self.stop()
 
     def start(self, *services: str) -> list[ServiceProcess]:
-        """Launch the services (all selected when none named), then wait until each is SERVING."""
-        services = services or self.selected
+        """Launch the services (all selected when none named), then wait until each is SERVING;
+        then the gateway, when the settings ask for it and it is not running yet."""
+        launched = self._start_services(*(services or self.selected))
+        if self.settings.gateway and GATEWAY not in self.processes:
+            launched += self._start_gateway()
+        return launched
+
+    def _start_services(self, *services: str) -> list[ServiceProcess]:
         launched: list[ServiceProcess] = []
         for service in services:
             if service not in SERVICES:
@@ -305,6 +317,46 @@ class LocalStack:
                 launched.append(proc)
         self._wait_serving(launched)
         return launched
+
+    def _start_gateway(self) -> list[ServiceProcess]:
+        from circuits_server.gateway import GATEWAY_SERVICES, find_envoy
+
+        s = self.settings
+        log_path = s.state_dir / "logs" / "gateway.log"
+        upstreams = {p.service: p.address for p in self.processes.values() if p.state == "serving" and p.service in GATEWAY_SERVICES}
+        if s.aggregator_shards > 1:
+            upstreams.pop("aggregator", None)  # one address per route: a sharded aggregator has several
+        detail = ""
+        try:
+            find_envoy()
+        except FailedPrecondition as exc:
+            detail = str(exc)
+        if not detail and not upstreams:
+            detail = "no service is serving to route to"
+        if detail:
+            proc = ServiceProcess(name=GATEWAY, service=GATEWAY, argv=[], port=0, metrics_port=None, log_path=log_path,
+                                  state="unavailable", detail=detail)  # fmt: skip
+            self.processes[GATEWAY] = proc
+            self._on_event(proc)
+            return []
+        port = self._port(GATEWAY)
+        admin_port = self._free_port()
+        self._used_ports.add(admin_port)
+        argv = [s.python, "-m", "circuits_server.gateway", "--host", s.host, "--port", str(port),
+                "--admin-port", str(admin_port), "--config-out", str(s.state_dir / "gateway" / "envoy.json")]  # fmt: skip
+        for name, address in sorted(upstreams.items()):
+            argv += [f"--{name}", address]
+        metrics_port = None
+        if s.metrics:
+            metrics_port = self._free_port()
+            self._used_ports.add(metrics_port)
+            argv += ["--metrics-port", str(metrics_port)]
+        argv += list(s.extra_args.get(GATEWAY, ()))
+        proc = ServiceProcess(name=GATEWAY, service=GATEWAY, argv=argv, port=port, metrics_port=metrics_port, log_path=log_path)
+        self._launch(proc)
+        self.processes[GATEWAY] = proc
+        self._wait_serving([proc])
+        return [proc]
 
     def _launch(self, proc: ServiceProcess) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.settings.env}
@@ -327,7 +379,7 @@ class LocalStack:
                 if code is not None:
                     proc.state, proc.detail = "failed", f"exited with code {code} while starting; see {proc.log_path}"
                     self._reap(proc)
-                elif health_status(proc.address, timeout=0.5) == "SERVING":
+                elif _is_serving(proc):
                     proc.state = "serving"
                 elif time.monotonic() > deadline:
                     proc.state = "failed"
@@ -405,8 +457,29 @@ class LocalStack:
                 yield proc
 
 
+def gateway_ready(address: str, *, timeout: float = 1.0) -> bool:
+    """True when the gateway at host:port answers /readyz with 200 (its upstreams are healthy)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{address}/readyz", timeout=timeout) as reply:  # noqa: S310 - local
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _is_serving(proc: ServiceProcess) -> bool:
+    if proc.service == GATEWAY:
+        return gateway_ready(proc.address, timeout=0.5)
+    return health_status(proc.address, timeout=0.5) == "SERVING"
+
+
 def describe(proc: ServiceProcess) -> str:
     """One line for humans: name, state, address/metrics or the reason."""
+    if proc.state == "serving" and proc.service == GATEWAY:
+        metrics = f"  metrics http://{proc.address.rsplit(':', 1)[0]}:{proc.metrics_port}/metrics" if proc.metrics_port else ""
+        return f"{proc.name:<14} SERVING      http://{proc.address} (HTTP/JSON, gRPC-Web, gRPC){metrics}"
     if proc.state == "serving":
         metrics = f"  metrics http://{proc.address.rsplit(':', 1)[0]}:{proc.metrics_port}/metrics" if proc.metrics_port else ""
         return f"{proc.name:<14} SERVING      {proc.address}{metrics}"

@@ -7,22 +7,30 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from circuits_core.errors import CircuitsError
+from circuits_core.errors import CircuitsError, error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuits serve labeler", description="Run the LabelerService gRPC server.")
     parser.add_argument("--config", required=True, help="YAML config with a labeling section")
+    from circuits_core.limits import add_limit_arguments
     from circuits_server.serving import add_server_arguments
 
     add_server_arguments(parser, default_port=50053)
+    add_limit_arguments(parser, LIMITS)
     return parser
+
+
+#: Limits the labeler server takes from its command line.
+LIMITS = ("max_units_per_request", "max_results", "max_label_units_per_request", "max_labels_per_window",
+          "label_window_s")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from circuits_core.config import load_config
+    from circuits_core.limits import limits_from_args
     from circuits_server.serving import server_settings_from_args, write_port_file
 
     from circuits_labeler.build import build_labeler
@@ -31,14 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         settings = server_settings_from_args(args)
+        limits = limits_from_args(args)
         config = load_config(args.config)
-        service = LabelerService(build_labeler(config))
-        server = build_server(
-            settings,
-            service=service,
-        )
+        service = LabelerService(build_labeler(config), limits=limits)
+        server = build_server(settings, service=service, limits=limits)
     except CircuitsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     server.start()
     server.set_serving(True)

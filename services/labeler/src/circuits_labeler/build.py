@@ -113,6 +113,7 @@ def build_labeler(
 
     evidence = open_evidence(config)
     projections = ensure_projections(config, progress=projection_progress)
+    exemplars, input_projection = open_exemplars(config)
     cache = AnswerCache(config.resolve(s.cache_path), fsync=s.cache_fsync)
     return ProgressiveLabeler(
         settings=s,
@@ -121,4 +122,26 @@ def build_labeler(
         cache=cache,
         backend_factory=backend_factory,
         labels_path=config.resolve(s.labels_path) if s.labels_path else None,
+        exemplars=exemplars,
+        input_projection=input_projection,
     )
+
+
+def open_exemplars(config: Config) -> tuple[object | None, object | None]:
+    """The exemplar file (labeling.exemplars_path) and, with labeling.input_projection, the input
+    projection of model.name; (None, None) without an exemplar file."""
+    s = config.labeling
+    if not s.exemplars_path:
+        return None, None
+    from circuits_server.exemplar_files import ExemplarFile
+
+    exemplars = ExemplarFile(config.resolve(s.exemplars_path))
+    if not exemplars.complete:
+        log.warning("%s is an unfinished exemplar run (resume it for the whole corpus)", exemplars.path)
+    input_projection = None
+    if s.input_projection:
+        from circuits_labeler.projection import InputProjection
+
+        model, tokenizer = load_model_for_projections(config.model.name, device=config.model.device)
+        input_projection = InputProjection(model, tokenizer)
+    return exemplars, input_projection

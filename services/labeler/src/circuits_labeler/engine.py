@@ -24,6 +24,7 @@ already in flight finish and are cached, labels are written, and the run reports
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from circuits_core.config import LabelingSection
-from circuits_core.errors import InvalidArgument
+from circuits_core.errors import FailedPrecondition, InvalidArgument, echo
 from circuits_core.schemas import LABEL_PASSES, LabelProgress
 
 from circuits_labeler.cache import AnswerCache, CachedAnswer, prompt_hash
@@ -41,8 +42,11 @@ from circuits_labeler.llm import (
 )
 from circuits_labeler.projection import OutputProjections
 from circuits_labeler.prompts import (
-    INPUT_TYPES, OUTPUT_TYPES, LayerBands, LinkedNeuron, MalformedAnswer, NeuronContext, ParsedAnswer,
-    Prompt, TokenEffect, correction_message, input_prompt, output_prompt, parse_answer,
+    INPUT_TYPES, OUTPUT_TYPES, ExemplarLine, LayerBands, LinkedNeuron, LogitLink, MalformedAnswer, NeuronContext,
+    ParsedAnswer, Prompt, TokenEffect, correction_message, fit_prompt, parse_answer,
+)
+from circuits_labeler.scoring import (
+    MARK, parse_predictions, predictions_schema, score_predictions, score_prompt, scoring_contexts, split_exemplars,
 )
 from circuits_labeler.store import LabelStore
 
@@ -110,10 +114,17 @@ class ProgressiveLabeler:
         labels_path: str | Path | None = None,
         num_layers: int = 0,
         sleep: Callable[[float], object] | None = None,
+        exemplars: object | None = None,
+        input_projection: Callable[[int, int], Sequence[object]] | None = None,
     ) -> None:
         self.settings = settings
         self.evidence = evidence
         self.projections = projections
+        #: circuits_server.exemplar_files.ExemplarFile: pass-2 evidence and scoring contexts.
+        self.exemplars = exemplars
+        #: (layer, neuron) -> tokens with ``token``/``weight`` (the input projection), or None.
+        self.input_projection = input_projection
+        self._logit_links: dict[int, dict[int, list[LogitLink]]] = {}
         self.cache = cache
         self.backend_factory = backend_factory
         self.labels_path = Path(labels_path) if labels_path else None
@@ -126,6 +137,10 @@ class ProgressiveLabeler:
         )
         if self.num_layers <= 0:
             raise InvalidArgument("cannot tell the number of layers: no projections, no evidence, labeling.num_layers = 0")
+        #: MLP neurons per layer; 0 when unknown (no labeling.neurons_per_layer, no projections).
+        self.neurons_per_layer = settings.neurons_per_layer or (
+            max((k[1] for k in projections.by_unit), default=-1) + 1 if projections is not None else 0
+        )
         self.bands = LayerBands.for_model(
             self.num_layers, late_fraction=settings.late_band_fraction, early_fraction=settings.early_band_fraction
         )
@@ -138,6 +153,31 @@ class ProgressiveLabeler:
         self.cancel_event = threading.Event()
         self._units = self._candidates()
         self.last_budget: Budget | None = None
+
+    # -- which units may be labelled on request ------------------------------------------------
+    def evidence_keys(self) -> set[tuple[int, int]]:
+        """Units the aggregated evidence lists (any appearance count); without an evidence source,
+        the projected units (projection-only labelling)."""
+        keys = {(u.layer, u.neuron) for u in self.evidence.units()}
+        if not keys and self.projections is not None:
+            keys = set(self.projections.by_unit)
+        return keys
+
+    def check_units(self, keys: Sequence[tuple[int, int]], *, allow_without_evidence: bool = False) -> None:
+        """Refuse units outside the model (InvalidArgument) and, unless ``allow_without_evidence``,
+        units the evidence does not list (FailedPrecondition), before anything is paid for."""
+        width = self.neurons_per_layer
+        outside = [k for k in keys if not (0 <= k[0] < self.num_layers and k[1] >= 0 and (not width or k[1] < width))]
+        if outside:
+            shape = f"{self.num_layers} layers x {width} neurons" if width else f"{self.num_layers} layers"
+            raise InvalidArgument(f"{_unit_list(outside)} outside the model ({shape})")
+        if allow_without_evidence:
+            return
+        known = self.evidence_keys()
+        missing = [k for k in keys if k not in known]
+        if missing:
+            raise FailedPrecondition(f"no evidence for {_unit_list(missing)}; set allow_without_evidence to label "
+                                     "units the aggregated graphs never showed")  # fmt: skip
 
     # -- candidates and qualification -----------------------------------------------------------
     def _candidates(self) -> dict[tuple[int, int], UnitRecord]:
@@ -167,7 +207,8 @@ class ProgressiveLabeler:
         out = []
         for key in sorted(k for k in self._units if k[0] == layer):
             labelled = sum(1 for n in upstream.get(key[1], ()) if self.store.output_label(n.key))
-            if labelled >= self.settings.min_labeled_upstream:
+            # Corpus exemplars are evidence of what triggers a neuron on their own.
+            if labelled >= self.settings.min_labeled_upstream or self._has_exemplars(key):
                 out.append(key)
         return out
 
@@ -181,26 +222,58 @@ class ProgressiveLabeler:
             tuple(TokenEffect(token=t.token, weight=t.weight) for t in proj.suppresses),
         )
 
-    def _context(self, key: tuple[int, int]) -> NeuronContext:
+    def _context(self, key: tuple[int, int], label_pass: str = "output") -> NeuronContext:
         unit = self._units.get(key) or UnitRecord(layer=key[0], neuron=key[1])
         promotes, suppresses = self._tokens(key)
-        return NeuronContext(
+        ctx = NeuronContext(
             layer=key[0], neuron=key[1], num_layers=self.num_layers, band=self.bands.band(key[0]),
             appearance_count=unit.appearance_count, prior_description=unit.prior_description,
             promotes=promotes, suppresses=suppresses,
         )
+        if label_pass == "output" and ctx.band == "late":
+            links = self._layer_logit_links(key[0]).get(key[1], ())
+            ctx = replace(ctx, logit_links=tuple(links[: self.settings.logit_links_in_prompt]))
+        if label_pass == "input":
+            if self._has_exemplars(key):
+                shown, _held_out = split_exemplars(self.exemplars.top(*key))  # type: ignore[union-attr]
+                stats = self.exemplars.stats(*key)  # type: ignore[union-attr]
+                lines = tuple(ExemplarLine(text=c.text(mark=MARK), activation=c.activation)
+                              for c in shown[: self.settings.exemplars_in_prompt] if c.activation > 0)
+                note = (f"max {stats.maximum:.3f} over {stats.token_count} corpus tokens; typical: median "
+                        f"{stats.quantiles.get(0.5, 0.0):.3f}, 99th percentile {stats.quantiles.get(0.99, 0.0):.3f}")
+                ctx = replace(ctx, exemplars=lines, activation_note=note)
+            if self.input_projection is not None:
+                ctx = replace(ctx, input_tokens=tuple(
+                    TokenEffect(token=t.token, weight=t.weight) for t in self.input_projection(*key)))  # type: ignore[attr-defined]
+        return ctx
+
+    def _has_exemplars(self, key: tuple[int, int]) -> bool:
+        if self.exemplars is None or not self.exemplars.has(*key):  # type: ignore[attr-defined]
+            return False
+        top = self.exemplars.top(*key)  # type: ignore[attr-defined]
+        return bool(top) and top[0].activation > 0
+
+    def _layer_logit_links(self, layer: int) -> dict[int, list[LogitLink]]:
+        if layer not in self._logit_links:
+            fetch = getattr(self.evidence, "logit_links", None)
+            raw = fetch(layer, limit=max(1, self.settings.logit_links_in_prompt)) if fetch is not None else {}
+            self._logit_links[layer] = {
+                n: [LogitLink(token=t.token, count=t.count, mean_weight=t.mean_weight) for t in links]
+                for n, links in raw.items()
+            }
+        return self._logit_links[layer]
 
     def build_prompt(self, label_pass: str, key: tuple[int, int], neighbours: Sequence[Neighbour]) -> Prompt:
         """The prompt for ``key`` in ``label_pass`` given its neighbours (downstream for output,
         upstream for input) and the labels stored so far."""
-        ctx = self._context(key)
+        ctx = self._context(key, label_pass)
         if label_pass == "output":
             linked = [
                 LinkedNeuron(layer=n.layer, neuron=n.neuron, weight=n.mean_weight, count=n.count,
                              label=self.store.output_label(n.key))
                 for n in neighbours if self.store.output_label(n.key)
             ][:MAX_DOWNSTREAM_IN_PROMPT]
-            return output_prompt(replace(ctx, downstream=tuple(linked)))
+            return fit_prompt("output", replace(ctx, downstream=tuple(linked)), budget=self.settings.output_prompt_budget)
         labelled, unlabelled = [], []
         for n in neighbours:
             label = self.store.output_label(n.key)
@@ -210,13 +283,13 @@ class ProgressiveLabeler:
             else:
                 unlabelled.append(f"L{n.layer}/N{n.neuron}")
         own = self.store.get(key)
-        return input_prompt(replace(
+        return fit_prompt("input", replace(
             ctx,
             output_label=own.output.label if own and own.output else "",
             output_description=own.output.description if own and own.output else "",
             upstream=tuple(labelled[:MAX_UPSTREAM_IN_PROMPT]),
             unlabeled_upstream=tuple(unlabelled[:MAX_UNLABELED_IN_PROMPT]),
-        ))
+        ), budget=self.settings.input_prompt_budget)
 
     def _neighbours(self, label_pass: str, layer: int) -> dict[int, list[Neighbour]]:
         if label_pass == "output":
@@ -302,6 +375,106 @@ class ProgressiveLabeler:
                            appearance_count=unit.appearance_count if unit else 0)
         return outcome
 
+    # -- scores -----------------------------------------------------------------------------------
+    def scoring_available(self) -> bool:
+        return self.exemplars is not None
+
+    async def _score_one(self, state: _RunState, key: tuple[int, int], label_pass: str, answer: ParsedAnswer) -> LabelOutcome:
+        """Score one label (cache honoured): detection and simulation on held-out contexts."""
+        s = self.settings
+        contexts, threshold = scoring_contexts(
+            self.exemplars, key[0], key[1], held_out=s.score_held_out, random_contexts=s.score_random,
+            fire_fraction=s.score_fire_fraction,
+        )  # fmt: skip
+        if not contexts:
+            return LabelOutcome(key=key, status="skipped")
+        prompt = score_prompt(layer=key[0], neuron=key[1], label_pass=label_pass, label=answer.label,
+                              description=answer.description, contexts=contexts)
+        activations = [c.activation for c in contexts]
+        task = f"score-{label_pass}"
+        phash = prompt_hash(system=prompt.system, user=prompt.user, max_tokens=s.score_max_answer_tokens)
+        cache_key = (s.model, key[0], key[1], task, phash)
+        hit = self.cache.get(cache_key)
+        if hit is not None and (hit.status == "ok" or not state.retry_failed):
+            if hit.status != "ok":
+                return LabelOutcome(key=key, status="failed", error=f"cached scorer failure: {hit.error}")
+            score = score_predictions(json.loads(hit.raw), activations, threshold=threshold)
+            self.store.set_score(key, label_pass=label_pass, score=score)
+            return LabelOutcome(key=key, status="cached")
+        async with state.semaphore:
+            if not self._may_score(state):
+                return LabelOutcome(key=key, status="skipped")
+            messages = [ChatMessage(role="user", content=prompt.user)]
+            spent_in = spent_out = 0
+            text, error = "", ""
+            attempts = 1 + max(0, s.malformed_retries)
+            for attempt in range(attempts):
+                try:
+                    completion = await state.llm.complete(
+                        system=prompt.system, messages=messages, max_tokens=s.score_max_answer_tokens,
+                        response_schema=predictions_schema(len(contexts)),
+                    )
+                except FatalLLMError as exc:
+                    state.stop_reason, state.stop_message = "failed", str(exc)
+                    return LabelOutcome(key=key, status="skipped", error=str(exc))
+                except LLMRequestError as exc:
+                    return LabelOutcome(key=key, status="failed", error=f"scorer request failed: {exc}")
+                spent_in += completion.input_tokens
+                spent_out += completion.output_tokens
+                text = completion.text
+                try:
+                    predictions = parse_predictions(text, len(contexts))
+                except MalformedAnswer as exc:
+                    error = str(exc)
+                    messages = [*messages, ChatMessage(role="assistant", content=text or "(empty)"),
+                                ChatMessage(role="user", content=f"Your answer could not be used: {error}. Reply again "
+                                            f'with only {{"predictions": [...]}} holding {len(contexts)} integers 0-10.')]
+                    continue
+                self.cache.put(CachedAnswer(
+                    model=s.model, layer=key[0], neuron=key[1], label_pass=task, prompt_hash=phash, status="ok",
+                    raw=json.dumps(predictions), input_tokens=spent_in, output_tokens=spent_out, attempts=attempt + 1,
+                ))
+                score = score_predictions(predictions, activations, threshold=threshold)
+                self.store.set_score(key, label_pass=label_pass, score=score)
+                return LabelOutcome(key=key, status="labelled")
+            self.cache.put(CachedAnswer(
+                model=s.model, layer=key[0], neuron=key[1], label_pass=task, prompt_hash=phash, status="failed",
+                raw=text[:4000], error=error, input_tokens=spent_in, output_tokens=spent_out, attempts=attempts,
+            ))
+            return LabelOutcome(key=key, status="failed", error=f"malformed scorer answer: {error}")
+
+    def _may_score(self, state: _RunState) -> bool:
+        if state.stop_reason:
+            return False
+        if self.cancel_event.is_set():
+            state.stop_reason, state.stop_message = "stopped", "cancelled"
+            return False
+        if state.llm.budget.exhausted:
+            state.stop_reason = "budget_exhausted"
+            state.stop_message = f"budget reached: {state.llm.budget.describe()}"
+            return False
+        return True
+
+    async def _score_labels(self, state: _RunState) -> None:
+        """Score every stored label of a neuron the exemplar file covers (pass "score")."""
+        items = [
+            (entry.key, label_pass, answer)
+            for entry in self.store.all()
+            for label_pass, answer in (("output", entry.output), ("input", entry.input))
+            if answer is not None and self.exemplars.has(*entry.key)  # type: ignore[union-attr]
+        ]
+        state.counters = _PassCounters(label_pass="score", total=len(items))
+        self._emit(state, self._progress(state, layer=-1, status="running", message="scoring labels"))
+
+        async def one(key: tuple[int, int], label_pass: str, answer: ParsedAnswer) -> None:
+            outcome = await self._score_one(state, key, label_pass, answer)
+            self._count(state, outcome, key[0])
+
+        await asyncio.gather(*(one(*item) for item in items))
+        self._write_labels()
+        if not state.stop_reason:
+            self._emit(state, self._progress(state, layer=-1, status="pass_done", message="scoring done"))
+
     # -- progress ---------------------------------------------------------------------------------
     def _progress(self, state: _RunState, *, layer: int, status: str, message: str = "") -> LabelProgress:
         c = state.counters
@@ -369,10 +542,16 @@ class ProgressiveLabeler:
         max_units: int = 0,
         retry_failed: bool | None = None,
         on_progress: ProgressCallback | None = None,
+        score: bool | None = None,
     ) -> LabelProgress:
-        """Run the passes in order; return the final progress (state done / budget_exhausted /
-        stopped / failed). Starts from an empty label store: cached answers rebuild it."""
+        """Run the passes in order, then score the labels (``score``: None = labeling.score where
+        exemplars exist; True requires them); return the final progress (state done /
+        budget_exhausted / stopped / failed). Starts from an empty label store: cached answers
+        rebuild it."""
         passes = _check_passes(passes)
+        if score and self.exemplars is None:
+            raise InvalidArgument("scoring needs exemplars: set labeling.exemplars_path (see `circuits exemplars`)")
+        do_score = self.exemplars is not None and (self.settings.score if score is None else score)
         state = self._new_state(
             max_units=max_units, retry_failed=self.settings.retry_failed if retry_failed is None else retry_failed,
             on_progress=on_progress,
@@ -403,6 +582,8 @@ class ProgressiveLabeler:
                 if state.stop_reason:
                     break
                 self._emit(state, self._progress(state, layer=-1, status="pass_done", message=f"pass {label_pass} done"))
+            if do_score and not state.stop_reason:
+                await self._score_labels(state)
         finally:
             self._write_labels()
             await state.llm.aclose()
@@ -435,14 +616,36 @@ class ProgressiveLabeler:
         status = state.stop_reason or "done"
         return outcomes, self._progress(state, layer=-1, status=status, message=state.stop_message)
 
+    async def ascore_labels(self, *, on_progress: ProgressCallback | None = None) -> LabelProgress:
+        """Score the labels in the store now (cache honoured); needs exemplars."""
+        if self.exemplars is None:
+            raise InvalidArgument("scoring needs exemplars: set labeling.exemplars_path (see `circuits exemplars`)")
+        state = self._new_state(max_units=0, retry_failed=self.settings.retry_failed, on_progress=on_progress)
+        try:
+            await self._score_labels(state)
+        finally:
+            await state.llm.aclose()
+        return self._progress(state, layer=-1, status=state.stop_reason or "done", message=state.stop_message)
+
+    def score_labels(self, **kwargs) -> LabelProgress:
+        """Synchronous :meth:`ascore_labels`."""
+        return asyncio.run(self.ascore_labels(**kwargs))
+
     def label_units(self, keys: Sequence[tuple[int, int]], *, label_pass: str) -> tuple[list[LabelOutcome], LabelProgress]:
         return asyncio.run(self.alabel_units(keys, label_pass=label_pass))
+
+
+def _unit_list(keys: Sequence[tuple[int, int]], shown: int = 5) -> str:
+    """``L5/N999999, L1/N3 (+12 more)``: at most ``shown`` units named."""
+    names = ", ".join(f"L{layer}/N{neuron}" for layer, neuron in keys[:shown])
+    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
+    return f"{'unit' if len(keys) == 1 else 'units'} {names}{more}"
 
 
 def _check_passes(passes: Sequence[str]) -> list[str]:
     passes = list(passes) or list(LABEL_PASSES)
     for p in passes:
         if p not in LABEL_PASSES:
-            raise InvalidArgument(f"unknown pass {p!r}; use output or input")
+            raise InvalidArgument(f"unknown pass {echo(p, 60)}; use output or input")
     # Always in the progressive order: output (late->early) before input (early->late).
     return [p for p in LABEL_PASSES if p in passes]

@@ -45,6 +45,16 @@ class Neighbour:
         return (self.layer, self.neuron)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogitNeighbour:
+    """An aggregated neuron -> logit link seen from the neuron: the token, observations, mean weight."""
+
+    token_id: int
+    token: str
+    count: int
+    mean_weight: float
+
+
 class NeuronEvidence(Protocol):
     """Read access to aggregated evidence about neurons."""
 
@@ -64,6 +74,10 @@ class NeuronEvidence(Protocol):
         """For each neuron of ``layer`` with incoming edges: up to ``limit`` sources by |mean weight|."""
         ...
 
+    def logit_links(self, layer: int, *, limit: int) -> dict[int, list[LogitNeighbour]]:
+        """For each neuron of ``layer`` with logit links: up to ``limit`` tokens by |mean weight|."""
+        ...
+
 
 class EmptyEvidence:
     """No aggregated evidence: no candidates, no neighbours (projection-only labelling)."""
@@ -78,6 +92,9 @@ class EmptyEvidence:
         return {}
 
     def upstream(self, layer: int, *, limit: int) -> dict[int, list[Neighbour]]:
+        return {}
+
+    def logit_links(self, layer: int, *, limit: int) -> dict[int, list[LogitNeighbour]]:
         return {}
 
 
@@ -96,22 +113,51 @@ class DuckDBEvidence:
     def __init__(self, path: str | Path, *, min_edge_count: int = 1) -> None:
         import duckdb
 
+        from circuits_server.duckdb_files import open_duckdb
+
         self.path = Path(path)
         if not self.path.exists():
             raise NotFound(f"evidence not found: {self.path}")
         self._lock = threading.Lock()
-        self._con = duckdb.connect(":memory:")
+        is_atlas = self.path.is_file() and self.path.suffix != ".parquet"
+        if is_atlas:
+            resolved = self.path.resolve()
+            readable = [resolved, resolved.with_name(resolved.name + ".wal")]
+        else:
+            edge_files, unit_files = self._parquet_files()
+            logit_files = sorted(self.path.resolve().glob("logits*.parquet")) if self.path.is_dir() else []
+            readable = [*edge_files, *unit_files, *logit_files]
+        # External access off: SQL reads exactly these files and nothing else.
+        self._con = open_duckdb(":memory:", read_only=False, what="evidence", allowed_paths=readable)
         try:
-            if self.path.is_file() and self.path.suffix != ".parquet":
+            if is_atlas:
                 self._load_atlas(min_edge_count)
             else:
-                self._load_parquet(min_edge_count)
+                self._load_parquet(min_edge_count, edge_files, unit_files, logit_files)
         except duckdb.Error as exc:
             raise CorruptInput(f"{self.path}: cannot read evidence ({str(exc).splitlines()[0]})") from None
 
+    def _parquet_files(self) -> tuple[list[Path], list[Path]]:
+        root = self.path.resolve()
+        if root.is_dir():
+            edge_files = sorted(root.glob("edges*.parquet"))
+            unit_files = sorted([*root.glob("units*.parquet"), *root.glob("neurons*.parquet")])
+        else:
+            edge_files, unit_files = [root], []
+        if not edge_files:
+            raise NotFound(f"{self.path}: no edges*.parquet files")
+        return edge_files, unit_files
+
     def _load_atlas(self, min_edge_count: int) -> None:
         con = self._con
-        con.execute(f"ATTACH {_sql_path(self.path)} AS atlas (READ_ONLY)")
+        con.execute(f"ATTACH {_sql_path(self.path.resolve())} AS atlas (READ_ONLY)")
+        kinds = dict(con.execute(
+            "SELECT table_name, table_type FROM information_schema.tables "
+            "WHERE table_catalog = 'atlas' AND table_schema = 'main' AND table_name IN ('neurons', 'edges')"
+        ).fetchall())  # fmt: skip
+        not_tables = sorted(name for name, kind in kinds.items() if kind != "BASE TABLE")
+        if not_tables:
+            raise CorruptInput(f"{self.path}: {', '.join(not_tables)} must be tables, not views (is this an atlas file?)")
         cols = {r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_catalog='atlas' AND table_name='neurons'"
         ).fetchall()}
@@ -129,17 +175,20 @@ class DuckDBEvidence:
             "(weight_sum / greatest(count, 1))::DOUBLE AS mean_weight FROM atlas.edges WHERE count >= ?",
             [min_edge_count],
         )
+        tables = {r[0] for r in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_catalog='atlas'").fetchall()}
+        if "logit_edges" in tables:
+            con.execute(
+                "CREATE TABLE logits AS SELECT src_layer::INT AS src_layer, src_neuron::INT AS src_neuron, token_id::BIGINT "
+                "AS token_id, token, count::BIGINT AS count, mean_weight::DOUBLE AS mean_weight FROM atlas.logit_edges "
+                "WHERE count >= ?", [min_edge_count])
+        else:
+            self._empty_logits()
         con.execute("DETACH atlas")
 
-    def _load_parquet(self, min_edge_count: int) -> None:
+    def _load_parquet(self, min_edge_count: int, edge_files: list[Path], unit_files: list[Path],
+                      logit_files: list[Path]) -> None:
         con = self._con
-        if self.path.is_dir():
-            edge_files = sorted(self.path.glob("edges*.parquet"))
-            unit_files = sorted([*self.path.glob("units*.parquet"), *self.path.glob("neurons*.parquet")])
-        else:
-            edge_files, unit_files = [self.path], []
-        if not edge_files:
-            raise NotFound(f"{self.path}: no edges*.parquet files")
         files = "[" + ", ".join(_sql_path(f) for f in edge_files) + "]"
         con.execute(
             "CREATE TABLE edges AS SELECT src_layer::INT AS src_layer, src_neuron::INT AS src_neuron, "
@@ -148,6 +197,16 @@ class DuckDBEvidence:
             "GROUP BY ALL HAVING sum(count) >= ?",
             [min_edge_count],
         )
+        if logit_files:
+            lfiles = "[" + ", ".join(_sql_path(f) for f in logit_files) + "]"
+            con.execute(
+                "CREATE TABLE logits AS SELECT src_layer::INT AS src_layer, src_neuron::INT AS src_neuron, token_id::BIGINT "
+                "AS token_id, max(token) AS token, sum(count)::BIGINT AS count, (sum(weight_sum) / greatest(sum(count), 1))"
+                f"::DOUBLE AS mean_weight FROM read_parquet({lfiles}) GROUP BY 1, 2, 3 HAVING sum(count) >= ?",
+                [min_edge_count],
+            )
+        else:
+            self._empty_logits()
         if unit_files:
             ufiles = "[" + ", ".join(_sql_path(f) for f in unit_files) + "]"
             cols = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({ufiles})").fetchall()}
@@ -165,6 +224,26 @@ class DuckDBEvidence:
                 "'' AS prior_description FROM (SELECT src_layer AS layer, src_neuron AS neuron FROM edges "
                 "UNION SELECT tgt_layer, tgt_neuron FROM edges)"
             )
+
+    def _empty_logits(self) -> None:
+        self._con.execute("CREATE TABLE logits (src_layer INT, src_neuron INT, token_id BIGINT, token VARCHAR, "
+                          "count BIGINT, mean_weight DOUBLE)")
+
+    def logit_links(self, layer: int, *, limit: int) -> dict[int, list[LogitNeighbour]]:
+        sql = (
+            "SELECT src_neuron, token_id, token, count, mean_weight FROM logits WHERE src_layer = ? "
+            "QUALIFY row_number() OVER (PARTITION BY src_neuron ORDER BY abs(mean_weight) DESC, token_id) <= ? "
+            "ORDER BY src_neuron, abs(mean_weight) DESC, token_id"
+        )
+        with self._lock:
+            rows = self._con.execute(sql, [layer, limit]).fetchall()
+        out: dict[int, list[LogitNeighbour]] = {}
+        for neuron, token_id, token, count, weight in rows:
+            out.setdefault(int(neuron), []).append(
+                LogitNeighbour(token_id=int(token_id), token=token or f"<{token_id}>", count=int(count),
+                               mean_weight=float(weight))
+            )
+        return out
 
     def units(self) -> list[UnitRecord]:
         with self._lock:

@@ -43,7 +43,11 @@ class LLMBackend(Protocol):
 
     model: str
 
-    async def complete(self, *, system: str, messages: Sequence[ChatMessage], max_tokens: int) -> Completion: ...
+    async def complete(self, *, system: str, messages: Sequence[ChatMessage], max_tokens: int,
+                       response_schema: dict[str, Any] | None = None) -> Completion:
+        """``response_schema``: the JSON schema of the expected answer (default: a label), used
+        by backends that constrain answers (OpenAI-compatible with json_mode); others ignore it."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -90,7 +94,8 @@ class AnthropicBackend:
     def __repr__(self) -> str:
         return f"AnthropicBackend(model={self.model!r}, base_url={self._base_url!r})"
 
-    async def complete(self, *, system: str, messages: Sequence[ChatMessage], max_tokens: int) -> Completion:
+    async def complete(self, *, system: str, messages: Sequence[ChatMessage], max_tokens: int,
+                       response_schema: dict[str, Any] | None = None) -> Completion:
         if self._client is None:
             import anthropic
 
@@ -153,14 +158,19 @@ class OpenAIBackend:
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.model!r}, base_url={self._base_url!r})"
 
-    async def complete(self, *, system: str, messages: Sequence[ChatMessage], max_tokens: int) -> Completion:
+    async def complete(self, *, system: str, messages: Sequence[ChatMessage], max_tokens: int,
+                       response_schema: dict[str, Any] | None = None) -> Completion:
         if self._client is None:
             import openai
 
             self._client = openai.AsyncOpenAI(
                 api_key=self._api_key, base_url=self._base_url, max_retries=0, timeout=self._timeout
             )
-        extra: dict[str, Any] = {"response_format": ANSWER_RESPONSE_FORMAT} if self._json_mode else {}
+        extra: dict[str, Any] = {}
+        if self._json_mode:
+            extra["response_format"] = ANSWER_RESPONSE_FORMAT if response_schema is None else {
+                "type": "json_schema", "json_schema": {"name": "answer", "schema": response_schema, "strict": True},
+            }
         response = await self._client.chat.completions.create(
             model=self.model,
             max_completion_tokens=max_tokens,
@@ -318,12 +328,14 @@ class RetryingLLM:
         self.requests = 0
         self.retries = 0
 
-    async def complete(self, *, system: str, messages: Sequence[ChatMessage], max_tokens: int) -> Completion:
+    async def complete(self, *, system: str, messages: Sequence[ChatMessage], max_tokens: int,
+                       response_schema: dict[str, Any] | None = None) -> Completion:
         retry = 0
+        extra = {"response_schema": response_schema} if response_schema is not None else {}
         while True:
             self.requests += 1
             try:
-                completion = await self.backend.complete(system=system, messages=messages, max_tokens=max_tokens)
+                completion = await self.backend.complete(system=system, messages=messages, max_tokens=max_tokens, **extra)
             except Exception as exc:  # noqa: BLE001 - classified below
                 kind = classify_error(exc)
                 summary = _summarise(exc)

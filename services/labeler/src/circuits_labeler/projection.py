@@ -282,3 +282,44 @@ def load_model_for_projections(name: str, *, device: str = "cpu") -> tuple[Any, 
     except (OSError, ValueError) as exc:
         raise NotFound(f"cannot load model {name!r} for output projections: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval(), tokenizer
+
+
+class InputProjection:
+    """Tokens whose embeddings, fed straight into a layer's MLP, drive a neuron most (relp-spec §F:
+    ``silu(W_E W_gate[i]) * (W_E W_up[i])`` per vocabulary token, norms and attention ignored).
+
+    A small per-neuron computation (``[V, H] @ [H]`` twice), done on demand and cached; called as
+    ``projection(layer, neuron) -> [TokenWeight, ...]`` (strongest positive first).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, top_k: int = 10) -> None:
+        self.model = model
+        self.top_k = top_k
+        self._vocab: list[str] | None = None
+        self._tokenizer = tokenizer
+        self._cache: dict[tuple[int, int], tuple[TokenWeight, ...]] = {}
+
+    def __call__(self, layer: int, neuron: int) -> tuple[TokenWeight, ...]:
+        import torch
+
+        key = (layer, neuron)
+        if key in self._cache:
+            return self._cache[key]
+        layers = _decoder_layers(self.model)
+        if not 0 <= layer < len(layers):
+            return ()
+        mlp = layers[layer].mlp
+        if not 0 <= neuron < mlp.gate_proj.weight.shape[0]:
+            return ()
+        with torch.no_grad():
+            embed = self.model.get_input_embeddings().weight.float()  # [V, H]
+            gate = embed @ mlp.gate_proj.weight[neuron].float()  # [V]
+            up = embed @ mlp.up_proj.weight[neuron].float()  # [V]
+            drive = torch.nn.functional.silu(gate) * up
+            top = torch.topk(drive, min(self.top_k, drive.shape[0]))
+        if self._vocab is None:
+            self._vocab = vocabulary_strings(self._tokenizer, embed.shape[0])
+        out = tuple(TokenWeight(token_id=int(i), token=self._vocab[int(i)], weight=float(v))
+                    for v, i in zip(top.values.tolist(), top.indices.tolist()))
+        self._cache[key] = out
+        return out

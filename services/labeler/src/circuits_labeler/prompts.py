@@ -74,6 +74,23 @@ class LinkedNeuron:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LogitLink:
+    """An aggregated neuron -> logit edge: the token, how often it was seen, its mean weight."""
+
+    token: str
+    count: int
+    mean_weight: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExemplarLine:
+    """A top-activating context shown in pass 2: its text (activating token marked) and activation."""
+
+    text: str
+    activation: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NeuronContext:
     """Everything a prompt says about one neuron."""
 
@@ -92,6 +109,13 @@ class NeuronContext:
     output_description: str = ""
     upstream: tuple[LinkedNeuron, ...] = ()
     unlabeled_upstream: tuple[str, ...] = ()
+    #: Pass 1, late layers: aggregated neuron -> logit links (strongest first).
+    logit_links: tuple[LogitLink, ...] = ()
+    #: Pass 2: top-activating corpus contexts (highest first) and the neuron's activation scale.
+    exemplars: tuple[ExemplarLine, ...] = ()
+    activation_note: str = ""
+    #: Pass 2: tokens whose embeddings, fed straight into the MLP, drive the neuron most (relp-spec §F).
+    input_tokens: tuple[TokenEffect, ...] = ()
 
     @property
     def unit_id(self) -> str:
@@ -168,6 +192,11 @@ def output_prompt(ctx: NeuronContext) -> Prompt:
     if ctx.band == "late" or not ctx.downstream:
         lines.append(f"Top promoted tokens (direct logit effect): {_fmt_tokens(ctx.promotes[:10])}")
         lines.append(f"Top suppressed tokens (direct logit effect): {_fmt_tokens(ctx.suppresses[:10])}")
+    if ctx.logit_links:
+        lines.append("Logit links in attribution graphs (output token, mean edge weight, times seen):")
+        for link in ctx.logit_links:
+            verb = "PROMOTES" if link.mean_weight >= 0 else "SUPPRESSES"
+            lines.append(f"  {verb} {json.dumps(link.token, ensure_ascii=False)} (w={link.mean_weight:+.4f}, seen {link.count}x)")
     if ctx.downstream:
         lines.append("Labelled downstream neurons (strongest mean edge weight first):")
         for n in ctx.downstream:
@@ -192,7 +221,14 @@ def input_prompt(ctx: NeuronContext) -> Prompt:
     if ctx.output_label:
         lines.append(f"Its output function: {ctx.output_label}")
     lines.append("")
-    lines.append("Labelled upstream neurons (strongest mean edge weight first):")
+    if ctx.exemplars:
+        lines.append(f"Top-activating corpus contexts (activating token marked [[like this]]; {ctx.activation_note}):")
+        for ex in ctx.exemplars:
+            lines.append(f"  {ex.activation:+.3f}: {json.dumps(ex.text, ensure_ascii=False)}")
+    if ctx.input_tokens:
+        lines.append(f"Tokens whose embeddings drive it most directly (input projection): {_fmt_tokens(ctx.input_tokens)}")
+    if ctx.upstream or not ctx.exemplars:
+        lines.append("Labelled upstream neurons (strongest mean edge weight first):")
     for n in ctx.upstream:
         verb = "EXCITED by" if n.weight >= 0 else "INHIBITED by"
         extra = f"; fires on: {n.input_label}" if n.input_label else ""
@@ -202,10 +238,39 @@ def input_prompt(ctx: NeuronContext) -> Prompt:
     lines.append(f"Top promoted tokens (for reference): {_fmt_tokens(ctx.promotes[:5])}")
     lines += [
         "",
-        "What input condition TRIGGERS this neuron? Base the label on the upstream evidence.",
+        "What input condition TRIGGERS this neuron? Base the label on the contexts where it fires."
+        if ctx.exemplars else "What input condition TRIGGERS this neuron? Base the label on the upstream evidence.",
         _answer_spec(INPUT_TYPES, "3-7"),
     ]
     return Prompt(system=SYSTEM_PROMPT, user="\n".join(lines))
+
+
+def estimate_tokens(prompt: Prompt) -> int:
+    """Rough token count of a prompt (characters / 4), the unit of the per-pass budgets."""
+    return (len(prompt.system) + len(prompt.user)) // 4 + 1
+
+
+#: Evidence dropped first when a prompt is over its budget (last items of each list first).
+_TRIM_ORDER = {
+    "output": ("downstream", "logit_links"),
+    "input": ("unlabeled_upstream", "upstream", "input_tokens", "exemplars"),
+}
+
+
+def fit_prompt(label_pass: str, ctx: NeuronContext, *, budget: int) -> Prompt:
+    """The pass's prompt for ``ctx`` with evidence lists cut from the end until it fits ``budget``
+    estimated tokens (0 = no budget). What remains (headers, token effects) is always sent."""
+    from dataclasses import replace
+
+    build = output_prompt if label_pass == "output" else input_prompt
+    prompt = build(ctx)
+    if budget <= 0:
+        return prompt
+    for name in _TRIM_ORDER[label_pass]:
+        while estimate_tokens(prompt) > budget and getattr(ctx, name):
+            ctx = replace(ctx, **{name: getattr(ctx, name)[:-1]})
+            prompt = build(ctx)
+    return prompt
 
 
 def correction_message(reason: str, allowed_types: Sequence[str]) -> str:

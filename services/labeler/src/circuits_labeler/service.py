@@ -9,20 +9,50 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 
-from circuits_core.errors import CircuitsError, FailedPrecondition, InvalidArgument
+from circuits_core.errors import CircuitsError, FailedPrecondition, InvalidArgument, ResourceExhausted
+from circuits_core.limits import DEFAULT_LIMITS, Limits, flag
 from circuits_core.schemas import LabelProgress, Unit
 
-from circuits_labeler.engine import ProgressiveLabeler
+from circuits_labeler.engine import ProgressiveLabeler, _check_passes
 
 _END = object()
 
 
 class LabelerService:
-    def __init__(self, labeler: ProgressiveLabeler) -> None:
+    """``limits``: ``max_label_units_per_request`` and ``max_labels_per_window`` per
+    ``label_window_s`` bound what LabelUnits may spend; ``clock`` (seconds) is injectable for tests."""
+
+    def __init__(self, labeler: ProgressiveLabeler, *, limits: Limits = DEFAULT_LIMITS,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.labeler = labeler
+        self.limits = limits
+        self._clock = clock
         self._busy = threading.Lock()
+        self._window: deque[tuple[float, int]] = deque()
+        self._window_lock = threading.Lock()
+
+    def _reserve_window(self, n: int) -> None:
+        """Count ``n`` units against the sliding window or raise ResourceExhausted."""
+        limit, span = self.limits.max_labels_per_window, self.limits.label_window_s
+        if not limit:
+            return
+        with self._window_lock:
+            now = self._clock()
+            while self._window and self._window[0][0] <= now - span:
+                self._window.popleft()
+            used = sum(count for _t, count in self._window)
+            if used + n > limit:
+                wait = (self._window[0][0] + span - now) if self._window else span
+                raise ResourceExhausted(
+                    f"LabelUnits: {n} more units would exceed the limit max_labels_per_window={limit} per "
+                    f"{span:g} s ({flag('max_labels_per_window')}, {flag('label_window_s')}; {used} used); "
+                    f"retry in {max(wait, 0):.0f} s"
+                )
+            self._window.append((now, n))
 
     def _acquire(self) -> None:
         if not self._busy.acquire(blocking=False):
@@ -68,12 +98,23 @@ class LabelerService:
             self.labeler.cancel_event.clear()
             self._busy.release()
 
-    def label_units(self, keys: Sequence[tuple[int, int]], *, label_pass: str) -> tuple[list[Unit], list[str]]:
-        """Label ``keys`` in one pass now; return the units with their labels and the failures."""
+    def label_units(
+        self, keys: Sequence[tuple[int, int]], *, label_pass: str, allow_without_evidence: bool = False
+    ) -> tuple[list[Unit], list[str]]:
+        """Label ``keys`` in one pass now; return the units with their labels and the failures.
+
+        Before anything is paid for: at most ``max_label_units_per_request`` units (repeats
+        counted once), all inside the model, all listed by the evidence unless
+        ``allow_without_evidence``, and within ``max_labels_per_window``."""
         if not keys:
             raise InvalidArgument("no units given")
+        _check_passes([label_pass])
+        keys = list(dict.fromkeys(tuple(k) for k in keys))
+        self.limits.check("max_label_units_per_request", len(keys), "LabelUnits request has", unit="units")
+        self.labeler.check_units(keys, allow_without_evidence=allow_without_evidence)
         self._acquire()
         try:
+            self._reserve_window(len(keys))
             outcomes, _progress = self.labeler.label_units(list(keys), label_pass=label_pass)
         finally:
             self._busy.release()

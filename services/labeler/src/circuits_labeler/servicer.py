@@ -19,7 +19,8 @@ class LabelerServicer(labeler_pb2_grpc.LabelerServiceServicer):
     def LabelUnits(self, request: labeler_pb2.LabelUnitsRequest, context) -> labeler_pb2.LabelUnitsResponse:  # noqa: N802
         self.limits.check("max_units_per_request", len(request.units), "LabelUnits request has", unit="units")
         units, failures = self.service.label_units(
-            wire.unit_refs_from_proto(request.units), label_pass=request.label_pass
+            wire.unit_refs_from_proto(request.units), label_pass=request.label_pass,
+            allow_without_evidence=request.allow_without_evidence,
         )
         return labeler_pb2.LabelUnitsResponse(units=wire.units_to_proto(units), failures=failures)
 

@@ -25,6 +25,7 @@ from circuits_core.errors import CorruptInput
 from circuits_core.schemas import Unit, UnitLabel
 
 from circuits_labeler.prompts import ParsedAnswer
+from circuits_labeler.scoring import LabelScore
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,6 +35,8 @@ class NeuronLabels:
     appearance_count: int = 0
     output: ParsedAnswer | None = None
     input: ParsedAnswer | None = None
+    output_score: LabelScore | None = None
+    input_score: LabelScore | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -57,6 +60,8 @@ class NeuronLabels:
             "passes": [p for p, a in (("output", out), ("input", inp)) if a],
             "appearance_count": self.appearance_count,
             "model": model,
+            **_score_fields("output", self.output_score),
+            **_score_fields("input", self.input_score),
         }
 
     @classmethod
@@ -79,22 +84,54 @@ class NeuronLabels:
         return cls(
             layer=int(rec["layer"]), neuron=int(rec["neuron"]),
             appearance_count=int(rec.get("appearance_count", 0)), output=out, input=inp,
+            output_score=_score_from(rec, "output"), input_score=_score_from(rec, "input"),
         )
 
     def to_unit(self) -> Unit:
         labels = []
         if self.output:
             labels.append(UnitLabel(text=self.output.label, source="progressive_output",
-                                    confidence=self.output.confidence, description=self.output.description))
+                                    confidence=self.output.confidence, description=self.output.description,
+                                    **_label_score_kwargs(self.output_score)))
         if self.input:
             labels.append(UnitLabel(text=self.input.label, source="progressive_input",
-                                    confidence=self.input.confidence, description=self.input.description))
+                                    confidence=self.input.confidence, description=self.input.description,
+                                    **_label_score_kwargs(self.input_score)))
         return Unit(
             layer=self.layer, index=self.neuron, kind="neuron",
             label=self.output.label if self.output else "",
             input_label=self.input.label if self.input else "",
             appearance_count=self.appearance_count, labels=tuple(labels),
         )
+
+
+def _score_fields(label_pass: str, score: LabelScore | None) -> dict:
+    if score is None:
+        return {}
+    return {
+        f"{label_pass}_score_detection": score.detection, f"{label_pass}_score_simulation": score.simulation,
+        f"{label_pass}_score_contexts": score.contexts, f"{label_pass}_score_positives": score.positives,
+    }  # fmt: skip
+
+
+def _score_from(rec: dict, label_pass: str) -> LabelScore | None:
+    if f"{label_pass}_score_contexts" not in rec:
+        return None
+
+    def num(name: str) -> float | None:
+        value = rec.get(f"{label_pass}_score_{name}")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    return LabelScore(detection=num("detection"), simulation=num("simulation"),
+                      contexts=int(rec.get(f"{label_pass}_score_contexts") or 0),
+                      positives=int(rec.get(f"{label_pass}_score_positives") or 0))
+
+
+def _label_score_kwargs(score: LabelScore | None) -> dict:
+    if score is None:
+        return {}
+    return {"score_detection": score.detection, "score_simulation": score.simulation,
+            "score_contexts": score.contexts, "score_positives": score.positives}
 
 
 class LabelStore:
@@ -119,8 +156,19 @@ class LabelStore:
     def set(self, key: tuple[int, int], *, label_pass: str, answer: ParsedAnswer, appearance_count: int = 0) -> None:
         with self._lock:
             entry = self._by_key.get(key) or NeuronLabels(layer=key[0], neuron=key[1], appearance_count=appearance_count)
-            entry = replace(entry, output=answer) if label_pass == "output" else replace(entry, input=answer)
+            # A changed label keeps no score: it was the old label's.
+            if label_pass == "output":
+                entry = replace(entry, output=answer, output_score=entry.output_score if entry.output == answer else None)
+            else:
+                entry = replace(entry, input=answer, input_score=entry.input_score if entry.input == answer else None)
             self._by_key[key] = entry
+
+    def set_score(self, key: tuple[int, int], *, label_pass: str, score: LabelScore) -> None:
+        with self._lock:
+            entry = self._by_key.get(key)
+            if entry is None:
+                return
+            self._by_key[key] = replace(entry, **{f"{label_pass}_score": score})
 
     def all(self) -> list[NeuronLabels]:
         with self._lock:

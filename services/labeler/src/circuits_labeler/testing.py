@@ -31,7 +31,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 _UNIT = re.compile(r"Neuron: L(\d+)/N(\d+)")
-_TASK = re.compile(r"Task: (output|input)")
+_TASK = re.compile(r"Task: (output|input|score)")
+_MARKED = re.compile(r"\[\[(.*?)\]\]")
+_EXPLANATION = re.compile(r"^Explanation: (.*)$", re.MULTILINE)
+_SNIPPET = re.compile(r"^\d+\. (\".*\")$", re.MULTILINE)
 FAULTS = ("429", "500", "503", "400", "401", "malformed", "timeout")
 
 
@@ -64,11 +67,44 @@ def count_tokens(text: str) -> int:
     return len(text) // 4 + 1
 
 
+def _words(text: str) -> set[str]:
+    return {w for w in re.split(r"[^\w]+", text.lower()) if w}
+
+
+def scorer_answer(prompt: str) -> str:
+    """A deterministic keyword scorer: for each snippet, 10 when its marked token is a word of the
+    explanation, else 0. (A correct "fires on 'cat'" label then predicts the cat neuron; a label
+    about something else predicts nothing.)"""
+    match = _EXPLANATION.search(prompt)
+    explanation = _words(json.loads(match[1])) if match else set()
+    predictions = []
+    for snippet in _SNIPPET.findall(prompt):
+        marked = _MARKED.search(json.loads(snippet))
+        token = marked[1].strip().lower() if marked else ""
+        predictions.append(10 if token and token in explanation else 0)
+    return json.dumps({"predictions": predictions})
+
+
 def labeler_responder(request: StandInRequest) -> str:
-    """A valid JSON answer for labeller prompts; plain text for anything else."""
+    """A valid JSON answer for labeller prompts; plain text for anything else.
+
+    Input-pass prompts that show corpus exemplars get the label ``fires on the token <token>`` naming the
+    most frequent marked token among them (ties: first seen); scoring prompts get
+    :func:`scorer_answer`."""
+    if request.label_pass == "score":
+        return scorer_answer(request.prompt)
     if request.unit is None or request.label_pass is None:
         return "Stand-in analysis: the circuit routes the prompt's subject to the answer token."
     layer, neuron = request.unit
+    marked = [m.strip() for m in _MARKED.findall(request.prompt) if m.strip() and m != "like this"]
+    if request.label_pass == "input" and marked:
+        token = max(dict.fromkeys(marked), key=marked.count)
+        return json.dumps({
+            "label": f"fires on the token {token}",
+            "description": f"Fires on the token {token!r} in the corpus contexts shown.",
+            "type": "token-pattern",
+            "confidence": "high",
+        })
     kind = "semantic" if request.label_pass == "output" else "context"
     return json.dumps({
         "label": f"{request.label_pass} L{layer}/N{neuron}",

@@ -3,7 +3,8 @@
 The base ``circuits`` install is the core, the SDK and the light commands. Each in-process engine
 is an optional part (a pip extra of ``circuits``): ``attribution`` (torch, transformers),
 ``aggregator`` (duckdb, pyarrow), ``labeler`` (LLM SDKs), ``atlas`` (duckdb, infomap), ``serve``
-(the server library). :func:`require` imports a part's module or raises :class:`MissingPart`, a
+(the server library), ``gateway`` (the server library and Envoy), ``mcp`` (the MCP SDK for
+``circuits mcp``). :func:`require` imports a part's module or raises :class:`MissingPart`, a
 :class:`~circuits_core.errors.FailedPrecondition` the CLI prints as one ``error:`` line.
 """
 
@@ -37,6 +38,8 @@ PART_OF_MODULE: dict[str, str] = {
     "circuits_server": "serve",
     "prometheus_client": "serve",
     "grpc_reflection": "serve",
+    "envoy": "gateway",
+    "mcp": "mcp",
 }
 
 

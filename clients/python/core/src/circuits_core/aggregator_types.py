@@ -49,6 +49,17 @@ class GraphArrays:
     edge_tgt_layer: np.ndarray  # int32 [E]
     edge_tgt_neuron: np.ndarray  # int32 [E]
     edge_weight: np.ndarray  # float64 [E]
+    #: Neuron -> logit links (kept apart from neuron -> neuron edges): source neuron, vocabulary id
+    #: of the logit's token, weight; None = none. ``logit_tokens``: (token id, token string) pairs.
+    logit_src_layer: np.ndarray | None = None  # int32 [G]
+    logit_src_neuron: np.ndarray | None = None  # int32 [G]
+    logit_token_id: np.ndarray | None = None  # int64 [G]
+    logit_weight: np.ndarray | None = None  # float64 [G]
+    logit_tokens: tuple[tuple[int, str], ...] = ()
+
+    @property
+    def n_logit_links(self) -> int:
+        return 0 if self.logit_weight is None else int(self.logit_weight.shape[0])
 
     @property
     def n_edges(self) -> int:
@@ -72,6 +83,8 @@ def graph_arrays_from_units(
     edge_src: Any,
     edge_tgt: Any,
     edge_weight: Any,
+    is_logit: Any = None,
+    tokens: Any = None,
 ) -> GraphArrays:
     """Build GraphArrays from per-unit columns and edges given as unit row numbers.
 
@@ -109,9 +122,29 @@ def graph_arrays_from_units(
             raise InvalidArgument(f"{where}: neuron layers must be in 0..{MAX_LAYER}")
         if int(neuron_index.min()) < 0 or int(neuron_index.max()) > MAX_NEURON:
             raise InvalidArgument(f"{where}: neuron indices must be in 0..{MAX_NEURON}")
+    logit = {}
+    if is_logit is not None:
+        is_logit = np.asarray(is_logit, dtype=bool)
+        if is_logit.shape[0] != n_units:
+            raise InvalidArgument(f"{where}: unit columns differ in length")
+        to_logit = is_neuron[src] & is_logit[tgt]
+        ls, lt = src[to_logit], tgt[to_logit]
+        token_ids = index[lt]
+        if token_ids.shape[0] and int(token_ids.min()) < 0:
+            raise InvalidArgument(f"{where}: logit token ids must be >= 0")
+        names = {}
+        if tokens is not None:
+            for row in np.unique(lt).tolist():
+                names[int(index[row])] = str(tokens[row])
+        logit = {
+            "logit_src_layer": layer[ls].astype(np.int32), "logit_src_neuron": index[ls].astype(np.int32),
+            "logit_token_id": token_ids.astype(np.int64), "logit_weight": weight[to_logit],
+            "logit_tokens": tuple(sorted(names.items())),
+        }  # fmt: skip
     keep = is_neuron[src] & is_neuron[tgt]
     src, tgt = src[keep], tgt[keep]
     return GraphArrays(
+        **logit,
         graph_id=graph_id,
         source=source,
         corpus_index=int(corpus_index),
@@ -202,6 +235,8 @@ UNIT_COLUMNS: tuple[str, ...] = (
     "layer", "neuron", "graph_count", "observation_count", "act_sum", "act_sq_sum", "act_min", "act_max",
     "attr_sum", "attr_abs_sum", "attr_sq_sum", "attr_min", "attr_max",
 )  # fmt: skip
+#: Column order of aggregated neuron -> logit links (= logits.parquet).
+LOGIT_COLUMNS: tuple[str, ...] = ("src_layer", "src_neuron", "token_id", "token", "count", "weight_sum", "weight_abs_sum")
 #: Column order of the ledger export (= ledger.parquet).
 LEDGER_COLUMNS: tuple[str, ...] = ("graph_id", "source", "corpus_index")
 

@@ -53,3 +53,30 @@ class AtlasStats:
     edges: int
     clusters: int
     metadata: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnitActivationStats:
+    """How a unit behaved over the aggregated graphs; None = not recorded in this atlas."""
+
+    #: Times the neuron was a node of a graph (all positions).
+    observation_count: int = 0
+    mean_activation: float | None = None
+    max_activation: float | None = None
+    mean_attribution: float | None = None
+    #: ``||W_down[:, i]||`` when the labels recorded it.
+    output_norm: float | None = None
+    #: Exemplars the label was written from, when recorded.
+    num_exemplars: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnitCard:
+    """Everything the atlas knows about one unit: labels (on ``unit``), statistics, cluster, degree."""
+
+    unit: Unit
+    stats: UnitActivationStats = field(default_factory=UnitActivationStats)
+    #: The unit's innermost cluster; None when the unit is not clustered.
+    cluster: ClusterInfo | None = None
+    downstream_edges: int = 0
+    upstream_edges: int = 0

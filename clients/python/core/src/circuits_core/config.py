@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from circuits_core.errors import ConfigError
+from circuits_core.errors import ConfigError, InvalidArgument
+from circuits_core.tracing import TraceSettings
 
 SMALL_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -37,25 +38,17 @@ class ModelSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GraphsSection:
+class GraphsSection(TraceSettings):
+    """Which prompts to trace and how: every per-request setting of
+    :class:`~circuits_core.tracing.TraceSettings` (k, tau, max_nodes, raw, answer_prefix,
+    target_tokens, contrastive, target_position) is a key of this section, with its defaults."""
+
     #: Prompts to trace (inline).
     prompts: tuple[str, ...] = ()
-    #: JSONL file with one {"prompt": ..., "id": ..., "target_tokens": [...]} per line.
+    #: JSONL file: per line a prompt string, or {"prompt": ..., "id": ..., and any trace setting}.
     prompts_file: str = ""
     #: Directory graph files are written to.
     output_dir: str = "graphs"
-    #: Number of top logits traced.
-    k: int = 5
-    #: Node threshold: keep |RelP_v| >= tau * |m|.
-    tau: float = 0.005
-    #: Above this many selected nodes, edges are skipped.
-    max_nodes: int = 500
-    #: Skip the chat template.
-    raw: bool = False
-    #: Partial assistant answer appended after the generation prompt.
-    answer_prefix: str = ""
-    #: Explicit target tokens (overrides k).
-    target_tokens: tuple[str, ...] = ()
     #: Remote attribution service host:port; empty = in-process.
     remote: str = ""
 
@@ -161,6 +154,8 @@ class LabelingSection:
     early_band_fraction: float = 0.3
     #: Decoder layers of the model; 0 = from the projections file or the evidence.
     num_layers: int = 0
+    #: MLP neurons per layer (the model's intermediate size); 0 = from the projections file (unknown without one).
+    neurons_per_layer: int = 0
     #: Re-asks after a malformed (unparseable / invalid) answer before the neuron is marked failed.
     malformed_retries: int = 2
     #: First retry delay in seconds (doubles per retry, with jitter), and its cap.
@@ -172,6 +167,27 @@ class LabelingSection:
     retry_failed: bool = False
     #: fsync the answer cache after every answer (crash-safe; slower on slow disks).
     cache_fsync: bool = True
+    #: Exemplar file (`circuits exemplars`): pass-2 evidence and the contexts labels are scored on.
+    exemplars_path: str = ""
+    #: Score every label against held-out exemplars and random contexts (only where exemplars exist).
+    score: bool = True
+    #: Held-out top exemplars (odd ranks) per scored label.
+    score_held_out: int = 10
+    #: Random-sample contexts per scored label.
+    score_random: int = 10
+    #: A context truly fires when its activation >= this fraction of the neuron's lowest kept top activation.
+    score_fire_fraction: float = 0.5
+    #: Max output tokens of one scorer answer.
+    score_max_answer_tokens: int = 200
+    #: With exemplars: show pass 2 the tokens whose embeddings drive the neuron (loads model.name).
+    input_projection: bool = True
+    #: Top exemplars (even ranks) shown in a pass-2 prompt.
+    exemplars_in_prompt: int = 8
+    #: Neuron -> logit links shown in a late-layer pass-1 prompt.
+    logit_links_in_prompt: int = 8
+    #: Token budgets of the prompts (estimated as characters / 4); evidence lists are cut to fit.
+    output_prompt_budget: int = 1200
+    input_prompt_budget: int = 2000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -265,7 +281,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if key not in names:
             raise ConfigError(f"{path}: unknown key (allowed: {', '.join(sorted(names))})")
         kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except InvalidArgument as exc:  # a section's own validation (e.g. graphs.k >= 1)
+        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 def config_from_mapping(data: Any, *, source: str = "config", base_dir: str = ".") -> Config:

@@ -30,8 +30,9 @@ def graph_format(path: str | Path) -> str:
 
 
 def is_graph_file(path: str | Path) -> bool:
+    """A graph file by its name (hidden files and a folder's graph-metadata.json index are not)."""
     name = Path(path).name
-    return name.endswith(GRAPH_SUFFIXES) and not name.startswith(".")
+    return name.endswith(GRAPH_SUFFIXES) and not name.startswith(".") and name != "graph-metadata.json"
 
 
 def read_graph_proto(path: str | Path):

@@ -52,6 +52,28 @@ class Limits:
     max_queue: int = 8
     #: Most edges in one aggregator GetEdges message; larger batch_size requests are clamped.
     max_edges_per_batch: int = 65_536
+    #: Concurrent streaming calls per server (Ingest, GetEdges, TraceBatch, RunProgressive, health Watch, reflection). They run on a thread pool of their own, so unary calls and health checks keep their workers; more are refused with RESOURCE_EXHAUSTED at once.
+    max_streams: int = 32
+    #: Concurrent streaming calls of one method; more are refused with RESOURCE_EXHAUSTED.
+    max_streams_per_method: int = 16
+    #: Concurrent streaming calls from one client address (IP, port ignored); more are refused with RESOURCE_EXHAUSTED.
+    max_streams_per_peer: int = 16
+    #: Concurrent health Watch streams, and server reflection streams, each (both need no token); more are refused with RESOURCE_EXHAUSTED.
+    max_open_streams: int = 4
+    #: Seconds a stream may wait for the client's next message, or for the client to read a reply, before the server cancels it.
+    stream_idle_timeout_s: float = 300.0
+    #: Most units one LabelUnits request may ask to label (each can cost an LLM call); RESOURCE_EXHAUSTED beyond.
+    max_label_units_per_request: int = 256
+    #: Most units LabelUnits requests may ask to label within label_window_s seconds (all clients together); RESOURCE_EXHAUSTED beyond.
+    max_labels_per_window: int = 2000
+    #: Length of the LabelUnits window in seconds (see max_labels_per_window).
+    label_window_s: float = 3600.0
+    #: Longest identifier-like string in a request (graph_id, slug, model, cluster, label_pass, ...); no control characters allowed in these. INVALID_ARGUMENT beyond.
+    max_name_chars: int = 512
+    #: Longest path in a request (aggregator Export directory); no control characters. INVALID_ARGUMENT beyond.
+    max_path_chars: int = 4096
+    #: Longest other string in a request (target and contrastive tokens, search text, ...); NUL refused in every string. INVALID_ARGUMENT beyond.
+    max_text_chars: int = 65_536
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from circuits_core.errors import CorruptInput, InvalidArgument
+from circuits_core.influence import DEFAULT_NODE_THRESHOLD, InfluenceShares, influence_shares, logit_weights_from_probabilities
+from circuits_core.viewers import logit_clerp, parse_logit_clerp, scan_id, slug_id
 
 EMBEDDING_LAYER = -1
 UnitKind = Literal["neuron", "embedding", "logit"]
@@ -30,8 +33,6 @@ UNIT_KINDS: tuple[str, ...] = ("neuron", "embedding", "logit")
 CLERP_LABEL_CHARS = 60
 GENERATOR_NAME = "circuits RelP"
 GENERATOR_VERSION = "0.1.0"
-
-_LOGIT_CLERP = re.compile(r"^(?P<token>.*) \(p=(?P<p>[-+0-9.eE]+|nan|inf)\)$", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,6 +43,13 @@ class UnitLabel:
     source: str = ""
     confidence: str = ""
     description: str = ""
+    #: How well the label predicts the neuron's activations (circuits_labeler.scoring): balanced
+    #: accuracy of "fires" and correlation of predicted with true activations; None = not scored.
+    score_detection: float | None = None
+    score_simulation: float | None = None
+    #: Contexts the scorer judged, and how many of them truly fire.
+    score_contexts: int = 0
+    score_positives: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -233,8 +241,11 @@ def graph_content_id(*, model: str, prompt: str, settings: Mapping[str, Any], re
 
 
 def slugify(text: str, *, max_chars: int = 50) -> str:
-    """Lowercase slug: drop non-word characters except space and '-', collapse runs to '-'."""
-    text = re.sub(r"[^\w\s-]", "", text.lower())
+    """Lowercase ASCII slug: accents dropped ("Région" -> "region"), other characters except
+    letters, digits, space, '_' and '-' removed, runs of space/'_'/'-' collapsed to '-'.
+    ASCII because Neuronpedia accepts only [a-zA-Z0-9_.-] in a slug."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^a-z0-9_\s-]", "", text.lower())
     text = re.sub(r"[\s_-]+", "-", text).strip("-")
     return text[:max_chars].strip("-") or "graph"
 
@@ -249,13 +260,12 @@ def _clerp(unit: Unit) -> str:
     if unit.kind == "embedding":
         return f"Token: {unit.token}"
     if unit.kind == "logit":
-        p = unit.probability if unit.probability is not None else float("nan")
-        return f"{unit.token} (p={p:.4f})"
+        return logit_clerp(unit.token, unit.probability)
     base = f"L{unit.layer}/N{unit.index}"
     return f"{base}: {unit.label[:CLERP_LABEL_CHARS]}" if unit.label else base
 
 
-def _legacy_node(unit: Unit, first_logit: bool) -> dict[str, Any]:
+def _legacy_node(unit: Unit, first_logit: bool, influence: float | None) -> dict[str, Any]:
     node_id = unit.node_id
     layer = "E" if unit.kind == "embedding" else str(unit.layer)
     node: dict[str, Any] = {
@@ -266,12 +276,14 @@ def _legacy_node(unit: Unit, first_logit: bool) -> dict[str, Any]:
         "feature_type": {"neuron": "mlp_neuron", "embedding": "embedding", "logit": "logit"}[unit.kind],
         "jsNodeId": node_id,
         "clerp": _clerp(unit),
-        "influence": unit.attribution,
+        "influence": influence,
+        "attribution": unit.attribution,
         "activation": unit.activation,
         "isLogit": unit.kind == "logit",
     }
     if unit.kind == "logit":
-        node["token_prob"] = unit.probability
+        if unit.probability is not None:  # circuit-tracer's token_prob is a float (default 0.0), never null
+            node["token_prob"] = unit.probability
         node["is_target_logit"] = first_logit
     if unit.label:
         node["label"] = unit.label
@@ -289,6 +301,51 @@ def _legacy_node(unit: Unit, first_logit: bool) -> dict[str, Any]:
             for lab in unit.labels
         ]
     return node
+
+
+def graph_influence(graph: Graph) -> InfluenceShares:
+    """Each unit's viewer ``influence`` (cumulative influence share, relp-spec §E), in unit order."""
+    row = {u.node_key: n for n, u in enumerate(graph.units)}
+    sources: list[int] = []
+    targets: list[int] = []
+    weights: list[float] = []
+    for edge in graph.edges:
+        s, t = row.get(edge.src_key), row.get(edge.tgt_key)
+        if s is not None and t is not None:
+            sources.append(s)
+            targets.append(t)
+            weights.append(edge.weight)
+    is_logit = [u.kind == "logit" for u in graph.units]
+    return influence_shares(
+        n_nodes=len(graph.units), sources=sources, targets=targets, weights=weights,
+        logit_weights=logit_weights_from_probabilities([u.probability for u in graph.units], is_logit),
+        attributions=[u.attribution for u in graph.units], is_logit=is_logit,
+    )  # fmt: skip
+
+
+def _viewer_metadata(metadata: dict[str, Any], extra: dict[str, Any], influence: InfluenceShares) -> None:
+    """The metadata fields circuit-tracer's and Neuronpedia's viewers read (relp-spec §E)."""
+    pruning = dict(extra.pop("pruning_settings", {}) or {})
+    threshold = pruning.get("node_threshold", DEFAULT_NODE_THRESHOLD)
+    pruning.update({"node_threshold": threshold, "influence_basis": influence.basis})
+    metadata["node_threshold"] = threshold
+    metadata["pruning_settings"] = pruning
+    metadata["transcoder_list"] = list(extra.pop("transcoder_list", []) or [])
+
+
+def _viewer_metadata_from_legacy(meta: Mapping[str, Any], extra: dict[str, Any]) -> None:
+    """Inverse of :func:`_viewer_metadata`: keep only what differs from the defaults in ``extra``."""
+    pruning = dict(meta.get("pruning_settings") or {}) if isinstance(meta.get("pruning_settings"), Mapping) else {}
+    pruning.pop("influence_basis", None)
+    if "transcoder_list" in meta and "node_threshold" in meta:  # older files: node_threshold was tau
+        pruning["node_threshold"] = meta["node_threshold"]
+    if pruning.get("node_threshold") == DEFAULT_NODE_THRESHOLD:
+        pruning.pop("node_threshold")
+    extra.pop("pruning_settings", None)
+    if pruning:
+        extra["pruning_settings"] = pruning
+    if extra.get("transcoder_list") == []:
+        extra.pop("transcoder_list")
 
 
 def graph_to_legacy(graph: Graph) -> dict[str, Any]:
@@ -315,16 +372,18 @@ def graph_to_legacy(graph: Graph) -> dict[str, Any]:
     q_params.setdefault("pinnedIds", [])
     q_params.setdefault("supernodes", [])
     q_params.setdefault("linkType", "both")
+    q_params.setdefault("clickedId", "")
+    q_params.setdefault("sg_pos", "")
+    influence = graph_influence(graph)
     metadata: dict[str, Any] = {
-        "slug": md.slug or ("relp-" + slugify(graph.prompt)),
-        "scan": md.scan or graph.model,
+        "slug": slug_id(md.slug) if md.slug else ("relp-" + slugify(graph.prompt)),
+        "scan": scan_id(md.scan or graph.model or "model"),
         "prompt": graph.prompt,
         "prompt_tokens": list(graph.prompt_tokens),
         "info": info,
         "generation_settings": settings,
     }
-    if md.node_threshold is not None:
-        metadata["node_threshold"] = md.node_threshold
+    _viewer_metadata(metadata, extra, influence)
     if md.target_position is not None:
         metadata["target_position"] = md.target_position
     if graph.model:
@@ -338,8 +397,8 @@ def graph_to_legacy(graph: Graph) -> dict[str, Any]:
     by_key = {u.node_key: u for u in graph.units}
     nodes = []
     seen_logit = False
-    for unit in graph.units:
-        nodes.append(_legacy_node(unit, first_logit=unit.kind == "logit" and not seen_logit))
+    for unit, share in zip(graph.units, influence.shares):
+        nodes.append(_legacy_node(unit, first_logit=unit.kind == "logit" and not seen_logit, influence=share))
         seen_logit = seen_logit or unit.kind == "logit"
     links = []
     for n, edge in enumerate(graph.edges):
@@ -429,9 +488,11 @@ def _parse_node(node: Any, n: int, prompt_tokens: tuple[str, ...], source: str) 
     count = node.get("appearance_count", 0) or 0
     if isinstance(count, bool) or not isinstance(count, int):
         raise CorruptInput(f"{where}: field 'appearance_count' must be an integer")
+    # Since the viewer fix the signed RelP score has its own key and `influence` is the viewers'
+    # cumulative share; older files carry the score in `influence`.
     common = {
         "position": position,
-        "attribution": _optional_number(node, "influence", where),
+        "attribution": _optional_number(node, "attribution" if "attribution" in node else "influence", where),
         "activation": _optional_number(node, "activation", where),
         "input_label": str(node.get("input_label", "") or ""),
         "cluster": str(node.get("cluster", "") or ""),
@@ -448,11 +509,10 @@ def _parse_node(node: Any, n: int, prompt_tokens: tuple[str, ...], source: str) 
     except ValueError:
         raise CorruptInput(f"{where}: layer {layer_field!r} is not an integer") from None
     if ftype == "logit" or node.get("isLogit") is True:
-        match = _LOGIT_CLERP.match(clerp)
-        token = match.group("token") if match else clerp
+        token, clerp_prob = parse_logit_clerp(clerp)
         prob = _optional_number(node, "token_prob", where)
-        if prob is None and match:
-            prob = float(match.group("p"))
+        if prob is None:
+            prob = clerp_prob
         return Unit(layer=layer, index=feature, kind="logit", token=token, probability=prob, **common)
     if ftype != "mlp_neuron":
         raise CorruptInput(f"{where}: unsupported feature_type {ftype!r} (expected mlp_neuron, embedding, logit)")
@@ -510,6 +570,7 @@ def graph_from_legacy(data: Any, *, source: str = "graph") -> Graph:
     settings = dict(meta.get("generation_settings") or {}) if isinstance(meta.get("generation_settings"), Mapping) else {}
     known = set(_META_KEYS) | {"generation_settings", "model", "graph_id", "corpus_index"}
     extra: dict[str, Any] = {k: v for k, v in meta.items() if k not in known}
+    _viewer_metadata_from_legacy(meta, extra)
     for key in ("max_n_logits", "node_threshold", "metric_value", "target_position", "nodes_exceeded"):
         settings.pop(key, None)
     if settings:
@@ -527,23 +588,27 @@ def graph_from_legacy(data: Any, *, source: str = "graph") -> Graph:
     q_params = data.get("qParams")
     if isinstance(q_params, Mapping):
         q = dict(q_params)
-        for key, empty in (("pinnedIds", []), ("supernodes", []), ("linkType", "both")):
+        for key, empty in (("pinnedIds", []), ("supernodes", []), ("linkType", "both"), ("clickedId", ""), ("sg_pos", "")):
             if q.get(key) == empty:
                 q.pop(key)
         if q:
             extra["qParams"] = q
     gs = meta.get("generation_settings") if isinstance(meta.get("generation_settings"), Mapping) else {}
 
-    def _num(key: str) -> float | None:
-        value = meta.get(key, gs.get(key))
+    def _num(key: str, *, settings_only: bool = False) -> float | None:
+        value = gs.get(key) if settings_only else meta.get(key, gs.get(key))
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    # tau: files written for the viewers (they carry transcoder_list) keep it in generation_settings
+    # only, metadata.node_threshold being the viewers' pruning fraction; older files had tau in both.
+    viewer_format = "transcoder_list" in meta
 
     target_position = meta.get("target_position", gs.get("target_position"))
     metadata = GraphMetadata(
         slug=str(meta.get("slug", "")),
         scan=str(meta.get("scan", "")),
         target_position=int(target_position) if isinstance(target_position, int) else None,
-        node_threshold=_num("node_threshold"),
+        node_threshold=_num("node_threshold", settings_only=viewer_format),
         metric_value=_num("metric_value"),
         nodes_exceeded=bool(data.get("nodes_exceeded", gs.get("nodes_exceeded", False))),
         max_n_logits=int(gs.get("max_n_logits", 0) or 0),

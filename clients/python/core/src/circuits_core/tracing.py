@@ -1,15 +1,22 @@
 """What one attribution request asks for, and what the attribution service says about its model.
 
-These domain values travel between the client, the attribution server and the batch worker
-(``circuits_core.wire`` converts them to and from ``circuits.v1.TraceRequest`` / ``ModelInfo``).
-They are light: no torch, no grpc.
+:class:`TraceRequest` is the one shape of "what to trace": the CLI (`circuits graph`, `circuits
+analyze`), the SDK client, the attribution service (servicer -> runner -> engine), the batch
+worker and the config's ``graphs:`` section all use it, and ``circuits_core.wire`` maps it to and
+from ``circuits.v1.TraceRequest`` (an unset proto field takes the default written here). Its
+per-request settings live in :class:`TraceSettings`, the base class, so their defaults are written
+once; the field comments are the CLI help (:mod:`circuits_core.fieldargs`).
+
+Light: no torch, no grpc.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from circuits_core.errors import InvalidArgument
@@ -17,84 +24,188 @@ from circuits_core.errors import InvalidArgument
 #: Longest prompt (characters) a request may carry; longer prompts are refused before tokenizing.
 MAX_PROMPT_CHARS = 200_000
 
+#: Fields that choose the metric's target; giving one replaces the other's inherited value.
+_TARGET_MODES = ("target_tokens", "contrastive")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TraceSpec:
-    """One prompt to trace and the per-request settings (None/empty = the server's default).
+class TraceSettings:
+    """How one prompt is traced: the per-request settings and their defaults (the only place they are written).
 
     Construction validates the values and raises InvalidArgument with one line naming the field.
     """
 
-    prompt: str
-    #: Number of top logits in the metric; 0 = the server default.
-    k: int = 0
-    #: Explicit target tokens (each one token for the model); override k.
-    target_tokens: tuple[str, ...] = ()
-    #: (POS, NEG): metric = logit(POS) - logit(NEG); overrides k and target_tokens.
-    contrastive: tuple[str, str] | None = None
+    #: Number of top logits combined into the metric (ignored with target_tokens or contrastive).
+    k: int = 5
+    #: Trace the sum of these tokens' logits instead of the top k (each must be one token for the model).
+    target_tokens: tuple[str, ...] = field(default=(), metadata={"metavar": "TOKEN"})
+    #: Trace logit(POS) - logit(NEG) instead of the top k (excludes target_tokens).
+    contrastive: tuple[str, str] | None = field(default=None, metadata={"metavar": ("POS", "NEG")})
+    #: Token position whose logits are traced (default: the last; negative counts from the end).
+    target_position: int | None = None
     #: Tokenize the prompt as is, without the chat template.
     raw: bool = False
-    #: Partial assistant answer appended after the generation prompt.
+    #: Partial assistant answer appended after the generation prompt (with raw: appended to the prompt).
     answer_prefix: str = ""
-    #: Position whose logits are traced; None = last.
-    target_position: int | None = None
-    #: Node threshold tau; None = server default.
-    tau: float | None = None
-    #: Cap on selected nodes; None = server default.
-    max_nodes: int | None = None
-    #: Caller's corpus index, echoed in the graph metadata; -1 for none.
+    #: Node threshold: keep neurons with |RelP| >= tau * |m|.
+    tau: float = 0.005
+    #: Above this many selected neurons the graph keeps its nodes and logit edges only.
+    max_nodes: int = 500
+
+    def __post_init__(self) -> None:
+        _check_settings(self)
+
+    def updated(self, **fields: Any) -> TraceSettings:
+        """These settings (as a plain TraceSettings) with ``fields`` replaced.
+
+        A target mode in ``fields`` (target_tokens or contrastive) replaces both inherited ones.
+        """
+        return TraceSettings(**_merged(self, fields))
+
+    def request(self, prompt: str, **fields: Any) -> TraceRequest:
+        """A TraceRequest for ``prompt`` with these settings, overridden by ``fields`` (as :meth:`updated`)."""
+        return TraceRequest(prompt=prompt, **_merged(self, fields))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TraceRequest(TraceSettings):
+    """One prompt to trace with its settings (see :class:`TraceSettings` for those)."""
+
+    #: The user prompt to trace.
+    prompt: str
+    #: Caller's corpus index, echoed in the graph metadata (-1: none).
     corpus_index: int = -1
-    #: Graph slug; derived from the prompt when empty.
+    #: Graph slug (file name stem); derived from the prompt when empty.
     slug: str = ""
 
     def __post_init__(self) -> None:
+        # dataclass(slots=True) rebuilds the class, so zero-argument super() is not available here.
+        _check_settings(self)
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InvalidArgument("prompt is empty")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise InvalidArgument(f"prompt is {len(self.prompt)} characters, more than the limit of {MAX_PROMPT_CHARS}")
-        if isinstance(self.target_tokens, str) or not all(isinstance(t, str) for t in self.target_tokens):
-            raise InvalidArgument("target_tokens must be a list of strings")
-        object.__setattr__(self, "target_tokens", tuple(self.target_tokens))
-        if any(t == "" for t in self.target_tokens):
-            raise InvalidArgument("target_tokens contains an empty token")
-        if self.contrastive is not None:
-            pair = tuple(self.contrastive)
-            if len(pair) != 2 or not all(isinstance(t, str) and t for t in pair):
-                raise InvalidArgument("contrastive needs two non-empty tokens: POS NEG")
-            object.__setattr__(self, "contrastive", pair)
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 0:
-            raise InvalidArgument(f"k must be an integer >= 0, got {self.k!r}")
-        if self.tau is not None and not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau >= 0):
-            raise InvalidArgument(f"tau must be a finite number >= 0, got {self.tau!r}")
-        if self.max_nodes is not None and (not isinstance(self.max_nodes, int) or self.max_nodes < 0):
-            raise InvalidArgument(f"max_nodes must be an integer >= 0, got {self.max_nodes!r}")
-        if self.target_position is not None and not isinstance(self.target_position, int):
-            raise InvalidArgument(f"target_position must be an integer, got {self.target_position!r}")
+        if not _is_int(self.corpus_index):
+            raise InvalidArgument(f"corpus_index must be an integer, got {self.corpus_index!r}")
+        if not isinstance(self.slug, str):
+            raise InvalidArgument(f"slug must be a string, got {self.slug!r}")
+
+    @property
+    def settings(self) -> TraceSettings:
+        """The per-request settings alone."""
+        return TraceSettings(**trace_settings_of(self))
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], *, where: str = "request") -> TraceSpec:
-        """Build from a JSON-like mapping (prompts files, ``trace_batch`` dicts); unknown keys are errors."""
+    def from_mapping(
+        cls, data: Mapping[str, Any], *, where: str = "request", defaults: TraceSettings | None = None
+    ) -> TraceRequest:
+        """Build from a JSON-like mapping (prompts files, ``trace_batch`` dicts); unknown keys are errors.
+
+        Settings the mapping does not give come from ``defaults`` (default: TraceSettings()).
+        """
         if not isinstance(data, Mapping):
             raise InvalidArgument(f"{where}: expected a JSON object, got {type(data).__name__}")
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - allowed)
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - allowed, key=str)
         if unknown:
-            shown = ", ".join(k if k.isprintable() else repr(k) for k in unknown)  # one-line message
+            shown = ", ".join(str(k) if str(k).isprintable() else repr(k) for k in unknown)  # one-line message
             raise InvalidArgument(f"{where}: unknown key(s) {shown} (allowed: {', '.join(sorted(allowed))})")
         if "prompt" not in data:
             raise InvalidArgument(f"{where}: missing 'prompt'")
-        values = dict(data)
-        for key in ("target_tokens",):
-            if key in values and isinstance(values[key], list):
-                values[key] = tuple(values[key])
-        if isinstance(values.get("contrastive"), list):
-            values["contrastive"] = tuple(values["contrastive"])
+        values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
+        prompt = values.pop("prompt")
         try:
-            return cls(**values)
-        except InvalidArgument as exc:
+            return (defaults or TraceSettings()).request(prompt, **values)
+        except (InvalidArgument, TypeError) as exc:
             raise InvalidArgument(f"{where}: {exc}") from None
-        except TypeError as exc:
-            raise InvalidArgument(f"{where}: {exc}") from None
+
+
+def trace_settings_of(settings: TraceSettings) -> dict[str, Any]:
+    """The :class:`TraceSettings` fields of ``settings`` (or of any subclass, e.g. RelPConfig) as a dict."""
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(TraceSettings)}
+
+
+def _merged(settings: TraceSettings, fields: Mapping[str, Any]) -> dict[str, Any]:
+    values = trace_settings_of(settings)
+    if any(name in fields for name in _TARGET_MODES):
+        values.update(target_tokens=(), contrastive=None)
+    values.update(fields)
+    return values
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_settings(s: TraceSettings) -> None:
+    if not _is_int(s.k) or s.k < 1:
+        raise InvalidArgument(f"k must be an integer >= 1, got {s.k!r}")
+    if isinstance(s.target_tokens, str) or not isinstance(s.target_tokens, (tuple, list)):
+        raise InvalidArgument("target_tokens must be a list of strings")
+    if not all(isinstance(t, str) for t in s.target_tokens):
+        raise InvalidArgument("target_tokens must be a list of strings")
+    object.__setattr__(s, "target_tokens", tuple(s.target_tokens))
+    if any(t == "" for t in s.target_tokens):
+        raise InvalidArgument("target_tokens contains an empty token")
+    if s.contrastive is not None:
+        pair = tuple(s.contrastive) if isinstance(s.contrastive, (tuple, list)) else ()
+        if len(pair) != 2 or not all(isinstance(t, str) and t for t in pair):
+            raise InvalidArgument("contrastive needs two non-empty tokens: POS NEG")
+        object.__setattr__(s, "contrastive", pair)
+        if s.target_tokens:
+            raise InvalidArgument("contrastive and target_tokens cannot be combined; pick one target mode")
+    if s.target_position is not None and not _is_int(s.target_position):
+        raise InvalidArgument(f"target_position must be an integer, got {s.target_position!r}")
+    if not isinstance(s.raw, bool):
+        raise InvalidArgument(f"raw must be true or false, got {s.raw!r}")
+    if not isinstance(s.answer_prefix, str):
+        raise InvalidArgument(f"answer_prefix must be a string, got {s.answer_prefix!r}")
+    if isinstance(s.tau, bool) or not isinstance(s.tau, (int, float)) or not (math.isfinite(s.tau) and s.tau >= 0):
+        raise InvalidArgument(f"tau must be a finite number >= 0, got {s.tau!r}")
+    object.__setattr__(s, "tau", float(s.tau))
+    if not _is_int(s.max_nodes) or s.max_nodes < 0:
+        raise InvalidArgument(f"max_nodes must be an integer >= 0, got {s.max_nodes!r}")
+
+
+# -- prompts files (JSON lines) --------------------------------------------------------------
+#: Keys a prompts-file line may have besides the TraceRequest fields.
+PROMPT_LINE_EXTRA_KEYS = ("id",)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PromptLine:
+    """One usable line of a prompts file: the request and the caller's optional id."""
+
+    request: TraceRequest
+    prompt_id: str | int | None = None
+
+
+def parse_prompt_line(
+    text: str, *, where: str, defaults: TraceSettings | None = None, corpus_index: int = -1
+) -> PromptLine:
+    """Parse one prompts-file line: a JSON string (the prompt) or an object with a ``prompt``,
+    an optional ``id`` (string or integer) and any TraceRequest fields.
+
+    Settings the line does not give come from ``defaults``; ``corpus_index`` unless the line sets
+    it. Raises InvalidArgument(``"{where}: reason"``).
+    """
+    try:
+        text.encode("utf-8")  # readers keep undecodable bytes as lone surrogates
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{where}: not valid UTF-8") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(data, str):
+        data = {"prompt": data}
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"{where}: expected a JSON object with a 'prompt', got {type(data).__name__}")
+    prompt_id = data.pop("id", None)
+    if prompt_id is not None and (isinstance(prompt_id, bool) or not isinstance(prompt_id, (str, int))):
+        raise InvalidArgument(f"{where}: 'id' must be a string or an integer")
+    data.setdefault("corpus_index", corpus_index)
+    return PromptLine(request=TraceRequest.from_mapping(data, where=where, defaults=defaults), prompt_id=prompt_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

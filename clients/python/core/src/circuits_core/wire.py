@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from circuits_core._proto.circuits.v1 import graph_pb2
-from circuits_core.errors import InvalidArgument
+from circuits_core.errors import InvalidArgument, echo
 from circuits_core.schemas import Edge, Graph, GraphMetadata, Unit, UnitLabel
+
+if TYPE_CHECKING:
+    from circuits_core._proto.circuits.v1 import attribution_pb2
+    from circuits_core.tracing import TraceRequest
 
 _KIND_TO_PB = {
     "neuron": graph_pb2.UNIT_KIND_NEURON,
@@ -47,9 +51,14 @@ def unit_to_proto(unit: Unit, out: graph_pb2.Unit | None = None) -> graph_pb2.Un
         msg.probability = unit.probability
     msg.appearance_count = unit.appearance_count
     for label in unit.labels:
-        msg.labels.add(
-            text=label.text, source=label.source, confidence=label.confidence, description=label.description
+        entry = msg.labels.add(
+            text=label.text, source=label.source, confidence=label.confidence, description=label.description,
+            score_contexts=label.score_contexts, score_positives=label.score_positives,
         )
+        if label.score_detection is not None:
+            entry.score_detection = label.score_detection
+        if label.score_simulation is not None:
+            entry.score_simulation = label.score_simulation
     msg.cluster = unit.cluster
     return msg
 
@@ -71,7 +80,11 @@ def unit_from_proto(msg: graph_pb2.Unit) -> Unit:
         probability=_opt(msg, "probability"),
         appearance_count=msg.appearance_count,
         labels=tuple(
-            UnitLabel(text=l.text, source=l.source, confidence=l.confidence, description=l.description)
+            UnitLabel(
+                text=l.text, source=l.source, confidence=l.confidence, description=l.description,
+                score_detection=_opt(l, "score_detection"), score_simulation=_opt(l, "score_simulation"),
+                score_contexts=l.score_contexts, score_positives=l.score_positives,
+            )
             for l in msg.labels
         ),
         cluster=msg.cluster,
@@ -274,51 +287,53 @@ def label_progress_from_proto(msg: Any) -> Any:
 
 
 # -- attribution service (TraceRequest, ModelInfo) ---------------------------------------------
-def trace_spec_to_proto(spec: Any) -> Any:
-    """Encode a :class:`circuits_core.tracing.TraceSpec` as a ``circuits.v1.TraceRequest``."""
+def trace_request_to_proto(request: TraceRequest) -> attribution_pb2.TraceRequest:
+    """Encode a :class:`circuits_core.tracing.TraceRequest` (every setting explicit)."""
     from circuits_core._proto.circuits.v1 import attribution_pb2
 
     msg = attribution_pb2.TraceRequest(
-        prompt=spec.prompt,
-        raw=spec.raw,
-        answer_prefix=spec.answer_prefix,
-        corpus_index=spec.corpus_index,
-        slug=spec.slug,
+        prompt=request.prompt,
+        raw=request.raw,
+        answer_prefix=request.answer_prefix,
+        corpus_index=request.corpus_index,
+        slug=request.slug,
+        tau=request.tau,
+        max_nodes=request.max_nodes,
     )
-    msg.target.k = spec.k
-    msg.target.target_tokens.extend(spec.target_tokens)
-    if spec.contrastive is not None:
-        msg.target.contrastive_positive, msg.target.contrastive_negative = spec.contrastive
-    if spec.target_position is not None:
-        msg.target_position = spec.target_position
-    if spec.tau is not None:
-        msg.tau = spec.tau
-    if spec.max_nodes is not None:
-        msg.max_nodes = spec.max_nodes
+    msg.target.k = request.k
+    msg.target.target_tokens.extend(request.target_tokens)
+    if request.contrastive is not None:
+        msg.target.contrastive_positive, msg.target.contrastive_negative = request.contrastive
+    if request.target_position is not None:
+        msg.target_position = request.target_position
     return msg
 
 
-def trace_spec_from_proto(msg: Any) -> Any:
-    """Decode a ``circuits.v1.TraceRequest``; bad values raise InvalidArgument naming the field."""
-    from circuits_core.tracing import TraceSpec
+def trace_request_from_proto(msg: attribution_pb2.TraceRequest) -> TraceRequest:
+    """Decode a ``circuits.v1.TraceRequest``; an unset field takes TraceRequest's default.
+
+    Bad values raise InvalidArgument naming the field.
+    """
+    from circuits_core.tracing import TraceRequest
 
     target = msg.target
     pos, neg = target.contrastive_positive, target.contrastive_negative
     if bool(pos) != bool(neg):
         raise InvalidArgument("contrastive target needs both contrastive_positive and contrastive_negative")
-    return TraceSpec(
-        prompt=msg.prompt,
-        k=target.k,
-        target_tokens=tuple(target.target_tokens),
-        contrastive=(pos, neg) if pos else None,
-        raw=msg.raw,
-        answer_prefix=msg.answer_prefix,
-        target_position=_opt(msg, "target_position"),
-        tau=_opt(msg, "tau"),
-        max_nodes=_opt(msg, "max_nodes"),
-        corpus_index=msg.corpus_index,
-        slug=msg.slug,
-    )
+    given: dict[str, Any] = {
+        "prompt": msg.prompt,
+        "raw": msg.raw,
+        "answer_prefix": msg.answer_prefix,
+        "slug": msg.slug,
+        "target_tokens": tuple(target.target_tokens),
+        "contrastive": (pos, neg) if pos else None,
+    }
+    if target.k:  # proto3 int: 0 is "not set"
+        given["k"] = target.k
+    for name in ("target_position", "tau", "max_nodes", "corpus_index"):
+        if msg.HasField(name):
+            given[name] = getattr(msg, name)
+    return TraceRequest(**given)
 
 
 def model_info_to_proto(info: Any) -> Any:
@@ -361,7 +376,7 @@ def edge_direction_to_proto(direction: str) -> int:
         "upstream": pb.EDGE_DIRECTION_UPSTREAM,
     }
     if direction not in values:
-        raise InvalidArgument(f"direction must be one of {', '.join(_DIRECTION_NAMES)}, got {direction!r}")
+        raise InvalidArgument(f"direction must be one of {', '.join(_DIRECTION_NAMES)}, got {echo(direction)}")
     return values[direction]
 
 
@@ -439,6 +454,50 @@ def atlas_stats_from_proto(msg: Any) -> Any:
     from circuits_core.atlas_types import AtlasStats
 
     return AtlasStats(neurons=msg.neurons, edges=msg.edges, clusters=msg.clusters, metadata=dict(msg.metadata))
+
+
+def _cluster_info_to_proto(pb: Any, c: Any) -> Any:
+    return pb.ClusterInfo(
+        cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
+        layer_max=c.layer_max, median_layer=c.median_layer,
+    )  # fmt: skip
+
+
+def unit_card_to_proto(card: Any) -> Any:
+    """UnitCard -> atlas_pb2.UnitCard (absent statistics stay unset)."""
+    pb = _atlas_pb2()
+    msg = pb.UnitCard(downstream_edges=card.downstream_edges, upstream_edges=card.upstream_edges)
+    unit_to_proto(card.unit, msg.unit)
+    s = card.stats
+    msg.stats.observation_count = s.observation_count
+    for name in ("mean_activation", "max_activation", "mean_attribution", "output_norm", "num_exemplars"):
+        value = getattr(s, name)
+        if value is not None:
+            setattr(msg.stats, name, value)
+    if card.cluster is not None:
+        msg.cluster.CopyFrom(_cluster_info_to_proto(pb, card.cluster))
+    return msg
+
+
+def unit_card_from_proto(msg: Any) -> Any:
+    from circuits_core.atlas_types import ClusterInfo, UnitActivationStats, UnitCard
+
+    s = msg.stats
+    stats = UnitActivationStats(
+        observation_count=s.observation_count,
+        **{name: _opt(s, name) for name in ("mean_activation", "max_activation", "mean_attribution", "output_norm", "num_exemplars")},
+    )
+    cluster = None
+    if msg.HasField("cluster"):
+        c = msg.cluster
+        cluster = ClusterInfo(
+            cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
+            layer_max=c.layer_max, median_layer=c.median_layer,
+        )  # fmt: skip
+    return UnitCard(
+        unit=unit_from_proto(msg.unit), stats=stats, cluster=cluster,
+        downstream_edges=msg.downstream_edges, upstream_edges=msg.upstream_edges,
+    )  # fmt: skip
 
 
 # -- attribution service: Intervene ------------------------------------------------------------
@@ -547,6 +606,8 @@ def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id:
         edge_src=np.array(table.src, dtype=np.int64),
         edge_tgt=np.array(table.tgt, dtype=np.int64),
         edge_weight=np.array(table.weight, dtype=np.float64),
+        is_logit=[u.kind == graph_pb2.UNIT_KIND_LOGIT for u in units],
+        tokens=[u.token for u in units],
     )
 
 

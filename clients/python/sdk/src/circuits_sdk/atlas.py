@@ -1,4 +1,4 @@
-"""AtlasClient: the Python client of the atlas query service.
+"""AtlasClient: the Python client of the atlas query service (the gRPC :class:`~circuits_core.capabilities.AtlasQueries`).
 
 ``with AtlasClient("localhost:50054") as atlas: atlas.search_units("enzyme")``. Answers are the
 domain types (:class:`~circuits_core.schemas.Unit`, :class:`~circuits_core.schemas.Edge`,
@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from circuits_core import wire
-from circuits_core.atlas_types import AtlasStats, ClusterMembers, SearchHit
+from circuits_core.atlas_types import AtlasStats, ClusterMembers, SearchHit, UnitCard
+from circuits_core.errors import NotFound
 from circuits_sdk._channel import DEFAULT_TIMEOUT, call_unary, open_channel
 from circuits_core.schemas import Edge, Unit
 
@@ -50,19 +51,33 @@ class AtlasClient:
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         return call_unary(method, request, timeout=self.timeout if timeout is None else timeout, idempotent=True)
 
-    def search(self, text: str, limit: int = 0, *, timeout: float | None = None) -> list[SearchHit]:
-        """Ranked search hits (unit + score) for label text; limit 0 = server default."""
-        msg = self._call(self._stub.SearchUnits, self._pb.SearchUnitsRequest(text=text, limit=limit), timeout)
+    def search(self, text: str, limit: int = 0, *, min_score: float = 0.0, timeout: float | None = None) -> list[SearchHit]:
+        """Ranked search hits (unit + score) for label text; limit 0 = server default; ``min_score``
+        keeps units with a label whose detection score is at least that (0 = no filter)."""
+        request = self._pb.SearchUnitsRequest(text=text, limit=limit, min_score=min_score)
+        msg = self._call(self._stub.SearchUnits, request, timeout)
         return wire.search_hits_from_proto(msg)
 
     def search_units(self, text: str, limit: int = 0, *, timeout: float | None = None) -> list[Unit]:
         """The units of :meth:`search`, best first."""
         return [hit.unit for hit in self.search(text, limit, timeout=timeout)]
 
-    def get_unit(self, layer: int, index: int, *, timeout: float | None = None) -> Unit:
-        """One unit; NotFound when the atlas does not hold it."""
-        msg = self._call(self._stub.GetUnit, self._pb.GetUnitRequest(layer=layer, index=index), timeout)
+    def get_unit(self, layer: int, index: int, *, timeout: float | None = None) -> Unit | None:
+        """One unit, or None when the atlas does not hold it (as :meth:`CircuitDatabase.get_unit`)."""
+        try:
+            msg = self._call(self._stub.GetUnit, self._pb.GetUnitRequest(layer=layer, index=index), timeout)
+        except NotFound:
+            return None
         return wire.unit_from_proto(msg)
+
+    def get_unit_card(self, layer: int, index: int, *, timeout: float | None = None) -> UnitCard | None:
+        """A unit with its activation statistics, innermost cluster and edge counts, or None when
+        the atlas does not hold it (as :meth:`CircuitDatabase.get_unit_card`)."""
+        try:
+            msg = self._call(self._stub.GetUnitCard, self._pb.GetUnitRequest(layer=layer, index=index), timeout)
+        except NotFound:
+            return None
+        return wire.unit_card_from_proto(msg)
 
     def get_edges_for_unit(
         self,

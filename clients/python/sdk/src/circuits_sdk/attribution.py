@@ -5,6 +5,9 @@
         for graph in client.trace_batch(["a prompt", {"prompt": "another", "corpus_index": 7}]):
             ...
 
+It is the gRPC :class:`~circuits_core.capabilities.Tracer` and
+:class:`~circuits_core.capabilities.Intervener` (``RelPAttributor`` is the in-process one).
+
 Failures raise the same :mod:`circuits_core.errors` classes the server raised (InvalidArgument,
 ResourceExhausted, Unavailable, ...).
 """
@@ -21,23 +24,24 @@ from circuits_core import wire
 from circuits_core._proto.circuits.v1 import attribution_pb2, attribution_pb2_grpc
 from circuits_sdk._channel import DEFAULT_TIMEOUT, call_unary, iterate_stream, open_channel, translate
 from circuits_core.errors import InvalidArgument, Unavailable
+from circuits_core.interventions import InterventionRequest, InterventionResult
 from circuits_core.schemas import Graph
-from circuits_core.tracing import ModelInfo, TraceSpec
+from circuits_core.tracing import ModelInfo, TraceRequest
 
 SERVICE_NAME = "circuits.v1.AttributionService"
 #: Seconds one trace may take unless the caller says otherwise (large models are slow).
 DEFAULT_TRACE_TIMEOUT = 600.0
 
 
-def as_trace_spec(item: str | TraceSpec | Mapping[str, Any], *, where: str = "request") -> TraceSpec:
-    """A TraceSpec from a prompt string, a TraceSpec, or a mapping of TraceSpec fields."""
-    if isinstance(item, TraceSpec):
+def as_trace_request(item: str | TraceRequest | Mapping[str, Any], *, where: str = "request") -> TraceRequest:
+    """A TraceRequest from a prompt string, a TraceRequest, or a mapping of TraceRequest fields."""
+    if isinstance(item, TraceRequest):
         return item
     if isinstance(item, str):
-        return TraceSpec(prompt=item)
+        return TraceRequest(prompt=item)
     if isinstance(item, Mapping):
-        return TraceSpec.from_mapping(item, where=where)
-    raise InvalidArgument(f"{where}: expected a prompt string, a TraceSpec or a mapping, got {type(item).__name__}")
+        return TraceRequest.from_mapping(item, where=where)
+    raise InvalidArgument(f"{where}: expected a prompt string, a TraceRequest or a mapping, got {type(item).__name__}")
 
 
 class AttributionClient:
@@ -71,16 +75,16 @@ class AttributionClient:
         self._channel.close()
 
     # -- calls ------------------------------------------------------------------------------
-    def trace(self, prompt: str | TraceSpec, *, timeout: float | None = None, **fields: Any) -> Graph:
-        """Trace one prompt; ``fields`` are TraceSpec fields (k, target_tokens, contrastive, tau, ...)."""
-        if isinstance(prompt, TraceSpec) and fields:
-            raise InvalidArgument("pass either a TraceSpec or keyword fields, not both")
-        spec = prompt if isinstance(prompt, TraceSpec) else TraceSpec(prompt=prompt, **fields)
-        msg = call_unary(self._stub.Trace, wire.trace_spec_to_proto(spec), timeout=timeout or self.timeout)
+    def trace(self, prompt: str | TraceRequest, *, timeout: float | None = None, **fields: Any) -> Graph:
+        """Trace one prompt; ``fields`` are TraceRequest fields (k, target_tokens, contrastive, tau, ...)."""
+        if isinstance(prompt, TraceRequest) and fields:
+            raise InvalidArgument("pass either a TraceRequest or keyword fields, not both")
+        request = prompt if isinstance(prompt, TraceRequest) else TraceRequest(prompt=prompt, **fields)
+        msg = call_unary(self._stub.Trace, wire.trace_request_to_proto(request), timeout=timeout or self.timeout)
         return wire.graph_from_proto(msg)
 
     def trace_batch(
-        self, items: Iterable[str | TraceSpec | Mapping[str, Any]], *, timeout: float | None = None
+        self, items: Iterable[str | TraceRequest | Mapping[str, Any]], *, timeout: float | None = None
     ) -> Iterator[Graph]:
         """Trace a stream of prompts over one call; graphs come back in request order.
 
@@ -90,7 +94,7 @@ class AttributionClient:
 
         def requests() -> Iterator[attribution_pb2.TraceRequest]:
             for number, item in enumerate(items):
-                yield wire.trace_spec_to_proto(as_trace_spec(item, where=f"request {number}"))
+                yield wire.trace_request_to_proto(as_trace_request(item, where=f"request {number}"))
 
         call = self._stub.TraceBatch(requests(), timeout=timeout)
         try:
@@ -98,6 +102,13 @@ class AttributionClient:
                 yield wire.graph_from_proto(msg)
         finally:
             call.cancel()
+
+    def intervene(self, request: InterventionRequest, *, timeout: float | None = None) -> InterventionResult:
+        """Run the server's model on ``request.prompt`` with the neurons changed (baseline vs intervened)."""
+        msg = call_unary(
+            self._stub.Intervene, wire.intervene_request_to_proto(request), timeout=timeout or self.timeout, idempotent=True
+        )
+        return wire.intervention_result_from_proto(msg, interventions=request.interventions)
 
     def model_info(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> ModelInfo:
         msg = call_unary(self._stub.GetModelInfo, attribution_pb2.GetModelInfoRequest(), timeout=timeout, idempotent=True)

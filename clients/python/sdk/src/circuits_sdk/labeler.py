@@ -32,10 +32,17 @@ class LabelerClient:
         self._stub = labeler_pb2_grpc.LabelerServiceStub(self._channel)
 
     def label_units(
-        self, units: Iterable[tuple[int, int]], *, label_pass: str = "output", timeout: float | None = None
+        self,
+        units: Iterable[tuple[int, int]],
+        *,
+        label_pass: str = "output",
+        allow_without_evidence: bool = False,
+        timeout: float | None = None,
     ) -> tuple[list[Unit], list[str]]:
-        """Label (layer, index) units now in one pass; return labelled units and failure lines."""
-        request = labeler_pb2.LabelUnitsRequest(units=wire.unit_refs_to_proto(units), label_pass=label_pass)
+        """Label (layer, index) units now in one pass; return labelled units and failure lines.
+        Units the server's evidence does not list are refused unless ``allow_without_evidence``."""
+        request = labeler_pb2.LabelUnitsRequest(units=wire.unit_refs_to_proto(units), label_pass=label_pass,
+                                                allow_without_evidence=allow_without_evidence)  # fmt: skip
         response = call_unary(self._stub.LabelUnits, request, timeout=timeout or self.timeout)
         return [wire.unit_from_proto(u) for u in response.units], list(response.failures)
 

@@ -15,18 +15,20 @@ from collections.abc import Sequence
 
 from circuits import __version__
 from circuits.extras import missing_part_error
-from circuits_core.errors import CircuitsError
+from circuits_core.errors import CircuitsError, error_line
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "graph": ("circuits.cli.graph", "trace a prompt into a RelP attribution graph"),
     "analyze": ("circuits.cli.analyze", "graph -> labels -> clusters -> analysis report"),
     "aggregate": ("circuits.cli.aggregate", "aggregate edge statistics over many graphs"),
+    "exemplars": ("circuits.cli.exemplars", "top-activating and random contexts of every neuron over a corpus"),
     "label": ("circuits.cli.label", "two-pass progressive LLM labelling of neurons"),
     "cluster": ("circuits.cli.cluster", "Infomap clusters of an atlas or a graph"),
     "build-db": ("circuits.cli.build_db", "build the DuckDB atlas"),
     "query": ("circuits.cli.query", "search the atlas by label text"),
-    "serve": ("circuits.cli.serve", "run a gRPC service (attribution, aggregator, labeler, atlas)"),
+    "mcp": ("circuits.cli.mcp", "serve the atlas to AI agents over MCP (stdio or HTTP)"),
+    "serve": ("circuits.cli.serve", "run a gRPC service (attribution, aggregator, labeler, atlas) or the HTTP gateway"),
     "launch": ("circuits.cli.launch", "launch a batch attribution run as a Kubernetes Indexed Job"),
     "validate": ("circuits.cli.validate", "faithfulness curves of a graph by ablation"),
     "intervene": ("circuits.cli.intervene", "set/scale/zero/mean-ablate neurons and show logits"),
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except CircuitsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
         missing = missing_part_error(exc, what=f"`circuits {args.command}`")

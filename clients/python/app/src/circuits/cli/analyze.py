@@ -8,6 +8,9 @@ Each analysis writes report.md, report.html (interactive viewer), graph.json (la
 clusters, qParams.supernodes) and summary.json into its folder: ``--output`` for one prompt or
 graph, ``--output/<slug>`` for several (default ``<output.dir>/reports``). Works without an
 LLM key: the analysis section then says it was skipped.
+
+Trace settings: a flag (generated from TraceSettings) wins over the config's ``graphs:`` section,
+which wins over TraceSettings' defaults; a ``graphs.prompts_file`` line may set its own.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ import argparse
 import dataclasses
 import json
 import sys
+from contextlib import ExitStack, closing
 from pathlib import Path
+from typing import Any
 
-from circuits.cli._remote import add_remote_auth_arguments, remote_auth
+from circuits.cli._remote import add_remote_arguments, remote_from_args
+from circuits_core.fieldargs import add_field_arguments, field_values
+from circuits_core.tracing import TraceSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,17 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="analyse an existing graph file instead of tracing (repeatable)")
     parser.add_argument("--output", "-o", default=None,
                         help="report folder (several prompts: one subfolder each); default <output.dir>/reports[/<slug>]")
-    parser.add_argument("--model", default=None, help="model id or checkpoint directory (default: config model.name)")
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | float64")
-    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N")
-    parser.add_argument("--k", type=int, default=None, help="top logits in the metric (default: config graphs.k)")
-    parser.add_argument("--tau", type=float, default=None, help="node threshold (default: config graphs.tau)")
-    parser.add_argument("--max-nodes", type=int, default=None, help="node cap (default: config graphs.max_nodes)")
-    parser.add_argument("--target-tokens", nargs="+", default=None, metavar="TOKEN", help="trace these tokens' logits")
-    parser.add_argument("--raw", action="store_true", default=None, help="no chat template")
-    parser.add_argument("--answer-prefix", default=None, help="partial assistant answer appended to the prompt")
-    parser.add_argument("--remote", default=None, metavar="HOST:PORT", help="trace on an attribution service")
-    add_remote_auth_arguments(parser)
+    trace = parser.add_argument_group("trace settings")
+    add_field_arguments(trace, TraceSettings, default_help=lambda name, default: f"default: config graphs.{name}, else {default}")
+    engine = parser.add_argument_group("in-process engine (ignored with --remote)")
+    engine.add_argument("--model", default=None, help="model id or checkpoint directory (default: config model.name)")
+    engine.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | float64 (default: config model.dtype)")
+    engine.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: config model.device)")
+    add_remote_arguments(parser, service="attribution", instead_of="tracing in-process (default: config graphs.remote)")
     parser.add_argument("--atlas", default=None, help="DuckDB atlas to take neuron labels from (default: labeling.atlas_path)")
     parser.add_argument("--labels", default=None, help="label file (JSONL/JSON) to take neuron labels from")
     parser.add_argument("--paths", type=int, default=5, help="number of top paths to report (default: %(default)s)")
@@ -50,36 +53,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default=None, help="LLM base URL (default: labeling.base_url)")
 
 
-def _jobs(args: argparse.Namespace, config) -> list[tuple[str, object]]:
-    """[(kind, item)]: ("graph", path) or ("prompt", (prompt, target_tokens, slug))."""
-    from circuits_core.errors import CorruptInput, InvalidArgument
+def _jobs(args: argparse.Namespace, config: Any, settings: TraceSettings) -> list[tuple[str, Any]]:
+    """[(kind, item)]: ("graph", path) or ("prompt", (TraceRequest, folder name))."""
+    from circuits_core.errors import InvalidArgument
+    from circuits_core.schemas import slugify
+    from circuits_core.tracing import parse_prompt_line
 
-    jobs: list[tuple[str, object]] = []
-    for path in args.graph:
-        jobs.append(("graph", path))
+    def prompt_job(request: Any, name: str = "") -> tuple[str, Any]:
+        return ("prompt", (request, name or "relp-" + slugify(request.prompt)))
+
+    jobs: list[tuple[str, Any]] = [("graph", path) for path in args.graph]
     if args.prompt is not None:
-        if not args.prompt.strip():
-            raise InvalidArgument("prompt is empty")
-        jobs.append(("prompt", (args.prompt, (), "")))
+        jobs.append(prompt_job(settings.request(args.prompt)))
     if not jobs and args.config:
-        for prompt in config.graphs.prompts:
-            jobs.append(("prompt", (prompt, (), "")))
+        jobs += [prompt_job(settings.request(prompt)) for prompt in config.graphs.prompts]
         if config.graphs.prompts_file:
             path = config.resolve(config.graphs.prompts_file)
             try:
                 lines = path.read_text(encoding="utf-8").splitlines()
-            except OSError:
+            except (OSError, UnicodeDecodeError):
                 raise InvalidArgument(f"graphs.prompts_file {path}: cannot read") from None
             for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise CorruptInput(f"{path}:{n}: not a JSON object") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                    raise CorruptInput(f"{path}:{n}: expected an object with a 'prompt' string")
-                jobs.append(("prompt", (obj["prompt"], tuple(obj.get("target_tokens") or ()), str(obj.get("id", "")))))
+                if line.strip():
+                    item = parse_prompt_line(line, where=f"{path}:{n}", defaults=settings)
+                    jobs.append(prompt_job(item.request, "" if item.prompt_id is None else str(item.prompt_id)))
     if not jobs:
         raise InvalidArgument("nothing to analyse: give a PROMPT, --graph FILE, or --config with graphs.prompts")
     return jobs
@@ -87,6 +84,7 @@ def _jobs(args: argparse.Namespace, config) -> list[tuple[str, object]]:
 
 def run(args: argparse.Namespace) -> int:
     from circuits import analysis
+    from circuits.backends import LocalModel, open_atlas, open_tracer
     from circuits_core.config import Config, load_config
     from circuits_core.errors import InvalidArgument
     from circuits_core.graphio import read_graph
@@ -95,44 +93,47 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else Config()
     if args.paths < 0:
         raise InvalidArgument(f"--paths must be >= 0, got {args.paths}")
-    jobs = _jobs(args, config)
+    settings = config.graphs.updated(**field_values(args, TraceSettings))
+    jobs = _jobs(args, config, settings)
 
     labeling = config.labeling
     overrides = {"backend": args.backend, "model": args.llm_model, "base_url": args.base_url}
     labeling = dataclasses.replace(labeling, **{k: v for k, v in overrides.items() if v is not None})
     if args.labels:
         labeling = dataclasses.replace(labeling, method="file", labels_file=str(Path(args.labels).resolve()))
-    atlas = args.atlas if args.atlas is not None else (str(config.resolve(labeling.atlas_path)) if labeling.atlas_path else "")
-    label_settings = analysis.LabelSettings(atlas_path=atlas, labeling=labeling, base_dir=config.base_dir)
-    trace = analysis.TraceSettings.from_config(
-        config, model=args.model, dtype=args.dtype, device=args.device, k=args.k, tau=args.tau,
-        max_nodes=args.max_nodes, raw=args.raw, answer_prefix=args.answer_prefix,
-        target_tokens=tuple(args.target_tokens) if args.target_tokens else None, remote=args.remote,
-        **(remote_auth(args) if args.remote else {}),
+    atlas_path = args.atlas if args.atlas is not None else (str(config.resolve(labeling.atlas_path)) if labeling.atlas_path else "")
+    analysis_settings = analysis.AnalysisSettings(
+        n_paths=args.paths, path_mode=args.path_mode, use_llm=not args.no_llm, llm=labeling, base_dir=config.base_dir
     )
-    source = analysis.GraphSource(trace)
+    remote = remote_from_args(args, default_address=config.graphs.remote)
+    model = LocalModel(
+        name=args.model or config.model.name, dtype=args.dtype or config.model.dtype, device=args.device or config.model.device
+    )
 
-    if args.output:
-        root = Path(args.output)
-    else:
-        root = config.resolve(config.output.dir) / "reports"
+    root = Path(args.output) if args.output else config.resolve(config.output.dir) / "reports"
     several = len(jobs) > 1
     index = []
     from tqdm.auto import tqdm
 
-    try:
+    with ExitStack() as stack:
+        setup_warnings: list[str] = []
+        atlas = stack.enter_context(closing(open_atlas(remote=None, path=atlas_path, what="atlas labels"))) if atlas_path else None
+        label_sources = analysis.configured_label_sources(
+            labeling, stack=stack, base_dir=config.base_dir, atlas=atlas, warn=setup_warnings.append
+        )
+        tracer = None
         for kind, item in tqdm(jobs, desc="analyze", unit="graph", file=sys.stderr, disable=not several):
             if kind == "graph":
                 graph = read_graph(item)
                 name = Path(str(item)).name.split(".")[0]
             else:
-                prompt, targets, slug = item
-                graph = source.trace(prompt, target_tokens=targets)
-                name = slug or ("relp-" + slugify(prompt))
+                request, name = item
+                if tracer is None:
+                    tracer = stack.enter_context(closing(open_tracer(remote=remote, model=model, what="`circuits analyze`")))
+                graph = tracer.trace(request)
             out_dir = (root / slugify(name)) if several or not args.output else root
-            result = analysis.analyze_graph(
-                graph, labels=label_settings, n_paths=args.paths, path_mode=args.path_mode, use_llm=not args.no_llm,
-            )
+            result = analysis.analyze_graph(graph, label_sources=label_sources, settings=analysis_settings)
+            result = dataclasses.replace(result, warnings=(*setup_warnings, *result.warnings))
             files = analysis.write_report(result, out_dir)
             for warning in result.warnings:
                 print(f"warning: {warning}", file=sys.stderr)
@@ -145,8 +146,6 @@ def run(args: argparse.Namespace) -> int:
             )
             index.append({"prompt": graph.prompt, "folder": str(out_dir), "clusters": s["counts"]["clusters"],
                           "neurons": s["counts"]["neurons"], "analysis": result.analysis.status})
-    finally:
-        source.close()
     if several:
         root.mkdir(parents=True, exist_ok=True)
         (root / "index.json").write_text(json.dumps({"reports": index}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

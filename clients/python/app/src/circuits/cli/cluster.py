@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-from circuits_core.errors import InvalidArgument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,46 +67,16 @@ def _run_graph(args: argparse.Namespace) -> int:
 
 
 def _run_atlas(args: argparse.Namespace) -> int:
-    from circuits_atlas.build import write_clusters
-    from circuits_atlas.clustering import cluster_full_model
-    from circuits_atlas.duck import connect
+    from circuits_atlas.build import ClusterSettings, recluster_atlas
 
+    settings = ClusterSettings(
+        min_edge_count=args.min_edge_count, weight_transform=args.weight_transform, num_trials=args.num_trials or 20,
+        multi_level=not args.two_level, seed=args.seed,
+    )
     path = Path(args.duckdb)
-    if not path.exists():
-        raise InvalidArgument(f"{path}: atlas file not found")
-    con = connect(path, read_only=args.dry_run)
-    try:
-        edges = con.execute(
-            "SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, count, weight_sum, weight_abs_sum FROM edges WHERE count >= ?",
-            [args.min_edge_count],
-        ).fetch_arrow_table()
-        units = con.execute("SELECT layer, neuron FROM neurons").fetch_arrow_table()
-        print(f"cluster: {edges.num_rows} edges, {units.num_rows} units -> Infomap ...", file=sys.stderr, flush=True)
-        result = cluster_full_model(
-            edges,
-            units,
-            min_edge_count=args.min_edge_count,
-            weight_transform=args.weight_transform,
-            num_trials=args.num_trials or 20,
-            multi_level=not args.two_level,
-            seed=args.seed,
-        )
-        del edges
-        if not args.dry_run:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                rows = write_clusters(con, result)
-                meta = {f"clustering_{k}": str(v) for k, v in result.settings.items()}
-                meta["clustering_codelength"] = str(result.codelength)
-                meta["total_clusters"] = str(rows)
-                con.executemany("INSERT OR REPLACE INTO metadata VALUES (?, ?)", [[k, v] for k, v in meta.items()])
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            con.execute("CHECKPOINT")
-    finally:
-        con.close()
+    result = recluster_atlas(
+        path, settings, write=not args.dry_run, progress=lambda message: print(message, file=sys.stderr, flush=True)
+    )
     stats = result.stats(top_n=20)
     if args.json:
         print(json.dumps(stats, indent=2))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import closing
 
+from circuits.backends import LocalModel, open_intervener
+from circuits.cli._remote import add_remote_arguments, remote_from_args
 from circuits_core.config import SMALL_MODEL
-from circuits.cli._remote import add_remote_auth_arguments, remote_auth
 from circuits_core.errors import InvalidArgument
 
 
@@ -32,9 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--show-tokens", action="store_true", help="print the prompt tokens with their positions")
-    parser.add_argument("--remote", default=None, metavar="HOST:PORT",
-                        help="run on a remote attribution service (its loaded model) instead of in-process")
-    add_remote_auth_arguments(parser)
+    add_remote_arguments(parser, service="attribution", instead_of="loading --model in-process (the server's model)")
     parser.add_argument("--timeout", type=float, default=300.0, help="remote call timeout in seconds (default: %(default)s)")
 
 
@@ -58,30 +58,6 @@ def format_result(result) -> str:
     return "\n".join(lines)
 
 
-def _run_local(args: argparse.Namespace, request):
-    from circuits_attribution import load_model
-    from circuits_attribution.interventions import Intervener
-
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    intervener = Intervener(loaded.model, loaded.tokenizer, model_name=args.model)
-    return intervener.run(request.prompt, request.interventions, raw=request.raw, answer_prefix=request.answer_prefix,
-                          top_k=request.top_k, generate_tokens=request.generate_tokens)
-
-
-def _run_remote(address: str, request, timeout: float, auth: dict[str, str] | None = None):
-    from circuits_core import wire
-    from circuits_core._proto.circuits.v1 import attribution_pb2_grpc
-    from circuits_sdk._channel import call_unary, open_channel
-
-    channel = open_channel(address, **(auth or {}))
-    try:
-        stub = attribution_pb2_grpc.AttributionServiceStub(channel)
-        msg = call_unary(stub.Intervene, wire.intervene_request_to_proto(request), timeout=timeout, idempotent=True)
-    finally:
-        channel.close()
-    return wire.intervention_result_from_proto(msg, interventions=request.interventions)
-
-
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -99,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
     request = InterventionRequest(prompt=args.prompt, interventions=tuple(interventions), raw=args.raw,
                                   answer_prefix=args.answer_prefix, top_k=args.top_k, generate_tokens=args.generate)
-    result = _run_remote(args.remote, request, args.timeout, remote_auth(args)) if args.remote else _run_local(args, request)
+    model = LocalModel(name=args.model, dtype=args.dtype, device=args.device)
+    remote = remote_from_args(args, timeout=args.timeout)
+    with closing(open_intervener(remote=remote, model=model, what="`circuits intervene`")) as intervener:
+        result = intervener.intervene(request)
     if args.json:
         print(json.dumps(asdict(result), indent=2))
         return 0

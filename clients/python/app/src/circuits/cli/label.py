@@ -1,6 +1,7 @@
 """`circuits label --config label_config.yaml`: two-pass progressive LLM labelling of neurons.
 
-Pass 1 (output) runs late -> early, pass 2 (input) early -> late, each with its own progress bar.
+Pass 1 (output) runs late -> early, pass 2 (input) early -> late, then (with exemplars) every
+label is scored on held-out contexts; each step has its own progress bar.
 Answers are cached as they arrive, so an interrupted run resumes where it stopped when started
 again with the same config (nothing is paid twice). Exit 0 when the run finished or stopped at
 the budget / --max-units (the last line says which), 2 on errors.
@@ -20,6 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-units", type=int, default=0, help="stop after this many newly paid labels (0 = no limit)")
     parser.add_argument("--retry-failed", action="store_true", help="ask again for neurons whose answer was malformed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    score = parser.add_mutually_exclusive_group()
+    score.add_argument("--score", dest="score", action="store_true", default=None,
+                       help="score every label on held-out exemplars (needs labeling.exemplars_path; "
+                            "default: labeling.score, on where exemplars exist)")
+    score.add_argument("--no-score", dest="score", action="store_false", help="do not score labels")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if bar is None:
             for other in bars.values():
                 other.close()
-            order = "late->early" if p.label_pass == "output" else "early->late"
+            order = {"output": "late->early", "input": "early->late"}.get(p.label_pass, "held-out contexts")
             bar = bars[p.label_pass] = tqdm(total=p.total, desc=f"pass {p.label_pass} ({order})", unit="neuron",
                                             disable=disable)
         bar.update(p.done - bar.n)
@@ -66,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         final = labeler.run(passes=passes, max_units=args.max_units,
-                            retry_failed=True if args.retry_failed else None, on_progress=on_progress)
+                            retry_failed=True if args.retry_failed else None, on_progress=on_progress,
+                            score=args.score)
     finally:
         for bar in bars.values():
             bar.close()

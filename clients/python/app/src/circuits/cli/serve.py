@@ -1,14 +1,17 @@
-"""`circuits serve <service> ...`: run one gRPC service in the foreground.
+"""`circuits serve <service> ...`: run one gRPC service (or the Envoy gateway) in the foreground.
 
-Each service package owns its flags (``circuits_<service>.__main__.main(argv)``); this command
-only dispatches, so `circuits serve atlas --help` shows the atlas server's own options.
+Each service package owns its flags (``circuits_<service>.__main__.main(argv)``; the gateway's are
+``circuits_server.gateway.main``); this command only dispatches, so `circuits serve atlas --help`
+shows the atlas server's own options.
 """
 
 from __future__ import annotations
 
 import argparse
 
-SERVICES = ("attribution", "aggregator", "labeler", "atlas")
+SERVICES = ("attribution", "aggregator", "labeler", "atlas", "gateway")
+#: service -> module whose main(argv) runs it
+MODULES = {name: f"circuits_{name}.__main__" for name in SERVICES} | {"gateway": "circuits_server.gateway"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,5 +22,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from circuits.extras import require
 
-    module = require(f"circuits_{args.service}.__main__", what=f"`circuits serve {args.service}`")
+    module = require(MODULES[args.service], what=f"`circuits serve {args.service}`")
     return int(module.main(list(args.service_args)) or 0)

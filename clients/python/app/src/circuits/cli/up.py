@@ -3,7 +3,9 @@
 Starts `circuits serve <service>` for attribution, aggregator (one process per shard), labeler
 and atlas with the chart's flags, prints each address once its gRPC health check is SERVING, and
 stops them all on Ctrl-C or SIGTERM. A service that cannot run (package not installed yet, no
-atlas file, crash on start) is reported on its own line; the others keep running.
+atlas file, crash on start) is reported on its own line; the others keep running. ``--gateway``
+adds the Envoy gateway (HTTP/JSON, gRPC-Web and gRPC on one port, default 8080) in front of the
+services that came up: ``curl 'http://127.0.0.1:8080/v1/units:search?text=enzyme'``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             f"--{service}-port", type=int, default=None, metavar="PORT",
             help=f"gRPC port of the {service} (default: its standard port; 0 = a free port)",
         )  # fmt: skip
+    parser.add_argument("--gateway", action="store_true",
+                        help="also start the Envoy HTTP/JSON + gRPC-Web gateway in front of the services")
+    parser.add_argument("--gateway-port", type=int, default=None, metavar="PORT",
+                        help="HTTP port of the gateway (default 8080; 0 = a free port)")
     parser.add_argument("--free-ports", action="store_true", help="pick free ports for every service (like --X-port 0)")
     parser.add_argument("--no-metrics", action="store_true", help="start the servers without /metrics ports")
     parser.add_argument("--state-dir", default=".circuits/up", help="state, generated config and logs (default: %(default)s)")
@@ -59,6 +65,13 @@ def _settings(args: argparse.Namespace):  # -> LocalStackSettings
             if not 0 <= port <= 65535:
                 raise InvalidArgument(f"--{service}-port must be 0..65535, got {port}")
             ports[service] = port
+    if args.gateway_port is not None and not args.gateway:
+        raise InvalidArgument("--gateway-port needs --gateway")
+    gateway_port = 0 if args.free_ports else args.gateway_port
+    if gateway_port is not None:
+        if not 0 <= gateway_port <= 65535:
+            raise InvalidArgument(f"--gateway-port must be 0..65535, got {gateway_port}")
+        ports["gateway"] = gateway_port
     if args.aggregator_shards < 1:
         raise InvalidArgument(f"--aggregator-shards must be >= 1, got {args.aggregator_shards}")
     if args.labeler_config and not Path(args.labeler_config).is_file():
@@ -76,6 +89,7 @@ def _settings(args: argparse.Namespace):  # -> LocalStackSettings
         labeler_config=Path(args.labeler_config).resolve() if args.labeler_config else None,
         atlas_path=Path(args.atlas).resolve() if args.atlas else None,
         startup_timeout=args.startup_timeout,
+        gateway=args.gateway,
     )
 
 

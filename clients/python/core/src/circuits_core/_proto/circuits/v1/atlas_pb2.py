@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from circuits_core._proto.circuits.v1 import graph_pb2 as circuits_dot_v1_dot_graph__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63ircuits/v1/atlas.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/graph.proto\"1\n\x12SearchUnitsRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"G\n\x13SearchUnitsResponse\x12 \n\x05units\x18\x01 \x03(\x0b\x32\x11.circuits.v1.Unit\x12\x0e\n\x06scores\x18\x02 \x03(\x01\".\n\x0eGetUnitRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\"\x87\x01\n\x16GetEdgesForUnitRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12-\n\tdirection\x18\x03 \x01(\x0e\x32\x1a.circuits.v1.EdgeDirection\x12\r\n\x05limit\x18\x04 \x01(\x05\x12\x11\n\tmin_count\x18\x05 \x01(\x03\";\n\x17GetEdgesForUnitResponse\x12 \n\x05\x65\x64ges\x18\x01 \x03(\x0b\x32\x11.circuits.v1.Edge\"3\n\x11GetClusterRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"|\n\x0b\x43lusterInfo\x12\x14\n\x0c\x63luster_path\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x05\x12\x0c\n\x04size\x18\x03 \x01(\x05\x12\x11\n\tlayer_min\x18\x04 \x01(\x05\x12\x11\n\tlayer_max\x18\x05 \x01(\x05\x12\x14\n\x0cmedian_layer\x18\x06 \x01(\x01\"a\n\x12GetClusterResponse\x12)\n\x07\x63luster\x18\x01 \x01(\x0b\x32\x18.circuits.v1.ClusterInfo\x12 \n\x05units\x18\x02 \x03(\x0b\x32\x11.circuits.v1.Unit\"\x13\n\x11\x41tlasStatsRequest\"\xa8\x01\n\nAtlasStats\x12\x0f\n\x07neurons\x18\x01 \x01(\x03\x12\r\n\x05\x65\x64ges\x18\x02 \x01(\x03\x12\x10\n\x08\x63lusters\x18\x03 \x01(\x03\x12\x37\n\x08metadata\x18\x04 \x03(\x0b\x32%.circuits.v1.AtlasStats.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*d\n\rEdgeDirection\x12\x17\n\x13\x45\x44GE_DIRECTION_BOTH\x10\x00\x12\x1d\n\x19\x45\x44GE_DIRECTION_DOWNSTREAM\x10\x01\x12\x1b\n\x17\x45\x44GE_DIRECTION_UPSTREAM\x10\x02\x32\x8a\x03\n\x0c\x41tlasService\x12P\n\x0bSearchUnits\x12\x1f.circuits.v1.SearchUnitsRequest\x1a .circuits.v1.SearchUnitsResponse\x12\x39\n\x07GetUnit\x12\x1b.circuits.v1.GetUnitRequest\x1a\x11.circuits.v1.Unit\x12\\\n\x0fGetEdgesForUnit\x12#.circuits.v1.GetEdgesForUnitRequest\x1a$.circuits.v1.GetEdgesForUnitResponse\x12M\n\nGetCluster\x12\x1e.circuits.v1.GetClusterRequest\x1a\x1f.circuits.v1.GetClusterResponse\x12@\n\x05Stats\x12\x1e.circuits.v1.AtlasStatsRequest\x1a\x17.circuits.v1.AtlasStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63ircuits/v1/atlas.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/graph.proto\x1a\x1cgoogle/api/annotations.proto\"D\n\x12SearchUnitsRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x11\n\tmin_score\x18\x03 \x01(\x01\"G\n\x13SearchUnitsResponse\x12 \n\x05units\x18\x01 \x03(\x0b\x32\x11.circuits.v1.Unit\x12\x0e\n\x06scores\x18\x02 \x03(\x01\".\n\x0eGetUnitRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\"\x87\x01\n\x16GetEdgesForUnitRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12-\n\tdirection\x18\x03 \x01(\x0e\x32\x1a.circuits.v1.EdgeDirection\x12\r\n\x05limit\x18\x04 \x01(\x05\x12\x11\n\tmin_count\x18\x05 \x01(\x03\";\n\x17GetEdgesForUnitResponse\x12 \n\x05\x65\x64ges\x18\x01 \x03(\x0b\x32\x11.circuits.v1.Edge\"3\n\x11GetClusterRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"|\n\x0b\x43lusterInfo\x12\x14\n\x0c\x63luster_path\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x05\x12\x0c\n\x04size\x18\x03 \x01(\x05\x12\x11\n\tlayer_min\x18\x04 \x01(\x05\x12\x11\n\tlayer_max\x18\x05 \x01(\x05\x12\x14\n\x0cmedian_layer\x18\x06 \x01(\x01\"a\n\x12GetClusterResponse\x12)\n\x07\x63luster\x18\x01 \x01(\x0b\x32\x18.circuits.v1.ClusterInfo\x12 \n\x05units\x18\x02 \x03(\x0b\x32\x11.circuits.v1.Unit\"\x13\n\x11\x41tlasStatsRequest\"\xa8\x01\n\nAtlasStats\x12\x0f\n\x07neurons\x18\x01 \x01(\x03\x12\r\n\x05\x65\x64ges\x18\x02 \x01(\x03\x12\x10\n\x08\x63lusters\x18\x03 \x01(\x03\x12\x37\n\x08metadata\x18\x04 \x03(\x0b\x32%.circuits.v1.AtlasStats.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9e\x02\n\x13UnitActivationStats\x12\x19\n\x11observation_count\x18\x01 \x01(\x03\x12\x1c\n\x0fmean_activation\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0emax_activation\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x1d\n\x10mean_attribution\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x0boutput_norm\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x1a\n\rnum_exemplars\x18\x06 \x01(\x05H\x04\x88\x01\x01\x42\x12\n\x10_mean_activationB\x11\n\x0f_max_activationB\x13\n\x11_mean_attributionB\x0e\n\x0c_output_normB\x10\n\x0e_num_exemplars\"\xb9\x01\n\x08UnitCard\x12\x1f\n\x04unit\x18\x01 \x01(\x0b\x32\x11.circuits.v1.Unit\x12/\n\x05stats\x18\x02 \x01(\x0b\x32 .circuits.v1.UnitActivationStats\x12)\n\x07\x63luster\x18\x03 \x01(\x0b\x32\x18.circuits.v1.ClusterInfo\x12\x18\n\x10\x64ownstream_edges\x18\x04 \x01(\x03\x12\x16\n\x0eupstream_edges\x18\x05 \x01(\x03*d\n\rEdgeDirection\x12\x17\n\x13\x45\x44GE_DIRECTION_BOTH\x10\x00\x12\x1d\n\x19\x45\x44GE_DIRECTION_DOWNSTREAM\x10\x01\x12\x1b\n\x17\x45\x44GE_DIRECTION_UPSTREAM\x10\x02\x32\x95\x05\n\x0c\x41tlasService\x12j\n\x0bSearchUnits\x12\x1f.circuits.v1.SearchUnitsRequest\x1a .circuits.v1.SearchUnitsResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/units:search\x12\\\n\x07GetUnit\x12\x1b.circuits.v1.GetUnitRequest\x1a\x11.circuits.v1.Unit\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/units/{layer}/{index}\x12\x85\x01\n\x0fGetEdgesForUnit\x12#.circuits.v1.GetEdgesForUnitRequest\x1a$.circuits.v1.GetEdgesForUnitResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/units/{layer}/{index}/edges\x12m\n\nGetCluster\x12\x1e.circuits.v1.GetClusterRequest\x1a\x1f.circuits.v1.GetClusterResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/clusters/{cluster}\x12Y\n\x05Stats\x12\x1e.circuits.v1.AtlasStatsRequest\x1a\x17.circuits.v1.AtlasStats\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/atlas/stats\x12i\n\x0bGetUnitCard\x12\x1b.circuits.v1.GetUnitRequest\x1a\x15.circuits.v1.UnitCard\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/units/{layer}/{index}/cardb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +35,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ATLASSTATS_METADATAENTRY']._loaded_options = None
   _globals['_ATLASSTATS_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_EDGEDIRECTION']._serialized_start=906
-  _globals['_EDGEDIRECTION']._serialized_end=1006
-  _globals['_SEARCHUNITSREQUEST']._serialized_start=65
-  _globals['_SEARCHUNITSREQUEST']._serialized_end=114
-  _globals['_SEARCHUNITSRESPONSE']._serialized_start=116
-  _globals['_SEARCHUNITSRESPONSE']._serialized_end=187
-  _globals['_GETUNITREQUEST']._serialized_start=189
-  _globals['_GETUNITREQUEST']._serialized_end=235
-  _globals['_GETEDGESFORUNITREQUEST']._serialized_start=238
-  _globals['_GETEDGESFORUNITREQUEST']._serialized_end=373
-  _globals['_GETEDGESFORUNITRESPONSE']._serialized_start=375
-  _globals['_GETEDGESFORUNITRESPONSE']._serialized_end=434
-  _globals['_GETCLUSTERREQUEST']._serialized_start=436
-  _globals['_GETCLUSTERREQUEST']._serialized_end=487
-  _globals['_CLUSTERINFO']._serialized_start=489
-  _globals['_CLUSTERINFO']._serialized_end=613
-  _globals['_GETCLUSTERRESPONSE']._serialized_start=615
-  _globals['_GETCLUSTERRESPONSE']._serialized_end=712
-  _globals['_ATLASSTATSREQUEST']._serialized_start=714
-  _globals['_ATLASSTATSREQUEST']._serialized_end=733
-  _globals['_ATLASSTATS']._serialized_start=736
-  _globals['_ATLASSTATS']._serialized_end=904
-  _globals['_ATLASSTATS_METADATAENTRY']._serialized_start=857
-  _globals['_ATLASSTATS_METADATAENTRY']._serialized_end=904
-  _globals['_ATLASSERVICE']._serialized_start=1009
-  _globals['_ATLASSERVICE']._serialized_end=1403
+  _globals['_ATLASSERVICE'].methods_by_name['SearchUnits']._loaded_options = None
+  _globals['_ATLASSERVICE'].methods_by_name['SearchUnits']._serialized_options = b'\202\323\344\223\002\022\022\020/v1/units:search'
+  _globals['_ATLASSERVICE'].methods_by_name['GetUnit']._loaded_options = None
+  _globals['_ATLASSERVICE'].methods_by_name['GetUnit']._serialized_options = b'\202\323\344\223\002\033\022\031/v1/units/{layer}/{index}'
+  _globals['_ATLASSERVICE'].methods_by_name['GetEdgesForUnit']._loaded_options = None
+  _globals['_ATLASSERVICE'].methods_by_name['GetEdgesForUnit']._serialized_options = b'\202\323\344\223\002!\022\037/v1/units/{layer}/{index}/edges'
+  _globals['_ATLASSERVICE'].methods_by_name['GetCluster']._loaded_options = None
+  _globals['_ATLASSERVICE'].methods_by_name['GetCluster']._serialized_options = b'\202\323\344\223\002\030\022\026/v1/clusters/{cluster}'
+  _globals['_ATLASSERVICE'].methods_by_name['Stats']._loaded_options = None
+  _globals['_ATLASSERVICE'].methods_by_name['Stats']._serialized_options = b'\202\323\344\223\002\021\022\017/v1/atlas/stats'
+  _globals['_ATLASSERVICE'].methods_by_name['GetUnitCard']._loaded_options = None
+  _globals['_ATLASSERVICE'].methods_by_name['GetUnitCard']._serialized_options = b'\202\323\344\223\002 \022\036/v1/units/{layer}/{index}/card'
+  _globals['_EDGEDIRECTION']._serialized_start=1432
+  _globals['_EDGEDIRECTION']._serialized_end=1532
+  _globals['_SEARCHUNITSREQUEST']._serialized_start=95
+  _globals['_SEARCHUNITSREQUEST']._serialized_end=163
+  _globals['_SEARCHUNITSRESPONSE']._serialized_start=165
+  _globals['_SEARCHUNITSRESPONSE']._serialized_end=236
+  _globals['_GETUNITREQUEST']._serialized_start=238
+  _globals['_GETUNITREQUEST']._serialized_end=284
+  _globals['_GETEDGESFORUNITREQUEST']._serialized_start=287
+  _globals['_GETEDGESFORUNITREQUEST']._serialized_end=422
+  _globals['_GETEDGESFORUNITRESPONSE']._serialized_start=424
+  _globals['_GETEDGESFORUNITRESPONSE']._serialized_end=483
+  _globals['_GETCLUSTERREQUEST']._serialized_start=485
+  _globals['_GETCLUSTERREQUEST']._serialized_end=536
+  _globals['_CLUSTERINFO']._serialized_start=538
+  _globals['_CLUSTERINFO']._serialized_end=662
+  _globals['_GETCLUSTERRESPONSE']._serialized_start=664
+  _globals['_GETCLUSTERRESPONSE']._serialized_end=761
+  _globals['_ATLASSTATSREQUEST']._serialized_start=763
+  _globals['_ATLASSTATSREQUEST']._serialized_end=782
+  _globals['_ATLASSTATS']._serialized_start=785
+  _globals['_ATLASSTATS']._serialized_end=953
+  _globals['_ATLASSTATS_METADATAENTRY']._serialized_start=906
+  _globals['_ATLASSTATS_METADATAENTRY']._serialized_end=953
+  _globals['_UNITACTIVATIONSTATS']._serialized_start=956
+  _globals['_UNITACTIVATIONSTATS']._serialized_end=1242
+  _globals['_UNITCARD']._serialized_start=1245
+  _globals['_UNITCARD']._serialized_end=1430
+  _globals['_ATLASSERVICE']._serialized_start=1535
+  _globals['_ATLASSERVICE']._serialized_end=2196
 # @@protoc_insertion_point(module_scope)

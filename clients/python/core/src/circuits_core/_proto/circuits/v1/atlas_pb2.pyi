@@ -1,4 +1,5 @@
 from circuits_core._proto.circuits.v1 import graph_pb2 as _graph_pb2
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -18,12 +19,14 @@ EDGE_DIRECTION_DOWNSTREAM: EdgeDirection
 EDGE_DIRECTION_UPSTREAM: EdgeDirection
 
 class SearchUnitsRequest(_message.Message):
-    __slots__ = ("text", "limit")
+    __slots__ = ("text", "limit", "min_score")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     text: str
     limit: int
-    def __init__(self, text: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    min_score: float
+    def __init__(self, text: _Optional[str] = ..., limit: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class SearchUnitsResponse(_message.Message):
     __slots__ = ("units", "scores")
@@ -115,3 +118,33 @@ class AtlasStats(_message.Message):
     clusters: int
     metadata: _containers.ScalarMap[str, str]
     def __init__(self, neurons: _Optional[int] = ..., edges: _Optional[int] = ..., clusters: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class UnitActivationStats(_message.Message):
+    __slots__ = ("observation_count", "mean_activation", "max_activation", "mean_attribution", "output_norm", "num_exemplars")
+    OBSERVATION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NORM_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXEMPLARS_FIELD_NUMBER: _ClassVar[int]
+    observation_count: int
+    mean_activation: float
+    max_activation: float
+    mean_attribution: float
+    output_norm: float
+    num_exemplars: int
+    def __init__(self, observation_count: _Optional[int] = ..., mean_activation: _Optional[float] = ..., max_activation: _Optional[float] = ..., mean_attribution: _Optional[float] = ..., output_norm: _Optional[float] = ..., num_exemplars: _Optional[int] = ...) -> None: ...
+
+class UnitCard(_message.Message):
+    __slots__ = ("unit", "stats", "cluster", "downstream_edges", "upstream_edges")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    DOWNSTREAM_EDGES_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_EDGES_FIELD_NUMBER: _ClassVar[int]
+    unit: _graph_pb2.Unit
+    stats: UnitActivationStats
+    cluster: ClusterInfo
+    downstream_edges: int
+    upstream_edges: int
+    def __init__(self, unit: _Optional[_Union[_graph_pb2.Unit, _Mapping]] = ..., stats: _Optional[_Union[UnitActivationStats, _Mapping]] = ..., cluster: _Optional[_Union[ClusterInfo, _Mapping]] = ..., downstream_edges: _Optional[int] = ..., upstream_edges: _Optional[int] = ...) -> None: ...

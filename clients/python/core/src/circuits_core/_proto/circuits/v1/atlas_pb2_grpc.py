@@ -27,7 +27,10 @@ if _version_not_supported:
 
 
 class AtlasServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """The google.api.http options are the HTTP/JSON routes of the Envoy gateway (gRPC-JSON
+    transcoder): request fields not bound in the path are query parameters, e.g.
+    GET /v1/units:search?text=enzyme&limit=20.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -60,10 +63,18 @@ class AtlasServiceStub:
                 request_serializer=circuits_dot_v1_dot_atlas__pb2.AtlasStatsRequest.SerializeToString,
                 response_deserializer=circuits_dot_v1_dot_atlas__pb2.AtlasStats.FromString,
                 _registered_method=True)
+        self.GetUnitCard = channel.unary_unary(
+                '/circuits.v1.AtlasService/GetUnitCard',
+                request_serializer=circuits_dot_v1_dot_atlas__pb2.GetUnitRequest.SerializeToString,
+                response_deserializer=circuits_dot_v1_dot_atlas__pb2.UnitCard.FromString,
+                _registered_method=True)
 
 
 class AtlasServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The google.api.http options are the HTTP/JSON routes of the Envoy gateway (gRPC-JSON
+    transcoder): request fields not bound in the path are query parameters, e.g.
+    GET /v1/units:search?text=enzyme&limit=20.
+    """
 
     def SearchUnits(self, request, context):
         """Units whose labels match the text, best first.
@@ -96,6 +107,14 @@ class AtlasServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUnitCard(self, request, context):
+        """Everything the atlas knows about one unit on one card: labels, activation statistics,
+        its innermost cluster and how many edges it has; NOT_FOUND when the atlas does not hold it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AtlasServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +143,11 @@ def add_AtlasServiceServicer_to_server(servicer, server):
                     request_deserializer=circuits_dot_v1_dot_atlas__pb2.AtlasStatsRequest.FromString,
                     response_serializer=circuits_dot_v1_dot_atlas__pb2.AtlasStats.SerializeToString,
             ),
+            'GetUnitCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUnitCard,
+                    request_deserializer=circuits_dot_v1_dot_atlas__pb2.GetUnitRequest.FromString,
+                    response_serializer=circuits_dot_v1_dot_atlas__pb2.UnitCard.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'circuits.v1.AtlasService', rpc_method_handlers)
@@ -133,7 +157,10 @@ def add_AtlasServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AtlasService:
-    """Missing associated documentation comment in .proto file."""
+    """The google.api.http options are the HTTP/JSON routes of the Envoy gateway (gRPC-JSON
+    transcoder): request fields not bound in the path are query parameters, e.g.
+    GET /v1/units:search?text=enzyme&limit=20.
+    """
 
     @staticmethod
     def SearchUnits(request,
@@ -260,6 +287,33 @@ class AtlasService:
             '/circuits.v1.AtlasService/Stats',
             circuits_dot_v1_dot_atlas__pb2.AtlasStatsRequest.SerializeToString,
             circuits_dot_v1_dot_atlas__pb2.AtlasStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUnitCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/circuits.v1.AtlasService/GetUnitCard',
+            circuits_dot_v1_dot_atlas__pb2.GetUnitRequest.SerializeToString,
+            circuits_dot_v1_dot_atlas__pb2.UnitCard.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,33 +23,38 @@ _sym_db = _symbol_database.Default()
 
 
 from circuits_core._proto.circuits.v1 import graph_pb2 as circuits_dot_v1_dot_graph__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ircuits/v1/attribution.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/graph.proto\"k\n\x0bTraceTarget\x12\t\n\x01k\x18\x01 \x01(\x05\x12\x15\n\rtarget_tokens\x18\x02 \x03(\t\x12\x1c\n\x14\x63ontrastive_positive\x18\x03 \x01(\t\x12\x1c\n\x14\x63ontrastive_negative\x18\x04 \x01(\t\"\x82\x02\n\x0cTraceRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x06target\x18\x02 \x01(\x0b\x32\x18.circuits.v1.TraceTarget\x12\x0b\n\x03raw\x18\x03 \x01(\x08\x12\x15\n\ranswer_prefix\x18\x04 \x01(\t\x12\x1c\n\x0ftarget_position\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x03tau\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tmax_nodes\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x14\n\x0c\x63orpus_index\x18\x08 \x01(\x03\x12\x0c\n\x04slug\x18\t \x01(\tB\x12\n\x10_target_positionB\x06\n\x04_tauB\x0c\n\n_max_nodes\"\x15\n\x13GetModelInfoRequest\"\xac\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x0f\n\x07\x64_model\x18\x03 \x01(\x05\x12\r\n\x05\x64_mlp\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x13\n\x0bmax_context\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\t \x01(\t\"\xfd\x01\n\x12NeuronIntervention\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\tpositions\x18\x03 \x03(\x05\x12\x32\n\x04mode\x18\x04 \x01(\x0e\x32$.circuits.v1.NeuronIntervention.Mode\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x19\n\x11include_generated\x18\x06 \x01(\x08\"X\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0c\n\x08MODE_SET\x10\x01\x12\x0e\n\nMODE_SCALE\x10\x02\x12\r\n\tMODE_ZERO\x10\x03\x12\r\n\tMODE_MEAN\x10\x04\"\xa6\x01\n\x10InterveneRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0b\n\x03raw\x18\x02 \x01(\x08\x12\x15\n\ranswer_prefix\x18\x03 \x01(\t\x12\x36\n\rinterventions\x18\x04 \x03(\x0b\x32\x1f.circuits.v1.NeuronIntervention\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x17\n\x0fgenerate_tokens\x18\x06 \x01(\x05\"W\n\x10TokenProbability\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\r\n\x05logit\x18\x03 \x01(\x01\x12\x13\n\x0bprobability\x18\x04 \x01(\x01\"\xff\x01\n\x11InterveneResponse\x12/\n\x08\x62\x61seline\x18\x01 \x03(\x0b\x32\x1d.circuits.v1.TokenProbability\x12\x31\n\nintervened\x18\x02 \x03(\x0b\x32\x1d.circuits.v1.TokenProbability\x12\x16\n\x0egenerated_text\x18\x03 \x01(\t\x12\x15\n\rbaseline_text\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x03(\t\x12\x10\n\x08position\x18\x06 \x01(\x05\x12.\n\x07tracked\x18\x07 \x03(\x0b\x32\x1d.circuits.v1.TokenProbability2\xa3\x02\n\x12\x41ttributionService\x12\x36\n\x05Trace\x12\x19.circuits.v1.TraceRequest\x1a\x12.circuits.v1.Graph\x12?\n\nTraceBatch\x12\x19.circuits.v1.TraceRequest\x1a\x12.circuits.v1.Graph(\x01\x30\x01\x12H\n\x0cGetModelInfo\x12 .circuits.v1.GetModelInfoRequest\x1a\x16.circuits.v1.ModelInfo\x12J\n\tIntervene\x12\x1d.circuits.v1.InterveneRequest\x1a\x1e.circuits.v1.InterveneResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ircuits/v1/attribution.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/graph.proto\x1a\x1cgoogle/api/annotations.proto\"k\n\x0bTraceTarget\x12\t\n\x01k\x18\x01 \x01(\x05\x12\x15\n\rtarget_tokens\x18\x02 \x03(\t\x12\x1c\n\x14\x63ontrastive_positive\x18\x03 \x01(\t\x12\x1c\n\x14\x63ontrastive_negative\x18\x04 \x01(\t\"\x98\x02\n\x0cTraceRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x06target\x18\x02 \x01(\x0b\x32\x18.circuits.v1.TraceTarget\x12\x0b\n\x03raw\x18\x03 \x01(\x08\x12\x15\n\ranswer_prefix\x18\x04 \x01(\t\x12\x1c\n\x0ftarget_position\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x03tau\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tmax_nodes\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x19\n\x0c\x63orpus_index\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04slug\x18\t \x01(\tB\x12\n\x10_target_positionB\x06\n\x04_tauB\x0c\n\n_max_nodesB\x0f\n\r_corpus_index\"\x15\n\x13GetModelInfoRequest\"\xac\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x0f\n\x07\x64_model\x18\x03 \x01(\x05\x12\r\n\x05\x64_mlp\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x13\n\x0bmax_context\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\t \x01(\t\"\xfd\x01\n\x12NeuronIntervention\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\tpositions\x18\x03 \x03(\x05\x12\x32\n\x04mode\x18\x04 \x01(\x0e\x32$.circuits.v1.NeuronIntervention.Mode\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x19\n\x11include_generated\x18\x06 \x01(\x08\"X\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0c\n\x08MODE_SET\x10\x01\x12\x0e\n\nMODE_SCALE\x10\x02\x12\r\n\tMODE_ZERO\x10\x03\x12\r\n\tMODE_MEAN\x10\x04\"\xa6\x01\n\x10InterveneRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0b\n\x03raw\x18\x02 \x01(\x08\x12\x15\n\ranswer_prefix\x18\x03 \x01(\t\x12\x36\n\rinterventions\x18\x04 \x03(\x0b\x32\x1f.circuits.v1.NeuronIntervention\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x17\n\x0fgenerate_tokens\x18\x06 \x01(\x05\"W\n\x10TokenProbability\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\r\n\x05logit\x18\x03 \x01(\x01\x12\x13\n\x0bprobability\x18\x04 \x01(\x01\"\xff\x01\n\x11InterveneResponse\x12/\n\x08\x62\x61seline\x18\x01 \x03(\x0b\x32\x1d.circuits.v1.TokenProbability\x12\x31\n\nintervened\x18\x02 \x03(\x0b\x32\x1d.circuits.v1.TokenProbability\x12\x16\n\x0egenerated_text\x18\x03 \x01(\t\x12\x15\n\rbaseline_text\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x03(\t\x12\x10\n\x08position\x18\x06 \x01(\x05\x12.\n\x07tracked\x18\x07 \x03(\x0b\x32\x1d.circuits.v1.TokenProbability2\xcc\x02\n\x12\x41ttributionService\x12L\n\x05Trace\x12\x19.circuits.v1.TraceRequest\x1a\x12.circuits.v1.Graph\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/v1/trace:\x01*\x12?\n\nTraceBatch\x12\x19.circuits.v1.TraceRequest\x1a\x12.circuits.v1.Graph(\x01\x30\x01\x12[\n\x0cGetModelInfo\x12 .circuits.v1.GetModelInfoRequest\x1a\x16.circuits.v1.ModelInfo\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/model\x12J\n\tIntervene\x12\x1d.circuits.v1.InterveneRequest\x1a\x1e.circuits.v1.InterveneResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'circuits.v1.attribution_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRACETARGET']._serialized_start=71
-  _globals['_TRACETARGET']._serialized_end=178
-  _globals['_TRACEREQUEST']._serialized_start=181
-  _globals['_TRACEREQUEST']._serialized_end=439
-  _globals['_GETMODELINFOREQUEST']._serialized_start=441
-  _globals['_GETMODELINFOREQUEST']._serialized_end=462
-  _globals['_MODELINFO']._serialized_start=465
-  _globals['_MODELINFO']._serialized_end=637
-  _globals['_NEURONINTERVENTION']._serialized_start=640
-  _globals['_NEURONINTERVENTION']._serialized_end=893
-  _globals['_NEURONINTERVENTION_MODE']._serialized_start=805
-  _globals['_NEURONINTERVENTION_MODE']._serialized_end=893
-  _globals['_INTERVENEREQUEST']._serialized_start=896
-  _globals['_INTERVENEREQUEST']._serialized_end=1062
-  _globals['_TOKENPROBABILITY']._serialized_start=1064
-  _globals['_TOKENPROBABILITY']._serialized_end=1151
-  _globals['_INTERVENERESPONSE']._serialized_start=1154
-  _globals['_INTERVENERESPONSE']._serialized_end=1409
-  _globals['_ATTRIBUTIONSERVICE']._serialized_start=1412
-  _globals['_ATTRIBUTIONSERVICE']._serialized_end=1703
+  _globals['_ATTRIBUTIONSERVICE'].methods_by_name['Trace']._loaded_options = None
+  _globals['_ATTRIBUTIONSERVICE'].methods_by_name['Trace']._serialized_options = b'\202\323\344\223\002\016\"\t/v1/trace:\001*'
+  _globals['_ATTRIBUTIONSERVICE'].methods_by_name['GetModelInfo']._loaded_options = None
+  _globals['_ATTRIBUTIONSERVICE'].methods_by_name['GetModelInfo']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/model'
+  _globals['_TRACETARGET']._serialized_start=101
+  _globals['_TRACETARGET']._serialized_end=208
+  _globals['_TRACEREQUEST']._serialized_start=211
+  _globals['_TRACEREQUEST']._serialized_end=491
+  _globals['_GETMODELINFOREQUEST']._serialized_start=493
+  _globals['_GETMODELINFOREQUEST']._serialized_end=514
+  _globals['_MODELINFO']._serialized_start=517
+  _globals['_MODELINFO']._serialized_end=689
+  _globals['_NEURONINTERVENTION']._serialized_start=692
+  _globals['_NEURONINTERVENTION']._serialized_end=945
+  _globals['_NEURONINTERVENTION_MODE']._serialized_start=857
+  _globals['_NEURONINTERVENTION_MODE']._serialized_end=945
+  _globals['_INTERVENEREQUEST']._serialized_start=948
+  _globals['_INTERVENEREQUEST']._serialized_end=1114
+  _globals['_TOKENPROBABILITY']._serialized_start=1116
+  _globals['_TOKENPROBABILITY']._serialized_end=1203
+  _globals['_INTERVENERESPONSE']._serialized_start=1206
+  _globals['_INTERVENERESPONSE']._serialized_end=1461
+  _globals['_ATTRIBUTIONSERVICE']._serialized_start=1464
+  _globals['_ATTRIBUTIONSERVICE']._serialized_end=1796
 # @@protoc_insertion_point(module_scope)

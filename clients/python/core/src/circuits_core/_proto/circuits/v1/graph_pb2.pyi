@@ -19,16 +19,24 @@ UNIT_KIND_EMBEDDING: UnitKind
 UNIT_KIND_LOGIT: UnitKind
 
 class UnitLabel(_message.Message):
-    __slots__ = ("text", "source", "confidence", "description")
+    __slots__ = ("text", "source", "confidence", "description", "score_detection", "score_simulation", "score_contexts", "score_positives")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SCORE_DETECTION_FIELD_NUMBER: _ClassVar[int]
+    SCORE_SIMULATION_FIELD_NUMBER: _ClassVar[int]
+    SCORE_CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_POSITIVES_FIELD_NUMBER: _ClassVar[int]
     text: str
     source: str
     confidence: str
     description: str
-    def __init__(self, text: _Optional[str] = ..., source: _Optional[str] = ..., confidence: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+    score_detection: float
+    score_simulation: float
+    score_contexts: int
+    score_positives: int
+    def __init__(self, text: _Optional[str] = ..., source: _Optional[str] = ..., confidence: _Optional[str] = ..., description: _Optional[str] = ..., score_detection: _Optional[float] = ..., score_simulation: _Optional[float] = ..., score_contexts: _Optional[int] = ..., score_positives: _Optional[int] = ...) -> None: ...
 
 class Unit(_message.Message):
     __slots__ = ("layer", "index", "position", "kind", "label", "input_label", "activation", "attribution", "token", "probability", "appearance_count", "labels", "cluster")

@@ -23,29 +23,32 @@ _sym_db = _symbol_database.Default()
 
 
 from circuits_core._proto.circuits.v1 import graph_pb2 as circuits_dot_v1_dot_graph__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63ircuits/v1/labeler.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/graph.proto\"\'\n\x07UnitRef\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\"L\n\x11LabelUnitsRequest\x12#\n\x05units\x18\x01 \x03(\x0b\x32\x14.circuits.v1.UnitRef\x12\x12\n\nlabel_pass\x18\x02 \x01(\t\"H\n\x12LabelUnitsResponse\x12 \n\x05units\x18\x01 \x03(\x0b\x32\x11.circuits.v1.Unit\x12\x10\n\x08\x66\x61ilures\x18\x02 \x03(\t\"P\n\x15RunProgressiveRequest\x12\x0e\n\x06passes\x18\x01 \x03(\t\x12\x11\n\tmax_units\x18\x02 \x01(\x03\x12\x14\n\x0cretry_failed\x18\x03 \x01(\x08\"\x84\x02\n\rLabelProgress\x12\x12\n\nlabel_pass\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0c\n\x04\x64one\x18\x03 \x01(\x03\x12\r\n\x05total\x18\x04 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x07 \x01(\x03\x12\x15\n\routput_tokens\x18\x08 \x01(\x03\x12\x11\n\tspend_usd\x18\t \x01(\x01\x12\r\n\x05state\x18\n \x01(\t\x12\x0f\n\x07message\x18\x0b \x01(\t\x12\x10\n\x08requests\x18\x0c \x01(\x03\x12\x0f\n\x07retries\x18\r \x01(\x03\x12\x10\n\x08labelled\x18\x0e \x01(\x03\"F\n\x10GetLabelsRequest\x12#\n\x05units\x18\x01 \x03(\x0b\x32\x14.circuits.v1.UnitRef\x12\r\n\x05limit\x18\x02 \x01(\x03\"5\n\x11GetLabelsResponse\x12 \n\x05units\x18\x01 \x03(\x0b\x32\x11.circuits.v1.Unit2\xff\x01\n\x0eLabelerService\x12M\n\nLabelUnits\x12\x1e.circuits.v1.LabelUnitsRequest\x1a\x1f.circuits.v1.LabelUnitsResponse\x12R\n\x0eRunProgressive\x12\".circuits.v1.RunProgressiveRequest\x1a\x1a.circuits.v1.LabelProgress0\x01\x12J\n\tGetLabels\x12\x1d.circuits.v1.GetLabelsRequest\x1a\x1e.circuits.v1.GetLabelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63ircuits/v1/labeler.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/graph.proto\x1a\x1cgoogle/api/annotations.proto\"\'\n\x07UnitRef\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\"l\n\x11LabelUnitsRequest\x12#\n\x05units\x18\x01 \x03(\x0b\x32\x14.circuits.v1.UnitRef\x12\x12\n\nlabel_pass\x18\x02 \x01(\t\x12\x1e\n\x16\x61llow_without_evidence\x18\x03 \x01(\x08\"H\n\x12LabelUnitsResponse\x12 \n\x05units\x18\x01 \x03(\x0b\x32\x11.circuits.v1.Unit\x12\x10\n\x08\x66\x61ilures\x18\x02 \x03(\t\"P\n\x15RunProgressiveRequest\x12\x0e\n\x06passes\x18\x01 \x03(\t\x12\x11\n\tmax_units\x18\x02 \x01(\x03\x12\x14\n\x0cretry_failed\x18\x03 \x01(\x08\"\x84\x02\n\rLabelProgress\x12\x12\n\nlabel_pass\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0c\n\x04\x64one\x18\x03 \x01(\x03\x12\r\n\x05total\x18\x04 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x07 \x01(\x03\x12\x15\n\routput_tokens\x18\x08 \x01(\x03\x12\x11\n\tspend_usd\x18\t \x01(\x01\x12\r\n\x05state\x18\n \x01(\t\x12\x0f\n\x07message\x18\x0b \x01(\t\x12\x10\n\x08requests\x18\x0c \x01(\x03\x12\x0f\n\x07retries\x18\r \x01(\x03\x12\x10\n\x08labelled\x18\x0e \x01(\x03\"F\n\x10GetLabelsRequest\x12#\n\x05units\x18\x01 \x03(\x0b\x32\x14.circuits.v1.UnitRef\x12\r\n\x05limit\x18\x02 \x01(\x03\"5\n\x11GetLabelsResponse\x12 \n\x05units\x18\x01 \x03(\x0b\x32\x11.circuits.v1.Unit2\x93\x02\n\x0eLabelerService\x12M\n\nLabelUnits\x12\x1e.circuits.v1.LabelUnitsRequest\x1a\x1f.circuits.v1.LabelUnitsResponse\x12R\n\x0eRunProgressive\x12\".circuits.v1.RunProgressiveRequest\x1a\x1a.circuits.v1.LabelProgress0\x01\x12^\n\tGetLabels\x12\x1d.circuits.v1.GetLabelsRequest\x1a\x1e.circuits.v1.GetLabelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/labelsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'circuits.v1.labeler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UNITREF']._serialized_start=67
-  _globals['_UNITREF']._serialized_end=106
-  _globals['_LABELUNITSREQUEST']._serialized_start=108
-  _globals['_LABELUNITSREQUEST']._serialized_end=184
-  _globals['_LABELUNITSRESPONSE']._serialized_start=186
-  _globals['_LABELUNITSRESPONSE']._serialized_end=258
-  _globals['_RUNPROGRESSIVEREQUEST']._serialized_start=260
-  _globals['_RUNPROGRESSIVEREQUEST']._serialized_end=340
-  _globals['_LABELPROGRESS']._serialized_start=343
-  _globals['_LABELPROGRESS']._serialized_end=603
-  _globals['_GETLABELSREQUEST']._serialized_start=605
-  _globals['_GETLABELSREQUEST']._serialized_end=675
-  _globals['_GETLABELSRESPONSE']._serialized_start=677
-  _globals['_GETLABELSRESPONSE']._serialized_end=730
-  _globals['_LABELERSERVICE']._serialized_start=733
-  _globals['_LABELERSERVICE']._serialized_end=988
+  _globals['_LABELERSERVICE'].methods_by_name['GetLabels']._loaded_options = None
+  _globals['_LABELERSERVICE'].methods_by_name['GetLabels']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/labels'
+  _globals['_UNITREF']._serialized_start=97
+  _globals['_UNITREF']._serialized_end=136
+  _globals['_LABELUNITSREQUEST']._serialized_start=138
+  _globals['_LABELUNITSREQUEST']._serialized_end=246
+  _globals['_LABELUNITSRESPONSE']._serialized_start=248
+  _globals['_LABELUNITSRESPONSE']._serialized_end=320
+  _globals['_RUNPROGRESSIVEREQUEST']._serialized_start=322
+  _globals['_RUNPROGRESSIVEREQUEST']._serialized_end=402
+  _globals['_LABELPROGRESS']._serialized_start=405
+  _globals['_LABELPROGRESS']._serialized_end=665
+  _globals['_GETLABELSREQUEST']._serialized_start=667
+  _globals['_GETLABELSREQUEST']._serialized_end=737
+  _globals['_GETLABELSRESPONSE']._serialized_start=739
+  _globals['_GETLABELSRESPONSE']._serialized_end=792
+  _globals['_LABELERSERVICE']._serialized_start=795
+  _globals['_LABELERSERVICE']._serialized_end=1070
 # @@protoc_insertion_point(module_scope)

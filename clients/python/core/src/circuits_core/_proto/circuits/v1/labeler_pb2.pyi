@@ -1,4 +1,5 @@
 from circuits_core._proto.circuits.v1 import graph_pb2 as _graph_pb2
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -16,12 +17,14 @@ class UnitRef(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class LabelUnitsRequest(_message.Message):
-    __slots__ = ("units", "label_pass")
+    __slots__ = ("units", "label_pass", "allow_without_evidence")
     UNITS_FIELD_NUMBER: _ClassVar[int]
     LABEL_PASS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_WITHOUT_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     units: _containers.RepeatedCompositeFieldContainer[UnitRef]
     label_pass: str
-    def __init__(self, units: _Optional[_Iterable[_Union[UnitRef, _Mapping]]] = ..., label_pass: _Optional[str] = ...) -> None: ...
+    allow_without_evidence: bool
+    def __init__(self, units: _Optional[_Iterable[_Union[UnitRef, _Mapping]]] = ..., label_pass: _Optional[str] = ..., allow_without_evidence: _Optional[bool] = ...) -> None: ...
 
 class LabelUnitsResponse(_message.Message):
     __slots__ = ("units", "failures")
