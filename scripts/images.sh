@@ -28,7 +28,7 @@ set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 TAG="${CIRCUITS_IMAGE_TAG:-dev}"
-SERVICES=(aggregator atlas labeler attribution)
+SERVICES=(aggregator atlas labeler gateway attribution)
 DEBIAN_BASE="localhost/debian-base:bookworm"
 LOCAL_PYTHON_BASE="localhost/circuits-python:3.11-bookworm"
 PYTHON_BASE="${CIRCUITS_PYTHON_IMAGE:-$LOCAL_PYTHON_BASE}"

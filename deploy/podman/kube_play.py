@@ -26,8 +26,9 @@ Steps, each printed as ``ok|FAIL <step> (<seconds>s) <detail>``:
   aggregator StatefulSet shards SERVING; the batch Job's shards finish (graph files on the claim,
   streamed into the shards: every prompt exactly once, each shard counting what it owns); the shard
   exports merged and built into an atlas on the atlas claim; the atlas Deployment SERVING and its
-  Stats equal to the export; the labeler Deployment SERVING; the attribution Deployment SERVING and
-  tracing; every server stopped with SIGTERM exits 0.
+  Stats equal to the export; the gateway Deployment ready (its /readyz) and answering HTTP/JSON
+  like the atlas answers gRPC; the labeler Deployment SERVING; the attribution Deployment SERVING
+  and tracing; every server stopped with SIGTERM exits 0.
 
 Run with the workspace Python (PyYAML): ``.venv/bin/python deploy/podman/kube_play.py [--tag dev]``.
 """
@@ -63,6 +64,13 @@ PROMPTS = [
     "Two plus two equals",
     "The color of the sky is",
 ]
+READY_PY = """
+import urllib.request
+try:
+    print(urllib.request.urlopen("http://127.0.0.1:8080/readyz", timeout=3).status)
+except Exception as exc:
+    print(getattr(exc, "code", exc))
+"""
 HEALTH_PY = """
 import sys, grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -239,6 +247,25 @@ def add_host_aliases(pod: dict[str, Any], aliases: dict[str, str]) -> None:
 
 
 # -- the run ----------------------------------------------------------------------------------------
+#: The claims and Secret the value set names (made by `prepare`, as they would exist in a cluster).
+CLAIMS = ("circuits-model-cache", "circuits-graphs", "circuits-atlas")
+SECRETS = ("circuits-anthropic",)
+
+
+def remove_pods_and_volumes(pods: list[str], volumes: list[str]) -> None:
+    volumes = list(volumes)
+    for pod in pods:
+        # The pods' own volumes too: claims of the StatefulSet, emptyDirs, ConfigMap volumes.
+        names = podman("pod", "inspect", "--format", "{{range .Containers}}{{.Name}} {{end}}", pod, check=False)
+        for container in names.stdout.split():
+            mounts = podman("inspect", "--format",
+                            "{{range .Mounts}}{{if eq .Type \"volume\"}}{{.Name}} {{end}}{{end}}", container, check=False)
+            volumes += [v for v in mounts.stdout.split() if v not in volumes]
+        podman("pod", "rm", "-f", "-t", "0", pod, check=False)
+    for volume in volumes:
+        podman("volume", "rm", "-f", volume, check=False)
+
+
 class KubeRun:
     def __init__(self, *, tag: str, helm: str, keep: bool) -> None:
         self.tag = tag
@@ -321,35 +348,45 @@ class KubeRun:
         if self.keep:
             print(f"kept {self.work}, pods {self.pods}, volumes {self.volumes}", file=sys.stderr)
             return
-        volumes = list(self.volumes)
-        for pod in self.pods:
-            # The pods' own volumes too: claims of the StatefulSet, emptyDirs, ConfigMap volumes.
-            names = podman("pod", "inspect", "--format", "{{range .Containers}}{{.Name}} {{end}}", pod, check=False)
-            for container in names.stdout.split():
-                mounts = podman("inspect", "--format",
-                                "{{range .Mounts}}{{if eq .Type \"volume\"}}{{.Name}} {{end}}{{end}}", container, check=False)
-                volumes += [v for v in mounts.stdout.split() if v not in volumes]
-            podman("pod", "rm", "-f", "-t", "0", pod, check=False)
-        for volume in volumes:
-            podman("volume", "rm", "-f", volume, check=False)
+        remove_pods_and_volumes(self.pods, self.volumes)
         for secret in self.secrets:
             podman("secret", "rm", secret, check=False)
         podman("network", "rm", "-f", self.network, check=False)
         shutil.rmtree(self.work, ignore_errors=True)
 
+    def remove_leftovers(self) -> str:
+        """What an interrupted earlier run left (its pods, the claims and the Secret it made): gone
+        before this run creates them again. Only this release's pods and the names this driver uses."""
+        pods = [n for n in podman("pod", "ls", "--format", "{{.Name}}", check=False).stdout.split()
+                if n.startswith(self.name(""))]
+        existing = set(podman("volume", "ls", "--format", "{{.Name}}", check=False).stdout.split())
+        volumes = [v for v in (*CLAIMS, "circuits-prompts") if v in existing]
+        volumes += sorted(v for v in existing if v.startswith(f"state-{self.name('aggregator')}-"))
+        secrets = [n for n in podman("secret", "ls", "--format", "{{.Name}}", check=False).stdout.split() if n in SECRETS]
+        networks = [n for n in podman("network", "ls", "--format", "{{.Name}}", check=False).stdout.split()
+                    if re.fullmatch(r"circuits-kube\d+", n) and not Path(f"/proc/{n.removeprefix('circuits-kube')}").exists()]
+        remove_pods_and_volumes(pods, volumes)
+        for secret in secrets:
+            podman("secret", "rm", secret, check=False)
+        for network in networks:
+            podman("network", "rm", "-f", network, check=False)
+        left = [*pods, *volumes, *secrets, *networks]
+        return f"removed what an earlier run left: {', '.join(left)}" if left else ""
+
     # steps
     def render(self) -> str:
         args = [self.helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", str(VALUES)]
         if self.tag != "dev":
-            for component in ("attribution", "aggregator", "labeler", "atlas"):
+            for component in ("attribution", "aggregator", "labeler", "atlas", "gateway"):
                 args += ["--set", f"{component}.image.tag={self.tag}"]
         result = subprocess.run(args, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise StepFailed(result.stderr.strip())
         self.rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
         kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in self.rendered if o["kind"] in ("Deployment", "StatefulSet", "Job"))
+        leftovers = self.remove_leftovers()
         podman("network", "create", self.network)
-        return f"{len(self.rendered)} objects; workloads: {', '.join(kinds)}"
+        return f"{len(self.rendered)} objects; workloads: {', '.join(kinds)}" + (f"; {leftovers}" if leftovers else "")
 
     def prepare(self) -> str:
         # Claims the value set names (existing claims in a cluster), and the labeler's key Secret.
@@ -439,10 +476,41 @@ class KubeRun:
         waited = wait_serving(f"{name}-atlas", 50051, 180)
         ip = ip_of_pod(name, self.network)
         self.aliases[f"{self.name('atlas')}.{NAMESPACE}.svc"] = ip
+        # The headless twin Service the gateway routes to resolves to the same pod.
+        self.aliases[f"{self.name('atlas')}-headless.{NAMESPACE}.svc"] = ip
         self.client("atlas", "check-atlas", f"{self.name('atlas')}.{NAMESPACE}.svc:50051", "/merged",
                     mounts=(f"{self.work / 'merged'}:/merged:ro",))
-        stop_expect_zero(f"{name}-atlas")
-        return f"SERVING after {waited:.0f}s with the atlas claim read-only; Stats = merged export; SIGTERM -> exit 0"
+        return f"SERVING after {waited:.0f}s with the atlas claim read-only; Stats = merged export"
+
+    def gateway(self) -> str:
+        deployment = self.workload("Deployment", "gateway")
+        config_map = next(o for o in self.rendered if o["kind"] == "ConfigMap" and o["metadata"]["name"] == f"{self.name('gateway')}-descriptors")
+        (pod,) = pods_of(deployment)
+        add_host_aliases(pod, self.aliases)
+        name = self.play(pod, config_map)
+        started = time.monotonic()
+        status = ""
+        while time.monotonic() - started < 120:
+            state, code = container_state(f"{name}-gateway")
+            if state not in ("running", "created", "configured"):
+                raise StepFailed(f"{name}-gateway is {state} (exit {code}):\n{logs(name + '-gateway')}")
+            out = podman("exec", f"{name}-gateway", "python", "-c", READY_PY, check=False)
+            status = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+            if status == "200":
+                break
+            time.sleep(1)
+        if status != "200":
+            raise StepFailed(f"gateway /readyz: {status or 'no answer'}:\n{logs(name + '-gateway')}")
+        waited = time.monotonic() - started
+        self.aliases[f"{self.name('gateway')}.{NAMESPACE}.svc"] = ip_of_pod(name, self.network)
+        self.client("atlas", "http-unit", f"http://{self.name('gateway')}.{NAMESPACE}.svc:8080",
+                    f"{self.name('atlas')}.{NAMESPACE}.svc:50051", "/merged", mounts=(f"{self.work / 'merged'}:/merged:ro",))
+        stop_expect_zero(f"{name}-gateway")
+        return f"/readyz 200 after {waited:.0f}s (atlas healthy through the headless Service); HTTP GetUnit = gRPC; SIGTERM -> exit 0"
+
+    def stop_atlas(self) -> str:
+        stop_expect_zero(f"{self.name('atlas')}-0-atlas")
+        return "SIGTERM -> exit 0"
 
     def labeler(self) -> str:
         deployment = self.workload("Deployment", "labeler")
@@ -484,8 +552,9 @@ class KubeRun:
             if self.step("kube/render", self.render) and self.step("kube/prepare", self.prepare):
                 if self.step("kube/aggregator-statefulset", self.aggregator):
                     if self.step("kube/batch-job", self.batch_job):
-                        if self.step("kube/build-atlas", self.build_atlas):
-                            self.step("kube/atlas-deployment", self.atlas)
+                        if self.step("kube/build-atlas", self.build_atlas) and self.step("kube/atlas-deployment", self.atlas):
+                            self.step("kube/gateway-deployment", self.gateway)
+                            self.step("kube/atlas-sigterm", self.stop_atlas)
                     self.step("kube/aggregator-sigterm", self.stop_aggregators)
                 self.step("kube/labeler-deployment", self.labeler)
                 self.step("kube/attribution-deployment", self.attribution)

@@ -7,7 +7,8 @@
 # converted into an empty cache volume), the same model from a host-prepared cache mounted
 # read-only (identical graphs), ingest (twice: counted once), export, label (default config, then a
 # progressive run over the export, both against the stand-in LLM server), build-db, serve the
-# atlas, `circuits query --remote`. Clients run in the images too: only podman is needed here.
+# atlas, `circuits query --remote`, and the same search as HTTP/JSON through the gateway image.
+# Clients run in the images too: only podman is needed here.
 # Set CIRCUITS_SMOKE_KEEP=1 to keep the work folder and containers for inspection.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -82,7 +83,8 @@ trace() {
     cli "$(image aggregator)" graph "$prompt" --remote smoke-attribution:50051 --tau 0.02 --output-dir /out/graphs || return 1
     n=$((n + 1))
   done
-  local files; files="$(find "$W/out/graphs" -name '*.json*' -o -name '*.pb*' | wc -l)"
+  # Graph files only: not the folder's graph-metadata.json index or hidden lock files.
+  local files; files="$(find "$W/out/graphs" -type f \( -name '*.json*' -o -name '*.pb*' \) ! -name 'graph-metadata.json' ! -name '.*' | wc -l)"
   echo "graph files: $files"
   [ "$files" -eq "${#PROMPTS[@]}" ] || { echo "expected ${#PROMPTS[@]} graph files, found $files"; return 1; }
   detail "$n prompts -> $files graph files via \`circuits graph --remote\`"
@@ -188,14 +190,39 @@ build_db() {
 }
 
 atlas_chain() {
-  serve smoke-atlas "$(image atlas)" -v "$W/atlas:/data:ro" || return 1
+  # Also known as "atlas" on the network: the gateway image's default command routes to atlas:50051.
+  serve smoke-atlas "$(image atlas)" --network-alias atlas -v "$W/atlas:/data:ro" || return 1
   wait_serving smoke-atlas 120 || return 1
   local rows
   rows="$(cli "$(image atlas)" query --remote smoke-atlas:50051 output --json --limit 50)" || return 1
   echo "$rows" | head -n 5
   client "$(image atlas)" check-query /work/labels.jsonl <<<"$rows" || return 1
+  detail "$(grep -h '^summary:' "$LOGS/atlas.log" | cut -d' ' -f2- | cut -c1-200)"
+}
+
+READY_PY='
+import sys, urllib.request
+try:
+    print(urllib.request.urlopen("http://127.0.0.1:8080/readyz", timeout=3).status)
+except Exception as exc:
+    print(getattr(exc, "code", exc))
+'
+
+gateway_chain() {
+  serve smoke-gateway "$(image gateway)" || return 1
+  local started=$SECONDS status=""
+  while [ $((SECONDS - started)) -lt 90 ]; do
+    [ "$(podman inspect --format '{{.State.Running}}' smoke-gateway)" = true ] || { podman logs smoke-gateway | tail -n 20; return 1; }
+    status="$(podman exec smoke-gateway python -c "$READY_PY" 2>/dev/null | tail -n 1)"
+    [ "$status" = 200 ] && break
+    sleep 1
+  done
+  [ "$status" = 200 ] || { echo "gateway /readyz: ${status:-no answer}"; podman logs smoke-gateway | tail -n 20; return 1; }
+  echo "smoke-gateway /readyz 200 after $((SECONDS - started))s"
+  client "$(image gateway)" http-search http://smoke-gateway:8080 output /work/labels.jsonl || return 1
+  stop_expect_zero smoke-gateway || return 1
   stop_expect_zero smoke-atlas || return 1
-  detail "$(grep -h '^summary:' "$LOGS/atlas.log" | cut -d' ' -f2- | cut -c1-200); SIGTERM -> exit 0"
+  detail "default command (--atlas atlas:50051): $(grep -h '^summary:' "$LOGS/gateway.log" | cut -d' ' -f2- | cut -c1-160); SIGTERM -> exit 0 (gateway, atlas)"
 }
 
 stop_attribution() { stop_expect_zero smoke-attribution && detail "SIGTERM -> exit 0"; }
@@ -203,6 +230,7 @@ stop_attribution() { stop_expect_zero smoke-attribution && detail "SIGTERM -> ex
 step contents/aggregator contents aggregator
 step contents/atlas contents atlas
 step contents/labeler contents labeler
+step contents/gateway contents gateway
 step contents/attribution contents attribution
 if step attribution attribution_start; then
   step trace trace
@@ -216,7 +244,8 @@ if [ $FAILED -eq 0 ]; then
     && step labeler labeler_default \
     && step labeler_progressive labeler_progressive \
     && step build_db build_db \
-    && step atlas atlas_chain
+    && step atlas atlas_chain \
+    && step gateway gateway_chain
 fi
 if [ $FAILED -eq 0 ]; then echo "smoke: all steps passed"; else echo "smoke: FAILED"; fi
 exit $FAILED

