@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/aggregate_bench.py                 # default scale
     OMP_NUM_THREADS=1 python benchmarks/aggregate_bench.py --graphs 1000 --edges 20000
     OMP_NUM_THREADS=1 python benchmarks/aggregate_bench.py --rss           # memory after 10k / 100k graphs
+    OMP_NUM_THREADS=1 python benchmarks/aggregate_bench.py --smoke         # tiny sizes (the test suite runs this)
 
 Corpus: synthetic RelP-shaped graphs (``--neurons`` neuron nodes over ``--layers`` layers, neuron
 indices Zipf-distributed so edges repeat across graphs, one embedding and one logit unit,
@@ -12,7 +13,7 @@ indices Zipf-distributed so edges repeat across graphs, one embedding and one lo
 Paths measured (DuckDB threads = 1 everywhere; the gRPC server is a separate process):
   baseline   legacy JSON files -> json.load -> per-link Python dict accumulation (the seed design)
   files/json `circuits aggregate` engine over the same legacy JSON files
-  files/pb   `circuits aggregate` engine over the same graphs as *.pb files
+  files/pb   `circuits aggregate` engine over the same graphs as *.pb files (framed, as workers write them)
   grpc       AggregatorClient.ingest(prebuilt circuits.v1.Graph messages) -> server -> DuckDB
 All paths' totals (observations, Σw) are checked against each other before figures are printed.
 """
@@ -51,13 +52,13 @@ def make_corpus(n_graphs: int, n_neurons: int, n_edges: int, n_layers: int, pool
 
 def write_files(messages: list, root: Path) -> tuple[Path, Path]:
     from circuits_core import wire
-    from circuits_core.graphio import write_graph
+    from circuits_core.graphio import frame_pb, write_graph
 
     json_dir, pb_dir = root / "json", root / "pb"
     json_dir.mkdir(parents=True)
     pb_dir.mkdir(parents=True)
     for i, msg in enumerate(messages):
-        (pb_dir / f"graph_{i:06d}.pb").write_bytes(msg.SerializeToString())
+        (pb_dir / f"graph_{i:06d}.pb").write_bytes(frame_pb(msg.SerializeToString()))
         write_graph(wire.graph_from_proto(msg), json_dir / f"graph_{i:06d}.json")
     return json_dir, pb_dir
 
@@ -205,7 +206,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="server micro-batch (graphs)")
     parser.add_argument("--interval", type=int, default=100, help="files: graphs per transaction")
     parser.add_argument("--rss", action="store_true", help="only the memory run (10k and 100k graphs)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (checks the script and its server run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.graphs, args.neurons, args.edges, args.pool = 6, 40, 300, 64
 
     if args.rss:
         rss_run((10_000, 100_000), n_neurons=50, n_edges=200)

@@ -61,9 +61,11 @@ def write_export(root: Path, *, layers: int, neurons: int, edges: int, seed: int
     layer = np.repeat(np.arange(layers, dtype=np.int32), neurons)
     neuron = np.tile(np.arange(neurons, dtype=np.int32), layers)
     seen = rng.integers(1, 100, len(layer), dtype=np.int64)
+    stats = {"act_sum": seen * 1.5, "act_sq_sum": seen * 2.5, "act_min": np.zeros(len(layer)), "act_max": np.full(len(layer), 3.0),
+             "attr_sum": seen * 0.01, "attr_abs_sum": seen * 0.01, "attr_sq_sum": seen * 1e-4,
+             "attr_min": np.zeros(len(layer)), "attr_max": np.full(len(layer), 0.02)}  # fmt: skip
     pq.write_table(
-        pa.table({"layer": layer, "neuron": neuron, "graph_count": seen, "observation_count": seen,
-                  "act_sum": seen * 1.5, "act_max": np.full(len(layer), 3.0), "attr_sum": seen * 0.01}),
+        pa.table({"layer": layer, "neuron": neuron, "graph_count": seen, "observation_count": seen, **stats}),
         root / "units.parquet",
     )  # fmt: skip
     pq.write_table(pa.table({"graph_id": ["g0"], "source": ["bench"], "corpus_index": pa.array([0], pa.int64())}),

@@ -2,8 +2,11 @@
 
 Prints seconds for encode, serialize, parse and decode, and the ratio of the whole round trip to
 a baseline in the same process: the legacy JSON path (to_legacy + json.dumps/loads + from_legacy).
+A second line times the edge columns alone (a graph with few units and the same edges), which
+is what the columnar EdgeTable makes cheap.
 
     .venv/bin/python benchmarks/proto_bench.py [--units 10000] [--edges 100000] [--repeat 3]
+    .venv/bin/python benchmarks/proto_bench.py --smoke      # tiny sizes (the test suite runs this)
 """
 
 from __future__ import annotations
@@ -53,7 +56,10 @@ def main() -> None:
     parser.add_argument("--units", type=int, default=10_000)
     parser.add_argument("--edges", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (checks the script runs)")
     args = parser.parse_args()
+    if args.smoke:
+        args.units, args.edges, args.repeat = 200, 2_000, 1
     graph = make_graph(args.units, args.edges)
 
     t_encode, msg = best_of(args.repeat, lambda: wire.graph_to_proto(graph))
@@ -79,6 +85,16 @@ def main() -> None:
     print(f"protobuf round trip (domain -> bytes -> domain): {proto_total:.3f}s")
     print(f"baseline legacy JSON round trip:                 {json_total:.3f}s")
     print(f"ratio JSON / protobuf: {json_total / proto_total:.1f}x")
+
+    few_units = make_graph(max(args.units // 100, 10), args.edges, seed=1)
+    blob_few = wire.graph_to_proto(few_units).SerializeToString()
+    parsed_few = graph_pb2.Graph()
+    parsed_few.ParseFromString(blob_few)
+    t_enc_few, _ = best_of(args.repeat, lambda: wire.graph_to_proto(few_units))
+    t_dec_few, back_few = best_of(args.repeat, lambda: wire.graph_from_proto(parsed_few))
+    assert back_few == few_units, "round trip changed the graph"
+    print(f"edge columns ({len(few_units.units):,} units, {args.edges:,} edges): encode {t_enc_few:.4f}s  "
+          f"decode {t_dec_few:.4f}s  ({args.edges / t_dec_few / 1e6:.1f} M edges/s decoded)")
 
 
 if __name__ == "__main__":

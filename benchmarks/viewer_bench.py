@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-from circuits_core.schemas import EMBEDDING_LAYER, Edge, Graph, GraphMetadata, Unit, graph_influence
+from circuits_core.graphio import graph_influence
+from circuits_core.schemas import EMBEDDING_LAYER, Edge, Graph, GraphMetadata, Unit
 
 
 def make_graph(n_neurons: int, n_edges: int, *, n_layers: int = 30, n_pos: int = 8, seed: int = 0) -> Graph:

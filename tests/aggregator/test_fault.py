@@ -16,7 +16,7 @@ import numpy as np
 from circuits_core import wire
 from circuits_sdk.aggregator import AggregatorClient
 from circuits_aggregator import AggregateStore
-from circuits_aggregator.columns import graph_arrays_from_graph
+from circuits_core.aggregator_types import graph_arrays_from_graph
 from circuits_aggregator.testing import random_graph
 
 

@@ -12,7 +12,7 @@ from circuits.cli import main as cli_main
 from circuits_core.errors import CorruptInput
 from circuits_core.graphio import write_graph
 from circuits_aggregator import InMemoryAggregator
-from circuits_aggregator.columns import read_graph_arrays
+from circuits_core.graphio import read_graph_arrays
 from circuits_aggregator.testing import random_graph
 
 FORMATS = ("json", "json.gz", "pb", "pb.gz")
@@ -73,7 +73,9 @@ def _corruptions(tmp_path, corpus) -> dict[str, bytes]:
     head.prompt_tokens.extend(msg.prompt_tokens)
     head.units.add().CopyFrom(msg.units[0])
     boundary = head.SerializeToString()
-    assert good_pb.startswith(boundary)
+    bare_pb = wire.graph_to_bytes(corpus[1])  # a file from before compact files were framed
+    assert bare_pb.startswith(boundary) and good_pb.endswith(bare_pb)
+    header = len(good_pb) - len(bare_pb)
     dangling = json.loads(good_json)
     dangling["links"].append({"source": "nope", "target": dangling["nodes"][0]["node_id"], "weight": 1.0})
     return {
@@ -81,6 +83,8 @@ def _corruptions(tmp_path, corpus) -> dict[str, bytes]:
         "trunc.json.gz": gzip.compress(good_json)[:-9],
         "trunc.pb": good_pb[: len(good_pb) - 7],
         "boundary.pb": boundary,
+        "boundary_framed.pb": good_pb[: header + len(boundary)],
+        "flipped.pb": good_pb[:-3] + bytes([good_pb[-3] ^ 1]) + good_pb[-2:],
         "trunc.pb.gz": gzip.compress(good_pb)[:40],
         "empty.json": b"",
         "garbage.pb.gz": b"\x1f\x8b not gzip at all",

@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from circuits_core.aggregator_types import graph_arrays_from_graph
 from circuits_core.graphio import write_graph
+from circuits_core.viewers import parse_logit_clerp
 from circuits_core.schemas import Edge, Graph, Unit
 from circuits_aggregator import AggregateStore, StoreSettings, aggregate_directory, merge_exports
-from circuits_aggregator.columns import graph_arrays_from_graph, logit_token
 from circuits_aggregator.testing import random_graph
 
 
@@ -102,9 +103,8 @@ def test_legacy_json_and_protobuf_files_give_the_same_logit_links(tmp_path):
     want = brute_force(graphs)
     # Legacy JSON carries the token in the clerp ("tok (p=0.3000)" / 'Output "tok" (p=...)').
     assert_same(got, want)
-    assert logit_token('Output " Paris" (p=0.8731)') == " Paris"
-    assert logit_token(" Paris (p=0.8731)") == " Paris"
-    assert logit_token(None) == ""
+    assert parse_logit_clerp('Output " Paris" (p=0.8731)') == (" Paris", 0.8731)
+    assert parse_logit_clerp(" Paris (p=0.8731)") == (" Paris", 0.8731)
 
 
 def test_merge_accepts_exports_without_logit_links(tmp_path):

@@ -11,7 +11,7 @@ from circuits_core.aggregator_types import shard_of
 from circuits_core.errors import FailedPrecondition, InvalidArgument
 from circuits_core.schemas import Edge, Graph, Unit
 from circuits_aggregator import AggregateStore, InMemoryAggregator, StoreSettings, merge_exports
-from circuits_aggregator.columns import graph_arrays_from_graph
+from circuits_core.aggregator_types import graph_arrays_from_graph
 from circuits_aggregator.testing import random_graph
 
 weights = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_subnormal=False)

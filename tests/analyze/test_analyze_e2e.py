@@ -146,6 +146,7 @@ def test_analyze_trace_settings_flag_over_line_over_config(tiny_model_dir, tmp_p
     assert first["counts"]["logits"] == 2 and second["counts"]["logits"] == 1
     for name in ("first", "second"):
         legacy = json.loads((tmp_path / "rep" / name / "graph.json").read_text())
+        # tau sits in generation_settings; metadata.node_threshold is the viewers' pruning fraction
         assert legacy["metadata"]["generation_settings"]["node_threshold"] == 0.002
 
 

@@ -14,7 +14,8 @@ from viewer_requirements import NP_ID, circuit_tracer_problems, graph_index_prob
 from circuits_core.errors import CorruptInput
 from circuits_core.graph_index import INDEX_NAME, index_entry, read_graph_index, rebuild_graph_index, update_graph_index
 from circuits_core.graphio import read_graph, write_graph
-from circuits_core.schemas import Edge, Graph, GraphMetadata, Unit, save_legacy
+from circuits_core.graphio import write_json
+from circuits_core.schemas import Edge, Graph, GraphMetadata, Unit
 from circuits_core.viewers import logit_clerp, parse_logit_clerp, scan_id
 
 
@@ -133,7 +134,7 @@ def test_pb_graphs_written_as_json_get_a_valid_scan(tmp_path: Path) -> None:
 # -- graph-metadata.json ------------------------------------------------------------------------
 def _write(folder: Path, slug: str, prompt: str) -> dict:
     legacy = _small_graph(prompt, slug=slug).to_legacy()
-    save_legacy(legacy, folder / f"{slug}.json")
+    write_json(legacy, folder / f"{slug}.json")
     return legacy
 
 

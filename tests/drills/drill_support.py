@@ -230,7 +230,7 @@ LABEL_WORDS = ("enzyme", "capital", "rhyme", "number", "colour", "animal", "rive
 def aggregated_export(tmp: Path, n_graphs: int = 300, seed: int = 5) -> Path:
     import numpy as np
     from circuits_aggregator import AggregateStore
-    from circuits_aggregator.columns import graph_arrays_from_graph
+    from circuits_core.aggregator_types import graph_arrays_from_graph
     from circuits_aggregator.testing import random_graph
 
     rng = np.random.default_rng(seed)

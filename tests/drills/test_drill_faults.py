@@ -69,7 +69,7 @@ def test_sigkill_each_service_during_end_to_end_run(tmp_path, spawn, tiny_checkp
     from circuits_sdk.attribution import AttributionClient
     from circuits_core.tracing import TraceRequest
     from circuits_aggregator import AggregateStore
-    from circuits_aggregator.columns import graph_arrays_from_graph
+    from circuits_core.aggregator_types import graph_arrays_from_graph
     from circuits_atlas import ClusterSettings, build_atlas
 
     faults = recovered = 0

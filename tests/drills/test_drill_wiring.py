@@ -81,7 +81,7 @@ def test_clients_accept_auth_keywords() -> None:
 
 def _filled_store(path: Path):
     from circuits_aggregator import AggregateStore
-    from circuits_aggregator.columns import graph_arrays_from_graph
+    from circuits_core.aggregator_types import graph_arrays_from_graph
     from circuits_aggregator.testing import random_graph
 
     store = AggregateStore(path)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from circuits import Edge, Graph, GraphMetadata, Unit, UnitLabel
 from circuits_core.config import load_config
 from circuits_core.errors import CircuitsError
-from circuits_core.graphio import read_graph, write_graph
+from circuits_core.graphio import read_graph, read_graph_arrays, write_graph
 from circuits_core.labels import read_label_file
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -69,6 +69,7 @@ def test_graph_json_with_replaced_fields(data, tmp_path: Path) -> None:
     path = tmp_path / "g.json"
     path.write_text(json.dumps(legacy))
     _check_reader(path, read_graph)
+    assert _verdict(read_graph, path) == _verdict(read_graph_arrays, path)
 
 
 @FUZZ
@@ -82,6 +83,17 @@ def test_truncated_and_bit_flipped_graph_files(tmp_path: Path, cut: int, flip: i
         raw[flip % len(raw)] = byte
     path.write_bytes(bytes(raw))
     _check_reader(path, read_graph)
+    _check_reader(path, read_graph_arrays)
+    assert _verdict(read_graph, path) == _verdict(read_graph_arrays, path)
+
+
+def _verdict(reader, path: Path) -> str:
+    """"" when ``reader`` accepts the file, else its error message (readers must agree)."""
+    try:
+        reader(path)
+    except CircuitsError as exc:
+        return str(exc)
+    return ""
 
 
 @FUZZ

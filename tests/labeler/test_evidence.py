@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from circuits_core.errors import NotFound
+from circuits_core.errors import CorruptInput, InvalidArgument, NotFound
 from circuits_labeler.evidence import DuckDBEvidence, write_evidence_parquet
 
 EDGES = [
@@ -26,16 +26,23 @@ def test_parquet_neighbours_sorted_by_abs_weight(tmp_path):
 
 def test_min_edge_count_and_shard_merge(tmp_path):
     shard_a = [e for e in EDGES if e[4] != 1]
-    write_evidence_parquet(tmp_path / "a", edges=shard_a, units=UNITS)
-    (tmp_path / "a" / "edges.parquet").rename(tmp_path / "edges_0.parquet")
-    write_evidence_parquet(tmp_path / "b", edges=[(0, 1, 1, 2, 4, 0.1)])
-    (tmp_path / "b" / "edges.parquet").rename(tmp_path / "edges_1.parquet")
-    (tmp_path / "a" / "units.parquet").rename(tmp_path / "units.parquet")
-    ev = DuckDBEvidence(tmp_path, min_edge_count=3)
+    write_evidence_parquet(tmp_path / "shards" / "a", edges=shard_a, units=UNITS)
+    write_evidence_parquet(tmp_path / "shards" / "b", edges=[(0, 1, 1, 2, 4, 0.1)])
+    ev = DuckDBEvidence(tmp_path / "shards", min_edge_count=3)
     down = ev.downstream(0, limit=5)
     # (0,1)->(1,2): 4 obs at 0.5 + 4 obs at 0.1 = mean 0.3 over 8; (0,1)->(1,3) has 2 < 3 obs.
     assert [(n.key, n.count) for n in down[1]] == [((1, 2), 8)]
     assert down[1][0].mean_weight == pytest.approx(0.3)
+    # units of both shards, graph counts summed; shard b knows its edge endpoints only (count 0)
+    assert {(u.layer, u.neuron): u.appearance_count for u in ev.units()}[(0, 1)] == 7
+
+
+def test_shards_that_share_a_graph_are_refused(tmp_path):
+    write_evidence_parquet(tmp_path / "shards" / "a", edges=EDGES, units=UNITS)
+    write_evidence_parquet(tmp_path / "shards" / "b", edges=EDGES, units=UNITS)
+    (tmp_path / "shards" / "b" / "ledger.parquet").write_bytes((tmp_path / "shards" / "a" / "ledger.parquet").read_bytes())
+    with pytest.raises(InvalidArgument, match="more than one export"):
+        DuckDBEvidence(tmp_path / "shards")
 
 
 def test_atlas_duckdb_matches_parquet(tmp_path):
@@ -55,9 +62,9 @@ def test_atlas_duckdb_matches_parquet(tmp_path):
     assert atlas.units()[0].prior_description == "d01"
 
 
-def test_missing_evidence_is_not_found(tmp_path):
+def test_missing_evidence_is_not_found_and_an_empty_folder_is_no_export(tmp_path):
     with pytest.raises(NotFound):
         DuckDBEvidence(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(NotFound):
+    with pytest.raises(CorruptInput, match="edges.parquet: missing from the aggregator export"):
         DuckDBEvidence(tmp_path / "empty")

@@ -44,7 +44,7 @@ def test_label_file_round_trip_and_errors(tmp_path: Path) -> None:
     with pytest.raises(CorruptInput, match=r"bad.jsonl:2: field 'layer' must be an integer"):
         read_label_file(bad)
     bad.write_text('{"layer": 1, "neuron": 2}\n')
-    with pytest.raises(CorruptInput, match="needs a 'label' or a 'description'"):
+    with pytest.raises(CorruptInput, match="needs a 'label', an 'input_label' or a 'description'"):
         read_label_file(bad)
     bad.write_text("not json\n")
     with pytest.raises(CorruptInput, match=r"bad.jsonl:1: not a JSON object"):

@@ -1,8 +1,9 @@
 """circuits aggregator service: exactly-once streaming edge and neuron statistics over many graphs.
 
-Domain: :mod:`.store` (DuckDB engine), :mod:`.columns` (graph files -> arrays), :mod:`.stream`
+Domain: :mod:`.store` (DuckDB engine), :mod:`.stream`
 (micro-batched ingest), :mod:`.directory` (``circuits aggregate DIR``), :mod:`.merge` (combine
-shard exports), :mod:`.compat` (seed API). gRPC: :mod:`.servicer`, :mod:`.server`, ``__main__``.
+shard exports), :mod:`.compat` (seed API). Graph files are read by
+:func:`circuits_core.graphio.read_graph_arrays` (the graph file owner). gRPC: :mod:`.servicer`, :mod:`.server`, ``__main__``.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from circuits_core.aggregator_types import graph_arrays_from_graph
 from circuits_core.schemas import Edge, Graph, Unit
 
-from circuits_aggregator.columns import graph_arrays_from_graph
 from circuits_aggregator.directory import DirectoryReport, aggregate_directory
 from circuits_aggregator.store import AggregateStore, StoreSettings
 

@@ -17,9 +17,8 @@ from pathlib import Path
 
 from circuits_core.aggregator_types import GraphArrays
 from circuits_core.errors import CorruptInput, InvalidArgument
-from circuits_core.graphio import is_graph_file
+from circuits_core.graphio import is_graph_file, read_graph_arrays
 
-from circuits_aggregator.columns import read_graph_arrays
 from circuits_aggregator.store import AggregateStore
 
 

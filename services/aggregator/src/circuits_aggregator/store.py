@@ -39,10 +39,6 @@ import numpy as np
 import pyarrow as pa
 
 from circuits_core.aggregator_types import (
-    EDGE_COLUMNS,
-    LEDGER_COLUMNS,
-    LOGIT_COLUMNS,
-    UNIT_COLUMNS,
     AggregatorStats,
     EdgeColumns,
     GraphArrays,
@@ -50,6 +46,16 @@ from circuits_core.aggregator_types import (
     shard_of,
 )
 from circuits_core.errors import FailedPrecondition, InvalidArgument, echo
+from circuits_core.exports import (
+    EDGE_COLUMNS,
+    EDGES_FILE,
+    LEDGER_COLUMNS,
+    LEDGER_FILE,
+    LOGIT_COLUMNS,
+    LOGITS_FILE,
+    UNIT_COLUMNS,
+    UNITS_FILE,
+)
 from circuits_server.duckdb_files import open_duckdb, refuse_code_objects
 
 _EDGE_DDL = """(
@@ -465,11 +471,11 @@ class AggregateStore:
         except OSError as exc:
             raise InvalidArgument(f"{echo(str(out), quote=False)}: cannot create export directory ({exc.strerror or exc})") from None
         queries = {
-            "edges.parquet": f"SELECT {', '.join(EDGE_COLUMNS)} FROM ({EDGES_SQL}) WHERE count >= {max(int(min_count), 1)} "
+            EDGES_FILE: f"SELECT {', '.join(EDGE_COLUMNS)} FROM ({EDGES_SQL}) WHERE count >= {max(int(min_count), 1)} "
             "ORDER BY src_layer, src_neuron, tgt_layer, tgt_neuron",
-            "units.parquet": f"SELECT {', '.join(UNIT_COLUMNS)} FROM ({UNITS_SQL}) ORDER BY layer, neuron",
-            "ledger.parquet": f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger ORDER BY graph_id",
-            "logits.parquet": f"SELECT {', '.join(LOGIT_COLUMNS)} FROM ({LOGIT_EXPORT_SQL}) "
+            UNITS_FILE: f"SELECT {', '.join(UNIT_COLUMNS)} FROM ({UNITS_SQL}) ORDER BY layer, neuron",
+            LEDGER_FILE: f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger ORDER BY graph_id",
+            LOGITS_FILE: f"SELECT {', '.join(LOGIT_COLUMNS)} FROM ({LOGIT_EXPORT_SQL}) "
             "ORDER BY src_layer, src_neuron, token_id",
         }
         return write_parquet_snapshot(self._cursor(), out, queries)

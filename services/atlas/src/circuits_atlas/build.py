@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from circuits_core.errors import InvalidArgument
+from circuits_core.exports import open_export
+from circuits_core.labels import iter_label_file
 
 from circuits_atlas.clustering import FullModelClustering, cluster_full_model
 from circuits_atlas.duck import connect
-from circuits_atlas.inputs import export_files, labels_table, read_labels
+from circuits_atlas.inputs import labels_table
 from circuits_atlas.schema import (
     SCHEMA_VERSION,
     build_fts_index,
@@ -80,12 +82,6 @@ def _remove_database_files(path: Path) -> None:
             pass
 
 
-def _parquet_columns(path: Path) -> set[str]:
-    import pyarrow.parquet as pq
-
-    return set(pq.read_schema(path).names)
-
-
 def build_atlas(
     *,
     export_dir: str | Path,
@@ -98,7 +94,7 @@ def build_atlas(
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BuildReport:
-    """Build ``output_path`` from an aggregator export directory (see :mod:`circuits_atlas.inputs`).
+    """Build ``output_path`` from an aggregator export directory (checked by :func:`circuits_core.exports.open_export`).
 
     ``labels_path``: optional labeler JSONL. ``clustering``: settings to run Infomap on the export
     (edges with ``count >= clustering.min_edge_count``), a ready clustering, or None. Edges with
@@ -109,8 +105,8 @@ def build_atlas(
     """
     if min_edge_count < 1:
         raise InvalidArgument(f"min_edge_count must be >= 1, got {min_edge_count}")
-    files = export_files(export_dir)
-    labels = labels_table(read_labels(labels_path)) if labels_path else None
+    files = open_export(export_dir)
+    labels = labels_table(iter_label_file(labels_path, default_source="")) if labels_path else None
     output = Path(output_path)
     if output.is_dir():
         raise InvalidArgument(f"{output}: is a directory, expected an atlas file path")
@@ -180,9 +176,7 @@ def build_atlas(
         build_fts_index(con)
         done()
 
-        graph_count = None
-        if files.ledger is not None:
-            graph_count = con.execute("SELECT count(DISTINCT graph_id) FROM read_parquet(?)", [str(files.ledger)]).fetchone()[0]
+        graph_count = files.graphs
         counts = {
             name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0] for name in ("neurons", "edges", "clusters")
         }
@@ -200,7 +194,7 @@ def build_atlas(
             "scored_labels": scored,
             "logit_links": con.execute("SELECT count(*) FROM logit_edges").fetchone()[0],
             "min_edge_count": min_edge_count,
-            "source_graph_count": "" if graph_count is None else graph_count,
+            "source_graph_count": graph_count,
             "export_dir": str(Path(export_dir).resolve()),
             "labels_path": str(Path(labels_path).resolve()) if labels_path else "",
             **cluster_meta,
@@ -242,17 +236,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _insert_neurons(con: Any, units_path: Path, labels: Any) -> None:
-    cols = _parquet_columns(units_path)
-
-    def col(name: str, expr: str) -> str:
-        return expr if name in cols else "NULL"
-
-    units_select = f"""
+    # units.parquet has every exports.UNIT_COLUMNS column (open_export checked it).
+    units_select = """
         SELECT layer::INTEGER AS layer, neuron::INTEGER AS neuron, graph_count::BIGINT AS appearance_count,
-               {col('observation_count', 'observation_count::BIGINT')} AS observation_count,
-               {col('act_sum', 'act_sum / nullif(observation_count, 0)') if 'observation_count' in cols else 'NULL'} AS mean_activation,
-               {col('attr_sum', 'attr_sum / nullif(observation_count, 0)') if 'observation_count' in cols else 'NULL'} AS mean_attribution,
-               {col('act_max', 'act_max::DOUBLE')} AS act_max
+               observation_count::BIGINT AS observation_count,
+               act_sum / nullif(observation_count, 0) AS mean_activation,
+               attr_sum / nullif(observation_count, 0) AS mean_attribution,
+               act_max::DOUBLE AS act_max
         FROM read_parquet(?)
     """
     if labels is None:

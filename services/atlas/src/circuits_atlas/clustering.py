@@ -333,17 +333,20 @@ def cluster_graph(
     """
     _check_run_settings(num_trials=num_trials, seed=seed)
     tokens = graph.prompt_tokens
-    members: list[Unit] = [
-        u
-        for u in graph.units
+    member_rows = [
+        row
+        for row, u in enumerate(graph.units)
         if u.kind == "neuron" and not (skip_special_positions and is_special_position(tokens, u.position))
     ]
-    index = {u.node_key: i for i, u in enumerate(members)}
-    links: list[tuple[int, int, float]] = []
-    for edge in graph.edges:
-        s, t = index.get(edge.src_key), index.get(edge.tgt_key)
-        if s is not None and t is not None and s != t and edge.weight != 0 and math.isfinite(edge.weight):
-            links.append((s, t, abs(edge.weight)))
+    members: list[Unit] = [graph.units[row] for row in member_rows]
+    member_of = np.full(len(graph.units), -1, dtype=np.int64)
+    member_of[member_rows] = np.arange(len(member_rows))
+    src_rows, tgt_rows = graph.edge_table.endpoint_rows(graph.units)
+    src_member, tgt_member, weight = member_of[src_rows], member_of[tgt_rows], graph.edge_table.weight
+    keep = (src_member >= 0) & (tgt_member >= 0) & (src_member != tgt_member) & (weight != 0) & np.isfinite(weight)
+    links: list[tuple[int, int, float]] = list(
+        zip(src_member[keep].tolist(), tgt_member[keep].tolist(), np.abs(weight[keep]).tolist())
+    )
     links.sort()
 
     def split(node_ids: list[int], prefix: str, depth: int) -> list[tuple[str, list[int]]]:

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from circuits_core.edge_table import EdgeTable as GraphEdgeTable
 from circuits_core.errors import Cancelled, InvalidArgument
 from circuits_core.interventions import InterventionRequest, InterventionResult
-from circuits_core.schemas import EMBEDDING_LAYER, Edge, Graph, GraphMetadata, Unit, graph_content_id, slugify
+from circuits_core.schemas import EMBEDDING_LAYER, Graph, GraphMetadata, Unit, graph_content_id, slugify
 from circuits_core.tracing import ModelInfo, TraceRequest, TraceSettings
 
 from circuits_attribution.linearize import MLP_RULES, Linearization
@@ -695,19 +696,12 @@ class RelPAttributor:
                  attribution=float(coef) * float(value), probability=float(prob), token=tok.decode([int(token_id)]))
             for token_id, coef, value, prob in zip(metric.token_ids, metric.coefficients, logit_vals, logit_probs)
         ]
-        tgt_layers = np.where(edges.tgt_layer == self.n_layers, logit_layer, edges.tgt_layer)
-        edge_list = [
-            Edge(
-                src_layer=int(sl), src_index=int(si), src_position=int(sp),
-                tgt_layer=int(tl), tgt_index=int(ti), tgt_position=int(tp),
-                weight=float(w), raw_weight=float(r),
-            )
-            for sl, si, sp, tl, ti, tp, w, r in zip(
-                edges.src_layer.tolist(), edges.src_index.tolist(), edges.src_position.tolist(),
-                tgt_layers.tolist(), edges.tgt_index.tolist(), edges.tgt_position.tolist(),
-                edges.flow.tolist(), edges.raw.tolist(),
-            )
-        ]
+        # The engine's columns go into the graph as they are; only the logit sentinel layer changes.
+        edge_table = GraphEdgeTable(
+            src_layer=edges.src_layer, src_index=edges.src_index, src_position=edges.src_position,
+            tgt_layer=np.where(edges.tgt_layer == self.n_layers, logit_layer, edges.tgt_layer),
+            tgt_index=edges.tgt_index, tgt_position=edges.tgt_position, weight=edges.flow, raw_weight=edges.raw,
+        )  # fmt: skip
         settings = self.settings_record(cfg)
         if direction is not None:
             settings["direction_sha"] = _tensor_digest(metric.direction)
@@ -731,7 +725,7 @@ class RelPAttributor:
             extra={"generation_settings": generation_settings},
         )
         return Graph(
-            units=tuple(units), edges=tuple(edge_list), prompt=prompt, prompt_tokens=prompt_tokens,
+            units=tuple(units), edges=edge_table, prompt=prompt, prompt_tokens=prompt_tokens,
             model=self.model_name, graph_id=graph_id, metadata=metadata,
         )
 

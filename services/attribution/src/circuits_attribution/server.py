@@ -79,7 +79,7 @@ class AttributionMetrics:
 
     def on_graph(self, graph: Graph, *, seconds: float) -> None:
         self.nodes.observe(len(graph.units))
-        self.edges.observe(len(graph.edges))
+        self.edges.observe(len(graph.edge_table))
         self.trace_seconds.observe(seconds)
 
 

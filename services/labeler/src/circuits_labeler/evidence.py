@@ -3,10 +3,12 @@
 :class:`NeuronEvidence` is the small read interface the progressive engine needs: the candidate
 neurons (with appearance counts and any prior description) and each neuron's strongest
 downstream / upstream neighbours by mean edge weight. :class:`DuckDBEvidence` implements it
-over either an atlas DuckDB file (``neurons``/``edges`` tables) or the aggregator's Parquet export
-(``edges*.parquet`` with running sums, ``units*.parquet`` with ``graph_count``); partial exports
-of several shards are merged by summing (the statistics are associative).
-:func:`write_evidence_parquet` writes a small evidence set (tests, examples).
+over either an atlas DuckDB file (``neurons``/``edges`` tables) or aggregator exports: one export
+directory, or a directory whose sub-directories are the exports of several shards (merged by
+summing: the statistics are associative). Exports are checked by
+:func:`circuits_core.exports.open_exports`, like every other export reader. A ``description``
+column in ``units.parquet``, when present, is shown to the LLM as a prior description.
+:func:`write_evidence_parquet` writes a small evidence export (tests, examples).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from circuits_core.errors import CorruptInput, NotFound
+from circuits_core.exports import EDGES_FILE, ExportFiles, open_exports
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,13 +122,14 @@ class DuckDBEvidence:
         if not self.path.exists():
             raise NotFound(f"evidence not found: {self.path}")
         self._lock = threading.Lock()
-        is_atlas = self.path.is_file() and self.path.suffix != ".parquet"
+        is_atlas = self.path.is_file()
         if is_atlas:
             resolved = self.path.resolve()
             readable = [resolved, resolved.with_name(resolved.name + ".wal")]
         else:
-            edge_files, unit_files = self._parquet_files()
-            logit_files = sorted(self.path.resolve().glob("logits*.parquet")) if self.path.is_dir() else []
+            exports = self._exports()
+            edge_files, unit_files = [e.edges for e in exports], [e.units for e in exports]
+            logit_files = [e.logits for e in exports if e.logits is not None]
             readable = [*edge_files, *unit_files, *logit_files]
         # External access off: SQL reads exactly these files and nothing else.
         self._con = open_duckdb(":memory:", read_only=False, what="evidence", allowed_paths=readable)
@@ -137,16 +141,10 @@ class DuckDBEvidence:
         except duckdb.Error as exc:
             raise CorruptInput(f"{self.path}: cannot read evidence ({str(exc).splitlines()[0]})") from None
 
-    def _parquet_files(self) -> tuple[list[Path], list[Path]]:
-        root = self.path.resolve()
-        if root.is_dir():
-            edge_files = sorted(root.glob("edges*.parquet"))
-            unit_files = sorted([*root.glob("units*.parquet"), *root.glob("neurons*.parquet")])
-        else:
-            edge_files, unit_files = [root], []
-        if not edge_files:
-            raise NotFound(f"{self.path}: no edges*.parquet files")
-        return edge_files, unit_files
+    def _exports(self) -> list[ExportFiles]:
+        """The export at ``path``, or the shard exports in its sub-directories (checked together)."""
+        shards = sorted(p for p in self.path.iterdir() if p.is_dir() and (p / EDGES_FILE).exists())
+        return open_exports(shards if shards and not (self.path / EDGES_FILE).exists() else [self.path])
 
     def _load_atlas(self, min_edge_count: int) -> None:
         con = self._con
@@ -207,23 +205,14 @@ class DuckDBEvidence:
             )
         else:
             self._empty_logits()
-        if unit_files:
-            ufiles = "[" + ", ".join(_sql_path(f) for f in unit_files) + "]"
-            cols = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({ufiles})").fetchall()}
-            count_col = next((c for c in ("graph_count", "appearance_count") if c in cols), None)
-            appear = f"sum({count_col})" if count_col else "0"
-            desc = "max(coalesce(description, ''))" if "description" in cols else "''"
-            con.execute(
-                f"CREATE TABLE units AS SELECT layer::INT AS layer, neuron::INT AS neuron, {appear}::BIGINT AS "
-                f"appearance_count, {desc} AS prior_description FROM read_parquet({ufiles}) GROUP BY layer, neuron"
-            )
-        else:
-            # No unit table: every edge endpoint is a unit; appearances unknown (0).
-            con.execute(
-                "CREATE TABLE units AS SELECT DISTINCT layer, neuron, 0::BIGINT AS appearance_count, "
-                "'' AS prior_description FROM (SELECT src_layer AS layer, src_neuron AS neuron FROM edges "
-                "UNION SELECT tgt_layer, tgt_neuron FROM edges)"
-            )
+        ufiles = "[" + ", ".join(_sql_path(f) for f in unit_files) + "]"
+        source = f"read_parquet({ufiles}, union_by_name = true)"
+        cols = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+        desc = "max(coalesce(description, ''))" if "description" in cols else "''"
+        con.execute(
+            "CREATE TABLE units AS SELECT layer::INT AS layer, neuron::INT AS neuron, sum(graph_count)::BIGINT AS "
+            f"appearance_count, {desc} AS prior_description FROM {source} GROUP BY layer, neuron"
+        )
 
     def _empty_logits(self) -> None:
         self._con.execute("CREATE TABLE logits (src_layer INT, src_neuron INT, token_id BIGINT, token VARCHAR, "
@@ -293,14 +282,18 @@ def write_evidence_parquet(
     units: Iterable[tuple[int, int, int]] = (),
     descriptions: Mapping[tuple[int, int], str] | None = None,
 ) -> Path:
-    """Write ``edges.parquet`` (aggregator export columns) and ``units.parquet`` into ``directory``.
+    """Write a complete aggregator export (edges, units, ledger Parquet) into ``directory``.
 
     ``edges``: ``(src_layer, src_neuron, tgt_layer, tgt_neuron, count, mean_weight)``; the running
     sums are derived as if every observation had the mean weight. ``units``: ``(layer, neuron,
-    graph_count)``. Returns the directory.
+    graph_count)`` (default: every edge endpoint, graph_count 0), with zero activation
+    statistics and a ``description`` column when ``descriptions`` is given. The ledger lists
+    ``<directory name>-<i>`` for as many graphs as the largest count needs. Returns the directory.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from circuits_core.exports import EDGES_FILE, LEDGER_FILE, UNIT_COLUMNS, UNITS_FILE
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -319,17 +312,30 @@ def write_evidence_parquet(
         "weight_sq_sum": pa.array([c * w * w for c, w in zip(counts, means)], pa.float64()),
         "weight_min": pa.array(means, pa.float64()),
         "weight_max": pa.array(means, pa.float64()),
-    })
-    pq.write_table(table, directory / "edges.parquet")
-    unit_rows = list(units)
-    if unit_rows:
-        ucols = list(zip(*unit_rows))
-        data = {
-            "layer": pa.array(ucols[0], pa.int32()),
-            "neuron": pa.array(ucols[1], pa.int32()),
-            "graph_count": pa.array(ucols[2], pa.int64()),
-        }
-        if descriptions:
-            data["description"] = pa.array([descriptions.get((l, n), "") for l, n, _ in unit_rows], pa.string())
-        pq.write_table(pa.table(data), directory / "units.parquet")
+    })  # fmt: skip
+    pq.write_table(table, directory / EDGES_FILE)
+    unit_rows = list(units) or [
+        (layer, neuron, 0) for layer, neuron in sorted({(r[0], r[1]) for r in rows} | {(r[2], r[3]) for r in rows})
+    ]
+    ucols = list(zip(*unit_rows)) if unit_rows else [[] for _ in range(3)]
+    graph_counts = [int(g) for g in ucols[2]]
+    data = {
+        "layer": pa.array(ucols[0], pa.int32()),
+        "neuron": pa.array(ucols[1], pa.int32()),
+        "graph_count": pa.array(graph_counts, pa.int64()),
+        "observation_count": pa.array(graph_counts, pa.int64()),
+        **{name: pa.array([0.0] * len(unit_rows), pa.float64()) for name in UNIT_COLUMNS[4:]},
+    }
+    if descriptions:
+        data["description"] = pa.array([descriptions.get((l, n), "") for l, n, _ in unit_rows], pa.string())
+    pq.write_table(pa.table(data), directory / UNITS_FILE)
+    n_graphs = max([0, *counts, *graph_counts])
+    pq.write_table(
+        pa.table({
+            "graph_id": pa.array([f"{directory.name}-{i}" for i in range(n_graphs)], pa.string()),
+            "source": pa.array(["evidence"] * n_graphs, pa.string()),
+            "corpus_index": pa.array(list(range(n_graphs)), pa.int64()),
+        }),  # fmt: skip
+        directory / LEDGER_FILE,
+    )
     return directory

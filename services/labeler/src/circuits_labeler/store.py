@@ -1,6 +1,7 @@
-"""Labels per neuron (output and input pass) and the labels JSONL the atlas build reads.
+"""Labels per neuron (output and input pass), kept while the labeler runs.
 
-One JSONL line per labelled neuron::
+The labels file is the core label format (:mod:`circuits_core.labels`, its one reader and
+writer); one line per labelled neuron::
 
     {"layer": 3, "neuron": 17, "label": "<output label>", "input_label": "<input label>",
      "description": "<output description>", "output_label": "...", "output_type": "semantic",
@@ -8,20 +9,20 @@ One JSONL line per labelled neuron::
      "input_description": "...", "input_confidence": "medium", "passes": ["output", "input"],
      "appearance_count": 12, "model": "<LLM model>"}
 
-``label``/``description``/``confidence`` are the output pass's (the function label);
-``source`` is ``progressive_output`` when an output label exists, else ``progressive_input``.
+``label``/``description``/``confidence`` are the output pass's (the function label; an
+input-pass-only neuron has an empty ``label`` and its input confidence); ``source`` is
+``progressive_output`` when an output label exists, else ``progressive_input``. Empty fields are
+left out.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from circuits_core.errors import CorruptInput
+from circuits_core.labels import LabelRecord, iter_label_file, write_label_file
 from circuits_core.schemas import Unit, UnitLabel
 
 from circuits_labeler.prompts import ParsedAnswer
@@ -42,50 +43,40 @@ class NeuronLabels:
     def key(self) -> tuple[int, int]:
         return (self.layer, self.neuron)
 
-    def to_record(self, *, model: str = "") -> dict:
+    def to_record(self, *, model: str = "") -> LabelRecord:
         out, inp = self.output, self.input
-        return {
-            "layer": self.layer,
-            "neuron": self.neuron,
-            "label": out.label if out else "",
-            "input_label": inp.label if inp else "",
-            "description": out.description if out else "",
-            "output_label": out.label if out else "",
-            "output_type": out.type if out else "",
-            "input_type": inp.type if inp else "",
-            "confidence": out.confidence if out else (inp.confidence if inp else ""),
-            "source": "progressive_output" if out else "progressive_input",
-            "input_description": inp.description if inp else "",
-            "input_confidence": inp.confidence if inp else "",
-            "passes": [p for p, a in (("output", out), ("input", inp)) if a],
-            "appearance_count": self.appearance_count,
-            "model": model,
+        return LabelRecord(
+            layer=self.layer,
+            neuron=self.neuron,
+            label=out.label if out else "",
+            input_label=inp.label if inp else "",
+            description=out.description if out else "",
+            output_label=out.label if out else "",
+            output_type=out.type if out else "",
+            input_type=inp.type if inp else "",
+            confidence=out.confidence if out else (inp.confidence if inp else ""),
+            source="progressive_output" if out else "progressive_input",
+            input_description=inp.description if inp else "",
+            input_confidence=inp.confidence if inp else "",
+            passes=tuple(p for p, a in (("output", out), ("input", inp)) if a),
+            appearance_count=self.appearance_count,
+            model=model,
             **_score_fields("output", self.output_score),
             **_score_fields("input", self.input_score),
-        }
+        )
 
     @classmethod
-    def from_record(cls, rec: dict) -> NeuronLabels:
+    def from_record(cls, rec: LabelRecord) -> NeuronLabels:
         out = inp = None
-        if rec.get("output_label") or rec.get("label"):
-            out = ParsedAnswer(
-                label=rec.get("output_label") or rec["label"],
-                description=rec.get("description", ""),
-                type=rec.get("output_type", ""),
-                confidence=rec.get("confidence", ""),
-            )
-        if rec.get("input_label"):
+        if rec.label:
+            out = ParsedAnswer(label=rec.label, description=rec.description, type=rec.output_type, confidence=rec.confidence)
+        if rec.input_label:
             inp = ParsedAnswer(
-                label=rec["input_label"],
-                description=rec.get("input_description", ""),
-                type=rec.get("input_type", ""),
-                confidence=rec.get("input_confidence", ""),
-            )
-        return cls(
-            layer=int(rec["layer"]), neuron=int(rec["neuron"]),
-            appearance_count=int(rec.get("appearance_count", 0)), output=out, input=inp,
-            output_score=_score_from(rec, "output"), input_score=_score_from(rec, "input"),
-        )
+                label=rec.input_label, description=rec.input_description, type=rec.input_type,
+                confidence=rec.input_confidence,
+            )  # fmt: skip
+        return cls(layer=rec.layer, neuron=rec.neuron, appearance_count=rec.appearance_count, output=out, input=inp,
+                   output_score=_score_from(rec, "output"), input_score=_score_from(rec, "input"))
 
     def to_unit(self) -> Unit:
         labels = []
@@ -114,17 +105,13 @@ def _score_fields(label_pass: str, score: LabelScore | None) -> dict:
     }  # fmt: skip
 
 
-def _score_from(rec: dict, label_pass: str) -> LabelScore | None:
-    if f"{label_pass}_score_contexts" not in rec:
+def _score_from(rec: LabelRecord, label_pass: str) -> LabelScore | None:
+    contexts = getattr(rec, f"{label_pass}_score_contexts")
+    if contexts is None:
         return None
-
-    def num(name: str) -> float | None:
-        value = rec.get(f"{label_pass}_score_{name}")
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-    return LabelScore(detection=num("detection"), simulation=num("simulation"),
-                      contexts=int(rec.get(f"{label_pass}_score_contexts") or 0),
-                      positives=int(rec.get(f"{label_pass}_score_positives") or 0))
+    return LabelScore(detection=getattr(rec, f"{label_pass}_score_detection"),
+                      simulation=getattr(rec, f"{label_pass}_score_simulation"),
+                      contexts=contexts, positives=getattr(rec, f"{label_pass}_score_positives") or 0)
 
 
 def _label_score_kwargs(score: LabelScore | None) -> dict:
@@ -179,28 +166,10 @@ class LabelStore:
             return len(self._by_key)
 
     def write_jsonl(self, path: str | Path, *, model: str = "") -> Path:
-        """Write every label (sorted by layer, neuron) to ``path`` via tmp + fsync + rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for entry in self.all():
-                fh.write(json.dumps(entry.to_record(model=model), ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-        return path
+        """Write every label (sorted by layer, neuron) to ``path`` atomically (core label writer)."""
+        return write_label_file((entry.to_record(model=model) for entry in self.all()), path)
 
     @classmethod
     def read_jsonl(cls, path: str | Path) -> LabelStore:
-        path = Path(path)
-        entries = []
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    entries.append(NeuronLabels.from_record(json.loads(line)))
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise CorruptInput(f"{path}:{n}: not a labels record ({exc.__class__.__name__})") from None
-        return cls(entries)
+        """The labels of a label file (the core reader: malformed lines raise CorruptInput)."""
+        return cls(NeuronLabels.from_record(r) for r in iter_label_file(path, default_source=""))

@@ -216,7 +216,7 @@ class AtlasTools:
             "metric": _number(graph.metadata.metric_value),
             "targets": [{"token": u.token[:40], "probability": _number(u.probability, 4)} for u in graph.logits[:10]],
             "neurons_in_graph": len(graph.neurons),
-            "edges_in_graph": len(graph.edges),
+            "edges_in_graph": len(graph.edge_table),
             "top_neurons": summary,
         }
 

@@ -12,19 +12,20 @@ Plain frozen dataclasses; numpy is imported only by the functions that build arr
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from circuits_core.errors import InvalidArgument
+from circuits_core.schemas import MAX_NEURON_INDEX, MAX_NEURON_LAYER
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-#: Bits of the packed keys the aggregator groups by (layer < 1024, neuron < 2**21).
-LAYER_BITS = 10
-NEURON_BITS = 21
-MAX_LAYER = (1 << LAYER_BITS) - 1
-MAX_NEURON = (1 << NEURON_BITS) - 1
+    from circuits_core.schemas import Graph
+
+#: Largest neuron layer / index the aggregator's packed keys hold (every graph reader checks them).
+MAX_LAYER = MAX_NEURON_LAYER
+MAX_NEURON = MAX_NEURON_INDEX
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,8 +90,8 @@ def graph_arrays_from_units(
     """Build GraphArrays from per-unit columns and edges given as unit row numbers.
 
     Keeps neuron units and the edges whose both endpoints are neurons; checks that edge rows
-    exist, column lengths agree and layer/neuron numbers fit the aggregator's keys. Bad input
-    raises InvalidArgument naming ``source``/``graph_id``.
+    exist, column lengths agree, weights are finite and layer/neuron numbers fit the aggregator's
+    keys. Bad input raises InvalidArgument naming ``source``/``graph_id``.
     """
     import numpy as np
 
@@ -115,6 +116,8 @@ def graph_arrays_from_units(
         hi = max(int(src.max()), int(tgt.max()))
         if lo < 0 or hi >= n_units:
             raise InvalidArgument(f"{where}: an edge refers to unit {hi if hi >= n_units else lo}, but the graph has {n_units} units")
+    if not np.isfinite(weight).all():
+        raise InvalidArgument(f"{where}: edge weights must be finite")
     neuron_layer = layer[is_neuron]
     neuron_index = index[is_neuron]
     if neuron_layer.shape[0]:
@@ -157,6 +160,44 @@ def graph_arrays_from_units(
         edge_tgt_layer=layer[tgt].astype(np.int32),
         edge_tgt_neuron=index[tgt].astype(np.int32),
         edge_weight=weight[keep],
+    )
+
+
+def graph_arrays_from_graph(graph: Graph, *, source: str = "", graph_id: str | None = None) -> GraphArrays:
+    """The aggregator's columns of a domain Graph, straight from its edge columns.
+
+    ``graph_id`` defaults to the graph's id; a graph without one gets the content id of its
+    deterministic protobuf encoding (what the gRPC client sends for it, so both paths agree).
+    """
+    import numpy as np
+
+    from circuits_core.edge_table import unit_key_columns
+
+    if graph_id is None:
+        graph_id = graph.graph_id
+    if not graph_id:
+        from circuits_core import wire
+
+        graph_id = content_graph_id(wire.graph_to_bytes(graph))
+    units = graph.units
+    n = len(units)
+    layer, index, _position = unit_key_columns(units)
+    src, tgt = graph.edge_table.endpoint_rows(units)
+    nan = float("nan")
+    return graph_arrays_from_units(
+        graph_id=graph_id,
+        source=source,
+        corpus_index=graph.metadata.corpus_index,
+        layer=layer,
+        index=index,
+        is_neuron=np.fromiter((u.kind == "neuron" for u in units), dtype=bool, count=n),
+        activation=np.fromiter((nan if u.activation is None else u.activation for u in units), dtype=np.float64, count=n),
+        attribution=np.fromiter((nan if u.attribution is None else u.attribution for u in units), dtype=np.float64, count=n),
+        edge_src=src,
+        edge_tgt=tgt,
+        edge_weight=graph.edge_table.weight,
+        is_logit=np.fromiter((u.kind == "logit" for u in units), dtype=bool, count=n),
+        tokens=[u.token for u in units],
     )
 
 
@@ -225,25 +266,9 @@ class AggregatorStats:
     shard_count: int = 1
 
 
-#: Column order of aggregated edge statistics (= edges.parquet).
-EDGE_COLUMNS: tuple[str, ...] = (
-    "src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "count",
-    "weight_sum", "weight_abs_sum", "weight_sq_sum", "weight_min", "weight_max",
-)  # fmt: skip
-#: Column order of per-neuron statistics (= units.parquet).
-UNIT_COLUMNS: tuple[str, ...] = (
-    "layer", "neuron", "graph_count", "observation_count", "act_sum", "act_sq_sum", "act_min", "act_max",
-    "attr_sum", "attr_abs_sum", "attr_sq_sum", "attr_min", "attr_max",
-)  # fmt: skip
-#: Column order of aggregated neuron -> logit links (= logits.parquet).
-LOGIT_COLUMNS: tuple[str, ...] = ("src_layer", "src_neuron", "token_id", "token", "count", "weight_sum", "weight_abs_sum")
-#: Column order of the ledger export (= ledger.parquet).
-LEDGER_COLUMNS: tuple[str, ...] = ("graph_id", "source", "corpus_index")
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EdgeColumns:
-    """Aggregated edges as numpy columns (row r of every column is one edge); see EDGE_COLUMNS."""
+    """Aggregated edges as numpy columns (row r of every column is one edge); see exports.EDGE_COLUMNS."""
 
     src_layer: np.ndarray
     src_neuron: np.ndarray
@@ -263,7 +288,7 @@ class EdgeColumns:
         """Rows as :class:`circuits_core.schemas.Edge` with ``weight`` = mean weight, method "relp"."""
         from circuits_core.schemas import Edge
 
-        cols = [getattr(self, name).tolist() for name in EDGE_COLUMNS]
+        cols = [getattr(self, f.name).tolist() for f in fields(self)]  # exports.EDGE_COLUMNS order
         return [
             Edge(
                 src_layer=sl, src_index=sn, tgt_layer=tl, tgt_index=tn, weight=(s / c if c else 0.0),

@@ -131,8 +131,8 @@ class LabelingSection:
     pg_password: str = ""
     pg_database: str = ""
     pg_table: str = "neuron_descriptions"
-    #: Aggregator export used as evidence: a folder of edges*.parquet / units*.parquet (or one
-    #: edges Parquet file); used when atlas_path is empty.
+    #: Aggregator export used as evidence: an export folder (edges/units/ledger.parquet) or a
+    #: folder of shard export folders; used when atlas_path is empty.
     evidence_path: str = ""
     #: Output projections of every neuron (Parquet), computed from model.name when missing.
     projections_path: str = "output_projections.parquet"

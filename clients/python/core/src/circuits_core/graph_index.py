@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from circuits_core.errors import CorruptInput
+from circuits_core.files import atomic_writer
 
 INDEX_NAME = "graph-metadata.json"
 ENTRY_KEYS = ("slug", "scan", "prompt", "prompt_tokens", "transcoder_list", "node_threshold")
@@ -82,14 +82,14 @@ def rebuild_graph_index(folder: str | Path) -> Path:
 
 
 def _entries_from_files(folder: Path) -> list[dict[str, Any]]:
-    from circuits_core.schemas import load_legacy
+    from circuits_core.graphio import read_viewer_json
 
     entries: dict[str, dict[str, Any]] = {}
     for file in sorted(folder.glob("*.json")):
         if file.name == INDEX_NAME or file.name.startswith("."):
             continue
         try:
-            entry = index_entry(load_legacy(file))
+            entry = index_entry(read_viewer_json(file))
         except (CorruptInput, ValueError):
             continue
         # circuit-tracer fetches graph_data/<slug>.json: list only files it can find that way.
@@ -114,9 +114,5 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _write_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_writer(path, text=True) as fh:
         json.dump(data, fh, ensure_ascii=False, indent=2, allow_nan=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)

@@ -1,9 +1,13 @@
-"""Neuron labels from outside the LLM labeler: label files and a PostgreSQL neuron database.
+"""Neuron label files (the one owner of the format) and the PostgreSQL neuron database.
 
 One record type (:class:`LabelRecord`) and one file format serve every consumer: the labeler
-writes its labels in it, ``build-db`` and ``circuits graph`` read it, and external label sets
-("goodfire"-style) are imported through it. A label file is JSONL (one object per line) or a JSON
-list, each object ``{"layer", "neuron", "label", "description", "source", ...}``.
+writes its labels in it, ``circuits graph --labels``, ``build-db`` (the atlas) and the labeler's
+resume read it, and external label sets ("goodfire"-style) are imported through it. A label file
+is JSONL (one object per line) or a JSON list; :func:`iter_label_file` is its only reader, so every
+consumer accepts and rejects the same files. Each object names a neuron (``layer`` and ``neuron``;
+``index`` or the seed's ``feature_metadata`` also work) and carries at least one text: an output
+label (``label``/``output_label``/``function_label`` or the seed's ``labels[0]``), an
+``input_label`` (an input-pass-only neuron) or a ``description``. Unknown keys are ignored.
 
 The neurondb source reads per-neuron, per-polarity descriptions (as Transluce publishes for
 Llama-3.1-8B-Instruct) from PostgreSQL with psycopg 3. Expected table (``circuits neurondb
@@ -22,21 +26,30 @@ import --create`` makes it)::
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from circuits_core.config import LabelingSection, env_setting
 from circuits_core.errors import CorruptInput, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from circuits_core.files import atomic_writer
 
 UnitKey = tuple[int, int]
+#: Score fields of each label pass (``output_score_detection`` ...) and their kinds.
+SCORE_FIELDS: tuple[tuple[str, type], ...] = (("detection", float), ("simulation", float), ("contexts", int), ("positives", int))
 POLARITIES = {"positive": 1, "pos": 1, "+": 1, "negative": -1, "neg": -1, "-": -1, "": 0, "none": 0}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LabelRecord:
-    """One label of one neuron, from any source."""
+    """One neuron's labels, from any source (a label file line, the labeler, neurondb).
+
+    ``label`` is the output (function) label, ``input_label`` what triggers the neuron; the
+    ``output_*``/``input_*`` fields, ``passes`` and ``model`` are what the progressive labeler
+    records, ``max_activation``..``output_norm`` what exemplar-based label sets carry.
+    """
 
     layer: int
     neuron: int
@@ -47,13 +60,84 @@ class LabelRecord:
     #: 1 (fires positively), -1 (negative activations), 0 (unsigned).
     polarity: int = 0
     confidence: str = ""
+    output_label: str = ""
+    output_type: str = ""
+    input_type: str = ""
+    input_description: str = ""
+    input_confidence: str = ""
+    passes: tuple[str, ...] = ()
+    appearance_count: int = 0
+    model: str = ""
+    max_activation: float | None = None
+    num_exemplars: int | None = None
+    feature_id: int | None = None
+    output_norm: float | None = None
+    #: Label scores per pass (the labeler's scorer: detection = balanced accuracy, simulation =
+    #: correlation; contexts/positives = what they were measured on); None when not scored.
+    output_score_detection: float | None = None
+    output_score_simulation: float | None = None
+    output_score_contexts: int | None = None
+    output_score_positives: int | None = None
+    input_score_detection: float | None = None
+    input_score_simulation: float | None = None
+    input_score_contexts: int | None = None
+    input_score_positives: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.passes, tuple):
+            object.__setattr__(self, "passes", tuple(self.passes))
 
     @property
     def key(self) -> UnitKey:
         return (self.layer, self.neuron)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v not in ("", 0) or k in ("layer", "neuron", "label")}
+        """The file form: ``layer``, ``neuron``, ``label`` always, other fields when set."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # a score of 0 is a measurement, not an empty field
+            if f.name in ("layer", "neuron", "label") or value not in ("", 0, (), None) or (
+                "_score_" in f.name and value is not None
+            ):
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+_TEXT_FIELDS = ("label", "description", "source", "input_label", "confidence", "output_label", "output_type",
+                "input_type", "input_description", "input_confidence", "model", "function_label")  # fmt: skip
+_UNIT_NUMBER = re.compile(r"^[LN]?([0-9]+)$")
+
+
+def _unit_number(value: Any, key: str, where: str) -> int:
+    if isinstance(value, str):
+        match = _UNIT_NUMBER.match(value.strip())
+        if match:
+            return int(match.group(1))
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise CorruptInput(f"{where}: field '{key}' must be >= 0")
+        return value
+    raise CorruptInput(f"{where}: field '{key}' must be an integer")
+
+
+def _text(obj: Mapping[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise CorruptInput(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _number(obj: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    value = obj.get(key)
+    if value is None:
+        return None
+    allowed = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise CorruptInput(f"{where}: field '{key}' must be {'an integer' if kind is int else 'a number'} or null")
+    return kind(value)
 
 
 def _polarity(value: Any, where: str) -> int:
@@ -66,61 +150,111 @@ def _polarity(value: Any, where: str) -> int:
     raise CorruptInput(f"{where}: polarity must be positive/negative or 1/-1, got {value!r}")
 
 
+def _seed_label(obj: Mapping[str, Any], where: str) -> dict[str, str]:
+    """Label, description and source of the seed's ``labels: [{"label"|"text", ...}]`` form."""
+    labels = obj.get("labels")
+    if not isinstance(labels, list) or not labels or not isinstance(labels[0], Mapping):
+        return {}
+    first = labels[0]
+    meta = first.get("metadata") if isinstance(first.get("metadata"), Mapping) else {}
+    parsed = meta.get("parsed_response") if isinstance(meta.get("parsed_response"), Mapping) else {}
+    where = f"{where}: labels[0]"
+    return {
+        "label": _text(first, "label", where) or _text(first, "text", where),
+        "description": _text(first, "description", where) or _text(parsed, "description", where),
+        "source": _text(first, "source", where),
+    }
+
+
 def record_from_mapping(obj: Any, *, where: str, default_source: str = "file") -> LabelRecord:
-    """Validate one label object; errors name ``where`` and the field."""
+    """Validate one label object (see the module docstring); errors name ``where`` and the field."""
     if not isinstance(obj, Mapping):
         raise CorruptInput(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for key in ("layer", "neuron"):
-        value = obj.get(key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise CorruptInput(f"{where}: field '{key}' must be an integer")
-        if value < 0:
-            raise CorruptInput(f"{where}: field '{key}' must be >= 0")
-    label = obj.get("label", obj.get("output_label", ""))
-    description = obj.get("description", "")
-    if not isinstance(label, str) or not isinstance(description, str):
-        raise CorruptInput(f"{where}: 'label' and 'description' must be strings")
-    if not label and not description:
-        raise CorruptInput(f"{where}: needs a 'label' or a 'description'")
-    input_label = obj.get("input_label", "")
+    meta = obj.get("feature_metadata") if isinstance(obj.get("feature_metadata"), Mapping) else {}
+    layer = obj.get("layer", meta.get("layer"))
+    neuron = obj.get("neuron", obj.get("index", meta.get("neuron", meta.get("index"))))
+    text = {key: _text(obj, key, where) for key in _TEXT_FIELDS}
+    seed = _seed_label(obj, where)
+    label = text["label"] or text["output_label"] or text["function_label"] or seed.get("label", "")
+    description = text["description"] or seed.get("description", "")
+    input_label = text["input_label"] or text["input_description"]
+    if not (label or description or input_label):
+        raise CorruptInput(f"{where}: needs a 'label', an 'input_label' or a 'description'")
+    passes = obj.get("passes", ())
+    if passes is None:
+        passes = ()
+    if not isinstance(passes, list | tuple) or not all(isinstance(p, str) for p in passes):
+        raise CorruptInput(f"{where}: field 'passes' must be a list of strings")
+    appearance_count = _number(obj, "appearance_count", int, where) or 0
     return LabelRecord(
-        layer=obj["layer"],
-        neuron=obj["neuron"],
+        layer=_unit_number(layer, "layer", where),
+        neuron=_unit_number(neuron, "neuron", where),
         label=label or description,
         description=description,
-        source=str(obj.get("source") or default_source),
-        input_label=input_label if isinstance(input_label, str) else "",
+        source=text["source"] or seed.get("source", "") or default_source,
+        input_label=input_label,
         polarity=_polarity(obj.get("polarity", 0), where),
-        confidence=str(obj.get("confidence", "") or ""),
-    )
+        confidence=text["confidence"],
+        output_label=text["output_label"],
+        output_type=text["output_type"],
+        input_type=text["input_type"],
+        input_description=text["input_description"],
+        input_confidence=text["input_confidence"],
+        passes=tuple(passes),
+        appearance_count=appearance_count,
+        model=text["model"],
+        max_activation=_number(obj, "max_activation", float, where) if "max_activation" in obj else _number(meta, "max_activation", float, where),
+        num_exemplars=_number(obj, "num_exemplars", int, where) if "num_exemplars" in obj else _number(meta, "num_exemplars", int, where),
+        feature_id=_number(obj, "feature_id", int, where),
+        output_norm=_number(obj, "output_norm", float, where),
+        **{f"{p}_score_{k}": _number(obj, f"{p}_score_{k}", kind, where)
+           for p in ("output", "input") for k, kind in SCORE_FIELDS},
+    )  # fmt: skip
 
 
 def iter_label_file(path: str | Path, *, default_source: str = "file") -> Iterator[LabelRecord]:
-    """Records of a JSONL or JSON-list label file; malformed entries raise CorruptInput with the line."""
+    """Records of a JSONL or JSON-list label file, in file order.
+
+    A missing file raises InvalidArgument; unreadable bytes, a line that is not JSON or an entry
+    that is not a valid label raise CorruptInput naming the file and line (or list entry).
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        handle = path.open("rb")
     except FileNotFoundError:
         raise InvalidArgument(f"{path}: label file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CorruptInput(f"{path}: cannot read label file ({exc})") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    except OSError as exc:
+        raise CorruptInput(f"{path}: cannot read label file ({exc.strerror or exc})") from None
+    with handle:
         try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CorruptInput(f"{path}: invalid JSON at line {exc.lineno}") from None
-        for n, obj in enumerate(items):
-            yield record_from_mapping(obj, where=f"{path}: entry {n}", default_source=default_source)
-        return
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise CorruptInput(f"{path}:{line_no}: not a JSON object") from None
-        yield record_from_mapping(obj, where=f"{path}:{line_no}", default_source=default_source)
+            head = handle.read(4096).lstrip()
+            handle.seek(0)
+            if head.startswith(b"["):
+                try:
+                    items = json.loads(handle.read().decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise CorruptInput(f"{path}: label file is not UTF-8 text") from None
+                except (ValueError, RecursionError) as exc:
+                    raise CorruptInput(f"{path}: invalid JSON at line {getattr(exc, 'lineno', '?')}") from None
+                if not isinstance(items, list):
+                    raise CorruptInput(f"{path}: a JSON label file must hold a list of objects")
+                for n, obj in enumerate(items):
+                    yield record_from_mapping(obj, where=f"{path}: entry {n}", default_source=default_source)
+                return
+            for line_no, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise CorruptInput(f"{path}:{line_no}: not UTF-8 text") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except (ValueError, RecursionError):
+                    raise CorruptInput(f"{path}:{line_no}: not a JSON object") from None
+                yield record_from_mapping(obj, where=f"{path}:{line_no}", default_source=default_source)
+        except OSError as exc:
+            raise CorruptInput(f"{path}: cannot read label file ({exc.strerror or exc})") from None
 
 
 def read_label_file(path: str | Path, *, default_source: str = "file") -> dict[UnitKey, LabelRecord]:
@@ -129,14 +263,11 @@ def read_label_file(path: str | Path, *, default_source: str = "file") -> dict[U
 
 
 def write_label_file(records: Iterable[LabelRecord], path: str | Path) -> Path:
-    """Write records as JSONL atomically."""
+    """Write records as JSONL atomically (temp file + fsync + rename); return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_writer(path, text=True) as fh:
         for record in records:
             fh.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return path
 
 

@@ -1,8 +1,15 @@
 """The only place that converts domain types to and from protobuf messages.
 
-Servicers and clients call these functions; nothing else touches ``*_pb2``. Conversions are
-lossless for every value the domain types can hold (a missing ``raw_weight`` inside a graph whose
-other edges have one travels as NaN, and NaN reads back as missing).
+Servicers, clients and :mod:`circuits_core.graphio` (compact graph files) call these functions;
+nothing else touches ``*_pb2``. Conversions are lossless for every value the domain types can
+hold. Graph edges travel as packed columns and map straight onto the Graph's
+:class:`~circuits_core.edge_table.EdgeTable` (no per-edge objects either way); a missing
+``raw_weight`` travels as NaN, and NaN reads back as missing.
+
+Decoding validates what every graph reader requires (:func:`graph_from_proto` and
+:func:`graph_arrays_from_proto` accept and reject the same messages): a unit kind on every
+unit, distinct unit keys, neuron layers/indices in range, edge columns of one length naming
+existing units, finite edge weights, and metadata ``extra_json`` holding a JSON object.
 """
 
 from __future__ import annotations
@@ -10,15 +17,30 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from circuits_core._proto.circuits.v1 import graph_pb2
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from circuits_core._proto.circuits.v1 import aggregator_pb2, atlas_pb2, attribution_pb2, graph_pb2, labeler_pb2
+from circuits_core.aggregator_types import (
+    AggregatorStats,
+    EdgeColumns,
+    GraphArrays,
+    IngestAck,
+    graph_arrays_from_units,
+)
+from circuits_core.atlas_types import AtlasStats, ClusterInfo, ClusterMembers, SearchHit, UnitActivationStats, UnitCard
+from circuits_core.edge_table import NO_POSITION, EdgeTable, check_unit_keys, checked_unit_keys
 from circuits_core.errors import InvalidArgument, echo
-from circuits_core.schemas import Edge, Graph, GraphMetadata, Unit, UnitLabel
-
-if TYPE_CHECKING:
-    from circuits_core._proto.circuits.v1 import attribution_pb2
-    from circuits_core.tracing import TraceRequest
+from circuits_core.interventions import (
+    InterventionRequest,
+    InterventionResult,
+    NeuronIntervention,
+    TokenProbability,
+)
+from circuits_core.schemas import Edge, Graph, GraphMetadata, LabelProgress, Unit, UnitLabel
+from circuits_core.tracing import ModelInfo, TraceRequest
 
 _KIND_TO_PB = {
     "neuron": graph_pb2.UNIT_KIND_NEURON,
@@ -26,10 +48,6 @@ _KIND_TO_PB = {
     "logit": graph_pb2.UNIT_KIND_LOGIT,
 }
 _PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
-
-
-def _opt(msg: Any, name: str) -> Any:
-    return getattr(msg, name) if msg.HasField(name) else None
 
 
 # -- units ------------------------------------------------------------------------------------
@@ -70,28 +88,33 @@ def unit_from_proto(msg: graph_pb2.Unit) -> Unit:
     return Unit(
         layer=msg.layer,
         index=msg.index,
-        position=_opt(msg, "position"),
+        position=msg.position if msg.HasField("position") else None,
         kind=kind,
         label=msg.label,
         input_label=msg.input_label,
-        activation=_opt(msg, "activation"),
-        attribution=_opt(msg, "attribution"),
+        activation=msg.activation if msg.HasField("activation") else None,
+        attribution=msg.attribution if msg.HasField("attribution") else None,
         token=msg.token,
-        probability=_opt(msg, "probability"),
+        probability=msg.probability if msg.HasField("probability") else None,
         appearance_count=msg.appearance_count,
         labels=tuple(
             UnitLabel(
                 text=l.text, source=l.source, confidence=l.confidence, description=l.description,
-                score_detection=_opt(l, "score_detection"), score_simulation=_opt(l, "score_simulation"),
+                score_detection=l.score_detection if l.HasField("score_detection") else None,
+                score_simulation=l.score_simulation if l.HasField("score_simulation") else None,
                 score_contexts=l.score_contexts, score_positives=l.score_positives,
             )
             for l in msg.labels
-        ),
+        ) if msg.labels else (),
         cluster=msg.cluster,
-    )
+    )  # fmt: skip
 
 
-# -- edges (row form) -------------------------------------------------------------------------
+def units_to_proto(units: Iterable[Unit]) -> list[graph_pb2.Unit]:
+    return [unit_to_proto(u) for u in units]
+
+
+# -- edges (row form, query answers) -----------------------------------------------------------
 def edge_to_proto(edge: Edge) -> graph_pb2.Edge:
     msg = graph_pb2.Edge(
         src_layer=edge.src_layer,
@@ -123,9 +146,9 @@ def edge_from_proto(msg: graph_pb2.Edge) -> Edge:
         tgt_layer=msg.tgt_layer,
         tgt_index=msg.tgt_index,
         weight=msg.weight,
-        src_position=_opt(msg, "src_position"),
-        tgt_position=_opt(msg, "tgt_position"),
-        raw_weight=_opt(msg, "raw_weight"),
+        src_position=msg.src_position if msg.HasField("src_position") else None,
+        tgt_position=msg.tgt_position if msg.HasField("tgt_position") else None,
+        raw_weight=msg.raw_weight if msg.HasField("raw_weight") else None,
         count=msg.count,
         weight_sum=msg.weight_sum,
         weight_abs_sum=msg.weight_abs_sum,
@@ -157,30 +180,34 @@ def metadata_to_proto(md: GraphMetadata, out: graph_pb2.GraphMetadata) -> None:
 
 
 def metadata_from_proto(msg: graph_pb2.GraphMetadata) -> GraphMetadata:
-    try:
-        extra = json.loads(msg.extra_json) if msg.extra_json else {}
-    except json.JSONDecodeError:
-        raise InvalidArgument("graph metadata extra_json is not valid JSON") from None
-    if not isinstance(extra, dict):
-        raise InvalidArgument("graph metadata extra_json must be a JSON object")
     return GraphMetadata(
         slug=msg.slug,
         scan=msg.scan,
-        target_position=_opt(msg, "target_position"),
-        node_threshold=_opt(msg, "node_threshold"),
-        metric_value=_opt(msg, "metric_value"),
+        target_position=msg.target_position if msg.HasField("target_position") else None,
+        node_threshold=msg.node_threshold if msg.HasField("node_threshold") else None,
+        metric_value=msg.metric_value if msg.HasField("metric_value") else None,
         nodes_exceeded=msg.nodes_exceeded,
         max_n_logits=msg.max_n_logits,
         create_time_ms=msg.create_time_ms,
         generator=msg.generator,
         generator_version=msg.generator_version,
         corpus_index=msg.corpus_index,
-        extra=extra,
+        extra=_extra_from_json(msg.extra_json),
     )
 
 
+def _extra_from_json(text: str) -> dict[str, object]:
+    try:
+        extra = json.loads(text) if text else {}
+    except (ValueError, RecursionError):
+        raise InvalidArgument("graph metadata extra_json is not valid JSON") from None
+    if not isinstance(extra, dict):
+        raise InvalidArgument("graph metadata extra_json must be a JSON object")
+    return extra
+
+
 def graph_to_proto(graph: Graph, out: graph_pb2.Graph | None = None) -> graph_pb2.Graph:
-    """Encode a graph; edges become packed columns of unit indices."""
+    """Encode a graph; its edge columns become packed columns of unit row numbers."""
     msg = out if out is not None else graph_pb2.Graph()
     msg.graph_id = graph.graph_id
     msg.model = graph.model
@@ -188,75 +215,153 @@ def graph_to_proto(graph: Graph, out: graph_pb2.Graph | None = None) -> graph_pb
     msg.prompt_tokens.extend(graph.prompt_tokens)
     for unit in graph.units:
         unit_to_proto(unit, msg.units.add())
-    index = graph.unit_index()
-    try:
-        src = [index[e.src_key] for e in graph.edges]
-        tgt = [index[e.tgt_key] for e in graph.edges]
-    except KeyError as exc:
-        raise InvalidArgument(f"edge endpoint {exc.args[0]} is not a unit of the graph") from None
-    table = msg.edges
-    table.src.extend(src)
-    table.tgt.extend(tgt)
-    table.weight.extend([e.weight for e in graph.edges])
-    raw = [e.raw_weight for e in graph.edges]
-    if any(r is not None for r in raw):
-        table.raw_weight.extend([math.nan if r is None else r for r in raw])
+    edges = graph.edge_table
+    src, tgt = edges.endpoint_rows(graph.units)
+    packed = [_packed_varints(1, src), _packed_varints(2, tgt), _packed_doubles(3, edges.weight)]
+    if edges.has_raw_weight:
+        packed.append(_packed_doubles(4, edges.raw_weight))
+    msg.edges.MergeFromString(b"".join(packed))
     metadata_to_proto(graph.metadata, msg.metadata)
     return msg
 
 
-def graph_from_proto(msg: graph_pb2.Graph) -> Graph:
-    """Decode a graph; malformed edge tables raise InvalidArgument."""
-    units = tuple(unit_from_proto(u) for u in msg.units)
-    table = msg.edges
+# Packed repeated fields are written as bytes straight from the numpy columns (the same bytes
+# protobuf's own serializer writes, without a Python list per column); the message parses them
+# in C. Wire format of a packed field: tag, byte length, payload.
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _packed_field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload if payload else b""
+
+
+def _packed_doubles(number: int, values: np.ndarray) -> bytes:
+    return _packed_field(number, values.astype("<f8", copy=False).tobytes())
+
+
+def _packed_varints(number: int, values: np.ndarray) -> bytes:
+    """Non-negative integers (< 2**35) as protobuf varints, vectorised: each row's 5 candidate
+    bytes are computed at once and the ones its varint needs are kept, in row order."""
+    v = values.astype(np.uint64, copy=False)
+    sizes = np.ones(v.shape[0], dtype=np.uint8)
+    for k in range(1, 5):
+        sizes += v >= (1 << (7 * k))
+    groups = np.empty((v.shape[0], 5), dtype=np.uint8)
+    for k in range(5):
+        groups[:, k] = ((v >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8) | ((sizes > k + 1) << 7).astype(np.uint8)
+    return _packed_field(number, groups[np.arange(5, dtype=np.uint8) < sizes[:, None]].tobytes())
+
+
+def graph_to_bytes(graph: Graph) -> bytes:
+    """The deterministic serialization of :func:`graph_to_proto` (compact graph files, content ids)."""
+    return graph_to_proto(graph).SerializeToString(deterministic=True)
+
+
+def graph_message_from_bytes(data: bytes) -> graph_pb2.Graph:
+    """Parse a serialized ``circuits.v1.Graph``; undecodable bytes raise InvalidArgument."""
+    msg = graph_pb2.Graph()
+    try:
+        msg.ParseFromString(data)
+    except (DecodeError, RecursionError) as exc:
+        raise InvalidArgument(" ".join(str(exc).split())[:200] or "undecodable message") from None
+    return msg
+
+
+def graph_message_has_metadata(msg: graph_pb2.Graph) -> bool:
+    return msg.HasField("metadata")
+
+
+def _edge_rows(table: graph_pb2.EdgeTable, n_units: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(src, tgt, weight, raw_weight or None)`` of a packed EdgeTable, checked."""
     n = len(table.src)
     if len(table.tgt) != n or len(table.weight) != n or (len(table.raw_weight) not in (0, n)):
         raise InvalidArgument(
             f"edge table columns differ in length (src={n}, tgt={len(table.tgt)}, "
             f"weight={len(table.weight)}, raw_weight={len(table.raw_weight)})"
         )
-    n_units = len(units)
-    if n and (max(table.src) >= n_units or max(table.tgt) >= n_units):
+    src = np.array(table.src, dtype=np.int64)
+    tgt = np.array(table.tgt, dtype=np.int64)
+    if n and (int(src.max()) >= n_units or int(tgt.max()) >= n_units):
         raise InvalidArgument(f"edge table refers to a unit index >= {n_units} (number of units)")
-    raw: Sequence[float | None] = (
-        [None if math.isnan(r) else r for r in table.raw_weight] if len(table.raw_weight) else [None] * n
-    )
-    edges = tuple(
-        Edge(
-            src_layer=units[s].layer, src_index=units[s].index, src_position=units[s].position,
-            tgt_layer=units[t].layer, tgt_index=units[t].index, tgt_position=units[t].position,
-            weight=w, raw_weight=r,
-        )
-        for s, t, w, r in zip(table.src, table.tgt, table.weight, raw)
-    )
+    weight = np.array(table.weight, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(weight))
+    if bad.size:
+        raise InvalidArgument(f"edge {int(bad[0])} weight must be finite, got {float(weight[bad[0]])}")
+    raw = np.array(table.raw_weight, dtype=np.float64) if len(table.raw_weight) else None
+    return src, tgt, weight, raw
+
+
+def _check_units(layer: np.ndarray, index: np.ndarray, position: np.ndarray, kinds: np.ndarray) -> None:
+    unknown = np.flatnonzero((kinds < graph_pb2.UNIT_KIND_NEURON) | (kinds > graph_pb2.UNIT_KIND_LOGIT))
+    if unknown.size:
+        row = int(unknown[0])
+        raise InvalidArgument(f"unit L{int(layer[row])}/N{int(index[row])}: kind must be set (neuron, embedding or logit)")
+    check_unit_keys(layer, index, position, kinds == graph_pb2.UNIT_KIND_NEURON)
+
+
+def graph_from_proto(msg: graph_pb2.Graph) -> Graph:
+    """Decode a graph (checked as the module docstring says; problems raise InvalidArgument)."""
+    units = tuple(unit_from_proto(u) for u in msg.units)
+    unit_keys = checked_unit_keys(units)
+    src, tgt, weight, raw = _edge_rows(msg.edges, len(units))
+    metadata = metadata_from_proto(msg.metadata)
     return Graph(
         units=units,
-        edges=edges,
+        edges=EdgeTable.from_unit_rows(unit_keys, src, tgt, weight, raw),
         prompt=msg.prompt,
         prompt_tokens=tuple(msg.prompt_tokens),
         model=msg.model,
         graph_id=msg.graph_id,
-        metadata=metadata_from_proto(msg.metadata),
+        metadata=metadata,
     )
 
 
-def units_to_proto(units: Iterable[Unit]) -> list[graph_pb2.Unit]:
-    return [unit_to_proto(u) for u in units]
+def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id: str | None = None) -> GraphArrays:
+    """The aggregator's columns of a ``circuits.v1.Graph``, without building units or edges.
 
-
-def edges_to_proto(edges: Iterable[Edge]) -> list[graph_pb2.Edge]:
-    return [edge_to_proto(e) for e in edges]
+    Accepts and rejects exactly what :func:`graph_from_proto` does. ``graph_id`` overrides the
+    message's id (files without one).
+    """
+    units = msg.units
+    n = len(units)
+    layer = np.fromiter((u.layer for u in units), dtype=np.int64, count=n)
+    index = np.fromiter((u.index for u in units), dtype=np.int64, count=n)
+    position = np.fromiter((u.position if u.HasField("position") else NO_POSITION for u in units), dtype=np.int64, count=n)
+    kinds = np.fromiter((u.kind for u in units), dtype=np.int64, count=n)
+    _check_units(layer, index, position, kinds)
+    src, tgt, weight, _raw = _edge_rows(msg.edges, n)
+    _extra_from_json(msg.metadata.extra_json)
+    nan = math.nan
+    return graph_arrays_from_units(
+        graph_id=msg.graph_id if graph_id is None else graph_id,
+        source=source,
+        corpus_index=msg.metadata.corpus_index if msg.HasField("metadata") else -1,
+        layer=layer,
+        index=index,
+        is_neuron=kinds == graph_pb2.UNIT_KIND_NEURON,
+        activation=np.fromiter((u.activation if u.HasField("activation") else nan for u in units), dtype=np.float64, count=n),
+        attribution=np.fromiter((u.attribution if u.HasField("attribution") else nan for u in units), dtype=np.float64, count=n),
+        edge_src=src,
+        edge_tgt=tgt,
+        edge_weight=weight,
+        is_logit=kinds == graph_pb2.UNIT_KIND_LOGIT,
+        tokens=[u.token for u in units],
+    )
 
 
 # -- labeler ----------------------------------------------------------------------------------
-def unit_refs_to_proto(keys: Iterable[tuple[int, int]]) -> list[Any]:
+def unit_refs_to_proto(keys: Iterable[tuple[int, int]]) -> list[labeler_pb2.UnitRef]:
     """(layer, index) pairs as labeler UnitRef messages."""
-    from circuits_core._proto.circuits.v1 import labeler_pb2
-
     return [labeler_pb2.UnitRef(layer=int(layer), index=int(index)) for layer, index in keys]
 
 
-def unit_refs_from_proto(refs: Iterable[Any]) -> list[tuple[int, int]]:
+def unit_refs_from_proto(refs: Iterable[labeler_pb2.UnitRef]) -> list[tuple[int, int]]:
     """UnitRef messages as (layer, index) pairs; negative values raise InvalidArgument."""
     keys = []
     for ref in refs:
@@ -272,25 +377,17 @@ _PROGRESS_FIELDS = (
 )
 
 
-def label_progress_to_proto(progress: Any) -> Any:
-    """circuits_core.schemas.LabelProgress -> circuits.v1.LabelProgress."""
-    from circuits_core._proto.circuits.v1 import labeler_pb2
-
+def label_progress_to_proto(progress: LabelProgress) -> labeler_pb2.LabelProgress:
     return labeler_pb2.LabelProgress(**{name: getattr(progress, name) for name in _PROGRESS_FIELDS})
 
 
-def label_progress_from_proto(msg: Any) -> Any:
-    """circuits.v1.LabelProgress -> circuits_core.schemas.LabelProgress."""
-    from circuits_core.schemas import LabelProgress
-
+def label_progress_from_proto(msg: labeler_pb2.LabelProgress) -> LabelProgress:
     return LabelProgress(**{name: getattr(msg, name) for name in _PROGRESS_FIELDS})
 
 
 # -- attribution service (TraceRequest, ModelInfo) ---------------------------------------------
 def trace_request_to_proto(request: TraceRequest) -> attribution_pb2.TraceRequest:
     """Encode a :class:`circuits_core.tracing.TraceRequest` (every setting explicit)."""
-    from circuits_core._proto.circuits.v1 import attribution_pb2
-
     msg = attribution_pb2.TraceRequest(
         prompt=request.prompt,
         raw=request.raw,
@@ -314,8 +411,6 @@ def trace_request_from_proto(msg: attribution_pb2.TraceRequest) -> TraceRequest:
 
     Bad values raise InvalidArgument naming the field.
     """
-    from circuits_core.tracing import TraceRequest
-
     target = msg.target
     pos, neg = target.contrastive_positive, target.contrastive_negative
     if bool(pos) != bool(neg):
@@ -336,166 +431,130 @@ def trace_request_from_proto(msg: attribution_pb2.TraceRequest) -> TraceRequest:
     return TraceRequest(**given)
 
 
-def model_info_to_proto(info: Any) -> Any:
-    """Encode a :class:`circuits_core.tracing.ModelInfo`."""
-    from circuits_core._proto.circuits.v1 import attribution_pb2
-
+def model_info_to_proto(info: ModelInfo) -> attribution_pb2.ModelInfo:
     return attribution_pb2.ModelInfo(
         model=info.model, num_layers=info.num_layers, d_model=info.d_model, d_mlp=info.d_mlp,
         vocab_size=info.vocab_size, max_context=info.max_context, dtype=info.dtype, device=info.device,
         architecture=info.architecture,
-    )
+    )  # fmt: skip
 
 
-def model_info_from_proto(msg: Any) -> Any:
-    from circuits_core.tracing import ModelInfo
-
+def model_info_from_proto(msg: attribution_pb2.ModelInfo) -> ModelInfo:
     return ModelInfo(
         model=msg.model, num_layers=msg.num_layers, d_model=msg.d_model, d_mlp=msg.d_mlp,
         vocab_size=msg.vocab_size, max_context=msg.max_context, dtype=msg.dtype, device=msg.device,
         architecture=msg.architecture,
-    )
+    )  # fmt: skip
 
 
 # -- atlas ------------------------------------------------------------------------------------
-def _atlas_pb2() -> Any:
-    from circuits_core._proto.circuits.v1 import atlas_pb2
-
-    return atlas_pb2
-
-
-_DIRECTION_NAMES = ("both", "downstream", "upstream")
+_DIRECTIONS = {
+    "both": atlas_pb2.EDGE_DIRECTION_BOTH,
+    "downstream": atlas_pb2.EDGE_DIRECTION_DOWNSTREAM,
+    "upstream": atlas_pb2.EDGE_DIRECTION_UPSTREAM,
+}
+_DIRECTION_NAMES = {v: k for k, v in _DIRECTIONS.items()}
 
 
 def edge_direction_to_proto(direction: str) -> int:
     """"both" | "downstream" | "upstream" -> EdgeDirection enum value."""
-    pb = _atlas_pb2()
-    values = {
-        "both": pb.EDGE_DIRECTION_BOTH,
-        "downstream": pb.EDGE_DIRECTION_DOWNSTREAM,
-        "upstream": pb.EDGE_DIRECTION_UPSTREAM,
-    }
-    if direction not in values:
-        raise InvalidArgument(f"direction must be one of {', '.join(_DIRECTION_NAMES)}, got {echo(direction)}")
-    return values[direction]
+    if direction not in _DIRECTIONS:
+        raise InvalidArgument(f"direction must be one of {', '.join(_DIRECTIONS)}, got {echo(direction)}")
+    return _DIRECTIONS[direction]
 
 
 def edge_direction_from_proto(value: int) -> str:
-    pb = _atlas_pb2()
-    names = {
-        pb.EDGE_DIRECTION_BOTH: "both",
-        pb.EDGE_DIRECTION_DOWNSTREAM: "downstream",
-        pb.EDGE_DIRECTION_UPSTREAM: "upstream",
-    }
-    if value not in names:
+    if value not in _DIRECTION_NAMES:
         raise InvalidArgument(f"unknown edge direction {value}")
-    return names[value]
+    return _DIRECTION_NAMES[value]
 
 
-def search_hits_to_proto(hits: Iterable[Any]) -> Any:
+def search_hits_to_proto(hits: Iterable[SearchHit]) -> atlas_pb2.SearchUnitsResponse:
     """list[SearchHit] -> SearchUnitsResponse (units and scores in the same order)."""
-    msg = _atlas_pb2().SearchUnitsResponse()
+    msg = atlas_pb2.SearchUnitsResponse()
     for hit in hits:
         unit_to_proto(hit.unit, msg.units.add())
         msg.scores.append(hit.score)
     return msg
 
 
-def search_hits_from_proto(msg: Any) -> list[Any]:
-    from circuits_core.atlas_types import SearchHit
-
+def search_hits_from_proto(msg: atlas_pb2.SearchUnitsResponse) -> list[SearchHit]:
     if len(msg.scores) not in (0, len(msg.units)):
         raise InvalidArgument("search response has a different number of scores and units")
     scores = list(msg.scores) or [0.0] * len(msg.units)
     return [SearchHit(unit=unit_from_proto(u), score=s) for u, s in zip(msg.units, scores)]
 
 
-def edges_response_to_proto(edges: Iterable[Edge]) -> Any:
-    msg = _atlas_pb2().GetEdgesForUnitResponse()
+def edges_response_to_proto(edges: Iterable[Edge]) -> atlas_pb2.GetEdgesForUnitResponse:
+    msg = atlas_pb2.GetEdgesForUnitResponse()
     msg.edges.extend(edge_to_proto(e) for e in edges)
     return msg
 
 
-def cluster_members_to_proto(members: Any) -> Any:
-    """ClusterMembers -> GetClusterResponse."""
-    pb = _atlas_pb2()
-    c = members.cluster
-    msg = pb.GetClusterResponse(
-        cluster=pb.ClusterInfo(
-            cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
-            layer_max=c.layer_max, median_layer=c.median_layer,
-        )
-    )
-    for unit in members.units:
-        unit_to_proto(unit, msg.units.add())
-    return msg
-
-
-def cluster_members_from_proto(msg: Any) -> Any:
-    from circuits_core.atlas_types import ClusterInfo, ClusterMembers
-
-    c = msg.cluster
-    return ClusterMembers(
-        cluster=ClusterInfo(
-            cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
-            layer_max=c.layer_max, median_layer=c.median_layer,
-        ),
-        units=tuple(unit_from_proto(u) for u in msg.units),
-    )
-
-
-def atlas_stats_to_proto(stats: Any) -> Any:
-    msg = _atlas_pb2().AtlasStats(neurons=stats.neurons, edges=stats.edges, clusters=stats.clusters)
-    msg.metadata.update(dict(stats.metadata))
-    return msg
-
-
-def atlas_stats_from_proto(msg: Any) -> Any:
-    from circuits_core.atlas_types import AtlasStats
-
-    return AtlasStats(neurons=msg.neurons, edges=msg.edges, clusters=msg.clusters, metadata=dict(msg.metadata))
-
-
-def _cluster_info_to_proto(pb: Any, c: Any) -> Any:
-    return pb.ClusterInfo(
+def _cluster_info_to_proto(c: ClusterInfo) -> atlas_pb2.ClusterInfo:
+    return atlas_pb2.ClusterInfo(
         cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
         layer_max=c.layer_max, median_layer=c.median_layer,
     )  # fmt: skip
 
 
-def unit_card_to_proto(card: Any) -> Any:
-    """UnitCard -> atlas_pb2.UnitCard (absent statistics stay unset)."""
-    pb = _atlas_pb2()
-    msg = pb.UnitCard(downstream_edges=card.downstream_edges, upstream_edges=card.upstream_edges)
-    unit_to_proto(card.unit, msg.unit)
-    s = card.stats
-    msg.stats.observation_count = s.observation_count
-    for name in ("mean_activation", "max_activation", "mean_attribution", "output_norm", "num_exemplars"):
-        value = getattr(s, name)
-        if value is not None:
-            setattr(msg.stats, name, value)
-    if card.cluster is not None:
-        msg.cluster.CopyFrom(_cluster_info_to_proto(pb, card.cluster))
+def _cluster_info_from_proto(c: atlas_pb2.ClusterInfo) -> ClusterInfo:
+    return ClusterInfo(
+        cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
+        layer_max=c.layer_max, median_layer=c.median_layer,
+    )  # fmt: skip
+
+
+def cluster_members_to_proto(members: ClusterMembers) -> atlas_pb2.GetClusterResponse:
+    """ClusterMembers -> GetClusterResponse."""
+    msg = atlas_pb2.GetClusterResponse(cluster=_cluster_info_to_proto(members.cluster))
+    for unit in members.units:
+        unit_to_proto(unit, msg.units.add())
     return msg
 
 
-def unit_card_from_proto(msg: Any) -> Any:
-    from circuits_core.atlas_types import ClusterInfo, UnitActivationStats, UnitCard
+def cluster_members_from_proto(msg: atlas_pb2.GetClusterResponse) -> ClusterMembers:
+    return ClusterMembers(
+        cluster=_cluster_info_from_proto(msg.cluster), units=tuple(unit_from_proto(u) for u in msg.units)
+    )
 
+
+def atlas_stats_to_proto(stats: AtlasStats) -> atlas_pb2.AtlasStats:
+    msg = atlas_pb2.AtlasStats(neurons=stats.neurons, edges=stats.edges, clusters=stats.clusters)
+    msg.metadata.update(dict(stats.metadata))
+    return msg
+
+
+def atlas_stats_from_proto(msg: atlas_pb2.AtlasStats) -> AtlasStats:
+    return AtlasStats(neurons=msg.neurons, edges=msg.edges, clusters=msg.clusters, metadata=dict(msg.metadata))
+
+
+_CARD_STATS = ("mean_activation", "max_activation", "mean_attribution", "output_norm", "num_exemplars")
+
+
+def unit_card_to_proto(card: UnitCard) -> atlas_pb2.UnitCard:
+    """UnitCard -> atlas_pb2.UnitCard (absent statistics stay unset)."""
+    msg = atlas_pb2.UnitCard(downstream_edges=card.downstream_edges, upstream_edges=card.upstream_edges)
+    unit_to_proto(card.unit, msg.unit)
+    msg.stats.observation_count = card.stats.observation_count
+    for name in _CARD_STATS:
+        value = getattr(card.stats, name)
+        if value is not None:
+            setattr(msg.stats, name, value)
+    if card.cluster is not None:
+        msg.cluster.CopyFrom(_cluster_info_to_proto(card.cluster))
+    return msg
+
+
+def unit_card_from_proto(msg: atlas_pb2.UnitCard) -> UnitCard:
     s = msg.stats
     stats = UnitActivationStats(
         observation_count=s.observation_count,
-        **{name: _opt(s, name) for name in ("mean_activation", "max_activation", "mean_attribution", "output_norm", "num_exemplars")},
+        **{name: getattr(s, name) if s.HasField(name) else None for name in _CARD_STATS},
     )
-    cluster = None
-    if msg.HasField("cluster"):
-        c = msg.cluster
-        cluster = ClusterInfo(
-            cluster_path=c.cluster_path, level=c.level, size=c.size, layer_min=c.layer_min,
-            layer_max=c.layer_max, median_layer=c.median_layer,
-        )  # fmt: skip
     return UnitCard(
-        unit=unit_from_proto(msg.unit), stats=stats, cluster=cluster,
+        unit=unit_from_proto(msg.unit), stats=stats,
+        cluster=_cluster_info_from_proto(msg.cluster) if msg.HasField("cluster") else None,
         downstream_edges=msg.downstream_edges, upstream_edges=msg.upstream_edges,
     )  # fmt: skip
 
@@ -505,26 +564,22 @@ _INTERVENTION_MODES = {"set": 1, "scale": 2, "zero": 3, "mean": 4}
 _INTERVENTION_MODE_NAMES = {v: k for k, v in _INTERVENTION_MODES.items()}
 
 
-def intervene_request_to_proto(request: Any) -> Any:
-    """Encode a :class:`circuits_core.interventions.InterventionRequest` as ``circuits.v1.InterveneRequest``."""
-    from circuits_core._proto.circuits.v1 import attribution_pb2
-
+def intervene_request_to_proto(request: InterventionRequest) -> attribution_pb2.InterveneRequest:
+    """Encode an :class:`~circuits_core.interventions.InterventionRequest`."""
     msg = attribution_pb2.InterveneRequest(
         prompt=request.prompt, raw=request.raw, answer_prefix=request.answer_prefix,
         top_k=request.top_k, generate_tokens=request.generate_tokens,
-    )
+    )  # fmt: skip
     for item in request.interventions:
         msg.interventions.add(
             layer=item.layer, index=item.index, positions=list(item.positions or ()),
             mode=_INTERVENTION_MODES[item.mode], value=float(item.value), include_generated=item.include_generated,
-        )
+        )  # fmt: skip
     return msg
 
 
-def intervene_request_from_proto(msg: Any) -> Any:
+def intervene_request_from_proto(msg: attribution_pb2.InterveneRequest) -> InterventionRequest:
     """Decode ``circuits.v1.InterveneRequest``; top_k 0 means 10. Bad values raise InvalidArgument."""
-    from circuits_core.interventions import InterventionRequest, NeuronIntervention
-
     interventions = []
     for number, item in enumerate(msg.interventions):
         mode = _INTERVENTION_MODE_NAMES.get(item.mode)
@@ -535,86 +590,52 @@ def intervene_request_from_proto(msg: Any) -> Any:
                 layer=item.layer, index=item.index, mode=mode, value=item.value,
                 positions=tuple(item.positions) or None, include_generated=item.include_generated,
             )
-        )
+        )  # fmt: skip
     return InterventionRequest(
         prompt=msg.prompt, interventions=tuple(interventions), raw=msg.raw, answer_prefix=msg.answer_prefix,
         top_k=msg.top_k or 10, generate_tokens=msg.generate_tokens,
+    )  # fmt: skip
+
+
+def _token_probabilities_to_proto(items: Iterable[TokenProbability]) -> list[attribution_pb2.TokenProbability]:
+    return [
+        attribution_pb2.TokenProbability(token=t.token, token_id=t.token_id, logit=t.logit, probability=t.probability)
+        for t in items
+    ]
+
+
+def _token_probabilities_from_proto(items: Iterable[attribution_pb2.TokenProbability]) -> tuple[TokenProbability, ...]:
+    return tuple(
+        TokenProbability(token=t.token, token_id=t.token_id, logit=t.logit, probability=t.probability) for t in items
     )
 
 
-def intervention_result_to_proto(result: Any) -> Any:
-    """Encode a :class:`circuits_core.interventions.InterventionResult` as ``circuits.v1.InterveneResponse``."""
-    from circuits_core._proto.circuits.v1 import attribution_pb2
-
-    def entries(items: Iterable[Any]) -> list[Any]:
-        return [
-            attribution_pb2.TokenProbability(token=t.token, token_id=t.token_id, logit=t.logit, probability=t.probability)
-            for t in items
-        ]
-
+def intervention_result_to_proto(result: InterventionResult) -> attribution_pb2.InterveneResponse:
+    """Encode an :class:`~circuits_core.interventions.InterventionResult`."""
     return attribution_pb2.InterveneResponse(
-        baseline=entries(result.baseline), intervened=entries(result.intervened), tracked=entries(result.tracked),
+        baseline=_token_probabilities_to_proto(result.baseline),
+        intervened=_token_probabilities_to_proto(result.intervened),
+        tracked=_token_probabilities_to_proto(result.tracked),
         generated_text=result.generated_text, baseline_text=result.baseline_text,
         prompt_tokens=list(result.prompt_tokens), position=result.position,
-    )
+    )  # fmt: skip
 
 
-def intervention_result_from_proto(msg: Any, *, interventions: Sequence[Any] = ()) -> Any:
+def intervention_result_from_proto(
+    msg: attribution_pb2.InterveneResponse, *, interventions: Sequence[NeuronIntervention] = ()
+) -> InterventionResult:
     """Decode ``circuits.v1.InterveneResponse`` (``interventions`` echo the request's)."""
-    from circuits_core.interventions import InterventionResult, TokenProbability
-
-    def entries(items: Iterable[Any]) -> tuple[Any, ...]:
-        return tuple(
-            TokenProbability(token=t.token, token_id=t.token_id, logit=t.logit, probability=t.probability) for t in items
-        )
-
     return InterventionResult(
-        prompt_tokens=tuple(msg.prompt_tokens), position=msg.position, baseline=entries(msg.baseline),
-        intervened=entries(msg.intervened), tracked=entries(msg.tracked), baseline_text=msg.baseline_text,
+        prompt_tokens=tuple(msg.prompt_tokens), position=msg.position,
+        baseline=_token_probabilities_from_proto(msg.baseline),
+        intervened=_token_probabilities_from_proto(msg.intervened),
+        tracked=_token_probabilities_from_proto(msg.tracked), baseline_text=msg.baseline_text,
         generated_text=msg.generated_text, interventions=tuple(interventions),
-    )
+    )  # fmt: skip
 
 
 # -- aggregator -------------------------------------------------------------------------------
-def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id: str | None = None) -> Any:
-    """The aggregator's columnar view of a ``circuits.v1.Graph`` (:class:`~circuits_core.aggregator_types.GraphArrays`).
-
-    Edge columns are read straight from the packed EdgeTable into numpy (no per-edge Python
-    objects). ``graph_id`` overrides the message's id (files without one). Malformed tables
-    raise InvalidArgument.
-    """
-    import numpy as np
-
-    from circuits_core.aggregator_types import graph_arrays_from_units
-
-    units = msg.units
-    nan = math.nan
-    neuron = graph_pb2.UNIT_KIND_NEURON
-    table = msg.edges
-    n_raw = len(table.raw_weight)
-    if n_raw and n_raw != len(table.src):
-        raise InvalidArgument(f"{source or msg.graph_id or 'graph'}: edge table raw_weight has {n_raw} rows, src {len(table.src)}")
-    return graph_arrays_from_units(
-        graph_id=msg.graph_id if graph_id is None else graph_id,
-        source=source,
-        corpus_index=msg.metadata.corpus_index if msg.HasField("metadata") else -1,
-        layer=[u.layer for u in units],
-        index=[u.index for u in units],
-        is_neuron=[u.kind == neuron for u in units],
-        activation=[u.activation if u.HasField("activation") else nan for u in units],
-        attribution=[u.attribution if u.HasField("attribution") else nan for u in units],
-        edge_src=np.array(table.src, dtype=np.int64),
-        edge_tgt=np.array(table.tgt, dtype=np.int64),
-        edge_weight=np.array(table.weight, dtype=np.float64),
-        is_logit=[u.kind == graph_pb2.UNIT_KIND_LOGIT for u in units],
-        tokens=[u.token for u in units],
-    )
-
-
-def ingest_ack_to_proto(ack: Any) -> Any:
-    """circuits_core.aggregator_types.IngestAck -> circuits.v1.IngestAck."""
-    from circuits_core._proto.circuits.v1 import aggregator_pb2
-
+def ingest_ack_to_proto(ack: IngestAck) -> aggregator_pb2.IngestAck:
     return aggregator_pb2.IngestAck(
         graph_ids=list(ack.graph_ids),
         duplicates=ack.duplicates,
@@ -623,10 +644,7 @@ def ingest_ack_to_proto(ack: Any) -> Any:
     )
 
 
-def ingest_ack_from_proto(msg: Any) -> Any:
-    """circuits.v1.IngestAck -> circuits_core.aggregator_types.IngestAck."""
-    from circuits_core.aggregator_types import IngestAck
-
+def ingest_ack_from_proto(msg: aggregator_pb2.IngestAck) -> IngestAck:
     return IngestAck(
         graph_ids=tuple(msg.graph_ids),
         duplicates=msg.duplicates,
@@ -635,10 +653,8 @@ def ingest_ack_from_proto(msg: Any) -> Any:
     )
 
 
-def edge_columns_to_proto(cols: Any) -> Any:
-    """circuits_core.aggregator_types.EdgeColumns -> circuits.v1.EdgeBatch (packed columns)."""
-    from circuits_core._proto.circuits.v1 import aggregator_pb2
-
+def edge_columns_to_proto(cols: EdgeColumns) -> aggregator_pb2.EdgeBatch:
+    """Aggregated edge columns -> ``circuits.v1.EdgeBatch`` (packed columns)."""
     return aggregator_pb2.EdgeBatch(
         src_layer=cols.src_layer.tolist(),
         src_index=cols.src_neuron.tolist(),
@@ -653,12 +669,8 @@ def edge_columns_to_proto(cols: Any) -> Any:
     )
 
 
-def edge_columns_from_proto(msg: Any) -> Any:
-    """circuits.v1.EdgeBatch -> circuits_core.aggregator_types.EdgeColumns; ragged columns raise InvalidArgument."""
-    import numpy as np
-
-    from circuits_core.aggregator_types import EdgeColumns
-
+def edge_columns_from_proto(msg: aggregator_pb2.EdgeBatch) -> EdgeColumns:
+    """``circuits.v1.EdgeBatch`` -> EdgeColumns; ragged columns raise InvalidArgument."""
     n = len(msg.count)
     names = ("src_layer", "src_index", "tgt_layer", "tgt_index", "weight_sum", "weight_abs_sum",
              "weight_sq_sum", "weight_min", "weight_max")  # fmt: skip
@@ -683,15 +695,9 @@ _AGG_STATS_FIELDS = (
 )  # fmt: skip
 
 
-def aggregator_stats_to_proto(stats: Any) -> Any:
-    """circuits_core.aggregator_types.AggregatorStats -> circuits.v1.AggregatorStats."""
-    from circuits_core._proto.circuits.v1 import aggregator_pb2
-
+def aggregator_stats_to_proto(stats: AggregatorStats) -> aggregator_pb2.AggregatorStats:
     return aggregator_pb2.AggregatorStats(**{name: getattr(stats, name) for name in _AGG_STATS_FIELDS})
 
 
-def aggregator_stats_from_proto(msg: Any) -> Any:
-    """circuits.v1.AggregatorStats -> circuits_core.aggregator_types.AggregatorStats."""
-    from circuits_core.aggregator_types import AggregatorStats
-
+def aggregator_stats_from_proto(msg: aggregator_pb2.AggregatorStats) -> AggregatorStats:
     return AggregatorStats(**{name: getattr(msg, name) for name in _AGG_STATS_FIELDS})

@@ -45,7 +45,7 @@ def analysis_prompt(graph: Graph, clusters: Sequence[ClusterInfo], paths: Sequen
     lines += ["", "Traced output logits:"]
     lines += [f"  {u.token!r} p={u.probability if u.probability is not None else float('nan'):.4f}" for u in graph.logits]
     n_unlabelled = sum(1 for u in graph.neurons if not u.label)
-    lines += ["", f"{len(graph.neurons)} neurons in the graph ({n_unlabelled} unlabelled), {len(graph.edges)} edges.",
+    lines += ["", f"{len(graph.neurons)} neurons in the graph ({n_unlabelled} unlabelled), {len(graph.edge_table)} edges.",
               "", "Clusters (Infomap on |edge weight|, sorted by mean layer):"]
     for c in clusters:
         members = sorted((by_id[n] for n in c.node_ids), key=lambda u: -abs(u.attribution or 0.0))

@@ -48,9 +48,9 @@ def _run_graph(args: argparse.Namespace) -> int:
     )
     data = result.to_json()
     if args.output:
-        from circuits_core.schemas import save_legacy
+        from circuits_core.graphio import write_json
 
-        save_legacy(data, args.output)
+        write_json(data, args.output)
         print(f"wrote {len(result.clusters)} clusters to {args.output}")
         return 0
     if args.json:

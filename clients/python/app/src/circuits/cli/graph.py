@@ -88,7 +88,10 @@ def _apply_labels(graph: Graph, args: argparse.Namespace) -> Graph:
     else:
         with NeuronDB(PgSettings.from_config()) as db:
             labels = db.labels_for(keys)
-    return graph.with_labels({k: r.label for k, r in labels.items()})
+    return graph.with_labels(
+        {k: r.label for k, r in labels.items() if r.label},
+        input_labels={k: r.input_label for k, r in labels.items() if r.input_label},
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,10 +125,10 @@ def run(args: argparse.Namespace) -> int:
 def write_graph_json(graph: Graph, output: Path) -> Path:
     """Write the graph's viewer JSON and list it in the folder's graph-metadata.json."""
     from circuits_core.graph_index import index_entry, update_graph_index
-    from circuits_core.schemas import save_legacy
+    from circuits_core.graphio import write_json
 
     legacy = graph.to_legacy()
-    save_legacy(legacy, output)
+    write_json(legacy, output)
     update_graph_index(output.parent, index_entry(legacy))
     return output
 
@@ -134,6 +137,6 @@ def _print_summary(graph: Graph, output: Path) -> None:
     logits = ", ".join(f"{u.token!r} p={u.probability:.3f}" for u in graph.logits)
     exceeded = " (nodes exceeded max-nodes: neuron edges skipped)" if graph.metadata.nodes_exceeded else ""
     print(
-        f"{len(graph.neurons)} nodes, {len(graph.edges)} edges{exceeded}; "
+        f"{len(graph.neurons)} nodes, {len(graph.edge_table)} edges{exceeded}; "
         f"top logits: {logits}; m={graph.metadata.metric_value:.4g}; wrote {output}"
     )

@@ -198,14 +198,10 @@ class GraphCatalog:
 
     def legacy(self, entry: CatalogEntry) -> dict[str, Any]:
         """The entry's viewer JSON (a corrupt file raises CorruptInput naming it)."""
-        from circuits_core.graphio import graph_format, read_graph
-        from circuits_core.schemas import load_legacy
+        from circuits_core.graphio import graph_format, read_viewer_json
 
-        if graph_format(entry.path) == "json":
-            data = load_legacy(entry.path)
-            Graph.from_legacy(data, source=str(entry.path))  # checks that it is a graph
-            return viewer_json(data)
-        return read_graph(entry.path).to_legacy()
+        data = read_viewer_json(entry.path)  # JSON files as written, after the graph reader checked them
+        return viewer_json(data) if graph_format(entry.path) == "json" else data
 
     def page(self, entry: CatalogEntry) -> str:
         listing = [e.listing() for e in self.entries()] if self.folder is not None else []
