@@ -261,7 +261,7 @@ def test_worker_names_the_shard_that_refuses_a_graph(tiny_engine):
     from circuits_aggregator.store import AggregateStore, StoreSettings
     from circuits_attribution.worker import AggregatorSink
 
-    graph = run_engine(tiny_engine, TraceSpec(prompt="the capital of france is", corpus_index=0))
+    graph = tiny_engine.trace(TraceRequest(prompt="the capital of france is"))
     owner = shard_of(graph.graph_id, 2)
     # The server is the OTHER shard, but listed at the owner's position as well.
     store = AggregateStore(":memory:", StoreSettings(shard_index=1 - owner, shard_count=2))
