@@ -3,8 +3,8 @@
 #   - no installer (pip, setuptools, wheel): the runtime image installs nothing;
 #   - no bundled test suites, C headers, Cython sources or type stubs of third-party packages (never
 #     imported at run time);
-#   - pyarrow without Arrow Flight, Substrait, S3, GCS and Azure (~57 MB; no service loads them, and
-#     pyarrow.fs treats a missing _s3fs/_gcsfs/_azurefs as "built without");
+#   - pyarrow without Arrow Flight, S3, GCS and Azure (~52 MB; no service loads them, and pyarrow.fs
+#     treats a missing _s3fs/_gcsfs/_azurefs as "built without"; Substrait stays: pyarrow.lib links it);
 #   - no debug symbols in the shared libraries that carry them (infomap's wheel: ~75 MB of them);
 #   - identical copies of a shared library (wheels cannot hold symlinks) become hard links.
 # Usage (build stage, as root): sh deploy/docker/slim-venv.sh /opt/venv
@@ -23,9 +23,9 @@ find "$site" -mindepth 2 -type f \( -name '*.pyx' -o -name '*.pxd' -o -name '*.p
 if [ -d "$site/pyarrow" ]; then
   rm -f "$site"/pyarrow/_flight.*.so "$site"/pyarrow/libarrow_flight.so* "$site"/pyarrow/libarrow_python_flight.so* \
         "$site"/pyarrow/_s3fs.*.so "$site"/pyarrow/libarrow_s3.so* "$site"/pyarrow/_pyarrow_cpp_tests.*.so \
-        "$site"/pyarrow/_substrait.*.so "$site"/pyarrow/libarrow_substrait.so* \
         "$site"/pyarrow/_gcsfs.*.so "$site"/pyarrow/_azurefs.*.so
-  # What the services use must still import (pyarrow.fs treats the missing ones as "built without").
+  # What the services use must still import (pyarrow.fs treats the missing ones as "built without";
+  # pyarrow.lib itself links libarrow_substrait, which is why that one stays).
   "$venv/bin/python" -c 'import pyarrow, pyarrow.parquet, pyarrow.fs, pyarrow.dataset, pyarrow.compute' \
     || { echo "slim-venv: pyarrow no longer imports" >&2; exit 1; }
 fi
