@@ -20,9 +20,10 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from circuits_core.exports import open_export
 from circuits_core.labels import iter_label_file
 
 from circuits_atlas.clustering import FullModelClustering, cluster_full_model
+from circuits_atlas.connectivity import EDGE_METHODS, weight_export, write_connectivity_tables
 from circuits_atlas.duck import connect
 from circuits_atlas.inputs import labels_table
 from circuits_atlas.schema import (
@@ -39,6 +41,7 @@ from circuits_atlas.schema import (
     create_edges_by_target,
     create_indexes,
     create_tables,
+    create_weight_edges_by_source,
     schema_fingerprint,
     verify_atlas,
 )
@@ -84,7 +87,7 @@ def _remove_database_files(path: Path) -> None:
 
 def build_atlas(
     *,
-    export_dir: str | Path,
+    export_dir: str | Path | None,
     output_path: str | Path,
     labels_path: str | Path | None = None,
     clustering: ClusterSettings | FullModelClustering | None = ClusterSettings(),
@@ -93,6 +96,8 @@ def build_atlas(
     memory_limit: str | None = None,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
+    connectivity_dir: str | Path | None = None,
+    edge_source: str = "relp",
 ) -> BuildReport:
     """Build ``output_path`` from an aggregator export directory (checked by :func:`circuits_core.exports.open_export`).
 
@@ -102,14 +107,59 @@ def build_atlas(
     lookups read one row group. Promises: on success the file holds complete tables, indexes,
     the full-text index and metadata; on failure no file is left at ``output_path`` (an existing
     one is left as it was) and the temporary file is removed.
+
+    ``connectivity_dir``: a ``circuits connectivity`` folder whose projections and weight edges
+    fill the ``projections`` / ``weight_edges`` tables (:mod:`circuits_atlas.connectivity`; empty
+    without one). ``edge_source``: ``relp`` (the export's edges) or ``weight_graph`` /
+    ``output_projection`` (edges from the connectivity folder, every edge counted once, so both
+    edge-count minimums become 1; ``export_dir`` is not needed).
     """
     if min_edge_count < 1:
         raise InvalidArgument(f"min_edge_count must be >= 1, got {min_edge_count}")
-    files = open_export(export_dir)
-    labels = labels_table(iter_label_file(labels_path, default_source="")) if labels_path else None
+    if edge_source not in EDGE_METHODS:
+        raise InvalidArgument(f"edge source (aggregation.method) must be one of {', '.join(EDGE_METHODS)}, got {edge_source!r}")
     output = Path(output_path)
     if output.is_dir():
         raise InvalidArgument(f"{output}: is a directory, expected an atlas file path")
+    weights_tmp: Path | None = None
+    if edge_source != "relp":
+        if connectivity_dir is None:
+            raise InvalidArgument(f"aggregation.method {edge_source} builds edges from weights: give the connectivity folder")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        weights_tmp = output.with_name(f".{output.name}.weights-{os.getpid()}")
+        export_dir = weight_export(connectivity_dir, edge_source, weights_tmp)
+        min_edge_count = 1
+        if isinstance(clustering, ClusterSettings):
+            clustering = replace(clustering, min_edge_count=1)
+    elif export_dir is None:
+        raise InvalidArgument("give the aggregator export directory (or a weight-based aggregation.method)")
+    try:
+        return _build_atlas(
+            export_dir=export_dir, output=output, labels_path=labels_path, clustering=clustering,
+            min_edge_count=min_edge_count, model=model, memory_limit=memory_limit, threads=threads,
+            progress=progress, connectivity_dir=connectivity_dir, edge_source=edge_source,
+        )
+    finally:
+        if weights_tmp is not None:
+            shutil.rmtree(weights_tmp, ignore_errors=True)
+
+
+def _build_atlas(
+    *,
+    export_dir: str | Path,
+    output: Path,
+    labels_path: str | Path | None,
+    clustering: ClusterSettings | FullModelClustering | None,
+    min_edge_count: int,
+    model: str,
+    memory_limit: str | None,
+    threads: int | None,
+    progress: Callable[[str], None] | None,
+    connectivity_dir: str | Path | None,
+    edge_source: str,
+) -> BuildReport:
+    files = open_export(export_dir)
+    labels = labels_table(iter_label_file(labels_path, default_source="")) if labels_path else None
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.building-{os.getpid()}")
     _remove_database_files(tmp)
@@ -168,6 +218,13 @@ def build_atlas(
             cluster_meta = store_clustering(con, clustering)
             done()
 
+        connectivity_meta: dict[str, Any] = {}
+        if connectivity_dir is not None:
+            done = step("connectivity tables")
+            connectivity_meta = write_connectivity_tables(con, connectivity_dir)
+            done()
+        create_weight_edges_by_source(con)
+
         done = step("indexes")
         create_indexes(con)
         done()
@@ -195,9 +252,11 @@ def build_atlas(
             "logit_links": con.execute("SELECT count(*) FROM logit_edges").fetchone()[0],
             "min_edge_count": min_edge_count,
             "source_graph_count": graph_count,
-            "export_dir": str(Path(export_dir).resolve()),
+            "export_dir": str(Path(export_dir).resolve()) if edge_source == "relp" else "",
             "labels_path": str(Path(labels_path).resolve()) if labels_path else "",
+            "edge_source": edge_source,
             **cluster_meta,
+            **connectivity_meta,
         }
         timings["total_before_metadata"] = time.perf_counter() - started
         metadata["build_seconds"] = round(timings["total_before_metadata"], 3)

@@ -19,6 +19,7 @@ from typing import Any
 from circuits_core.atlas_types import (
     EDGE_DIRECTIONS, AtlasStats, ClusterInfo, ClusterMembers, SearchHit, UnitActivationStats, UnitCard,
 )  # fmt: skip
+from circuits_core.connectivity import UnitProjections, WeightEdge
 from circuits_core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, echo
 from circuits_core.schemas import Edge, Unit, UnitLabel
 
@@ -209,6 +210,10 @@ class CircuitDatabase:
         self.has_fts = True
         # build-db always writes the labels table (verify_atlas checked the schema).
         self.has_labels = True
+        # Parts of a connectivity folder the build put into projections / weight_edges (empty:
+        # built without one; those tables are then empty).
+        parts = self._con.execute("SELECT value FROM metadata WHERE key = 'connectivity_parts'").fetchall()
+        self.connectivity_parts = frozenset(p for p in (parts[0][0] if parts else "").split(",") if p)
 
     # -- plumbing ---------------------------------------------------------------------------
     def __enter__(self) -> CircuitDatabase:
@@ -463,6 +468,52 @@ class CircuitDatabase:
             sql = f"SELECT * FROM ({sql}) ORDER BY side, count DESC, mean_abs_weight DESC, src_layer, src_neuron, tgt_layer, tgt_neuron"
         rows = self._rows(sql, params, timeout=timeout)
         return [self._edge(r[:11]) for r in rows]
+
+    def get_unit_projections(self, layer: int, index: int, *, timeout: float | None = None) -> UnitProjections:
+        """A neuron's output and input projections (``projections`` table); NotFound when the atlas
+        has no row for it, FailedPrecondition when it was built without a connectivity folder."""
+        from circuits_atlas.connectivity import projections_query, unit_projections_from_row
+
+        layer = _check_int32(layer, "layer")
+        index = _check_int32(index, "index")
+        self._require_connectivity("projections", ("output", "input"))
+        rows = self._rows(projections_query(), [layer, index], timeout=timeout)
+        if not rows:
+            raise NotFound(f"unit L{layer}/N{index} has no projections in the atlas")
+        return unit_projections_from_row(rows[0])
+
+    def get_weight_edges(
+        self,
+        layer: int,
+        index: int,
+        direction: str = "upstream",
+        limit: int | None = 0,
+        polarity: int = 0,
+        *,
+        timeout: float | None = None,
+    ) -> list[WeightEdge]:
+        """Weight-graph edges entering (upstream) and/or leaving (downstream) a unit, at most
+        ``limit`` per direction and polarity, strongest |strength| first; ``both`` = upstream then
+        downstream. ``polarity``: +1 excitatory only, -1 inhibitory only, 0 both (excitatory first)."""
+        from circuits_atlas.connectivity import weight_edges_query, weight_edge_from_row
+
+        layer = _check_int32(layer, "layer")
+        index = _check_int32(index, "index")
+        if direction not in EDGE_DIRECTIONS:
+            raise InvalidArgument(f"direction must be one of {', '.join(EDGE_DIRECTIONS)}, got {direction!r}")
+        if polarity not in (-1, 0, 1) or isinstance(polarity, bool):
+            raise InvalidArgument(f"polarity must be 1 (excitatory), -1 (inhibitory) or 0 (both), got {polarity!r}")
+        self._require_connectivity("weight_edges", ("weights",))
+        limit = self._limit(limit)
+        sql, params = weight_edges_query(layer, index, direction, limit, polarity)
+        return [weight_edge_from_row(r) for r in self._rows(sql, params, timeout=timeout)]
+
+    def _require_connectivity(self, table: str, parts: tuple[str, ...]) -> None:
+        if not self.connectivity_parts & set(parts):
+            raise FailedPrecondition(
+                f"{echo(str(self.path), quote=False)}: the atlas's {table} table is empty (built without connectivity {'/'.join(parts)}); "
+                "build it with `circuits build-db --connectivity DIR`"
+            )
 
     def get_cluster(self, cluster: str | int, limit: int | None = 0, *, timeout: float | None = None) -> ClusterMembers:
         """A cluster by top-level id (``3``/``"3"``) or hierarchy path (``"3.1"``) and its members

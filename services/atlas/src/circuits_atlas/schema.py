@@ -66,9 +66,30 @@ CREATE TABLE clusters (
     size BIGINT, layer_min INTEGER, layer_max INTEGER, median_layer DOUBLE
 )"""
 METADATA_DDL = "CREATE TABLE metadata (key VARCHAR PRIMARY KEY, value VARCHAR)"
-TABLES_DDL = (NEURONS_DDL, EDGES_DDL, CLUSTERS_DDL, METADATA_DDL, LABELS_DDL, LOGIT_EDGES_DDL)
+#: Weight-based connectivity (``circuits build-db --connectivity DIR``; empty without one):
+#: docs/connectivity.md.
+PROJECTIONS_DDL = """
+CREATE TABLE projections (
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, output_norm DOUBLE, logit_effect DOUBLE,
+    promote_ids INTEGER[], promote_tokens VARCHAR[], promote_weights FLOAT[],
+    suppress_ids INTEGER[], suppress_tokens VARCHAR[], suppress_weights FLOAT[],
+    input_ids INTEGER[], input_tokens VARCHAR[], input_weights FLOAT[],
+    PRIMARY KEY (layer, neuron)
+)"""
+WEIGHT_EDGES_DDL = """
+CREATE TABLE weight_edges (
+    src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, tgt_layer INTEGER NOT NULL, tgt_neuron INTEGER NOT NULL,
+    polarity TINYINT NOT NULL, c_up DOUBLE, c_gate DOUBLE, strength DOUBLE
+)"""
+TABLES_DDL = (NEURONS_DDL, EDGES_DDL, CLUSTERS_DDL, METADATA_DDL, LABELS_DDL, LOGIT_EDGES_DDL, PROJECTIONS_DDL,
+              WEIGHT_EDGES_DDL)
 #: The edges again, sorted by target: an upstream lookup reads one row group.
 EDGES_BY_TARGET_SQL = "CREATE TABLE edges_by_target AS SELECT * FROM edges ORDER BY tgt_layer, tgt_neuron, src_layer, src_neuron"
+#: The weight edges again, sorted by source: a downstream lookup reads one row group.
+WEIGHT_EDGES_BY_SOURCE_SQL = (
+    "CREATE TABLE weight_edges_by_source AS SELECT * FROM weight_edges "
+    "ORDER BY src_layer, src_neuron, polarity DESC, abs(strength) DESC"
+)
 
 INDEXES = (
     "CREATE INDEX idx_neurons_top_cluster ON neurons(top_cluster)",
@@ -106,6 +127,10 @@ def create_edges_by_target(con: Any) -> None:
     con.execute(EDGES_BY_TARGET_SQL)
 
 
+def create_weight_edges_by_source(con: Any) -> None:
+    con.execute(WEIGHT_EDGES_BY_SOURCE_SQL)
+
+
 def create_indexes(con: Any) -> None:
     for sql in INDEXES:
         con.execute(sql)
@@ -126,6 +151,7 @@ def create_schema(con: Any) -> None:
     """Every object of an (empty) atlas, in the order the build creates them."""
     create_tables(con)
     create_edges_by_target(con)
+    create_weight_edges_by_source(con)
     create_indexes(con)
     build_fts_index(con)
 

@@ -61,3 +61,18 @@ class AtlasServicer(atlas_pb2_grpc.AtlasServiceServicer):
 
     def Stats(self, request: Any, context: grpc.ServicerContext) -> Any:
         return wire.atlas_stats_to_proto(self.database.stats(timeout=_time_left(context)))
+
+    def GetUnitProjections(self, request: Any, context: grpc.ServicerContext) -> Any:
+        proj = self.database.get_unit_projections(request.layer, request.index, timeout=_time_left(context))
+        return wire.unit_projections_to_proto(proj)
+
+    def GetWeightEdges(self, request: Any, context: grpc.ServicerContext) -> Any:
+        edges = self.database.get_weight_edges(
+            request.layer,
+            request.index,
+            direction=wire.edge_direction_from_proto(request.direction),
+            limit=request.limit,
+            polarity=request.polarity,
+            timeout=_time_left(context),
+        )
+        return wire.weight_edges_to_proto(edges)

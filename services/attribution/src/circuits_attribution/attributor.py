@@ -33,6 +33,7 @@ import torch
 from circuits_core.edge_table import EdgeTable as GraphEdgeTable
 from circuits_core.errors import Cancelled, InvalidArgument
 from circuits_core.interventions import InterventionRequest, InterventionResult
+from circuits_core.patching import PatchRequest, PatchResult
 from circuits_core.schemas import EMBEDDING_LAYER, Graph, GraphMetadata, Unit, graph_content_id, slugify
 from circuits_core.tracing import ModelInfo, TraceRequest, TraceSettings
 
@@ -598,6 +599,13 @@ class RelPAttributor:
 
         with _stop_checks(self.model, should_stop):
             return run_intervention(self, request)
+
+    def patch(self, request: PatchRequest, *, should_stop: Callable[[], bool] | None = None) -> PatchResult:
+        """Activation patching between a clean and a corrupt prompt, with RelP's predictions (the Patch RPC)."""
+        from circuits_attribution.patching import run_patch
+
+        with _stop_checks(self.model, should_stop):
+            return run_patch(self, request)
 
     def model_info(self) -> ModelInfo:
         """The model this engine traces (name, shape, dtype, device)."""

@@ -31,6 +31,7 @@ from circuits_core.errors import Cancelled, CircuitsError, InvalidArgument, Reso
 from circuits_core.interventions import InterventionRequest, InterventionResult
 from circuits_core.limits import DEFAULT_LIMITS
 from circuits_core.limits import flag as limit_flag
+from circuits_core.patching import PatchRequest, PatchResult
 from circuits_core.schemas import Graph
 from circuits_core.tracing import ModelInfo, TraceRequest
 
@@ -54,6 +55,8 @@ class AttributionEngine(Protocol):
     def trace(self, request: TraceRequest, *, should_stop: StopCheck) -> Graph: ...
 
     def intervene(self, request: InterventionRequest, *, should_stop: StopCheck) -> InterventionResult: ...
+
+    def patch(self, request: PatchRequest, *, should_stop: StopCheck) -> PatchResult: ...
 
     def model_info(self) -> ModelInfo: ...
 
@@ -181,6 +184,13 @@ class AttributionRunner:
         return self._run_exclusive(
             lambda engine, stop: engine.intervene(request, should_stop=stop), should_stop or _never,
             what="running the intervention",
+        )
+
+    def patch(self, request: PatchRequest, *, should_stop: StopCheck | None = None) -> PatchResult:
+        """Activation patching on a free engine, with the same queueing, limits and stop semantics as :meth:`trace`."""
+        return self._run_exclusive(
+            lambda engine, stop: engine.patch(request, should_stop=stop), should_stop or _never,
+            what="patching activations",
         )
 
     def _run_exclusive(

@@ -44,3 +44,7 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
             wire.intervene_request_from_proto(request), should_stop=lambda: not context.is_active()
         )
         return wire.intervention_result_to_proto(result)
+
+    def Patch(self, request: Any, context: Any) -> Any:
+        result = self.runner.patch(wire.patch_request_from_proto(request), should_stop=lambda: not context.is_active())
+        return wire.patch_result_to_proto(result)

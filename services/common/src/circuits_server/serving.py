@@ -179,7 +179,7 @@ SCOPES = ("read", "write", "admin")
 #: them. Writes need ``write``; Export writes files on the server's filesystem and needs ``admin``.
 DEFAULT_METHOD_SCOPES: dict[str, dict[str, str]] = {
     "circuits.v1.AggregatorService": {"Ingest": "write", "Export": "admin"},
-    "circuits.v1.AttributionService": {"Trace": "write", "TraceBatch": "write", "Intervene": "write"},
+    "circuits.v1.AttributionService": {"Trace": "write", "TraceBatch": "write", "Intervene": "write", "Patch": "write"},
     "circuits.v1.LabelerService": {"LabelUnits": "write", "RunProgressive": "write"},
     "circuits.v1.AtlasService": {},
 }

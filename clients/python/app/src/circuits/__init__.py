@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from circuits_core.connectivity import ConnectivitySpec
 from circuits_core.errors import CircuitsError
+from circuits_core.graphdiff import GraphDiff, diff_graphs
+from circuits_core.patching import PatchNeuron, PatchRequest
 from circuits_core.schemas import Edge, Graph, GraphMetadata, Unit, UnitLabel
 
 __version__ = "0.1.0"
@@ -19,10 +22,17 @@ _LAZY = {
     "RelPConfig": ("circuits_attribution", "RelPConfig"),
     "cluster_full_model": ("circuits_atlas", "cluster_full_model"),
     "load_model": ("circuits_attribution", "load_model"),
+    "compute_connectivity": ("circuits_attribution.connectivity", "compute_connectivity"),
+    "Patcher": ("circuits_attribution.patching", "Patcher"),
 }
 
 __all__ = [
     "CircuitsError",
+    "ConnectivitySpec",
+    "GraphDiff",
+    "PatchNeuron",
+    "PatchRequest",
+    "diff_graphs",
     "Edge",
     "Graph",
     "GraphMetadata",

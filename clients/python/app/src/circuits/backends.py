@@ -16,7 +16,7 @@ from circuits.extras import require
 from circuits_core.config import SMALL_MODEL
 
 if TYPE_CHECKING:
-    from circuits_core.capabilities import AtlasQueries, Intervener, Tracer
+    from circuits_core.capabilities import AtlasQueries, Intervener, Patcher, Tracer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,6 +65,11 @@ def open_tracer(*, remote: Remote | None, model: LocalModel = LocalModel(), what
 
 
 def open_intervener(*, remote: Remote | None, model: LocalModel = LocalModel(), what: str = "interventions") -> Intervener:
+    """An attribution server's client, or the model loaded in this process."""
+    return _attribution(remote, model, what=what)
+
+
+def open_patcher(*, remote: Remote | None, model: LocalModel = LocalModel(), what: str = "activation patching") -> Patcher:
     """An attribution server's client, or the model loaded in this process."""
     return _attribution(remote, model, what=what)
 

@@ -9,6 +9,7 @@ capability     in process                                 gRPC
 =============  =========================================  ==========================================
 Tracer         ``circuits_attribution.RelPAttributor``    ``circuits_sdk.AttributionClient``
 Intervener     ``circuits_attribution.RelPAttributor``    ``circuits_sdk.AttributionClient``
+Patcher        ``circuits_attribution.RelPAttributor``    ``circuits_sdk.AttributionClient``
 AtlasQueries   ``circuits_atlas.CircuitDatabase``         ``circuits_sdk.AtlasClient``
 =============  =========================================  ==========================================
 
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from circuits_core.atlas_types import AtlasStats, ClusterMembers, SearchHit, UnitCard
+    from circuits_core.connectivity import UnitProjections, WeightEdge
+    from circuits_core.patching import PatchRequest, PatchResult
     from circuits_core.interventions import InterventionRequest, InterventionResult
     from circuits_core.schemas import Edge, Graph, Unit
     from circuits_core.tracing import ModelInfo, TraceRequest
@@ -47,6 +50,15 @@ class Intervener(Protocol):
     """Runs the real model with neurons set, scaled, zeroed or mean-ablated."""
 
     def intervene(self, request: InterventionRequest, /) -> InterventionResult: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Patcher(Protocol):
+    """Activation patching between a clean and a corrupt prompt, with RelP's predictions."""
+
+    def patch(self, request: PatchRequest, /) -> PatchResult: ...
 
     def close(self) -> None: ...
 
@@ -78,6 +90,18 @@ class AtlasQueries(Protocol):
 
     def get_cluster(self, cluster: str | int, limit: int = 0, *, timeout: float | None = None) -> ClusterMembers:
         """A cluster (top id or dotted path) and its member units; NotFound when absent."""
+        ...
+
+    def get_unit_projections(self, layer: int, index: int, *, timeout: float | None = None) -> UnitProjections:
+        """A unit's output / input projections; FailedPrecondition when the atlas was built without
+        a connectivity folder, NotFound when it has no row for the unit."""
+        ...
+
+    def get_weight_edges(
+        self, layer: int, index: int, direction: str = "upstream", limit: int = 0, polarity: int = 0,
+        *, timeout: float | None = None,
+    ) -> list[WeightEdge]:
+        """Weight-graph edges entering (upstream) and/or leaving (downstream) a unit."""
         ...
 
     def stats(self, *, timeout: float | None = None) -> AtlasStats: ...

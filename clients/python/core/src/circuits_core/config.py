@@ -55,8 +55,13 @@ class GraphsSection(TraceSettings):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AggregationSection:
-    #: relp | output_projection
-    method: Literal["relp", "output_projection"] = "relp"
+    #: Where the atlas edges come from: relp (aggregated RelP graphs, the export), weight_graph
+    #: (weight-graph edges of connectivity_dir) or output_projection (output-projection similarity
+    #: edges of connectivity_dir); the weight-based methods need no traced prompts.
+    method: Literal["relp", "output_projection", "weight_graph"] = "relp"
+    #: `circuits connectivity` output folder added to the atlas (projections, weight_edges tables);
+    #: required by the weight-based methods; empty = none.
+    connectivity_dir: str = ""
     #: Directory of graph files to aggregate.
     graphs_dir: str = "graphs"
     #: Aggregator state (DuckDB) path.

@@ -701,3 +701,128 @@ def aggregator_stats_to_proto(stats: AggregatorStats) -> aggregator_pb2.Aggregat
 
 def aggregator_stats_from_proto(msg: aggregator_pb2.AggregatorStats) -> AggregatorStats:
     return AggregatorStats(**{name: getattr(msg, name) for name in _AGG_STATS_FIELDS})
+
+
+# -- atlas: weight-based connectivity ---------------------------------------------------------
+def _token_weights_to_proto(items: Iterable[Any], out: Any) -> None:
+    for t in items:
+        out.add(token_id=t.token_id, token=t.token, weight=t.weight)
+
+
+def _token_weights_from_proto(items: Iterable[Any]) -> tuple[Any, ...]:
+    from circuits_core.connectivity import TokenWeight
+
+    return tuple(TokenWeight(token_id=t.token_id, token=t.token, weight=t.weight) for t in items)
+
+
+def unit_projections_to_proto(proj: Any) -> Any:
+    """:class:`circuits_core.connectivity.UnitProjections` -> ``circuits.v1.UnitProjections``."""
+    msg = atlas_pb2.UnitProjections(
+        layer=proj.layer, index=proj.neuron, output_norm=proj.output_norm, logit_effect=proj.logit_effect
+    )
+    _token_weights_to_proto(proj.promotes, msg.promotes)
+    _token_weights_to_proto(proj.suppresses, msg.suppresses)
+    _token_weights_to_proto(proj.input_tokens, msg.input_tokens)
+    return msg
+
+
+def unit_projections_from_proto(msg: Any) -> Any:
+    from circuits_core.connectivity import UnitProjections
+
+    return UnitProjections(
+        layer=msg.layer, neuron=msg.index, output_norm=msg.output_norm, logit_effect=msg.logit_effect,
+        promotes=_token_weights_from_proto(msg.promotes), suppresses=_token_weights_from_proto(msg.suppresses),
+        input_tokens=_token_weights_from_proto(msg.input_tokens),
+    )
+
+
+def weight_edges_to_proto(edges: Iterable[Any]) -> Any:
+    """list[WeightEdge] -> ``circuits.v1.GetWeightEdgesResponse``."""
+    msg = atlas_pb2.GetWeightEdgesResponse()
+    for e in edges:
+        msg.edges.add(
+            src_layer=e.src_layer, src_index=e.src_neuron, tgt_layer=e.tgt_layer, tgt_index=e.tgt_neuron,
+            polarity=e.polarity, c_up=e.c_up, c_gate=e.c_gate, strength=e.strength,
+        )
+    return msg
+
+
+def weight_edges_from_proto(msg: Any) -> list[Any]:
+    from circuits_core.connectivity import WeightEdge
+
+    return [
+        WeightEdge(
+            src_layer=e.src_layer, src_neuron=e.src_index, tgt_layer=e.tgt_layer, tgt_neuron=e.tgt_index,
+            polarity=e.polarity, c_up=e.c_up, c_gate=e.c_gate, strength=e.strength,
+        )
+        for e in msg.edges
+    ]
+
+
+# -- attribution service: Patch ---------------------------------------------------------------
+def patch_request_to_proto(request: Any) -> Any:
+    """:class:`circuits_core.patching.PatchRequest` -> ``circuits.v1.PatchRequest``."""
+    from circuits_core._proto.circuits.v1 import attribution_pb2
+
+    msg = attribution_pb2.PatchRequest(
+        clean_prompt=request.clean, corrupt_prompt=request.corrupt, top=request.top,
+        target_tokens=list(request.target_tokens), raw=request.raw, answer_prefix=request.answer_prefix,
+    )
+    for item in request.neurons:
+        neuron = msg.neurons.add(layer=item.layer, index=item.index)
+        if item.position is not None:
+            neuron.position = item.position
+    return msg
+
+
+def patch_request_from_proto(msg: Any) -> Any:
+    """Decode ``circuits.v1.PatchRequest`` (top 0 means the default); bad values raise InvalidArgument."""
+    from circuits_core.patching import DEFAULT_TOP, PatchNeuron, PatchRequest
+
+    neurons = tuple(
+        PatchNeuron(layer=n.layer, index=n.index, position=n.position if n.HasField("position") else None)
+        for n in msg.neurons
+    )
+    return PatchRequest(
+        clean=msg.clean_prompt, corrupt=msg.corrupt_prompt, neurons=neurons, top=msg.top or DEFAULT_TOP,
+        target_tokens=tuple(msg.target_tokens), raw=msg.raw, answer_prefix=msg.answer_prefix,
+    )
+
+
+_PATCH_SCALARS = (
+    "metric", "positive_token", "positive_token_id", "negative_token", "negative_token_id", "clean_metric",
+    "corrupt_metric", "set_noising", "set_denoising", "set_predicted", "rank_correlation", "magnitude_rank_correlation",
+    "compared", "first_difference",
+)
+_EFFECT_SCALARS = ("layer", "index", "clean_activation", "corrupt_activation", "relp", "predicted", "noising", "denoising")
+
+
+def patch_result_to_proto(result: Any) -> Any:
+    """:class:`circuits_core.patching.PatchResult` -> ``circuits.v1.PatchResponse``."""
+    from circuits_core._proto.circuits.v1 import attribution_pb2
+
+    msg = attribution_pb2.PatchResponse(
+        clean_tokens=list(result.clean_tokens), corrupt_tokens=list(result.corrupt_tokens),
+        **{name: getattr(result, name) for name in _PATCH_SCALARS},
+    )
+    for effect in result.neurons:
+        item = msg.neurons.add(**{name: getattr(effect, name) for name in _EFFECT_SCALARS})
+        if effect.position is not None:
+            item.position = effect.position
+    return msg
+
+
+def patch_result_from_proto(msg: Any) -> Any:
+    from circuits_core.patching import NeuronPatchEffect, PatchResult
+
+    return PatchResult(
+        clean_tokens=tuple(msg.clean_tokens), corrupt_tokens=tuple(msg.corrupt_tokens),
+        neurons=tuple(
+            NeuronPatchEffect(
+                position=n.position if n.HasField("position") else None,
+                **{name: getattr(n, name) for name in _EFFECT_SCALARS},
+            )
+            for n in msg.neurons
+        ),
+        **{name: getattr(msg, name) for name in _PATCH_SCALARS},
+    )

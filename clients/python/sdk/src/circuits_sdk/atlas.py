@@ -13,6 +13,7 @@ from typing import Any
 from circuits_core import wire
 from circuits_core.atlas_types import AtlasStats, ClusterMembers, SearchHit, UnitCard
 from circuits_core.errors import NotFound
+from circuits_core.connectivity import UnitProjections, WeightEdge
 from circuits_sdk._channel import DEFAULT_TIMEOUT, call_unary, open_channel
 from circuits_core.schemas import Edge, Unit
 
@@ -104,3 +105,26 @@ class AtlasClient:
     def stats(self, *, timeout: float | None = None) -> AtlasStats:
         """Table row counts and build metadata."""
         return wire.atlas_stats_from_proto(self._call(self._stub.Stats, self._pb.AtlasStatsRequest(), timeout))
+
+    def get_unit_projections(self, layer: int, index: int, *, timeout: float | None = None) -> UnitProjections:
+        """A unit's output / input projections; FailedPrecondition when the atlas has no connectivity
+        tables, NotFound when it has no row for the unit."""
+        msg = self._call(self._stub.GetUnitProjections, self._pb.GetUnitProjectionsRequest(layer=layer, index=index), timeout)
+        return wire.unit_projections_from_proto(msg)
+
+    def get_weight_edges(
+        self,
+        layer: int,
+        index: int,
+        direction: str = "upstream",
+        limit: int = 0,
+        polarity: int = 0,
+        *,
+        timeout: float | None = None,
+    ) -> list[WeightEdge]:
+        """Weight-graph edges of a unit (upstream first for ``both``), at most ``limit`` per direction
+        and polarity; ``polarity`` 1 / -1 / 0 = excitatory / inhibitory / both."""
+        request = self._pb.GetWeightEdgesRequest(
+            layer=layer, index=index, direction=wire.edge_direction_to_proto(direction), limit=limit, polarity=polarity
+        )
+        return wire.weight_edges_from_proto(self._call(self._stub.GetWeightEdges, request, timeout))

@@ -25,6 +25,7 @@ from circuits_core._proto.circuits.v1 import attribution_pb2, attribution_pb2_gr
 from circuits_sdk._channel import DEFAULT_TIMEOUT, call_unary, iterate_stream, open_channel, translate
 from circuits_core.errors import InvalidArgument, Unavailable
 from circuits_core.interventions import InterventionRequest, InterventionResult
+from circuits_core.patching import PatchRequest, PatchResult
 from circuits_core.schemas import Graph
 from circuits_core.tracing import ModelInfo, TraceRequest
 
@@ -109,6 +110,12 @@ class AttributionClient:
             self._stub.Intervene, wire.intervene_request_to_proto(request), timeout=timeout or self.timeout, idempotent=True
         )
         return wire.intervention_result_from_proto(msg, interventions=request.interventions)
+
+    def patch(self, request: PatchRequest, *, timeout: float | None = None) -> PatchResult:
+        """Activation patching of ``request.neurons`` (or the clean prompt's top RelP neurons)
+        between the clean and the corrupt prompt on the server's model."""
+        msg = call_unary(self._stub.Patch, wire.patch_request_to_proto(request), timeout=timeout or self.timeout, idempotent=True)
+        return wire.patch_result_from_proto(msg)
 
     def model_info(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> ModelInfo:
         msg = call_unary(self._stub.GetModelInfo, attribution_pb2.GetModelInfoRequest(), timeout=timeout, idempotent=True)

@@ -2,9 +2,14 @@
 
     circuits build-db --config atlas_config.yaml
     circuits build-db --export export/ --labels labels.jsonl --output atlas.duckdb
+    circuits build-db --export export/ --connectivity connectivity/ --output atlas.duckdb
+    circuits build-db --connectivity connectivity/ --edges-from weight_graph --output atlas.duckdb
 
 Flags override the config (aggregation.export_dir, labeling.labels_path, clustering.*,
-aggregation.min_edge_count, output.duckdb). The atlas is written to a temporary file and renamed
+aggregation.min_edge_count, aggregation.connectivity_dir, aggregation.method, output.duckdb). With
+``--edges-from weight_graph | output_projection`` (config ``aggregation.method``) the edge table is
+built from the connectivity folder's weights (no traced prompts needed; every edge counts once, so
+the edge-count minimums are 1) and Infomap clusters it unchanged. The atlas is written to a temporary file and renamed
 into place only when complete.
 """
 
@@ -20,6 +25,11 @@ from circuits_core.errors import InvalidArgument
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (aggregation / labeling / clustering / output sections)")
     parser.add_argument("--export", dest="export_dir", help="aggregator Parquet export directory (edges/units/ledger.parquet)")
+    parser.add_argument("--connectivity", metavar="DIR",
+                        help="`circuits connectivity` folder: adds projections and weight_edges tables "
+                             "(default: aggregation.connectivity_dir)")
+    parser.add_argument("--edges-from", choices=("relp", "weight_graph", "output_projection"), default=None,
+                        help="source of the atlas edges (default: aggregation.method, relp)")
     parser.add_argument("--labels", help="labels JSONL (one object per neuron); default: labeling.labels_path if it exists")
     parser.add_argument("--no-labels", action="store_true", help="build without labels")
     parser.add_argument("--output", help="atlas file to write (default: output.duckdb or atlas.duckdb)")
@@ -39,13 +49,19 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config) if args.config else None
     base = cfg or Config()
+    edge_source = args.edges_from or base.aggregation.method
+    connectivity: Path | None = Path(args.connectivity) if args.connectivity else None
+    if connectivity is None and cfg is not None and cfg.aggregation.connectivity_dir:
+        connectivity = cfg.resolve(cfg.aggregation.connectivity_dir)
+    if edge_source != "relp" and connectivity is None:
+        raise InvalidArgument(f"edges from {edge_source} need the connectivity folder: give --connectivity DIR")
     export_dir: Path | None = Path(args.export_dir) if args.export_dir else None
-    if export_dir is None and cfg is not None:
+    if export_dir is None and cfg is not None and edge_source == "relp":
         export_dir = cfg.resolve(cfg.aggregation.export_dir)
         state = cfg.resolve(cfg.aggregation.state_path)
         if not export_dir.is_dir() and state.is_dir() and (state / "edges.parquet").exists():
             export_dir = state
-    if export_dir is None:
+    if export_dir is None and edge_source == "relp":
         raise InvalidArgument("give --export DIR or --config with aggregation.export_dir")
 
     labels: Path | None = None
@@ -57,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if args.no_labels:
         labels = None
     tmp_labels = None
-    if labels is None and not args.no_labels and cfg is not None and cfg.labeling.method in ("neurondb", "file", "goodfire"):
+    if labels is None and not args.no_labels and cfg is not None and cfg.labeling.method in ("neurondb", "file", "goodfire") \
+            and export_dir is not None:
         labels = tmp_labels = _labels_from_source(cfg, export_dir)
 
     output = Path(args.output) if args.output else (cfg.resolve(cfg.output.duckdb) if cfg else Path("atlas.duckdb"))
@@ -79,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         seed=clustering_cfg.seed,
     )
     try:
-        report = _build(build_atlas, export_dir, output, labels, settings, min_edge_count, args, base, cfg)
+        report = _build(build_atlas, export_dir, output, labels, settings, min_edge_count, args, base, cfg,
+                        connectivity=connectivity, edge_source=edge_source)
     finally:
         if tmp_labels is not None:
             tmp_labels.unlink(missing_ok=True)
@@ -117,8 +135,12 @@ def _labels_from_source(cfg, export_dir: Path) -> Path:
     return write_label_file(records.values(), name)
 
 
-def _build(build_atlas, export_dir, output, labels, settings, min_edge_count, args, base, cfg):
+def _build(build_atlas, export_dir, output, labels, settings, min_edge_count, args, base, cfg, *, connectivity, edge_source):
+    if connectivity is not None and not connectivity.is_dir():
+        raise InvalidArgument(f"--connectivity {connectivity}: no such folder")
     return build_atlas(
+        connectivity_dir=connectivity,
+        edge_source=edge_source,
         export_dir=export_dir,
         output_path=output,
         labels_path=labels,

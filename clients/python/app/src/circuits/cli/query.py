@@ -1,7 +1,8 @@
-"""`circuits query`: search the atlas by label text, locally or through the atlas server.
+"""`circuits query`: search the atlas by label text, or show one unit, locally or through the atlas server.
 
     circuits query atlas.duckdb "enzyme"
     circuits query --remote localhost:50054 "enzyme" --limit 10 --json
+    circuits query atlas.duckdb --unit L29/N1234      # label, projections, weight and RelP edges
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from circuits_core.errors import InvalidArgument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("args", nargs="+", metavar="[ATLAS] TEXT", help="atlas file (unless --remote) and search text")
+    parser.add_argument("args", nargs="*", metavar="[ATLAS] TEXT", help="atlas file (unless --remote) and search text")
+    parser.add_argument("--unit", metavar="L/N",
+                        help="show one unit (e.g. L29/N1234 or 29/1234): labels, cluster, output/input projections, "
+                             "weight-graph and aggregated RelP edges")
     add_remote_arguments(parser, service="atlas", instead_of="opening a local atlas file")
     parser.add_argument("--limit", type=int, default=20, help="most results (default 20)")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
@@ -53,6 +57,10 @@ def _label_scores(unit: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.unit is not None:
+        from circuits.cli.query_unit import run_unit
+
+        return run_unit(args)
     remote = remote_from_args(args)
     if remote is not None and len(args.args) != 1:
         raise InvalidArgument("with --remote give only the search text")

@@ -148,3 +148,79 @@ class UnitCard(_message.Message):
     downstream_edges: int
     upstream_edges: int
     def __init__(self, unit: _Optional[_Union[_graph_pb2.Unit, _Mapping]] = ..., stats: _Optional[_Union[UnitActivationStats, _Mapping]] = ..., cluster: _Optional[_Union[ClusterInfo, _Mapping]] = ..., downstream_edges: _Optional[int] = ..., upstream_edges: _Optional[int] = ...) -> None: ...
+
+class GetUnitProjectionsRequest(_message.Message):
+    __slots__ = ("layer", "index")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    index: int
+    def __init__(self, layer: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+
+class TokenWeight(_message.Message):
+    __slots__ = ("token_id", "token", "weight")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    token: str
+    weight: float
+    def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class UnitProjections(_message.Message):
+    __slots__ = ("layer", "index", "output_norm", "logit_effect", "promotes", "suppresses", "input_tokens")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NORM_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_EFFECT_FIELD_NUMBER: _ClassVar[int]
+    PROMOTES_FIELD_NUMBER: _ClassVar[int]
+    SUPPRESSES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    index: int
+    output_norm: float
+    logit_effect: float
+    promotes: _containers.RepeatedCompositeFieldContainer[TokenWeight]
+    suppresses: _containers.RepeatedCompositeFieldContainer[TokenWeight]
+    input_tokens: _containers.RepeatedCompositeFieldContainer[TokenWeight]
+    def __init__(self, layer: _Optional[int] = ..., index: _Optional[int] = ..., output_norm: _Optional[float] = ..., logit_effect: _Optional[float] = ..., promotes: _Optional[_Iterable[_Union[TokenWeight, _Mapping]]] = ..., suppresses: _Optional[_Iterable[_Union[TokenWeight, _Mapping]]] = ..., input_tokens: _Optional[_Iterable[_Union[TokenWeight, _Mapping]]] = ...) -> None: ...
+
+class GetWeightEdgesRequest(_message.Message):
+    __slots__ = ("layer", "index", "direction", "limit", "polarity")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    POLARITY_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    index: int
+    direction: EdgeDirection
+    limit: int
+    polarity: int
+    def __init__(self, layer: _Optional[int] = ..., index: _Optional[int] = ..., direction: _Optional[_Union[EdgeDirection, str]] = ..., limit: _Optional[int] = ..., polarity: _Optional[int] = ...) -> None: ...
+
+class WeightEdge(_message.Message):
+    __slots__ = ("src_layer", "src_index", "tgt_layer", "tgt_index", "polarity", "c_up", "c_gate", "strength")
+    SRC_LAYER_FIELD_NUMBER: _ClassVar[int]
+    SRC_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TGT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    TGT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    POLARITY_FIELD_NUMBER: _ClassVar[int]
+    C_UP_FIELD_NUMBER: _ClassVar[int]
+    C_GATE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    src_layer: int
+    src_index: int
+    tgt_layer: int
+    tgt_index: int
+    polarity: int
+    c_up: float
+    c_gate: float
+    strength: float
+    def __init__(self, src_layer: _Optional[int] = ..., src_index: _Optional[int] = ..., tgt_layer: _Optional[int] = ..., tgt_index: _Optional[int] = ..., polarity: _Optional[int] = ..., c_up: _Optional[float] = ..., c_gate: _Optional[float] = ..., strength: _Optional[float] = ...) -> None: ...
+
+class GetWeightEdgesResponse(_message.Message):
+    __slots__ = ("edges",)
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    edges: _containers.RepeatedCompositeFieldContainer[WeightEdge]
+    def __init__(self, edges: _Optional[_Iterable[_Union[WeightEdge, _Mapping]]] = ...) -> None: ...

@@ -68,6 +68,16 @@ class AtlasServiceStub:
                 request_serializer=circuits_dot_v1_dot_atlas__pb2.GetUnitRequest.SerializeToString,
                 response_deserializer=circuits_dot_v1_dot_atlas__pb2.UnitCard.FromString,
                 _registered_method=True)
+        self.GetUnitProjections = channel.unary_unary(
+                '/circuits.v1.AtlasService/GetUnitProjections',
+                request_serializer=circuits_dot_v1_dot_atlas__pb2.GetUnitProjectionsRequest.SerializeToString,
+                response_deserializer=circuits_dot_v1_dot_atlas__pb2.UnitProjections.FromString,
+                _registered_method=True)
+        self.GetWeightEdges = channel.unary_unary(
+                '/circuits.v1.AtlasService/GetWeightEdges',
+                request_serializer=circuits_dot_v1_dot_atlas__pb2.GetWeightEdgesRequest.SerializeToString,
+                response_deserializer=circuits_dot_v1_dot_atlas__pb2.GetWeightEdgesResponse.FromString,
+                _registered_method=True)
 
 
 class AtlasServiceServicer:
@@ -115,6 +125,21 @@ class AtlasServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUnitProjections(self, request, context):
+        """A unit's weight-only token effects (output and input projections); FAILED_PRECONDITION when the
+        atlas was built without a connectivity folder, NOT_FOUND when it has no row for the unit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWeightEdges(self, request, context):
+        """Weight-graph edges entering and/or leaving a unit (c_up, c_gate, polarity, strength).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AtlasServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +172,16 @@ def add_AtlasServiceServicer_to_server(servicer, server):
                     servicer.GetUnitCard,
                     request_deserializer=circuits_dot_v1_dot_atlas__pb2.GetUnitRequest.FromString,
                     response_serializer=circuits_dot_v1_dot_atlas__pb2.UnitCard.SerializeToString,
+            ),
+            'GetUnitProjections': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUnitProjections,
+                    request_deserializer=circuits_dot_v1_dot_atlas__pb2.GetUnitProjectionsRequest.FromString,
+                    response_serializer=circuits_dot_v1_dot_atlas__pb2.UnitProjections.SerializeToString,
+            ),
+            'GetWeightEdges': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWeightEdges,
+                    request_deserializer=circuits_dot_v1_dot_atlas__pb2.GetWeightEdgesRequest.FromString,
+                    response_serializer=circuits_dot_v1_dot_atlas__pb2.GetWeightEdgesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +349,60 @@ class AtlasService:
             '/circuits.v1.AtlasService/GetUnitCard',
             circuits_dot_v1_dot_atlas__pb2.GetUnitRequest.SerializeToString,
             circuits_dot_v1_dot_atlas__pb2.UnitCard.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUnitProjections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/circuits.v1.AtlasService/GetUnitProjections',
+            circuits_dot_v1_dot_atlas__pb2.GetUnitProjectionsRequest.SerializeToString,
+            circuits_dot_v1_dot_atlas__pb2.UnitProjections.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWeightEdges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/circuits.v1.AtlasService/GetWeightEdges',
+            circuits_dot_v1_dot_atlas__pb2.GetWeightEdgesRequest.SerializeToString,
+            circuits_dot_v1_dot_atlas__pb2.GetWeightEdgesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -142,3 +142,91 @@ class InterveneResponse(_message.Message):
     position: int
     tracked: _containers.RepeatedCompositeFieldContainer[TokenProbability]
     def __init__(self, baseline: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., intervened: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., generated_text: _Optional[str] = ..., baseline_text: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[str]] = ..., position: _Optional[int] = ..., tracked: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ...) -> None: ...
+
+class PatchNeuron(_message.Message):
+    __slots__ = ("layer", "index", "position")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    index: int
+    position: int
+    def __init__(self, layer: _Optional[int] = ..., index: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
+
+class PatchRequest(_message.Message):
+    __slots__ = ("clean_prompt", "corrupt_prompt", "neurons", "top", "target_tokens", "raw", "answer_prefix")
+    CLEAN_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEURONS_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    clean_prompt: str
+    corrupt_prompt: str
+    neurons: _containers.RepeatedCompositeFieldContainer[PatchNeuron]
+    top: int
+    target_tokens: _containers.RepeatedScalarFieldContainer[str]
+    raw: bool
+    answer_prefix: str
+    def __init__(self, clean_prompt: _Optional[str] = ..., corrupt_prompt: _Optional[str] = ..., neurons: _Optional[_Iterable[_Union[PatchNeuron, _Mapping]]] = ..., top: _Optional[int] = ..., target_tokens: _Optional[_Iterable[str]] = ..., raw: _Optional[bool] = ..., answer_prefix: _Optional[str] = ...) -> None: ...
+
+class NeuronPatchEffect(_message.Message):
+    __slots__ = ("layer", "index", "position", "clean_activation", "corrupt_activation", "relp", "predicted", "noising", "denoising")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    RELP_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    NOISING_FIELD_NUMBER: _ClassVar[int]
+    DENOISING_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    index: int
+    position: int
+    clean_activation: float
+    corrupt_activation: float
+    relp: float
+    predicted: float
+    noising: float
+    denoising: float
+    def __init__(self, layer: _Optional[int] = ..., index: _Optional[int] = ..., position: _Optional[int] = ..., clean_activation: _Optional[float] = ..., corrupt_activation: _Optional[float] = ..., relp: _Optional[float] = ..., predicted: _Optional[float] = ..., noising: _Optional[float] = ..., denoising: _Optional[float] = ...) -> None: ...
+
+class PatchResponse(_message.Message):
+    __slots__ = ("clean_tokens", "corrupt_tokens", "metric", "positive_token", "positive_token_id", "negative_token", "negative_token_id", "clean_metric", "corrupt_metric", "neurons", "set_noising", "set_denoising", "set_predicted", "rank_correlation", "magnitude_rank_correlation", "compared", "first_difference")
+    CLEAN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_METRIC_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_METRIC_FIELD_NUMBER: _ClassVar[int]
+    NEURONS_FIELD_NUMBER: _ClassVar[int]
+    SET_NOISING_FIELD_NUMBER: _ClassVar[int]
+    SET_DENOISING_FIELD_NUMBER: _ClassVar[int]
+    SET_PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    RANK_CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    MAGNITUDE_RANK_CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    clean_tokens: _containers.RepeatedScalarFieldContainer[str]
+    corrupt_tokens: _containers.RepeatedScalarFieldContainer[str]
+    metric: str
+    positive_token: str
+    positive_token_id: int
+    negative_token: str
+    negative_token_id: int
+    clean_metric: float
+    corrupt_metric: float
+    neurons: _containers.RepeatedCompositeFieldContainer[NeuronPatchEffect]
+    set_noising: float
+    set_denoising: float
+    set_predicted: float
+    rank_correlation: float
+    magnitude_rank_correlation: float
+    compared: int
+    first_difference: int
+    def __init__(self, clean_tokens: _Optional[_Iterable[str]] = ..., corrupt_tokens: _Optional[_Iterable[str]] = ..., metric: _Optional[str] = ..., positive_token: _Optional[str] = ..., positive_token_id: _Optional[int] = ..., negative_token: _Optional[str] = ..., negative_token_id: _Optional[int] = ..., clean_metric: _Optional[float] = ..., corrupt_metric: _Optional[float] = ..., neurons: _Optional[_Iterable[_Union[NeuronPatchEffect, _Mapping]]] = ..., set_noising: _Optional[float] = ..., set_denoising: _Optional[float] = ..., set_predicted: _Optional[float] = ..., rank_correlation: _Optional[float] = ..., magnitude_rank_correlation: _Optional[float] = ..., compared: _Optional[int] = ..., first_difference: _Optional[int] = ...) -> None: ...

@@ -55,6 +55,11 @@ class AttributionServiceStub:
                 request_serializer=circuits_dot_v1_dot_attribution__pb2.InterveneRequest.SerializeToString,
                 response_deserializer=circuits_dot_v1_dot_attribution__pb2.InterveneResponse.FromString,
                 _registered_method=True)
+        self.Patch = channel.unary_unary(
+                '/circuits.v1.AttributionService/Patch',
+                request_serializer=circuits_dot_v1_dot_attribution__pb2.PatchRequest.SerializeToString,
+                response_deserializer=circuits_dot_v1_dot_attribution__pb2.PatchResponse.FromString,
+                _registered_method=True)
 
 
 class AttributionServiceServicer:
@@ -88,6 +93,14 @@ class AttributionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Patch(self, request, context):
+        """Activation patching between a clean and a corrupt prompt (both directions), with the RelP
+        prediction of each neuron's effect beside the measured one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AttributionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +123,11 @@ def add_AttributionServiceServicer_to_server(servicer, server):
                     servicer.Intervene,
                     request_deserializer=circuits_dot_v1_dot_attribution__pb2.InterveneRequest.FromString,
                     response_serializer=circuits_dot_v1_dot_attribution__pb2.InterveneResponse.SerializeToString,
+            ),
+            'Patch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Patch,
+                    request_deserializer=circuits_dot_v1_dot_attribution__pb2.PatchRequest.FromString,
+                    response_serializer=circuits_dot_v1_dot_attribution__pb2.PatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +238,33 @@ class AttributionService:
             '/circuits.v1.AttributionService/Intervene',
             circuits_dot_v1_dot_attribution__pb2.InterveneRequest.SerializeToString,
             circuits_dot_v1_dot_attribution__pb2.InterveneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Patch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/circuits.v1.AttributionService/Patch',
+            circuits_dot_v1_dot_attribution__pb2.PatchRequest.SerializeToString,
+            circuits_dot_v1_dot_attribution__pb2.PatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
