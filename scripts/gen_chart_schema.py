@@ -258,6 +258,7 @@ def build_schema() -> dict[str, Any]:
             "atlas": component(
                 "AtlasService Deployment serving atlas.duckdb read-only",
                 {
+                    "processes": integer(1, 64),
                     "data": closed(
                         {
                             "url": STRING,

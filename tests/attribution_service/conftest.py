@@ -87,6 +87,7 @@ class FakeEngine(AttributionEngine):
         self.stopped = 0
         self.finished = 0
         self.requests: list[TraceRequest] = []
+        self.batches: list[list[str]] = []  # the prompts of every trace_many call, in call order
 
     def replicate(self) -> FakeEngine:
         twin = FakeEngine(hold=self.hold, concurrent=self.replicas_trace_concurrently)
@@ -127,6 +128,11 @@ class FakeEngine(AttributionEngine):
             graph_id=f"fake-{request.prompt}",
             metadata=GraphMetadata(slug=request.slug, metric_value=0.0, corpus_index=request.corpus_index),
         )
+
+    def trace_many(self, requests, *, should_stop):
+        with self._root().lock:
+            self._root().batches.append([r.prompt for r in requests])
+        return super().trace_many(requests, should_stop=should_stop)
 
     def intervene(self, request: InterventionRequest, *, should_stop) -> InterventionResult:
         self._hold(should_stop)

@@ -263,23 +263,29 @@ def test_worker_names_the_shard_that_refuses_a_graph(tiny_engine):
 
     graph = tiny_engine.trace(TraceRequest(prompt="the capital of france is"))
     owner = shard_of(graph.graph_id, 2)
-    # The server is the OTHER shard, but listed at the owner's position as well.
-    store = AggregateStore(":memory:", StoreSettings(shard_index=1 - owner, shard_count=2))
-    server = server_module.build_server(
-        server_module.AggregatorServerSettings(server=ServerSettings(port=0)), store=store
-    ).start()
-    server.set_serving(True)
+    # Both servers are the OTHER shard: whichever is listed at the owner's position refuses.
+    servers = []
+    for _ in range(2):
+        store = AggregateStore(":memory:", StoreSettings(shard_index=1 - owner, shard_count=2))
+        server = server_module.build_server(
+            server_module.AggregatorServerSettings(server=ServerSettings(port=0)), store=store
+        ).start()
+        server.set_serving(True)
+        servers.append(server)
     try:
-        sink = AggregatorSink(f"{server.address},{server.address}")
+        sink = AggregatorSink(",".join(s.address for s in servers))
         with pytest.raises(FailedPrecondition, match=rf"\(shard {owner} of 2\) does not own graph {graph.graph_id}"):
             sink.send(graph)
         sink.close()
     finally:
-        server.stop(0.5)
+        for server in servers:
+            server.stop(0.5)
 
 
-def test_worker_rejects_an_empty_aggregator_address() -> None:
+def test_worker_rejects_bad_aggregator_addresses() -> None:
     from circuits_attribution.worker import AggregatorSink
 
-    with pytest.raises(InvalidArgument, match="empty address"):
-        AggregatorSink("a:1,,b:2")
+    with pytest.raises(InvalidArgument, match="give host:port"):
+        AggregatorSink(" , ")
+    with pytest.raises(InvalidArgument, match="listed twice"):
+        AggregatorSink("a:1,b:2,a:1")

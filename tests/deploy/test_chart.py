@@ -284,7 +284,11 @@ def test_atlas_opens_its_file_read_only_and_fetches_it_when_given_a_url(render_c
     assert main["args"][main["args"].index("--duckdb") + 1] == "/data/atlas.duckdb"
     assert {"name": "atlas-data", "mountPath": "/data", "readOnly": True} in main["volumeMounts"]
 
+    assert "--processes" not in main["args"]  # one process unless asked
+
     claimed = render_chart(CHART / "ci" / "atlas-only.yaml").get("Deployment", "demo-circuits-atlas")
+    args = pod_spec(claimed)["containers"][0]["args"]
+    assert args[args.index("--processes") + 1] == "2"  # atlas.processes (SO_REUSEPORT, read-only)
     assert "initContainers" not in pod_spec(claimed)
     volume = next(v for v in pod_spec(claimed)["volumes"] if v["name"] == "atlas-data")
     assert volume["persistentVolumeClaim"] == {"claimName": "atlas-rox", "readOnly": True}

@@ -49,7 +49,7 @@ DRILL_ROWS: list[DrillRow] = []
 ENFORCED_LIMITS: list[str] = []
 #: The drill modules that enforce limits; the summary asserts every limit only when all ran.
 LIMIT_DRILL_MODULES = ("test_drill_limits.py", "test_drill_streams.py", "test_drill_load.py", "test_drill_echo.py",
-                       "test_drill_labeler_spend.py")  # fmt: skip
+                       "test_drill_labeler_spend.py", "test_drill_trace_stop.py")  # fmt: skip
 
 
 def percentile(values: Sequence[float], q: float) -> float:

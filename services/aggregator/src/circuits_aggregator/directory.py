@@ -97,8 +97,10 @@ def aggregate_directory(
                     bar.update(1)
                     continue
                 try:
-                    pending.append(read_graph_arrays(path, source=source))
-                except CorruptInput as exc:
+                    arrays = read_graph_arrays(path, source=source)
+                    store.check_graph(arrays)  # another model or shape: reported and skipped like a corrupt file
+                    pending.append(arrays)
+                except (CorruptInput, InvalidArgument) as exc:
                     corrupt.append((source, str(exc)))
                     message = f"skipped: {exc}"
                     bar.write(message, file=sys.stderr)

@@ -15,11 +15,18 @@ from circuits_aggregator.store import AggregateStore
 from circuits_aggregator.stream import BatchPolicy, ingest_stream
 
 
-def _decode(requests: Iterator[Any]) -> Iterator[Any]:
+def _decode(requests: Iterator[Any], store: AggregateStore) -> Iterator[Any]:
+    """Graphs of the stream; the first bad one (malformed, other model or shape) ends it with
+    InvalidArgument after the graphs before it were committed."""
     for msg in requests:
         if not msg.graph_id:
             raise InvalidArgument("Ingest: graph_id is empty (it is the exactly-once identity; the client sets it)")
-        yield wire.graph_arrays_from_proto(msg, source="grpc")
+        try:
+            arrays = wire.graph_arrays_from_proto(msg, source="grpc")
+            store.check_graph(arrays)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"Ingest: graph {echo(msg.graph_id)}: {exc}") from None
+        yield arrays
 
 
 class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
@@ -51,7 +58,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         return resolved
 
     def Ingest(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
-        for ack in ingest_stream(self.store, _decode(request_iterator), policy=self.policy):
+        for ack in ingest_stream(self.store, _decode(request_iterator, self.store), policy=self.policy):
             yield wire.ingest_ack_to_proto(ack)
 
     def GetEdges(self, request: Any, context: Any) -> Iterator[Any]:

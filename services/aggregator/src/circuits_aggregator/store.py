@@ -18,6 +18,22 @@ deduplicated within itself), its edges are grouped by a packed 64-bit key in one
 transaction as the ledger rows. A graph is therefore either fully counted and in the ledger, or
 neither - a crash at any point followed by a re-send counts it exactly once.
 
+What a graph may hold (every reader checks it before a graph gets here): finite edge weights;
+finite activations / attributions / probabilities or none (NaN and +-Inf are refused, never
+counted); distinct unit keys (layer, neuron, position) - a duplicate unit is refused. Defined
+cases: a neuron at several positions of one graph is one ``graph_count`` and one
+``observation_count`` per node; every link is one observation (``count``), so links between the
+same two neurons at different positions, and a link listed twice, count once each; a link whose
+endpoints are the same neuron (a self-loop, after positions collapse) is the edge
+``(L, N) -> (L, N)`` and counted like any other.
+
+Identity and content: the ledger keeps a content fingerprint of every graph
+(:func:`~circuits_core.aggregator_types.graph_fingerprint`). A re-sent graph_id with the same content
+is a duplicate; with different content it is a *conflict*: not counted, listed in the ack's
+``conflict_graph_ids`` and logged. The state records its model (``Graph.model``) and shape
+(``num_layers`` / ``d_mlp`` when graphs state them) at first ingest (``meta`` table) and refuses
+graphs of another model, another shape, or with neurons outside the shape (InvalidArgument).
+
 Appending partials instead of upserting keeps writes at memory speed (DuckDB's ART upsert runs at
 ~60k rows/s); :meth:`AggregateStore.compact` folds the deltas into ``*_stats`` (one
 ``GROUP BY`` over both, committed atomically) whenever the delta outgrows the compacted table.
@@ -27,6 +43,7 @@ sees exact statistics whatever was compacted.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -43,6 +60,7 @@ from circuits_core.aggregator_types import (
     EdgeColumns,
     GraphArrays,
     IngestAck,
+    graph_fingerprint,
     shard_of,
 )
 from circuits_core.errors import FailedPrecondition, InvalidArgument, echo
@@ -57,6 +75,10 @@ from circuits_core.exports import (
     UNITS_FILE,
 )
 from circuits_server.duckdb_files import open_duckdb, refuse_code_objects
+
+_log = logging.getLogger("circuits.aggregator")
+#: meta keys of the model identity recorded at first ingest.
+_IDENTITY_KEYS = ("model", "num_layers", "d_mlp")
 
 _EDGE_DDL = """(
     src_layer INTEGER NOT NULL, src_neuron INTEGER NOT NULL, tgt_layer INTEGER NOT NULL, tgt_neuron INTEGER NOT NULL,
@@ -75,7 +97,8 @@ _LOGIT_DDL = """(
     k BIGINT NOT NULL, count BIGINT NOT NULL, weight_sum DOUBLE NOT NULL, weight_abs_sum DOUBLE NOT NULL)"""
 _LEDGER_DDL = """(
     graph_id VARCHAR PRIMARY KEY, source VARCHAR NOT NULL, corpus_index BIGINT NOT NULL,
-    ingested_at TIMESTAMP NOT NULL, edge_observations BIGINT NOT NULL, unit_observations BIGINT NOT NULL)"""
+    ingested_at TIMESTAMP NOT NULL, edge_observations BIGINT NOT NULL, unit_observations BIGINT NOT NULL,
+    content_sha VARCHAR)"""
 
 # Packed keys: edge = src_layer<<52 | src_neuron<<31 | tgt_layer<<21 | tgt_neuron (62 bits),
 # unit = layer<<21 | neuron. Grouping one BIGINT is ~2x faster than four INTEGER columns.
@@ -184,7 +207,11 @@ class AggregateStore:
             con.execute(f"CREATE TABLE IF NOT EXISTS {name} {_LOGIT_DDL}")
         con.execute("CREATE TABLE IF NOT EXISTS logit_tokens (token_id BIGINT PRIMARY KEY, token VARCHAR NOT NULL)")
         con.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
+        # States written before content fingerprints: their graphs have none (NULL = unknown).
+        con.execute("ALTER TABLE ledger ADD COLUMN IF NOT EXISTS content_sha VARCHAR")
         self._check_shard_meta()
+        self._identity = self._load_identity()
+        self._identity_unsaved = False
         self._graphs = con.execute("SELECT count(*) FROM ledger").fetchone()[0]
         self._delta_rows = con.execute("SELECT (SELECT count(*) FROM edge_delta) + (SELECT count(*) FROM unit_delta)").fetchone()[0]
         self._stats_rows = con.execute("SELECT (SELECT count(*) FROM edge_stats) + (SELECT count(*) FROM unit_stats)").fetchone()[0]
@@ -201,6 +228,52 @@ class AggregateStore:
                 f"{self.path}: state belongs to shard {have.get('shard_index')} of {have.get('shard_count')}, "
                 f"not shard {want['shard_index']} of {want['shard_count']}"
             )
+
+    def _load_identity(self) -> dict[str, str] | None:
+        have = dict(self._con.execute("SELECT key, value FROM meta").fetchall())
+        if "model" not in have:
+            return None
+        return {k: have.get(k, "0") for k in _IDENTITY_KEYS}
+
+    @property
+    def identity(self) -> dict[str, str] | None:
+        """The model and shape this state counts (None before the first graph)."""
+        return None if self._identity is None else dict(self._identity)
+
+    def check_graph(self, g: GraphArrays) -> None:
+        """Refuse (InvalidArgument) a graph of another model or shape than this state's, or with
+        neurons outside the recorded shape; the first graph ever checked sets the identity
+        (saved with the next commit)."""
+        where = g.source if g.source and g.source != "grpc" else (g.graph_id or "graph")
+        with self._lock:
+            ident = self._identity
+            if ident is None:
+                self._identity = {"model": g.model, "num_layers": str(g.num_layers), "d_mlp": str(g.d_mlp)}
+                self._identity_unsaved = True
+                return
+            if g.model != ident["model"]:
+                raise InvalidArgument(
+                    f"{echo(where, quote=False)}: graph of model {echo(g.model)}, but this aggregator state counts "
+                    f"model {echo(ident['model'])} (one state per model; use another state file)"
+                )
+            for key, stated in (("num_layers", g.num_layers), ("d_mlp", g.d_mlp)):
+                known = int(ident[key])
+                if stated and known and stated != known:
+                    raise InvalidArgument(
+                        f"{echo(where, quote=False)}: graph states {key}={stated}, but this aggregator state "
+                        f"recorded {key}={known} for model {echo(ident['model'])}"
+                    )
+                if stated and not known:
+                    ident[key] = str(stated)
+                    self._identity_unsaved = True
+            layers, width = int(ident["num_layers"]), int(ident["d_mlp"])
+            if g.n_units:
+                if layers and int(g.unit_layer.max()) >= layers:
+                    raise InvalidArgument(f"{echo(where, quote=False)}: neuron layer {int(g.unit_layer.max())} is beyond "
+                                          f"the model's {layers} layers")  # fmt: skip
+                if width and int(g.unit_neuron.max()) >= width:
+                    raise InvalidArgument(f"{echo(where, quote=False)}: neuron index {int(g.unit_neuron.max())} is beyond "
+                                          f"the model's MLP width {width}")  # fmt: skip
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -239,18 +312,28 @@ class AggregateStore:
             if not g.graph_id:
                 raise InvalidArgument(f"{g.source or 'graph'}: graph_id is empty (it is the exactly-once identity)")
         owned: dict[str, GraphArrays] = {}
+        prints: dict[str, str] = {}
         rejected: list[str] = []
+        conflicts: list[str] = []
         repeats = 0
         for g in graphs:
             if not self.owns(g.graph_id):
                 rejected.append(g.graph_id)
-            elif g.graph_id in owned:
-                repeats += 1
+                continue
+            self.check_graph(g)
+            fingerprint = graph_fingerprint(g)
+            if g.graph_id in owned:
+                if prints[g.graph_id] == fingerprint:
+                    repeats += 1
+                else:
+                    conflicts.append(g.graph_id)
             else:
                 owned[g.graph_id] = g
+                prints[g.graph_id] = fingerprint
         if not owned:
             return IngestOutcome(
-                ack=IngestAck(duplicates=repeats, graphs_total=self._graphs, rejected_graph_ids=tuple(rejected))
+                ack=IngestAck(duplicates=repeats, graphs_total=self._graphs, rejected_graph_ids=tuple(rejected),
+                              conflict_graph_ids=tuple(conflicts))  # fmt: skip
             )
         with self._lock:
             if self._closed:
@@ -259,28 +342,38 @@ class AggregateStore:
             ids = pa.table({"graph_id": pa.array(list(owned), type=pa.string())})
             con.register("batch_ids", ids)
             try:
-                known = {row[0] for row in con.execute(
-                    "SELECT graph_id FROM ledger WHERE graph_id IN (SELECT graph_id FROM batch_ids)"
-                ).fetchall()}  # fmt: skip
+                known = dict(con.execute(
+                    "SELECT graph_id, content_sha FROM ledger WHERE graph_id IN (SELECT graph_id FROM batch_ids)"
+                ).fetchall())  # fmt: skip
             finally:
                 con.unregister("batch_ids")
             new = [g for gid, g in owned.items() if gid not in known]
-            if new:
-                self._commit(new)
+            duplicates = repeats
+            for gid, sha in known.items():
+                if sha is None or sha == prints[gid]:
+                    duplicates += 1  # NULL: counted before fingerprints were kept
+                else:
+                    conflicts.append(gid)
+            if new or self._identity_unsaved:
+                self._commit(new, [prints[g.graph_id] for g in new])
                 self._graphs += len(new)
                 if self._should_compact():
                     self.compact()
+            for gid in conflicts:
+                _log.warning("graph_id %s re-sent with different content (conflict): not counted again; "
+                             "the first content stays counted", echo(gid))  # fmt: skip
             ack = IngestAck(
                 graph_ids=tuple(owned),
-                duplicates=repeats + len(known),
+                duplicates=duplicates,
                 graphs_total=self._graphs,
                 rejected_graph_ids=tuple(rejected),
+                conflict_graph_ids=tuple(dict.fromkeys(conflicts)),
             )
             return IngestOutcome(
                 ack=ack, new_graphs=len(new), new_edge_observations=sum(g.n_edges for g in new)
             )
 
-    def _commit(self, new: list[GraphArrays]) -> None:
+    def _commit(self, new: list[GraphArrays], fingerprints: list[str]) -> None:
         n_edges = np.array([g.n_edges for g in new], dtype=np.int64)
         n_units = np.array([g.n_units for g in new], dtype=np.int64)
         ledger = pa.table({
@@ -289,7 +382,11 @@ class AggregateStore:
             "corpus_index": pa.array([g.corpus_index for g in new], type=pa.int64()),
             "edge_observations": pa.array(n_edges),
             "unit_observations": pa.array(n_units),
+            "content_sha": pa.array(fingerprints, type=pa.string()),
         })  # fmt: skip
+        if not new:
+            self._save_identity()
+            return
         key = (
             (np.concatenate([g.edge_src_layer for g in new]).astype(np.int64) << 52)
             | (np.concatenate([g.edge_src_neuron for g in new]).astype(np.int64) << 31)
@@ -328,8 +425,10 @@ class AggregateStore:
                 # The PRIMARY KEY makes a double count impossible even if the filter above raced.
                 con.execute(
                     "INSERT INTO ledger SELECT graph_id, source, corpus_index, now()::TIMESTAMP, "
-                    "edge_observations, unit_observations FROM batch_ledger"
+                    "edge_observations, unit_observations, content_sha FROM batch_ledger"
                 )
+                if self._identity_unsaved:
+                    self._write_identity()
                 before = con.execute("SELECT (SELECT count(*) FROM edge_delta) + (SELECT count(*) FROM unit_delta)").fetchone()[0]
                 if key.shape[0]:
                     con.execute(_EDGE_BATCH_SQL)
@@ -341,8 +440,11 @@ class AggregateStore:
                     con.execute("INSERT INTO logit_tokens SELECT * FROM batch_tokens ON CONFLICT DO NOTHING")
                 after = con.execute("SELECT (SELECT count(*) FROM edge_delta) + (SELECT count(*) FROM unit_delta)").fetchone()[0]
                 con.execute("COMMIT")
+                self._identity_unsaved = False
             except BaseException:
                 con.execute("ROLLBACK")
+                self._identity = self._load_identity()
+                self._identity_unsaved = False
                 raise
         finally:
             for name in ("batch_ledger", "batch_edges", "batch_units", "batch_tokens", "batch_logits"):
@@ -351,6 +453,20 @@ class AggregateStore:
                 except Exception:  # noqa: BLE001 - batch_logits is registered only when present
                     pass
         self._delta_rows += after - before
+
+    def _write_identity(self) -> None:
+        assert self._identity is not None
+        self._con.executemany(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [(k, self._identity[k]) for k in _IDENTITY_KEYS],
+        )
+
+    def _save_identity(self) -> None:
+        """Persist an identity learned from graphs that were all duplicates (nothing else to commit)."""
+        if not self._identity_unsaved:
+            return
+        self._write_identity()
+        self._identity_unsaved = False
 
     def _should_compact(self) -> bool:
         s = self.settings

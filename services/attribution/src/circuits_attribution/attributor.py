@@ -16,6 +16,13 @@
 
 Cost per graph: 2 forwards, 1 backward, ``ceil((N_nodes + k) / K)`` batched backwards that only
 traverse attention/norm layers below each target. One device->host transfer per chunk.
+
+Batches (``trace_many``): B prompts run left-padded in one ``[B, T]`` forward per pass (rows do not
+interact: an attention mask hides pads and position ids restart at each row's first token). The
+node pass differentiates ``sum_b m_b`` once, which gives every row its own gradient; an edge chunk's
+cotangent ``j`` carries target ``j`` of *every* prompt (one per row), so ``K`` vector-Jacobian
+products yield ``K`` targets of each of the B prompts. Each graph equals the prompt's single trace
+up to the rounding of the batched kernels (identical to ~1e-12 in float64).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import numpy as np
 import torch
 
 from circuits_core.edge_table import EdgeTable as GraphEdgeTable
-from circuits_core.errors import Cancelled, InvalidArgument
+from circuits_core.errors import Cancelled, CircuitsError, InvalidArgument
 from circuits_core.interventions import InterventionRequest, InterventionResult
 from circuits_core.patching import PatchRequest, PatchResult
 from circuits_core.schemas import EMBEDDING_LAYER, Graph, GraphMetadata, Unit, graph_content_id, slugify
@@ -166,14 +173,84 @@ class EdgeTable:
 
 @dataclass(slots=True)
 class TraceTimings:
-    """Wall-clock seconds of the phases of the last trace."""
+    """Wall-clock seconds of the phases of the last trace (or batch of traces)."""
 
     nodes_s: float = 0.0
     edges_s: float = 0.0
     total_s: float = 0.0
     edge_chunks: int = 0
     edge_chunk_size: int = 0
+    #: Prompts traced together in the last call (1 for ``trace``).
+    batch_size: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+
+
+#: Units built between two stop checks while a graph is built.
+_UNITS_PER_STOP_CHECK = 1 << 14
+
+
+def _check_stop(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise Cancelled("trace stopped on request")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PromptBatch:
+    """Token sequences left-padded into one ``[B, T]`` forward whose rows do not interact.
+
+    Row ``b``'s prompt position ``p`` is batch position ``offsets[b] + p``. When a row is padded,
+    ``attention_mask`` is an additive ``[B, 1, T, T]`` mask (causal; pads hidden from real tokens; a
+    pad query sees only itself, so no softmax row is empty and no NaN reaches a real row) and
+    ``position_ids`` restart at 0 on each row's first real token, so every real token sees exactly
+    what it sees alone. Without padding both are None and the model builds its usual causal mask.
+    """
+
+    input_ids: torch.Tensor  # [B, T]
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    attention_mask: torch.Tensor | None  # [B, 1, T, T] additive, model dtype
+    position_ids: torch.Tensor | None  # [B, T]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @staticmethod
+    def build(
+        sequences: Sequence[Sequence[int]], *, pad_id: int, dtype: torch.dtype, device: torch.device
+    ) -> PromptBatch:
+        lengths = tuple(len(seq) for seq in sequences)
+        T = max(lengths)
+        offsets = tuple(T - n for n in lengths)
+        rows = [[pad_id] * offset + list(seq) for offset, seq in zip(offsets, sequences)]
+        input_ids = torch.tensor(rows, dtype=torch.long, device=device)
+        if not any(offsets):
+            return PromptBatch(input_ids=input_ids, offsets=offsets, lengths=lengths, attention_mask=None, position_ids=None)
+        real = torch.arange(T, device=device)[None, :] >= torch.tensor(offsets, device=device)[:, None]  # [B, T]
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        itself = torch.eye(T, dtype=torch.bool, device=device)
+        allowed = causal[None] & (real[:, None, :] | itself[None])  # [B, Tq, Tk]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        return PromptBatch(
+            input_ids=input_ids, offsets=offsets, lengths=lengths, attention_mask=mask[:, None], position_ids=positions
+        )
+
+    def model_inputs(self) -> dict[str, Any]:
+        """The mask and position ids to pass to the model (none when no row is padded)."""
+        if self.attention_mask is None:
+            return {}
+        return {"attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _PromptPlan:
+    """One prompt checked and ready for the batched passes: tokens, target position and, unless the
+    metric is the top k of the traced logits, its metric (target tokens resolved before any forward)."""
+
+    settings: TraceSettings
+    input_ids: tuple[int, ...]
+    target_position: int
+    metric: Metric | None
 
 
 class RelPAttributor:
@@ -183,9 +260,9 @@ class RelPAttributor:
     the in-process :class:`~circuits_core.capabilities.Tracer` and ``Intervener`` of the app.
     """
 
-    #: Linearization patches transformers' process-global attention registry while it traces, so
-    #: replicas in one process must not trace at the same time.
-    replicas_trace_concurrently = False
+    #: Linearization patches only this engine's model instance, so replicas (and other models) in
+    #: one process trace at the same time.
+    replicas_trace_concurrently = True
 
     def __init__(self, model: Any, tokenizer: Any, config: RelPConfig | None = None) -> None:
         self.config = config or RelPConfig()
@@ -288,11 +365,37 @@ class RelPAttributor:
         direction: Any = None,
     ) -> Metric:
         """The metric for a target mode (relp-spec §B.2); logits_row: [V]."""
+        fixed = self._fixed_metric(
+            k=k, target_tokens=target_tokens, contrastive=contrastive, direction=direction, vocab=logits_row.shape[0]
+        )
+        return fixed if fixed is not None else self._top_k_metric(logits_row, k)
+
+    def vocab_size(self) -> int:
+        """Number of logits the model produces."""
+        head = self.model.get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        if weight is not None:
+            return int(weight.shape[0])
+        return int(self.model.config.vocab_size)
+
+    def _fixed_metric(
+        self,
+        *,
+        k: int,
+        target_tokens: Sequence[str] = (),
+        contrastive: Sequence[str] | None = None,
+        direction: Any = None,
+        vocab: int,
+    ) -> Metric | None:
+        """The metric when it does not depend on the logits (direction, contrastive or target
+        tokens), else None after checking that the top ``k`` exist. InvalidArgument for bad input."""
+        if k > vocab:
+            raise InvalidArgument(f"k={k} is larger than the vocabulary of {self.model_name} ({vocab} tokens)")
         if direction is not None:
-            d = torch.as_tensor(direction, dtype=self.acc_dtype, device=logits_row.device).reshape(-1)
-            if d.shape[0] != logits_row.shape[0]:
-                raise InvalidArgument(f"direction has {d.shape[0]} entries, the vocabulary has {logits_row.shape[0]}")
-            top = torch.topk(d.abs(), min(k, d.shape[0])).indices.tolist()
+            d = torch.as_tensor(direction, dtype=self.acc_dtype, device=self.device).reshape(-1)
+            if d.shape[0] != vocab:
+                raise InvalidArgument(f"direction has {d.shape[0]} entries, the vocabulary has {vocab}")
+            top = torch.topk(d.abs(), k).indices.tolist()
             return Metric(token_ids=tuple(top), coefficients=tuple(float(d[i]) for i in top), direction=d)
         if contrastive is not None:
             pos, neg = (self.resolve_token(t) for t in contrastive)
@@ -306,6 +409,10 @@ class RelPAttributor:
                 if token_id not in ids:
                     ids.append(token_id)
             return Metric(token_ids=tuple(ids), coefficients=(1.0,) * len(ids))
+        return None
+
+    @staticmethod
+    def _top_k_metric(logits_row: torch.Tensor, k: int) -> Metric:
         top = torch.topk(logits_row, min(k, logits_row.shape[0])).indices.tolist()
         return Metric(token_ids=tuple(top), coefficients=(1.0,) * len(top))
 
@@ -316,6 +423,39 @@ class RelPAttributor:
         coefs = torch.tensor(metric.coefficients, dtype=self.acc_dtype, device=logits_row.device)
         return (logits_row[ids].to(self.acc_dtype) * coefs).sum()
 
+    # ------------------------------------------------------------------ batches
+    def plan(self, input_ids: Sequence[int], settings: TraceSettings | None = None, *, direction: Any = None) -> _PromptPlan:
+        """Check one prompt's tokens and settings before any forward (InvalidArgument when they
+        cannot be traced: target position outside the prompt, k over the vocabulary, multi-token
+        targets, a direction of the wrong size)."""
+        cfg = self.config if settings is None else settings
+        T = len(input_ids)
+        if T == 0:
+            raise InvalidArgument("prompt tokenizes to nothing")
+        t_pos = T - 1 if cfg.target_position is None else int(cfg.target_position)
+        if t_pos < 0:
+            t_pos += T
+        if not 0 <= t_pos < T:
+            raise InvalidArgument(f"target position {cfg.target_position} is outside the prompt (0..{T - 1})")
+        metric = self._fixed_metric(
+            k=cfg.k, target_tokens=cfg.target_tokens, contrastive=cfg.contrastive, direction=direction,
+            vocab=self.vocab_size(),
+        )
+        return _PromptPlan(settings=cfg, input_ids=tuple(int(i) for i in input_ids), target_position=t_pos, metric=metric)
+
+    def prompt_batch(self, sequences: Sequence[Sequence[int]]) -> PromptBatch:
+        """``sequences`` left-padded into one batch for this engine's model."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.tokenizer, "eos_token_id", None)
+        return PromptBatch.build(sequences, pad_id=int(pad or 0), dtype=self.dtype, device=self.device)
+
+    def pads_batches(self) -> bool:
+        """Whether prompts of different lengths can share a batch: the attention implementation must
+        take the 4-D additive mask (eager, sdpa); others trace such prompts one by one."""
+        key = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        return key in ("eager", "sdpa")
+
     # ------------------------------------------------------------------ node pass
     def node_scores(
         self, input_ids: Sequence[int], settings: TraceSettings | None = None, *, direction: Any = None
@@ -325,55 +465,64 @@ class RelPAttributor:
         The target mode and position come from `settings` (a TraceRequest, or the attributor's
         config by default); `direction` (a dense [V] vector) makes the metric ``logits . direction``.
         """
-        cfg = self.config if settings is None else settings
-        T = len(input_ids)
-        t_pos = T - 1 if cfg.target_position is None else int(cfg.target_position)
-        if t_pos < 0:
-            t_pos += T
-        if not 0 <= t_pos < T:
-            raise InvalidArgument(f"target position {cfg.target_position} is outside the prompt (0..{T - 1})")
+        return self.node_scores_batch([self.plan(input_ids, settings, direction=direction)])[0]
+
+    def node_scores_batch(
+        self, plans: Sequence[_PromptPlan], *, should_stop: Callable[[], bool] | None = None
+    ) -> list[NodeScores]:
+        """The node pass of several prompts in one left-padded forward + one backward of
+        ``sum_b m_b`` (rows do not interact, so row b's gradient is its own metric's)."""
         acc = self.acc_dtype
-        embeds = self._embed(input_ids)
-        with Linearization(self.model, mlp_rule=self.config.mlp_rule) as lin:
+        batch = self.prompt_batch([plan.input_ids for plan in plans])
+        positions = [offset + plan.target_position for offset, plan in zip(batch.offsets, plans)]
+        keep = sorted(set(positions))
+        embeds = self.model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)  # [B, T, D]
+        with Linearization(self.model, mlp_rule=self.config.mlp_rule, should_stop=should_stop) as lin:
             out = self.model(
                 inputs_embeds=embeds,
                 use_cache=False,
-                logits_to_keep=torch.tensor([t_pos], device=self.device),
+                logits_to_keep=torch.tensor(keep, device=self.device),
+                **batch.model_inputs(),
             )
-            logits_row = out.logits[0, -1]  # [V]
-            metric = self.build_metric(
-                logits_row.detach().to(acc),
-                k=cfg.k,
-                target_tokens=cfg.target_tokens,
-                contrastive=cfg.contrastive,
-                direction=direction,
-            )
-            m = self._metric_value(logits_row, metric)
+            logits_rows = [out.logits[row, keep.index(pos)] for row, pos in enumerate(positions)]  # [V] each
+            metrics = [
+                plan.metric if plan.metric is not None else self._top_k_metric(logits_row.detach().to(acc), plan.settings.k)
+                for plan, logits_row in zip(plans, logits_rows)
+            ]
+            values = [self._metric_value(logits_row, metric) for logits_row, metric in zip(logits_rows, metrics)]
+            total = values[0] if len(values) == 1 else torch.stack(values).sum()
             neurons = [h for h in lin.neurons]
             if any(h is None for h in neurons):
                 raise RuntimeError("linearization did not capture every layer's neurons")
-            grads = torch.autograd.grad(m, [*neurons, embeds], allow_unused=True)
+            grads = torch.autograd.grad(total, [*neurons, embeds], allow_unused=True)
             lin.release()
+        results: list[NodeScores] = []
         with torch.no_grad():
-            scores = torch.stack(
-                [
-                    (h[0].to(acc) * g[0].to(acc)) if g is not None else torch.zeros_like(h[0], dtype=acc)
-                    for h, g in zip(neurons, grads[:-1])
-                ]
-            )  # [L, T, F]
-            activations = torch.stack([h[0].detach() for h in neurons])  # [L, T, F]
-            g_embed = grads[-1]
-            embedding_scores = (embeds[0].detach().to(acc) * g_embed[0].to(acc)).sum(-1)  # [T]
-        return NodeScores(
-            input_ids=list(input_ids),
-            target_position=t_pos,
-            metric=metric,
-            metric_value=float(m.detach()),
-            logits=logits_row.detach().to(acc),
-            scores=scores,
-            activations=activations,
-            embedding_scores=embedding_scores,
-        )
+            for row, (plan, metric, value, logits_row) in enumerate(zip(plans, metrics, values, logits_rows)):
+                off = batch.offsets[row]
+                scores = torch.stack(
+                    [
+                        (h[row, off:].to(acc) * g[row, off:].to(acc)) if g is not None
+                        else torch.zeros_like(h[row, off:], dtype=acc)
+                        for h, g in zip(neurons, grads[:-1])
+                    ]
+                )  # [L, T_b, F]
+                activations = torch.stack([h[row, off:].detach() for h in neurons])  # [L, T_b, F]
+                g_embed = grads[-1]
+                embedding_scores = (embeds[row, off:].detach().to(acc) * g_embed[row, off:].to(acc)).sum(-1)  # [T_b]
+                results.append(
+                    NodeScores(
+                        input_ids=list(plan.input_ids),
+                        target_position=plan.target_position,
+                        metric=metric,
+                        metric_value=float(value.detach()),
+                        logits=logits_row.detach().to(acc),
+                        scores=scores,
+                        activations=activations,
+                        embedding_scores=embedding_scores,
+                    )
+                )
+        return results
 
     # ------------------------------------------------------------------ selection
     def always_on(self) -> tuple[tuple[int, int], ...]:
@@ -427,11 +576,12 @@ class RelPAttributor:
         )
 
     # ------------------------------------------------------------------ edge pass
-    def _chunk_size(self, T: int, source_layers: int, F: int, D: int) -> int:
+    def _chunk_size(self, T: int, source_layers: int, F: int, D: int, rows: int = 1) -> int:
+        """Cotangents per batched VJP: each carries one target of each of ``rows`` prompts."""
         element = torch.finfo(self.dtype).bits // 8
         # A VJP row holds the cotangent of every source layer's MLP output and of the embeddings
-        # ([T, D] each), plus transient buffers of one layer's backward (~[T, F] + attention).
-        per_target = max(1, T * ((source_layers + 1) * D + 4 * F) * element)
+        # ([T, D] each, per batch row), plus transient buffers of one layer's backward (~[T, F] + attention).
+        per_target = max(1, rows * T * ((source_layers + 1) * D + 4 * F) * element)
         budget = int(self.config.edge_memory_budget)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -455,40 +605,88 @@ class RelPAttributor:
 
         `batched=False` runs one plain `autograd.grad` per target (the reference loop).
         Rows with no valid source contribute nothing; structural zeros are never emitted.
-        `should_stop` is checked before every chunk of targets (Cancelled once true).
+        `should_stop` is checked before every chunk of targets and in every layer of the passes
+        (Cancelled once true).
         """
-        edge_sources = _EdgeSources.build(self, node_scores, selection if sources is None else sources)
-        targets = _EdgeTargets.build(node_scores, selection if neuron_targets else None, logit_layer=self.n_layers)
-        if not len(targets):
-            return _empty_edge_table()
-        embeds = self._embed(node_scores.input_ids)
+        return self.compute_edges_batch(
+            [node_scores], [selection], neuron_targets=[neuron_targets], chunk_size=chunk_size, batched=batched,
+            progress=progress, sources=[sources], should_stop=should_stop,
+        )[0]
+
+    def compute_edges_batch(
+        self,
+        node_scores: Sequence[NodeScores],
+        selections: Sequence[Selection],
+        *,
+        neuron_targets: Sequence[bool] | None = None,
+        chunk_size: int | None = None,
+        batched: bool = True,
+        progress: bool = False,
+        sources: Sequence[Selection | None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[EdgeTable]:
+        """:meth:`compute_edges` of several prompts in one left-padded edge forward: cotangent ``j``
+        of a chunk carries target ``j`` of every prompt (one per batch row), so a chunk of ``K``
+        VJPs yields ``K`` targets of each prompt. Tables come back aligned with ``node_scores``."""
+        n = len(node_scores)
+        neuron_targets = [True] * n if neuron_targets is None else list(neuron_targets)
+        sources = [None] * n if sources is None else list(sources)
+        prompts: list[_PromptEdges] = []
+        for ns, selection, with_neurons, own_sources in zip(node_scores, selections, neuron_targets, sources):
+            targets = _EdgeTargets.build(ns, selection if with_neurons else None, logit_layer=self.n_layers)
+            edge_sources = _EdgeSources.build(self, ns, selection if own_sources is None else own_sources)
+            prompts.append(_PromptEdges(node_scores=ns, sources=edge_sources, targets=targets))
+        active = [prompt for prompt in prompts if len(prompt.targets)]
+        if active:
+            self._edge_pass(
+                active, chunk_size=chunk_size, batched=batched, progress=progress, should_stop=should_stop
+            )
+        return [prompt.columns.table() if len(prompt.targets) else _empty_edge_table() for prompt in prompts]
+
+    def _edge_pass(
+        self,
+        prompts: list[_PromptEdges],
+        *,
+        chunk_size: int | None,
+        batched: bool,
+        progress: bool,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
+        batch = self.prompt_batch([prompt.node_scores.input_ids for prompt in prompts])
+        for row, prompt in enumerate(prompts):
+            prompt.place(row, batch.offsets[row])
+        embeds = self.model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)  # [B, T, D]
+        source_layers = {layer for prompt in prompts for layer in prompt.sources.layer_slices}
         K = chunk_size or self._chunk_size(
-            len(node_scores.input_ids), len(edge_sources.layer_slices), node_scores.activations.shape[-1], embeds.shape[-1]
+            embeds.shape[1], len(source_layers), prompts[0].node_scores.activations.shape[-1], embeds.shape[-1],
+            rows=len(prompts),
         )
         self.last_timings.edge_chunk_size = K
         direct = self.config.edge_effect == "direct"
-        bar = _progress_bar(len(targets)) if progress else nullcontext()
-        with Linearization(self.model, mlp_rule=self.config.mlp_rule, detach_mlp_outputs=direct) as lin, bar:
-            edge_pass = _EdgePass.start(self, lin, embeds, edge_sources, targets, node_scores.target_position, batched)
+        n_slots = max(len(prompt.targets) for prompt in prompts)
+        bar = _progress_bar(sum(len(prompt.targets) for prompt in prompts)) if progress else nullcontext()
+        with Linearization(
+            self.model, mlp_rule=self.config.mlp_rule, detach_mlp_outputs=direct, should_stop=should_stop
+        ) as lin, bar:
+            edge_pass = _EdgePass.start(self, lin, embeds, batch, prompts, batched)
             start = 0
-            while start < len(targets):
-                if should_stop is not None and should_stop():
-                    raise Cancelled("trace stopped on request")
-                stop = min(start + K, len(targets))
+            while start < n_slots:
+                _check_stop(should_stop)
+                stop = min(start + K, n_slots)
                 try:
-                    raw_chunk = edge_pass.raw_edges(start, stop)  # [k, N + T] (acc dtype, device)
+                    chunk = edge_pass.raw_edges(start, stop)  # per prompt: (stop_b, raw [k_b, N_b + T_b])
                 except torch.OutOfMemoryError:
                     if K == 1:
                         raise
                     K = self._halve_chunk(K)  # adapt: retry this chunk with half the targets
                     continue
-                edge_pass.keep(start, stop, raw_chunk)
+                for prompt, prompt_stop, raw_chunk in chunk:
+                    edge_pass.keep(prompt, start, prompt_stop, raw_chunk)
                 self.last_timings.edge_chunks += 1
                 if progress:
-                    bar.update(stop - start)
+                    bar.update(sum(prompt_stop - start for _, prompt_stop, _ in chunk))
                 start = stop
             lin.release()
-        return edge_pass.columns.table()
 
     def _halve_chunk(self, K: int) -> int:
         """The chunk size to retry with after an out-of-memory error."""
@@ -499,7 +697,8 @@ class RelPAttributor:
         return K
 
     def _neuron_readouts(self, lin: Linearization) -> list[Any]:
-        """Per layer, a function (pos, idx) -> target scalars [n] with the neurons' RelP gradient.
+        """Per layer, a function (row, pos, idx) -> target scalars [n] of batch row ``row`` (batch
+        positions ``pos``) with the neurons' RelP gradient.
 
         With a linear rule, h~_{p,i} = coef_g[p,i] * (W_gate[i] . v_p) + coef_z[p,i] * (W_up[i] . v_p)
         is linear in the MLP input v with the same gradient as h, so the backward of a target skips
@@ -512,16 +711,16 @@ class RelPAttributor:
             v = lin.mlp_inputs[layer_index]
             if coefficients is None or v is None:
                 h = lin.neurons[layer_index]
-                readouts.append(lambda pos, idx, h=h: h[0, pos, idx])
+                readouts.append(lambda row, pos, idx, h=h: h[row, pos, idx])
                 continue
             coef_g, coef_z = coefficients
             mlp = layer.mlp
 
-            def readout(pos, idx, v=v, coef_g=coef_g, coef_z=coef_z, mlp=mlp):
-                rows = v[0, pos, :].to(acc)  # [n, D]
-                value = coef_z[0, pos, idx].to(acc) * (rows * mlp.up_proj.weight[idx].to(acc)).sum(-1)
+            def readout(row, pos, idx, v=v, coef_g=coef_g, coef_z=coef_z, mlp=mlp):
+                rows = v[row, pos, :].to(acc)  # [n, D]
+                value = coef_z[row, pos, idx].to(acc) * (rows * mlp.up_proj.weight[idx].to(acc)).sum(-1)
                 if coef_g is not None:
-                    value = value + coef_g[0, pos, idx].to(acc) * (rows * mlp.gate_proj.weight[idx].to(acc)).sum(-1)
+                    value = value + coef_g[row, pos, idx].to(acc) * (rows * mlp.gate_proj.weight[idx].to(acc)).sum(-1)
                 return value
 
             readouts.append(readout)
@@ -542,10 +741,10 @@ class RelPAttributor:
 
         ``prompt`` is a :class:`TraceRequest`, or a prompt string traced with the config's
         per-request settings overridden by ``fields`` (TraceRequest fields; None keeps the
-        configured value; a target mode replaces the configured one). ``should_stop`` is checked
-        before every decoder layer's forward: once true, the trace raises Cancelled. Raises
+        configured value; a target mode replaces the configured one). ``should_stop`` is polled in
+        every phase (see :meth:`trace_many`): once true, the trace raises Cancelled. Raises
         InvalidArgument for bad input (empty prompt, multi-token targets, conflicting modes,
-        too-long prompt).
+        too-long prompt, k over the vocabulary).
         """
         if isinstance(prompt, TraceRequest):
             if fields:
@@ -553,42 +752,85 @@ class RelPAttributor:
             request = prompt
         else:
             request = self.config.request(prompt, **{name: v for name, v in fields.items() if v is not None})
-        show_progress = self.config.progress if progress is None else progress
-        with _stop_checks(self.model, should_stop):
-            return self._trace(
-                request, direction=direction, compute_edges=compute_edges, progress=show_progress, should_stop=should_stop
-            )
-
-    def _trace(
-        self,
-        request: TraceRequest,
-        *,
-        direction: Any,
-        compute_edges: bool,
-        progress: bool,
-        should_stop: Callable[[], bool] | None,
-    ) -> Graph:
-        self.last_timings = TraceTimings()
-        started = time.perf_counter()
-        input_ids = self.encode_prompt(request.prompt, raw=request.raw, answer_prefix=request.answer_prefix)
-        node_scores = self.node_scores(input_ids, request, direction=direction)
-        selection = self.select_nodes(node_scores, request)
-        nodes_done = time.perf_counter()
-        self.last_timings.nodes_s = nodes_done - started
-        if compute_edges:
-            edges = self.compute_edges(
-                node_scores, selection, neuron_targets=not selection.nodes_exceeded, progress=progress,
-                should_stop=should_stop,
-            )
-        else:
-            edges = _empty_edge_table()
-        self.last_timings.edges_s = time.perf_counter() - nodes_done
-        graph = self._build_graph(
-            request.prompt, request, node_scores, selection, edges, slug=request.slug, direction=direction,
-            corpus_index=request.corpus_index,
+        (outcome,) = self.trace_many(
+            [request], should_stop=should_stop, directions=None if direction is None else [direction],
+            compute_edges=compute_edges, progress=progress,
         )
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def trace_many(
+        self,
+        requests: Sequence[TraceRequest],
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        directions: Sequence[Any] | None = None,
+        compute_edges: bool = True,
+        progress: bool | None = None,
+    ) -> list[Graph | CircuitsError]:
+        """Trace several requests as one batch: one left-padded forward (+ backward) per pass for all.
+
+        The result is aligned with ``requests``: each request's Graph (equal to what :meth:`trace`
+        gives for it alone, up to the rounding of batched kernels), or the InvalidArgument that
+        request raised (empty prompt, multi-token target, k over the vocabulary, ...): one bad
+        request does not fail the others. ``should_stop`` is polled before each phase, before every
+        decoder layer's forward, in every attention layer's backward, before every edge chunk and
+        while graphs are built; once it returns true the batch raises Cancelled.
+        """
+        if directions is not None and len(directions) != len(requests):
+            raise InvalidArgument(f"{len(directions)} directions for {len(requests)} requests")
+        self.last_timings = TraceTimings(batch_size=len(requests))
+        show_progress = self.config.progress if progress is None else progress
+        started = time.perf_counter()
+        outcomes: list[Graph | CircuitsError | None] = [None] * len(requests)
+        phase_start = started
+        planned: list[tuple[int, TraceRequest, _PromptPlan]] = []
+        for number, request in enumerate(requests):
+            try:
+                input_ids = self.encode_prompt(request.prompt, raw=request.raw, answer_prefix=request.answer_prefix)
+                direction = None if directions is None else directions[number]
+                planned.append((number, request, self.plan(input_ids, request, direction=direction)))
+            except InvalidArgument as exc:
+                outcomes[number] = exc
+        for group in self._groups(planned):
+            _check_stop(should_stop)
+            node_scores = self.node_scores_batch([plan for _, _, plan in group], should_stop=should_stop)
+            selections = [self.select_nodes(ns, request) for ns, (_, request, _) in zip(node_scores, group)]
+            nodes_done = time.perf_counter()
+            self.last_timings.nodes_s += nodes_done - phase_start
+            _check_stop(should_stop)
+            if compute_edges:
+                tables = self.compute_edges_batch(
+                    node_scores, selections, neuron_targets=[not selection.nodes_exceeded for selection in selections],
+                    progress=show_progress, should_stop=should_stop,
+                )
+            else:
+                tables = [_empty_edge_table() for _ in group]
+            edges_done = time.perf_counter()
+            self.last_timings.edges_s += edges_done - nodes_done
+            for (number, request, plan), ns, selection, edges in zip(group, node_scores, selections, tables):
+                _check_stop(should_stop)
+                outcomes[number] = self._build_graph(
+                    request.prompt, request, ns, selection, edges, slug=request.slug,
+                    direction=None if plan.metric is None else plan.metric.direction,
+                    corpus_index=request.corpus_index, should_stop=should_stop,
+                )
+            phase_start = time.perf_counter()
         self.last_timings.total_s = time.perf_counter() - started
-        return graph
+        return outcomes  # type: ignore[return-value]  # every slot is filled above
+
+    def _groups(self, planned: list[tuple[int, TraceRequest, _PromptPlan]]) -> list[list[tuple[int, TraceRequest, _PromptPlan]]]:
+        """The batches to run: all prompts together, or (attention without 4-D masks) one batch
+        per prompt length."""
+        if not planned:
+            return []
+        if self.pads_batches():
+            return [planned]
+        by_length: dict[int, list[tuple[int, TraceRequest, _PromptPlan]]] = {}
+        for item in planned:
+            by_length.setdefault(len(item[2].input_ids), []).append(item)
+        return list(by_length.values())
 
     # ------------------------------------------------------------------ engine contract
     def intervene(
@@ -599,6 +841,11 @@ class RelPAttributor:
 
         with _stop_checks(self.model, should_stop):
             return run_intervention(self, request)
+
+    def _d_mlp(self) -> int:
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(getattr(text_config, "intermediate_size", 0) or 0)
 
     def patch(self, request: PatchRequest, *, should_stop: Callable[[], bool] | None = None) -> PatchResult:
         """Activation patching between a clean and a corrupt prompt, with RelP's predictions (the Patch RPC)."""
@@ -672,6 +919,7 @@ class RelPAttributor:
         slug: str | None,
         direction: Any,
         corpus_index: int = -1,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Graph:
         tok = self.tokenizer
         ids = node_scores.input_ids
@@ -685,15 +933,21 @@ class RelPAttributor:
         logit_probs = probs[logit_ids].cpu().tolist()
         embedding_scores = node_scores.embedding_scores.to(torch.float64).cpu().tolist()
 
-        units: list[Unit] = [
-            Unit(
-                layer=int(layer), index=int(index), position=int(pos), kind="neuron",
-                activation=float(act), attribution=float(score), token=prompt_tokens[int(pos)],
+        units: list[Unit] = []
+        for lo in range(0, len(selection), _UNITS_PER_STOP_CHECK):
+            _check_stop(should_stop)
+            part = slice(lo, lo + _UNITS_PER_STOP_CHECK)
+            units.extend(
+                Unit(
+                    layer=int(layer), index=int(index), position=int(pos), kind="neuron",
+                    activation=float(act), attribution=float(score), token=prompt_tokens[int(pos)],
+                )
+                for layer, index, pos, act, score in zip(
+                    selection.layers[part].tolist(), selection.indices[part].tolist(), selection.positions[part].tolist(),
+                    selection.activations[part].tolist(), selection.scores[part].tolist(),
+                )
             )
-            for layer, index, pos, act, score in zip(
-                selection.layers, selection.indices, selection.positions, selection.activations, selection.scores
-            )
-        ]
+        _check_stop(should_stop)
         units += [
             Unit(layer=EMBEDDING_LAYER, index=int(token_id), position=p, kind="embedding",
                  activation=1.0, attribution=float(embedding_scores[p]), token=prompt_tokens[p])
@@ -717,6 +971,9 @@ class RelPAttributor:
         generation_settings = {
             **{k: v for k, v in settings.items() if v is not None},
             "n_selected_nodes": len(selection),
+            # The model's shape: the aggregator records it at first ingest and refuses other shapes.
+            "num_layers": self.n_layers,
+            "d_mlp": self._d_mlp(),
             "metric_tokens": [int(t) for t in metric.token_ids],
             "metric_coefficients": [float(c) for c in metric.coefficients],
         }
@@ -747,6 +1004,7 @@ class _EdgeSources:
     """
 
     n_neurons: int  # N
+    n_positions: int  # T (the prompt's own length)
     layer_slices: dict[int, slice]  # layer -> its neurons' columns
     positions: torch.Tensor  # [N] position of each neuron source
     activations: torch.Tensor  # [N] h_s (accumulation dtype)
@@ -779,7 +1037,7 @@ class _EdgeSources:
         all_layer_np = np.concatenate([layer_np, np.full(T, EMBEDDING_LAYER)])
         all_pos_np = np.concatenate([pos_np, np.arange(T)])
         return _EdgeSources(
-            n_neurons=len(layer_np), layer_slices=layer_slices, positions=pos_t, activations=activations,
+            n_neurons=len(layer_np), n_positions=T, layer_slices=layer_slices, positions=pos_t, activations=activations,
             down_columns=down_columns, all_layers=torch.as_tensor(all_layer_np, device=device),
             all_positions=torch.as_tensor(all_pos_np, device=device), layer_np=all_layer_np,
             index_np=np.concatenate([idx_np, np.asarray(node_scores.input_ids, dtype=np.int64)]),
@@ -845,43 +1103,68 @@ class _EdgeColumns:
 
 
 @dataclass(slots=True, kw_only=True)
-class _EdgePass:
-    """The state of one edge pass inside a Linearization: the forward's leaves and readouts, the
-    sources and targets, and the kept edges; :meth:`raw_edges` and :meth:`keep` handle one chunk."""
+class _PromptEdges:
+    """One prompt's share of a (batched) edge pass: its sources and targets, its batch row and left
+    padding (:meth:`place`), its logits row in the edge forward, and the edges kept so far."""
 
-    attributor: RelPAttributor
+    node_scores: NodeScores
     sources: _EdgeSources
     targets: _EdgeTargets
-    embeds: torch.Tensor  # [1, T, D] leaf
-    logits_row: torch.Tensor  # [V] at the target position
-    readouts: list[Any]  # per layer: (pos, idx) -> neuron target scalars
+    row: int = 0
+    offset: int = 0
+    source_positions: torch.Tensor | None = None  # [N] batch positions of the neuron sources
+    logits_row: torch.Tensor | None = None  # [V] at the target position
+    columns: _EdgeColumns = field(default_factory=_EdgeColumns)
+
+    def place(self, row: int, offset: int) -> None:
+        self.row, self.offset = row, offset
+        positions = self.sources.positions
+        self.source_positions = positions + offset if offset else positions
+
+    def batch_positions(self, positions: Sequence[int]) -> torch.Tensor:
+        pos = torch.as_tensor(positions, device=self.sources.positions.device)
+        return pos + self.offset if self.offset else pos
+
+
+@dataclass(slots=True, kw_only=True)
+class _EdgePass:
+    """The state of one (batched) edge pass inside a Linearization: the forward's leaves and
+    readouts and the prompts' shares; :meth:`raw_edges` and :meth:`keep` handle one chunk."""
+
+    attributor: RelPAttributor
+    prompts: list[_PromptEdges]
+    embeds: torch.Tensor  # [B, T, D] leaf
+    readouts: list[Any]  # per layer: (row, pos, idx) -> neuron target scalars
     leaves: list[torch.Tensor]  # per layer: the MLP output each source is read at
     batched: bool
-    columns: _EdgeColumns = field(default_factory=_EdgeColumns)
 
     @staticmethod
     def start(
-        attributor: RelPAttributor, lin: Linearization, embeds: torch.Tensor, sources: _EdgeSources,
-        targets: _EdgeTargets, target_position: int, batched: bool,
+        attributor: RelPAttributor, lin: Linearization, embeds: torch.Tensor, batch: PromptBatch,
+        prompts: list[_PromptEdges], batched: bool,
     ) -> _EdgePass:
         """Run the linearized forward the chunks differentiate."""
+        positions = [prompt.offset + prompt.node_scores.target_position for prompt in prompts]
+        keep = sorted(set(positions))
         out = attributor.model(
             inputs_embeds=embeds,
             use_cache=False,
-            logits_to_keep=torch.tensor([target_position], device=attributor.device),
+            logits_to_keep=torch.tensor(keep, device=attributor.device),
+            **batch.model_inputs(),
         )
+        for prompt, pos in zip(prompts, positions):
+            prompt.logits_row = out.logits[prompt.row, keep.index(pos)]
         # Direct effects differentiate w.r.t. the detached MLP-output leaves (no path crosses an
         # MLP), total effects w.r.t. the connected MLP outputs.
         direct = attributor.config.edge_effect == "direct"
         return _EdgePass(
-            attributor=attributor, sources=sources, targets=targets, embeds=embeds, logits_row=out.logits[0, -1],
-            readouts=attributor._neuron_readouts(lin),
+            attributor=attributor, prompts=prompts, embeds=embeds, readouts=attributor._neuron_readouts(lin),
             leaves=list(lin.mlp_output_leaves) if direct else list(lin.mlp_outputs), batched=batched,
         )
 
-    def _target_scalars(self, start: int, stop: int) -> torch.Tensor:
-        """Targets ``start:stop`` as scalars [k], gathered per run of one kind and layer in one indexing op."""
-        t = self.targets
+    def _target_scalars(self, prompt: _PromptEdges, start: int, stop: int) -> torch.Tensor:
+        """A prompt's targets ``start:stop`` as scalars [k], gathered per run of one kind and layer in one indexing op."""
+        t = prompt.targets
         device = self.embeds.device
         pieces: list[torch.Tensor] = []
         run_start = start
@@ -891,61 +1174,92 @@ class _EdgePass:
                 run_end += 1
             idx = torch.as_tensor(t.indices[run_start:run_end], device=device)
             if t.kinds[run_start] == "logit":
-                pieces.append(self.logits_row[idx])
+                pieces.append(prompt.logits_row[idx])
             else:
-                pos = torch.as_tensor(t.positions[run_start:run_end], device=device)
-                pieces.append(self.readouts[t.layers[run_start]](pos, idx))
+                pos = prompt.batch_positions(t.positions[run_start:run_end])
+                pieces.append(self.readouts[t.layers[run_start]](prompt.row, pos, idx))
             run_start = run_end
         return torch.cat([piece.to(self.attributor.acc_dtype) for piece in pieces])
 
-    def raw_edges(self, start: int, stop: int) -> torch.Tensor:
-        """Raw direct edges [k, N + T] into targets ``start:stop``: h_s * d~target/dh_s, then e_p . d~target/de_p."""
+    def raw_edges(self, start: int, stop: int) -> list[tuple[_PromptEdges, int, torch.Tensor]]:
+        """Raw direct edges of target slots ``start:stop``: for each prompt that has targets there,
+        ``(prompt, its stop, raw [k_b, N_b + T_b])`` with h_s * d~target/dh_s, then e_p . d~target/de_p.
+
+        Cotangent ``j`` of the batched VJP selects target ``start + j`` of every prompt at once
+        (each lives in its own batch row, and rows do not interact)."""
         acc = self.attributor.acc_dtype
         device = self.embeds.device
-        k = stop - start
-        targets = self._target_scalars(start, stop)  # [k]
-        max_layer = max(self.targets.layers[start:stop])
-        used_layers = [layer for layer in self.sources.layer_slices if layer < max_layer]
+        members = [prompt for prompt in self.prompts if len(prompt.targets) > start]
+        stops = [min(stop, len(prompt.targets)) for prompt in members]
+        scalars = [self._target_scalars(prompt, start, prompt_stop) for prompt, prompt_stop in zip(members, stops)]
+        targets = scalars[0] if len(scalars) == 1 else torch.cat(scalars)  # [n]
+        below = [max(prompt.targets.layers[start:prompt_stop]) for prompt, prompt_stop in zip(members, stops)]
+        used_layers = sorted(
+            {layer for prompt, top in zip(members, below) for layer in prompt.sources.layer_slices if layer < top}
+        )
         inputs = [self.leaves[layer] for layer in used_layers] + [self.embeds]
-        raw = torch.zeros((k, self.sources.n_neurons + self.embeds.shape[1]), dtype=acc, device=device)
+        raws = [
+            torch.zeros((prompt_stop - start, prompt.sources.n_neurons + prompt.sources.n_positions), dtype=acc, device=device)
+            for prompt, prompt_stop in zip(members, stops)
+        ]
+        counts = [prompt_stop - start for prompt_stop in stops]
         if self.batched:
-            eye = torch.eye(k, dtype=targets.dtype, device=device)
+            slots = max(counts)
+            if len(members) == 1:
+                eye = torch.eye(slots, dtype=targets.dtype, device=device)
+            else:
+                eye = torch.zeros((slots, targets.shape[0]), dtype=targets.dtype, device=device)
+                column = 0
+                for count in counts:
+                    diagonal = torch.arange(count, device=device)
+                    eye[diagonal, column + diagonal] = 1
+                    column += count
             grads = torch.autograd.grad(
                 targets, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
-            )  # each [k, 1, T, D]
-            self._gather_into(raw, grads, used_layers, rows=slice(None))
+            )  # each [slots, B, T, D]
+            for prompt, top, raw, count in zip(members, below, raws, counts):
+                self._gather_into(prompt, raw, grads, used_layers, top, rows=slice(None), grad_rows=slice(0, count))
             del grads
         else:
-            for row in range(k):
-                grads = torch.autograd.grad(targets[row], inputs, retain_graph=True, allow_unused=True)
-                grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
-                self._gather_into(raw, grads, used_layers, rows=slice(row, row + 1))
-                del grads
-        return raw
+            column = 0
+            for prompt, top, raw, count in zip(members, below, raws, counts):
+                for row in range(count):
+                    grads = torch.autograd.grad(targets[column + row], inputs, retain_graph=True, allow_unused=True)
+                    grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+                    self._gather_into(prompt, raw, grads, used_layers, top, rows=slice(row, row + 1), grad_rows=slice(0, 1))
+                    del grads
+                column += count
+        return list(zip(members, stops, raws))
 
     def _gather_into(
-        self, raw: torch.Tensor, grads: Sequence[torch.Tensor | None], used_layers: list[int], *, rows: slice
+        self, prompt: _PromptEdges, raw: torch.Tensor, grads: Sequence[torch.Tensor | None], used_layers: list[int],
+        below: int, *, rows: slice, grad_rows: slice,
     ) -> None:
-        """Write each source's raw edge into ``raw[rows]`` from the cotangents ``grads`` (one per used layer, then embeddings)."""
+        """Write each of the prompt's sources' raw edges into ``raw[rows]`` from the cotangents
+        ``grads[grad_rows]`` of its batch row (one per used layer, then embeddings); source layers
+        at or above ``below`` (the prompt's highest target layer in the chunk) stay zero."""
         acc = raw.dtype
-        src = self.sources
+        src = prompt.sources
         for grad, layer in zip(grads[:-1], used_layers):
-            if grad is None:
+            if grad is None or layer >= below or layer not in src.layer_slices:
                 continue
             cols = src.layer_slices[layer]
-            picked = grad[:, 0, src.positions[cols], :].to(acc)  # [k, n_l, D]: cotangent at each source's position
+            # [k, n_l, D]: cotangent at each source's position
+            picked = grad[grad_rows, prompt.row, prompt.source_positions[cols], :].to(acc)
             through_down = torch.einsum("knd,dn->kn", picked, src.down_columns[layer])  # d~target/dh_s
             raw[rows, cols] = through_down * src.activations[cols]
         g_embed = grads[-1]
         if g_embed is not None:
-            raw[rows, src.n_neurons:] = (g_embed[:, 0].to(acc) * self.embeds[0].detach().to(acc)).sum(-1)  # [k, T]
+            off = prompt.offset
+            embeds = self.embeds[prompt.row, off:].detach().to(acc)  # [T_b, D]
+            raw[rows, src.n_neurons:] = (g_embed[grad_rows, prompt.row, off:].to(acc) * embeds).sum(-1)  # [k, T_b]
 
-    def keep(self, start: int, stop: int, raw_chunk: torch.Tensor) -> None:
-        """Keep the valid edges of one chunk: source before target (layer and position), nonzero,
-        |flow| above the threshold; one device->host transfer."""
+    def keep(self, prompt: _PromptEdges, start: int, stop: int, raw_chunk: torch.Tensor) -> None:
+        """Keep the valid edges of one prompt's chunk: source before target (layer and position),
+        nonzero, |flow| above the threshold; one device->host transfer."""
         cfg = self.attributor.config
         device = raw_chunk.device
-        src, tgt = self.sources, self.targets
+        src, tgt = prompt.sources, prompt.targets
         tgt_layer_t = torch.as_tensor(tgt.layers[start:stop], device=device)
         tgt_pos_t = torch.as_tensor(tgt.positions[start:stop], device=device)
         valid = (src.all_layers[None, :] < tgt_layer_t[:, None]) & (src.all_positions[None, :] <= tgt_pos_t[:, None])
@@ -962,7 +1276,7 @@ class _EdgePass:
         ).cpu().numpy()
         r = packed[0].astype(np.int64) + start
         s = packed[1].astype(np.int64)
-        self.columns.add(
+        prompt.columns.add(
             src_layer=src.layer_np[s], src_index=src.index_np[s], src_position=src.position_np[s],
             tgt_layer=tgt.layer_np[r], tgt_index=tgt.index_np[r], tgt_position=tgt.position_np[r],
             raw=packed[2], flow=packed[3],

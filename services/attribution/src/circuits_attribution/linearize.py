@@ -1,7 +1,11 @@
 """The linearized ("replacement") model: same forward, RelP backward (relp-spec §A).
 
-`Linearization(model, ...)` is a context manager that patches a transformers causal LM
-(Llama 3.x, Qwen3, OLMo-2/3 layouts) in place and restores it on exit:
+`Linearization(model, ...)` is a context manager that patches one transformers causal LM
+*instance* (Llama 3.x, Qwen3, OLMo-2/3 layouts) in place and restores it on exit. Every patch is
+per instance (module ``forward`` attributes, hooks, and a per-module view of the config that names
+the frozen-pattern attention function), so one process can hold several models, or several
+replicas of one model, and linearize them concurrently from different threads; one model instance
+is linearized by at most one Linearization at a time (a second raises RuntimeError):
 
 * every module whose class name ends in ``RMSNorm`` gets a backward with the RMS factor
   ``rho`` frozen (as the effective factor ``y / x`` of HF's own float32 computation); the
@@ -9,7 +13,10 @@
 * the attention pattern is frozen by detaching the outputs of ``q_proj`` and ``k_proj``; the
   attention function itself (eager, sdpa, flash...) still computes the forward, but its backward
   is replaced by the value path ``dV = A^T dOut`` with the pattern ``A`` as used (eager) or
-  recomputed (fused kernels), which is cheaper and batches under vmap;
+  recomputed (fused kernels), which is cheaper and batches under vmap. The model's attention
+  modules see, while linearized, a view of their config whose ``_attn_implementation`` is
+  :data:`RELP_ATTENTION`, a function registered once in transformers' ``AttentionInterface`` (a new
+  name: no existing entry is replaced) that finds the wrapped implementation in that view;
 * the MLP product ``h = act(gate) * up`` gets the RelP half rule (``mlp_rule="relp"``), the
   stop-gradient-on-gate rule (``"stop_grad_gate"``) or the true gradient (``"none"``).
 
@@ -30,19 +37,34 @@ consumes; since ``down_proj`` is linear, the direct effect of neuron ``i`` at po
 ``W_down[:, i] . grad(mlp_output_leaves[l])[p]`` — cheaper (``D`` instead of ``F`` per position,
 and no ``down_proj`` backward). ``residuals[l]`` (decoder-layer inputs, ``residuals[L]`` = the
 final norm input) are recorded when ``record_residuals=True``.
+
+``should_stop`` (optional) is polled before every decoder layer's forward and in every attention
+layer's backward: once it returns true, the forward or backward raises
+:class:`~circuits_core.errors.Cancelled`, so a long pass can be stopped within one layer.
 """
 
 from __future__ import annotations
 
+import threading
 import types
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from circuits_core.errors import Cancelled
+
 MlpRule = Literal["relp", "stop_grad_gate", "none"]
 MLP_RULES: tuple[str, ...] = ("relp", "stop_grad_gate", "none")
-_MISSING = object()
+#: Name of the frozen-pattern attention function in transformers' AttentionInterface.
+RELP_ATTENTION = "circuits_relp_frozen_pattern"
+StopCheck = Callable[[], bool]
+
+_registry_lock = threading.Lock()
+_registered = False
+#: Models currently linearized (by id), so a second Linearization of one instance is refused.
+_active_models: set[int] = set()
 
 
 def _rms_eps(module: nn.Module) -> float:
@@ -125,20 +147,25 @@ class _FrozenPatternValue(torch.autograd.Function):
     only, dV = sum over query heads of the group of A^T dOut, with the pattern A frozen."""
 
     @staticmethod
-    def forward(ctx, value: torch.Tensor, out: torch.Tensor, probs: torch.Tensor, n_rep: int) -> torch.Tensor:
+    def forward(
+        ctx, value: torch.Tensor, out: torch.Tensor, probs: torch.Tensor, n_rep: int, should_stop: StopCheck | None
+    ) -> torch.Tensor:
         ctx.save_for_backward(probs)
         ctx.n_rep = n_rep
+        ctx.should_stop = should_stop
         return out.clone()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if ctx.should_stop is not None and ctx.should_stop():
+            raise Cancelled("trace stopped on request")
         (probs,) = ctx.saved_tensors  # [B, H, Tq, Tk]
         # grad_out: [B, Tq, H, d_h] (HF attention functions return the transposed layout)
         # (einsum has no batching rule under is_grads_batched; matmul does)
         grad_rep = torch.matmul(probs.to(grad_out.dtype).transpose(-1, -2), grad_out.transpose(-3, -2))  # [B, H, Tk, d_h]
         b, h, tk, d = grad_rep.shape
         grad_value = grad_rep.reshape(b, h // ctx.n_rep, ctx.n_rep, tk, d).sum(-3)
-        return grad_value, None, None, None
+        return grad_value, None, None, None, None
 
 
 def _attention_probabilities(module: nn.Module, query, key, attention_mask, kwargs: dict) -> torch.Tensor:
@@ -168,6 +195,59 @@ def _attention_probabilities(module: nn.Module, query, key, attention_mask, kwar
     return torch.softmax(scores, dim=-1)
 
 
+class _AttentionConfigView:
+    """The model config as one attention module sees it while linearized: every attribute is the
+    real config's, except ``_attn_implementation`` (:data:`RELP_ATTENTION`). It carries the
+    implementation the frozen-pattern function wraps and the linearization's stop check."""
+
+    __slots__ = ("_config", "relp_original_attention", "relp_should_stop")
+
+    def __init__(self, config: Any, original: Any, should_stop: StopCheck | None) -> None:
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "relp_original_attention", original)
+        object.__setattr__(self, "relp_should_stop", should_stop)
+
+    @property
+    def _attn_implementation(self) -> str:
+        return RELP_ATTENTION
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_config"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("the linearized view of a model config is read-only")
+
+
+def _frozen_pattern_attention(module, query, key_states, value, attention_mask, *args, **kwargs):
+    """The attention function of linearized modules: the wrapped implementation computes the
+    forward; with gradients on, the backward is the frozen-pattern value path."""
+    view = module.config
+    original = view.relp_original_attention
+    if not torch.is_grad_enabled() or not value.requires_grad:
+        return original(module, query, key_states, value, attention_mask, *args, **kwargs)
+    with torch.no_grad():
+        out, weights = original(module, query, key_states, value.detach(), attention_mask, *args, **kwargs)
+        probs = weights
+        if probs is None or probs.shape[-1] != value.shape[-2] or probs.shape[-3] != query.shape[1]:
+            probs = _attention_probabilities(module, query, key_states, attention_mask, kwargs)
+    n_rep = query.shape[1] // value.shape[1]
+    return _FrozenPatternValue.apply(value, out, probs.detach(), n_rep, view.relp_should_stop), weights
+
+
+def _register_frozen_pattern_attention() -> None:
+    """Add :data:`RELP_ATTENTION` to transformers' attention registry (once; a new name, so no
+    model that does not ask for it by name is affected)."""
+    global _registered
+    if _registered:
+        return
+    with _registry_lock:
+        if not _registered:
+            from transformers.modeling_utils import AttentionInterface
+
+            AttentionInterface.register(RELP_ATTENTION, _frozen_pattern_attention)
+            _registered = True
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers of a transformers causal LM (Llama/Qwen3/OLMo layouts)."""
     base = getattr(model, "model", model)
@@ -195,6 +275,7 @@ class Linearization:
         record_residuals: bool = False,
         freeze_norms: bool = True,
         freeze_attention: bool = True,
+        should_stop: StopCheck | None = None,
     ) -> None:
         if mlp_rule not in MLP_RULES:
             raise ValueError(f"mlp_rule must be one of {MLP_RULES}, got {mlp_rule!r}")
@@ -205,6 +286,7 @@ class Linearization:
         self.record_residuals = record_residuals
         self.freeze_norms = freeze_norms
         self.freeze_attention = freeze_attention
+        self.should_stop = should_stop
         self.layers = decoder_layers(model)
         n_layers = len(self.layers)
         self.neurons: list[torch.Tensor | None] = [None] * n_layers
@@ -215,9 +297,10 @@ class Linearization:
         self.neuron_coefficients: list[tuple[torch.Tensor | None, torch.Tensor] | None] = [None] * n_layers
         self.residuals: list[torch.Tensor | None] = [None] * (n_layers + 1)
         self._saved_forwards: list[tuple[nn.Module, Any]] = []
-        self._saved_attention: tuple[str, Any] | None = None
+        self._saved_configs: list[tuple[nn.Module, Any]] = []
         self._hooks: list[Any] = []
         self._active = False
+        self._claimed = False
 
     # -- patch helpers -------------------------------------------------------------------
     def _set_forward(self, module: nn.Module, new_forward: Any) -> None:
@@ -268,39 +351,28 @@ class Linearization:
 
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        key = getattr(self.model.config, "_attn_implementation", None) or "eager"
-        attention_module = sys.modules[type(self.layers[0].self_attn).__module__]
-        default = getattr(attention_module, "eager_attention_forward", None)
-        original = ALL_ATTENTION_FUNCTIONS.get_interface(key, default)
-        if original is None:
-            return
-        owned = {id(layer.self_attn) for layer in self.layers}
-        self._saved_attention = (key, ALL_ATTENTION_FUNCTIONS._local_mapping.get(key, _MISSING))
-
-        def frozen_pattern_attention(module, query, key_states, value, attention_mask, *args, **kwargs):
-            if id(module) not in owned or not torch.is_grad_enabled() or not value.requires_grad:
-                return original(module, query, key_states, value, attention_mask, *args, **kwargs)
-            with torch.no_grad():
-                out, weights = original(module, query, key_states, value.detach(), attention_mask, *args, **kwargs)
-                probs = weights
-                if probs is None or probs.shape[-1] != value.shape[-2] or probs.shape[-3] != query.shape[1]:
-                    probs = _attention_probabilities(module, query, key_states, attention_mask, kwargs)
-            n_rep = query.shape[1] // value.shape[1]
-            return _FrozenPatternValue.apply(value, out, probs.detach(), n_rep), weights
-
-        ALL_ATTENTION_FUNCTIONS[key] = frozen_pattern_attention
+        _register_frozen_pattern_attention()
+        for layer in self.layers:
+            attention = layer.self_attn
+            config = attention.__dict__.get("config")
+            if config is None:
+                continue
+            key = getattr(config, "_attn_implementation", None) or "eager"
+            default = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
+            original = ALL_ATTENTION_FUNCTIONS.get_interface(key, default)
+            if original is None:
+                continue
+            self._saved_configs.append((attention, config))
+            attention.__dict__["config"] = _AttentionConfigView(config, original, self.should_stop)
 
     def _remove_attention_backward(self) -> None:
-        if self._saved_attention is None:
-            return
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        for attention, config in reversed(self._saved_configs):
+            attention.__dict__["config"] = config
+        self._saved_configs.clear()
 
-        key, previous = self._saved_attention
-        if previous is _MISSING:
-            ALL_ATTENTION_FUNCTIONS._local_mapping.pop(key, None)
-        else:
-            ALL_ATTENTION_FUNCTIONS[key] = previous
-        self._saved_attention = None
+    def _stop_check(self, _module: nn.Module, _args: Any) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled("trace stopped on request")
 
     def _residual_tap(self, index: int) -> Any:
         state = self
@@ -320,6 +392,14 @@ class Linearization:
     def __enter__(self) -> Linearization:
         if self._active:
             raise RuntimeError("Linearization is not re-entrant")
+        with _registry_lock:
+            if id(self.model) in _active_models:
+                raise RuntimeError(
+                    f"{type(self.model).__name__} instance is already linearized by another trace; "
+                    "trace concurrently on replicas (RelPAttributor.replicate), not on one model object"
+                )
+            _active_models.add(id(self.model))
+            self._claimed = True
         self._active = True
         try:
             if self.freeze_norms:
@@ -327,6 +407,8 @@ class Linearization:
                     if type(module).__name__.endswith("RMSNorm"):
                         self._patch_rmsnorm(module)
             for index, layer in enumerate(self.layers):
+                if self.should_stop is not None:
+                    self._hooks.append(layer.register_forward_pre_hook(self._stop_check))
                 if self.freeze_attention:
                     attention = layer.self_attn
                     for projection in (attention.q_proj, attention.k_proj):
@@ -359,6 +441,10 @@ class Linearization:
                 module.forward = previous
         self._saved_forwards.clear()
         self._active = False
+        if self._claimed:
+            with _registry_lock:
+                _active_models.discard(id(self.model))
+            self._claimed = False
 
     def __exit__(self, *exc_info: object) -> None:
         self._restore()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from circuits_core.limits import DEFAULT_LIMITS
 from circuits_core.schemas import Graph
 from circuits_server.serving import GrpcServer, Metrics, ServerSettings, build_grpc_server
 
@@ -34,6 +35,14 @@ class AttributionSettings:
     max_concurrent: int = 1
     #: Requests allowed to wait for a free engine; more are refused with RESOURCE_EXHAUSTED.
     max_queue: int = 8
+    #: Most trace requests an engine traces together as one batch (1: no batching). A batched
+    #: graph equals the request's single trace up to float rounding (float32 node sets can differ
+    #: at the tau margin), so the default keeps graphs bit-for-bit reproducible.
+    max_batch: int = 1
+    #: Milliseconds a batch waits for more requests after its first one arrived.
+    batch_window_ms: float = 10.0
+    #: Most top logits (k) one trace request may combine; INVALID_ARGUMENT beyond (0 = no cap).
+    max_k: int = DEFAULT_LIMITS.max_k
 
 
 class AttributionMetrics:
@@ -56,9 +65,15 @@ class AttributionMetrics:
         )
         self.trace_seconds = Histogram(
             "circuits_attribution_trace_seconds",
-            "Engine time per trace (queueing excluded)",
+            "Engine time per trace (queueing excluded; a batched trace counts its batch's time)",
             registry=registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.batch_size = Histogram(
+            "circuits_attribution_batch_size",
+            "Trace requests per engine batch",
+            registry=registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64),
         )
         if track_cuda:
             import torch
@@ -76,6 +91,9 @@ class AttributionMetrics:
     def on_load(self, *, waiting: int, running: int) -> None:
         self.queue_depth.set(waiting)
         self.running.set(running)
+
+    def on_batch(self, size: int) -> None:
+        self.batch_size.observe(size)
 
     def on_graph(self, graph: Graph, *, seconds: float) -> None:
         self.nodes.observe(len(graph.units))
@@ -126,13 +144,14 @@ def build_server(settings: AttributionSettings, engine: AttributionEngine | None
     metrics = Metrics("AttributionService")
     service_metrics = AttributionMetrics(metrics, track_cuda=settings.device.startswith("cuda"))
     runner = AttributionRunner(
-        max_concurrent=settings.max_concurrent, max_queue=settings.max_queue, observer=service_metrics,
-        max_nodes_per_graph=settings.server.max_nodes_per_graph,
+        max_concurrent=settings.max_concurrent, max_queue=settings.max_queue, max_batch=settings.max_batch,
+        batch_window_s=settings.batch_window_ms / 1000.0, observer=service_metrics,
+        max_nodes_per_graph=settings.server.max_nodes_per_graph, max_k=settings.max_k,
     )
     servicer = AttributionServicer(runner)
     # Queued requests hold a handler thread while they wait; keep spare threads so the queue
     # bound (not the thread pool) decides, and health checks/GetModelInfo always get a thread.
-    needed = settings.max_concurrent + settings.max_queue + 4
+    needed = settings.max_concurrent * settings.max_batch + settings.max_queue + 4
     server_settings = settings.server
     if server_settings.max_workers < needed:
         server_settings = dataclasses.replace(server_settings, max_workers=needed)

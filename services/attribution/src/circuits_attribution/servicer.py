@@ -12,7 +12,6 @@ from typing import Any
 
 from circuits_core import wire
 from circuits_core._proto.circuits.v1 import attribution_pb2, attribution_pb2_grpc, graph_pb2
-from circuits_core.errors import CircuitsError, InvalidArgument
 
 from circuits_attribution.service import AttributionRunner
 
@@ -26,14 +25,8 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
         return wire.graph_to_proto(graph)
 
     def TraceBatch(self, request_iterator: Iterator[attribution_pb2.TraceRequest], context: Any) -> Iterator[graph_pb2.Graph]:
-        for number, request in enumerate(request_iterator):
-            try:
-                trace_request = wire.trace_request_from_proto(request)
-                graph = self.runner.trace(trace_request, should_stop=lambda: not context.is_active())
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"request {number}: {exc}") from None
-            except CircuitsError as exc:
-                raise type(exc)(f"request {number}: {exc}") from None
+        requests = (wire.trace_request_from_proto(request) for request in request_iterator)
+        for graph in self.runner.trace_stream(requests, should_stop=lambda: not context.is_active()):
             yield wire.graph_to_proto(graph)
 
     def GetModelInfo(self, request: attribution_pb2.GetModelInfoRequest, context: Any) -> attribution_pb2.ModelInfo:

@@ -37,6 +37,7 @@ from circuits_core.tracing import PromptLine, TraceSettings, parse_prompt_line
 
 if TYPE_CHECKING:
     from circuits_core.capabilities import Tracer
+    from circuits_core.tracing import TraceRequest
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,8 +58,13 @@ class WorkerSettings:
     progress: bool = True
     #: Trace settings for lines that don't set them.
     trace_defaults: TraceSettings = TraceSettings()
+    #: Prompts traced together as one left-padded batch (engines with ``trace_many``; each graph
+    #: equals the prompt's single trace up to float rounding). 1 traces one prompt at a time.
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InvalidArgument(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.shard_count < 1:
             raise InvalidArgument(f"--shard-count must be >= 1, got {self.shard_count}")
         if not 0 <= self.shard_index < self.shard_count:
@@ -173,6 +179,30 @@ def run_worker(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(lines), desc=f"shard {settings.shard_index}", unit="prompt", file=sys.stderr)
+    pending: list[tuple[int, PromptLine]] = []
+
+    def flush() -> None:
+        outcomes = _trace_lines(engine, [item.request for _, item in pending])
+        for (number, item), outcome in zip(pending, outcomes):
+            if isinstance(outcome, InvalidArgument):
+                # Deterministic for this line (e.g. a multi-token target): record it, don't retry.
+                log(f"{settings.prompts}:{number}: {outcome}; skipped")
+                ledger.record(number, error=str(outcome))
+                report.failed += 1
+                continue
+            graph = outcome
+            if item.prompt_id is not None:
+                extra = {**graph.metadata.extra, "prompt_id": item.prompt_id}
+                graph = dataclasses.replace(graph, metadata=dataclasses.replace(graph.metadata, extra=extra))
+            if settings.write_files:
+                write_graph(graph, graph_path(settings.output_dir, graph.graph_id))
+            if sink is not None:
+                sink.send(graph)
+            ledger.record(number, graph_id=graph.graph_id, **({"id": item.prompt_id} if item.prompt_id is not None else {}))
+            report.traced += 1
+            report.graph_ids.append(graph.graph_id)
+        pending.clear()
+
     try:
         for number, text in lines:
             if bar is not None:
@@ -191,24 +221,11 @@ def run_worker(
                 log(f"{exc}; skipped")
                 report.bad_lines += 1
                 continue
-            try:
-                graph = engine.trace(item.request)
-            except InvalidArgument as exc:
-                # Deterministic for this line (e.g. a multi-token target): record it, don't retry.
-                log(f"{settings.prompts}:{number}: {exc}; skipped")
-                ledger.record(number, error=str(exc))
-                report.failed += 1
-                continue
-            if item.prompt_id is not None:
-                extra = {**graph.metadata.extra, "prompt_id": item.prompt_id}
-                graph = dataclasses.replace(graph, metadata=dataclasses.replace(graph.metadata, extra=extra))
-            if settings.write_files:
-                write_graph(graph, graph_path(settings.output_dir, graph.graph_id))
-            if sink is not None:
-                sink.send(graph)
-            ledger.record(number, graph_id=graph.graph_id, **({"id": item.prompt_id} if item.prompt_id is not None else {}))
-            report.traced += 1
-            report.graph_ids.append(graph.graph_id)
+            pending.append((number, item))
+            if len(pending) >= settings.batch_size:
+                flush()
+        if pending:
+            flush()
     finally:
         if bar is not None:
             bar.close()
@@ -216,39 +233,70 @@ def run_worker(
     return report
 
 
+def _trace_lines(engine: Tracer, requests: list[TraceRequest]) -> list[Graph | InvalidArgument]:
+    """Each request's graph or its InvalidArgument: one ``trace_many`` batch when the engine has it
+    (RelPAttributor), else one trace at a time."""
+    trace_many = getattr(engine, "trace_many", None)
+    if trace_many is not None and len(requests) > 1:
+        return list(trace_many(requests))
+    outcomes: list[Graph | InvalidArgument] = []
+    for request in requests:
+        try:
+            outcomes.append(engine.trace(request))
+        except InvalidArgument as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
 class AggregatorSink:
     """Sends each graph to the aggregator shard that owns it; ``send`` returns once that shard
-    acknowledged it as committed (AggregatorClient keeps it and re-sends across reconnects).
+    acknowledged it as committed.
 
-    ``targets``: one ``HOST:PORT`` or a comma-separated list of every shard's address in shard
-    order (what the Helm chart passes for an N-replica aggregator StatefulSet); graph ``g`` goes
-    to ``targets[shard_of(g.graph_id, len(targets))]``, the rule each shard checks on ingest.
+    ``target``: ``host:port`` of the only aggregator, or the comma-separated addresses of every
+    shard in shard order (``<release>-aggregator-<i>.<release>-aggregator-headless...``, what the
+    chart passes): graph ``g`` goes to shard ``shard_of(g.graph_id, N)``, N = number of addresses.
+    Each shard's AggregatorClient keeps an unacknowledged graph and re-sends it across
+    reconnects (a restarted shard counts a graph id once), so every graph lands exactly once in
+    exactly one shard.
     """
 
-    def __init__(self, targets: str) -> None:
-        from circuits_sdk.aggregator import AggregatorClient
+    def __init__(self, target: str) -> None:
+        self.targets = [t.strip() for t in target.split(",") if t.strip()]
+        if not self.targets:
+            raise InvalidArgument("--aggregator: give host:port, or the comma-separated addresses of every shard")
+        if len(set(self.targets)) != len(self.targets):
+            raise InvalidArgument(f"--aggregator: a shard address is listed twice ({target})")
+        self.target = target
+        self._clients: dict[int, Any] = {}
 
-        addresses = [t.strip() for t in targets.split(",")]
-        if not all(addresses):
-            raise InvalidArgument(f"--aggregator: empty address in {targets!r}")
-        self.targets = addresses
-        self.clients = [AggregatorClient(address) for address in addresses]
+    def shard_for(self, graph_id: str) -> int:
+        from circuits_core.aggregator_types import shard_of
+
+        return shard_of(graph_id, len(self.targets))
+
+    def _client(self, shard: int) -> Any:
+        client = self._clients.get(shard)
+        if client is None:
+            from circuits_sdk.aggregator import AggregatorClient
+
+            client = self._clients[shard] = AggregatorClient(self.targets[shard])
+        return client
 
     def send(self, graph: Graph) -> None:
-        from circuits_core.aggregator_types import shard_of
         from circuits_core.errors import FailedPrecondition
 
-        shard = shard_of(graph.graph_id, len(self.clients)) if len(self.clients) > 1 else 0
-        report = self.clients[shard].ingest([graph])
+        shard = self.shard_for(graph.graph_id)
+        report = self._client(shard).ingest([graph])
         if graph.graph_id in report.rejected_graph_ids:
             raise FailedPrecondition(
                 f"aggregator {self.targets[shard]} (shard {shard} of {len(self.targets)}) does not own graph "
-                f"{graph.graph_id}: give every shard's address in shard order"
+                f"{graph.graph_id}: its --shard-index/--shard-count differ from the address order"
             )
 
     def close(self) -> None:
-        for client in self.clients:
+        for client in self._clients.values():
             client.close()
+        self._clients.clear()
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -265,11 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="graph files and progress ledger (default: %(default)s)")
     parser.add_argument("--no-files", action="store_true", help="don't write graph files (aggregator only)")
     parser.add_argument("--aggregator", default=None, metavar="HOST:PORT[,HOST:PORT...]",
-                        help="stream graphs to this aggregator (several shards: every address, in shard order)")
+                        help="stream graphs to this aggregator, or to shard_of(graph_id) of the comma-separated "
+                             "shard addresses (in shard order)")
     parser.add_argument("--model", default=SMALL_MODEL, help="hub id or local checkpoint directory (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="prompts traced together in one left-padded batch (default: %(default)s)")
     add_field_arguments(
         parser.add_argument_group("trace settings (for prompt lines that don't set them)"), TraceSettings
     )
@@ -297,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_files=not args.no_files,
             progress=not args.no_progress,
             trace_defaults=TraceSettings(**field_values(args, TraceSettings)),
+            batch_size=args.batch_size,
         )
         if not settings.prompts.is_file():
             raise InvalidArgument(f"{settings.prompts}: prompts file not found")

@@ -75,6 +75,10 @@ class ServerSettings:
     max_name_chars: int = DEFAULT_LIMITS.max_name_chars
     max_path_chars: int = DEFAULT_LIMITS.max_path_chars
     max_text_chars: int = DEFAULT_LIMITS.max_text_chars
+    #: Bind the port with SO_REUSEPORT so that several processes serve one port (read-only
+    #: services started with ``--processes N``); off by default, so a second server on a taken
+    #: port fails instead of sharing it by accident.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if self.max_workers < 1:
@@ -1016,7 +1020,7 @@ def build_grpc_server(
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ]
     credentials = credentials or settings.credentials()
     auth: list[grpc.ServerInterceptor] = []

@@ -12,6 +12,7 @@ Plain frozen dataclasses; numpy is imported only by the functions that build arr
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,12 @@ class GraphArrays:
     logit_token_id: np.ndarray | None = None  # int64 [G]
     logit_weight: np.ndarray | None = None  # float64 [G]
     logit_tokens: tuple[tuple[int, str], ...] = ()
+    #: The model that made the graph (``Graph.model``) and its shape when the graph says it
+    #: (``generation_settings.num_layers`` / ``d_mlp``; 0 = not said). The aggregator records them
+    #: at first ingest and refuses graphs of another model or shape.
+    model: str = ""
+    num_layers: int = 0
+    d_mlp: int = 0
 
     @property
     def n_logit_links(self) -> int:
@@ -86,16 +93,25 @@ def graph_arrays_from_units(
     edge_weight: Any,
     is_logit: Any = None,
     tokens: Any = None,
+    model: str = "",
+    extra: Any = None,
 ) -> GraphArrays:
     """Build GraphArrays from per-unit columns and edges given as unit row numbers.
 
     Keeps neuron units and the edges whose both endpoints are neurons; checks that edge rows
-    exist, column lengths agree, weights are finite and layer/neuron numbers fit the aggregator's
-    keys. Bad input raises InvalidArgument naming ``source``/``graph_id``.
+    exist, column lengths agree, weights are finite, activations and attributions are finite or
+    missing (NaN = missing; callers refuse a NaN that was *sent*), layer/neuron numbers fit the
+    aggregator's keys (and the model's shape when ``extra`` states it). Bad input raises
+    InvalidArgument naming ``source``/``graph_id``. Repeated links and self-loops are kept: each
+    link is one observation (see the aggregator store's module doc).
+
+    ``extra``: the graph's metadata extras; ``generation_settings.num_layers`` / ``d_mlp`` give
+    the model's shape.
     """
     import numpy as np
 
     where = source or graph_id or "graph"
+    num_layers, d_mlp = model_dims(extra, where)
     layer = np.asarray(layer, dtype=np.int64)
     index = np.asarray(index, dtype=np.int64)
     is_neuron = np.asarray(is_neuron, dtype=bool)
@@ -118,6 +134,9 @@ def graph_arrays_from_units(
             raise InvalidArgument(f"{where}: an edge refers to unit {hi if hi >= n_units else lo}, but the graph has {n_units} units")
     if not np.isfinite(weight).all():
         raise InvalidArgument(f"{where}: edge weights must be finite")
+    for name, values in (("activation", activation), ("attribution", attribution)):
+        if np.isinf(values).any():
+            raise InvalidArgument(f"{where}: unit {name}s must be finite (got {'+' if values[np.isinf(values)][0] > 0 else '-'}Inf)")
     neuron_layer = layer[is_neuron]
     neuron_index = index[is_neuron]
     if neuron_layer.shape[0]:
@@ -125,6 +144,10 @@ def graph_arrays_from_units(
             raise InvalidArgument(f"{where}: neuron layers must be in 0..{MAX_LAYER}")
         if int(neuron_index.min()) < 0 or int(neuron_index.max()) > MAX_NEURON:
             raise InvalidArgument(f"{where}: neuron indices must be in 0..{MAX_NEURON}")
+        if num_layers and int(neuron_layer.max()) >= num_layers:
+            raise InvalidArgument(f"{where}: neuron layer {int(neuron_layer.max())} is beyond the model's {num_layers} layers")
+        if d_mlp and int(neuron_index.max()) >= d_mlp:
+            raise InvalidArgument(f"{where}: neuron index {int(neuron_index.max())} is beyond the model's MLP width {d_mlp}")
     logit = {}
     if is_logit is not None:
         is_logit = np.asarray(is_logit, dtype=bool)
@@ -160,7 +183,45 @@ def graph_arrays_from_units(
         edge_tgt_layer=layer[tgt].astype(np.int32),
         edge_tgt_neuron=index[tgt].astype(np.int32),
         edge_weight=weight[keep],
+        model=str(model),
+        num_layers=num_layers,
+        d_mlp=d_mlp,
     )
+
+
+def model_dims(extra: Any, where: str = "graph") -> tuple[int, int]:
+    """``(num_layers, d_mlp)`` stated by a graph's metadata extras (``generation_settings``); 0 = not stated."""
+    from collections.abc import Mapping
+
+    settings = extra.get("generation_settings") if isinstance(extra, Mapping) else None
+    if not isinstance(settings, Mapping):
+        return 0, 0
+    dims = []
+    for key in ("num_layers", "d_mlp"):
+        value = settings.get(key, 0)
+        if value is None:
+            value = 0
+        if type(value) is not int or value < 0:
+            raise InvalidArgument(f"{where}: generation_settings.{key} must be a non-negative integer")
+        dims.append(value)
+    return dims[0], dims[1]
+
+
+def graph_fingerprint(g: GraphArrays) -> str:
+    """Content hash of what aggregation counts from ``g`` (units, edges, logit links; not its
+    source or corpus index): a re-sent graph_id with another fingerprint is a conflict."""
+    h = hashlib.sha1(usedforsecurity=False)  # an identity check, not a security boundary; the fastest here
+    for arr in (g.unit_layer, g.unit_neuron, g.unit_activation, g.unit_attribution, g.edge_src_layer,
+                g.edge_src_neuron, g.edge_tgt_layer, g.edge_tgt_neuron, g.edge_weight, g.logit_src_layer,
+                g.logit_src_neuron, g.logit_token_id, g.logit_weight):  # fmt: skip
+        if arr is None:
+            h.update(b"-")
+        else:
+            h.update(arr.shape[0].to_bytes(8, "little"))
+            h.update(arr.dtype.str.encode())
+            h.update(memoryview(arr).cast("B") if arr.flags.c_contiguous else arr.tobytes())
+    h.update(g.model.encode("utf-8"))
+    return h.hexdigest()[:32]
 
 
 def graph_arrays_from_graph(graph: Graph, *, source: str = "", graph_id: str | None = None) -> GraphArrays:
@@ -181,6 +242,11 @@ def graph_arrays_from_graph(graph: Graph, *, source: str = "", graph_id: str | N
         graph_id = content_graph_id(wire.graph_to_bytes(graph))
     units = graph.units
     n = len(units)
+    for u in units:
+        for name in ("activation", "attribution"):
+            value = getattr(u, name)
+            if value is not None and not math.isfinite(value):
+                raise InvalidArgument(f"{source or graph_id}: unit {u.node_id}: {name} must be finite, got {value}")
     layer, index, _position = unit_key_columns(units)
     src, tgt = graph.edge_table.endpoint_rows(units)
     nan = float("nan")
@@ -198,6 +264,8 @@ def graph_arrays_from_graph(graph: Graph, *, source: str = "", graph_id: str | N
         edge_weight=graph.edge_table.weight,
         is_logit=np.fromiter((u.kind == "logit" for u in units), dtype=bool, count=n),
         tokens=[u.token for u in units],
+        model=graph.model,
+        extra=graph.metadata.extra,
     )
 
 
@@ -227,13 +295,16 @@ class IngestAck:
 
     ``graph_ids`` lists every graph of the acknowledged batch that this shard owns (newly counted
     or already present); ``duplicates`` how many of them were already in the ledger;
-    ``rejected_graph_ids`` the graphs of the batch another shard owns (not counted here).
+    ``rejected_graph_ids`` the graphs of the batch another shard owns (not counted here);
+    ``conflict_graph_ids`` the graphs whose id was already counted with different content (not
+    counted again, not in ``duplicates``; listed in ``graph_ids``, since they are settled).
     """
 
     graph_ids: tuple[str, ...] = ()
     duplicates: int = 0
     graphs_total: int = 0
     rejected_graph_ids: tuple[str, ...] = ()
+    conflict_graph_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -246,6 +317,8 @@ class IngestReport:
     duplicates: int = 0
     #: Graph ids that the server's shard does not own (not counted).
     rejected_graph_ids: tuple[str, ...] = ()
+    #: Graph ids already counted with different content (content conflicts; not counted again).
+    conflict_graph_ids: tuple[str, ...] = ()
     #: Streams re-opened after the server became unavailable.
     reconnects: int = 0
     #: Graphs sent again after a reconnect (they were not acknowledged before the break).

@@ -33,7 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from circuits_core.edge_table import NO_POSITION, EdgeTable, UnitKeys, check_unit_keys, checked_unit_keys, key_columns
+from circuits_core.edge_table import (
+    NO_POSITION,
+    EdgeTable,
+    UnitKeys,
+    check_unit_keys,
+    checked_unit_keys,
+    key_columns,
+)
 from circuits_core.errors import CorruptInput, InvalidArgument
 from circuits_core.files import atomic_writer
 from circuits_core.influence import DEFAULT_NODE_THRESHOLD, InfluenceShares, influence_shares, logit_weights_from_probabilities
@@ -468,11 +475,18 @@ def _optional_number(node: Mapping[str, Any], key: str, where: str) -> float | N
     value = node.get(key)
     if value is None:
         return None
-    if type(value) is float or type(value) is int:  # the common case, checked first
+    if type(value) is int:  # the common cases, checked first
         return float(value)
+    if type(value) is float:
+        if value - value != 0.0:  # NaN or +-Inf (x - x is 0.0 for every finite float)
+            raise CorruptInput(f"{where}: field '{key}' must be finite, got {value}")
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CorruptInput(f"{where}: field '{key}' must be a number or null, got {type(value).__name__}")
-    return float(value)
+    value = float(value)
+    if not math.isfinite(value):
+        raise CorruptInput(f"{where}: field '{key}' must be finite, got {value}")
+    return value
 
 
 _NODE_FIELDS = itemgetter("node_id", "feature", "layer", "ctx_idx", "feature_type", "clerp", "jsNodeId")
@@ -668,6 +682,8 @@ def _arrays_from_legacy(data: Any, *, path: str, source: str, default_graph_id: 
             edge_weight=parts.weight,
             is_logit=columns["is_logit"],
             tokens=columns["tokens"],
+            model=str(parts.meta.get("model", "")),
+            extra=parts.metadata.extra,
         ),
     )
 

@@ -36,6 +36,8 @@ class Limits:
     max_prompt_tokens: int = 0
     #: Most units in one graph message (Ingest; also the cap on a Trace request's max_nodes).
     max_nodes_per_graph: int = 200_000
+    #: Most top logits (k) one Trace request may combine into its metric (each becomes an edge target); INVALID_ARGUMENT beyond.
+    max_k: int = 256
     #: Most edges in one graph message (Ingest).
     max_edges_per_graph: int = 5_000_000
     #: Most messages in one request stream (graphs in Ingest, requests in TraceBatch); 0 = unlimited.

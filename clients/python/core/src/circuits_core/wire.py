@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from operator import attrgetter, methodcaller
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -92,10 +93,10 @@ def unit_from_proto(msg: graph_pb2.Unit) -> Unit:
         kind=kind,
         label=msg.label,
         input_label=msg.input_label,
-        activation=msg.activation if msg.HasField("activation") else None,
-        attribution=msg.attribution if msg.HasField("attribution") else None,
+        activation=_finite_or_none(msg.activation, "activation", msg) if msg.HasField("activation") else None,
+        attribution=_finite_or_none(msg.attribution, "attribution", msg) if msg.HasField("attribution") else None,
         token=msg.token,
-        probability=msg.probability if msg.HasField("probability") else None,
+        probability=_finite_or_none(msg.probability, "probability", msg) if msg.HasField("probability") else None,
         appearance_count=msg.appearance_count,
         labels=tuple(
             UnitLabel(
@@ -297,6 +298,12 @@ def _edge_rows(table: graph_pb2.EdgeTable, n_units: int) -> tuple[np.ndarray, np
     return src, tgt, weight, raw
 
 
+def _finite_or_none(value: float, what: str, unit: Any) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument(f"unit L{unit.layer}/N{unit.index}: {what} must be finite, got {value}")
+    return value
+
+
 def _check_units(layer: np.ndarray, index: np.ndarray, position: np.ndarray, kinds: np.ndarray) -> None:
     unknown = np.flatnonzero((kinds < graph_pb2.UNIT_KIND_NEURON) | (kinds > graph_pb2.UNIT_KIND_LOGIT))
     if unknown.size:
@@ -336,8 +343,19 @@ def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id:
     kinds = np.fromiter((u.kind for u in units), dtype=np.int64, count=n)
     _check_units(layer, index, position, kinds)
     src, tgt, weight, _raw = _edge_rows(msg.edges, n)
-    _extra_from_json(msg.metadata.extra_json)
+    extra = _extra_from_json(msg.metadata.extra_json)
     nan = math.nan
+    columns = {}
+    for name in ("activation", "attribution", "probability"):
+        # An absent optional double reads as 0.0, so a non-finite value here was sent.
+        values = np.fromiter(map(attrgetter(name), units), dtype=np.float64, count=n)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            row = int(bad[0])
+            raise InvalidArgument(f"unit L{int(layer[row])}/N{int(index[row])}: {name} must be finite, got {float(values[row])}")
+        if name != "probability":
+            present = np.fromiter(map(methodcaller("HasField", name), units), dtype=bool, count=n)
+            columns[name] = np.where(present, values, nan)
     return graph_arrays_from_units(
         graph_id=msg.graph_id if graph_id is None else graph_id,
         source=source,
@@ -345,13 +363,15 @@ def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id:
         layer=layer,
         index=index,
         is_neuron=kinds == graph_pb2.UNIT_KIND_NEURON,
-        activation=np.fromiter((u.activation if u.HasField("activation") else nan for u in units), dtype=np.float64, count=n),
-        attribution=np.fromiter((u.attribution if u.HasField("attribution") else nan for u in units), dtype=np.float64, count=n),
+        activation=columns["activation"],
+        attribution=columns["attribution"],
         edge_src=src,
         edge_tgt=tgt,
         edge_weight=weight,
         is_logit=kinds == graph_pb2.UNIT_KIND_LOGIT,
         tokens=[u.token for u in units],
+        model=msg.model,
+        extra=extra,
     )
 
 
@@ -641,6 +661,7 @@ def ingest_ack_to_proto(ack: IngestAck) -> aggregator_pb2.IngestAck:
         duplicates=ack.duplicates,
         graphs_total=ack.graphs_total,
         rejected_graph_ids=list(ack.rejected_graph_ids),
+        conflict_graph_ids=list(ack.conflict_graph_ids),
     )
 
 
@@ -650,6 +671,7 @@ def ingest_ack_from_proto(msg: aggregator_pb2.IngestAck) -> IngestAck:
         duplicates=msg.duplicates,
         graphs_total=msg.graphs_total,
         rejected_graph_ids=tuple(msg.rejected_graph_ids),
+        conflict_graph_ids=tuple(msg.conflict_graph_ids),
     )
 
 

@@ -81,6 +81,9 @@ def open_channel(
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 0),
+        # Each client keeps its own connection (gRPC would otherwise share one per target across
+        # a process), so clients spread over the processes / pods that serve one address.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     use_tls = bool(tls) or bool(tls_ca_file or tls_cert_file or tls_key_file)
     if use_tls:

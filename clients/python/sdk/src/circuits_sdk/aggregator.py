@@ -107,6 +107,7 @@ class AggregatorClient:
         to_send: deque[Any] = deque()
         state = {"exhausted": False, "error": None, "acked": 0, "duplicates": 0, "total": 0, "resent": 0}
         rejected: list[str] = []
+        conflicts: list[str] = []
 
         def requests(closed: threading.Event) -> Iterator[Any]:
             # Never yield while holding `cond`: grpc resumes this generator from its own thread.
@@ -167,6 +168,7 @@ class AggregatorClient:
                         state["duplicates"] += ack.duplicates
                         state["total"] = ack.graphs_total
                         rejected.extend(ack.rejected_graph_ids)
+                        conflicts.extend(ack.conflict_graph_ids)
                         cond.notify_all()
                     last_progress = time.monotonic()
                     delay = 0.05
@@ -197,6 +199,7 @@ class AggregatorClient:
             acked=state["acked"],
             duplicates=state["duplicates"],
             rejected_graph_ids=tuple(rejected),
+            conflict_graph_ids=tuple(conflicts),
             reconnects=reconnects,
             resent=state["resent"],
             graphs_total=state["total"],

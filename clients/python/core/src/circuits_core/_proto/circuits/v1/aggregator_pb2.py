@@ -26,7 +26,7 @@ from circuits_core._proto.circuits.v1 import graph_pb2 as circuits_dot_v1_dot_gr
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ircuits/v1/aggregator.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/graph.proto\x1a\x1cgoogle/api/annotations.proto\"d\n\tIngestAck\x12\x11\n\tgraph_ids\x18\x01 \x03(\t\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x14\n\x0cgraphs_total\x18\x03 \x01(\x03\x12\x1a\n\x12rejected_graph_ids\x18\x04 \x03(\t\"G\n\x0fGetEdgesRequest\x12\x11\n\tmin_count\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\"\xf9\x01\n\tEdgeBatch\x12\x15\n\tsrc_layer\x18\x01 \x03(\x05\x42\x02\x10\x01\x12\x15\n\tsrc_index\x18\x02 \x03(\x05\x42\x02\x10\x01\x12\x15\n\ttgt_layer\x18\x03 \x03(\x05\x42\x02\x10\x01\x12\x15\n\ttgt_index\x18\x04 \x03(\x05\x42\x02\x10\x01\x12\x11\n\x05\x63ount\x18\x05 \x03(\x03\x42\x02\x10\x01\x12\x16\n\nweight_sum\x18\x06 \x03(\x01\x42\x02\x10\x01\x12\x1a\n\x0eweight_abs_sum\x18\x07 \x03(\x01\x42\x02\x10\x01\x12\x19\n\rweight_sq_sum\x18\x08 \x03(\x01\x42\x02\x10\x01\x12\x16\n\nweight_min\x18\t \x03(\x01\x42\x02\x10\x01\x12\x16\n\nweight_max\x18\n \x03(\x01\x42\x02\x10\x01\"\x0e\n\x0cStatsRequest\"\xa6\x01\n\x0f\x41ggregatorStats\x12\x18\n\x10graphs_processed\x18\x01 \x01(\x03\x12\x1f\n\x17total_edge_observations\x18\x02 \x01(\x03\x12\x16\n\x0e\x64istinct_edges\x18\x03 \x01(\x03\x12\x16\n\x0e\x64istinct_units\x18\x04 \x01(\x03\x12\x13\n\x0bshard_index\x18\x05 \x01(\x05\x12\x13\n\x0bshard_count\x18\x06 \x01(\x05\"5\n\rExportRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\x11\n\tmin_count\x18\x02 \x01(\x03\"L\n\x0e\x45xportResponse\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12+\n\x05stats\x18\x02 \x01(\x0b\x32\x1c.circuits.v1.AggregatorStats2\xb4\x02\n\x11\x41ggregatorService\x12\x38\n\x06Ingest\x12\x12.circuits.v1.Graph\x1a\x16.circuits.v1.IngestAck(\x01\x30\x01\x12\x42\n\x08GetEdges\x12\x1c.circuits.v1.GetEdgesRequest\x1a\x16.circuits.v1.EdgeBatch0\x01\x12^\n\x05Stats\x12\x19.circuits.v1.StatsRequest\x1a\x1c.circuits.v1.AggregatorStats\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/aggregator/stats\x12\x41\n\x06\x45xport\x12\x1a.circuits.v1.ExportRequest\x1a\x1b.circuits.v1.ExportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ircuits/v1/aggregator.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/graph.proto\x1a\x1cgoogle/api/annotations.proto\"\x80\x01\n\tIngestAck\x12\x11\n\tgraph_ids\x18\x01 \x03(\t\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x14\n\x0cgraphs_total\x18\x03 \x01(\x03\x12\x1a\n\x12rejected_graph_ids\x18\x04 \x03(\t\x12\x1a\n\x12\x63onflict_graph_ids\x18\x05 \x03(\t\"G\n\x0fGetEdgesRequest\x12\x11\n\tmin_count\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\"\xf9\x01\n\tEdgeBatch\x12\x15\n\tsrc_layer\x18\x01 \x03(\x05\x42\x02\x10\x01\x12\x15\n\tsrc_index\x18\x02 \x03(\x05\x42\x02\x10\x01\x12\x15\n\ttgt_layer\x18\x03 \x03(\x05\x42\x02\x10\x01\x12\x15\n\ttgt_index\x18\x04 \x03(\x05\x42\x02\x10\x01\x12\x11\n\x05\x63ount\x18\x05 \x03(\x03\x42\x02\x10\x01\x12\x16\n\nweight_sum\x18\x06 \x03(\x01\x42\x02\x10\x01\x12\x1a\n\x0eweight_abs_sum\x18\x07 \x03(\x01\x42\x02\x10\x01\x12\x19\n\rweight_sq_sum\x18\x08 \x03(\x01\x42\x02\x10\x01\x12\x16\n\nweight_min\x18\t \x03(\x01\x42\x02\x10\x01\x12\x16\n\nweight_max\x18\n \x03(\x01\x42\x02\x10\x01\"\x0e\n\x0cStatsRequest\"\xa6\x01\n\x0f\x41ggregatorStats\x12\x18\n\x10graphs_processed\x18\x01 \x01(\x03\x12\x1f\n\x17total_edge_observations\x18\x02 \x01(\x03\x12\x16\n\x0e\x64istinct_edges\x18\x03 \x01(\x03\x12\x16\n\x0e\x64istinct_units\x18\x04 \x01(\x03\x12\x13\n\x0bshard_index\x18\x05 \x01(\x05\x12\x13\n\x0bshard_count\x18\x06 \x01(\x05\"5\n\rExportRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\x11\n\tmin_count\x18\x02 \x01(\x03\"L\n\x0e\x45xportResponse\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12+\n\x05stats\x18\x02 \x01(\x0b\x32\x1c.circuits.v1.AggregatorStats2\xb4\x02\n\x11\x41ggregatorService\x12\x38\n\x06Ingest\x12\x12.circuits.v1.Graph\x1a\x16.circuits.v1.IngestAck(\x01\x30\x01\x12\x42\n\x08GetEdges\x12\x1c.circuits.v1.GetEdgesRequest\x1a\x16.circuits.v1.EdgeBatch0\x01\x12^\n\x05Stats\x12\x19.circuits.v1.StatsRequest\x1a\x1c.circuits.v1.AggregatorStats\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/aggregator/stats\x12\x41\n\x06\x45xport\x12\x1a.circuits.v1.ExportRequest\x1a\x1b.circuits.v1.ExportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,20 +55,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EDGEBATCH'].fields_by_name['weight_max']._serialized_options = b'\020\001'
   _globals['_AGGREGATORSERVICE'].methods_by_name['Stats']._loaded_options = None
   _globals['_AGGREGATORSERVICE'].methods_by_name['Stats']._serialized_options = b'\202\323\344\223\002\026\022\024/v1/aggregator/stats'
-  _globals['_INGESTACK']._serialized_start=100
-  _globals['_INGESTACK']._serialized_end=200
-  _globals['_GETEDGESREQUEST']._serialized_start=202
-  _globals['_GETEDGESREQUEST']._serialized_end=273
-  _globals['_EDGEBATCH']._serialized_start=276
-  _globals['_EDGEBATCH']._serialized_end=525
-  _globals['_STATSREQUEST']._serialized_start=527
-  _globals['_STATSREQUEST']._serialized_end=541
-  _globals['_AGGREGATORSTATS']._serialized_start=544
-  _globals['_AGGREGATORSTATS']._serialized_end=710
-  _globals['_EXPORTREQUEST']._serialized_start=712
-  _globals['_EXPORTREQUEST']._serialized_end=765
-  _globals['_EXPORTRESPONSE']._serialized_start=767
-  _globals['_EXPORTRESPONSE']._serialized_end=843
-  _globals['_AGGREGATORSERVICE']._serialized_start=846
-  _globals['_AGGREGATORSERVICE']._serialized_end=1154
+  _globals['_INGESTACK']._serialized_start=101
+  _globals['_INGESTACK']._serialized_end=229
+  _globals['_GETEDGESREQUEST']._serialized_start=231
+  _globals['_GETEDGESREQUEST']._serialized_end=302
+  _globals['_EDGEBATCH']._serialized_start=305
+  _globals['_EDGEBATCH']._serialized_end=554
+  _globals['_STATSREQUEST']._serialized_start=556
+  _globals['_STATSREQUEST']._serialized_end=570
+  _globals['_AGGREGATORSTATS']._serialized_start=573
+  _globals['_AGGREGATORSTATS']._serialized_end=739
+  _globals['_EXPORTREQUEST']._serialized_start=741
+  _globals['_EXPORTREQUEST']._serialized_end=794
+  _globals['_EXPORTRESPONSE']._serialized_start=796
+  _globals['_EXPORTRESPONSE']._serialized_end=872
+  _globals['_AGGREGATORSERVICE']._serialized_start=875
+  _globals['_AGGREGATORSERVICE']._serialized_end=1183
 # @@protoc_insertion_point(module_scope)

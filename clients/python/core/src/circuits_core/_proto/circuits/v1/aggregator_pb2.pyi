@@ -9,16 +9,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IngestAck(_message.Message):
-    __slots__ = ("graph_ids", "duplicates", "graphs_total", "rejected_graph_ids")
+    __slots__ = ("graph_ids", "duplicates", "graphs_total", "rejected_graph_ids", "conflict_graph_ids")
     GRAPH_IDS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     GRAPHS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REJECTED_GRAPH_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONFLICT_GRAPH_IDS_FIELD_NUMBER: _ClassVar[int]
     graph_ids: _containers.RepeatedScalarFieldContainer[str]
     duplicates: int
     graphs_total: int
     rejected_graph_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, graph_ids: _Optional[_Iterable[str]] = ..., duplicates: _Optional[int] = ..., graphs_total: _Optional[int] = ..., rejected_graph_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    conflict_graph_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, graph_ids: _Optional[_Iterable[str]] = ..., duplicates: _Optional[int] = ..., graphs_total: _Optional[int] = ..., rejected_graph_ids: _Optional[_Iterable[str]] = ..., conflict_graph_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetEdgesRequest(_message.Message):
     __slots__ = ("min_count", "limit", "batch_size")
