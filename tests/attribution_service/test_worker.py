@@ -49,7 +49,7 @@ def graph_files(directory: Path) -> list[Path]:
 
 def test_shards_cover_every_good_line_once_and_report_bad_lines(tmp_path, tiny_engine):
     bad = {3: "{not json", 6: '{"prompt": ""}', 8: '["a list"]', 9: '{"prompt": "x", "colour": 1}',
-           11: '{"prompt": "big dog", "target_tokens": ["paris rome"]}'}
+           11: '{"prompt": "big dog", "target_tokens": ["zebra"]}'}
     path, good = prompts_file(tmp_path, 12, bad=bad)
     out = tmp_path / "graphs"
     messages: list[str] = []
@@ -61,7 +61,7 @@ def test_shards_cover_every_good_line_once_and_report_bad_lines(tmp_path, tiny_e
     assert sum(r.traced for r in reports) == len(good)
     assert sum(r.bad_lines for r in reports) == 4 and sum(r.failed for r in reports) == 1
     for number, fragment in [(3, "invalid JSON"), (6, "prompt is empty"), (8, "expected a JSON object"),
-                             (9, "unknown key(s) colour"), (11, "not a single token")]:
+                             (9, "unknown key(s) colour"), (11, "'zebra' is not in the vocabulary")]:
         assert any(m.startswith(f"{path}:{number}: ") and fragment in m for m in messages), (number, messages)
     files = graph_files(out)
     expected = {expected_id(tiny_engine, n, r): (n, r) for n, r in good.items()}

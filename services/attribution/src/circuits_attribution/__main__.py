@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from circuits_core.config import SMALL_MODEL
+from circuits_core.config import DEFAULT_PORTS, SMALL_MODEL
 from circuits_core.errors import CircuitsError, InvalidArgument, error_line
 from circuits_core.limits import DEFAULT_LIMITS
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cpu | cuda | cuda:N | auto (cuda when a GPU is visible, else cpu; default: %(default)s)")
     from circuits_server.serving import add_server_arguments
 
-    add_server_arguments(parser, default_port=50051)
+    add_server_arguments(parser, default_port=DEFAULT_PORTS["attribution"])
     return parser
 
 
