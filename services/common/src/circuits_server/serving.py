@@ -1063,7 +1063,7 @@ def build_grpc_server(
     )
     address = f"{settings.host}:{settings.port}"
     # Checked first: grpc's own bind failure also logs a C-core line to stderr.
-    ensure_port_free(settings.host, settings.port)
+    ensure_port_free(settings.host, settings.port, reuse_port=settings.reuse_port)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:

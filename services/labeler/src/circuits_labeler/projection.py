@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from circuits_core.errors import FailedPrecondition
 from circuits_core.projections import SCHEMA_VERSION, NeuronProjection, OutputProjections, TokenWeight
 
 __all__ = [
@@ -206,7 +207,13 @@ class LazyOutputProjections:
 def load_model_for_projections(name: str, *, device: str = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) for ``name`` through circuits_attribution.load_model (local directories,
     the bundled SmolLM2, the offline hub cache); NotFound with one line when nothing matches."""
-    from circuits_attribution.models import load_model
+    try:
+        from circuits_attribution.models import load_model
+    except ImportError:  # e.g. the circuits-labeler image, which carries neither it nor torch
+        raise FailedPrecondition(
+            "computing output projections needs torch and transformers (pip install 'circuits-labeler[projections]'); "
+            "set labeling.compute_projections: false or provide labeling.projections_path"
+        ) from None
 
     loaded = load_model(name, dtype="float32", device=device)
     return loaded.model, loaded.tokenizer
