@@ -7,15 +7,16 @@ Tables (relp-spec §F, positions collapsed, neuron -> neuron links only):
 * ``edge_stats`` / ``edge_delta`` (same, keyed by the packed 64-bit key ``k``) - per
   ``(src_layer, src_neuron, tgt_layer, tgt_neuron)``:
   ``count`` (link observations), ``weight_sum``, ``weight_abs_sum``, ``weight_sq_sum``,
-  ``weight_min``, ``weight_max``.
+  ``weight_min``, ``weight_max``. ``edge_single(k, w)``: partials of edges seen once in their
+  batch (count 1; the other statistics are ``w, |w|, w*w, w, w``), read as such.
 * ``unit_stats`` / ``unit_delta`` - per ``(layer, neuron)``: ``graph_count`` (graphs it appears
   in, positions deduplicated), ``observation_count`` (nodes), activation and attribution sums,
   sums of squares, min and max (over nodes that carry the value).
 
 Write path (:meth:`AggregateStore.ingest`): a batch of graphs is filtered against the ledger (and
-deduplicated within itself), its edges are grouped by a packed 64-bit key in one DuckDB
-``GROUP BY`` over Arrow columns, and the partial sums are appended to ``*_delta`` in the SAME
-transaction as the ledger rows. A graph is therefore either fully counted and in the ledger, or
+deduplicated within itself), its edges and units are grouped by packed 64-bit keys in numpy
+(:func:`group_edges` / :func:`group_units`: one sort, then segment reductions), and the partial
+sums are appended to ``*_delta`` / ``edge_single`` in the SAME transaction as the ledger rows. A graph is therefore either fully counted and in the ledger, or
 neither - a crash at any point followed by a re-send counts it exactly once.
 
 What a graph may hold (every reader checks it before a graph gets here): finite edge weights;
@@ -88,6 +89,9 @@ _EDGE_DDL = """(
 _EDGE_DELTA_DDL = """(
     k BIGINT NOT NULL, count BIGINT NOT NULL, weight_sum DOUBLE NOT NULL, weight_abs_sum DOUBLE NOT NULL,
     weight_sq_sum DOUBLE NOT NULL, weight_min DOUBLE NOT NULL, weight_max DOUBLE NOT NULL)"""
+# Edges seen once in their batch (most of them): their six statistics follow from the one weight,
+# so they are appended as (k, w) - two columns instead of seven - and expanded when read.
+_EDGE_SINGLE_DDL = "(k BIGINT NOT NULL, w DOUBLE NOT NULL)"
 _UNIT_DDL = """(
     layer INTEGER NOT NULL, neuron INTEGER NOT NULL, graph_count BIGINT NOT NULL, observation_count BIGINT NOT NULL,
     act_sum DOUBLE NOT NULL, act_sq_sum DOUBLE NOT NULL, act_min DOUBLE, act_max DOUBLE,
@@ -106,6 +110,7 @@ _N = 2097151  # 2**21 - 1
 _L = 1023  # 2**10 - 1
 # Batches arrive grouped by key already (see group_edges / group_units): one append each.
 _EDGE_BATCH_SQL = "INSERT INTO edge_delta SELECT * FROM batch_edges"
+_EDGE_SINGLE_SQL = "INSERT INTO edge_single SELECT * FROM batch_single"
 _UNIT_BATCH_SQL = "INSERT INTO unit_delta SELECT * FROM batch_units"
 
 _LOGIT_BATCH_SQL = """
@@ -133,7 +138,8 @@ EDGES_SQL = f"""SELECT (k >> 52)::INTEGER AS src_layer, ((k >> 31) & {_N})::INTE
        min(weight_min) AS weight_min, max(weight_max) AS weight_max
 FROM (SELECT (src_layer::BIGINT << 52) | (src_neuron::BIGINT << 31) | (tgt_layer::BIGINT << 21) | tgt_neuron::BIGINT AS k,
              count, weight_sum, weight_abs_sum, weight_sq_sum, weight_min, weight_max FROM edge_stats
-      UNION ALL SELECT * FROM edge_delta) GROUP BY k"""
+      UNION ALL SELECT * FROM edge_delta
+      UNION ALL SELECT k, 1::BIGINT, w, abs(w), w * w, w, w FROM edge_single) GROUP BY k"""
 UNITS_SQL = _UNIT_MERGE.format(source="SELECT * FROM unit_stats UNION ALL SELECT * FROM unit_delta")
 
 
@@ -195,6 +201,7 @@ class AggregateStore:
         con.execute(f"CREATE TABLE IF NOT EXISTS ledger {_LEDGER_DDL}")
         con.execute(f"CREATE TABLE IF NOT EXISTS edge_stats {_EDGE_DDL}")
         con.execute(f"CREATE TABLE IF NOT EXISTS edge_delta {_EDGE_DELTA_DDL}")
+        con.execute(f"CREATE TABLE IF NOT EXISTS edge_single {_EDGE_SINGLE_DDL}")
         for name in ("unit_stats", "unit_delta"):
             con.execute(f"CREATE TABLE IF NOT EXISTS {name} {_UNIT_DDL}")
         for name in ("logit_stats", "logit_delta"):
@@ -207,7 +214,9 @@ class AggregateStore:
         self._identity = self._load_identity()
         self._identity_unsaved = False
         self._graphs = con.execute("SELECT count(*) FROM ledger").fetchone()[0]
-        self._delta_rows = con.execute("SELECT (SELECT count(*) FROM edge_delta) + (SELECT count(*) FROM unit_delta)").fetchone()[0]
+        self._delta_rows = con.execute(
+            "SELECT (SELECT count(*) FROM edge_delta) + (SELECT count(*) FROM edge_single) + (SELECT count(*) FROM unit_delta)"
+        ).fetchone()[0]
         self._stats_rows = con.execute("SELECT (SELECT count(*) FROM edge_stats) + (SELECT count(*) FROM unit_stats)").fetchone()[0]
         self._closed = False
 
@@ -381,7 +390,7 @@ class AggregateStore:
         if not new:
             self._save_identity()
             return
-        edges = group_edges(
+        edges, single = group_edges(
             np.concatenate([g.edge_src_layer for g in new]),
             np.concatenate([g.edge_src_neuron for g in new]),
             np.concatenate([g.edge_tgt_layer for g in new]),
@@ -409,6 +418,7 @@ class AggregateStore:
         con = self._con
         con.register("batch_ledger", ledger)
         con.register("batch_edges", edges)
+        con.register("batch_single", single)
         con.register("batch_units", units)
         con.register("batch_tokens", token_names)
         if logits is not None:
@@ -425,6 +435,8 @@ class AggregateStore:
                     self._write_identity()
                 if edges.num_rows:
                     con.execute(_EDGE_BATCH_SQL)
+                if single.num_rows:
+                    con.execute(_EDGE_SINGLE_SQL)
                 if units.num_rows:
                     con.execute(_UNIT_BATCH_SQL)
                 if logits is not None:
@@ -439,12 +451,12 @@ class AggregateStore:
                 self._identity_unsaved = False
                 raise
         finally:
-            for name in ("batch_ledger", "batch_edges", "batch_units", "batch_tokens", "batch_logits"):
+            for name in ("batch_ledger", "batch_edges", "batch_single", "batch_units", "batch_tokens", "batch_logits"):
                 try:
                     con.unregister(name)
                 except Exception:  # noqa: BLE001 - batch_logits is registered only when present
                     pass
-        self._delta_rows += edges.num_rows + units.num_rows
+        self._delta_rows += edges.num_rows + single.num_rows + units.num_rows
 
     def _write_identity(self) -> None:
         assert self._identity is not None
@@ -479,6 +491,7 @@ class AggregateStore:
                     con.execute(f"DROP TABLE {kind}_stats")
                     con.execute(f"ALTER TABLE {kind}_stats_new RENAME TO {kind}_stats")
                     con.execute(f"DELETE FROM {kind}_delta")
+                con.execute("DELETE FROM edge_single")
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
@@ -609,10 +622,11 @@ def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
 
 
 def group_edges(src_layer: np.ndarray, src_neuron: np.ndarray, tgt_layer: np.ndarray, tgt_neuron: np.ndarray,
-                weight: np.ndarray) -> pa.Table:  # fmt: skip
+                weight: np.ndarray) -> tuple[pa.Table, pa.Table]:  # fmt: skip
     """Per edge ``(src_layer, src_neuron) -> (tgt_layer, tgt_neuron)``: the edge_delta columns
     ``k, count, weight_sum, weight_abs_sum, weight_sq_sum, weight_min, weight_max`` of the link
-    observations (row i = one link of weight ``weight[i]``), ordered by the packed key ``k``.
+    observations (row i = one link of weight ``weight[i]``), ordered by the packed key ``k``, for
+    the edges seen more than once; and ``k, w`` (the edge_single columns) for those seen once.
 
     A vectorised group-by (one sort of the packed 64-bit keys, then segment reductions), so
     DuckDB receives each batch already grouped and only appends it (a DuckDB ``GROUP BY`` on one
@@ -620,7 +634,8 @@ def group_edges(src_layer: np.ndarray, src_neuron: np.ndarray, tgt_layer: np.nda
     """
     n = weight.shape[0]
     if not n:
-        return pa.table({name: pa.array([], type=t) for name, t in _EDGE_DELTA_TYPES})
+        return (pa.table({name: pa.array([], type=t) for name, t in _EDGE_DELTA_TYPES}),
+                pa.table({"k": pa.array([], pa.int64()), "w": pa.array([], pa.float64())}))  # fmt: skip
     full = (
         (src_layer.astype(np.int64) << 52)
         | (src_neuron.astype(np.int64) << 31)
@@ -633,15 +648,18 @@ def group_edges(src_layer: np.ndarray, src_neuron: np.ndarray, tgt_layer: np.nda
     k = k[starts]
     w = weight[order]
     count = np.diff(np.append(starts, n))
+    once = count == 1
+    single = pa.table({"k": k[once], "w": w[starts[once]]})
+    many = ~once
     return pa.table({
-        "k": k,
-        "count": count.astype(np.int64, copy=False),
-        "weight_sum": np.add.reduceat(w, starts),
-        "weight_abs_sum": np.add.reduceat(np.abs(w), starts),
-        "weight_sq_sum": np.add.reduceat(w * w, starts),
-        "weight_min": np.minimum.reduceat(w, starts),
-        "weight_max": np.maximum.reduceat(w, starts),
-    })  # fmt: skip
+        "k": k[many],
+        "count": count[many].astype(np.int64, copy=False),
+        "weight_sum": np.add.reduceat(w, starts)[many],
+        "weight_abs_sum": np.add.reduceat(np.abs(w), starts)[many],
+        "weight_sq_sum": np.add.reduceat(w * w, starts)[many],
+        "weight_min": np.minimum.reduceat(w, starts)[many],
+        "weight_max": np.maximum.reduceat(w, starts)[many],
+    }), single  # fmt: skip
 
 
 _EDGE_DELTA_TYPES = (("k", pa.int64()), ("count", pa.int64()), ("weight_sum", pa.float64()),
