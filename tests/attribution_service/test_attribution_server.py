@@ -66,6 +66,9 @@ REQUESTS = [
     TraceRequest(prompt="big red dog", target_tokens=("paris", "rome")),
     TraceRequest(prompt="big red dog", contrastive=("paris", "rome"), raw=True),
     TraceRequest(prompt="one two", answer_prefix="three", target_position=-2),
+    # unset raw travels unset (the server's model picks), explicit False as False
+    TraceRequest(prompt="big red dog", raw=False, tau=0.0, max_nodes=3, over_max_nodes="skip_edges"),
+    TraceRequest(prompt="big red dog", target_tokens=("paris london", "rome")),
 ]
 
 
@@ -101,7 +104,7 @@ def test_model_info(real_server, tiny_engine):
     [
         ({"prompt": ""}, "prompt is empty"),
         ({"prompt": "   "}, "prompt is empty"),
-        ({"prompt": "big dog", "target": {"target_tokens": ["paris rome"]}}, "not a single token"),
+        ({"prompt": "big dog", "target": {"target_tokens": ["zebra"]}}, "'zebra' is not in the vocabulary"),
         ({"prompt": "big dog", "target": {"contrastive_positive": "paris"}}, "needs both"),
         ({"prompt": "big dog", "target": {"k": -1}}, "k must be"),
         ({"prompt": "big dog", "tau": float("inf")}, "tau must be"),
@@ -120,8 +123,8 @@ def test_bad_requests_are_invalid_argument_with_a_clear_message(real_server, req
 
 def test_client_raises_invalid_argument_and_batch_names_the_request(real_server):
     _, client = real_server
-    with pytest.raises(InvalidArgument, match="not a single token"):
-        client.trace("big dog", target_tokens=("paris rome",))
+    with pytest.raises(InvalidArgument, match="'zebra' is not in the vocabulary"):
+        client.trace("big dog", target_tokens=("zebra",))
     with grpc.insecure_channel(real_server[0].address) as channel:
         stub = attribution_pb2_grpc.AttributionServiceStub(channel)
         requests = [wire.trace_request_to_proto(TraceRequest(prompt="big dog")), attribution_pb2.TraceRequest(prompt="")]

@@ -108,7 +108,8 @@ def test_worker_batches_write_the_graphs_of_single_traces(tmp_path, tiny_engine)
 
     words = "the capital of france is paris london rome city one two three red green blue big small cat dog".split()
     lines = [{"prompt": " ".join(words[(n * 5 + j) % len(words)] for j in range(2 + n % 5)), "id": f"p{n}"} for n in range(9)]
-    lines[4]["target_tokens"] = ["paris rome"]  # not one token: fails alone, recorded, not retried
+    # not in the vocabulary: fails alone, recorded, not retried (a multi-token target is traced by its first token)
+    lines[4]["target_tokens"] = ["zebra"]
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     single = run_worker(WorkerSettings(prompts=path, output_dir=tmp_path / "one", progress=False), tiny_engine, log=lambda m: None)

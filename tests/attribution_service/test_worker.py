@@ -49,7 +49,7 @@ def graph_files(directory: Path) -> list[Path]:
 
 def test_shards_cover_every_good_line_once_and_report_bad_lines(tmp_path, tiny_engine):
     bad = {3: "{not json", 6: '{"prompt": ""}', 8: '["a list"]', 9: '{"prompt": "x", "colour": 1}',
-           11: '{"prompt": "big dog", "target_tokens": ["paris rome"]}'}
+           11: '{"prompt": "big dog", "target_tokens": ["zebra"]}'}
     path, good = prompts_file(tmp_path, 12, bad=bad)
     out = tmp_path / "graphs"
     messages: list[str] = []
@@ -61,7 +61,7 @@ def test_shards_cover_every_good_line_once_and_report_bad_lines(tmp_path, tiny_e
     assert sum(r.traced for r in reports) == len(good)
     assert sum(r.bad_lines for r in reports) == 4 and sum(r.failed for r in reports) == 1
     for number, fragment in [(3, "invalid JSON"), (6, "prompt is empty"), (8, "expected a JSON object"),
-                             (9, "unknown key(s) colour"), (11, "not a single token")]:
+                             (9, "unknown key(s) colour"), (11, "'zebra' is not in the vocabulary")]:
         assert any(m.startswith(f"{path}:{number}: ") and fragment in m for m in messages), (number, messages)
     files = graph_files(out)
     expected = {expected_id(tiny_engine, n, r): (n, r) for n, r in good.items()}
@@ -215,3 +215,77 @@ def test_worker_streams_to_a_real_aggregator_exactly_once(tmp_path, tiny_engine)
             assert client.stats().graphs_processed == 4  # the re-sent graphs were counted once
     finally:
         server.stop(0.5)
+
+
+def test_worker_routes_each_graph_to_the_aggregator_shard_that_owns_it(tmp_path, tiny_engine):
+    """`--aggregator A,B` (the chart's value for a 2-replica StatefulSet): every graph reaches the
+    shard that owns it (each shard rejects graphs it does not own), each counted once."""
+    server_module = pytest.importorskip("circuits_aggregator.server")
+    from circuits_core.aggregator_types import shard_of
+    from circuits_sdk.aggregator import AggregatorClient
+    from circuits_server.serving import ServerSettings
+    from circuits_aggregator.store import AggregateStore, StoreSettings
+    from circuits_attribution.worker import AggregatorSink
+
+    path, _good = prompts_file(tmp_path, 8)
+    servers = []
+    for index in range(2):
+        store = AggregateStore(":memory:", StoreSettings(shard_index=index, shard_count=2))
+        server = server_module.build_server(
+            server_module.AggregatorServerSettings(server=ServerSettings(port=0)), store=store
+        ).start()
+        server.set_serving(True)
+        servers.append(server)
+    try:
+        settings = WorkerSettings(prompts=path, output_dir=tmp_path / "state", write_files=False, progress=False)
+        sink = AggregatorSink(",".join(s.address for s in servers))
+        report = run_worker(settings, tiny_engine, sink=sink)
+        sink.close()
+        assert report.traced == 8 and report.failed == 0
+        expected = [sum(1 for g in report.graph_ids if shard_of(g, 2) == i) for i in range(2)]
+        assert all(expected), "8 graphs should land on both shards"
+        for index, server in enumerate(servers):
+            with AggregatorClient(server.address) as client:
+                assert client.stats().graphs_processed == expected[index]
+    finally:
+        for server in servers:
+            server.stop(0.5)
+
+
+def test_worker_names_the_shard_that_refuses_a_graph(tiny_engine):
+    """Addresses in the wrong order: the shard refuses the graph and the error says which and why."""
+    server_module = pytest.importorskip("circuits_aggregator.server")
+    from circuits_core.aggregator_types import shard_of
+    from circuits_core.errors import FailedPrecondition
+    from circuits_server.serving import ServerSettings
+    from circuits_aggregator.store import AggregateStore, StoreSettings
+    from circuits_attribution.worker import AggregatorSink
+
+    graph = tiny_engine.trace(TraceRequest(prompt="the capital of france is"))
+    owner = shard_of(graph.graph_id, 2)
+    # Both servers are the OTHER shard: whichever is listed at the owner's position refuses.
+    servers = []
+    for _ in range(2):
+        store = AggregateStore(":memory:", StoreSettings(shard_index=1 - owner, shard_count=2))
+        server = server_module.build_server(
+            server_module.AggregatorServerSettings(server=ServerSettings(port=0)), store=store
+        ).start()
+        server.set_serving(True)
+        servers.append(server)
+    try:
+        sink = AggregatorSink(",".join(s.address for s in servers))
+        with pytest.raises(FailedPrecondition, match=rf"\(shard {owner} of 2\) does not own graph {graph.graph_id}"):
+            sink.send(graph)
+        sink.close()
+    finally:
+        for server in servers:
+            server.stop(0.5)
+
+
+def test_worker_rejects_bad_aggregator_addresses() -> None:
+    from circuits_attribution.worker import AggregatorSink
+
+    with pytest.raises(InvalidArgument, match="give host:port"):
+        AggregatorSink(" , ")
+    with pytest.raises(InvalidArgument, match="listed twice"):
+        AggregatorSink("a:1,b:2,a:1")

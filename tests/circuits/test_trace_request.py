@@ -75,6 +75,17 @@ def test_flags_not_given_leave_the_defaults_to_the_type() -> None:
     }
     args = parser.parse_args(["hi", "--contrastive", "a", "b"])
     assert TraceRequest(**field_values(args, TraceRequest)).contrastive == ("a", "b")
+    # raw is tri-state: unset (the model's own prompt form), --raw, --chat; the two exclude each other
+    assert TraceRequest(prompt="hi").raw is None and "raw" not in field_values(parser.parse_args(["hi"]), TraceRequest)
+    assert field_values(parser.parse_args(["hi", "--chat"]), TraceRequest) == {"prompt": "hi", "raw": False}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["hi", "--raw", "--chat"])
+    args = parser.parse_args(["hi", "--max-nodes", "9", "--over-max-nodes", "skip_edges"])
+    assert TraceRequest(**field_values(args, TraceRequest)).over_max_nodes == "skip_edges"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["hi", "--over-max-nodes", "drop"])
+    with pytest.raises(InvalidArgument, match="over_max_nodes must be one of prune, skip_edges"):
+        TraceRequest(prompt="hi", over_max_nodes="drop")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,7 +149,9 @@ def test_an_unset_proto_field_takes_the_one_default() -> None:
                      corpus_index=7, slug="s"),
         TraceRequest(prompt="hi", target_tokens=("x", "y")),
         TraceRequest(prompt="hi", contrastive=("x", "y"), target_position=0),
+        TraceRequest(prompt="hi", raw=False, over_max_nodes="skip_edges"),
     ]
+    assert wire.trace_request_to_proto(TraceRequest(prompt="hi")).HasField("raw") is False
     for request in requests:
         assert wire.trace_request_from_proto(wire.trace_request_to_proto(request)) == request
 

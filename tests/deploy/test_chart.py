@@ -141,6 +141,9 @@ def test_gpu_workloads_request_and_limit_their_gpus(rendered, values_for) -> Non
             continue
         seen.add(comp)
         resources = pod_spec(workload)["containers"][0]["resources"]
+        if expected[comp] == 0:  # gpu.count 0: a CPU-only workload requests no GPU at all
+            assert "nvidia.com/gpu" not in str(resources), comp
+            continue
         assert resources["requests"]["nvidia.com/gpu"] == expected[comp] >= 1
         assert resources["limits"]["nvidia.com/gpu"] == expected[comp]
     if values["attribution"]["enabled"]:

@@ -2,7 +2,8 @@
 
 Scopes (circuits_server.serving.DEFAULT_METHOD_SCOPES): the atlas is read-only (every query needs
 ``read``); aggregator Ingest needs ``write`` and Export (it writes files on the server) ``admin``;
-attribution Trace/TraceBatch/Intervene and labeler LabelUnits/RunProgressive need ``write``.
+attribution Trace/TraceBatch/Intervene/GetActivations and labeler LabelUnits/RunProgressive/Investigate
+need ``write``.
 Health checks stay open for probes. A refused write changes nothing.
 """
 
@@ -121,6 +122,10 @@ def test_attribution_trace_needs_write(tiny_engine, tokens_file) -> None:
                attribution_pb2.GetModelInfoRequest().SerializeToString(), {"read", "write", "admin"})  # fmt: skip
         trace = wire.trace_request_to_proto(TraceRequest(prompt="the capital of france is")).SerializeToString()
         expect("AttributionService", server.address, "Trace", trace, {"write", "admin"})
+        from circuits_core.activations import ActivationRequest
+
+        reads = wire.activation_request_to_proto(ActivationRequest(prompts=("the cat",), neurons=((1, 2),)))
+        expect("AttributionService", server.address, "GetActivations", reads.SerializeToString(), {"write", "admin"})
     finally:
         server.stop(0.5)
 

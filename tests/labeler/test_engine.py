@@ -196,3 +196,52 @@ def test_api_key_from_env_and_never_logged(standin, make_config, monkeypatch, ca
     assert SECRET_KEY not in repr(labeler.backend_factory())
     for name in ("cache.jsonl", "labels.jsonl"):
         assert SECRET_KEY not in config.resolve(name).read_text()
+
+
+@pytest.fixture(scope="module")
+def saved_model_dir(tmp_path_factory):
+    """A tiny Llama (4 layers, 96 neurons per layer) saved with its tokenizer, loadable by path."""
+    from circuits_attribution.testing import build_model, build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama-projections")
+    build_model("llama", seed=3, dtype=__import__("torch").float32).save_pretrained(str(path))
+    build_tokenizer().save_pretrained(str(path))
+    return path
+
+
+def _computing_config(standin, make_config, saved_model_dir, tmp_path):
+    import dataclasses
+
+    config = make_config(standin, projections_path=str(tmp_path / "computed.parquet"), compute_projections=True,
+                         concurrency=1)  # fmt: skip
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, name=str(saved_model_dir)))
+
+
+def test_a_few_units_compute_only_their_layers_and_write_nothing(standin, make_config, saved_model_dir, tmp_path):
+    """--max-units 3 labels late-layer units first: only that layer's projections are computed,
+    they equal the full computation, and no projections file appears."""
+    from circuits_attribution import load_model
+    from circuits_labeler.projection import compute_output_projections
+
+    config = _computing_config(standin, make_config, saved_model_dir, tmp_path)
+    labeler, final = run(config, max_units=3, passes=["output"])
+    assert final.state == "stopped" and len(standin.requests) == 3
+    assert labeler.projections.computed_layers == [NUM_LAYERS - 1]
+    assert not (tmp_path / "computed.parquet").exists()
+    loaded = load_model(str(saved_model_dir))
+    full = compute_output_projections(loaded.model, tokenizer=loaded.tokenizer, model_name=str(saved_model_dir),
+                                      top_k=config.labeling.projection_top_k)  # fmt: skip
+    for layer, neuron in [r.unit for r in standin.requests]:
+        assert labeler.projections.get(layer, neuron) == full.get(layer, neuron)
+    assert labeler.projections.neurons_per_layer() == 96 == full.neurons_per_layer()
+
+
+def test_a_complete_run_writes_the_projections_file(standin, make_config, saved_model_dir, tmp_path):
+    from circuits_labeler.projection import OutputProjections
+
+    config = _computing_config(standin, make_config, saved_model_dir, tmp_path)
+    labeler, final = run(config, passes=["output"])
+    assert final.state == "done", final.message
+    written = OutputProjections.load(tmp_path / "computed.parquet")
+    assert labeler.projections.computed_layers == list(range(NUM_LAYERS))  # every layer has evidence units
+    assert len(written) == NUM_LAYERS * 96 and written.get(2, 5) is not None

@@ -78,3 +78,17 @@ def test_load_rejects_foreign_files(tmp_path):
     pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
     with pytest.raises(CorruptInput):
         OutputProjections.load(tmp_path / "other.parquet")
+
+
+def test_projections_without_torch_are_a_clear_precondition_error(monkeypatch) -> None:
+    """Where neither circuits-attribution nor transformers is installed (the labeler image), asking
+    for computed projections says what is missing instead of raising ModuleNotFoundError."""
+    import sys
+
+    from circuits_core.errors import FailedPrecondition
+    from circuits_labeler.projection import load_model_for_projections
+
+    monkeypatch.setitem(sys.modules, "circuits_attribution.models", None)  # import -> ImportError
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(FailedPrecondition, match=r"needs torch and transformers.*compute_projections: false"):
+        load_model_for_projections("HuggingFaceTB/SmolLM2-135M-Instruct")

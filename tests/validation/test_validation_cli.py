@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,68 @@ def test_intervene_bad_neurons_exit_2_with_one_line(checkpoint, capsys, spec, fr
     last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]  # after the weight-loading progress bar
     assert rc == 2
     assert last.startswith("error: ") and fragment in last
+
+
+def test_intervene_without_neurons_shows_the_baseline(checkpoint, capsys):
+    """No --neuron: the baseline prediction alone, the same numbers a plain forward pass gives."""
+    import torch
+
+    from circuits.cli import main
+    from circuits_attribution import load_model
+
+    rc = main(["intervene", PROMPT, "--model", str(checkpoint), "--dtype", "float64", "--raw", "--top-k", "3",
+               "--generate", "2"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    lines = captured.out.strip().splitlines()
+    assert lines[0].startswith("interventions: (none): the baseline prediction")
+    assert "intervened" not in captured.out and lines[-1].startswith("baseline:   ")
+    loaded = load_model(str(checkpoint), dtype="float64")
+    ids = loaded.tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        probs = torch.softmax(loaded.model(input_ids=torch.tensor([ids])).logits[0, -1], -1)
+    top = torch.topk(probs, 3)
+    shown = [float(line.split()[-1]) for line in lines[3:6]]
+    assert shown == pytest.approx([round(float(p), 4) for p in top.values], abs=1e-4)
+    with pytest.raises(SystemExit):  # --raw and --chat exclude each other
+        main(["intervene", PROMPT, "--model", str(checkpoint), "--raw", "--chat"])
+
+
+def test_validation_results_beside_the_graph_are_not_read_as_graphs(graph_file, tmp_path, capsys):
+    """validate writes next to the graph by default; `circuits aggregate` of that folder counts the
+    graph and reports no corrupt file."""
+    import shutil
+
+    from circuits.cli import main
+
+    folder = tmp_path / "graphs"
+    folder.mkdir()
+    graph = Path(shutil.copy(graph_file, folder / graph_file.name))
+    assert main(["validate", str(graph), "--dtype", "float64", "--sizes", "3", "--random-seeds", "1", "--no-plot"]) == 0
+    assert (folder / "relp-tiny.faithfulness-zero.json").is_file()
+    capsys.readouterr()
+    assert main(["aggregate", str(folder), "--state", str(tmp_path / "agg.duckdb"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "aggregated 1 new graphs" in out and "from 1 files" in out and "0 corrupt" in out
+
+
+def _report(m_full, m_empty, full_faith):
+    from circuits_attribution.faithfulness import CurvePoint, FaithfulnessReport
+
+    point = CurvePoint(**{f: 0.0 for f in CurvePoint.__dataclass_fields__} | {"size": 7, "faithfulness": full_faith})
+    return FaithfulnessReport(graph_id="g", prompt="p", model="m", ablation="zero", mode="real", target_position=-1,
+                              metric_tokens=("a",), metric_coefficients=(1.0,), n_graph_nodes=7, m_full=m_full,
+                              m_empty=m_empty, graph_metric_value=None, top_token="a", top_token_id=0, p_top_full=None,
+                              p_top_empty=None, random_seeds=0, points=(point,))  # fmt: skip
+
+
+def test_validate_explains_a_baseline_that_does_not_remove_the_behaviour():
+    from circuits_attribution.faithfulness import report_warnings
+
+    assert report_warnings(_report(5.0, 1.0, 0.8)) == []
+    (above,) = report_warnings(_report(5.0, 9.0, 0.8))
+    assert above.startswith("m_empty=9.0000 >= m_full=5.0000: zero-ablating every neuron outside the kept set does not "
+                            "remove the traced behaviour (it raises the metric)")
+    assert "negative: their signs flip" in above and "try --ablation mean or --protect-positions 0" in above
+    (negative,) = report_warnings(_report(5.0, 1.0, -0.4))
+    assert negative.startswith("keeping all 7 graph nodes gives faith=-0.400 < 0")

@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from circuits_core.config import DEFAULT_PORTS
 from circuits_core.errors import CircuitsError, error_line
 from circuits_core.limits import add_limit_arguments, limits_from_args
 from circuits_server.serving import add_server_arguments, announce, server_settings_from_args
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-limit", default="1GB", help="DuckDB memory limit (default 1GB)")
     p.add_argument("--export-root", default="",
                    help="Export may only write below this folder (default: the state file's folder)")
-    add_server_arguments(p, default_port=50052)
+    add_server_arguments(p, default_port=DEFAULT_PORTS["aggregator"])
     add_limit_arguments(p, ("max_edges_per_batch",))
     return p
 

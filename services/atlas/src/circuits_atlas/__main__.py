@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from circuits_core.config import DEFAULT_PORTS
 from circuits_core.errors import CircuitsError, error_line
 from circuits_server.serving import add_server_arguments, server_settings_from_args, write_port_file
 
@@ -38,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=1,
                    help="serve the port from N processes (SO_REUSEPORT, read-only atlas); default 1")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for the helper processes
-    add_server_arguments(p, default_port=50054)
+    add_server_arguments(p, default_port=DEFAULT_PORTS["atlas"])
     return p
 
 

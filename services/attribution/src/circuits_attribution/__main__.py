@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from circuits_core.config import SMALL_MODEL
+from circuits_core.config import DEFAULT_PORTS, SMALL_MODEL
 from circuits_core.errors import CircuitsError, InvalidArgument, error_line
 from circuits_core.limits import DEFAULT_LIMITS
 
@@ -37,17 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most top logits (k) one trace request may ask for; INVALID_ARGUMENT beyond, 0 = the "
                              "model's vocabulary (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu | cuda | cuda:N | auto (cuda when a GPU is visible, else cpu; default: %(default)s)")
     from circuits_server.serving import add_server_arguments
 
-    add_server_arguments(parser, default_port=50051)
+    add_server_arguments(parser, default_port=DEFAULT_PORTS["attribution"])
     return parser
 
 
 def serve(argv: Sequence[str]) -> int:
     from circuits_server.serving import server_settings_from_args, write_port_file
 
-    from circuits_attribution.models import load_engine
+    from circuits_attribution.models import load_engine, resolve_device
     from circuits_attribution.server import AttributionSettings, build_server
 
     args = build_parser().parse_args(list(argv))
@@ -65,7 +66,7 @@ def serve(argv: Sequence[str]) -> int:
         server=server_settings_from_args(args),
         model=args.model,
         dtype=args.dtype,
-        device=args.device,
+        device=resolve_device(args.device),
         max_concurrent=args.max_concurrent,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
@@ -77,7 +78,7 @@ def serve(argv: Sequence[str]) -> int:
     print(f"attribution server listening on {server.address}{metrics}; loading {args.model} ...", flush=True)
     write_port_file(server.grpc, args.port_file)
     try:
-        engine = load_engine(args.model, dtype=args.dtype, device=args.device)
+        engine = load_engine(args.model, dtype=args.dtype, device=settings.device)
         server.load(engine)
     except BaseException:
         server.stop(0)

@@ -28,6 +28,7 @@ up to the rounding of the batched kernels (identical to ~1e-12 in float64).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -37,15 +38,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from circuits_core.activations import ActivationRequest, ActivationResult
 from circuits_core.edge_table import EdgeTable as GraphEdgeTable
 from circuits_core.errors import Cancelled, CircuitsError, InvalidArgument
 from circuits_core.interventions import InterventionRequest, InterventionResult
+from circuits_core.model_registry import PromptFormChoice, choose_prompt_form
 from circuits_core.patching import PatchRequest, PatchResult
 from circuits_core.schemas import EMBEDDING_LAYER, Graph, GraphMetadata, Unit, graph_content_id, slugify
 from circuits_core.tracing import ModelInfo, TraceRequest, TraceSettings
 
 from circuits_attribution.linearize import MLP_RULES, Linearization
 from circuits_attribution.linearize import decoder_layers as _decoder_layers
+from circuits_attribution.targets import resolve_target, resolve_targets, target_notes
 
 #: Neurons that are active on (nearly) every token, dropped from graphs (relp-spec §D.1).
 ALWAYS_ON_NEURONS: dict[str, tuple[tuple[int, int], ...]] = {
@@ -148,7 +152,12 @@ class Selection:
     indices: np.ndarray
     scores: np.ndarray
     activations: np.ndarray
+    #: More neurons passed the threshold than max_nodes and over_max_nodes=skip_edges: neuron edges are skipped.
     nodes_exceeded: bool
+    #: Neurons that passed the threshold (before pruning to max_nodes).
+    n_candidates: int = 0
+    #: Neurons dropped by over_max_nodes=prune (the least influential by |RelP|).
+    pruned: int = 0
 
     def __len__(self) -> int:
         return int(self.layers.shape[0])
@@ -305,9 +314,17 @@ class RelPAttributor:
         return self.model.get_input_embeddings()(ids).detach().requires_grad_(True)  # [1, T, D]
 
     # ------------------------------------------------------------------ inputs
-    def encode_prompt(self, prompt: str, *, raw: bool | None = None, answer_prefix: str | None = None) -> list[int]:
-        """Token ids for a prompt: chat template (single user turn + generation prompt) unless raw."""
+    def prompt_form(self, raw: bool | None = None) -> PromptFormChoice:
+        """The prompt form a trace with this ``raw`` setting uses (None: the configured one, else the
+        model's own form; :mod:`circuits_core.model_registry`)."""
         raw = self.config.raw if raw is None else raw
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        return choose_prompt_form(self.model_name, raw, has_chat_template=has_template)
+
+    def encode_prompt(self, prompt: str, *, raw: bool | None = None, answer_prefix: str | None = None) -> list[int]:
+        """Token ids for a prompt: chat template (single user turn + generation prompt) or the prompt
+        as is, by :meth:`prompt_form` (``raw`` None: the configured form, else the model's own)."""
+        raw = self.prompt_form(raw).raw
         answer_prefix = self.config.answer_prefix if answer_prefix is None else answer_prefix
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidArgument("prompt is empty")
@@ -337,23 +354,27 @@ class RelPAttributor:
         return ids
 
     def resolve_token(self, text: str) -> int:
-        """Vocabulary id of a single-token string (exact vocab entry, one-token encoding, or 'Ġ' + text)."""
-        if not isinstance(text, str) or text == "":
-            raise InvalidArgument("target token is empty")
+        """Vocabulary id traced for a target string (:func:`circuits_attribution.targets.resolve_target`:
+        the token itself, or the first token of a multi-token string)."""
         if self._vocab is None:
             self._vocab = dict(self.tokenizer.get_vocab())
-        if text in self._vocab:
-            return int(self._vocab[text])
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-        if len(ids) == 1:
-            return int(ids[0])
-        marked = "Ġ" + text.strip()
-        if marked in self._vocab:
-            return int(self._vocab[marked])
-        pieces = [self.tokenizer.decode([i]) for i in ids]
-        raise InvalidArgument(
-            f"target token {text!r} is not a single token for {self.model_name}: it splits into {pieces}"
-        )
+        found = resolve_target(self.tokenizer, text, vocab=self._vocab)
+        if isinstance(found, str):
+            raise InvalidArgument(f"target token {text!r} {found} for {self.model_name}")
+        return found.token_id
+
+    def resolve_single_token(self, text: str) -> int:
+        """Vocabulary id of a string that is one token; a multi-token string raises InvalidArgument
+        (for metrics that report no "first token of" note, e.g. activation patching)."""
+        if self._vocab is None:
+            self._vocab = dict(self.tokenizer.get_vocab())
+        found = resolve_target(self.tokenizer, text, vocab=self._vocab)
+        if isinstance(found, str):
+            raise InvalidArgument(f"target token {text!r} {found} for {self.model_name}")
+        if found.multi_token:
+            raise InvalidArgument(f"target token {text!r} is not a single token for {self.model_name}: it splits into "
+                                  f"{list(found.pieces)}")
+        return found.token_id
 
     def build_metric(
         self,
@@ -397,17 +418,16 @@ class RelPAttributor:
                 raise InvalidArgument(f"direction has {d.shape[0]} entries, the vocabulary has {vocab}")
             top = torch.topk(d.abs(), k).indices.tolist()
             return Metric(token_ids=tuple(top), coefficients=tuple(float(d[i]) for i in top), direction=d)
-        if contrastive is not None:
-            pos, neg = (self.resolve_token(t) for t in contrastive)
-            if pos == neg:
-                raise InvalidArgument(f"contrastive tokens {contrastive[0]!r} and {contrastive[1]!r} are the same token")
-            return Metric(token_ids=(pos, neg), coefficients=(1.0, -1.0))
-        if target_tokens:
+        if contrastive is not None or target_tokens:
+            settings = TraceSettings(target_tokens=tuple(target_tokens), contrastive=contrastive)
+            resolved = resolve_targets(self.tokenizer, settings, model_name=self.model_name)
+            if contrastive is not None:
+                pos, neg = resolved["contrastive"]
+                return Metric(token_ids=(pos.token_id, neg.token_id), coefficients=(1.0, -1.0))
             ids: list[int] = []
-            for text in target_tokens:
-                token_id = self.resolve_token(text)
-                if token_id not in ids:
-                    ids.append(token_id)
+            for target in resolved["target_tokens"]:
+                if target.token_id not in ids:
+                    ids.append(target.token_id)
             return Metric(token_ids=tuple(ids), coefficients=(1.0,) * len(ids))
         return None
 
@@ -535,7 +555,9 @@ class RelPAttributor:
     def select_nodes(self, node_scores: NodeScores, settings: TraceSettings | None = None) -> Selection:
         """relp-spec §D.1: per-layer top-k pre-filter, |S| >= tau|m|, always-on filter, sort, cap.
 
-        ``tau`` and ``max_nodes`` come from ``settings`` (default: the attributor's config).
+        ``tau``, ``max_nodes`` and ``over_max_nodes`` come from ``settings`` (default: the
+        attributor's config). Over max_nodes, ``prune`` keeps the max_nodes neurons with the largest
+        |RelP| (``pruned`` counts the rest); ``skip_edges`` keeps all and sets ``nodes_exceeded``.
         """
         cfg = self.config
         request = cfg if settings is None else settings
@@ -566,13 +588,20 @@ class RelPAttributor:
             layers_np, positions_np, indices_np = layers_np[ok], positions_np[ok], indices_np[ok]
             values_np, acts_np = values_np[ok], acts_np[ok]
         order = np.lexsort((indices_np, positions_np, layers_np, -np.abs(values_np)))
+        candidates = len(order)
+        over = candidates > request.max_nodes
+        prune = over and request.over_max_nodes == "prune"
+        if prune:  # keep the max_nodes most influential (order is by |RelP| descending)
+            order = order[: request.max_nodes]
         return Selection(
             layers=layers_np[order],
             positions=positions_np[order],
             indices=indices_np[order],
             scores=values_np[order],
             activations=acts_np[order],
-            nodes_exceeded=len(order) > request.max_nodes,
+            nodes_exceeded=over and not prune,
+            n_candidates=candidates,
+            pruned=candidates - len(order),
         )
 
     # ------------------------------------------------------------------ edge pass
@@ -786,8 +815,11 @@ class RelPAttributor:
         outcomes: list[Graph | CircuitsError | None] = [None] * len(requests)
         phase_start = started
         planned: list[tuple[int, TraceRequest, _PromptPlan]] = []
+        forms: dict[int, PromptFormChoice] = {}
         for number, request in enumerate(requests):
             try:
+                forms[number] = form = self.prompt_form(request.raw)
+                request = dataclasses.replace(request, raw=form.raw)  # the graph records the form it used
                 input_ids = self.encode_prompt(request.prompt, raw=request.raw, answer_prefix=request.answer_prefix)
                 direction = None if directions is None else directions[number]
                 planned.append((number, request, self.plan(input_ids, request, direction=direction)))
@@ -811,10 +843,13 @@ class RelPAttributor:
             self.last_timings.edges_s += edges_done - nodes_done
             for (number, request, plan), ns, selection, edges in zip(group, node_scores, selections, tables):
                 _check_stop(should_stop)
-                outcomes[number] = self._build_graph(
-                    request.prompt, request, ns, selection, edges, slug=request.slug,
-                    direction=None if plan.metric is None else plan.metric.direction,
+                direction = None if plan.metric is None else plan.metric.direction
+                graph = self._build_graph(
+                    request.prompt, request, ns, selection, edges, slug=request.slug, direction=direction,
                     corpus_index=request.corpus_index, should_stop=should_stop,
+                )
+                outcomes[number] = _with_trace_record(
+                    graph, self._trace_record(request, forms[number], ns, selection, direction)
                 )
             phase_start = time.perf_counter()
         self.last_timings.total_s = time.perf_counter() - started
@@ -832,6 +867,25 @@ class RelPAttributor:
             by_length.setdefault(len(item[2].input_ids), []).append(item)
         return list(by_length.values())
 
+    def _trace_record(
+        self, request: TraceRequest, form: PromptFormChoice, node_scores: NodeScores, selection: Selection, direction: Any
+    ) -> dict[str, Any]:
+        """What the trace decided for the user (prompt form, targets, pruning), for the graph metadata."""
+        record: dict[str, Any] = {
+            "prompt_form": form.form,
+            "prompt_form_reason": form.description,
+            "over_max_nodes": request.over_max_nodes,
+            "n_candidate_nodes": selection.n_candidates,
+            "nodes_pruned": selection.pruned,
+        }
+        if direction is None and (request.target_tokens or request.contrastive):
+            resolved = resolve_targets(self.tokenizer, request, model_name=self.model_name)
+            targets = list(resolved.get("target_tokens", ())) + list(resolved.get("contrastive", ()))
+            probs = torch.softmax(node_scores.logits.to(torch.float64), dim=-1).cpu()
+            record["targets"] = [t.record(self.tokenizer) for t in targets]
+            record["target_notes"], record["target_warnings"] = target_notes(self.tokenizer, targets, probs)
+        return record
+
     # ------------------------------------------------------------------ engine contract
     def intervene(
         self, request: InterventionRequest, *, should_stop: Callable[[], bool] | None = None
@@ -841,6 +895,15 @@ class RelPAttributor:
 
         with _stop_checks(self.model, should_stop):
             return run_intervention(self, request)
+
+    def activations(
+        self, request: ActivationRequest, *, should_stop: Callable[[], bool] | None = None
+    ) -> ActivationResult:
+        """Per-token activations of neurons on prompts (the GetActivations RPC)."""
+        from circuits_attribution.interventions import run_activations
+
+        with _stop_checks(self.model, should_stop):
+            return run_activations(self, request)
 
     def _d_mlp(self) -> int:
         config = self.model.config
@@ -902,6 +965,7 @@ class RelPAttributor:
             "top_k_per_layer": engine.top_k_per_layer,
             "filter_always_on": engine.filter_always_on,
             "max_nodes": cfg.max_nodes,
+            "over_max_nodes": cfg.over_max_nodes,
             "mlp_rule": engine.mlp_rule,
             "embedding_logit_edges": engine.embedding_logit_edges,
             "edge_threshold": engine.edge_threshold,
@@ -1281,6 +1345,13 @@ class _EdgePass:
             tgt_layer=tgt.layer_np[r], tgt_index=tgt.index_np[r], tgt_position=tgt.position_np[r],
             raw=packed[2], flow=packed[3],
         )
+
+
+def _with_trace_record(graph: Graph, record: dict[str, Any]) -> Graph:
+    """``graph`` with ``record`` added to its metadata's ``generation_settings``."""
+    extra = dict(graph.metadata.extra)
+    extra["generation_settings"] = {**dict(extra.get("generation_settings", {}) or {}), **record}
+    return dataclasses.replace(graph, metadata=dataclasses.replace(graph.metadata, extra=extra))
 
 
 def _progress_bar(total: int) -> Any:

@@ -533,6 +533,34 @@ def format_table(report: FaithfulnessReport) -> str:
     return head + "\n".join(lines) + "\n" + legend
 
 
+def report_warnings(report: FaithfulnessReport) -> list[str]:
+    """What a reader of the curve must know when its baseline does not mean "the behaviour removed".
+
+    faith = (m_keep - m_empty) / (m_full - m_empty) reads as "the share of the model's metric the
+    kept nodes recover" only when ablating everything (m_empty) lowers the metric. One line each for:
+    m_empty >= m_full (the ablation itself does not remove the behaviour, so the ratios change
+    meaning or sign) and a negative faithfulness with all graph nodes kept.
+    """
+    lines: list[str] = []
+    how = (f"--ablation {'mean' if report.ablation == 'zero' else 'zero'} or --protect-positions 0 "
+           "(the first token carries the largest activations)")
+    gap = report.m_full - report.m_empty
+    if gap <= 1e-6 * max(1.0, abs(report.m_full)):
+        lines.append(
+            f"m_empty={report.m_empty:.4f} >= m_full={report.m_full:.4f}: {report.ablation}-ablating every neuron outside "
+            "the kept set does not remove the traced behaviour (it "
+            + ("raises the metric" if gap < 0 else "leaves the metric unchanged")
+            + "), so faith and removal are not shares of the behaviour here (the denominator m_full - m_empty is "
+            + ("negative: their signs flip" if gap < 0 else "about zero") + f"); the ablation baseline is off; try {how}")
+    full = next((p for p in report.points if p.size >= report.n_graph_nodes), None)
+    if full is not None and full.faithfulness is not None and full.faithfulness < 0 and gap > 0:
+        lines.append(
+            f"keeping all {report.n_graph_nodes} graph nodes gives faith={full.faithfulness:.3f} < 0: with everything "
+            f"else {report.ablation}-ablated the metric ends further from m_full than with nothing kept, so the graph's "
+            f"nodes do not carry the behaviour under this ablation (interactions with the ablated neurons dominate); try {how}")
+    return lines
+
+
 def plot_report(report: FaithfulnessReport, path: Any) -> None:
     """Write a PNG: faithfulness (keep) and removal effect vs N, graph vs random (mean ± std)."""
     try:

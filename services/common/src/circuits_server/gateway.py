@@ -47,7 +47,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from circuits_core.config import DEFAULT_PORTS
 from circuits_core.errors import CircuitsError, FailedPrecondition, InvalidArgument, Unavailable
+
+from circuits_server.ports import ensure_port_free
 
 #: Upstream name -> the gRPC service it serves (names are the chart's component names).
 GATEWAY_SERVICES: Mapping[str, str] = {
@@ -56,7 +59,7 @@ GATEWAY_SERVICES: Mapping[str, str] = {
     "aggregator": "circuits.v1.AggregatorService",
     "labeler": "circuits.v1.LabelerService",
 }
-DEFAULT_PORT = 8080
+DEFAULT_PORT = DEFAULT_PORTS["gateway"]
 #: Headers a gRPC-Web client sends and may read (CORS).
 _GRPC_WEB_REQUEST_HEADERS = "content-type,x-grpc-web,x-user-agent,grpc-timeout,authorization,keep-alive,user-agent,cache-control"
 _GRPC_WEB_EXPOSE_HEADERS = "grpc-status,grpc-message,grpc-status-details-bin"
@@ -548,6 +551,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(envoy_config(settings), indent=1))
             return 0
         envoy = find_envoy()
+        ensure_port_free(settings.host, settings.port, what="HTTP port")
+        ensure_port_free("127.0.0.1", settings.admin_port, what="Envoy admin port", flag="--admin-port")
+        if settings.metrics_port:
+            ensure_port_free(settings.host, settings.metrics_port, what="metrics port", flag="--metrics-port")
         out = Path(args.config_out) if args.config_out else Path(tempfile.gettempdir()) / "circuits-gateway" / "envoy.json"
         write_config(settings, out)
     except CircuitsError as exc:

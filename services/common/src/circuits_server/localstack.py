@@ -31,15 +31,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Literal
 
+from circuits_core.config import DEFAULT_PORTS as CONFIG_DEFAULT_PORTS
 from circuits_core.config import SMALL_MODEL
 from circuits_core.errors import FailedPrecondition, InvalidArgument
+
+from circuits_server.ports import PORT_IN_USE, port_in_use
 
 #: Start order: producers before consumers; stop order is the reverse.
 SERVICES: tuple[str, ...] = ("aggregator", "atlas", "labeler", "attribution")
 #: Default gRPC ports (the same as each service's own default).
-DEFAULT_PORTS: Mapping[str, int] = MappingProxyType(
-    {"attribution": 50051, "aggregator": 50052, "labeler": 50053, "atlas": 50054, "gateway": 8080}
-)
+DEFAULT_PORTS: Mapping[str, int] = CONFIG_DEFAULT_PORTS
 GATEWAY = "gateway"
 
 State = Literal["pending", "starting", "serving", "unavailable", "failed", "stopped"]
@@ -256,7 +257,12 @@ class LocalStack:
                 plans.append((name, args, shard))
         elif service == "labeler":
             config = s.labeler_config or generated_labeler_config(s)
-            plans.append((service, ["--config", str(config)], 0))
+            args = ["--config", str(config)]
+            attribution_port = s.ports.get("attribution", DEFAULT_PORTS["attribution"])
+            if "attribution" in self.selected and attribution_port:
+                # the neuron scientist (Investigate RPC) runs the model on the stack's attribution server
+                args += ["--attribution", f"{s.host}:{attribution_port}", "--reports", str(s.state_dir / "investigations")]
+            plans.append((service, args, 0))
         elif service == "atlas":
             plans.append((service, ["--duckdb", str(s.atlas_file())], 0))
         out = []
@@ -297,7 +303,8 @@ class LocalStack:
         return launched
 
     def _start_services(self, *services: str) -> list[ServiceProcess]:
-        launched: list[ServiceProcess] = []
+        planned: list[ServiceProcess] = []
+        unavailable: list[ServiceProcess] = []
         for service in services:
             if service not in SERVICES:
                 raise InvalidArgument(f"unknown service {service!r}; choose from {', '.join(sorted(SERVICES))}")
@@ -305,18 +312,41 @@ class LocalStack:
             if missing is None and service == "atlas" and not self.settings.atlas_file().exists():
                 missing = f"no atlas file at {self.settings.atlas_file()} (build one with `circuits build-db`)"
             if missing is not None:
-                proc = ServiceProcess(name=service, service=service, argv=[], port=0, metrics_port=None,
-                                      log_path=self.settings.state_dir / "logs" / f"{service}.log",
-                                      state="unavailable", detail=missing)  # fmt: skip
-                self.processes[service] = proc
-                self._on_event(proc)
+                unavailable.append(
+                    ServiceProcess(name=service, service=service, argv=[], port=0, metrics_port=None,
+                                   log_path=self.settings.state_dir / "logs" / f"{service}.log",
+                                   state="unavailable", detail=missing)  # fmt: skip
+                )
                 continue
-            for proc in self._plan(service):
-                self._launch(proc)
-                self.processes[proc.name] = proc
-                launched.append(proc)
-        self._wait_serving(launched)
-        return launched
+            planned += self._plan(service)
+        gateway_port = None
+        if self.settings.gateway and GATEWAY not in self.processes:
+            gateway_port = self.settings.ports.get(GATEWAY, DEFAULT_PORTS[GATEWAY])
+        self._check_ports(planned, gateway_port)
+        for proc in unavailable:
+            self.processes[proc.name] = proc
+            self._on_event(proc)
+        for proc in planned:
+            self._launch(proc)
+            self.processes[proc.name] = proc
+        self._wait_serving(planned)
+        return planned
+
+    def _check_ports(self, planned: Sequence[ServiceProcess], gateway_port: int | None) -> None:
+        """FailedPrecondition naming every planned port something already holds (nothing is started):
+        otherwise a health check could reach that other server and take it for ours."""
+        wanted = [(p.name, p.port, f"--{p.service}-port") for p in planned]
+        wanted += [(f"{p.name} metrics", p.metrics_port, "--no-metrics") for p in planned if p.metrics_port]
+        if gateway_port:
+            wanted.append((GATEWAY, gateway_port, "--gateway-port"))
+        busy = [(name, port, flag) for name, port, flag in wanted if port_in_use(self.settings.host, port)]
+        if busy:
+            ports = ", ".join(f"{port} ({name})" for name, port, _ in busy)
+            flags = ", ".join(dict.fromkeys(flag for _, _, flag in busy))
+            raise FailedPrecondition(
+                f"port{'s' if len(busy) > 1 else ''} {ports} on {self.settings.host} {PORT_IN_USE} (another "
+                f"`circuits up` or server?): stop it, or choose other ports ({flags} PORT, or --free-ports)"
+            )
 
     def _start_gateway(self) -> list[ServiceProcess]:
         from circuits_server.gateway import GATEWAY_SERVICES, find_envoy
@@ -358,8 +388,18 @@ class LocalStack:
         self._wait_serving([proc])
         return [proc]
 
+    def _port_file(self, proc: ServiceProcess) -> Path:
+        return self.settings.state_dir / "ports" / f"{proc.name}.port"
+
     def _launch(self, proc: ServiceProcess) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.settings.env}
+        if proc.service != GATEWAY:
+            # The child writes its port here once it has bound it: a health answer counts only
+            # then, so another server on the same port is never taken for this one.
+            port_file = self._port_file(proc)
+            port_file.parent.mkdir(parents=True, exist_ok=True)
+            port_file.unlink(missing_ok=True)
+            proc.argv = [*proc.argv, "--port-file", str(port_file)]
         proc._log = open(proc.log_path, "ab")  # noqa: SIM115 - closed in _reap
         # Own session: a terminal Ctrl-C reaches only `circuits up`, which stops services in order.
         proc.process = subprocess.Popen(
@@ -377,9 +417,12 @@ class LocalStack:
                 assert proc.process is not None
                 code = proc.process.poll()
                 if code is not None:
-                    proc.state, proc.detail = "failed", f"exited with code {code} while starting; see {proc.log_path}"
                     self._reap(proc)
-                elif _is_serving(proc):
+                    reason = _error_line(proc)
+                    proc.state = "failed"
+                    proc.detail = f"exited with code {code} while starting" + (f": {reason}" if reason else "")
+                    proc.detail += f"; see {proc.log_path}"
+                elif self._bound(proc) and _is_serving(proc):
                     proc.state = "serving"
                 elif time.monotonic() > deadline:
                     proc.state = "failed"
@@ -391,6 +434,13 @@ class LocalStack:
                 self._on_event(proc)
             if waiting:
                 time.sleep(0.2)
+
+    def _bound(self, proc: ServiceProcess) -> bool:
+        return proc.service == GATEWAY or self._port_file(proc).is_file()
+
+    def port_conflicts(self) -> list[ServiceProcess]:
+        """Processes that failed because their port was taken (by a process started after the check)."""
+        return [p for p in self.processes.values() if p.state == "failed" and PORT_IN_USE in p.detail]
 
     def _terminate(self, proc: ServiceProcess, *, signalled: bool = False) -> None:
         if proc.process is None:
@@ -473,6 +523,14 @@ def _is_serving(proc: ServiceProcess) -> bool:
     if proc.service == GATEWAY:
         return gateway_ready(proc.address, timeout=0.5)
     return health_status(proc.address, timeout=0.5) == "SERVING"
+
+
+def _error_line(proc: ServiceProcess) -> str:
+    """The last ``error:`` line a service wrote to its log (without the prefix), or ""."""
+    for line in reversed(proc.log_tail(40).splitlines()):
+        if line.startswith("error: "):
+            return line.removeprefix("error: ").strip()
+    return ""
 
 
 def describe(proc: ServiceProcess) -> str:

@@ -26,8 +26,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from circuits_core.errors import CircuitsError, InvalidArgument, ResourceExhausted, clip_message, echo
+from circuits_core.errors import CircuitsError, FailedPrecondition, InvalidArgument, ResourceExhausted, clip_message, echo
 from circuits_core.limits import DEFAULT_LIMITS, DEFAULT_MAX_MESSAGE_BYTES, Limits, add_limit_arguments, flag
+
+from circuits_server.ports import ensure_port_free
 
 log = logging.getLogger("circuits_server.serving")
 
@@ -183,8 +185,9 @@ SCOPES = ("read", "write", "admin")
 #: them. Writes need ``write``; Export writes files on the server's filesystem and needs ``admin``.
 DEFAULT_METHOD_SCOPES: dict[str, dict[str, str]] = {
     "circuits.v1.AggregatorService": {"Ingest": "write", "Export": "admin"},
-    "circuits.v1.AttributionService": {"Trace": "write", "TraceBatch": "write", "Intervene": "write", "Patch": "write"},
-    "circuits.v1.LabelerService": {"LabelUnits": "write", "RunProgressive": "write"},
+    "circuits.v1.AttributionService": {"Trace": "write", "TraceBatch": "write", "Intervene": "write", "Patch": "write",
+                                       "GetActivations": "write"},
+    "circuits.v1.LabelerService": {"LabelUnits": "write", "RunProgressive": "write", "Investigate": "write"},
     "circuits.v1.AtlasService": {},
 }
 
@@ -784,7 +787,7 @@ NAME_FIELDS = frozenset({
 #: Path fields: at most max_path_chars, no control characters.
 PATH_FIELDS = frozenset({"directory"})
 #: Prompt fields: at most max_prompt_chars (newlines and tabs are text).
-PROMPT_FIELDS = frozenset({"prompt", "answer_prefix"})
+PROMPT_FIELDS = frozenset({"prompt", "prompts", "answer_prefix"})
 #: Bulk data inside Ingest graphs, not checked field by field (bounded by the message size).
 _UNCHECKED = frozenset({("circuits.v1.Graph", "units"), ("circuits.v1.Graph", "prompt_tokens"),
                         ("circuits.v1.Graph", "edges")})  # fmt: skip
@@ -959,9 +962,19 @@ class GrpcServer:
         return f"{self.settings.host}:{self.port}"
 
     def start(self) -> GrpcServer:
+        """Start serving (and the /metrics endpoint); a busy metrics port raises FailedPrecondition."""
+        metrics_port = self.settings.metrics_port
+        if metrics_port is not None:
+            ensure_port_free(self.settings.host, metrics_port, what="metrics port", flag="--metrics-port")
         self.server.start()
-        if self.settings.metrics_port is not None:
-            self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
+        if metrics_port is not None:
+            try:
+                self.metrics.serve_http(self.settings.host, metrics_port)
+            except OSError as exc:
+                self.server.stop(0)
+                raise FailedPrecondition(
+                    f"cannot serve /metrics on {self.settings.host}:{metrics_port}: {exc.strerror or exc}"
+                ) from None
         return self
 
     def set_serving(self, serving: bool = True) -> None:
@@ -1049,9 +1062,14 @@ def build_grpc_server(
         server,
     )
     address = f"{settings.host}:{settings.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    # Checked first: grpc's own bind failure also logs a C-core line to stderr.
+    ensure_port_free(settings.host, settings.port, reuse_port=settings.reuse_port)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind gRPC server to {address}")
+        raise FailedPrecondition(f"cannot bind the gRPC server to {address} (is the host an address of this machine?)")
     handle = GrpcServer(
         server=server,
         port=port,
@@ -1070,8 +1088,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int) 
     """The network/security flags every `circuits serve <service>` accepts."""
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
-    g.add_argument("--port", type=int, default=default_port, help="gRPC port (0 = any free port)")
-    g.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics HTTP port")
+    g.add_argument("--port", type=int, default=default_port, help="gRPC port (default: %(default)s; 0 = any free port)")
+    g.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics HTTP port (default: none)")
     g.add_argument("--max-workers", type=int, default=16, help="RPC worker threads")
     g.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     g.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")

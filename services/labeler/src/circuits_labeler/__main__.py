@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from circuits_core.config import DEFAULT_PORTS
 from circuits_core.errors import CircuitsError, error_line
 
 
@@ -16,7 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     from circuits_core.limits import add_limit_arguments
     from circuits_server.serving import add_server_arguments
 
-    add_server_arguments(parser, default_port=50053)
+    parser.add_argument("--attribution", default="", metavar="HOST:PORT",
+                        help="attribution server the neuron scientist (Investigate RPC) runs the model on")
+    parser.add_argument("--reports", default="investigations", help="folder of investigation reports (default: %(default)s)")
+    add_server_arguments(parser, default_port=DEFAULT_PORTS["labeler"])
     add_limit_arguments(parser, LIMITS)
     return parser
 
@@ -41,12 +46,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = server_settings_from_args(args)
         limits = limits_from_args(args)
         config = load_config(args.config)
-        service = LabelerService(build_labeler(config), limits=limits)
+        labeler = build_labeler(config)
+        investigations = None
+        if args.attribution:
+            from circuits_sdk.attribution import AttributionClient
+
+            from circuits_labeler.scientist.service import Investigations
+
+            engine = AttributionClient(args.attribution)
+            investigations = Investigations(engine=engine, labeling=config.labeling, reports_dir=args.reports,
+                                            model_name=args.attribution, exemplars=labeler.exemplars,
+                                            base_dir=Path(config.base_dir))
+        service = LabelerService(labeler, limits=limits, investigations=investigations)
         server = build_server(settings, service=service, limits=limits)
+        server.start()
     except CircuitsError as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
-    server.start()
     server.set_serving(True)
     print(f"labeler serving on {server.address}", flush=True)
     write_port_file(server, args.port_file)

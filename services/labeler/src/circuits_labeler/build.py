@@ -13,7 +13,7 @@ from circuits_labeler.cache import AnswerCache
 from circuits_labeler.engine import ProgressiveLabeler
 from circuits_labeler.evidence import DuckDBEvidence, EmptyEvidence, NeuronEvidence
 from circuits_labeler.llm import LLMBackend, create_backend
-from circuits_labeler.projection import OutputProjections, compute_output_projections, load_model_for_projections
+from circuits_labeler.projection import LazyOutputProjections, OutputProjections, load_model_for_projections
 
 log = logging.getLogger("circuits_labeler.build")
 
@@ -70,8 +70,11 @@ def with_prior_descriptions(evidence: NeuronEvidence, source) -> NeuronEvidence:
 
 def ensure_projections(
     config: Config, *, progress: Callable[[int, int], None] | None = None
-) -> OutputProjections | None:
-    """Load labeling.projections_path; compute it from model.name first when missing and allowed."""
+) -> OutputProjections | LazyOutputProjections | None:
+    """Load labeling.projections_path; when it is missing and computing is allowed, projections of
+    model.name computed layer by layer as the run needs them (:class:`LazyOutputProjections`: a
+    run over a few units computes only their layers; the file is written once every layer is
+    computed). ``progress`` is kept for callers; layers computed on demand report none."""
     s = config.labeling
     if not s.projections_path:
         return None
@@ -82,12 +85,10 @@ def ensure_projections(
         log.warning("no output projections at %s (compute_projections is off)", path)
         return None
     model, tokenizer = load_model_for_projections(config.model.name, device=config.model.device)
-    projections = compute_output_projections(
+    return LazyOutputProjections(
         model, tokenizer=tokenizer, model_name=config.model.name, top_k=s.projection_top_k,
-        include_final_norm=s.projection_final_norm, device=config.model.device, progress=progress,
+        include_final_norm=s.projection_final_norm, device=config.model.device, save_to=path,
     )
-    projections.save(path)
-    return projections
 
 
 def build_labeler(

@@ -40,7 +40,7 @@ from circuits_labeler.evidence import Neighbour, NeuronEvidence, UnitRecord
 from circuits_labeler.llm import (
     Budget, ChatMessage, FatalLLMError, LLMBackend, LLMRequestError, RetryingLLM, RetryPolicy,
 )
-from circuits_labeler.projection import OutputProjections
+from circuits_labeler.projection import LazyOutputProjections, OutputProjections
 from circuits_labeler.prompts import (
     INPUT_TYPES, OUTPUT_TYPES, ExemplarLine, LayerBands, LinkedNeuron, LogitLink, MalformedAnswer, NeuronContext,
     ParsedAnswer, Prompt, TokenEffect, correction_message, fit_prompt, parse_answer,
@@ -108,7 +108,7 @@ class ProgressiveLabeler:
         *,
         settings: LabelingSection,
         evidence: NeuronEvidence,
-        projections: OutputProjections | None,
+        projections: OutputProjections | LazyOutputProjections | None,
         cache: AnswerCache,
         backend_factory: Callable[[], LLMBackend],
         labels_path: str | Path | None = None,
@@ -139,7 +139,7 @@ class ProgressiveLabeler:
             raise InvalidArgument("cannot tell the number of layers: no projections, no evidence, labeling.num_layers = 0")
         #: MLP neurons per layer; 0 when unknown (no labeling.neurons_per_layer, no projections).
         self.neurons_per_layer = settings.neurons_per_layer or (
-            max((k[1] for k in projections.by_unit), default=-1) + 1 if projections is not None else 0
+            projections.neurons_per_layer() if projections is not None else 0
         )
         self.bands = LayerBands.for_model(
             self.num_layers, late_fraction=settings.late_band_fraction, early_fraction=settings.early_band_fraction
@@ -160,7 +160,7 @@ class ProgressiveLabeler:
         the projected units (projection-only labelling)."""
         keys = {(u.layer, u.neuron) for u in self.evidence.units()}
         if not keys and self.projections is not None:
-            keys = set(self.projections.by_unit)
+            keys = set(self.projections.unit_keys())
         return keys
 
     def check_units(self, keys: Sequence[tuple[int, int]], *, allow_without_evidence: bool = False) -> None:
@@ -183,7 +183,7 @@ class ProgressiveLabeler:
     def _candidates(self) -> dict[tuple[int, int], UnitRecord]:
         units = self.evidence.units()
         if not units and self.projections is not None:
-            return {k: UnitRecord(layer=k[0], neuron=k[1]) for k in sorted(self.projections.by_unit)}
+            return {k: UnitRecord(layer=k[0], neuron=k[1]) for k in self.projections.unit_keys()}
         return {
             (u.layer, u.neuron): u
             for u in units
@@ -562,7 +562,16 @@ class ProgressiveLabeler:
                 layers = range(self.num_layers - 1, -1, -1) if label_pass == "output" else range(self.num_layers)
                 plan: list[tuple[int, list[tuple[int, int]]]] = []
                 uppers: dict[int, dict[int, list[Neighbour]]] = {}
-                if label_pass == "output":
+                lazy_plan = label_pass == "output" and isinstance(self.projections, LazyOutputProjections)
+                if lazy_plan:
+                    # Qualifying a layer reads its projections, computed on demand: qualify each layer
+                    # when it is reached, so a run that stops early (max_units, budget) computes only
+                    # the layers it labelled. The total starts as every candidate of the pass and
+                    # drops by the units a layer does not qualify.
+                    plan = [(layer, []) for layer in layers]
+                    total = sum(1 for k in self._units if 0 <= k[0] < self.num_layers)
+                    state.counters = _PassCounters(label_pass=label_pass, total=total)
+                elif label_pass == "output":
                     plan = [(layer, self._output_qualifiers(layer)) for layer in layers]
                     state.counters = _PassCounters(label_pass=label_pass, total=sum(len(k) for _, k in plan))
                 else:
@@ -572,6 +581,9 @@ class ProgressiveLabeler:
                     state.counters = _PassCounters(label_pass=label_pass, total=sum(len(k) for _, k in plan))
                 self._emit(state, self._progress(state, layer=-1, status="running", message=f"pass {label_pass} started"))
                 for layer, keys in plan:
+                    if lazy_plan:
+                        keys = self._output_qualifiers(layer)
+                        state.counters.total -= sum(1 for k in self._units if k[0] == layer) - len(keys)
                     if keys:
                         neighbours = uppers[layer] if label_pass == "input" else self._neighbours(label_pass, layer)
                         await self._label_layer(state, label_pass, layer, keys, neighbours)

@@ -6,15 +6,21 @@ timeouts and connection errors. 401/403/404 stop the whole run (:class:`FatalLLM
 4xx fail only the one request. :class:`Budget` counts tokens and estimated spend and says when
 the configured limit is reached. The API key is resolved once, handed to the SDK and never
 stored in a repr, log line or cache record.
+
+Tool use (the neuron scientist): :meth:`complete_with_tools` sends a conversation of
+:class:`AgentMessage` (text, tool calls, tool results) with :class:`ToolDefinition` JSON schemas
+as Anthropic ``tools`` / ``tool_use`` / ``tool_result`` blocks, or as OpenAI-compatible
+``tools`` / ``tool_calls`` / ``role: tool`` messages, and returns a :class:`ToolCompletion`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +44,57 @@ class ChatMessage:
     content: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolDefinition:
+    """A tool the model may call: its name, what it does, and the JSON schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCall:
+    """One tool call of the model. ``arguments`` is the parsed JSON object, or the raw text when
+    the model sent arguments that are not a JSON object (the caller refuses those)."""
+
+    id: str
+    name: str
+    arguments: Any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolResult:
+    """The answer to one tool call, sent back to the model."""
+
+    call_id: str
+    content: str
+    is_error: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentMessage:
+    """One turn of a tool-using conversation: the assistant's text and tool calls, or the user's
+    text and the results of the previous turn's calls."""
+
+    role: str  # "user" | "assistant"
+    text: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_results: tuple[ToolResult, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCompletion:
+    """The model's answer in a tool-using conversation."""
+
+    text: str
+    tool_calls: tuple[ToolCall, ...]
+    input_tokens: int
+    output_tokens: int
+    #: The backend's reason for stopping (end_turn / tool_use / stop / tool_calls / max_tokens ...).
+    stop_reason: str = ""
+
+
 class LLMBackend(Protocol):
     """One chat completion per call; raises the SDK's exceptions unchanged."""
 
@@ -47,6 +104,11 @@ class LLMBackend(Protocol):
                        response_schema: dict[str, Any] | None = None) -> Completion:
         """``response_schema``: the JSON schema of the expected answer (default: a label), used
         by backends that constrain answers (OpenAI-compatible with json_mode); others ignore it."""
+        ...
+
+    async def complete_with_tools(self, *, system: str, messages: Sequence[AgentMessage],
+                                  tools: Sequence[ToolDefinition], max_tokens: int) -> ToolCompletion:
+        """One turn of a tool-using conversation."""
         ...
 
     async def aclose(self) -> None: ...
@@ -94,15 +156,18 @@ class AnthropicBackend:
     def __repr__(self) -> str:
         return f"AnthropicBackend(model={self.model!r}, base_url={self._base_url!r})"
 
-    async def complete(self, *, system: str, messages: Sequence[ChatMessage], max_tokens: int,
-                       response_schema: dict[str, Any] | None = None) -> Completion:
+    def _sdk(self) -> Any:
         if self._client is None:
             import anthropic
 
             self._client = anthropic.AsyncAnthropic(
                 api_key=self._api_key, base_url=self._base_url, max_retries=0, timeout=self._timeout
             )
-        response = await self._client.messages.create(
+        return self._client
+
+    async def complete(self, *, system: str, messages: Sequence[ChatMessage], max_tokens: int,
+                       response_schema: dict[str, Any] | None = None) -> Completion:
+        response = await self._sdk().messages.create(
             model=self.model,
             max_tokens=max_tokens,
             system=system,
@@ -111,6 +176,26 @@ class AnthropicBackend:
         text = "".join(getattr(block, "text", "") for block in response.content)
         usage = response.usage
         return Completion(text=text, input_tokens=usage.input_tokens or 0, output_tokens=usage.output_tokens or 0)
+
+    async def complete_with_tools(self, *, system: str, messages: Sequence[AgentMessage],
+                                  tools: Sequence[ToolDefinition], max_tokens: int) -> ToolCompletion:
+        response = await self._sdk().messages.create(
+            model=self.model,
+            max_tokens=max_tokens,
+            system=system,
+            messages=anthropic_messages(messages),
+            tools=[{"name": t.name, "description": t.description, "input_schema": dict(t.parameters)} for t in tools],
+        )
+        texts, calls = [], []
+        for block in response.content:
+            kind = getattr(block, "type", "")
+            if kind == "text":
+                texts.append(block.text)
+            elif kind == "tool_use":
+                calls.append(ToolCall(id=str(block.id), name=str(block.name), arguments=block.input))
+        usage = response.usage
+        return ToolCompletion(text="".join(texts), tool_calls=tuple(calls), input_tokens=usage.input_tokens or 0,
+                              output_tokens=usage.output_tokens or 0, stop_reason=str(response.stop_reason or ""))
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -158,14 +243,18 @@ class OpenAIBackend:
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.model!r}, base_url={self._base_url!r})"
 
-    async def complete(self, *, system: str, messages: Sequence[ChatMessage], max_tokens: int,
-                       response_schema: dict[str, Any] | None = None) -> Completion:
+    def _sdk(self) -> Any:
         if self._client is None:
             import openai
 
             self._client = openai.AsyncOpenAI(
                 api_key=self._api_key, base_url=self._base_url, max_retries=0, timeout=self._timeout
             )
+        return self._client
+
+    async def complete(self, *, system: str, messages: Sequence[ChatMessage], max_tokens: int,
+                       response_schema: dict[str, Any] | None = None) -> Completion:
+        self._sdk()
         extra: dict[str, Any] = {}
         if self._json_mode:
             extra["response_format"] = ANSWER_RESPONSE_FORMAT if response_schema is None else {
@@ -185,10 +274,96 @@ class OpenAIBackend:
             output_tokens=(usage.completion_tokens or 0) if usage else 0,
         )
 
+    async def complete_with_tools(self, *, system: str, messages: Sequence[AgentMessage],
+                                  tools: Sequence[ToolDefinition], max_tokens: int) -> ToolCompletion:
+        response = await self._sdk().chat.completions.create(
+            model=self.model,
+            max_completion_tokens=max_tokens,
+            messages=openai_messages(system, messages),
+            tools=[{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                     "parameters": dict(t.parameters)}} for t in tools],
+        )
+        usage = response.usage
+        in_tok = (usage.prompt_tokens or 0) if usage else 0
+        out_tok = (usage.completion_tokens or 0) if usage else 0
+        if not response.choices:
+            return ToolCompletion(text="", tool_calls=(), input_tokens=in_tok, output_tokens=out_tok, stop_reason="empty")
+        choice = response.choices[0]
+        calls = []
+        for n, call in enumerate(choice.message.tool_calls or ()):
+            function = getattr(call, "function", None)
+            raw = getattr(function, "arguments", "") or ""
+            calls.append(ToolCall(id=str(call.id or f"call_{n}"), name=str(getattr(function, "name", "") or ""),
+                                  arguments=parse_tool_arguments(raw)))
+        return ToolCompletion(text=choice.message.content or "", tool_calls=tuple(calls), input_tokens=in_tok,
+                              output_tokens=out_tok, stop_reason=str(choice.finish_reason or ""))
+
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def parse_tool_arguments(raw: Any) -> Any:
+    """Arguments of a tool call as sent: a JSON object string becomes a dict; anything else (not
+    JSON, a JSON list or number) is returned unchanged for the caller to refuse."""
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    if not isinstance(raw, str):
+        return raw
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+    return value if isinstance(value, dict) else raw
+
+
+def _arguments_object(arguments: Any) -> dict[str, Any]:
+    # A call whose arguments were not an object is replayed with the raw text kept visible.
+    return dict(arguments) if isinstance(arguments, Mapping) else {"unparsed_arguments": str(arguments)}
+
+
+def anthropic_messages(messages: Sequence[AgentMessage]) -> list[dict[str, Any]]:
+    """The conversation as Anthropic Messages API ``messages`` (content blocks)."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        blocks: list[dict[str, Any]] = []
+        for result in message.tool_results:
+            blocks.append({"type": "tool_result", "tool_use_id": result.call_id, "content": result.content,
+                           **({"is_error": True} if result.is_error else {})})
+        if message.text:
+            blocks.append({"type": "text", "text": message.text})
+        for call in message.tool_calls:
+            blocks.append({"type": "tool_use", "id": call.id, "name": call.name, "input": _arguments_object(call.arguments)})
+        if not blocks:
+            blocks.append({"type": "text", "text": "(no text)"})
+        out.append({"role": message.role, "content": blocks})
+    return out
+
+
+def openai_messages(system: str, messages: Sequence[AgentMessage]) -> list[dict[str, Any]]:
+    """The conversation as OpenAI chat ``messages`` (tool results become ``role: tool`` messages)."""
+    out: list[dict[str, Any]] = [{"role": "system", "content": system}]
+    for message in messages:
+        for result in message.tool_results:
+            content = ("ERROR: " + result.content) if result.is_error else result.content
+            out.append({"role": "tool", "tool_call_id": result.call_id, "content": content})
+        if message.role == "assistant":
+            entry: dict[str, Any] = {"role": "assistant", "content": message.text or None}
+            if message.tool_calls:
+                entry["tool_calls"] = [
+                    {"id": c.id, "type": "function", "function": {
+                        "name": c.name, "arguments": json.dumps(_arguments_object(c.arguments))}}
+                    for c in message.tool_calls
+                ]
+            elif not message.text:
+                entry["content"] = "(no text)"
+            out.append(entry)
+        elif message.text or not message.tool_results:
+            out.append({"role": "user", "content": message.text or "(no text)"})
+    return out
 
 
 def create_backend(settings: LabelingSection, *, base_dir: Path | None = None) -> LLMBackend:
@@ -330,12 +505,24 @@ class RetryingLLM:
 
     async def complete(self, *, system: str, messages: Sequence[ChatMessage], max_tokens: int,
                        response_schema: dict[str, Any] | None = None) -> Completion:
-        retry = 0
         extra = {"response_schema": response_schema} if response_schema is not None else {}
+        return await self._with_retries(
+            lambda: self.backend.complete(system=system, messages=messages, max_tokens=max_tokens, **extra)
+        )
+
+    async def complete_with_tools(self, *, system: str, messages: Sequence[AgentMessage],
+                                  tools: Sequence[ToolDefinition], max_tokens: int) -> ToolCompletion:
+        """One tool-use turn, retried like :meth:`complete` and charged to the budget."""
+        return await self._with_retries(
+            lambda: self.backend.complete_with_tools(system=system, messages=messages, tools=tools, max_tokens=max_tokens)
+        )
+
+    async def _with_retries(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        retry = 0
         while True:
             self.requests += 1
             try:
-                completion = await self.backend.complete(system=system, messages=messages, max_tokens=max_tokens, **extra)
+                completion = await call()
             except Exception as exc:  # noqa: BLE001 - classified below
                 kind = classify_error(exc)
                 summary = _summarise(exc)

@@ -12,6 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from circuits_core.errors import CircuitsError, FailedPrecondition, InvalidArgument, ResourceExhausted
 from circuits_core.limits import DEFAULT_LIMITS, Limits, flag
@@ -27,8 +28,10 @@ class LabelerService:
     ``label_window_s`` bound what LabelUnits may spend; ``clock`` (seconds) is injectable for tests."""
 
     def __init__(self, labeler: ProgressiveLabeler, *, limits: Limits = DEFAULT_LIMITS,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic, investigations: Any = None) -> None:  # fmt: skip
         self.labeler = labeler
+        #: :class:`circuits_labeler.scientist.service.Investigations`, or None (no attribution server).
+        self.investigations = investigations
         self.limits = limits
         self._clock = clock
         self._busy = threading.Lock()
@@ -120,6 +123,15 @@ class LabelerService:
             self._busy.release()
         failures = [f"L{o.key[0]}/N{o.key[1]}: {o.error or o.status}" for o in outcomes if o.status in ("failed", "skipped")]
         return self.get_labels(keys), failures
+
+    def investigate(self, layer: int, neuron: int, *, max_steps: int = 0, budget_usd: float = 0.0,
+                    resume: bool = False, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Any]:
+        """Events of a neuron-scientist investigation (FailedPrecondition without an attribution server)."""
+        if self.investigations is None:
+            raise FailedPrecondition("this labeler has no attribution server for investigations "
+                                     "(start it with --attribution HOST:PORT)")
+        return self.investigations.investigate(layer, neuron, max_steps=max_steps, budget_usd=budget_usd,
+                                               resume=resume, should_stop=should_stop)
 
     def get_labels(self, keys: Sequence[tuple[int, int]] = (), *, limit: int = 0) -> list[Unit]:
         """Stored labels of ``keys`` (all labelled units when empty), as Units."""

@@ -30,6 +30,13 @@ class LabelerServicer(labeler_pb2_grpc.LabelerServiceServicer):
         ):
             yield wire.label_progress_to_proto(progress)
 
+    def Investigate(self, request: labeler_pb2.InvestigateRequest, context) -> Iterator[labeler_pb2.InvestigationEvent]:  # noqa: N802
+        for event in self.service.investigate(
+            request.unit.layer, request.unit.index, max_steps=request.max_steps, budget_usd=request.budget_usd,
+            resume=request.resume, should_stop=lambda: not context.is_active(),
+        ):
+            yield wire.investigation_event_to_proto(event)
+
     def GetLabels(self, request: labeler_pb2.GetLabelsRequest, context) -> labeler_pb2.GetLabelsResponse:  # noqa: N802
         self.limits.check("max_units_per_request", len(request.units), "GetLabels request has", unit="units")
         limit = request.limit if request.limit < 0 else self.limits.clamp("max_results", request.limit)

@@ -10,9 +10,13 @@ enough of the Anthropic Messages API (``POST /v1/messages``) and the OpenAI chat
         ...
         server.requests                          # every request seen (path, unit, pass, status)
 
-Answers come from ``responder(request) -> str``. The default, :func:`labeler_responder`, answers
-labeller prompts (``Task: output|input`` / ``Neuron: L{l}/N{i}``) with a valid JSON label that
-names the neuron, and anything else with a short fixed text. Faults: ``"429"``, ``"500"``,
+Answers come from ``responder(request) -> str | StandInReply``. The default, :func:`labeler_responder`,
+answers labeller prompts (``Task: output|input`` / ``Neuron: L{l}/N{i}``) with a valid JSON label
+that names the neuron, and anything else with a short fixed text. Tool use works in both APIs: the
+request's ``tools`` are recorded, :meth:`StandInRequest.tool_exchanges` reads the calls and results
+of the conversation so far, and a :class:`StandInReply` with ``tool_calls`` is sent back as
+Anthropic ``tool_use`` blocks or OpenAI ``tool_calls``. :class:`ScriptedScientist` is a responder
+that investigates a neuron through the neuron scientist's tools. Faults: ``"429"``, ``"500"``,
 ``"503"``, ``"400"``, ``"401"``, ``"malformed"`` (HTTP 200 whose text is not JSON), ``"timeout"``
 (hold the connection ``hang_seconds``). Token usage is ``len(text) // 4 + 1`` per side.
 """
@@ -39,6 +43,32 @@ FAULTS = ("429", "500", "503", "400", "401", "malformed", "timeout")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StandInReply:
+    """A scripted answer: text and tool calls ``(name, arguments)``; arguments that are not a dict
+    are sent as they are (a malformed call)."""
+
+    text: str = ""
+    tool_calls: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolExchange:
+    """One tool call of the conversation so far, with the result sent back for it ("" if none yet)."""
+
+    name: str
+    arguments: Any
+    result: str = ""
+    is_error: bool = False
+
+    def result_json(self) -> Any:
+        """The result parsed as JSON (None when it is not JSON)."""
+        try:
+            return json.loads(self.result)
+        except (TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StandInRequest:
     """One request as the stand-in saw it."""
 
@@ -56,11 +86,47 @@ class StandInRequest:
     auth: str = ""
     #: The OpenAI ``response_format`` the client asked for, if any.
     response_format: dict | None = None
+    #: Names of the tools the request offered (empty: no tool use).
+    tools: tuple[str, ...] = ()
 
     @property
     def prompt(self) -> str:
         first = self.messages[0]["content"] if self.messages else ""
         return first if isinstance(first, str) else json.dumps(first)
+
+    def tool_exchanges(self) -> list[ToolExchange]:
+        """Every tool call made so far in the conversation, in order, with its result."""
+        calls: list[tuple[str, str, Any]] = []
+        results: dict[str, tuple[str, bool]] = {}
+        for message in self.messages:
+            content = message.get("content")
+            if self.api == "anthropic":
+                for block in content if isinstance(content, list) else ():
+                    if block.get("type") == "tool_use":
+                        calls.append((str(block.get("id")), str(block.get("name")), block.get("input")))
+                    elif block.get("type") == "tool_result":
+                        text = block.get("content")
+                        if isinstance(text, list):
+                            text = "".join(part.get("text", "") for part in text)
+                        results[str(block.get("tool_use_id"))] = (str(text or ""), bool(block.get("is_error")))
+            else:
+                for call in message.get("tool_calls") or ():
+                    function = call.get("function") or {}
+                    raw = function.get("arguments", "")
+                    try:
+                        arguments = json.loads(raw) if isinstance(raw, str) else raw
+                    except ValueError:
+                        arguments = raw
+                    calls.append((str(call.get("id")), str(function.get("name")), arguments))
+                if message.get("role") == "tool":
+                    text = str(content or "")
+                    error = text.startswith("ERROR: ")
+                    results[str(message.get("tool_call_id"))] = (text.removeprefix("ERROR: "), error)
+        out = []
+        for call_id, name, arguments in calls:
+            text, error = results.get(call_id, ("", False))
+            out.append(ToolExchange(name=name, arguments=arguments, result=text, is_error=error))
+        return out
 
 
 def count_tokens(text: str) -> int:
@@ -114,6 +180,11 @@ def labeler_responder(request: StandInRequest) -> str:
     })
 
 
+def _tool_name(tool: dict) -> str:
+    function = tool.get("function")
+    return str((function or {}).get("name") if isinstance(function, dict) else tool.get("name", ""))
+
+
 class StandInLLMServer:
     """Threaded HTTP stand-in for the Anthropic and OpenAI chat APIs (see module docstring)."""
 
@@ -121,7 +192,7 @@ class StandInLLMServer:
         self,
         *,
         latency: float = 0.0,
-        responder: Callable[[StandInRequest], str] = labeler_responder,
+        responder: Callable[[StandInRequest], str | StandInReply] = labeler_responder,
         hang_seconds: float = 5.0,
         fault_for: Callable[[StandInRequest], str | None] | None = None,
         host: str = "127.0.0.1",
@@ -238,6 +309,7 @@ class StandInLLMServer:
             label_pass=task_match[1] if task_match else None,
             auth="present" if (handler.headers.get("x-api-key") or handler.headers.get("authorization")) else "",
             response_format=body.get("response_format") if isinstance(body.get("response_format"), dict) else None,
+            tools=tuple(_tool_name(t) for t in body.get("tools") or () if isinstance(t, dict)),
         )
         with self._lock:
             fault = self._faults.popleft() if self._faults else None
@@ -261,22 +333,34 @@ class StandInLLMServer:
             headers = {"retry-after": "0"} if status == 429 else {}
             self._send(handler, status, {"type": "error", "error": {"type": kind, "message": f"stand-in {status}"}}, headers)
             return
-        text = "I think this neuron is about things." if fault == "malformed" else self.responder(request)
+        answer = "I think this neuron is about things." if fault == "malformed" else self.responder(request)
+        reply = answer if isinstance(answer, StandInReply) else StandInReply(text=str(answer))
         self._record(request, 200, fault)
-        prompt_text = system + "".join(str(m.get("content", "")) for m in messages)
-        in_tok, out_tok = count_tokens(prompt_text), count_tokens(text)
+        prompt_text = system + json.dumps(body.get("tools") or "") + "".join(json.dumps(m.get("content", "")) for m in messages)
+        calls = [(f"call_{uuid.uuid4().hex[:16]}", name, arguments) for name, arguments in reply.tool_calls]
+        in_tok = count_tokens(prompt_text)
+        out_tok = count_tokens(reply.text + "".join(json.dumps(a) if not isinstance(a, str) else a for _i, _n, a in calls))
         if api == "anthropic":
+            content: list[dict[str, Any]] = [{"type": "text", "text": reply.text}] if reply.text or not calls else []
+            content += [{"type": "tool_use", "id": i, "name": n, "input": a} for i, n, a in calls]
             payload = {
                 "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
-                "model": request.model, "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn", "stop_sequence": None,
+                "model": request.model, "content": content,
+                "stop_reason": "tool_use" if calls else "end_turn", "stop_sequence": None,
                 "usage": {"input_tokens": in_tok, "output_tokens": out_tok},
             }
         else:
+            message: dict[str, Any] = {"role": "assistant", "content": reply.text or (None if calls else "")}
+            if calls:
+                message["tool_calls"] = [
+                    {"id": i, "type": "function",
+                     "function": {"name": n, "arguments": a if isinstance(a, str) else json.dumps(a)}}
+                    for i, n, a in calls
+                ]
             payload = {
                 "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
                 "model": request.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop"}],
                 "usage": {"prompt_tokens": in_tok, "completion_tokens": out_tok, "total_tokens": in_tok + out_tok},
             }
         self._send(handler, 200, payload)
@@ -298,3 +382,103 @@ class StandInLLMServer:
         handler.end_headers()
         handler.wfile.write(data)
         handler.wfile.flush()
+
+
+def _tool_payload(exchange: ToolExchange) -> Any:
+    """The JSON part of a neuron-scientist tool result (the text after the summary line)."""
+    _summary, _, body = exchange.result.partition("\n")
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+class ScriptedScientist:
+    """A responder that investigates a neuron through every neuron-scientist tool, deciding each
+    step from the tool results so far (so it works on any model, and resumes from any point):
+
+    context (atlas_info, exemplars, projections) -> run_prompts(``probes``) -> hypothesis "fires on
+    the token T" (T = the token of the largest activation measured) -> predict (``fillers`` with
+    and without T) -> test_prediction -> intervene (ablate on a firing prompt, steer on a silent
+    one) -> patch -> attribute -> hypothesis update -> finish (label ``fires on the token T``,
+    confidence from the score). ``preamble`` replies are sent first (one per assistant turn), to
+    inject malformed or unknown calls. For real models, ``contexts`` (sentences with one ``{}``)
+    and ``alternatives`` (words put in place of T) replace the filler-word prompts.
+    """
+
+    def __init__(self, *, probes: list[str], fillers: list[str], preamble: list[StandInReply] | None = None,
+                 contexts: list[str] | None = None, alternatives: list[str] | None = None) -> None:
+        self.probes = list(probes)
+        self.fillers = list(fillers)
+        self.preamble = list(preamble or [])
+        self.contexts = list(contexts or [])
+        self.alternatives = list(alternatives or [])
+
+    def _prompts(self, token: str) -> tuple[list[str], list[str], str, str]:
+        """(fire prompts, silent prompts, prompt ending in the token, the same ending in another word)."""
+        if self.contexts and self.alternatives:
+            fire = [c.format(token) for c in self.contexts][:4]
+            silent = [c.format(a) for c, a in zip(self.contexts, self.alternatives)][:4]
+            head = self.contexts[0].split("{}")[0]
+            return fire, silent, head + token, head + self.alternatives[0]
+        f = self.fillers
+        fire = [f"{a} {token} {b}" for a, b in zip(f, f[1:] + f[:1])][:4]
+        silent = [f"{a} {b}" for a, b in zip(f, f[2:] + f[:2])][:4]
+        return fire, silent, f"{f[0]} {token}", f"{f[0]} {f[1]}"
+
+    def __call__(self, request: StandInRequest) -> StandInReply:
+        turns = sum(1 for m in request.messages if m.get("role") == "assistant")
+        if turns < len(self.preamble):
+            return self.preamble[turns]
+        done: dict[str, list[ToolExchange]] = {}
+        seen = set()
+        for ex in request.tool_exchanges():
+            seen.add(ex.name)
+            if not ex.is_error:
+                done.setdefault(ex.name, []).append(ex)
+        if not {"atlas_info", "exemplars", "projections"} & seen and "run_prompts" not in done:
+            return StandInReply(text="Looking at what is known first.",
+                                tool_calls=(("atlas_info", {}), ("exemplars", {"count": 8}), ("projections", {"top_k": 5})))
+        if "run_prompts" not in done:
+            return StandInReply(text="Probing with varied prompts.", tool_calls=(("run_prompts", {"prompts": self.probes}),))
+        token = self._token(done)
+        fire, silent, ending, other = self._prompts(token)
+        if "hypothesis" not in done:
+            return StandInReply(text=f"The largest activation was on {token!r}.",
+                                tool_calls=(("hypothesis", {"statement": f"fires on the token {token}"}),))
+        if "predict" not in done:
+            return StandInReply(text="Pre-registering predictions.",
+                                tool_calls=(("predict", {"hypothesis_id": "H1", "fires_on": fire, "silent_on": silent}),))
+        if "test_prediction" not in done:
+            pid = (_tool_payload(done["predict"][-1]) or {}).get("prediction_id", "P1")
+            return StandInReply(tool_calls=(("test_prediction", {"prediction_id": pid}),))
+        if len(done.get("intervene", [])) < 2:
+            top = max((_tool_payload(done["run_prompts"][0]) or {}).get("prompts", []) or [{}],
+                      key=lambda r: r.get("max_activation") or 0.0).get("max_activation") or 1.0
+            return StandInReply(text="Ablating and steering.", tool_calls=(
+                ("intervene", {"prompt": fire[0], "mode": "zero", "generate_tokens": 4}),
+                ("intervene", {"prompt": silent[0], "mode": "set", "value": round(2 * top, 4), "generate_tokens": 4}),
+            ))
+        if "patch" not in done:
+            return StandInReply(tool_calls=(("patch", {"source_prompt": ending, "target_prompt": other}),))
+        if "attribute" not in done:
+            return StandInReply(tool_calls=(("attribute", {"prompt": ending}),))
+        score = _tool_payload(done["test_prediction"][-1]) or {}
+        correct, total = score.get("correct", 0), score.get("total", 0)
+        if len(done["hypothesis"]) < 2:
+            status = "supported" if total and correct == total else "refuted"
+            return StandInReply(tool_calls=(("hypothesis", {"id": "H1", "status": status,
+                                                            "note": f"{correct}/{total} predictions came true"}),))
+        return StandInReply(text="Done.", tool_calls=(("finish", {
+            "label": f"fires on the token {token}",
+            "description": f"The neuron fires on the token {token!r}; {correct} of {total} pre-registered predictions "
+                           "came true.",
+            "confidence": "high" if total and correct == total else "low",
+            "hypothesis_id": "H1",
+        }),))
+
+    @staticmethod
+    def _token(done: dict[str, list[ToolExchange]]) -> str:
+        rows = (_tool_payload(done["run_prompts"][0]) or {}).get("prompts", [])
+        best = max(rows, key=lambda r: r.get("max_activation") or float("-inf"), default={})
+        return str(best.get("max_token", "")).strip() or "?"

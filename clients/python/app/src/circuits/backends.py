@@ -17,6 +17,7 @@ from circuits_core.config import SMALL_MODEL
 
 if TYPE_CHECKING:
     from circuits_core.capabilities import AtlasQueries, Intervener, Patcher, Tracer
+    from circuits_core.tracing import TraceRequest
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,18 +51,23 @@ class LocalModel:
     engine: tuple[tuple[str, Any], ...] = ()
 
 
-def _attribution(remote: Remote | None, model: LocalModel, *, what: str) -> Any:
+def _attribution(remote: Remote | None, model: LocalModel, *, what: str, check: TraceRequest | None = None) -> Any:
     if remote is not None:
         from circuits_sdk.attribution import DEFAULT_TRACE_TIMEOUT, AttributionClient
 
         return AttributionClient(remote.address, timeout=remote.timeout or DEFAULT_TRACE_TIMEOUT, **remote.client_options())
     models = require("circuits_attribution.models", what=what)
-    return models.load_engine(model.name, dtype=model.dtype, device=model.device, **dict(model.engine))
+    return models.load_engine(model.name, dtype=model.dtype, device=model.device, check=check, **dict(model.engine))
 
 
-def open_tracer(*, remote: Remote | None, model: LocalModel = LocalModel(), what: str = "tracing") -> Tracer:
-    """An attribution server's client, or the RelP engine on ``model`` loaded in this process."""
-    return _attribution(remote, model, what=what)
+def open_tracer(
+    *, remote: Remote | None, model: LocalModel = LocalModel(), what: str = "tracing", check: TraceRequest | None = None
+) -> Tracer:
+    """An attribution server's client, or the RelP engine on ``model`` loaded in this process.
+
+    ``check``: in process, this request's target tokens are checked with the tokenizer before the
+    weights load (a server checks them when the request arrives)."""
+    return _attribution(remote, model, what=what, check=check)
 
 
 def open_intervener(*, remote: Remote | None, model: LocalModel = LocalModel(), what: str = "interventions") -> Intervener:

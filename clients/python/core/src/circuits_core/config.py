@@ -17,12 +17,19 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 from circuits_core.errors import ConfigError, InvalidArgument
 from circuits_core.tracing import TraceSettings
 
 SMALL_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+#: The standard port of each service (gRPC; the gateway's is HTTP), the same in the Helm chart,
+#: `circuits serve <service>` and `circuits up`.
+DEFAULT_PORTS: Mapping[str, int] = MappingProxyType(
+    {"attribution": 50051, "aggregator": 50052, "labeler": 50053, "atlas": 50054, "gateway": 8080}
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -237,6 +244,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:  # Optional[X]: X's own message, "or null"
+            if value is None:
+                return None
+            try:
+                return _coerce(value, args[0], where)
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace(", got ", " or null, got ", 1)) from None
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, where)

@@ -94,8 +94,11 @@ def add_field_arguments(
 
     A field without a default becomes a positional argument, every other field ``--field-name``.
     The help is the field's ``#:`` doc plus ``(default_help(name, default))`` when the default is
-    worth showing. A field's ``metadata["metavar"]`` names its value(s). Values not given on the
-    command line are absent from the namespace; :func:`field_values` collects the given ones.
+    worth showing. A field's ``metadata["metavar"]`` names its value(s), ``metadata["choices"]``
+    restricts them. A ``bool | None`` field (unset = "the default decides") gets ``--field`` (True)
+    and ``metadata["negative_flag"]`` (default ``--no-field``, False) as a mutually exclusive pair.
+    Values not given on the command line are absent from the namespace; :func:`field_values`
+    collects the given ones.
     """
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -115,9 +118,21 @@ def add_field_arguments(
         options: dict[str, Any] = {"help": help_text.replace("%", "%%")}
         if "metavar" in f.metadata:
             options["metavar"] = f.metadata["metavar"]
+        if "choices" in f.metadata:
+            options["choices"] = tuple(f.metadata["choices"])
+        if kind == "bool" and default is None:
+            # Tri-state (unset = "the default decides"): --field sets True, the negative flag False.
+            negative = f.metadata.get("negative_flag", "--no-" + f.name.replace("_", "-"))
+            pair = parser.add_mutually_exclusive_group()
+            pair.add_argument(_flag(f.name), dest=f.name, action="store_const", const=True,
+                              default=argparse.SUPPRESS, help=options["help"])
+            pair.add_argument(negative, dest=f.name, action="store_const", const=False,
+                              default=argparse.SUPPRESS, help=f"the opposite of {_flag(f.name)}")
+            names.append(f.name)
+            continue
         if kind == "bool":
             if default is not False:
-                raise TypeError(f"{cls.__name__}.{f.name}: a flag needs a bool field that defaults to False")
+                raise TypeError(f"{cls.__name__}.{f.name}: a flag needs a bool field that defaults to False or None")
             options["action"] = "store_true"
         else:
             options["type"] = item

@@ -60,6 +60,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from circuits_core.aggregator_types import GraphArrays
 
 GRAPH_SUFFIXES = (".json", ".json.gz", ".pb", ".pb.gz")
+#: ``circuits validate`` names its results ``<graph-stem>.faithfulness-<ablation>....json`` beside the
+#: graph; files with this mark are results about a graph, not graphs.
+VALIDATION_MARK = ".faithfulness"
 CLERP_LABEL_CHARS = 60
 
 #: Frame of compact graph files: magic, format version, payload length, CRC-32 of the payload.
@@ -79,9 +82,11 @@ def graph_format(path: str | Path) -> str:
 
 
 def is_graph_file(path: str | Path) -> bool:
-    """A graph file by its name (hidden files and a folder's graph-metadata.json index are not)."""
+    """A graph file by its name (hidden files, a folder's graph-metadata.json index and the
+    validation results ``circuits validate`` writes beside a graph are not)."""
     name = Path(path).name
-    return name.endswith(GRAPH_SUFFIXES) and not name.startswith(".") and name != "graph-metadata.json"
+    return (name.endswith(GRAPH_SUFFIXES) and not name.startswith(".") and name != "graph-metadata.json"
+            and VALIDATION_MARK not in name)
 
 
 # ------------------------------------------------------------------------------------------

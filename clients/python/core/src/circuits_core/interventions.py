@@ -154,8 +154,10 @@ class InterventionRequest:
     """One Intervene call: a prompt (encoded like traces), the changes, and what to report."""
 
     prompt: str
-    interventions: tuple[NeuronIntervention, ...]
-    raw: bool = False
+    #: The changes; empty: only the baseline prediction is reported.
+    interventions: tuple[NeuronIntervention, ...] = ()
+    #: True: the prompt as is; False: the chat template; None: the model's own prompt form.
+    raw: bool | None = None
     answer_prefix: str = ""
     top_k: int = 10
     generate_tokens: int = 0
@@ -168,5 +170,3 @@ class InterventionRequest:
             raise InvalidArgument(f"top_k must be >= 1, got {self.top_k}")
         if self.generate_tokens < 0:
             raise InvalidArgument(f"generate_tokens must be >= 0, got {self.generate_tokens}")
-        if not self.interventions:
-            raise InvalidArgument("no neuron interventions given")

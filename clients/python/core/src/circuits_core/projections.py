@@ -163,6 +163,14 @@ class OutputProjections:
     def __len__(self) -> int:
         return len(self.by_unit)
 
+    def neurons_per_layer(self) -> int:
+        """MLP neurons per layer (the largest neuron index + 1)."""
+        return max((k[1] for k in self.by_unit), default=-1) + 1
+
+    def unit_keys(self) -> list[tuple[int, int]]:
+        """Every projected ``(layer, neuron)``, sorted."""
+        return sorted(self.by_unit)
+
     def save(self, path: str | Path) -> Path:
         """Write Parquet atomically (tmp + rename); metadata carries model, layers, top_k."""
         import pyarrow as pa

@@ -27,6 +27,9 @@ MAX_PROMPT_CHARS = 200_000
 #: Fields that choose the metric's target; giving one replaces the other's inherited value.
 _TARGET_MODES = ("target_tokens", "contrastive")
 
+#: What a trace does when more than max_nodes neurons pass the threshold (TraceSettings.over_max_nodes).
+OVER_MAX_NODES = ("prune", "skip_edges")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TraceSettings:
@@ -37,20 +40,25 @@ class TraceSettings:
 
     #: Number of top logits combined into the metric (ignored with target_tokens or contrastive).
     k: int = 5
-    #: Trace the sum of these tokens' logits instead of the top k (each must be one token for the model).
+    #: Trace the sum of these tokens' logits instead of the top k; a target that splits into several
+    #: tokens is traced by its first token (the summary and the graph metadata say so).
     target_tokens: tuple[str, ...] = field(default=(), metadata={"metavar": "TOKEN"})
-    #: Trace logit(POS) - logit(NEG) instead of the top k (excludes target_tokens).
+    #: Trace logit(POS) - logit(NEG) instead of the top k (excludes target_tokens; multi-token: first tokens).
     contrastive: tuple[str, str] | None = field(default=None, metadata={"metavar": ("POS", "NEG")})
     #: Token position whose logits are traced (default: the last; negative counts from the end).
     target_position: int | None = None
-    #: Tokenize the prompt as is, without the chat template.
-    raw: bool = False
+    #: Tokenize the prompt as is (completion form); --chat: the model's chat template. Default: the
+    #: model's own form (SmolLM2-135M-Instruct: raw; other instruct models: chat).
+    raw: bool | None = field(default=None, metadata={"negative_flag": "--chat"})
     #: Partial assistant answer appended after the generation prompt (with raw: appended to the prompt).
     answer_prefix: str = ""
     #: Node threshold: keep neurons with |RelP| >= tau * |m|.
     tau: float = 0.005
-    #: Above this many selected neurons the graph keeps its nodes and logit edges only.
+    #: Most neurons in a graph (see over_max_nodes for what happens above it).
     max_nodes: int = 500
+    #: Above max_nodes: prune (keep the max_nodes neurons with the largest |RelP| and compute their
+    #: edges) or skip_edges (keep every selected neuron, edges into the logits only).
+    over_max_nodes: str = field(default="prune", metadata={"choices": OVER_MAX_NODES})
 
     def __post_init__(self) -> None:
         _check_settings(self)
@@ -156,8 +164,8 @@ def _check_settings(s: TraceSettings) -> None:
             raise InvalidArgument("contrastive and target_tokens cannot be combined; pick one target mode")
     if s.target_position is not None and not _is_int(s.target_position):
         raise InvalidArgument(f"target_position must be an integer, got {s.target_position!r}")
-    if not isinstance(s.raw, bool):
-        raise InvalidArgument(f"raw must be true or false, got {s.raw!r}")
+    if s.raw is not None and not isinstance(s.raw, bool):
+        raise InvalidArgument(f"raw must be true, false or unset (the model's default), got {s.raw!r}")
     if not isinstance(s.answer_prefix, str):
         raise InvalidArgument(f"answer_prefix must be a string, got {s.answer_prefix!r}")
     if isinstance(s.tau, bool) or not isinstance(s.tau, (int, float)) or not (math.isfinite(s.tau) and s.tau >= 0):
@@ -165,6 +173,8 @@ def _check_settings(s: TraceSettings) -> None:
     object.__setattr__(s, "tau", float(s.tau))
     if not _is_int(s.max_nodes) or s.max_nodes < 0:
         raise InvalidArgument(f"max_nodes must be an integer >= 0, got {s.max_nodes!r}")
+    if s.over_max_nodes not in OVER_MAX_NODES:
+        raise InvalidArgument(f"over_max_nodes must be one of {', '.join(OVER_MAX_NODES)}, got {s.over_max_nodes!r}")
 
 
 # -- prompts files (JSON lines) --------------------------------------------------------------

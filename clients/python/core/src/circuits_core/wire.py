@@ -433,13 +433,15 @@ def trace_request_to_proto(request: TraceRequest) -> attribution_pb2.TraceReques
     """Encode a :class:`circuits_core.tracing.TraceRequest` (every setting explicit)."""
     msg = attribution_pb2.TraceRequest(
         prompt=request.prompt,
-        raw=request.raw,
         answer_prefix=request.answer_prefix,
         corpus_index=request.corpus_index,
         slug=request.slug,
         tau=request.tau,
         max_nodes=request.max_nodes,
+        over_max_nodes=request.over_max_nodes,
     )
+    if request.raw is not None:  # unset: the server's model picks its prompt form
+        msg.raw = request.raw
     msg.target.k = request.k
     msg.target.target_tokens.extend(request.target_tokens)
     if request.contrastive is not None:
@@ -460,7 +462,7 @@ def trace_request_from_proto(msg: attribution_pb2.TraceRequest) -> TraceRequest:
         raise InvalidArgument("contrastive target needs both contrastive_positive and contrastive_negative")
     given: dict[str, Any] = {
         "prompt": msg.prompt,
-        "raw": msg.raw,
+        "raw": msg.raw if msg.HasField("raw") else None,
         "answer_prefix": msg.answer_prefix,
         "slug": msg.slug,
         "target_tokens": tuple(target.target_tokens),
@@ -468,6 +470,8 @@ def trace_request_from_proto(msg: attribution_pb2.TraceRequest) -> TraceRequest:
     }
     if target.k:  # proto3 int: 0 is "not set"
         given["k"] = target.k
+    if msg.over_max_nodes:
+        given["over_max_nodes"] = msg.over_max_nodes
     for name in ("target_position", "tau", "max_nodes", "corpus_index"):
         if msg.HasField(name):
             given[name] = getattr(msg, name)
@@ -610,9 +614,11 @@ _INTERVENTION_MODE_NAMES = {v: k for k, v in _INTERVENTION_MODES.items()}
 def intervene_request_to_proto(request: InterventionRequest) -> attribution_pb2.InterveneRequest:
     """Encode an :class:`~circuits_core.interventions.InterventionRequest`."""
     msg = attribution_pb2.InterveneRequest(
-        prompt=request.prompt, raw=request.raw, answer_prefix=request.answer_prefix,
+        prompt=request.prompt, answer_prefix=request.answer_prefix,
         top_k=request.top_k, generate_tokens=request.generate_tokens,
     )  # fmt: skip
+    if request.raw is not None:
+        msg.raw = request.raw
     for item in request.interventions:
         msg.interventions.add(
             layer=item.layer, index=item.index, positions=list(item.positions or ()),
@@ -635,7 +641,8 @@ def intervene_request_from_proto(msg: attribution_pb2.InterveneRequest) -> Inter
             )
         )  # fmt: skip
     return InterventionRequest(
-        prompt=msg.prompt, interventions=tuple(interventions), raw=msg.raw, answer_prefix=msg.answer_prefix,
+        prompt=msg.prompt, interventions=tuple(interventions), raw=msg.raw if msg.HasField("raw") else None,
+        answer_prefix=msg.answer_prefix,
         top_k=msg.top_k or 10, generate_tokens=msg.generate_tokens,
     )  # fmt: skip
 
@@ -675,6 +682,67 @@ def intervention_result_from_proto(
         tracked=_token_probabilities_from_proto(msg.tracked), baseline_text=msg.baseline_text,
         generated_text=msg.generated_text, interventions=tuple(interventions),
     )  # fmt: skip
+
+
+# -- attribution service: GetActivations -------------------------------------------------------
+def activation_request_to_proto(request: Any) -> Any:
+    """Encode a :class:`circuits_core.activations.ActivationRequest` as ``circuits.v1.GetActivationsRequest``."""
+    from circuits_core._proto.circuits.v1 import attribution_pb2
+
+    return attribution_pb2.GetActivationsRequest(
+        prompts=list(request.prompts), chat_template=not request.raw, answer_prefix=request.answer_prefix,
+        neurons=[attribution_pb2.NeuronRef(layer=layer, index=index) for layer, index in request.neurons],
+    )
+
+
+def activation_request_from_proto(msg: Any) -> Any:
+    """Decode ``circuits.v1.GetActivationsRequest``; bad values raise InvalidArgument."""
+    from circuits_core.activations import ActivationRequest
+
+    return ActivationRequest(prompts=tuple(msg.prompts), neurons=tuple((n.layer, n.index) for n in msg.neurons),
+                             raw=not msg.chat_template, answer_prefix=msg.answer_prefix)
+
+
+def activation_result_to_proto(result: Any) -> Any:
+    """Encode a :class:`circuits_core.activations.ActivationResult` as ``circuits.v1.GetActivationsResponse``."""
+    from circuits_core._proto.circuits.v1 import attribution_pb2
+
+    return attribution_pb2.GetActivationsResponse(prompts=[
+        attribution_pb2.PromptActivations(
+            prompt=p.prompt, tokens=list(p.tokens), special_positions=list(p.special_positions),
+            neurons=[attribution_pb2.NeuronActivations(values=list(row)) for row in p.values],
+        )
+        for p in result.prompts
+    ])
+
+
+def activation_result_from_proto(msg: Any, *, neurons: Sequence[tuple[int, int]] = ()) -> Any:
+    """Decode ``circuits.v1.GetActivationsResponse`` (``neurons`` echo the request's)."""
+    from circuits_core.activations import ActivationResult, PromptActivations
+
+    return ActivationResult(neurons=tuple(neurons), prompts=tuple(
+        PromptActivations(prompt=p.prompt, tokens=tuple(p.tokens), values=tuple(tuple(n.values) for n in p.neurons),
+                          special_positions=tuple(p.special_positions))
+        for p in msg.prompts
+    ))
+
+
+# -- labeler service: Investigate --------------------------------------------------------------
+_EVENT_FIELDS = ("kind", "step", "message", "tool", "ok", "status", "label", "confidence", "predictions_correct",
+                 "predictions_total", "report_path", "spend_usd")
+
+
+def investigation_event_to_proto(event: Any) -> Any:
+    """circuits_core.investigation.InvestigationEvent -> circuits.v1.InvestigationEvent."""
+    from circuits_core._proto.circuits.v1 import labeler_pb2
+
+    return labeler_pb2.InvestigationEvent(**{name: getattr(event, name) for name in _EVENT_FIELDS})
+
+
+def investigation_event_from_proto(msg: Any) -> Any:
+    from circuits_core.investigation import InvestigationEvent
+
+    return InvestigationEvent(**{name: getattr(msg, name) for name in _EVENT_FIELDS})
 
 
 # -- aggregator -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from circuits_core import wire
 from circuits_core._proto.circuits.v1 import attribution_pb2, attribution_pb2_grpc
 from circuits_sdk._channel import DEFAULT_TIMEOUT, call_unary, iterate_stream, open_channel, translate
 from circuits_core.errors import InvalidArgument, Unavailable
+from circuits_core.activations import ActivationRequest, ActivationResult
 from circuits_core.interventions import InterventionRequest, InterventionResult
 from circuits_core.patching import PatchRequest, PatchResult
 from circuits_core.schemas import Graph
@@ -110,6 +111,14 @@ class AttributionClient:
             self._stub.Intervene, wire.intervene_request_to_proto(request), timeout=timeout or self.timeout, idempotent=True
         )
         return wire.intervention_result_from_proto(msg, interventions=request.interventions)
+
+    def activations(self, request: ActivationRequest, *, timeout: float | None = None) -> ActivationResult:
+        """Per-token activations of ``request.neurons`` on each of ``request.prompts`` (the server's model)."""
+        msg = call_unary(
+            self._stub.GetActivations, wire.activation_request_to_proto(request), timeout=timeout or self.timeout,
+            idempotent=True,
+        )
+        return wire.activation_result_from_proto(msg, neurons=request.neurons)
 
     def patch(self, request: PatchRequest, *, timeout: float | None = None) -> PatchResult:
         """Activation patching of ``request.neurons`` (or the clean prompt's top RelP neurons)

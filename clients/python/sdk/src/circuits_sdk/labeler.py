@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from circuits_core import wire
 from circuits_core._proto.circuits.v1 import labeler_pb2, labeler_pb2_grpc
 from circuits_sdk._channel import DEFAULT_TIMEOUT, call_unary, iterate_stream, open_channel
+from circuits_core.investigation import InvestigationEvent
 from circuits_core.schemas import LabelProgress, Unit
 
 
@@ -60,6 +61,18 @@ class LabelerClient:
         stream = self._stub.RunProgressive(request, timeout=timeout)
         for msg in iterate_stream(stream):
             yield wire.label_progress_from_proto(msg)
+
+    def investigate(
+        self, layer: int, neuron: int, *, max_steps: int = 0, budget_usd: float = 0.0, resume: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[InvestigationEvent]:
+        """Stream the events of a neuron investigation (the neuron scientist on the server); the last
+        event (finished / stopped) carries the verdict and the report path on the server."""
+        request = labeler_pb2.InvestigateRequest(unit=labeler_pb2.UnitRef(layer=layer, index=neuron), max_steps=max_steps,
+                                                 budget_usd=budget_usd, resume=resume)
+        stream = self._stub.Investigate(request, timeout=timeout)
+        for msg in iterate_stream(stream):
+            yield wire.investigation_event_from_proto(msg)
 
     def get_labels(self, units: Iterable[tuple[int, int]] = (), *, limit: int = 0) -> list[Unit]:
         """Stored labels (all labelled units when ``units`` is empty)."""

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from circuits import __version__
 from circuits.extras import missing_part_error
@@ -32,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("circuits.cli.launch", "launch a batch attribution run as a Kubernetes Indexed Job"),
     "validate": ("circuits.cli.validate", "faithfulness curves of a graph by ablation"),
     "intervene": ("circuits.cli.intervene", "set/scale/zero/mean-ablate neurons and show logits"),
+    "investigate": ("circuits.cli.investigate", "an LLM agent investigates one neuron and writes an HTML report"),
     "patch": ("circuits.cli.patch", "activation patching between a clean and a corrupt prompt, vs RelP"),
     "diff": ("circuits.cli.diff", "compare two graphs: neurons and edges gained, lost and changed"),
     "connectivity": ("circuits.cli.connectivity", "weight-based projections and weight-graph edges of a model"),
@@ -77,28 +79,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LineTrackingStream:
+    """stderr as the command sees it, remembering whether the last write ended a line.
+
+    A progress bar leaves its line without a newline (``\r`` and blanks); the final ``error:``
+    line must still start a line of its own, on a terminal and in a redirected log alike."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        written = self._stream.write(text)
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _report(stream: _LineTrackingStream, line: str) -> None:
+    """Print a final ``error:`` / ``interrupted`` line, on a line of its own."""
+    print(("" if stream.at_line_start else "\n") + line, file=stream, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    stderr = sys.stderr = _LineTrackingStream(sys.stderr)
     try:
         return int(args._run(args) or 0)
     except CircuitsError as exc:
-        print(error_line(exc), file=sys.stderr)
+        _report(stderr, error_line(exc))
         return 2
     except ModuleNotFoundError as exc:
         missing = missing_part_error(exc, what=f"`circuits {args.command}`")
         if missing is None:
             raise
-        print(f"error: {missing}", file=sys.stderr)
+        _report(stderr, f"error: {missing}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _report(stderr, "interrupted")
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        if sys.stderr is stderr:
+            sys.stderr = stderr._stream  # noqa: SLF001
 
 
 if __name__ == "__main__":

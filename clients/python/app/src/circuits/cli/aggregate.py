@@ -54,7 +54,14 @@ def _merge(args: argparse.Namespace) -> int:
         raise InvalidArgument("--merge needs --export DIR (where the merged export goes)")
     if args.graphs_dir:
         raise InvalidArgument("give either a graphs directory or --merge, not both")
-    files = merge_exports(args.merge, args.export_dir, min_count=args.min_count)
+    out = Path(args.export_dir)
+    existed = out.exists()
+    try:
+        files = merge_exports(args.merge, out, min_count=args.min_count)
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed merge leaves no empty output folder behind
+        raise
     print(f"merged {len(args.merge)} exports into {Path(args.export_dir)}: {', '.join(f.name for f in files)}")
     return 0
 
@@ -75,6 +82,10 @@ def _aggregate(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--max-graphs must be >= 0, got {args.max_graphs}")
     if not graphs_dir.is_dir():
         raise InvalidArgument(f"{graphs_dir}: graphs directory not found")
+    from circuits_aggregator.directory import list_graph_files
+
+    if not list_graph_files(graphs_dir):  # checked before the state is created: an empty run leaves nothing behind
+        raise InvalidArgument(f"{graphs_dir}: no graph file (*.json, *.json.gz, *.pb, *.pb.gz) found; nothing to aggregate")
     export_dir = Path(args.export_dir) if args.export_dir else (cfg.resolve(agg.export_dir) if args.config else None)
 
     with AggregateStore(state, StoreSettings(threads=args.threads, memory_limit=args.memory_limit)) as store:

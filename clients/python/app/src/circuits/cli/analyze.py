@@ -6,8 +6,11 @@
 
 Each analysis writes report.md, report.html (interactive viewer), graph.json (labels,
 clusters, qParams.supernodes) and summary.json into its folder: ``--output`` for one prompt or
-graph, ``--output/<slug>`` for several (default ``<output.dir>/reports``). Works without an
-LLM key: the analysis section then says it was skipped.
+graph, ``--output/<slug>`` for several (default ``<output.dir>/reports/<slug>``: without --config
+``output/reports/<slug>/`` under the working directory; a config's relative paths resolve against
+the config file's folder). Works without an LLM key: the analysis section then says it was skipped.
+Neuron labels come from --labels, --atlas or the config's labeling section, never from a file that
+happens to lie in the working directory.
 
 Trace settings: a flag (generated from TraceSettings) wins over the config's ``graphs:`` section,
 which wins over TraceSettings' defaults; a ``graphs.prompts_file`` line may set its own.
@@ -34,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph", action="append", default=[], metavar="FILE",
                         help="analyse an existing graph file instead of tracing (repeatable)")
     parser.add_argument("--output", "-o", default=None,
-                        help="report folder (several prompts: one subfolder each); default <output.dir>/reports[/<slug>]")
+                        help="report folder (several prompts: one subfolder each); default <output.dir>/reports/<slug>: "
+                             "output/reports/<slug>/ in the working directory, or relative to the config file's folder "
+                             "with --config")
     trace = parser.add_argument_group("trace settings")
     add_field_arguments(trace, TraceSettings, default_help=lambda name, default: f"default: config graphs.{name}, else {default}")
     engine = parser.add_argument_group("in-process engine (ignored with --remote)")
@@ -101,17 +106,25 @@ def run(args: argparse.Namespace) -> int:
     labeling = dataclasses.replace(labeling, **{k: v for k, v in overrides.items() if v is not None})
     if args.labels:
         labeling = dataclasses.replace(labeling, method="file", labels_file=str(Path(args.labels).resolve()))
+    elif not args.config and labeling.method == "progressive":
+        # Without a config the labeler's default output file (labels.jsonl) is not a label source:
+        # a file that happens to lie in the working directory must not label a report silently.
+        labeling = dataclasses.replace(labeling, method="none")
+        stray = Path(config.labeling.labels_path)
+        if stray.is_file():
+            print(f"note: {stray} is not used for labels; pass --labels {stray} to label neurons from it", file=sys.stderr)
     atlas_path = args.atlas if args.atlas is not None else (str(config.resolve(labeling.atlas_path)) if labeling.atlas_path else "")
     analysis_settings = analysis.AnalysisSettings(
         n_paths=args.paths, path_mode=args.path_mode, use_llm=not args.no_llm, llm=labeling, base_dir=config.base_dir
     )
     remote = remote_from_args(args, default_address=config.graphs.remote)
+    several = len(jobs) > 1
     model = LocalModel(
-        name=args.model or config.model.name, dtype=args.dtype or config.model.dtype, device=args.device or config.model.device
+        name=args.model or config.model.name, dtype=args.dtype or config.model.dtype, device=args.device or config.model.device,
+        engine=(("progress", not several),),  # one prompt: the trace's bar; several: the bar over prompts
     )
 
     root = Path(args.output) if args.output else config.resolve(config.output.dir) / "reports"
-    several = len(jobs) > 1
     index = []
     from tqdm.auto import tqdm
 

@@ -1,18 +1,22 @@
 """`circuits graph PROMPT`: trace one prompt into a RelP attribution graph (legacy viewer JSON).
 
-Writes ``<output-dir>/relp-<slug>.json``, adds it to ``<output-dir>/graph-metadata.json`` (so the
-folder can be served as is by circuit-tracer's local server or ``circuits view DIR``) and prints
-one summary line: node and edge counts, the traced logits with their probabilities, and the
-output path.
+Writes ``<output-dir>/relp-<slug>.json`` (never over an existing file: the next free
+``relp-<slug>-2.json``, ... unless ``--overwrite``), adds it to ``<output-dir>/graph-metadata.json``
+(so the folder can be served as is by circuit-tracer's local server or ``circuits view DIR``) and
+prints one summary line: node and edge counts (and what max-nodes did), the prompt form used, the
+traced logits with their probabilities, and the output path. Notes on the targets, and a hint when
+the top traced logit is weak, follow on stderr.
 
 The trace flags are generated from :class:`~circuits_core.tracing.TraceRequest` (its field comments
 are their help). :func:`trace_request` turns them into the one request that is traced, in
-process or with ``--remote`` on an attribution server: both paths get the same object.
+process or with ``--remote`` on an attribution server: both paths get the same object, and both
+record what they decided (prompt form, targets, pruning) in the graph metadata the summary reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from contextlib import closing
 from pathlib import Path
@@ -30,11 +34,17 @@ if TYPE_CHECKING:
 
 #: The in-process MLP rule unless --mlp-rule says otherwise (a server traces with its own).
 _MLP_RULE_DEFAULT = "relp"
+#: Below this probability the top traced logit is "weak" and the summary is followed by a hint.
+WEAK_LOGIT_P = 0.2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_field_arguments(parser, TraceRequest)
-    parser.add_argument("--output-dir", default="graphs", help="directory for the graph file (default: %(default)s)")
+    parser.add_argument("--output-dir", default="graphs",
+                        help="directory for the graph file relp-<slug>.json and its graph-metadata.json index, relative "
+                             "to the working directory (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing relp-<slug>.json (default: write relp-<slug>-2.json, -3, ... instead)")
     parser.add_argument("--labels", default=None, metavar="FILE",
                         help="fill node labels (clerp) from a label file (JSONL/JSON: layer, neuron, label)")
     parser.add_argument("--neurondb", action="store_true",
@@ -98,28 +108,39 @@ def run(args: argparse.Namespace) -> int:
     request = trace_request(args)
     _validate(args)
     remote = remote_from_args(args)
-    from tqdm.auto import tqdm
 
-    output = Path(args.output_dir) / f"{request.slug}.json"
+    output_dir = Path(args.output_dir)
+    slug = request.slug if args.overwrite else free_slug(output_dir, request.slug)
+    if slug != request.slug:
+        request = dataclasses.replace(request, slug=slug)
+    output = output_dir / f"{slug}.json"
     model = LocalModel(
         name=args.model, dtype=args.dtype, device=args.device,
         engine=(("mlp_rule", args.mlp_rule), ("edge_chunk_size", args.edge_chunk_size), ("progress", True)),
     )
-    with closing(open_tracer(remote=remote, model=model, what="`circuits graph`")) as tracer:
-        # In process the model is loaded now; the edge pass shows its own bar while tracing.
-        with tqdm(total=2, desc="graph", unit="step", file=sys.stderr, leave=False, disable=remote is not None) as bar:
-            bar.set_postfix_str("tracing")
-            try:
-                graph = tracer.trace(request)
-            except Unavailable as exc:  # only a server is ever unavailable
-                raise Unavailable(f"attribution server {args.remote} is unavailable: {exc}") from None
-            graph = _apply_labels(graph, args)
-            bar.update(1)
-            bar.set_postfix_str("writing")
-            write_graph_json(graph, output)
-            bar.update(1)
-    _print_summary(graph, output)
+    # In process the tokenizer checks the targets first, then the weights load; the edge pass
+    # shows the one progress bar.
+    with closing(open_tracer(remote=remote, model=model, what="`circuits graph`", check=request)) as tracer:
+        try:
+            graph = tracer.trace(request)
+        except Unavailable as exc:  # only a server is ever unavailable
+            raise Unavailable(f"attribution server {args.remote} is unavailable: {exc}") from None
+        graph = _apply_labels(graph, args)
+        write_graph_json(graph, output)
+    print(summary_line(graph, output), flush=True)
+    for line in trace_notes(graph):
+        print(line, file=sys.stderr)
     return 0
+
+
+def free_slug(folder: Path, slug: str) -> str:
+    """``slug`` when ``folder/<slug>.json`` does not exist, else the first free ``<slug>-2``, ``-3``, ..."""
+    if not (folder / f"{slug}.json").exists():
+        return slug
+    n = 2
+    while (folder / f"{slug}-{n}.json").exists():
+        n += 1
+    return f"{slug}-{n}"
 
 
 def write_graph_json(graph: Graph, output: Path) -> Path:
@@ -133,10 +154,53 @@ def write_graph_json(graph: Graph, output: Path) -> Path:
     return output
 
 
-def _print_summary(graph: Graph, output: Path) -> None:
-    logits = ", ".join(f"{u.token!r} p={u.probability:.3f}" for u in graph.logits)
-    exceeded = " (nodes exceeded max-nodes: neuron edges skipped)" if graph.metadata.nodes_exceeded else ""
-    print(
-        f"{len(graph.neurons)} nodes, {len(graph.edge_table)} edges{exceeded}; "
-        f"top logits: {logits}; m={graph.metadata.metric_value:.4g}; wrote {output}"
-    )
+def _settings(graph: Graph) -> dict:
+    return dict(graph.metadata.extra.get("generation_settings", {}) or {})
+
+
+def summary_line(graph: Graph, output: Path) -> str:
+    """One line: nodes and edges (and what max-nodes did), prompt form, traced logits, m, the file."""
+    gs = _settings(graph)
+    nodes = f"{len(graph.neurons)} nodes"
+    pruned = int(gs.get("nodes_pruned", 0) or 0)
+    if pruned:
+        nodes += (f" (the {len(graph.neurons)} most influential of {gs.get('n_candidate_nodes', '?')} above tau; "
+                  f"{pruned} pruned by --max-nodes {gs.get('max_nodes', '?')})")
+    edges = f"{len(graph.edge_table)} edges"
+    if graph.metadata.nodes_exceeded:
+        edges += f" (over --max-nodes {gs.get('max_nodes', '?')}: neuron edges skipped)"
+    form = gs.get("prompt_form_reason") or ("raw completion" if gs.get("raw") else "chat template")
+    traced = {t.get("token_id"): t for t in gs.get("targets", ()) or ()}
+    shown = []
+    for u in graph.logits:
+        text = f"{u.token!r} p={_probability(u.probability)}"
+        target = traced.get(u.index)
+        if target and len(target.get("pieces", ())) > 1:
+            text += f" (first token of {target['text']!r})"
+        shown.append(text)
+    value = graph.metadata.metric_value
+    m = f"; m={value:.4g}" if value is not None else ""
+    return f"{nodes}, {edges}; prompt: {form}; traced logits: {', '.join(shown)}{m}; wrote {output}"
+
+
+def _probability(p: float | None) -> str:
+    if p is None:
+        return "?"
+    return f"{p:.3f}" if p >= 1e-3 else f"{p:.2g}"
+
+
+def trace_notes(graph: Graph) -> list[str]:
+    """``note:`` / ``warning:`` lines about the targets, and a ``hint:`` when the top traced logit is weak."""
+    gs = _settings(graph)
+    lines = [f"note: {note}" for note in gs.get("target_notes", ()) or ()]
+    lines += [f"warning: {warning}" for warning in gs.get("target_warnings", ()) or ()]
+    probabilities = [u.probability for u in graph.logits if u.probability is not None]
+    top = max(probabilities, default=None)
+    if top is not None and top < WEAK_LOGIT_P:
+        tries = ["--chat (the chat template)" if gs.get("raw") else "--raw (completion form)",
+                 "--answer-prefix TEXT (start the answer)"]
+        if not gs.get("targets"):
+            tries.append("--target-tokens TOKEN (the answer you expect)")
+        lines.append(f"hint: the top traced logit has p={_probability(top)} (< {WEAK_LOGIT_P}), so the model may not be "
+                     f"answering in this form: try {', '.join(tries[:-1])} or {tries[-1]}")
+    return lines

@@ -1,8 +1,8 @@
 """`circuits intervene PROMPT --neuron L:N[:POS,...]=MODE ...`: change neurons, compare predictions.
 
-Runs the real model on the prompt (chat template unless ``--raw``) with the neurons changed and
-prints the baseline and intervened top next tokens (and, with ``--generate N``, both greedy
-continuations). Neuron specs: ``LAYER:INDEX[:POSITIONS]=zero|mean|scale:F|set:V`` where
+Runs the real model on the prompt (in the model's own prompt form unless ``--raw`` / ``--chat``) with
+the neurons changed and prints the baseline and intervened top next tokens (and, with
+``--generate N``, both greedy continuations). Without ``--neuron`` it shows the baseline alone. Neuron specs: ``LAYER:INDEX[:POSITIONS]=zero|mean|scale:F|set:V`` where
 POSITIONS is a comma list of prompt positions (negative: from the end), ``prompt`` (default: every
 prompt position) or ``all`` (also every generated token).
 """
@@ -23,9 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the user prompt")
     parser.add_argument("--neuron", action="append", default=[], metavar="L:N[:POS,...]=MODE",
                         help="an intervention, e.g. 12:345=zero, 3:17:4,5=set:1.5, 20:9:-1=scale:2, 7:100:all=mean "
-                             "(repeatable)")
+                             "(repeatable; none: show the baseline prediction only)")
     parser.add_argument("--model", default=SMALL_MODEL, help="hub id or local checkpoint directory (default: %(default)s)")
-    parser.add_argument("--raw", action="store_true", help="tokenize the prompt as is (no chat template)")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--raw", dest="raw", action="store_const", const=True, default=None,
+                      help="tokenize the prompt as is (completion form)")
+    form.add_argument("--chat", dest="raw", action="store_const", const=False,
+                      help="apply the model's chat template (default: the model's own form, as `circuits graph`)")
     parser.add_argument("--answer-prefix", default="", help="partial assistant answer appended to the prompt")
     parser.add_argument("--top-k", type=int, default=10, help="number of top tokens shown (default: %(default)s)")
     parser.add_argument("--generate", type=int, default=0, metavar="N",
@@ -38,8 +42,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="remote call timeout in seconds (default: %(default)s)")
 
 
+def format_baseline(result) -> str:
+    """The baseline prediction alone (no intervention given)."""
+    lines = ["interventions: (none): the baseline prediction; add --neuron L:N=MODE to change neurons",
+             f"predicting position {result.position} (after {result.prompt_tokens[-1]!r})",
+             f"{'baseline':>28}  {'p':>7}"]
+    lines += [f"{b.token!r:>28}  {b.probability:7.4f}" for b in result.baseline]
+    if result.baseline_text:
+        lines.append(f"baseline:   {result.baseline_text!r}")
+    return "\n".join(lines)
+
+
 def format_result(result) -> str:
     """Side-by-side table of baseline and intervened predictions, then the texts."""
+    if not result.interventions:
+        return format_baseline(result)
     lines = [f"interventions: {', '.join(i.describe() for i in result.interventions) or '(none)'}",
              f"predicting position {result.position} (after {result.prompt_tokens[-1]!r})"]
     lines.append(f"{'baseline':>28}  {'p':>7}  {'p after':>7}  | {'intervened':>28}  {'p':>7}")
@@ -70,8 +87,6 @@ def run(args: argparse.Namespace) -> int:
     if args.generate < 0:
         raise InvalidArgument(f"--generate must be >= 0, got {args.generate}")
     interventions = [parse_neuron_spec(spec) for spec in args.neuron]
-    if not interventions:
-        raise InvalidArgument("no --neuron given; e.g. --neuron 12:345=zero")
 
     request = InterventionRequest(prompt=args.prompt, interventions=tuple(interventions), raw=args.raw,
                                   answer_prefix=args.answer_prefix, top_k=args.top_k, generate_tokens=args.generate)

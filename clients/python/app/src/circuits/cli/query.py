@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from contextlib import closing
 from typing import Any
 
@@ -43,6 +44,15 @@ def _hit_json(hit: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _no_labels_note(atlas: Any) -> str | None:
+    """Why a search cannot match anything, when the atlas holds no labels at all (else None)."""
+    stats = atlas.stats()
+    if str(stats.metadata.get("labeled_neurons", "")).strip() != "0":
+        return None
+    return (f"the atlas holds 0 labels ({stats.neurons} neurons), and the search reads labels: label the neurons "
+            "(`circuits label`) and rebuild it with `circuits build-db --labels labels.jsonl`")
+
+
 def _label_scores(unit: Any) -> str:
     """'det/sim' of the best-scored label ('-' when none is scored)."""
     scored = [l for l in unit.labels if l.score_detection is not None or l.score_simulation is not None]
@@ -69,12 +79,15 @@ def run(args: argparse.Namespace) -> int:
     *path, text = args.args
     with closing(open_atlas(remote=remote, path=path[0] if path else "", what="`circuits query`")) as atlas:
         hits = atlas.search(text, args.limit, min_score=args.min_score)
+        unlabeled = _no_labels_note(atlas) if not hits else None
     if args.json:
         for hit in hits:
             print(json.dumps(_hit_json(hit), ensure_ascii=False))
+        if unlabeled:
+            print(f"note: {unlabeled}", file=sys.stderr)
         return 0
     if not hits:
-        print("no matching units")
+        print(f"no matching units: {unlabeled}" if unlabeled else "no matching units")
         return 0
     print(f"{'#':>3}  {'unit':<12} {'score':>7} {'seen':>6} {'cluster':<9} {'det/sim':<9} label")
     for rank, hit in enumerate(hits, 1):

@@ -1,9 +1,12 @@
 """`circuits up`: run the services locally as processes, wired like the Helm chart.
 
-Starts `circuits serve <service>` for attribution, aggregator (one process per shard), labeler
-and atlas with the chart's flags, prints each address once its gRPC health check is SERVING, and
-stops them all on Ctrl-C or SIGTERM. A service that cannot run (package not installed yet, no
-atlas file, crash on start) is reported on its own line; the others keep running. ``--gateway``
+Starts `circuits serve <service>` for attribution (:50051), aggregator (:50052, one process per
+shard on consecutive ports), labeler (:50053) and atlas (:50054) with the chart's flags, prints
+each address once its gRPC health check is SERVING, and stops them all on Ctrl-C or SIGTERM. A
+port that something else holds (e.g. another `circuits up`) is an error before anything starts
+(one line naming the ports, exit 2); a service whose port is taken while it starts stops the
+stack the same way. A service that cannot run otherwise (package not installed yet, no atlas
+file, crash on start) is reported on its own line; the others keep running. ``--gateway``
 adds the Envoy gateway (HTTP/JSON, gRPC-Web and gRPC on one port, default 8080) in front of the
 services that came up: ``curl 'http://127.0.0.1:8080/v1/units:search?text=enzyme'``.
 """
@@ -16,7 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
-from circuits_core.config import SMALL_MODEL
+from circuits_core.config import DEFAULT_PORTS, SMALL_MODEL
 from circuits_core.errors import InvalidArgument
 
 _SERVICES = ("attribution", "aggregator", "labeler", "atlas")
@@ -29,14 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="interface the servers bind (default: %(default)s)")
     for service in _SERVICES:
+        shards = " (shard i: PORT + i)" if service == "aggregator" else ""
         parser.add_argument(
             f"--{service}-port", type=int, default=None, metavar="PORT",
-            help=f"gRPC port of the {service} (default: its standard port; 0 = a free port)",
+            help=f"gRPC port of the {service} (default: {DEFAULT_PORTS[service]}{shards}; 0 = a free port)",
         )  # fmt: skip
     parser.add_argument("--gateway", action="store_true",
                         help="also start the Envoy HTTP/JSON + gRPC-Web gateway in front of the services")
     parser.add_argument("--gateway-port", type=int, default=None, metavar="PORT",
-                        help="HTTP port of the gateway (default 8080; 0 = a free port)")
+                        help=f"HTTP port of the gateway (default: {DEFAULT_PORTS['gateway']}; 0 = a free port)")
     parser.add_argument("--free-ports", action="store_true", help="pick free ports for every service (like --X-port 0)")
     parser.add_argument("--no-metrics", action="store_true", help="start the servers without /metrics ports")
     parser.add_argument("--state-dir", default=".circuits/up", help="state, generated config and logs (default: %(default)s)")
@@ -113,11 +117,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         print(f"circuits up: state and logs in {settings.state_dir}", flush=True)
         with LocalStack(settings, on_event=report) as stack:
+            conflicts = stack.port_conflicts()
+            if conflicts:
+                print(f"error: {conflicts[0].name}: {conflicts[0].detail}", file=sys.stderr, flush=True)
+                print("stopping ...", flush=True)
+                return 2
             serving = [p for p in stack.status.values() if p.state == "serving"]
             if not serving:
                 print("nothing is serving; stopping", file=sys.stderr, flush=True)
                 return 1
-            print(f"{len(serving)} of {len(stack.status)} services SERVING; Ctrl-C stops them", flush=True)
+            addresses = ", ".join(f"{p.name} {p.address}" for p in serving)
+            print(f"{len(serving)} of {len(stack.status)} services SERVING ({addresses}); Ctrl-C stops them", flush=True)
             while not stop.wait(0.5):
                 exited = [p for p in stack.status.values() if p.state == "serving" and p.process and p.process.poll() is not None]
                 for proc in exited:

@@ -69,7 +69,13 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument("the graph names no model; pass --model")
 
     from circuits_attribution import load_model
-    from circuits_attribution.faithfulness import FaithfulnessConfig, faithfulness_report, format_table, plot_report
+    from circuits_attribution.faithfulness import (
+        FaithfulnessConfig,
+        faithfulness_report,
+        format_table,
+        plot_report,
+        report_warnings,
+    )
 
     config = FaithfulnessConfig(ablation=args.ablation, sizes=args.sizes, random_seeds=args.random_seeds,
                                 mode=args.mode, batch_size=args.batch_size, protect_positions=args.protect_positions)
@@ -79,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir) if args.output_dir else path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = path.name.removesuffix(".gz").removesuffix(".json")
-    suffix = f".faithfulness-{args.ablation}" + ("" if args.mode == "real" else f"-{args.mode}")
+    from circuits_core.graphio import VALIDATION_MARK
+
+    suffix = f"{VALIDATION_MARK}-{args.ablation}" + ("" if args.mode == "real" else f"-{args.mode}")
     if args.protect_positions:
         suffix += "-protect" + "_".join(str(p) for p in sorted(set(args.protect_positions)))
     json_path = out_dir / f"{stem}{suffix}.json"
@@ -92,5 +100,7 @@ def run(args: argparse.Namespace) -> int:
         png_path = out_dir / f"{stem}{suffix}.png"
         plot_report(report, png_path)
         written.append(str(png_path))
+    for line in report_warnings(report):
+        print(f"warning: {line}", file=sys.stderr)
     print("wrote " + ", ".join(written), file=sys.stderr)
     return 0

@@ -22,7 +22,7 @@ class TraceTarget(_message.Message):
     def __init__(self, k: _Optional[int] = ..., target_tokens: _Optional[_Iterable[str]] = ..., contrastive_positive: _Optional[str] = ..., contrastive_negative: _Optional[str] = ...) -> None: ...
 
 class TraceRequest(_message.Message):
-    __slots__ = ("prompt", "target", "raw", "answer_prefix", "target_position", "tau", "max_nodes", "corpus_index", "slug")
+    __slots__ = ("prompt", "target", "raw", "answer_prefix", "target_position", "tau", "max_nodes", "corpus_index", "slug", "over_max_nodes")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class TraceRequest(_message.Message):
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     CORPUS_INDEX_FIELD_NUMBER: _ClassVar[int]
     SLUG_FIELD_NUMBER: _ClassVar[int]
+    OVER_MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     target: TraceTarget
     raw: bool
@@ -41,7 +42,8 @@ class TraceRequest(_message.Message):
     max_nodes: int
     corpus_index: int
     slug: str
-    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[_Union[TraceTarget, _Mapping]] = ..., raw: _Optional[bool] = ..., answer_prefix: _Optional[str] = ..., target_position: _Optional[int] = ..., tau: _Optional[float] = ..., max_nodes: _Optional[int] = ..., corpus_index: _Optional[int] = ..., slug: _Optional[str] = ...) -> None: ...
+    over_max_nodes: str
+    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[_Union[TraceTarget, _Mapping]] = ..., raw: _Optional[bool] = ..., answer_prefix: _Optional[str] = ..., target_position: _Optional[int] = ..., tau: _Optional[float] = ..., max_nodes: _Optional[int] = ..., corpus_index: _Optional[int] = ..., slug: _Optional[str] = ..., over_max_nodes: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -142,6 +144,50 @@ class InterveneResponse(_message.Message):
     position: int
     tracked: _containers.RepeatedCompositeFieldContainer[TokenProbability]
     def __init__(self, baseline: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., intervened: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., generated_text: _Optional[str] = ..., baseline_text: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[str]] = ..., position: _Optional[int] = ..., tracked: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ...) -> None: ...
+
+class NeuronRef(_message.Message):
+    __slots__ = ("layer", "index")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    index: int
+    def __init__(self, layer: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+
+class GetActivationsRequest(_message.Message):
+    __slots__ = ("prompts", "neurons", "chat_template", "answer_prefix")
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    NEURONS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    neurons: _containers.RepeatedCompositeFieldContainer[NeuronRef]
+    chat_template: bool
+    answer_prefix: str
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., neurons: _Optional[_Iterable[_Union[NeuronRef, _Mapping]]] = ..., chat_template: _Optional[bool] = ..., answer_prefix: _Optional[str] = ...) -> None: ...
+
+class NeuronActivations(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class PromptActivations(_message.Message):
+    __slots__ = ("prompt", "tokens", "neurons", "special_positions")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEURONS_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    neurons: _containers.RepeatedCompositeFieldContainer[NeuronActivations]
+    special_positions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ..., neurons: _Optional[_Iterable[_Union[NeuronActivations, _Mapping]]] = ..., special_positions: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GetActivationsResponse(_message.Message):
+    __slots__ = ("prompts",)
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedCompositeFieldContainer[PromptActivations]
+    def __init__(self, prompts: _Optional[_Iterable[_Union[PromptActivations, _Mapping]]] = ...) -> None: ...
 
 class PatchNeuron(_message.Message):
     __slots__ = ("layer", "index", "position")

@@ -55,6 +55,11 @@ class AttributionServiceStub:
                 request_serializer=circuits_dot_v1_dot_attribution__pb2.InterveneRequest.SerializeToString,
                 response_deserializer=circuits_dot_v1_dot_attribution__pb2.InterveneResponse.FromString,
                 _registered_method=True)
+        self.GetActivations = channel.unary_unary(
+                '/circuits.v1.AttributionService/GetActivations',
+                request_serializer=circuits_dot_v1_dot_attribution__pb2.GetActivationsRequest.SerializeToString,
+                response_deserializer=circuits_dot_v1_dot_attribution__pb2.GetActivationsResponse.FromString,
+                _registered_method=True)
         self.Patch = channel.unary_unary(
                 '/circuits.v1.AttributionService/Patch',
                 request_serializer=circuits_dot_v1_dot_attribution__pb2.PatchRequest.SerializeToString,
@@ -93,6 +98,13 @@ class AttributionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetActivations(self, request, context):
+        """Per-token activations of neurons on prompts (one plain forward per prompt, no interventions).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Patch(self, request, context):
         """Activation patching between a clean and a corrupt prompt (both directions), with the RelP
         prediction of each neuron's effect beside the measured one.
@@ -123,6 +135,11 @@ def add_AttributionServiceServicer_to_server(servicer, server):
                     servicer.Intervene,
                     request_deserializer=circuits_dot_v1_dot_attribution__pb2.InterveneRequest.FromString,
                     response_serializer=circuits_dot_v1_dot_attribution__pb2.InterveneResponse.SerializeToString,
+            ),
+            'GetActivations': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetActivations,
+                    request_deserializer=circuits_dot_v1_dot_attribution__pb2.GetActivationsRequest.FromString,
+                    response_serializer=circuits_dot_v1_dot_attribution__pb2.GetActivationsResponse.SerializeToString,
             ),
             'Patch': grpc.unary_unary_rpc_method_handler(
                     servicer.Patch,
@@ -238,6 +255,33 @@ class AttributionService:
             '/circuits.v1.AttributionService/Intervene',
             circuits_dot_v1_dot_attribution__pb2.InterveneRequest.SerializeToString,
             circuits_dot_v1_dot_attribution__pb2.InterveneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetActivations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/circuits.v1.AttributionService/GetActivations',
+            circuits_dot_v1_dot_attribution__pb2.GetActivationsRequest.SerializeToString,
+            circuits_dot_v1_dot_attribution__pb2.GetActivationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,3 +89,43 @@ class GetLabelsResponse(_message.Message):
     UNITS_FIELD_NUMBER: _ClassVar[int]
     units: _containers.RepeatedCompositeFieldContainer[_graph_pb2.Unit]
     def __init__(self, units: _Optional[_Iterable[_Union[_graph_pb2.Unit, _Mapping]]] = ...) -> None: ...
+
+class InvestigateRequest(_message.Message):
+    __slots__ = ("unit", "max_steps", "budget_usd", "resume")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    unit: UnitRef
+    max_steps: int
+    budget_usd: float
+    resume: bool
+    def __init__(self, unit: _Optional[_Union[UnitRef, _Mapping]] = ..., max_steps: _Optional[int] = ..., budget_usd: _Optional[float] = ..., resume: _Optional[bool] = ...) -> None: ...
+
+class InvestigationEvent(_message.Message):
+    __slots__ = ("kind", "step", "message", "tool", "ok", "status", "label", "confidence", "predictions_correct", "predictions_total", "report_path", "spend_usd")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REPORT_PATH_FIELD_NUMBER: _ClassVar[int]
+    SPEND_USD_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    step: int
+    message: str
+    tool: str
+    ok: bool
+    status: str
+    label: str
+    confidence: str
+    predictions_correct: int
+    predictions_total: int
+    report_path: str
+    spend_usd: float
+    def __init__(self, kind: _Optional[str] = ..., step: _Optional[int] = ..., message: _Optional[str] = ..., tool: _Optional[str] = ..., ok: _Optional[bool] = ..., status: _Optional[str] = ..., label: _Optional[str] = ..., confidence: _Optional[str] = ..., predictions_correct: _Optional[int] = ..., predictions_total: _Optional[int] = ..., report_path: _Optional[str] = ..., spend_usd: _Optional[float] = ...) -> None: ...

@@ -49,6 +49,11 @@ class LabelerServiceStub:
                 request_serializer=circuits_dot_v1_dot_labeler__pb2.GetLabelsRequest.SerializeToString,
                 response_deserializer=circuits_dot_v1_dot_labeler__pb2.GetLabelsResponse.FromString,
                 _registered_method=True)
+        self.Investigate = channel.unary_stream(
+                '/circuits.v1.LabelerService/Investigate',
+                request_serializer=circuits_dot_v1_dot_labeler__pb2.InvestigateRequest.SerializeToString,
+                response_deserializer=circuits_dot_v1_dot_labeler__pb2.InvestigationEvent.FromString,
+                _registered_method=True)
 
 
 class LabelerServiceServicer:
@@ -79,6 +84,15 @@ class LabelerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Investigate(self, request, context):
+        """Investigate one neuron with the neuron scientist (an LLM agent running experiments on the
+        attribution service's model) and stream its progress; the last event says how it ended.
+        FAILED_PRECONDITION when the server has no attribution service configured.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LabelerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +110,11 @@ def add_LabelerServiceServicer_to_server(servicer, server):
                     servicer.GetLabels,
                     request_deserializer=circuits_dot_v1_dot_labeler__pb2.GetLabelsRequest.FromString,
                     response_serializer=circuits_dot_v1_dot_labeler__pb2.GetLabelsResponse.SerializeToString,
+            ),
+            'Investigate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Investigate,
+                    request_deserializer=circuits_dot_v1_dot_labeler__pb2.InvestigateRequest.FromString,
+                    response_serializer=circuits_dot_v1_dot_labeler__pb2.InvestigationEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +198,33 @@ class LabelerService:
             '/circuits.v1.LabelerService/GetLabels',
             circuits_dot_v1_dot_labeler__pb2.GetLabelsRequest.SerializeToString,
             circuits_dot_v1_dot_labeler__pb2.GetLabelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Investigate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/circuits.v1.LabelerService/Investigate',
+            circuits_dot_v1_dot_labeler__pb2.InvestigateRequest.SerializeToString,
+            circuits_dot_v1_dot_labeler__pb2.InvestigationEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,112 @@
+"""The neuron scientist over gRPC: the model on a real attribution server (GetActivations,
+Intervene, Trace through the SDK client; `circuits investigate --remote`), and the labeler
+server's Investigate RPC streaming progress events to the real client."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+from scientist_support import ALL_TOOLS, FILLERS, KEY, LAYER, NEURON, PROBES, TOKEN, investigate
+
+from circuits_attribution.server import AttributionSettings, build_server
+from circuits_core.activations import ActivationRequest
+from circuits_core.config import LabelingSection
+from circuits_core.errors import FailedPrecondition, InvalidArgument
+from circuits_labeler.llm import AnthropicBackend
+from circuits_labeler.scientist.transcript import load_transcript
+from circuits_labeler.testing import ScriptedScientist, StandInLLMServer
+from circuits_sdk.attribution import AttributionClient
+from circuits_sdk.labeler import LabelerClient
+from circuits_server.serving import ServerSettings
+
+
+@contextmanager
+def attribution_server(engine):
+    server = build_server(AttributionSettings(server=ServerSettings(port=0, grace_seconds=1), model="planted"), engine).start()
+    try:
+        yield server
+    finally:
+        server.stop(0.5)
+
+
+def test_get_activations_over_grpc_equals_in_process(engine):
+    request = ActivationRequest(prompts=("the cat is big", "red moon"), neurons=((LAYER, NEURON), (0, 3)))
+    local = engine.activations(request)
+    with attribution_server(engine) as server, AttributionClient(server.address) as client:
+        remote = client.activations(request)
+        with pytest.raises(InvalidArgument, match="out of range"):
+            client.activations(ActivationRequest(prompts=("the cat",), neurons=((LAYER, 10_000),)))
+    assert remote == local
+    cat = local.prompts[0]
+    assert cat.tokens[cat.max_over_text(0)[1]] == TOKEN and cat.special_positions == (0,)
+
+
+def test_cli_remote_investigation(engine, tmp_path, capsys):
+    with attribution_server(engine) as server, StandInLLMServer(
+            responder=ScriptedScientist(probes=PROBES, fillers=FILLERS)) as llm:
+        code, out, err = investigate(["--remote", server.address, "--max-steps", "20"], llm, tmp_path, capsys)
+    assert code == 0, err
+    t = load_transcript(tmp_path / "reports" / f"L{LAYER}_N{NEURON}" / "transcript.json")
+    assert t.final.label == f"fires on the token {TOKEN}" and t.final.confidence == "high"
+    assert t.sources["model.activations"] == "available" and t.sources["projections"].startswith("missing")
+    ok = {e.tool for e in t.experiments if e.ok}
+    assert ok == ALL_TOOLS - {"atlas_info", "exemplars", "projections"}
+    assert t.model.startswith(server.address)
+
+
+def test_labeler_investigate_rpc_streams_progress(engine, tmp_path):
+    from circuits_labeler.scientist.service import Investigations
+    from circuits_labeler.server import build_server as build_labeler_server
+    from circuits_labeler.service import LabelerService
+
+    with attribution_server(engine) as attr, StandInLLMServer(
+            responder=ScriptedScientist(probes=PROBES, fillers=FILLERS)) as llm:
+        client = AttributionClient(attr.address)
+        investigations = Investigations(
+            engine=client, labeling=LabelingSection(model="stand-in", base_url=llm.base_url, input_price_per_mtok=3.0,
+                                                    output_price_per_mtok=15.0),
+            reports_dir=tmp_path / "reports", model_name="planted",
+            backend_factory=lambda: AnthropicBackend(model="stand-in", api_key=KEY, base_url=llm.base_url))
+        # the labeler's progressive labelling is not used by Investigate
+        server = build_labeler_server(ServerSettings(port=0), service=LabelerService(None, investigations=investigations)).start()  # type: ignore[arg-type]
+        server.set_serving(True)
+        try:
+            with LabelerClient(server.address) as labeler:
+                events = list(labeler.investigate(LAYER, NEURON, max_steps=20))
+                with pytest.raises(FailedPrecondition, match="investigated before"):
+                    list(labeler.investigate(LAYER, NEURON))
+                with pytest.raises(InvalidArgument, match="max_steps"):
+                    list(labeler.investigate(LAYER, NEURON, max_steps=100_000))
+                stopped = list(labeler.investigate(LAYER, NEURON + 1, max_steps=2))
+        finally:
+            server.stop(0.5)
+            client.close()
+    final = events[-1]
+    assert final.kind == "finished" and final.label == f"fires on the token {TOKEN}" and final.confidence == "high"
+    assert (final.predictions_correct, final.predictions_total) == (8, 8) and final.spend_usd > 0
+    assert final.report_path.endswith("report.html") and (tmp_path / "reports" / f"L{LAYER}_N{NEURON}" / "report.html").exists()
+    tools = {e.tool for e in events if e.kind == "tool" and e.ok}
+    assert tools == ALL_TOOLS - {"atlas_info", "exemplars", "projections"}
+    assert [e.step for e in events if e.kind == "step"] == list(range(1, final.step + 1))
+    assert stopped[-1].kind == "stopped" and "step limit" in stopped[-1].message and stopped[-1].status == "stopped"
+
+
+def test_labeler_without_attribution_refuses_investigate():
+    from circuits_labeler.server import build_server as build_labeler_server
+    from circuits_labeler.service import LabelerService
+
+    server = build_labeler_server(ServerSettings(port=0), service=LabelerService(None)).start()  # type: ignore[arg-type]
+    server.set_serving(True)
+    try:
+        with LabelerClient(server.address) as labeler, pytest.raises(FailedPrecondition, match="--attribution"):
+            list(labeler.investigate(1, 2))
+    finally:
+        server.stop(0.5)
+
+
+def test_labeler_server_takes_the_attribution_flags():
+    from circuits_labeler.__main__ import build_parser
+
+    args = build_parser().parse_args(["--config", "c.yaml", "--attribution", "localhost:50051", "--reports", "out"])
+    assert (args.attribution, args.reports) == ("localhost:50051", "out")
