@@ -651,14 +651,21 @@ def group_edges(src_layer: np.ndarray, src_neuron: np.ndarray, tgt_layer: np.nda
     once = count == 1
     single = pa.table({"k": k[once], "w": w[starts[once]]})
     many = ~once
+    # Reduce only the rows of edges seen more than once (their groups stay contiguous).
+    w = w[np.repeat(many, count)]
+    count = count[many]
+    starts = np.zeros(count.shape[0], dtype=np.int64)
+    np.cumsum(count[:-1], out=starts[1:])
+    if not count.shape[0]:
+        return pa.table({name: pa.array([], type=t) for name, t in _EDGE_DELTA_TYPES}), single
     return pa.table({
         "k": k[many],
-        "count": count[many].astype(np.int64, copy=False),
-        "weight_sum": np.add.reduceat(w, starts)[many],
-        "weight_abs_sum": np.add.reduceat(np.abs(w), starts)[many],
-        "weight_sq_sum": np.add.reduceat(w * w, starts)[many],
-        "weight_min": np.minimum.reduceat(w, starts)[many],
-        "weight_max": np.maximum.reduceat(w, starts)[many],
+        "count": count.astype(np.int64, copy=False),
+        "weight_sum": np.add.reduceat(w, starts),
+        "weight_abs_sum": np.add.reduceat(np.abs(w), starts),
+        "weight_sq_sum": np.add.reduceat(w * w, starts),
+        "weight_min": np.minimum.reduceat(w, starts),
+        "weight_max": np.maximum.reduceat(w, starts),
     }), single  # fmt: skip
 
 
