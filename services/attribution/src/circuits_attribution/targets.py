@@ -9,6 +9,8 @@ Rules (the same in process and on an attribution server, since both run this mod
   about the logit that starts the word. The split and the traced token are recorded in the graph
   metadata and the summary says so (a multi-token sequence has no single logit; its probability is
   the product over later positions, which one attribution graph at one position cannot trace);
+* a string of more than :data:`MAX_TARGET_TOKENS` tokens is refused: a target names the next
+  token (a word or a short answer), not a passage;
 * a string that encodes to nothing, or only to the tokenizer's unknown token, cannot be traced,
   and neither can a contrastive pair whose two strings start with the same token. Every such
   problem of a request is reported at once, in one line.
@@ -24,11 +26,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from circuits_core.errors import InvalidArgument
+from circuits_core.errors import InvalidArgument, echo
 from circuits_core.tracing import TraceSettings
 
 #: A space-prefixed variant this many times more probable than the target itself is pointed out.
 SPACE_VARIANT_RATIO = 10.0
+#: Longest target string, in tokens (its first token is traced).
+MAX_TARGET_TOKENS = 16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,6 +74,8 @@ def resolve_target(tokenizer: Any, text: str, *, vocab: Mapping[str, int] | None
         return "encodes to no token"
     if unk is not None and ids[0] == unk:
         return "is not in the vocabulary (unknown token)" if len(ids) == 1 else "starts with an unknown token"
+    if len(ids) > MAX_TARGET_TOKENS:
+        return f"is {len(ids)} tokens long (a target names the next token: at most {MAX_TARGET_TOKENS} tokens, the first is traced)"
     return ResolvedTarget(text=text, token_id=ids[0], pieces=tuple(tokenizer.decode([i]) for i in ids))
 
 
@@ -88,13 +94,13 @@ def resolve_targets(tokenizer: Any, settings: TraceSettings, *, model_name: str 
     for text in texts:
         found = resolve_target(tokenizer, text, vocab=vocab)
         if isinstance(found, str):
-            problems.append(f"{text!r} {found}")
+            problems.append(f"{echo(text)} {found}")
         else:
             resolved.append(found)
     if settings.contrastive is not None and not problems and resolved[0].token_id == resolved[1].token_id:
         pos, neg = resolved
         same = tokenizer.decode([pos.token_id])
-        problems.append(f"contrastive {pos.text!r} and {neg.text!r} both trace the token {same!r}")
+        problems.append(f"contrastive {echo(pos.text)} and {echo(neg.text)} both trace the token {same!r}")
     if problems:
         kind = "contrastive token" if settings.contrastive is not None else "target token"
         plural = "s" if len(problems) > 1 else ""

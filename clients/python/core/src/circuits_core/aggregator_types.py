@@ -168,21 +168,23 @@ def graph_arrays_from_units(
             "logit_tokens": tuple(sorted(names.items())),
         }  # fmt: skip
     keep = is_neuron[src] & is_neuron[tgt]
-    src, tgt = src[keep], tgt[keep]
+    if not keep.all():
+        src, tgt, weight = src[keep], tgt[keep], weight[keep]
+    layer32, index32 = layer.astype(np.int32), index.astype(np.int32)  # per unit, then gathered per edge
     return GraphArrays(
         **logit,
         graph_id=graph_id,
         source=source,
         corpus_index=int(corpus_index),
-        unit_layer=neuron_layer.astype(np.int32),
-        unit_neuron=neuron_index.astype(np.int32),
+        unit_layer=layer32[is_neuron],
+        unit_neuron=index32[is_neuron],
         unit_activation=activation[is_neuron],
         unit_attribution=attribution[is_neuron],
-        edge_src_layer=layer[src].astype(np.int32),
-        edge_src_neuron=index[src].astype(np.int32),
-        edge_tgt_layer=layer[tgt].astype(np.int32),
-        edge_tgt_neuron=index[tgt].astype(np.int32),
-        edge_weight=weight[keep],
+        edge_src_layer=layer32[src],
+        edge_src_neuron=index32[src],
+        edge_tgt_layer=layer32[tgt],
+        edge_tgt_neuron=index32[tgt],
+        edge_weight=weight,
         model=str(model),
         num_layers=num_layers,
         d_mlp=d_mlp,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from operator import attrgetter, methodcaller
+from operator import attrgetter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -337,25 +337,27 @@ def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id:
     """
     units = msg.units
     n = len(units)
-    layer = np.fromiter((u.layer for u in units), dtype=np.int64, count=n)
-    index = np.fromiter((u.index for u in units), dtype=np.int64, count=n)
-    position = np.fromiter((u.position if u.HasField("position") else NO_POSITION for u in units), dtype=np.int64, count=n)
-    kinds = np.fromiter((u.kind for u in units), dtype=np.int64, count=n)
+    # One pass over the units per column group (the per-unit attribute reads are the cost here).
+    ints = np.array(list(map(_UNIT_INTS, units)), dtype=np.int64).reshape(n, 3)
+    layer, index, kinds = ints[:, 0], ints[:, 1], ints[:, 2]
+    has = np.array(list(map(_unit_presence, units)), dtype=bool).reshape(n, 3)
+    position = np.where(has[:, 0], np.fromiter(map(_UNIT_POSITION, units), dtype=np.int64, count=n), NO_POSITION)
     _check_units(layer, index, position, kinds)
     src, tgt, weight, _raw = _edge_rows(msg.edges, n)
     extra = _extra_from_json(msg.metadata.extra_json)
+    # An absent optional double reads as 0.0, so a non-finite value here was sent.
+    values = np.array(list(map(_UNIT_VALUES, units)), dtype=np.float64).reshape(n, 3)
+    if not np.isfinite(values).all():
+        for col, name in enumerate(("activation", "attribution", "probability")):
+            bad = np.flatnonzero(~np.isfinite(values[:, col]))
+            if bad.size:
+                row = int(bad[0])
+                raise InvalidArgument(f"unit L{int(layer[row])}/N{int(index[row])}: {name} must be finite, got {float(values[row, col])}")
     nan = math.nan
-    columns = {}
-    for name in ("activation", "attribution", "probability"):
-        # An absent optional double reads as 0.0, so a non-finite value here was sent.
-        values = np.fromiter(map(attrgetter(name), units), dtype=np.float64, count=n)
-        bad = np.flatnonzero(~np.isfinite(values))
-        if bad.size:
-            row = int(bad[0])
-            raise InvalidArgument(f"unit L{int(layer[row])}/N{int(index[row])}: {name} must be finite, got {float(values[row])}")
-        if name != "probability":
-            present = np.fromiter(map(methodcaller("HasField", name), units), dtype=bool, count=n)
-            columns[name] = np.where(present, values, nan)
+    columns = {
+        "activation": np.where(has[:, 1], values[:, 0], nan),
+        "attribution": np.where(has[:, 2], values[:, 1], nan),
+    }
     return graph_arrays_from_units(
         graph_id=msg.graph_id if graph_id is None else graph_id,
         source=source,
@@ -369,10 +371,31 @@ def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id:
         edge_tgt=tgt,
         edge_weight=weight,
         is_logit=kinds == graph_pb2.UNIT_KIND_LOGIT,
-        tokens=[u.token for u in units],
+        tokens=_LazyTokens(units),
         model=msg.model,
         extra=extra,
     )
+
+
+_UNIT_INTS = attrgetter("layer", "index", "kind")
+_UNIT_POSITION = attrgetter("position")
+_UNIT_VALUES = attrgetter("activation", "attribution", "probability")
+
+
+def _unit_presence(u: Any) -> tuple[bool, bool, bool]:
+    return u.HasField("position"), u.HasField("activation"), u.HasField("attribution")
+
+
+class _LazyTokens:
+    """``units[row].token`` on demand (only logit rows are read; most graphs have a few)."""
+
+    __slots__ = ("_units",)
+
+    def __init__(self, units: Any) -> None:
+        self._units = units
+
+    def __getitem__(self, row: int) -> str:
+        return self._units[row].token
 
 
 # -- labeler ----------------------------------------------------------------------------------
