@@ -3,7 +3,8 @@ published configs of Llama-3.1-8B-Instruct and Qwen3-32B, bf16 on one GPU.
 
     python3 benchmarks/gpu_proof.py                 # one GPU (cuda); ~8 prompts x 2 models, < 8 min on an H200
     python3 benchmarks/gpu_proof.py --tiny          # the same code path on CPU with shrunk configs (test suite)
-    python3 benchmarks/gpu_proof.py --cases llama   # a subset (llama, qwen3, smollm2)
+    python3 benchmarks/gpu_proof.py --cases llama   # a subset (llama, qwen3, smollm2, qwen3-split)
+    python3 benchmarks/gpu_proof.py --cases qwen3-split --split-gpu-memory 40GiB   # device map over GPU + CPU
 
 Needs only torch, transformers, numpy and tokenizers (present on a GPU box) plus this repository's
 sources, which it puts on ``sys.path`` itself: no install, no network, no download. Configs come
@@ -19,8 +20,13 @@ sets as the check). Then SmolLM2-135M-Instruct (real weights when prepared, else
 its published config): bf16 on the device against float64 on the CPU, node-score rank correlation
 (Spearman) and edge cosine over the union of edges.
 
-Cases are independent (``CASES``; :func:`run_case` takes a built engine), so e.g. a "split over
-GPU + CPU" case can be added beside them.
+Cases are independent (``CASES``; :func:`run_case` takes a built engine). ``qwen3-split`` (not in
+the default set: it builds the whole 64 GB bf16 model on the host first) is the device-map case of
+``benchmarks/device_map_proof.py``: a Qwen3-32B-shaped model placed by ``plan_device_map`` over the GPU
+(``--split-gpu-memory``, default 60% of the model, so the split is forced) and the CPU, traced with the
+same engine code as a one-device model (seconds per graph, GPU peak memory, the map). With ``--tiny`` it
+runs device_map_proof's CPU check instead (a tiny float64 Qwen3 over CPU + disk offload, graph equal to
+the one-device graph).
 """
 
 from __future__ import annotations
@@ -301,12 +307,30 @@ def smollm2_agreement(settings: ProofSettings) -> dict:
     return result
 
 
+def split_case(args) -> dict:
+    """The device-map case (benchmarks/device_map_proof.py): GPU + CPU split, or its CPU check with --tiny."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import device_map_proof
+
+    if args.tiny:
+        code = device_map_proof.tiny()
+        return {"case": "qwen3-split (tiny: cpu + disk offload)", "graphs_equal": code == 0}
+    split_args = argparse.Namespace(gpu_memory=args.split_gpu_memory, cpu_memory="200GiB", memory_budget="8GiB",
+                                    layers=64, tokens=args.split_tokens)
+    code = device_map_proof.gpu(split_args)
+    return {"case": "qwen3-split (gpu + cpu)", "exit_code": code}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", "--smoke", dest="tiny", action="store_true",
                         help="shrunk configs on CPU: the same code path, in seconds (--smoke: the benchmarks' common name)")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
-    parser.add_argument("--cases", default="llama,qwen3,smollm2", help="comma-separated: llama, qwen3, smollm2")
+    parser.add_argument("--cases", default="llama,qwen3,smollm2",
+                        help="comma-separated: llama, qwen3, smollm2, qwen3-split (device map over GPU + CPU)")
+    parser.add_argument("--split-gpu-memory", default="", help="qwen3-split: GPU memory the map may use (default: 60%% of the model)")
+    parser.add_argument("--split-tokens", type=int, default=128, help="qwen3-split: prompt tokens")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     import torch
@@ -318,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in (*CASES, "smollm2")]
+    unknown = [c for c in cases if c not in (*CASES, "smollm2", "qwen3-split")]
     if unknown:
         print(f"error: unknown case(s) {', '.join(unknown)}", file=sys.stderr)
         return 2
@@ -337,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in cases:
         if name == "smollm2":
             results.append(smollm2_agreement(settings))
+            continue
+        if name == "qwen3-split":
+            results.append(split_case(args))
             continue
         file, published = CASES[name]
         config = published_config(file, tiny=args.tiny)
@@ -364,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {total:.1f} s (budget on one H200: 480 s)")
     failures = []
     for result in results:
+        if result.get("graphs_equal") is False:
+            failures.append(f"{result['case']}: the device-map graph differs from the one-device graph")
         if "edge_cosine_batched_vs_loop" in result and result["edge_cosine_batched_vs_loop"] < 0.99:
             failures.append(f"{result['case']}: batched and per-target edges disagree")
         if "host_rss_growth_mb" in result and device.startswith("cuda") and result["host_rss_growth_mb"] > 0.25 * result["parameters"] * 2 / 2**20:

@@ -62,6 +62,19 @@ def test_batched_graphs_equal_single_traces(arch, make_attributor) -> None:
         assert_same_graph(graph_b, graph_a)
 
 
+def test_batched_graphs_with_recomputed_patterns_and_a_budget_equal_single_traces(make_attributor) -> None:
+    """The batch pass keeps the memory plan too: patterns recomputed per layer in blocks, a small
+    memory budget and each chunk's causal cone leave every graph equal to its single trace."""
+    attributor = make_attributor("llama", dtype="float64", tau=0.005, k=3, pattern_storage="recompute",
+                                 memory_budget="64MiB")
+    requests = [TraceRequest(prompt=p, raw=True, k=3, tau=0.005, target_position=-2) for p in PROMPTS[:3]]
+    alone = [attributor.trace(request) for request in requests]
+    batched = attributor.trace_many(requests)
+    assert attributor.last_timings.plan is not None and attributor.last_timings.plan.edge_patterns == "recompute"
+    for graph_b, graph_a in zip(batched, alone):
+        assert_same_graph(graph_b, graph_a)
+
+
 def test_one_bad_request_does_not_fail_its_batch(make_attributor) -> None:
     attributor = make_attributor("llama", dtype="float64", tau=0.01)
     vocab = attributor.vocab_size()

@@ -78,6 +78,10 @@ def test_graph_slug_and_target_tokens(tiny_model_dir, tmp_path, capsys):
         (["graph", " ".join(["cat"] * 70), "--raw"], "longer than the model's context"),
         (["graph", "the capital", "--dtype", "int7"], "unknown dtype"),
         (["graph", "the capital", "--k", "0"], "k must be an integer >= 1"),
+        (["graph", "the capital", "--memory-budget", "lots"], "--memory-budget: cannot read 'lots'"),
+        (["graph", "the capital", "--memory-budget", "1KiB"], "needs at least"),
+        (["graph", "the capital", "--device-map", "{\"model.layers.0\": \"tpu\"}"], "is not a device"),
+        (["graph", "the capital", "--max-memory", "cpu=1GiB"], "--max-memory only applies with --device-map"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, argv, message):
@@ -122,6 +126,33 @@ def test_graph_fills_clerps_from_a_label_file(tiny_model_dir, tmp_path, capsys):
     others = [n for n in neurons if n["node_id"] not in same_neuron]
     assert all(clerps[n["node_id"]] == n["clerp"] for n in others)
     assert main(["graph", "x", "--model", str(tiny_model_dir), "--labels", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_graph_pb_gz_with_budget_and_device_map_equals_json(tiny_model_dir, tmp_path, capsys):
+    """--format pb.gz (compact framed protobuf) holds the same graph as the JSON; --memory-budget and
+    --device-map (layers offloaded to disk) change how it is traced, not what."""
+    from circuits_core.graphio import read_graph
+
+    prompt = ["graph", "the capital of france is", "--model", str(tiny_model_dir), "--raw", "--dtype", "float64",
+              "--tau", "0.01"]
+    assert main([*prompt, "--output-dir", str(tmp_path / "a")]) == 0
+    device_map = json.dumps({"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                             "model.layers.1": "disk", "model.layers.2": "cpu", "model.layers.3": "disk",
+                             "model.norm": "cpu", "lm_head": "cpu"})
+    code = main([*prompt, "--output-dir", str(tmp_path / "b"), "--format", "pb.gz", "--memory-budget", "64MiB",
+                 "--device-map", device_map, "--offload-folder", str(tmp_path / "offload")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    pb = tmp_path / "b" / "relp-the-capital-of-france-is.pb.gz"
+    assert str(pb) in captured.out.strip().splitlines()[-1]
+    a = read_graph(tmp_path / "a" / "relp-the-capital-of-france-is.json")
+    b = read_graph(pb)
+    assert [u.key for u in a.units] == [u.key for u in b.units]
+    assert len(a.edge_table) == len(b.edge_table) > 50
+    import numpy as np
+
+    assert np.allclose(a.edge_table.weight, b.edge_table.weight, rtol=1e-9, atol=1e-12)
+    assert pb.stat().st_size < (tmp_path / "a" / "relp-the-capital-of-france-is.json").stat().st_size / 3
 
 
 @pytest.mark.parametrize("offline", [True, False])

@@ -256,25 +256,34 @@ def test_flow_is_raw_scaled_by_target_relevance(make_attributor):
 
 
 def test_edge_chunk_adapts_to_out_of_memory(make_attributor, monkeypatch):
+    """Both edge passes (one prompt: _TapEdgePass; a batch: _EdgePass) halve their chunk on OOM."""
     attributor = make_attributor("llama", tau=0.0, top_k_per_layer=5, edge_threshold=0.0)
     ids = attributor.encode_prompt("the capital of france is paris")
-    ns = attributor.node_scores(ids)
-    selection = attributor.select_nodes(ns)
+    other = attributor.encode_prompt("the capital of italy")
+    ns, ns2 = attributor.node_scores(ids), attributor.node_scores(other)
+    selection, selection2 = attributor.select_nodes(ns), attributor.select_nodes(ns2)
     reference = _edge_dict(attributor.compute_edges(ns, selection, chunk_size=16))
-    from circuits_attribution.attributor import _EdgePass
+    batch_reference = [_edge_dict(t) for t in attributor.compute_edges_batch([ns, ns2], [selection, selection2], chunk_size=16)]
+    from circuits_attribution.attributor import _EdgePass, _TapEdgePass
 
-    original = _EdgePass.raw_edges
+    for cls in (_TapEdgePass, _EdgePass):
+        original = cls.raw_edges
 
-    def limited(self, start, stop):
-        if stop - start > 4:  # more than 4 targets "do not fit"
-            raise torch.OutOfMemoryError("simulated")
-        return original(self, start, stop)
+        def limited(self, start, stop, original=original):
+            if stop - start > 4:  # more than 4 targets "do not fit"
+                raise torch.OutOfMemoryError("simulated")
+            return original(self, start, stop)
 
-    monkeypatch.setattr(_EdgePass, "raw_edges", limited)
+        monkeypatch.setattr(cls, "raw_edges", limited)
     got = _edge_dict(attributor.compute_edges(ns, selection, chunk_size=16))
     assert attributor.last_timings.edge_chunk_size == 4
     assert got.keys() == reference.keys()
     assert max(abs(got[k][0] - reference[k][0]) for k in got) <= 1e-13
+    batch_got = [_edge_dict(t) for t in attributor.compute_edges_batch([ns, ns2], [selection, selection2], chunk_size=16)]
+    assert attributor.last_timings.edge_chunk_size == 4
+    for got, reference in zip(batch_got, batch_reference):
+        assert got.keys() == reference.keys() and len(got) > 0
+        assert max(abs(got[k][0] - reference[k][0]) for k in got) <= 1e-13
 
 
 @pytest.mark.parametrize("dtype, rel", [("float32", 1e-4), ("bfloat16", 5e-2)])

@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from circuits_core.config import DEFAULT_PORTS, SMALL_MODEL
 from circuits_core.errors import CircuitsError, InvalidArgument, error_line
@@ -39,10 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
     parser.add_argument("--device", default="cpu",
                         help="cpu | cuda | cuda:N | auto (cuda when a GPU is visible, else cpu; default: %(default)s)")
+    from circuits_core.fieldargs import add_field_arguments
+    from circuits_core.memory import EnginePlacement
+
+    add_field_arguments(parser, EnginePlacement)
     from circuits_server.serving import add_server_arguments
 
     add_server_arguments(parser, default_port=DEFAULT_PORTS["attribution"])
     return parser
+
+
+def _placement(args: Any) -> Any:
+    from circuits_core.fieldargs import field_values
+    from circuits_core.memory import EnginePlacement
+
+    return EnginePlacement(**field_values(args, EnginePlacement))
 
 
 def serve(argv: Sequence[str]) -> int:
@@ -52,6 +64,7 @@ def serve(argv: Sequence[str]) -> int:
     from circuits_attribution.server import AttributionSettings, build_server
 
     args = build_parser().parse_args(list(argv))
+    _placement(args)  # bad --memory-budget / --device-map values fail before the server starts
     if args.max_concurrent < 1:
         raise InvalidArgument(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     if args.max_queue < 0:
@@ -78,7 +91,7 @@ def serve(argv: Sequence[str]) -> int:
     print(f"attribution server listening on {server.address}{metrics}; loading {args.model} ...", flush=True)
     write_port_file(server.grpc, args.port_file)
     try:
-        engine = load_engine(args.model, dtype=args.dtype, device=settings.device)
+        engine = load_engine(args.model, dtype=args.dtype, device=settings.device, **_placement(args).engine_options())
         server.load(engine)
     except BaseException:
         server.stop(0)

@@ -40,16 +40,21 @@ import torch
 
 from circuits_core.activations import ActivationRequest, ActivationResult
 from circuits_core.edge_table import EdgeTable as GraphEdgeTable
-from circuits_core.errors import Cancelled, CircuitsError, InvalidArgument
+from circuits_core.errors import Cancelled, CircuitsError, InvalidArgument, ResourceExhausted
 from circuits_core.interventions import InterventionRequest, InterventionResult
+from circuits_core.memory import PATTERN_STORAGE, ModelShape, TracePlan, parse_size, plan_trace
 from circuits_core.model_registry import PromptFormChoice, choose_prompt_form
 from circuits_core.patching import PatchRequest, PatchResult
 from circuits_core.schemas import EMBEDDING_LAYER, Graph, GraphMetadata, Unit, graph_content_id, slugify
 from circuits_core.tracing import ModelInfo, TraceRequest, TraceSettings
 
-from circuits_attribution.linearize import MLP_RULES, Linearization
+from circuits_attribution.linearize import MLP_RULES, Linearization, frozen_mlp_coefficients
 from circuits_attribution.linearize import decoder_layers as _decoder_layers
+from circuits_attribution.placement import module_device, module_weight, return_freed_host_memory
 from circuits_attribution.targets import resolve_target, resolve_targets, target_notes
+
+#: Edge-chunk memory of a batch's edge pass when no memory budget is set (bytes).
+_BATCH_EDGE_BUDGET = 2 << 30
 
 #: Neurons that are active on (nearly) every token, dropped from graphs (relp-spec §D.1).
 ALWAYS_ON_NEURONS: dict[str, tuple[tuple[int, int], ...]] = {
@@ -90,8 +95,10 @@ class RelPConfig(TraceSettings):
     mlp_rule: str = "relp"
     #: Targets per batched vector-Jacobian product (lowered automatically to fit memory).
     edge_chunk_size: int = 16
-    #: Upper bound on the gradient memory one edge chunk may take (bytes; GPU: also free memory).
-    edge_memory_budget: int = 2 << 30
+    #: Working memory one trace may use beyond the weights, per device (bytes, or text such as 4GiB); the engine then keeps attention patterns in the model dtype or recomputes them per layer and sizes edge chunks to fit (docs/memory.md). None: no limit (on a GPU: its free memory).
+    memory_budget: int | str | None = None
+    #: How frozen attention patterns are kept: auto (from the memory budget), full, model (model dtype) or recompute (per layer, in blocks of query rows).
+    pattern_storage: str = "auto"
     #: Edge semantics: direct (MLPs between source and target blocked; default) or total.
     edge_effect: str = "direct"
     #: Emit direct embedding -> logit edges (token path through attention only).
@@ -118,6 +125,15 @@ class RelPConfig(TraceSettings):
             raise InvalidArgument(f"edge_effect must be direct or total, got {self.edge_effect!r}")
         if self.edge_chunk_size < 1:
             raise InvalidArgument(f"edge_chunk_size must be >= 1, got {self.edge_chunk_size}")
+        if self.memory_budget is not None:
+            budget = parse_size(self.memory_budget, what="memory_budget")
+            if budget <= 0:
+                raise InvalidArgument(f"memory_budget must be > 0, got {self.memory_budget!r}")
+            object.__setattr__(self, "memory_budget", budget)
+        if self.pattern_storage != "auto" and self.pattern_storage not in PATTERN_STORAGE:
+            raise InvalidArgument(
+                f"pattern_storage must be auto or one of {', '.join(PATTERN_STORAGE)}, got {self.pattern_storage!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,8 +154,8 @@ class NodeScores:
     metric: Metric
     metric_value: float
     logits: torch.Tensor  # [V] at the target position (accumulation dtype)
-    scores: torch.Tensor  # [L, T, F] RelP_v = h * d~m/dh (accumulation dtype)
-    activations: torch.Tensor  # [L, T, F] h (model dtype)
+    scores: torch.Tensor | None  # [L, T, F] RelP_v = h * d~m/dh (accumulation dtype); None once dropped
+    activations: torch.Tensor | None  # [L, T, F] h (model dtype); None once dropped
     embedding_scores: torch.Tensor  # [T] sum_d e * d~m/de
 
 
@@ -189,6 +205,8 @@ class TraceTimings:
     total_s: float = 0.0
     edge_chunks: int = 0
     edge_chunk_size: int = 0
+    #: The memory plan the trace ran with (pattern storage, chunk size, estimated peak).
+    plan: TracePlan | None = None
     #: Prompts traced together in the last call (1 for ``trace``).
     batch_size: int = 0
     extra: dict[str, float] = field(default_factory=dict)
@@ -299,7 +317,9 @@ class RelPAttributor:
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go and results are gathered: the input embeddings' device (with a device
+        map, the layers may live elsewhere; see :mod:`circuits_attribution.placement`)."""
+        return module_device(self.model.get_input_embeddings())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -491,13 +511,23 @@ class RelPAttributor:
         self, plans: Sequence[_PromptPlan], *, should_stop: Callable[[], bool] | None = None
     ) -> list[NodeScores]:
         """The node pass of several prompts in one left-padded forward + one backward of
-        ``sum_b m_b`` (rows do not interact, so row b's gradient is its own metric's)."""
+        ``sum_b m_b`` (rows do not interact, so row b's gradient is its own metric's).
+
+        One prompt takes the memory-lean pass (:meth:`_node_scores_one`); a batch keeps every
+        layer's neurons until the backward, with attention patterns kept as the memory plan says."""
+        if len(plans) == 1:
+            return [self._node_scores_one(plans[0], should_stop=should_stop)]
         acc = self.acc_dtype
         batch = self.prompt_batch([plan.input_ids for plan in plans])
         positions = [offset + plan.target_position for offset, plan in zip(batch.offsets, plans)]
         keep = sorted(set(positions))
         embeds = self.model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)  # [B, T, D]
-        with Linearization(self.model, mlp_rule=self.config.mlp_rule, should_stop=should_stop) as lin:
+        memory = self.memory_plan(int(batch.input_ids.shape[1]) * len(plans))
+        self.last_timings.plan = memory
+        with Linearization(
+            self.model, mlp_rule=self.config.mlp_rule, should_stop=should_stop, pattern_storage=memory.node_patterns,
+            pattern_block=memory.pattern_block or None,
+        ) as lin:
             out = self.model(
                 inputs_embeds=embeds,
                 use_cache=False,
@@ -514,6 +544,7 @@ class RelPAttributor:
             neurons = [h for h in lin.neurons]
             if any(h is None for h in neurons):
                 raise RuntimeError("linearization did not capture every layer's neurons")
+            lin.cone.end = max(positions) + 1  # nothing after the latest target position feeds a metric
             grads = torch.autograd.grad(total, [*neurons, embeds], allow_unused=True)
             lin.release()
         results: list[NodeScores] = []
@@ -544,6 +575,66 @@ class RelPAttributor:
                 )
         return results
 
+    def _node_scores_one(self, plan: _PromptPlan, *, should_stop: Callable[[], bool] | None = None) -> NodeScores:
+        """The node pass of one prompt within the memory plan (docs/memory.md): RelP of each layer's
+        neurons is computed as its gradient arrives (a tensor hook), and the neurons are copied out
+        as the forward makes them, so no layer's [T, F] tensors are kept twice or outlive their use;
+        attention patterns are kept as the plan says and the backward stops at the target's cone."""
+        acc = self.acc_dtype
+        input_ids = plan.input_ids
+        T = len(input_ids)
+        t_pos = plan.target_position
+        memory = self.memory_plan(T)
+        self.last_timings.plan = memory
+        embeds = self._embed(input_ids)
+        device = embeds.device
+        L, F = self.n_layers, int(self.model.config.intermediate_size)
+        activations = torch.empty((L, T, F), dtype=self.dtype, device=device)
+        scores = torch.zeros((L, T, F), dtype=acc, device=device)
+        seen: list[int] = []
+
+        def capture(layer: int, h: torch.Tensor) -> None:
+            activations[layer] = h[0].detach().to(device)
+            seen.append(layer)
+
+            def store(grad: torch.Tensor) -> None:
+                scores[layer] = activations[layer].to(acc) * grad[0].to(device=device, dtype=acc)
+
+            h.register_hook(store)
+
+        with Linearization(
+            self.model, mlp_rule=self.config.mlp_rule, record_mlp_inputs=False, record_neurons=False,
+            neuron_observer=capture, pattern_storage=memory.node_patterns, pattern_block=memory.pattern_block or None,
+            should_stop=should_stop,
+        ) as lin:
+            out = self.model(
+                inputs_embeds=embeds,
+                use_cache=False,
+                logits_to_keep=torch.tensor([t_pos], device=device),
+            )
+            logits_row = out.logits[0, -1].to(device)  # [V]
+            del out
+            metric = plan.metric if plan.metric is not None else self._top_k_metric(
+                logits_row.detach().to(acc), plan.settings.k
+            )
+            m = self._metric_value(logits_row, metric)
+            if sorted(seen) != list(range(L)):
+                raise RuntimeError("linearization did not capture every layer's neurons")
+            lin.cone.end = t_pos + 1  # nothing after the target position feeds the metric
+            (g_embed,) = torch.autograd.grad(m, [embeds])
+        with torch.no_grad():
+            embedding_scores = (embeds[0].detach().to(acc) * g_embed[0].to(acc)).sum(-1)  # [T]
+        return NodeScores(
+            input_ids=list(input_ids),
+            target_position=t_pos,
+            metric=metric,
+            metric_value=float(m.detach()),
+            logits=logits_row.detach().to(acc),
+            scores=scores,
+            activations=activations,
+            embedding_scores=embedding_scores,
+        )
+
     # ------------------------------------------------------------------ selection
     def always_on(self) -> tuple[tuple[int, int], ...]:
         if not self.config.filter_always_on:
@@ -566,7 +657,11 @@ class RelPAttributor:
         with torch.no_grad():
             flat = scores.reshape(L, T * F)
             kk = min(cfg.top_k_per_layer, T * F)
-            top_abs, top_idx = flat.abs().topk(kk, dim=1)  # [L, kk]
+            # one layer at a time: |S| of the whole [L, T*F] grid would be a second copy of it
+            tops = [flat[layer].abs().topk(kk) for layer in range(L)]
+            top_abs = torch.stack([top.values for top in tops])  # [L, kk]
+            top_idx = torch.stack([top.indices for top in tops])
+            del tops
             threshold = request.tau * abs(node_scores.metric_value)
             keep = (top_abs >= _MIN_SCORE) & (top_abs >= threshold)
             layer_grid = torch.arange(L, device=scores.device)[:, None].expand(L, kk)
@@ -605,17 +700,35 @@ class RelPAttributor:
         )
 
     # ------------------------------------------------------------------ edge pass
-    def _chunk_size(self, T: int, source_layers: int, F: int, D: int, rows: int = 1) -> int:
-        """Cotangents per batched VJP: each carries one target of each of ``rows`` prompts."""
-        element = torch.finfo(self.dtype).bits // 8
-        # A VJP row holds the cotangent of every source layer's MLP output and of the embeddings
-        # ([T, D] each, per batch row), plus transient buffers of one layer's backward (~[T, F] + attention).
-        per_target = max(1, rows * T * ((source_layers + 1) * D + 4 * F) * element)
-        budget = int(self.config.edge_memory_budget)
+    def model_shape(self) -> ModelShape:
+        """The model's dimensions as the memory model needs them."""
+        eager = (getattr(self.model.config, "_attn_implementation", None) or "eager") == "eager"
+        return ModelShape.from_config(
+            self.model.config, dtype_bytes=torch.finfo(self.dtype).bits // 8, mlp_rule=self.config.mlp_rule, eager=eager
+        )
+
+    def memory_plan(self, T: int, *, neurons: int | None = None) -> TracePlan:
+        """The memory plan for a ``T``-token trace: how attention patterns are kept and the edge
+        chunk size, within ``config.memory_budget`` (docs/memory.md). On a GPU without a budget the
+        budget is most of its free memory; if even that plan does not fit, the fastest one is used."""
+        cfg = self.config
+        budget = cfg.memory_budget
+        implicit = False
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = min(budget, int(0.6 * free)) if budget > 0 else int(0.6 * free)
-        return max(1, min(self.config.edge_chunk_size, budget // per_target if budget > 0 else self.config.edge_chunk_size))
+            implicit = budget is None
+            budget = int(0.8 * free) if budget is None else min(int(budget), int(0.8 * free))
+        elif budget is not None and self.device.type == "cpu":
+            return_freed_host_memory()  # so that the budget bounds the process's RSS
+        storage = None if cfg.pattern_storage == "auto" else cfg.pattern_storage
+        kwargs = {"max_chunk": cfg.edge_chunk_size, "neurons": neurons or cfg.max_nodes,
+                  "node_patterns": storage, "edge_patterns": storage}
+        try:
+            return plan_trace(self.model_shape(), T, budget=budget, **kwargs)
+        except ResourceExhausted:
+            if implicit:
+                return plan_trace(self.model_shape(), T, budget=None, **kwargs)
+            raise
 
     def compute_edges(
         self,
@@ -660,6 +773,13 @@ class RelPAttributor:
         n = len(node_scores)
         neuron_targets = [True] * n if neuron_targets is None else list(neuron_targets)
         sources = [None] * n if sources is None else list(sources)
+        if n == 1:
+            return [
+                self._edge_pass(
+                    node_scores[0], selections[0], neuron_targets=neuron_targets[0], chunk_size=chunk_size,
+                    batched=batched, progress=progress, sources=sources[0], should_stop=should_stop,
+                )
+            ]
         prompts: list[_PromptEdges] = []
         for ns, selection, with_neurons, own_sources in zip(node_scores, selections, neuron_targets, sources):
             targets = _EdgeTargets.build(ns, selection if with_neurons else None, logit_layer=self.n_layers)
@@ -667,12 +787,12 @@ class RelPAttributor:
             prompts.append(_PromptEdges(node_scores=ns, sources=edge_sources, targets=targets))
         active = [prompt for prompt in prompts if len(prompt.targets)]
         if active:
-            self._edge_pass(
+            self._edge_pass_batch(
                 active, chunk_size=chunk_size, batched=batched, progress=progress, should_stop=should_stop
             )
         return [prompt.columns.table() if len(prompt.targets) else _empty_edge_table() for prompt in prompts]
 
-    def _edge_pass(
+    def _edge_pass_batch(
         self,
         prompts: list[_PromptEdges],
         *,
@@ -686,8 +806,12 @@ class RelPAttributor:
             prompt.place(row, batch.offsets[row])
         embeds = self.model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)  # [B, T, D]
         source_layers = {layer for prompt in prompts for layer in prompt.sources.layer_slices}
+        memory = self.memory_plan(
+            int(embeds.shape[1]) * len(prompts), neurons=sum(prompt.sources.n_neurons for prompt in prompts)
+        )
+        self.last_timings.plan = memory
         K = chunk_size or self._chunk_size(
-            embeds.shape[1], len(source_layers), prompts[0].node_scores.activations.shape[-1], embeds.shape[-1],
+            embeds.shape[1], len(source_layers), int(self.model.config.intermediate_size), embeds.shape[-1],
             rows=len(prompts),
         )
         self.last_timings.edge_chunk_size = K
@@ -695,13 +819,19 @@ class RelPAttributor:
         n_slots = max(len(prompt.targets) for prompt in prompts)
         bar = _progress_bar(sum(len(prompt.targets) for prompt in prompts)) if progress else nullcontext()
         with Linearization(
-            self.model, mlp_rule=self.config.mlp_rule, detach_mlp_outputs=direct, should_stop=should_stop
+            self.model, mlp_rule=self.config.mlp_rule, detach_mlp_outputs=direct, should_stop=should_stop,
+            pattern_storage=memory.edge_patterns, pattern_block=memory.pattern_block or None,
         ) as lin, bar:
             edge_pass = _EdgePass.start(self, lin, embeds, batch, prompts, batched)
             start = 0
             while start < n_slots:
                 _check_stop(should_stop)
                 stop = min(start + K, n_slots)
+                # the chunk's causal cone: nothing after its latest target position (in batch positions) reaches it
+                lin.cone.end = 1 + max(
+                    prompt.offset + max(prompt.targets.positions[start:stop]) for prompt in prompts
+                    if len(prompt.targets) > start
+                )
                 try:
                     chunk = edge_pass.raw_edges(start, stop)  # per prompt: (stop_b, raw [k_b, N_b + T_b])
                 except torch.OutOfMemoryError:
@@ -709,6 +839,8 @@ class RelPAttributor:
                         raise
                     K = self._halve_chunk(K)  # adapt: retry this chunk with half the targets
                     continue
+                finally:
+                    lin.cone.end = None
                 for prompt, prompt_stop, raw_chunk in chunk:
                     edge_pass.keep(prompt, start, prompt_stop, raw_chunk)
                 self.last_timings.edge_chunks += 1
@@ -716,6 +848,79 @@ class RelPAttributor:
                     bar.update(sum(prompt_stop - start for _, prompt_stop, _ in chunk))
                 start = stop
             lin.release()
+
+    def _chunk_size(self, T: int, source_layers: int, F: int, D: int, rows: int = 1) -> int:
+        """Cotangents per batched VJP of a batch's edge pass: each carries one target of each of
+        ``rows`` prompts, within the memory budget (2 GiB when none is set; GPU: also free memory)."""
+        element = torch.finfo(self.dtype).bits // 8
+        # A VJP row holds the cotangent of every source layer's MLP output and of the embeddings
+        # ([T, D] each, per batch row), plus transient buffers of one layer's backward (~[T, F] + attention).
+        per_target = max(1, rows * T * ((source_layers + 1) * D + 4 * F) * element)
+        budget = int(self.config.memory_budget or _BATCH_EDGE_BUDGET)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = min(budget, int(0.6 * free))
+        return max(1, min(self.config.edge_chunk_size, budget // per_target))
+
+    def _edge_pass(
+        self,
+        node_scores: NodeScores,
+        selection: Selection,
+        *,
+        neuron_targets: bool,
+        chunk_size: int | None,
+        batched: bool,
+        progress: bool,
+        sources: Selection | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> EdgeTable:
+        """The edge pass of one prompt within the memory plan (docs/memory.md): sources read as
+        gradient taps, neuron targets read out while the forward runs, targets in the cheapest
+        chunk order, each chunk's backward limited to its causal cone. Only ``node_scores``' metric,
+        logits and positions are read, so a caller may drop its [L, T, F] tensors first."""
+        source_selection = selection if sources is None else sources
+        T = len(node_scores.input_ids)
+        plan = self.memory_plan(T, neurons=len(source_selection))
+        self.last_timings.plan = plan
+        K = chunk_size or plan.edge_chunk_size
+        self.last_timings.edge_chunk_size = K
+        targets = _EdgeTargets.build(node_scores, selection if neuron_targets else None, logit_layer=self.n_layers)
+        if not len(targets):
+            return _empty_edge_table()
+        targets = targets.in_cost_order(K, self.model_shape(), T)
+        edge_sources = _TapSources.build(self, node_scores, source_selection)
+        direct = self.config.edge_effect == "direct"
+        # Direct effects never cross an MLP, so its graph is not built (unless the readout is the
+        # neuron itself, rule "none"); total effects go through the MLPs.
+        mlp_graph = not direct or self.config.mlp_rule == "none"
+        readouts = _Readouts(self, targets)
+        bar = _progress_bar(len(targets)) if progress else nullcontext()
+        with Linearization(
+            self.model, mlp_rule=self.config.mlp_rule, mlp_graph=mlp_graph, detach_mlp_outputs=direct and mlp_graph,
+            record_mlp_inputs=False, pattern_storage=plan.edge_patterns, pattern_block=plan.pattern_block or None,
+            mlp_observer=readouts.observe, mlp_output_transform=edge_sources.tap, should_stop=should_stop,
+        ) as lin, bar:
+            edge_pass = _TapEdgePass.start(
+                self, lin, edge_sources, targets, readouts, node_scores.input_ids, node_scores.target_position, batched
+            )
+            start = 0
+            while start < len(targets):
+                _check_stop(should_stop)
+                stop = min(start + K, len(targets))
+                try:
+                    raw_chunk = edge_pass.raw_edges(start, stop)  # [k, N + T] (acc dtype, device)
+                except torch.OutOfMemoryError:
+                    if K == 1:
+                        raise
+                    K = self._halve_chunk(K)  # adapt: retry this chunk with half the targets
+                    continue
+                edge_pass.keep(start, stop, raw_chunk)
+                self.last_timings.edge_chunks += 1
+                if progress:
+                    bar.update(stop - start)
+                start = stop
+            lin.release()
+        return edge_pass.columns.table()
 
     def _halve_chunk(self, K: int) -> int:
         """The chunk size to retry with after an out-of-memory error."""
@@ -747,9 +952,9 @@ class RelPAttributor:
 
             def readout(row, pos, idx, v=v, coef_g=coef_g, coef_z=coef_z, mlp=mlp):
                 rows = v[row, pos, :].to(acc)  # [n, D]
-                value = coef_z[row, pos, idx].to(acc) * (rows * mlp.up_proj.weight[idx].to(acc)).sum(-1)
+                value = coef_z[row, pos, idx].to(acc) * (rows * module_weight(mlp.up_proj)[idx].to(device=rows.device, dtype=acc)).sum(-1)
                 if coef_g is not None:
-                    value = value + coef_g[row, pos, idx].to(acc) * (rows * mlp.gate_proj.weight[idx].to(acc)).sum(-1)
+                    value = value + coef_g[row, pos, idx].to(acc) * (rows * module_weight(mlp.gate_proj)[idx].to(device=rows.device, dtype=acc)).sum(-1)
                 return value
 
             readouts.append(readout)
@@ -829,6 +1034,8 @@ class RelPAttributor:
             _check_stop(should_stop)
             node_scores = self.node_scores_batch([plan for _, _, plan in group], should_stop=should_stop)
             selections = [self.select_nodes(ns, request) for ns, (_, request, _) in zip(node_scores, group)]
+            if len(group) == 1:  # one prompt's selection carries what its edges need: free the [L, T, F] tensors
+                node_scores[0].scores = node_scores[0].activations = None
             nodes_done = time.perf_counter()
             self.last_timings.nodes_s += nodes_done - phase_start
             _check_stop(should_stop)
@@ -1096,7 +1303,7 @@ class _EdgeSources:
         # g_t = d~target/d(mlp output).
         mlps = [layer.mlp for layer in _decoder_layers(attributor.model)]
         down_columns = {
-            layer: mlps[layer].down_proj.weight[:, idx_t[cols]].to(acc) for layer, cols in layer_slices.items()
+            layer: module_weight(mlps[layer].down_proj).to(device)[:, idx_t[cols]].to(acc) for layer, cols in layer_slices.items()
         }
         all_layer_np = np.concatenate([layer_np, np.full(T, EMBEDDING_LAYER)])
         all_pos_np = np.concatenate([pos_np, np.arange(T)])
@@ -1109,10 +1316,12 @@ class _EdgeSources:
         )
 
 
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _EdgeTargets:
-    """Edge targets: the metric's logits (layer sentinel ``logit_layer``), then selected neurons,
-    latest layer first. ``scales``: flow = raw * scale."""
+    """Edge targets: the metric's logits (layer sentinel ``logit_layer``), then selected neurons.
+    ``scales``: flow = raw * scale. :meth:`in_cost_order` reorders them for the edge pass."""
 
     kinds: list[str]
     layers: list[int]
@@ -1143,11 +1352,45 @@ class _EdgeTargets:
                 positions.append(int(neurons.positions[j]))
                 indices.append(int(neurons.indices[j]))
                 scales.append(float(neurons.scores[j]) / act if act != 0 else 0.0)
+        return _EdgeTargets._from_lists(kinds, layers, positions, indices, scales)
+
+    @staticmethod
+    def _from_lists(kinds, layers, positions, indices, scales) -> _EdgeTargets:
         return _EdgeTargets(
             kinds=kinds, layers=layers, positions=positions, indices=indices, scales=scales,
             layer_np=np.asarray(layers, dtype=np.int64), index_np=np.asarray(indices, dtype=np.int64),
             position_np=np.asarray(positions, dtype=np.int64),
         )
+
+    def in_cost_order(self, chunk: int, shape: ModelShape, T: int) -> _EdgeTargets:
+        """The targets in the order whose chunks of ``chunk`` cost least: a chunk's backward runs
+        through the layers below its highest target and, in attention, over the positions up to its
+        latest one (its causal cone), so neurons are ordered by layer or by position, whichever the
+        cost model ``layers x (T·D·(H+K)·d_h + H·d_h·P²)`` prefers. Logits stay first."""
+        n_logits = self.kinds.count("logit")
+        neuron_ids = list(range(n_logits, len(self)))
+        per_token = shape.d_model * (shape.heads + shape.kv_heads) * shape.head_dim
+        per_cone = shape.heads * shape.head_dim
+
+        def cost(order: list[int]) -> float:
+            total = 0.0
+            for start in range(0, len(order), chunk):
+                part = order[start:start + chunk]
+                top = max(self.layers[i] for i in part)
+                cone = max(self.positions[i] for i in part) + 1
+                total += top * len(part) * (T * per_token + per_cone * cone * cone)
+            return total
+
+        by_layer = sorted(neuron_ids, key=lambda i: (-self.layers[i], self.positions[i], self.indices[i]))
+        by_position = sorted(neuron_ids, key=lambda i: (self.positions[i], -self.layers[i], self.indices[i]))
+        head = list(range(n_logits))
+        best = min((head + by_layer, head + by_position), key=cost)
+        return _EdgeTargets._from_lists(
+            [self.kinds[i] for i in best], [self.layers[i] for i in best], [self.positions[i] for i in best],
+            [self.indices[i] for i in best], [self.scales[i] for i in best],
+        )
+
+
 
 
 @dataclass(slots=True)
@@ -1345,6 +1588,267 @@ class _EdgePass:
             tgt_layer=tgt.layer_np[r], tgt_index=tgt.index_np[r], tgt_position=tgt.position_np[r],
             raw=packed[2], flow=packed[3],
         )
+
+
+
+
+# ---------------------------------------------------------------------- one prompt's edge pass (memory-lean)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _LayerTaps:
+    """The sources of one layer as gradient taps on its MLP output.
+
+    ``out + index_add(zeros[T, D], positions, delta[:, None] * rows)`` with ``delta = 0`` leaves
+    the forward unchanged, and ``d target / d delta_s = h_s · W_down[:, i_s] · d target / d out[p_s]``
+    is exactly the raw direct edge ``s -> target``: the backward gathers each source's edge as it
+    passes, so no chunk ever holds a [chunk, T, D] gradient per layer (docs/memory.md).
+    """
+
+    columns: slice  # this layer's sources in the source order
+    positions: torch.Tensor  # [n] on the layer's device
+    rows: torch.Tensor  # [n, D] = h_s * W_down[:, i_s] (accumulation dtype, layer device)
+    delta: torch.Tensor  # [n] zeros, requires grad
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _TapSources:
+    """One prompt's edge sources as gradient taps (the single-prompt edge pass, :class:`_TapEdgePass`):
+    neurons sorted by (layer, position, index), then one embedding per prompt position.
+
+    Host arrays (``*_np``, length N + T) name each column's source; ``taps`` read the neurons'
+    edges off their layers' MLP outputs, ``embedding_delta`` the embeddings' off the input.
+    """
+
+    n_neurons: int  # N
+    taps: dict[int, _LayerTaps]  # layer -> its sources
+    embedding_delta: torch.Tensor  # [T] zeros, requires grad
+    all_layers: torch.Tensor  # [N + T] source layer (embeddings: EMBEDDING_LAYER), main device
+    all_positions: torch.Tensor  # [N + T]
+    layer_np: np.ndarray
+    index_np: np.ndarray  # neuron index, or token id for embeddings
+    position_np: np.ndarray
+
+    @staticmethod
+    def build(attributor: RelPAttributor, node_scores: NodeScores, sources: Selection) -> _TapSources:
+        acc, device = attributor.acc_dtype, attributor.device
+        T = len(node_scores.input_ids)
+        order = np.lexsort((sources.indices, sources.positions, sources.layers))
+        layer_np, pos_np, idx_np = sources.layers[order], sources.positions[order], sources.indices[order]
+        act_np = np.asarray(sources.activations, dtype=np.float64)[order]
+        mlps = [layer.mlp for layer in _decoder_layers(attributor.model)]
+        taps: dict[int, _LayerTaps] = {}
+        for layer in sorted(set(int(x) for x in layer_np)):
+            cols = slice(int(np.searchsorted(layer_np, layer, side="left")), int(np.searchsorted(layer_np, layer, side="right")))
+            down = mlps[layer].down_proj
+            layer_device = module_device(down)
+            idx = torch.as_tensor(idx_np[cols], device=layer_device)
+            h = torch.as_tensor(act_np[cols], dtype=acc, device=layer_device)
+            with torch.no_grad():
+                rows = module_weight(down).to(layer_device)[:, idx].T.to(acc) * h[:, None]  # [n, D]
+            taps[layer] = _LayerTaps(
+                columns=cols, positions=torch.as_tensor(pos_np[cols], device=layer_device), rows=rows,
+                delta=torch.zeros(rows.shape[0], dtype=acc, device=layer_device, requires_grad=True),
+            )
+        all_layer_np = np.concatenate([layer_np, np.full(T, EMBEDDING_LAYER)])
+        all_pos_np = np.concatenate([pos_np, np.arange(T)])
+        return _TapSources(
+            n_neurons=len(layer_np), taps=taps,
+            embedding_delta=torch.zeros(T, dtype=acc, device=device, requires_grad=True),
+            all_layers=torch.as_tensor(all_layer_np, device=device), all_positions=torch.as_tensor(all_pos_np, device=device),
+            layer_np=all_layer_np, index_np=np.concatenate([idx_np, np.asarray(node_scores.input_ids, dtype=np.int64)]),
+            position_np=all_pos_np,
+        )
+
+    def tap(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """The MLP output of ``layer`` with its sources' taps added (values unchanged)."""
+        taps = self.taps.get(layer)
+        if taps is None:
+            return out
+        picked = taps.delta.to(out.device)[:, None] * taps.rows.to(out.device)  # [n, D], zeros
+        added = torch.zeros(out.shape[-2:], dtype=picked.dtype, device=out.device).index_add(0, taps.positions.to(out.device), picked)
+        return out + added.to(out.dtype)
+
+    def tapped_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
+        """``embeds`` [1, T, D] with the embedding taps: d target / d delta_p = e_p · d target / d e_p."""
+        constant = embeds.detach()
+        added = self.embedding_delta[:, None] * constant[0].to(self.embedding_delta.dtype)
+        return constant + added.to(constant.dtype)[None]
+
+
+
+class _Readouts:
+    """The neuron targets as scalars of the edge forward, made while each MLP runs.
+
+    With a linear MLP rule, ``h~_{p,i} = coef_g·(W_gate[i]·v_p) + coef_z·(W_up[i]·v_p)`` is linear in
+    the MLP input ``v`` with the RelP gradient of ``h``, so a target's backward starts at one row of
+    ``v``; the coefficients are the forward's own (:func:`frozen_mlp_coefficients` of its gate and up
+    values). ``mlp_rule="none"`` reads the neuron itself.
+    """
+
+    def __init__(self, attributor: RelPAttributor, targets: _EdgeTargets) -> None:
+        self.attributor = attributor
+        self.by_layer: dict[int, list[int]] = {}
+        for j, kind in enumerate(targets.kinds):
+            if kind == "neuron":
+                self.by_layer.setdefault(targets.layers[j], []).append(j)
+        self.targets = targets
+        self.values: dict[int, torch.Tensor] = {}  # target number -> scalar in the graph
+        self.mlps = [layer.mlp for layer in _decoder_layers(attributor.model)]
+
+    def observe(self, layer: int, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
+        wanted = self.by_layer.get(layer)
+        if not wanted:
+            return
+        rule = self.attributor.config.mlp_rule
+        t = self.targets
+        pos = torch.as_tensor([t.positions[j] for j in wanted], device=x.device)
+        idx = torch.as_tensor([t.indices[j] for j in wanted], device=x.device)
+        if rule == "none":
+            return  # read from the recorded neurons after the forward (see finish)
+        acc = self.attributor.acc_dtype
+        mlp = self.mlps[layer]
+        with torch.no_grad():
+            coef_g, coef_z = frozen_mlp_coefficients(gate[0, pos, idx], up[0, pos, idx], mlp.act_fn, rule)
+        rows = x[0, pos, :].to(acc)  # [n, D], in the graph
+        value = coef_z.to(acc) * (rows * module_weight(mlp.up_proj)[idx].to(device=x.device, dtype=acc)).sum(-1)
+        if coef_g is not None:
+            value = value + coef_g.to(acc) * (rows * module_weight(mlp.gate_proj)[idx].to(device=x.device, dtype=acc)).sum(-1)
+        for k, j in enumerate(wanted):
+            self.values[j] = value[k]
+
+    def finish(self, lin: Linearization) -> None:
+        """Targets read from the neurons themselves (rule none), once the forward has run."""
+        if self.attributor.config.mlp_rule != "none":
+            return
+        t = self.targets
+        for layer, wanted in self.by_layer.items():
+            h = lin.neurons[layer]
+            pos = torch.as_tensor([t.positions[j] for j in wanted], device=h.device)
+            idx = torch.as_tensor([t.indices[j] for j in wanted], device=h.device)
+            value = h[0, pos, idx].to(self.attributor.acc_dtype)
+            for k, j in enumerate(wanted):
+                self.values[j] = value[k]
+
+
+
+@dataclass(slots=True, kw_only=True)
+class _TapEdgePass:
+    """The state of one prompt's memory-lean edge pass inside a Linearization: the forward's
+    readouts, the sources' taps and the targets, and the kept edges; :meth:`raw_edges` and :meth:`keep` handle one chunk."""
+
+    attributor: RelPAttributor
+    lin: Linearization
+    sources: _TapSources
+    targets: _EdgeTargets
+    readouts: _Readouts
+    logits_row: torch.Tensor  # [V] at the target position
+    batched: bool
+    columns: _EdgeColumns = field(default_factory=_EdgeColumns)
+
+    @staticmethod
+    def start(
+        attributor: RelPAttributor, lin: Linearization, sources: _TapSources, targets: _EdgeTargets,
+        readouts: _Readouts, input_ids: Sequence[int], target_position: int, batched: bool,
+    ) -> _TapEdgePass:
+        """Run the linearized forward the chunks differentiate (its MLPs record the readouts and
+        carry the sources' taps)."""
+        embeds = sources.tapped_embeddings(attributor._embed(input_ids))
+        out = attributor.model(
+            inputs_embeds=embeds,
+            use_cache=False,
+            logits_to_keep=torch.tensor([target_position], device=embeds.device),
+        )
+        readouts.finish(lin)
+        return _TapEdgePass(
+            attributor=attributor, lin=lin, sources=sources, targets=targets, readouts=readouts,
+            logits_row=out.logits[0, -1].to(attributor.device), batched=batched,
+        )
+
+    def _target_scalars(self, start: int, stop: int) -> torch.Tensor:
+        """Targets ``start:stop`` as scalars [k] on the main device."""
+        t = self.targets
+        device = self.attributor.device
+        acc = self.attributor.acc_dtype
+        pieces: list[torch.Tensor] = []
+        run_start = start
+        while run_start < stop:
+            run_end = run_start
+            while run_end < stop and t.kinds[run_end] == t.kinds[run_start]:
+                run_end += 1
+            if t.kinds[run_start] == "logit":
+                idx = torch.as_tensor(t.indices[run_start:run_end], device=device)
+                pieces.append(self.logits_row[idx].to(acc))
+            else:
+                pieces.append(torch.stack([self.readouts.values[j].to(device) for j in range(run_start, run_end)]))
+            run_start = run_end
+        return torch.cat(pieces)
+
+    def raw_edges(self, start: int, stop: int) -> torch.Tensor:
+        """Raw direct edges [k, N + T] into targets ``start:stop``: h_s * d~target/dh_s, then e_p . d~target/de_p."""
+        acc = self.attributor.acc_dtype
+        device = self.attributor.device
+        k = stop - start
+        targets = self._target_scalars(start, stop)  # [k]
+        max_layer = max(self.targets.layers[start:stop])
+        used_layers = [layer for layer in self.sources.taps if layer < max_layer]
+        inputs = [self.sources.taps[layer].delta for layer in used_layers] + [self.sources.embedding_delta]
+        raw = torch.zeros((k, self.sources.n_neurons + len(self.sources.embedding_delta)), dtype=acc, device=device)
+        # the chunk's causal cone: nothing after its latest target position reaches it
+        self.lin.cone.end = max(self.targets.positions[start:stop]) + 1
+        try:
+            if self.batched:
+                eye = torch.eye(k, dtype=targets.dtype, device=device)
+                grads = torch.autograd.grad(
+                    targets, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
+                )  # [k, n_l] per used layer, then [k, T]
+                self._gather_into(raw, grads, used_layers, rows=slice(None))
+            else:
+                for row in range(k):
+                    grads = torch.autograd.grad(targets[row], inputs, retain_graph=True, allow_unused=True)
+                    grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+                    self._gather_into(raw, grads, used_layers, rows=slice(row, row + 1))
+        finally:
+            self.lin.cone.end = None
+        return raw
+
+    def _gather_into(
+        self, raw: torch.Tensor, grads: Sequence[torch.Tensor | None], used_layers: list[int], *, rows: slice
+    ) -> None:
+        """Write the taps' gradients (each source's raw edge) into ``raw[rows]``."""
+        for grad, layer in zip(grads[:-1], used_layers):
+            if grad is not None:
+                raw[rows, self.sources.taps[layer].columns] = grad.to(device=raw.device, dtype=raw.dtype)
+        if grads[-1] is not None:
+            raw[rows, self.sources.n_neurons:] = grads[-1].to(device=raw.device, dtype=raw.dtype)  # [k, T]
+
+    def keep(self, start: int, stop: int, raw_chunk: torch.Tensor) -> None:
+        """Keep the valid edges of one chunk: source before target (layer and position), nonzero,
+        |flow| above the threshold; one device->host transfer."""
+        cfg = self.attributor.config
+        device = raw_chunk.device
+        src, tgt = self.sources, self.targets
+        tgt_layer_t = torch.as_tensor(tgt.layers[start:stop], device=device)
+        tgt_pos_t = torch.as_tensor(tgt.positions[start:stop], device=device)
+        valid = (src.all_layers[None, :] < tgt_layer_t[:, None]) & (src.all_positions[None, :] <= tgt_pos_t[:, None])
+        if not cfg.embedding_logit_edges:
+            is_logit = tgt_layer_t == self.attributor.n_layers
+            valid &= ~(is_logit[:, None] & (src.all_layers[None, :] == EMBEDDING_LAYER))
+        scale = torch.tensor(tgt.scales[start:stop], dtype=raw_chunk.dtype, device=device)
+        flow = raw_chunk * scale[:, None]
+        valid &= (raw_chunk != 0) & (flow.abs() > cfg.edge_threshold)
+        rows, srcs = valid.nonzero(as_tuple=True)
+        packed = torch.stack(
+            [rows.to(torch.float64), srcs.to(torch.float64),
+             raw_chunk[rows, srcs].to(torch.float64), flow[rows, srcs].to(torch.float64)]
+        ).cpu().numpy()
+        r = packed[0].astype(np.int64) + start
+        s = packed[1].astype(np.int64)
+        self.columns.add(
+            src_layer=src.layer_np[s], src_index=src.index_np[s], src_position=src.position_np[s],
+            tgt_layer=tgt.layer_np[r], tgt_index=tgt.index_np[r], tgt_position=tgt.position_np[r],
+            raw=packed[2], flow=packed[3],
+        )
+
+
 
 
 def _with_trace_record(graph: Graph, record: dict[str, Any]) -> Graph:

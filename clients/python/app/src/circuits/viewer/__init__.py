@@ -9,7 +9,9 @@ and an edge |weight| filter; zoom and pan.
 
 ``GraphCatalog`` lists the graphs of one file or of a folder; ``serve_catalog`` serves them on
 localhost with a picker (``circuits view FILE|DIR``). Its routes (see ``_Handler.ROUTES``) include
-circuit-tracer's ``/data/graph-metadata.json`` and ``/graph_data/<slug>.json``.
+circuit-tracer's ``/data/graph-metadata.json`` and ``/graph_data/<slug>.json``. A graph with more
+than ``GraphCatalog.big_edges`` edges is served as a pruned first view, with the neighbourhood of a
+clicked node fetched from ``/neighbourhood/<name>?node=<node_id>`` (:mod:`circuits.viewer.subgraph`).
 """
 
 from __future__ import annotations
@@ -156,7 +158,14 @@ class GraphCatalog:
     read, so a URL cannot reach any other path.
     """
 
-    def __init__(self, target: str | Path) -> None:
+    def __init__(self, target: str | Path, *, big_edges: int | None = None, limits: Any = None) -> None:
+        from circuits.viewer.subgraph import BIG_GRAPH_EDGES, ViewLimits
+
+        #: Graphs with more edges are served as a pruned view + neighbourhoods (circuits.viewer.subgraph).
+        self.big_edges = BIG_GRAPH_EDGES if big_edges is None else int(big_edges)
+        self.limits = limits or ViewLimits()
+        self._views: dict[tuple[str, int, int], Any] = {}
+        self._views_lock = threading.Lock()
         self.target = Path(target)
         if self.target.is_dir():
             self.folder: Path | None = self.target
@@ -196,9 +205,33 @@ class GraphCatalog:
                 return entry
         return None
 
+    def big_view(self, entry: CatalogEntry) -> Any:
+        """The entry's :class:`~circuits.viewer.subgraph.BigGraphView` when it has more than
+        ``big_edges`` edges (read once per file version and kept), else None."""
+        stat = entry.path.stat()
+        if stat.st_size < 4 * self.big_edges:  # no format stores an edge in under 4 bytes
+            return None
+        key = (str(entry.path), stat.st_mtime_ns, stat.st_size)
+        with self._views_lock:
+            if key not in self._views:
+                from circuits_core.graphio import read_graph
+
+                from circuits.viewer.subgraph import BigGraphView
+
+                graph = read_graph(entry.path)
+                view = BigGraphView(graph, name=entry.name, limits=self.limits) if len(graph.edge_table) > self.big_edges else None
+                self._views = {k: v for k, v in self._views.items() if k[0] != key[0]}
+                self._views[key] = view
+            return self._views[key]
+
     def legacy(self, entry: CatalogEntry) -> dict[str, Any]:
-        """The entry's viewer JSON (a corrupt file raises CorruptInput naming it)."""
+        """The entry's viewer JSON (a corrupt file raises CorruptInput naming it); for a big graph
+        its pruned first view (metadata.subgraph says so and where neighbourhoods are fetched)."""
         from circuits_core.graphio import graph_format, read_viewer_json
+
+        view = self.big_view(entry)
+        if view is not None:
+            return view.first_view()
 
         data = read_viewer_json(entry.path)  # JSON files as written, after the graph reader checked them
         return viewer_json(data) if graph_format(entry.path) == "json" else data
@@ -248,6 +281,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         (r"/graph\.json", "first_graph_data"),
         (r"/data/graph-metadata\.json", "graph_index"),
         (r"/favicon\.ico", "favicon"),
+        (r"/neighbourhood/(?P<name>[^/]+)", "neighbourhood"),
     )
 
     def do_GET(self) -> None:  # noqa: N802 - http.server API
@@ -296,6 +330,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def favicon(self) -> Response:
         return 204, "image/x-icon", b""
+
+    def neighbourhood(self, name: str) -> Response:
+        """``?node=<node_id>``: the node's strongest incident edges and their other ends (big graphs)."""
+        entry = self.catalog.find(name)
+        view = self.catalog.big_view(entry) if entry else None
+        node = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("node", [""])[0]
+        if view is None or not node:
+            return self._not_found()
+        return 200, "application/json", json.dumps(_finite(view.neighbourhood(node)), ensure_ascii=False).encode()
 
     # -- plumbing --------------------------------------------------------------------------
     def _page(self, entry: CatalogEntry) -> Response:

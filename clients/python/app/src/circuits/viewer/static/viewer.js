@@ -281,9 +281,9 @@
   }
 
   Viewer.prototype.applyNodeFilter = function () {
-    var t = this.nodeThreshold;
+    var t = this.nodeThreshold, pinned = this.pinned || {};
     this.model.nodes.forEach(function (n) {
-      n.visible = n.type !== "neuron" || n.share === null || n.share <= t + 1e-12;
+      n.visible = n.type !== "neuron" || n.share === null || n.share <= t + 1e-12 || pinned[n.id] === true;
     });
   };
 
@@ -624,7 +624,59 @@
     this.focusCluster = null;
     this.applyHighlight();
     this.showDetails(n);
+    this.fetchNeighbourhood(id);
     return true;
+  };
+
+  /* Big graphs (metadata.subgraph): the server sent a pruned first view; the clicked node's
+     strongest incident edges and their other ends are fetched once and merged in (shown
+     whatever their influence share). */
+  Viewer.prototype.fetchNeighbourhood = function (id) {
+    var sub = (this.data.metadata || {}).subgraph, self = this;
+    if (!sub || !sub.neighbourhood || !window.fetch) { return; }
+    this.fetched = this.fetched || {};
+    if (this.fetched[id]) { return; }
+    this.fetched[id] = "pending";
+    this.pendingFetches = (this.pendingFetches || 0) + 1;
+    fetch(sub.neighbourhood + "?node=" + encodeURIComponent(id)).then(function (r) {
+      if (!r.ok) { throw new Error("HTTP " + r.status); }
+      return r.json();
+    }).then(function (part) {
+      self.fetched[id] = "done";
+      self.mergeNeighbourhood(part);
+    }).catch(function (err) {
+      self.fetched[id] = null;
+      if (window.console) { console.warn("neighbourhood of " + id + ": " + err.message); }
+    }).then(function () { self.pendingFetches -= 1; });
+  };
+
+  Viewer.prototype.mergeNeighbourhood = function (part) {
+    var data = this.data, have = {}, links = {}, added = 0, self = this;
+    this.pinned = this.pinned || {};
+    data.nodes.forEach(function (n) { have[n.node_id] = true; });
+    data.links.forEach(function (l) { links[l.source + "\u0000" + l.target] = true; });
+    (part.nodes || []).forEach(function (n) {
+      self.pinned[n.node_id] = true;
+      if (!have[n.node_id]) { data.nodes.push(n); have[n.node_id] = true; added += 1; }
+    });
+    (part.links || []).forEach(function (l) {
+      var key = l.source + "\u0000" + l.target;
+      if (!links[key]) { data.links.push(l); links[key] = true; added += 1; }
+    });
+    var selected = this.selected, threshold = this.threshold;
+    this.model = buildModel(data);
+    this.applyNodeFilter();
+    this.threshold = Math.min(threshold, this.neighbourhoodFloor(part));
+    this.build();
+    if (selected && this.model.byId[selected]) { this.select(selected); }
+    this.merged = (this.merged || 0) + added;
+  };
+
+  /* the edge filter keeps at least the fetched edges of the clicked node */
+  Viewer.prototype.neighbourhoodFloor = function (part) {
+    var floor = Infinity;
+    (part.links || []).forEach(function (l) { if (isNum(l.weight) && Math.abs(l.weight) > 0) { floor = Math.min(floor, Math.abs(l.weight)); } });
+    return floor;
   };
 
   Viewer.prototype.selectCluster = function (key) {
@@ -815,7 +867,10 @@
       select: function (id) { return viewer.select(id); },
       clearSelection: function () { viewer.clearSelection(); },
       fit: function () { viewer.fit(); },
-      clusterCount: function () { return viewer.model.clusters.length; }
+      clusterCount: function () { return viewer.model.clusters.length; },
+      subgraph: function () { return (viewer.data.metadata || {}).subgraph || null; },
+      pendingFetches: function () { return viewer.pendingFetches || 0; },
+      mergedCount: function () { return viewer.merged || 0; }
     };
     document.documentElement.setAttribute("data-viewer-ready", "1");
   }
