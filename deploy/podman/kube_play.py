@@ -63,6 +63,8 @@ PROMPTS = [
     "The opposite of hot is",
     "Two plus two equals",
     "The color of the sky is",
+    "The first month of the year is",
+    "A baby cat is called a",
 ]
 READY_PY = """
 import urllib.request
