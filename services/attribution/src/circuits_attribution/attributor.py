@@ -1562,32 +1562,8 @@ class _EdgePass:
             raw[rows, src.n_neurons:] = (g_embed[grad_rows, prompt.row, off:].to(acc) * embeds).sum(-1)  # [k, T_b]
 
     def keep(self, prompt: _PromptEdges, start: int, stop: int, raw_chunk: torch.Tensor) -> None:
-        """Keep the valid edges of one prompt's chunk: source before target (layer and position),
-        nonzero, |flow| above the threshold; one device->host transfer."""
-        cfg = self.attributor.config
-        device = raw_chunk.device
-        src, tgt = prompt.sources, prompt.targets
-        tgt_layer_t = torch.as_tensor(tgt.layers[start:stop], device=device)
-        tgt_pos_t = torch.as_tensor(tgt.positions[start:stop], device=device)
-        valid = (src.all_layers[None, :] < tgt_layer_t[:, None]) & (src.all_positions[None, :] <= tgt_pos_t[:, None])
-        if not cfg.embedding_logit_edges:
-            is_logit = tgt_layer_t == self.attributor.n_layers
-            valid &= ~(is_logit[:, None] & (src.all_layers[None, :] == EMBEDDING_LAYER))
-        scale = torch.tensor(tgt.scales[start:stop], dtype=raw_chunk.dtype, device=device)
-        flow = raw_chunk * scale[:, None]
-        valid &= (raw_chunk != 0) & (flow.abs() > cfg.edge_threshold)
-        rows, srcs = valid.nonzero(as_tuple=True)
-        packed = torch.stack(
-            [rows.to(torch.float64), srcs.to(torch.float64),
-             raw_chunk[rows, srcs].to(torch.float64), flow[rows, srcs].to(torch.float64)]
-        ).cpu().numpy()
-        r = packed[0].astype(np.int64) + start
-        s = packed[1].astype(np.int64)
-        prompt.columns.add(
-            src_layer=src.layer_np[s], src_index=src.index_np[s], src_position=src.position_np[s],
-            tgt_layer=tgt.layer_np[r], tgt_index=tgt.index_np[r], tgt_position=tgt.position_np[r],
-            raw=packed[2], flow=packed[3],
-        )
+        """Keep the valid edges of one prompt's chunk (see :func:`_keep_chunk_edges`)."""
+        _keep_chunk_edges(self.attributor, prompt.sources, prompt.targets, prompt.columns, start, stop, raw_chunk)
 
 
 
@@ -1821,32 +1797,8 @@ class _TapEdgePass:
             raw[rows, self.sources.n_neurons:] = grads[-1].to(device=raw.device, dtype=raw.dtype)  # [k, T]
 
     def keep(self, start: int, stop: int, raw_chunk: torch.Tensor) -> None:
-        """Keep the valid edges of one chunk: source before target (layer and position), nonzero,
-        |flow| above the threshold; one device->host transfer."""
-        cfg = self.attributor.config
-        device = raw_chunk.device
-        src, tgt = self.sources, self.targets
-        tgt_layer_t = torch.as_tensor(tgt.layers[start:stop], device=device)
-        tgt_pos_t = torch.as_tensor(tgt.positions[start:stop], device=device)
-        valid = (src.all_layers[None, :] < tgt_layer_t[:, None]) & (src.all_positions[None, :] <= tgt_pos_t[:, None])
-        if not cfg.embedding_logit_edges:
-            is_logit = tgt_layer_t == self.attributor.n_layers
-            valid &= ~(is_logit[:, None] & (src.all_layers[None, :] == EMBEDDING_LAYER))
-        scale = torch.tensor(tgt.scales[start:stop], dtype=raw_chunk.dtype, device=device)
-        flow = raw_chunk * scale[:, None]
-        valid &= (raw_chunk != 0) & (flow.abs() > cfg.edge_threshold)
-        rows, srcs = valid.nonzero(as_tuple=True)
-        packed = torch.stack(
-            [rows.to(torch.float64), srcs.to(torch.float64),
-             raw_chunk[rows, srcs].to(torch.float64), flow[rows, srcs].to(torch.float64)]
-        ).cpu().numpy()
-        r = packed[0].astype(np.int64) + start
-        s = packed[1].astype(np.int64)
-        self.columns.add(
-            src_layer=src.layer_np[s], src_index=src.index_np[s], src_position=src.position_np[s],
-            tgt_layer=tgt.layer_np[r], tgt_index=tgt.index_np[r], tgt_position=tgt.position_np[r],
-            raw=packed[2], flow=packed[3],
-        )
+        """Keep the valid edges of one chunk (see :func:`_keep_chunk_edges`)."""
+        _keep_chunk_edges(self.attributor, self.sources, self.targets, self.columns, start, stop, raw_chunk)
 
 
 
@@ -1897,3 +1849,33 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
     import hashlib
 
     return hashlib.sha256(tensor.detach().to(torch.float64).cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def _keep_chunk_edges(
+    attributor: Any, src: Any, tgt: Any, columns: Any, start: int, stop: int, raw_chunk: torch.Tensor
+) -> None:
+    """Keep the valid edges of targets ``start:stop``: source before target (layer and position),
+    nonzero, |flow| above the threshold; one device->host transfer, appended to ``columns``."""
+    cfg = attributor.config
+    device = raw_chunk.device
+    tgt_layer_t = torch.as_tensor(tgt.layers[start:stop], device=device)
+    tgt_pos_t = torch.as_tensor(tgt.positions[start:stop], device=device)
+    valid = (src.all_layers[None, :] < tgt_layer_t[:, None]) & (src.all_positions[None, :] <= tgt_pos_t[:, None])
+    if not cfg.embedding_logit_edges:
+        is_logit = tgt_layer_t == attributor.n_layers
+        valid &= ~(is_logit[:, None] & (src.all_layers[None, :] == EMBEDDING_LAYER))
+    scale = torch.tensor(tgt.scales[start:stop], dtype=raw_chunk.dtype, device=device)
+    flow = raw_chunk * scale[:, None]
+    valid &= (raw_chunk != 0) & (flow.abs() > cfg.edge_threshold)
+    rows, srcs = valid.nonzero(as_tuple=True)
+    packed = torch.stack(
+        [rows.to(torch.float64), srcs.to(torch.float64),
+         raw_chunk[rows, srcs].to(torch.float64), flow[rows, srcs].to(torch.float64)]
+    ).cpu().numpy()
+    r = packed[0].astype(np.int64) + start
+    s = packed[1].astype(np.int64)
+    columns.add(
+        src_layer=src.layer_np[s], src_index=src.index_np[s], src_position=src.position_np[s],
+        tgt_layer=tgt.layer_np[r], tgt_index=tgt.index_np[r], tgt_position=tgt.position_np[r],
+        raw=packed[2], flow=packed[3],
+    )
