@@ -17,6 +17,7 @@ skips with exit 0 when it is not available. Figures, all in this process:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -158,4 +159,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is printed and the server stopped; skip the interpreter's teardown of grpc and
+    # torch, which aborted now and then ("terminate called without an active exception"), as the
+    # attribution server's own entry point does.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
