@@ -7,9 +7,13 @@ Full scale (Qwen3-32B: 64 layers x 25,600 neurons, 50M edges; Llama-8B-sized Inf
         --infomap-nodes 458752 --infomap-edges 5000000 --infomap-trials 20
 
 Every size is a flag; the defaults are a reduced scale that fits a shared 2-core / 24 GB box.
-Prints: build time per step; GetEdgesForUnit and SearchUnits p50/p99 through a real server
-(separate process) with 1 and 32 concurrent clients, error counts; Infomap time for
-cluster_full_model vs a bare Infomap run on the same links (ratio, target <= 1.5x).
+Prints: build time per step (the neighbour index included); GetEdgesForUnit and SearchUnits p50/p99
+through a real server (separate process) with 1 and 32 concurrent clients, error counts; the same
+1-client query lists run in this process on the database object the server wraps (neighbour index,
+preloaded search) with the ratio service/in-process, and on the SQL-only path (baseline) with a
+check that both paths answer identically; GetEdgesForUnit throughput at 8 clients with 1 vs 2
+server processes; Infomap time for cluster_full_model vs a bare Infomap run on the same links
+(ratio, target <= 1.5x).
 """
 
 from __future__ import annotations
@@ -138,6 +142,21 @@ def start_server(atlas: Path, workers: int, processes: int = 1) -> tuple[subproc
     raise SystemExit("atlas server did not start")
 
 
+def query_list(kind: str, count: int, *, layers: int, neurons: int, seed: int) -> list[tuple]:
+    """The arguments of ``count`` queries of one client (edges: (layer, neuron); search: (text,))."""
+    rng = random.Random(seed)
+    if kind == "edges":
+        return [(rng.randrange(layers), rng.randrange(neurons)) for _ in range(count)]
+    return [(" ".join(rng.sample(WORDS, rng.choice((1, 2)))),) for _ in range(count)]
+
+
+def run_query(target, kind: str, args: tuple):
+    """One query on an AtlasClient or a CircuitDatabase (same method names and results)."""
+    if kind == "edges":
+        return target.get_edges_for_unit(args[0], args[1], "both", limit=100)
+    return target.search(args[0], limit=20)
+
+
 def measure(
     address: str, *, concurrency: int, requests: int, kind: str, layers: int, neurons: int, seed: int, warmup: int = 0
 ) -> dict:
@@ -149,22 +168,17 @@ def measure(
     per_client = max(1, requests // concurrency)
 
     def worker(i: int) -> None:
-        rng = random.Random(seed * 1000 + i)
+        warm = query_list(kind, warmup // concurrency, layers=layers, neurons=neurons, seed=seed * 1000 + i + 500)
+        timed = query_list(kind, per_client, layers=layers, neurons=neurons, seed=seed * 1000 + i)
         local: list[float] = []
         with AtlasClient(address, timeout=30) as client:
             client.stats()  # connect before timing
-            for _ in range(warmup // concurrency):  # untimed: fill the server's buffer pool
-                if kind == "edges":
-                    client.get_edges_for_unit(rng.randrange(layers), rng.randrange(neurons), "both", limit=100)
-                else:
-                    client.search(" ".join(rng.sample(WORDS, rng.choice((1, 2)))), limit=20)
-            for _ in range(per_client):
+            for args in warm:  # untimed: fill the server's buffer pool
+                run_query(client, kind, args)
+            for args in timed:
                 t0 = time.perf_counter()
                 try:
-                    if kind == "edges":
-                        client.get_edges_for_unit(rng.randrange(layers), rng.randrange(neurons), "both", limit=100)
-                    else:
-                        client.search(" ".join(rng.sample(WORDS, rng.choice((1, 2)))), limit=20)
+                    run_query(client, kind, args)
                 except Exception as exc:  # noqa: BLE001 - counted and reported
                     with lock:
                         errors.append(repr(exc)[:200])
@@ -185,6 +199,24 @@ def measure(
         "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
         "qps": len(latencies) / wall if wall else 0.0, "first_error": errors[0] if errors else "",
     }  # fmt: skip
+
+
+def measure_in_process(db, *, requests: int, kind: str, layers: int, neurons: int, seed: int, warmup: int = 0) -> dict:
+    """The 1-client query list of :func:`measure`, run on the database object the server wraps."""
+    for args in query_list(kind, warmup, layers=layers, neurons=neurons, seed=seed * 1000 + 500):
+        run_query(db, kind, args)
+    latencies = []
+    for args in query_list(kind, requests, layers=layers, neurons=neurons, seed=seed * 1000):
+        t0 = time.perf_counter()
+        run_query(db, kind, args)
+        latencies.append(time.perf_counter() - t0)
+    return {"p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99), "n": len(latencies)}
+
+
+def compare_paths(fast, sql, *, requests: int, kind: str, layers: int, neurons: int, seed: int) -> tuple[int, int]:
+    """How many of the first ``requests`` queries give identical answers on both database objects."""
+    queries = query_list(kind, requests, layers=layers, neurons=neurons, seed=seed * 1000)
+    return sum(run_query(fast, kind, a) == run_query(sql, kind, a) for a in queries), len(queries)
 
 
 # ------------------------------------------------------------------------------------------
@@ -276,11 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2],
                    help="server process counts compared at --process-clients clients (GetEdgesForUnit throughput)")
     p.add_argument("--process-clients", type=int, default=8)
+    p.add_argument("--sql-requests", type=int, default=100,
+                   help="queries timed (and compared) on the SQL-only path in process (it is slow)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite runs this; no figure means anything)")
     args = p.parse_args(argv)
     if args.smoke:
         args.layers, args.neurons, args.edges, args.requests, args.warmup = 4, 64, 4000, 40, 5
-        args.concurrency, args.server_workers = [1, 4], 4
+        args.concurrency, args.server_workers, args.sql_requests = [1, 4], 4, 20
         args.infomap_nodes, args.infomap_layer_width, args.infomap_edges, args.infomap_communities = 2000, 500, 8000, 20
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="atlas_bench_"))
@@ -288,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.skip_build:
             from circuits_atlas.build import build_atlas
+            from circuits_atlas.neighbours import index_path
 
             export = work / "export"
             labels = work / "labels.jsonl"
@@ -307,22 +342,52 @@ def main(argv: list[str] | None = None) -> int:
                 steps = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items() if not k.startswith("total"))
                 print(f"build: {report.timings['total']:.1f} s total ({steps}); {report.neurons:,} neurons, "
                       f"{report.edges:,} edges kept (count >= 3), file {atlas.stat().st_size / 2**30:.2f} GiB")  # fmt: skip
+            index = index_path(atlas)
+            print(f"neighbour index: {index.stat().st_size / 2**20:,.1f} MiB" if index.exists() else "neighbour index: none")
+            names = {"edges": "GetEdgesForUnit", "search": "SearchUnits"}
+            targets = {"edges": 1, "search": 5}
+            service: dict[str, dict] = {}
             proc, address = start_server(atlas, args.server_workers)
             try:
                 for kind in ("edges", "search"):
                     for conc in args.concurrency:
                         r = measure(address, concurrency=conc, requests=args.requests, kind=kind,
                                     layers=args.layers, neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
-                        name = "GetEdgesForUnit" if kind == "edges" else "SearchUnits"
-                        target = 5 if kind == "edges" else 50
+                        name = names[kind]
+                        if conc == 1:
+                            service[kind] = r
                         print(f"{name:<16} clients={conc:<3} n={r['requests']:<6} p50 {r['p50_ms']:7.2f} ms  "
                               f"p99 {r['p99_ms']:8.2f} ms  {r['qps']:7.1f} req/s  errors {r['errors']}  "
-                              f"(p50 target <= {target} ms){'  ' + r['first_error'] if r['errors'] else ''}")  # fmt: skip
+                              f"(p50 target <= {targets[kind]} ms at 1 client){'  ' + r['first_error'] if r['errors'] else ''}")  # fmt: skip
                         assert r["errors"] == 0, f"{name}: {r['errors']} failed requests ({r['first_error']})"
                 print("atlas queries answered without errors")
             finally:
                 proc.terminate()
                 proc.wait(30)
+            # The same 1-client query lists in this process: on the database object the server
+            # wraps (neighbour index + preloaded search), and on the SQL-only path (the baseline).
+            from circuits_atlas import CircuitDatabase
+
+            t0 = time.perf_counter()
+            with CircuitDatabase(atlas, preload=True) as fast:
+                print(f"in-process database opened with preload in {time.perf_counter() - t0:.1f} s "
+                      f"(neighbour index {fast.neighbour_index_note})")  # fmt: skip
+                local = {kind: measure_in_process(fast, requests=args.requests, kind=kind, layers=args.layers,
+                                                  neurons=args.neurons, seed=args.seed, warmup=args.warmup)
+                         for kind in ("edges", "search")}  # fmt: skip
+                with CircuitDatabase(atlas, neighbour_index=False) as sql:
+                    for kind in ("edges", "search"):
+                        n_sql = min(args.requests, args.sql_requests)
+                        base = measure_in_process(sql, requests=n_sql, kind=kind, layers=args.layers,
+                                                  neurons=args.neurons, seed=args.seed, warmup=min(args.warmup, 20))  # fmt: skip
+                        same, total = compare_paths(fast, sql, requests=n_sql, kind=kind, layers=args.layers,
+                                                    neurons=args.neurons, seed=args.seed)  # fmt: skip
+                        r, loc = service[kind], local[kind]
+                        print(f"{names[kind]:<16} service p50 {r['p50_ms']:7.2f} ms p99 {r['p99_ms']:8.2f} ms | in-process "
+                              f"p50 {loc['p50_ms']:7.3f} ms p99 {loc['p99_ms']:8.3f} ms | ratio service/in-process "
+                              f"p50 {r['p50_ms'] / loc['p50_ms']:.2f}x (target <= 1.5x) | SQL path in-process p50 "
+                              f"{base['p50_ms']:8.2f} ms ({base['n']} queries; {base['p50_ms'] / loc['p50_ms']:.0f}x the "
+                              f"fast path); same results: {same}/{total}")  # fmt: skip
             rates = {}
             for n_proc in args.processes:
                 proc, address = start_server(atlas, args.server_workers, n_proc)
