@@ -234,6 +234,8 @@ class CircuitDatabase:
 
             try:
                 self.memory = MemoryIndex.load(self._con, unit_columns=UNIT_COLUMNS, fts_schema=FTS_SCHEMA)
+            except FailedPrecondition as exc:
+                log.warning("search and labels are answered by SQL: %s", exc)
             except BaseException:
                 self.close()
                 raise

@@ -103,8 +103,9 @@ class MemoryIndex:
             raise FailedPrecondition("search_postings holds non-positive scores; not loading the search index")
         # The same runs again, each ordered by docid: a multi-term query adds them into a dense
         # accumulator in ascending docid order (streaming, not random, memory access).
+        # (intp indexes: numpy would convert int32 ones on every fancy-indexing call, ~3x slower).
         by_doc = np.lexsort((docid, termid))
-        self.doc_post_doc = self.post_doc[by_doc]
+        self.doc_post_doc = docid[by_doc].astype(np.intp)
         self.doc_post_score = self.post_score[by_doc]
         del termid, docid, score, by_doc
         self.terms = dict(con.execute(f"SELECT term, termid FROM {fts}.dict").fetchall())
@@ -166,32 +167,62 @@ class MemoryIndex:
                 keep = self.doc_detection[docs] >= min_score
                 docs, scores = docs[keep], scores[keep]
             return docs[:k].astype(np.int64), scores[:k].copy()
+        # Scores of every document of the query's terms in a dense accumulator (runs in docid
+        # order: streaming access). Documents of two or more terms are collected on the way; a
+        # document of one term t scores exactly its contribution to t, so the best of those come
+        # from the head of t's score-ordered run. The top k lie in those candidates.
         acc = self._take_accumulator()
         try:
-            parts = []
-            for a, b in runs:  # termid order: the SQL sum adds contributions in this order
-                d = self.doc_post_doc[a:b]
+            multi_parts = []
+            for i, (a, b) in enumerate(runs):  # termid order: the SQL sum adds contributions in this order
+                d, sc = self.doc_post_doc[a:b], self.doc_post_score[a:b]
+                if i == 0:
+                    acc[d] = sc
+                    continue
                 before = acc[d]
-                parts.append(d[before == 0.0])  # contributions are > 0: zero = not seen yet
-                acc[d] = before + self.doc_post_score[a:b]
-            cand = np.concatenate(parts)
-            scores = acc[cand]
-            acc[cand] = 0.0
+                multi_parts.append(d[before != 0.0])  # contributions are > 0: nonzero = seen before
+                acc[d] = before + sc
+            multi = multi_parts[0] if len(multi_parts) == 1 else np.unique(np.concatenate(multi_parts))
+            cands, scores = [multi], [acc[multi]]
+            for a, b in runs:
+                d, sc = self._single_term_head(acc, a, b, k, min_score)
+                cands.append(d)
+                scores.append(sc)
+            for a, b in runs:
+                acc[self.doc_post_doc[a:b]] = 0.0
         finally:
             self._give_accumulator(acc)
+        cand = np.concatenate(cands).astype(np.int64)
+        score = np.concatenate(scores)
         if min_score > 0:
             keep = self.doc_detection[cand] >= min_score
-            cand, scores = cand[keep], scores[keep]
-        if len(cand) > k:
-            # A lower bound of the k-th best score from a slice (its k-th best can only be lower),
-            # so the exact selection below sorts a few survivors, not every candidate.
-            sample = scores[: max(8 * k, 4096)]
-            if len(sample) > k:
-                floor = np.partition(sample, len(sample) - k)[len(sample) - k]
-                keep = scores >= floor
-                cand, scores = cand[keep], scores[keep]
-        order = np.lexsort((cand, -scores))[:k]
-        return cand[order].astype(np.int64), scores[order]
+            cand, score = cand[keep], score[keep]
+        # A document can be in both lists only with equal scores (see _single_term_head).
+        cand, first = np.unique(cand, return_index=True)
+        score = score[first]
+        order = np.lexsort((cand, -score))[:k]
+        return cand[order], score[order]
+
+    def _single_term_head(self, acc: np.ndarray, a: int, b: int, k: int, min_score: float) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``k`` documents (score DESC, docid) of the term run [a, b) whose whole score is
+        this term's contribution (accumulated score == contribution: no other query term, or
+        others too small to change the sum) and that pass ``min_score``."""
+        found_d, found_s = [], []
+        need, at, step = k, a, max(4 * k, 256)
+        while need > 0 and at < b:
+            stop = min(b, at + step)
+            d, sc = self.post_doc[at:stop], self.post_score[at:stop]
+            ok = acc[d] == sc
+            if min_score > 0:
+                ok &= self.doc_detection[d] >= min_score
+            d, sc = d[ok][:need], sc[ok][:need]
+            found_d.append(d)
+            found_s.append(sc)
+            need -= len(d)
+            at, step = stop, step * 4
+        if not found_d:
+            return np.zeros(0, np.int64), np.zeros(0)
+        return np.concatenate(found_d).astype(np.int64), np.concatenate(found_s)
 
     def _take_accumulator(self) -> np.ndarray:
         self._pool_slots.acquire()

@@ -324,8 +324,9 @@ class NeighbourIndex:
             return []
         start, stop = int(offsets[i]), int(offsets[i + 1])
         counts = self._records["count"]
-        if min_count > 1:
-            # Counts do not increase along a unit's run: find the first edge below min_count.
+        if int(counts[stop - 1] if order is None else counts[order[stop - 1]]) < min_count:
+            # Counts do not increase along a unit's run (the last is the smallest): find the
+            # first edge below min_count.
             lo, hi = start, stop
             while lo < hi:
                 mid = (lo + hi) // 2
