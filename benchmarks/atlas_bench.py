@@ -326,15 +326,16 @@ def main(argv: list[str] | None = None) -> int:
 
             export = work / "export"
             labels = work / "labels.jsonl"
+            atlas = work / "atlas.duckdb"
+            reuse = args.reuse_atlas and atlas.exists()
             t0 = time.perf_counter()
-            if not (export / "edges.parquet").exists():
+            if not reuse and not (export / "edges.parquet").exists():
                 write_export(export, layers=args.layers, neurons=args.neurons, edges=args.edges, seed=args.seed)
-            if not labels.exists():
+            if not reuse and not labels.exists():
                 write_labels(labels, layers=args.layers, neurons=args.neurons, fraction=args.label_fraction, seed=args.seed)
             print(f"inputs: {args.layers} layers x {args.neurons:,} neurons, {args.edges:,} edges "
-                  f"(generated in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
-            atlas = work / "atlas.duckdb"
-            if not (args.reuse_atlas and atlas.exists()):
+                  f"({'reusing the atlas in --workdir' if reuse else f'generated in {time.perf_counter() - t0:.1f} s'})")  # fmt: skip
+            if not reuse:
                 report = build_atlas(
                     export_dir=export, output_path=atlas, labels_path=labels, clustering=None, min_edge_count=3,
                     model="synthetic", memory_limit=args.memory_limit, progress=lambda s: None,
