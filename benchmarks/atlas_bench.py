@@ -132,7 +132,9 @@ def start_server(atlas: Path, workers: int, processes: int = 1) -> tuple[subproc
     while time.time() < deadline:
         line = proc.stdout.readline()
         said.append(line)
-        match = re.search(r"serving on (\S+)", line)
+        # The parent's own line (helpers of --processes N log "... atlas PATH serving on ..." first,
+        # before the parent has opened the atlas).
+        match = re.match(r"atlas serving on (\S+)", line)
         if match:
             # Keep draining the server's output so its log never blocks on a full pipe.
             threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()

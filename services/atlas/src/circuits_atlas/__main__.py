@@ -106,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CircuitsError as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
+    # Handlers first: a SIGTERM while the helpers start or the atlas loads (seconds with preload)
+    # must still stop the helpers, not kill this process and orphan them.
+    stop_requested = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop_requested.set())
     helpers: list[subprocess.Popen] = []
     reserved = None
     if args.processes > 1 or args.reuse_port:
@@ -152,9 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_port_file(server, args.port_file)
     # Stop in the main thread: GrpcServer.wait() returns as soon as stop() *starts* in its signal
     # thread, and the interpreter could then exit while DuckDB is closing (std::terminate).
-    stop_requested = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop_requested.set())
     while not stop_requested.wait(0.5):
         pass
     for helper in helpers:

@@ -59,7 +59,7 @@ class MemoryIndex:
         self._stem_cache: dict[str, str] = {}
         self._cache_lock = threading.Lock()
         self._python_tokens = True
-        self._pool: list[np.ndarray] = []
+        self._pool: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pool_lock = threading.Lock()
         self._pool_slots = threading.BoundedSemaphore(_ACCUMULATORS)
 
@@ -171,7 +171,8 @@ class MemoryIndex:
         # order: streaming access). Documents of two or more terms are collected on the way; a
         # document of one term t scores exactly its contribution to t, so the best of those come
         # from the head of t's score-ordered run. The top k lie in those candidates.
-        acc = self._take_accumulator()
+        space = self._take_workspace()
+        acc, buf, flags = space
         try:
             multi_parts = []
             for i, (a, b) in enumerate(runs):  # termid order: the SQL sum adds contributions in this order
@@ -179,9 +180,11 @@ class MemoryIndex:
                 if i == 0:
                     acc[d] = sc
                     continue
-                before = acc[d]
-                multi_parts.append(d[before != 0.0])  # contributions are > 0: nonzero = seen before
-                acc[d] = before + sc
+                # Into preallocated buffers: no large temporaries (allocator page faults) per query.
+                before = np.take(acc, d, out=buf[: b - a])
+                seen = np.not_equal(before, 0.0, out=flags[: b - a])  # contributions are > 0
+                multi_parts.append(d[seen])
+                acc[d] = np.add(before, sc, out=before)
             multi = multi_parts[0] if len(multi_parts) == 1 else np.unique(np.concatenate(multi_parts))
             cands, scores = [multi], [acc[multi]]
             for a, b in runs:
@@ -191,7 +194,7 @@ class MemoryIndex:
             for a, b in runs:
                 acc[self.doc_post_doc[a:b]] = 0.0
         finally:
-            self._give_accumulator(acc)
+            self._give_workspace(space)
         cand = np.concatenate(cands).astype(np.int64)
         score = np.concatenate(scores)
         if min_score > 0:
@@ -224,16 +227,19 @@ class MemoryIndex:
             return np.zeros(0, np.int64), np.zeros(0)
         return np.concatenate(found_d).astype(np.int64), np.concatenate(found_s)
 
-    def _take_accumulator(self) -> np.ndarray:
+    def _take_workspace(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A zeroed score accumulator over documents and scratch buffers as long as the longest
+        term run (at most _ACCUMULATORS exist; a query waits for a free one)."""
         self._pool_slots.acquire()
         with self._pool_lock:
             if self._pool:
                 return self._pool.pop()
-        return np.zeros(self.num_docs, np.float64)
+        longest = int(np.max(np.diff(self.term_offsets))) if len(self.term_offsets) > 1 else 0
+        return np.zeros(self.num_docs, np.float64), np.empty(longest, np.float64), np.empty(longest, np.bool_)
 
-    def _give_accumulator(self, acc: np.ndarray) -> None:
+    def _give_workspace(self, space: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         with self._pool_lock:
-            self._pool.append(acc)
+            self._pool.append(space)
         self._pool_slots.release()
 
     # -- rows -------------------------------------------------------------------------------
