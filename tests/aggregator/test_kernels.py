@@ -20,7 +20,7 @@ from circuits_core import _unit_scan, wire
 from circuits_core.aggregator_types import graph_fingerprint
 from circuits_core.errors import InvalidArgument
 
-pytestmark = pytest.mark.skipif(not _unit_scan.available(), reason="numba not installed")
+compiled = pytest.mark.skipif(not (_unit_scan.available() and _kernels.COMPILED), reason="numba not installed")
 
 
 def _brute(sl, sn, tl, tn, w):
@@ -65,7 +65,8 @@ def test_group_edges_matches_a_dict(n):
     assert sum(v[0] for v in got.values()) == n
 
 
-def test_group_by_key_compiled_equals_plain_python():
+@compiled
+def test_group_by_key_compiled_equals_plain_python_and_numpy():
     rng = np.random.default_rng(3)
     keys = rng.integers(0, 50, 2000).astype(np.int64) << 40
     weights = rng.normal(size=2000)
@@ -76,6 +77,14 @@ def test_group_by_key_compiled_equals_plain_python():
     assert g == plain[0] == len(np.unique(keys))
     for a, b in zip(compiled[1:], plain[1:]):
         np.testing.assert_array_equal(a[:g], b[:g])  # same row order -> bit-identical sums
+    # the numpy fallback (no numba installed): the same groups and statistics, ordered by key
+    sorted_ = _kernels.group_by_key_sorted(keys, weights)
+    assert sorted_[0] == g
+    order = np.argsort(compiled[1][:g])
+    np.testing.assert_array_equal(compiled[1][:g][order], sorted_[1])
+    np.testing.assert_array_equal(compiled[2][:g][order], sorted_[2])
+    for a, b in zip(compiled[3:], sorted_[3:]):
+        np.testing.assert_allclose(a[:g][order], b, rtol=1e-12, atol=1e-12)
 
 
 def _proto(seed: int, **kw):
@@ -89,6 +98,7 @@ def _same(a, b):
         assert getattr(a, name) == getattr(b, name), name
 
 
+@compiled
 @pytest.mark.parametrize("seed", range(6))
 def test_scanned_units_equal_attribute_reads(seed):
     msg = _proto(seed)
@@ -106,6 +116,7 @@ def test_scanned_units_equal_attribute_reads(seed):
     assert fast.logit_tokens and fast.logit_tokens[0][1] == " Paris ünï"
 
 
+@compiled
 def test_scan_kernel_compiled_equals_plain_python_and_refuses_cut_bytes():
     msg = _proto(9)
     data = msg.SerializeToString()

@@ -1,24 +1,35 @@
-"""Compiled kernels of the aggregation write path (numba; the aggregator depends on it).
+"""Kernels of the aggregation write path: compiled with numba when it is installed (the
+aggregator's ``fast`` extra), numpy otherwise.
 
 :func:`group_by_key` is a hash group-by of link observations (radix-partitioned, then an
 open-addressing table per partition), O(n) instead of the O(n log n) sort it replaced. Each
 group's sums add its rows in row order, so the statistics do not depend on the hash; groups
-come out ordered by partition, then by first appearance.
+come out ordered by partition, then by first appearance. Without numba (or with
+``CIRCUITS_NO_NUMBA=1``), :func:`group_by_key` is the numpy version (one sort, then segment
+reductions; groups ordered by key), with the same statistics.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from circuits_core.jit import prepare_numba
 
-_CACHE = prepare_numba() is not None  # no writable folder: compile in memory only
+try:
+    if os.environ.get("CIRCUITS_NO_NUMBA"):
+        raise ImportError("CIRCUITS_NO_NUMBA is set")
+    _CACHE = prepare_numba() is not None  # no writable folder: compile in memory only
+    from numba import njit
+except ImportError:
+    njit = None
 
-from numba import njit  # noqa: E402 - after the cache folder is chosen
+#: Whether :func:`group_by_key` is the compiled kernel.
+COMPILED = njit is not None
 
 
-@njit(cache=_CACHE, nogil=True)
-def group_by_key(keys, weights):  # pragma: no cover - compiled; the tests call it compiled and as .py_func
+def _group_by_key_hashed(keys, weights):  # pragma: no cover - compiled; the tests call it compiled and as .py_func
     """``(n_groups, key, count, weight_sum, weight_abs_sum, weight_sq_sum, weight_min, weight_max)``
     of the rows ``(keys[i], weights[i])``, per distinct key (first ``n_groups`` rows of each array).
 
@@ -104,6 +115,28 @@ def group_by_key(keys, weights):  # pragma: no cover - compiled; the tests call 
                     break
                 h = (h + 1) & mask
     return groups, key, count, total, absolute, square, low, high
+
+def group_by_key_sorted(keys, weights):
+    """:func:`group_by_key` in numpy: one sort of the keys, then segment reductions."""
+    n = keys.shape[0]
+    order = np.argsort(keys)
+    k = keys[order]
+    w = weights[order]
+    change = np.empty(n, dtype=bool)
+    if n:
+        change[0] = True
+        np.not_equal(k[1:], k[:-1], out=change[1:])
+    starts = np.flatnonzero(change)
+    if not n:
+        empty = np.empty(0, dtype=np.float64)
+        return 0, k, np.empty(0, dtype=np.int64), empty, empty, empty, empty, empty
+    return (starts.shape[0], k[starts], np.diff(np.append(starts, n)), np.add.reduceat(w, starts),
+            np.add.reduceat(np.abs(w), starts), np.add.reduceat(w * w, starts), np.minimum.reduceat(w, starts),
+            np.maximum.reduceat(w, starts))  # fmt: skip
+
+
+group_by_key = njit(cache=_CACHE, nogil=True)(_group_by_key_hashed) if COMPILED else group_by_key_sorted
+
 
 def warm() -> None:
     """Compile (or load from the disk cache) the kernels now: a server's first Ingest does not wait."""
