@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -23,17 +21,10 @@ from circuits_core.errors import InvalidArgument
 compiled = pytest.mark.skipif(not (_unit_scan.available() and _kernels.COMPILED), reason="numba not installed")
 
 
-def _brute(sl, sn, tl, tn, w):
+def _brute(observe, sl, sn, tl, tn, w):
     out: dict[tuple, list] = {}
-    for row in zip(sl.tolist(), sn.tolist(), tl.tolist(), tn.tolist(), w.tolist()):
-        *key, x = row
-        s = out.setdefault(tuple(key), [0, 0.0, 0.0, 0.0, math.inf, -math.inf])
-        s[0] += 1
-        s[1] += x
-        s[2] += abs(x)
-        s[3] += x * x
-        s[4] = min(s[4], x)
-        s[5] = max(s[5], x)
+    for *key, x in zip(sl.tolist(), sn.tolist(), tl.tolist(), tn.tolist(), w.tolist()):
+        observe(out, tuple(key), x)
     return out
 
 
@@ -44,13 +35,13 @@ def _unpack(k):
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 5000, 100_000])
-def test_group_edges_matches_a_dict(n):
+def test_group_edges_matches_a_dict(brute, n):
     rng = np.random.default_rng(n)
     sl, tl = rng.integers(0, 3, n).astype(np.int32), rng.integers(0, 3, n).astype(np.int32)
     sn, tn = rng.integers(0, 9, n).astype(np.int32), rng.integers(0, 2_000_000, n).astype(np.int32) % 7
     w = rng.normal(size=n).round(3)  # dyadic-free but short: sums compared with a tolerance
     edges, single = group_edges(sl, sn, tl, tn, w)
-    expected = _brute(sl, sn, tl, tn, w)
+    expected = _brute(brute.observe, sl, sn, tl, tn, w)
     got: dict[tuple, list] = {}
     for key, c, s, a, q, lo, hi in zip(_unpack(edges["k"].to_numpy()), *(edges[c].to_numpy().tolist() for c in (
             "count", "weight_sum", "weight_abs_sum", "weight_sq_sum", "weight_min", "weight_max"))):  # fmt: skip

@@ -42,6 +42,12 @@ def _skip(buf, pos, end, wire_type):  # -> next position after a field's value; 
 
 
 @njit(cache=_CACHE, nogil=True)
+def _tag(buf, pos, end):  # -> (field number, wire type, next position); next = -1 if malformed
+    tag, pos = _varint(buf, pos, end)
+    return tag >> 3, tag & 7, pos
+
+
+@njit(cache=_CACHE, nogil=True)
 def _int32(value):  # protobuf int32 from its varint (negative values are sign-extended to 64 bits)
     low = value & 0xFFFFFFFF
     return low - 0x100000000 if low >= 0x80000000 else low
@@ -56,11 +62,9 @@ def _scan_units(buf, ints, token_end, flags, value_bytes):
     pos = 0
     row = 0
     while pos < end:
-        tag, pos = _varint(buf, pos, end)
+        field, wire_type, pos = _tag(buf, pos, end)
         if pos < 0:
             return -1
-        field = tag >> 3
-        wire_type = tag & 7
         if field != 5:
             pos = _skip(buf, pos, end, wire_type)
             if pos < 0:
@@ -73,11 +77,9 @@ def _scan_units(buf, ints, token_end, flags, value_bytes):
             return -1
         stop = pos + length
         while pos < stop:
-            tag, pos = _varint(buf, pos, stop)
+            field, wire_type, pos = _tag(buf, pos, stop)
             if pos < 0:
                 return -1
-            field = tag >> 3
-            wire_type = tag & 7
             if 1 <= field <= 4:  # layer, index, position, kind: int32 / enum varints
                 if wire_type != 0:
                     return -1
