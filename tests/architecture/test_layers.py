@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 NOT_INSTALLED = (
     "circuits_attribution", "circuits_aggregator", "circuits_labeler", "circuits_atlas", "circuits_server",
     "torch", "transformers", "accelerate", "safetensors", "gguf", "duckdb", "pyarrow", "infomap",
-    "anthropic", "openai", "psycopg", "prometheus_client", "grpc_reflection", "kubernetes", "matplotlib",
+    "anthropic", "openai", "psycopg", "prometheus_client", "grpc_reflection", "kubernetes", "matplotlib", "numba",
 )
 
 _BLOCKER = textwrap.dedent(
@@ -65,7 +65,7 @@ def test_light_modules_load_no_heavy_or_server_code(module: str) -> None:
     import sys, json, importlib
     importlib.import_module({module!r})
     heavy = ("torch", "duckdb", "transformers", "prometheus_client", "anthropic", "openai", "infomap", "pyarrow",
-             "circuits_server", "circuits_attribution", "circuits_aggregator", "circuits_labeler", "circuits_atlas")
+             "numba", "circuits_server", "circuits_attribution", "circuits_aggregator", "circuits_labeler", "circuits_atlas")
     print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set(heavy))))
     """
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)

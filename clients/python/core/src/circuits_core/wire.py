@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from circuits_core import _unit_scan
 from circuits_core._proto.circuits.v1 import aggregator_pb2, atlas_pb2, attribution_pb2, graph_pb2, labeler_pb2
 from circuits_core.aggregator_types import (
     AggregatorStats,
@@ -329,24 +330,40 @@ def graph_from_proto(msg: graph_pb2.Graph) -> Graph:
     )
 
 
-def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id: str | None = None) -> GraphArrays:
+def graph_arrays_from_proto(
+    msg: graph_pb2.Graph, *, source: str = "", graph_id: str | None = None, fast: bool = True
+) -> GraphArrays:
     """The aggregator's columns of a ``circuits.v1.Graph``, without building units or edges.
 
     Accepts and rejects exactly what :func:`graph_from_proto` does. ``graph_id`` overrides the
-    message's id (files without one).
+    message's id (files without one). With numba installed (the aggregator's dependency) the unit
+    columns come from one compiled scan of the message's bytes (:mod:`circuits_core._unit_scan`);
+    ``fast=False`` reads them attribute by attribute (the reference the tests compare against).
     """
     units = msg.units
     n = len(units)
-    # One pass over the units per column group (the per-unit attribute reads are the cost here).
-    ints = np.array(list(map(_UNIT_INTS, units)), dtype=np.int64).reshape(n, 3)
-    layer, index, kinds = ints[:, 0], ints[:, 1], ints[:, 2]
-    has = np.array(list(map(_unit_presence, units)), dtype=bool).reshape(n, 3)
-    position = np.where(has[:, 0], np.fromiter(map(_UNIT_POSITION, units), dtype=np.int64, count=n), NO_POSITION)
+    tokens: Any
+    scanned = None
+    if fast and n >= _SCAN_MIN_UNITS and _unit_scan.available():
+        data = msg.SerializeToString()
+        scanned = _unit_scan.unit_columns(data, n)
+    if scanned is not None:  # one compiled pass over the message's bytes (numba installed)
+        layer, index, kinds = scanned["layer"], scanned["index"], scanned["kind"]
+        has = np.stack([scanned["has_position"], scanned["has_activation"], scanned["has_attribution"]], axis=1)
+        position = np.where(has[:, 0], scanned["position"], NO_POSITION)
+        values = np.stack([scanned["activation"], scanned["attribution"], scanned["probability"]], axis=1)
+        tokens = _ScannedTokens(data, scanned["token_start"], scanned["token_end"])
+    else:  # one pass over the units per column group (the per-unit attribute reads are the cost here)
+        ints = np.array(list(map(_UNIT_INTS, units)), dtype=np.int64).reshape(n, 3)
+        layer, index, kinds = ints[:, 0], ints[:, 1], ints[:, 2]
+        has = np.array(list(map(_unit_presence, units)), dtype=bool).reshape(n, 3)
+        position = np.where(has[:, 0], np.fromiter(map(_UNIT_POSITION, units), dtype=np.int64, count=n), NO_POSITION)
+        # An absent optional double reads as 0.0, so a non-finite value here was sent.
+        values = np.array(list(map(_UNIT_VALUES, units)), dtype=np.float64).reshape(n, 3)
+        tokens = _LazyTokens(units)
     _check_units(layer, index, position, kinds)
     src, tgt, weight, _raw = _edge_rows(msg.edges, n)
     extra = _extra_from_json(msg.metadata.extra_json)
-    # An absent optional double reads as 0.0, so a non-finite value here was sent.
-    values = np.array(list(map(_UNIT_VALUES, units)), dtype=np.float64).reshape(n, 3)
     if not np.isfinite(values).all():
         for col, name in enumerate(("activation", "attribution", "probability")):
             bad = np.flatnonzero(~np.isfinite(values[:, col]))
@@ -371,7 +388,7 @@ def graph_arrays_from_proto(msg: graph_pb2.Graph, *, source: str = "", graph_id:
         edge_tgt=tgt,
         edge_weight=weight,
         is_logit=kinds == graph_pb2.UNIT_KIND_LOGIT,
-        tokens=_LazyTokens(units),
+        tokens=tokens,
         model=msg.model,
         extra=extra,
     )
@@ -384,6 +401,28 @@ _UNIT_VALUES = attrgetter("activation", "attribution", "probability")
 
 def _unit_presence(u: Any) -> tuple[bool, bool, bool]:
     return u.HasField("position"), u.HasField("activation"), u.HasField("attribution")
+
+
+def warm_graph_scan() -> bool:
+    """Compile the unit scan of :func:`graph_arrays_from_proto` now (a server calls this before it
+    serves); False when numba is not installed (the attribute-by-attribute read is used)."""
+    return _unit_scan.warm()
+
+
+#: Below this many units the attribute reads cost less than serializing the message for the scan.
+_SCAN_MIN_UNITS = 32
+
+
+class _ScannedTokens:
+    """``token`` of unit ``row`` from the byte ranges the scan found (only logit rows are read)."""
+
+    __slots__ = ("_data", "_start", "_end")
+
+    def __init__(self, data: bytes, start: np.ndarray, end: np.ndarray) -> None:
+        self._data, self._start, self._end = data, start, end
+
+    def __getitem__(self, row: int) -> str:
+        return self._data[int(self._start[row]):int(self._end[row])].decode("utf-8")
 
 
 class _LazyTokens:
