@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--infomap-trials", type=int, default=1, help="Infomap trials (the atlas default is 20)")
     p.add_argument("--skip-build", action="store_true", help="skip build and latency (Infomap only)")
     p.add_argument("--skip-infomap", action="store_true")
+    p.add_argument("--skip-latency", action="store_true", help="only the --processes throughput comparison (after any build)")
     p.add_argument("--workdir", help="keep inputs and the atlas here (default: a temp dir, removed)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2],
@@ -347,50 +348,51 @@ def main(argv: list[str] | None = None) -> int:
                       f"{report.edges:,} edges kept (count >= 3), file {atlas.stat().st_size / 2**30:.2f} GiB")  # fmt: skip
             index = index_path(atlas)
             print(f"neighbour index: {index.stat().st_size / 2**20:,.1f} MiB" if index.exists() else "neighbour index: none")
-            names = {"edges": "GetEdgesForUnit", "search": "SearchUnits"}
-            targets = {"edges": 1, "search": 5}
-            service: dict[str, dict] = {}
-            proc, address = start_server(atlas, args.server_workers)
-            try:
-                for kind in ("edges", "search"):
-                    for conc in args.concurrency:
-                        r = measure(address, concurrency=conc, requests=args.requests, kind=kind,
-                                    layers=args.layers, neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
-                        name = names[kind]
-                        if conc == 1:
-                            service[kind] = r
-                        print(f"{name:<16} clients={conc:<3} n={r['requests']:<6} p50 {r['p50_ms']:7.2f} ms  "
-                              f"p99 {r['p99_ms']:8.2f} ms  {r['qps']:7.1f} req/s  errors {r['errors']}  "
-                              f"(p50 target <= {targets[kind]} ms at 1 client){'  ' + r['first_error'] if r['errors'] else ''}")  # fmt: skip
-                        assert r["errors"] == 0, f"{name}: {r['errors']} failed requests ({r['first_error']})"
-                print("atlas queries answered without errors")
-            finally:
-                proc.terminate()
-                proc.wait(30)
-            # The same 1-client query lists in this process: on the database object the server
-            # wraps (neighbour index + preloaded search), and on the SQL-only path (the baseline).
-            from circuits_atlas import CircuitDatabase
-
-            t0 = time.perf_counter()
-            with CircuitDatabase(atlas, preload=True) as fast:
-                print(f"in-process database opened with preload in {time.perf_counter() - t0:.1f} s "
-                      f"(neighbour index {fast.neighbour_index_note})")  # fmt: skip
-                local = {kind: measure_in_process(fast, requests=args.requests, kind=kind, layers=args.layers,
-                                                  neurons=args.neurons, seed=args.seed, warmup=args.warmup)
-                         for kind in ("edges", "search")}  # fmt: skip
-                with CircuitDatabase(atlas, neighbour_index=False) as sql:
+            if not args.skip_latency:
+                names = {"edges": "GetEdgesForUnit", "search": "SearchUnits"}
+                targets = {"edges": 1, "search": 5}
+                service: dict[str, dict] = {}
+                proc, address = start_server(atlas, args.server_workers)
+                try:
                     for kind in ("edges", "search"):
-                        n_sql = min(args.requests, args.sql_requests)
-                        base = measure_in_process(sql, requests=n_sql, kind=kind, layers=args.layers,
-                                                  neurons=args.neurons, seed=args.seed, warmup=min(args.warmup, 20))  # fmt: skip
-                        same, total = compare_paths(fast, sql, requests=n_sql, kind=kind, layers=args.layers,
-                                                    neurons=args.neurons, seed=args.seed)  # fmt: skip
-                        r, loc = service[kind], local[kind]
-                        print(f"{names[kind]:<16} service p50 {r['p50_ms']:7.2f} ms p99 {r['p99_ms']:8.2f} ms | in-process "
-                              f"p50 {loc['p50_ms']:7.3f} ms p99 {loc['p99_ms']:8.3f} ms | ratio service/in-process "
-                              f"p50 {r['p50_ms'] / loc['p50_ms']:.2f}x (target <= 1.5x) | SQL path in-process p50 "
-                              f"{base['p50_ms']:8.2f} ms ({base['n']} queries; {base['p50_ms'] / loc['p50_ms']:.0f}x the "
-                              f"fast path); same results: {same}/{total}")  # fmt: skip
+                        for conc in args.concurrency:
+                            r = measure(address, concurrency=conc, requests=args.requests, kind=kind,
+                                        layers=args.layers, neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
+                            name = names[kind]
+                            if conc == 1:
+                                service[kind] = r
+                            print(f"{name:<16} clients={conc:<3} n={r['requests']:<6} p50 {r['p50_ms']:7.2f} ms  "
+                                  f"p99 {r['p99_ms']:8.2f} ms  {r['qps']:7.1f} req/s  errors {r['errors']}  "
+                                  f"(p50 target <= {targets[kind]} ms at 1 client){'  ' + r['first_error'] if r['errors'] else ''}")  # fmt: skip
+                            assert r["errors"] == 0, f"{name}: {r['errors']} failed requests ({r['first_error']})"
+                    print("atlas queries answered without errors")
+                finally:
+                    proc.terminate()
+                    proc.wait(30)
+                # The same 1-client query lists in this process: on the database object the server
+                # wraps (neighbour index + preloaded search), and on the SQL-only path (the baseline).
+                from circuits_atlas import CircuitDatabase
+
+                t0 = time.perf_counter()
+                with CircuitDatabase(atlas, preload=True) as fast:
+                    print(f"in-process database opened with preload in {time.perf_counter() - t0:.1f} s "
+                          f"(neighbour index {fast.neighbour_index_note})")  # fmt: skip
+                    local = {kind: measure_in_process(fast, requests=args.requests, kind=kind, layers=args.layers,
+                                                      neurons=args.neurons, seed=args.seed, warmup=args.warmup)
+                             for kind in ("edges", "search")}  # fmt: skip
+                    with CircuitDatabase(atlas, neighbour_index=False) as sql:
+                        for kind in ("edges", "search"):
+                            n_sql = min(args.requests, args.sql_requests)
+                            base = measure_in_process(sql, requests=n_sql, kind=kind, layers=args.layers,
+                                                      neurons=args.neurons, seed=args.seed, warmup=min(args.warmup, 20))  # fmt: skip
+                            same, total = compare_paths(fast, sql, requests=n_sql, kind=kind, layers=args.layers,
+                                                        neurons=args.neurons, seed=args.seed)  # fmt: skip
+                            r, loc = service[kind], local[kind]
+                            print(f"{names[kind]:<16} service p50 {r['p50_ms']:7.2f} ms p99 {r['p99_ms']:8.2f} ms | in-process "
+                                  f"p50 {loc['p50_ms']:7.3f} ms p99 {loc['p99_ms']:8.3f} ms | ratio service/in-process "
+                                  f"p50 {r['p50_ms'] / loc['p50_ms']:.2f}x (target <= 1.5x) | SQL path in-process p50 "
+                                  f"{base['p50_ms']:8.2f} ms ({base['n']} queries; {base['p50_ms'] / loc['p50_ms']:.0f}x the "
+                                  f"fast path); same results: {same}/{total}")  # fmt: skip
             rates = {}
             for n_proc in args.processes:
                 proc, address = start_server(atlas, args.server_workers, n_proc)
