@@ -216,3 +216,31 @@ def test_server_answers_from_the_index(random_atlas: Path) -> None:
                         sql.get_edges_for_unit(layer, neuron, direction, limit=limit, min_count=min_count)
     finally:
         srv.stop(grace=1)
+
+
+def test_index_only_indexes_an_atlas_built_before_the_index(random_atlas: Path, tmp_path: Path, capsys) -> None:
+    """An old atlas (no build_id, no index) gets both from `circuits build-db --index-only`."""
+    import duckdb
+
+    from circuits.cli import main as cli_main
+
+    atlas = copy_atlas(random_atlas, tmp_path)
+    index_path(atlas).unlink()
+    con = duckdb.connect(str(atlas))
+    con.execute("DELETE FROM metadata WHERE key = 'build_id'")
+    con.close()
+    with CircuitDatabase(atlas) as db:
+        assert db.neighbours is None and "no neighbour index" in db.neighbour_index_note
+    assert cli_main(["build-db", "--index-only", "--output", str(atlas)]) == 0
+    assert "3000 edges" in capsys.readouterr().out
+    with CircuitDatabase(atlas) as db, CircuitDatabase(random_atlas, neighbour_index=False) as sql:
+        assert db.neighbours is not None and len(db.stats().metadata["build_id"]) == 32
+        assert all_answers(db, [(0, 0), (2, 9)], CASES) == all_answers(sql, [(0, 0), (2, 9)], CASES)
+    # Again: the same build_id is kept, the index is rewritten in place.
+    with CircuitDatabase(atlas, neighbour_index=False) as db:
+        build_id = db.stats().metadata["build_id"]
+    assert cli_main(["build-db", "--index-only", "--output", str(atlas)]) == 0
+    assert verify_index(index_path(atlas), build_id=build_id, deep=True)["build_id"] == build_id
+    capsys.readouterr()
+    assert cli_main(["build-db", "--index-only", "--output", str(tmp_path / "nope.duckdb")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -244,6 +244,32 @@ def write_index(
                        seconds=time.perf_counter() - t0)  # fmt: skip
 
 
+def index_atlas(atlas_path: str | Path, *, progress: Callable[[str], None] | None = None) -> IndexReport:
+    """(Re)write the neighbour index of an existing atlas (one built before the index existed, or
+    whose index was lost). An atlas without ``metadata.build_id`` gets one first."""
+    import uuid
+
+    from circuits_core.errors import InvalidArgument
+
+    from circuits_atlas.duck import connect
+    from circuits_atlas.schema import verify_atlas
+
+    path = Path(atlas_path)
+    if not path.is_file():
+        raise InvalidArgument(f"{path}: atlas file not found")
+    con = connect(path, read_only=False)
+    try:
+        verify_atlas(con, path)
+        rows = con.execute("SELECT value FROM metadata WHERE key = 'build_id'").fetchall()
+        build_id = rows[0][0] if rows and rows[0][0] else uuid.uuid4().hex
+        if not rows or rows[0][0] != build_id:
+            con.execute("INSERT OR REPLACE INTO metadata VALUES ('build_id', ?)", [build_id])
+            con.execute("CHECKPOINT")
+        return write_index(con, index_path(path), build_id=build_id, progress=progress)
+    finally:
+        con.close()
+
+
 def _sections_digest(buf: Any, sections: dict[str, Any]) -> str:
     h = hashlib.sha256()
     view = memoryview(buf)
