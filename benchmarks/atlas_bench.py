@@ -203,6 +203,22 @@ def measure(
     }  # fmt: skip
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children (Linux /proc; 0 elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0.0
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:  # fields[1] is the parent pid
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def measure_in_process(db, *, requests: int, kind: str, layers: int, neurons: int, seed: int, warmup: int = 0) -> dict:
     """The 1-client query list of :func:`measure`, run on the database object the server wraps."""
     for args in query_list(kind, warmup, layers=layers, neurons=neurons, seed=seed * 1000 + 500):
@@ -397,13 +413,17 @@ def main(argv: list[str] | None = None) -> int:
             for n_proc in args.processes:
                 proc, address = start_server(atlas, args.server_workers, n_proc)
                 try:
+                    cpu0, server0 = time.process_time(), tree_cpu_seconds(proc.pid)
                     r = measure(address, concurrency=args.process_clients, requests=args.requests, kind="edges",
                                 layers=args.layers, neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
+                    client_cpu, server_cpu = time.process_time() - cpu0, tree_cpu_seconds(proc.pid) - server0
                     assert r["errors"] == 0, f"--processes {n_proc}: {r['errors']} failed requests ({r['first_error']})"
                     rates[n_proc] = r["qps"]
+                    n = r["requests"] + args.warmup // args.process_clients * args.process_clients
                     print(f"GetEdgesForUnit  clients={args.process_clients:<3} --processes {n_proc}: {r['qps']:7.1f} req/s "
                           f"p50 {r['p50_ms']:.2f} ms  ratio to {args.processes[0]} process(es) "
-                          f"{r['qps'] / rates[args.processes[0]]:.2f}x (target >= 1.6x at 2)")  # fmt: skip
+                          f"{r['qps'] / rates[args.processes[0]]:.2f}x (target >= 1.6x at 2); CPU per request: "
+                          f"client {1000 * client_cpu / n:.2f} ms, server {1000 * server_cpu / n:.2f} ms (all its processes)")  # fmt: skip
                 finally:
                     proc.terminate()
                     proc.wait(60)
