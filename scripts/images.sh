@@ -23,6 +23,8 @@
 #                           (default: localhost/circuits-python:3.11-bookworm, made here; set e.g.
 #                           docker.io/library/python:3.11-slim-bookworm where a registry is reachable)
 #   CONTAINERS_CONF         podman settings (default deploy/podman/containers.conf)
+#   CIRCUITS_BUILD_ARGS     extra NAME=VALUE build arguments, space-separated, e.g.
+#                           "AGGREGATOR_EXTRAS=fast" (the numba-compiled aggregator, deploy/README.md)
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -147,7 +149,8 @@ host_pip_settings() {
 
 # -- images ----------------------------------------------------------------------------------------
 build_image() {
-  local svc="$1" base_arg
+  local svc="$1" base_arg arg extra=()
+  for arg in ${CIRCUITS_BUILD_ARGS:-}; do extra+=(--build-arg "$arg"); done
   host_pip_settings
   if [ "$svc" = attribution ]; then base_arg="BASE_IMAGE=$PYTHON_BASE"; else base_arg="PYTHON_IMAGE=$PYTHON_BASE"; fi
   echo "pip options: ${PIP_ARGS[*]:-(none)}"
@@ -156,6 +159,7 @@ build_image() {
     -f "deploy/docker/$svc.Dockerfile" \
     --build-arg "$base_arg" \
     --build-arg "PIP_EXTRA_ARGS=${PIP_ARGS[*]:-}" \
+    "${extra[@]}" \
     "${MOUNTS[@]}" \
     -t "localhost/circuits-$svc:$TAG" . || return 1
   detail "localhost/circuits-$svc:$TAG $(image_size "localhost/circuits-$svc:$TAG")"

@@ -34,8 +34,12 @@ COPY clients/python/sdk/pyproject.toml clients/python/sdk/
 COPY services/common/pyproject.toml services/common/
 COPY clients/python/app/pyproject.toml clients/python/app/
 COPY services/aggregator/pyproject.toml services/aggregator/
-RUN python3 /usr/local/bin/requirements.py clients/python/core clients/python/sdk services/common clients/python/app "services/aggregator${AGGREGATOR_EXTRAS:+[$AGGREGATOR_EXTRAS]}" >/tmp/requirements.txt \
- && pip install ${PIP_EXTRA_ARGS} -r /tmp/requirements.txt
+RUN python3 /usr/local/bin/requirements.py clients/python/core clients/python/sdk services/common clients/python/app services/aggregator >/tmp/requirements.txt \
+ && pip install ${PIP_EXTRA_ARGS} -r /tmp/requirements.txt \
+ && if [ -n "$AGGREGATOR_EXTRAS" ]; then \
+      python3 /usr/local/bin/requirements.py clients/python/core clients/python/sdk services/common clients/python/app "services/aggregator[$AGGREGATOR_EXTRAS]" >/tmp/extras.txt \
+      && pip install ${PIP_EXTRA_ARGS} -r /tmp/extras.txt; \
+    fi
 COPY clients/python clients/python
 COPY services/common services/common
 COPY services/aggregator services/aggregator
