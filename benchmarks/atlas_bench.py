@@ -7,9 +7,13 @@ Full scale (Qwen3-32B: 64 layers x 25,600 neurons, 50M edges; Llama-8B-sized Inf
         --infomap-nodes 458752 --infomap-edges 5000000 --infomap-trials 20
 
 Every size is a flag; the defaults are a reduced scale that fits a shared 2-core / 24 GB box.
-Prints: build time per step; GetEdgesForUnit and SearchUnits p50/p99 through a real server
-(separate process) with 1 and 32 concurrent clients, error counts; Infomap time for
-cluster_full_model vs a bare Infomap run on the same links (ratio, target <= 1.5x).
+Prints: build time per step (the neighbour index included); GetEdgesForUnit and SearchUnits p50/p99
+through a real server (separate process) with 1 and 32 concurrent clients, error counts; the same
+1-client query lists run in this process on the database object the server wraps (neighbour index,
+preloaded search) with the ratio service/in-process, and on the SQL-only path (baseline) with a
+check that both paths answer identically; GetEdgesForUnit throughput at 8 clients with 1 vs 2
+server processes; Infomap time for cluster_full_model vs a bare Infomap run on the same links
+(ratio, target <= 1.5x).
 """
 
 from __future__ import annotations
@@ -128,7 +132,9 @@ def start_server(atlas: Path, workers: int, processes: int = 1) -> tuple[subproc
     while time.time() < deadline:
         line = proc.stdout.readline()
         said.append(line)
-        match = re.search(r"serving on (\S+)", line)
+        # The parent's own line (helpers of --processes N log "... atlas PATH serving on ..." first,
+        # before the parent has opened the atlas).
+        match = re.match(r"atlas serving on (\S+)", line)
         if match:
             # Keep draining the server's output so its log never blocks on a full pipe.
             threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
@@ -136,6 +142,21 @@ def start_server(atlas: Path, workers: int, processes: int = 1) -> tuple[subproc
         if proc.poll() is not None:
             raise SystemExit("atlas server exited during start: " + "".join(said)[-2000:])
     raise SystemExit("atlas server did not start")
+
+
+def query_list(kind: str, count: int, *, layers: int, neurons: int, seed: int) -> list[tuple]:
+    """The arguments of ``count`` queries of one client (edges: (layer, neuron); search: (text,))."""
+    rng = random.Random(seed)
+    if kind == "edges":
+        return [(rng.randrange(layers), rng.randrange(neurons)) for _ in range(count)]
+    return [(" ".join(rng.sample(WORDS, rng.choice((1, 2)))),) for _ in range(count)]
+
+
+def run_query(target, kind: str, args: tuple):
+    """One query on an AtlasClient or a CircuitDatabase (same method names and results)."""
+    if kind == "edges":
+        return target.get_edges_for_unit(args[0], args[1], "both", limit=100)
+    return target.search(args[0], limit=20)
 
 
 def measure(
@@ -149,22 +170,17 @@ def measure(
     per_client = max(1, requests // concurrency)
 
     def worker(i: int) -> None:
-        rng = random.Random(seed * 1000 + i)
+        warm = query_list(kind, warmup // concurrency, layers=layers, neurons=neurons, seed=seed * 1000 + i + 500)
+        timed = query_list(kind, per_client, layers=layers, neurons=neurons, seed=seed * 1000 + i)
         local: list[float] = []
         with AtlasClient(address, timeout=30) as client:
             client.stats()  # connect before timing
-            for _ in range(warmup // concurrency):  # untimed: fill the server's buffer pool
-                if kind == "edges":
-                    client.get_edges_for_unit(rng.randrange(layers), rng.randrange(neurons), "both", limit=100)
-                else:
-                    client.search(" ".join(rng.sample(WORDS, rng.choice((1, 2)))), limit=20)
-            for _ in range(per_client):
+            for args in warm:  # untimed: fill the server's buffer pool
+                run_query(client, kind, args)
+            for args in timed:
                 t0 = time.perf_counter()
                 try:
-                    if kind == "edges":
-                        client.get_edges_for_unit(rng.randrange(layers), rng.randrange(neurons), "both", limit=100)
-                    else:
-                        client.search(" ".join(rng.sample(WORDS, rng.choice((1, 2)))), limit=20)
+                    run_query(client, kind, args)
                 except Exception as exc:  # noqa: BLE001 - counted and reported
                     with lock:
                         errors.append(repr(exc)[:200])
@@ -185,6 +201,40 @@ def measure(
         "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
         "qps": len(latencies) / wall if wall else 0.0, "first_error": errors[0] if errors else "",
     }  # fmt: skip
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children (Linux /proc; 0 elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0.0
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:  # fields[1] is the parent pid
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def measure_in_process(db, *, requests: int, kind: str, layers: int, neurons: int, seed: int, warmup: int = 0) -> dict:
+    """The 1-client query list of :func:`measure`, run on the database object the server wraps."""
+    for args in query_list(kind, warmup, layers=layers, neurons=neurons, seed=seed * 1000 + 500):
+        run_query(db, kind, args)
+    latencies = []
+    for args in query_list(kind, requests, layers=layers, neurons=neurons, seed=seed * 1000):
+        t0 = time.perf_counter()
+        run_query(db, kind, args)
+        latencies.append(time.perf_counter() - t0)
+    return {"p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99), "n": len(latencies)}
+
+
+def compare_paths(fast, sql, *, requests: int, kind: str, layers: int, neurons: int, seed: int) -> tuple[int, int]:
+    """How many of the first ``requests`` queries give identical answers on both database objects."""
+    queries = query_list(kind, requests, layers=layers, neurons=neurons, seed=seed * 1000)
+    return sum(run_query(fast, kind, a) == run_query(sql, kind, a) for a in queries), len(queries)
 
 
 # ------------------------------------------------------------------------------------------
@@ -271,16 +321,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--infomap-trials", type=int, default=1, help="Infomap trials (the atlas default is 20)")
     p.add_argument("--skip-build", action="store_true", help="skip build and latency (Infomap only)")
     p.add_argument("--skip-infomap", action="store_true")
+    p.add_argument("--skip-latency", action="store_true", help="only the --processes throughput comparison (after any build)")
     p.add_argument("--workdir", help="keep inputs and the atlas here (default: a temp dir, removed)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2],
                    help="server process counts compared at --process-clients clients (GetEdgesForUnit throughput)")
     p.add_argument("--process-clients", type=int, default=8)
+    p.add_argument("--sql-requests", type=int, default=100,
+                   help="queries timed (and compared) on the SQL-only path in process (it is slow)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite runs this; no figure means anything)")
     args = p.parse_args(argv)
     if args.smoke:
         args.layers, args.neurons, args.edges, args.requests, args.warmup = 4, 64, 4000, 40, 5
-        args.concurrency, args.server_workers = [1, 4], 4
+        args.concurrency, args.server_workers, args.sql_requests = [1, 4], 4, 20
         args.infomap_nodes, args.infomap_layer_width, args.infomap_edges, args.infomap_communities = 2000, 500, 8000, 20
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="atlas_bench_"))
@@ -288,18 +341,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.skip_build:
             from circuits_atlas.build import build_atlas
+            from circuits_atlas.neighbours import index_path
 
             export = work / "export"
             labels = work / "labels.jsonl"
+            atlas = work / "atlas.duckdb"
+            reuse = args.reuse_atlas and atlas.exists()
             t0 = time.perf_counter()
-            if not (export / "edges.parquet").exists():
+            if not reuse and not (export / "edges.parquet").exists():
                 write_export(export, layers=args.layers, neurons=args.neurons, edges=args.edges, seed=args.seed)
-            if not labels.exists():
+            if not reuse and not labels.exists():
                 write_labels(labels, layers=args.layers, neurons=args.neurons, fraction=args.label_fraction, seed=args.seed)
             print(f"inputs: {args.layers} layers x {args.neurons:,} neurons, {args.edges:,} edges "
-                  f"(generated in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
-            atlas = work / "atlas.duckdb"
-            if not (args.reuse_atlas and atlas.exists()):
+                  f"({'reusing the atlas in --workdir' if reuse else f'generated in {time.perf_counter() - t0:.1f} s'})")  # fmt: skip
+            if not reuse:
                 report = build_atlas(
                     export_dir=export, output_path=atlas, labels_path=labels, clustering=None, min_edge_count=3,
                     model="synthetic", memory_limit=args.memory_limit, progress=lambda s: None,
@@ -307,33 +362,68 @@ def main(argv: list[str] | None = None) -> int:
                 steps = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items() if not k.startswith("total"))
                 print(f"build: {report.timings['total']:.1f} s total ({steps}); {report.neurons:,} neurons, "
                       f"{report.edges:,} edges kept (count >= 3), file {atlas.stat().st_size / 2**30:.2f} GiB")  # fmt: skip
-            proc, address = start_server(atlas, args.server_workers)
-            try:
-                for kind in ("edges", "search"):
-                    for conc in args.concurrency:
-                        r = measure(address, concurrency=conc, requests=args.requests, kind=kind,
-                                    layers=args.layers, neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
-                        name = "GetEdgesForUnit" if kind == "edges" else "SearchUnits"
-                        target = 5 if kind == "edges" else 50
-                        print(f"{name:<16} clients={conc:<3} n={r['requests']:<6} p50 {r['p50_ms']:7.2f} ms  "
-                              f"p99 {r['p99_ms']:8.2f} ms  {r['qps']:7.1f} req/s  errors {r['errors']}  "
-                              f"(p50 target <= {target} ms){'  ' + r['first_error'] if r['errors'] else ''}")  # fmt: skip
-                        assert r["errors"] == 0, f"{name}: {r['errors']} failed requests ({r['first_error']})"
-                print("atlas queries answered without errors")
-            finally:
-                proc.terminate()
-                proc.wait(30)
+            index = index_path(atlas)
+            print(f"neighbour index: {index.stat().st_size / 2**20:,.1f} MiB" if index.exists() else "neighbour index: none")
+            if not args.skip_latency:
+                names = {"edges": "GetEdgesForUnit", "search": "SearchUnits"}
+                targets = {"edges": 1, "search": 5}
+                service: dict[str, dict] = {}
+                proc, address = start_server(atlas, args.server_workers)
+                try:
+                    for kind in ("edges", "search"):
+                        for conc in args.concurrency:
+                            r = measure(address, concurrency=conc, requests=args.requests, kind=kind,
+                                        layers=args.layers, neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
+                            name = names[kind]
+                            if conc == 1:
+                                service[kind] = r
+                            print(f"{name:<16} clients={conc:<3} n={r['requests']:<6} p50 {r['p50_ms']:7.2f} ms  "
+                                  f"p99 {r['p99_ms']:8.2f} ms  {r['qps']:7.1f} req/s  errors {r['errors']}  "
+                                  f"(p50 target <= {targets[kind]} ms at 1 client){'  ' + r['first_error'] if r['errors'] else ''}")  # fmt: skip
+                            assert r["errors"] == 0, f"{name}: {r['errors']} failed requests ({r['first_error']})"
+                    print("atlas queries answered without errors")
+                finally:
+                    proc.terminate()
+                    proc.wait(30)
+                # The same 1-client query lists in this process: on the database object the server
+                # wraps (neighbour index + preloaded search), and on the SQL-only path (the baseline).
+                from circuits_atlas import CircuitDatabase
+
+                t0 = time.perf_counter()
+                with CircuitDatabase(atlas, preload=True) as fast:
+                    print(f"in-process database opened with preload in {time.perf_counter() - t0:.1f} s "
+                          f"(neighbour index {fast.neighbour_index_note})")  # fmt: skip
+                    local = {kind: measure_in_process(fast, requests=args.requests, kind=kind, layers=args.layers,
+                                                      neurons=args.neurons, seed=args.seed, warmup=args.warmup)
+                             for kind in ("edges", "search")}  # fmt: skip
+                    with CircuitDatabase(atlas, neighbour_index=False) as sql:
+                        for kind in ("edges", "search"):
+                            n_sql = min(args.requests, args.sql_requests)
+                            base = measure_in_process(sql, requests=n_sql, kind=kind, layers=args.layers,
+                                                      neurons=args.neurons, seed=args.seed, warmup=min(args.warmup, 20))  # fmt: skip
+                            same, total = compare_paths(fast, sql, requests=n_sql, kind=kind, layers=args.layers,
+                                                        neurons=args.neurons, seed=args.seed)  # fmt: skip
+                            r, loc = service[kind], local[kind]
+                            print(f"{names[kind]:<16} service p50 {r['p50_ms']:7.2f} ms p99 {r['p99_ms']:8.2f} ms | in-process "
+                                  f"p50 {loc['p50_ms']:7.3f} ms p99 {loc['p99_ms']:8.3f} ms | ratio service/in-process "
+                                  f"p50 {r['p50_ms'] / loc['p50_ms']:.2f}x (target <= 1.5x) | SQL path in-process p50 "
+                                  f"{base['p50_ms']:8.2f} ms ({base['n']} queries; {base['p50_ms'] / loc['p50_ms']:.0f}x the "
+                                  f"fast path); same results: {same}/{total}")  # fmt: skip
             rates = {}
             for n_proc in args.processes:
                 proc, address = start_server(atlas, args.server_workers, n_proc)
                 try:
+                    cpu0, server0 = time.process_time(), tree_cpu_seconds(proc.pid)
                     r = measure(address, concurrency=args.process_clients, requests=args.requests, kind="edges",
                                 layers=args.layers, neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
+                    client_cpu, server_cpu = time.process_time() - cpu0, tree_cpu_seconds(proc.pid) - server0
                     assert r["errors"] == 0, f"--processes {n_proc}: {r['errors']} failed requests ({r['first_error']})"
                     rates[n_proc] = r["qps"]
+                    n = r["requests"] + args.warmup // args.process_clients * args.process_clients
                     print(f"GetEdgesForUnit  clients={args.process_clients:<3} --processes {n_proc}: {r['qps']:7.1f} req/s "
                           f"p50 {r['p50_ms']:.2f} ms  ratio to {args.processes[0]} process(es) "
-                          f"{r['qps'] / rates[args.processes[0]]:.2f}x (target >= 1.6x at 2)")  # fmt: skip
+                          f"{r['qps'] / rates[args.processes[0]]:.2f}x (target >= 1.6x at 2); CPU per request: "
+                          f"client {1000 * client_cpu / n:.2f} ms, server {1000 * server_cpu / n:.2f} ms (all its processes)")  # fmt: skip
                 finally:
                     proc.terminate()
                     proc.wait(60)

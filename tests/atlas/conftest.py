@@ -11,6 +11,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from circuits_core.schemas import Edge, Graph, Unit
@@ -145,3 +146,53 @@ def planted_atlas(planted_export: Path, planted_labels: Path, tmp_path_factory: 
     build_atlas(export_dir=planted_export, output_path=out, labels_path=planted_labels,
                 clustering=ClusterSettings(min_edge_count=5, num_trials=4), min_edge_count=3, model="planted-test")
     return out
+
+
+def write_random_export(root: Path, *, layers: int, neurons: int, edges: int, seed: int) -> Path:
+    """Aggregator-style export with unique unit pairs, few distinct counts and quantised weights, so
+    many edges of a unit tie on count and on mean |w| (the tie-breaks are exercised)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    src_layer = rng.integers(0, layers - 1, edges * 2)
+    tgt_layer = np.minimum(src_layer + rng.integers(1, 3, edges * 2), layers - 1)
+    src_neuron = rng.integers(0, neurons, edges * 2)
+    tgt_neuron = rng.integers(0, neurons, edges * 2)
+    # A few hub units with many edges (long runs for min_count / limit).
+    hub = rng.random(edges * 2) < 0.15
+    src_neuron[hub] = rng.integers(0, 3, hub.sum())
+    key = ((src_layer * neurons + src_neuron) * layers + tgt_layer) * neurons + tgt_neuron
+    _, first = np.unique(key, return_index=True)
+    keep = np.sort(first)[:edges]
+    rng.shuffle(keep)  # the export is in no particular order
+    n = len(keep)
+    count = rng.integers(1, 7, n).astype(np.int64)
+    mean = rng.integers(-4, 5, n) / 8.0  # quantised: equal mean |w| across edges
+    spread = rng.integers(0, 3, n) / 16.0
+    pq.write_table(
+        pa.table({
+            "src_layer": src_layer[keep].astype(np.int32), "src_neuron": src_neuron[keep].astype(np.int32),
+            "tgt_layer": tgt_layer[keep].astype(np.int32), "tgt_neuron": tgt_neuron[keep].astype(np.int32),
+            "count": count, "weight_sum": mean * count, "weight_abs_sum": np.abs(mean) * count,
+            "weight_sq_sum": (mean**2 + spread**2) * count, "weight_min": mean - spread, "weight_max": mean + spread,
+        }),  # fmt: skip
+        root / "edges.parquet",
+    )
+    layer = np.repeat(np.arange(layers, dtype=np.int32), neurons)
+    neuron = np.tile(np.arange(neurons, dtype=np.int32), layers)
+    cols = {"layer": layer, "neuron": neuron, "graph_count": np.ones(len(layer), np.int64),
+            "observation_count": np.ones(len(layer), np.int64)}  # fmt: skip
+    for name in ("act_sum", "act_sq_sum", "act_min", "act_max", "attr_sum", "attr_abs_sum", "attr_sq_sum", "attr_min", "attr_max"):
+        cols[name] = rng.random(len(layer))
+    pq.write_table(pa.table(cols), root / "units.parquet")
+    pq.write_table(pa.table({"graph_id": ["g0"], "source": ["test"], "corpus_index": pa.array([0], pa.int64())}),
+                   root / "ledger.parquet")  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="session")
+def random_export():
+    """write_random_export(root, layers=, neurons=, edges=, seed=) -> root."""
+    return write_random_export

@@ -225,12 +225,13 @@ def test_failed_build_leaves_no_file_and_keeps_the_old_one(planted_export: Path,
     monkeypatch.undo()
 
     build_atlas(export_dir=planted_export, output_path=out, clustering=None)
-    before = sha256(out)
+    index = out.with_name(out.name + ".neighbours")  # the neighbour index beside it
+    before = (sha256(out), sha256(index))
     monkeypatch.setattr(build_module, "build_fts_index", explode)
     with pytest.raises(RuntimeError):
         build_atlas(export_dir=planted_export, output_path=out, clustering=None)
-    assert sha256(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas.duckdb", "bad.jsonl"]
+    assert (sha256(out), sha256(index)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas.duckdb", "atlas.duckdb.neighbours", "bad.jsonl"]
 
 
 def test_missing_export_column_is_a_clear_error(tmp_path: Path, planted_export: Path) -> None:

@@ -23,7 +23,7 @@ from circuits_core.config import DEFAULT_PORTS
 from circuits_core.errors import CircuitsError, error_line
 from circuits_server.serving import add_server_arguments, server_settings_from_args, write_port_file
 
-from circuits_atlas.database import QueryLimits
+from circuits_atlas.database import CircuitDatabase, QueryLimits
 from circuits_atlas.server import AtlasSettings, build_server
 
 
@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-query-chars", type=int, default=_DEFAULT_LIMITS.max_query_chars, help="longest search text")
     p.add_argument("--processes", type=int, default=1,
                    help="serve the port from N processes (SO_REUSEPORT, read-only atlas); default 1")
+    p.add_argument("--no-preload", dest="preload", action="store_false",
+                   help="answer searches and label lookups with SQL instead of holding the search postings, "
+                        "neuron labels and labels in memory (~0.7 GB per process for 1.6M labelled neurons)")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for the helper processes
     add_server_arguments(p, default_port=DEFAULT_PORTS["atlas"])
     return p
@@ -103,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CircuitsError as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
+    # Handlers first: a SIGTERM while the helpers start or the atlas loads (seconds with preload)
+    # must still stop the helpers, not kill this process and orphan them.
+    stop_requested = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop_requested.set())
     helpers: list[subprocess.Popen] = []
     reserved = None
     if args.processes > 1 or args.reuse_port:
@@ -124,11 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         duckdb_path=args.duckdb,
         server=server_settings,
         limits=QueryLimits(max_results=args.max_results, query_timeout_s=args.query_timeout, max_query_chars=args.max_query_chars),
+        preload=args.preload,
     )  # fmt: skip
+    database = None
     try:
-        server = build_server(settings).start()
+        database = CircuitDatabase(settings.duckdb_path, read_only=True, limits=settings.limits, preload=settings.preload)
+        server = build_server(settings, database=database).start()
     except CircuitsError as exc:
         print(error_line(exc), file=sys.stderr)
+        if database is not None:
+            database.close()
         for helper in helpers:
             helper.terminate()
         return 2
@@ -137,15 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             reserved.close()
     server.set_serving(True)
     logging.getLogger("circuits_atlas").info(
-        "atlas %s serving on %s (metrics port %s)", args.duckdb, server.address, server.metrics.port
+        "atlas %s serving on %s (metrics port %s); neighbour index %s", args.duckdb, server.address,
+        server.metrics.port, database.neighbour_index_note,
     )
     print(f"atlas serving on {server.address}" + (f" ({args.processes} processes)" if helpers else ""), flush=True)
     write_port_file(server, args.port_file)
     # Stop in the main thread: GrpcServer.wait() returns as soon as stop() *starts* in its signal
     # thread, and the interpreter could then exit while DuckDB is closing (std::terminate).
-    stop_requested = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop_requested.set())
     while not stop_requested.wait(0.5):
         pass
     for helper in helpers:

@@ -8,7 +8,10 @@ Neighbour lookups: ``edges`` is stored sorted by (src_layer, src_neuron) and ``e
 holds the same rows sorted by (tgt_layer, tgt_neuron), so either lookup reads one row group via
 DuckDB's zone maps. (DuckDB 1.5 does not use composite ART indexes for these two-column equality
 filters -- EXPLAIN shows a sequential scan -- so the seed's two edge indexes would cost build time
-and memory for nothing; the neurons/clusters indexes are kept.)
+and memory for nothing; the neurons/clusters indexes are kept.) The server answers neighbour
+lookups from the memory-mapped neighbour index (:mod:`circuits_atlas.neighbours`) the build writes
+beside the file (``atlas.duckdb.neighbours``, tied to the atlas by ``metadata.build_id``); the
+sorted tables are the fallback when it is missing or stale.
 
 Deviations from the seed schema, on purpose: edge statistics are DOUBLE and ``count`` BIGINT
 (exact sums), neurons carry ``unit_id`` (``"L{l}/N{i}"``, the full-text document key),
@@ -22,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +39,7 @@ from circuits_atlas.clustering import FullModelClustering, cluster_full_model
 from circuits_atlas.connectivity import EDGE_METHODS, weight_export, write_connectivity_tables
 from circuits_atlas.duck import connect
 from circuits_atlas.inputs import labels_table
+from circuits_atlas.neighbours import index_path, write_index
 from circuits_atlas.schema import (
     SCHEMA_VERSION,
     build_fts_index,
@@ -162,6 +167,8 @@ def _build_atlas(
     labels = labels_table(iter_label_file(labels_path, default_source="")) if labels_path else None
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.building-{os.getpid()}")
+    final_index = index_path(output)
+    tmp_index = final_index.with_name(f".{final_index.name}.building-{os.getpid()}")
     _remove_database_files(tmp)
     say = progress or (lambda msg: log.info("%s", msg))
     timings: dict[str, float] = {}
@@ -239,8 +246,10 @@ def _build_atlas(
         }
         labeled = con.execute("SELECT count(*) FROM neurons WHERE coalesce(label, '') <> ''").fetchone()[0]
         scored = con.execute("SELECT count(*) FROM labels WHERE score_contexts > 0").fetchone()[0]
+        build_id = uuid.uuid4().hex
         metadata = {
             "schema_version": SCHEMA_VERSION,
+            "build_id": build_id,
             "schema_sha256": schema_fingerprint(),
             "model": model,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -262,9 +271,15 @@ def _build_atlas(
         metadata["build_seconds"] = round(timings["total_before_metadata"], 3)
         con.executemany("INSERT OR REPLACE INTO metadata VALUES (?, ?)", [[k, str(v)] for k, v in metadata.items()])
         con.execute("CHECKPOINT")
+        done = step("neighbour index")
+        write_index(con, tmp_index, build_id=build_id, progress=say)
+        done()
         con.close()
         con = None
+        # The atlas first, then its index: in between, the old index beside the new atlas is
+        # stale (another build_id) and queries fall back to DuckDB; never a wrong answer.
         os.replace(tmp, output)
+        os.replace(tmp_index, final_index)
         _fsync_dir(output.parent)
     except BaseException:
         if con is not None:
@@ -273,6 +288,10 @@ def _build_atlas(
             except Exception:  # noqa: BLE001 - the original error matters
                 pass
         _remove_database_files(tmp)
+        try:
+            tmp_index.unlink()
+        except FileNotFoundError:
+            pass
         raise
     timings["total"] = time.perf_counter() - started
     return BuildReport(

@@ -8,6 +8,7 @@ limit (the cursor is interrupted when it expires -> DeadlineExceeded) and result
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -26,6 +27,8 @@ from circuits_core.schemas import Edge, Unit, UnitLabel
 from circuits_atlas.duck import FTS_SCHEMA, connect
 from circuits_atlas.schema import verify_atlas
 
+log = logging.getLogger("circuits_atlas.database")
+
 _INT32_MAX = 2**31 - 1
 _CLUSTER_PATH = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9}){0,31}$")
 
@@ -42,14 +45,16 @@ EDGE_SELECT = (
 #: BM25 (k1 = 1.2, b = 0.75, the fts extension's defaults) summed from the per-(term, document)
 #: contributions precomputed at build (``search_postings``); the extension's match_bm25 macro
 #: re-scores per row and is ~100x slower on a large atlas. Same tokenizer and Porter stemmer as
-#: the index. Ties break by docid (build order).
+#: the index. Ties break by docid (build order). A document's contributions are added in termid
+#: order (an ordered aggregate): a plain sum adds them in whatever order the join and the threads
+#: deliver, which moves scores by an ulp from run to run and reorders exact ties.
 BM25_SQL = """
 WITH tokens AS (
     SELECT DISTINCT stem(unnest({fts}.tokenize(?)), 'porter') AS term
 ), qterms AS (
     SELECT d.termid FROM {fts}.dict d JOIN tokens t ON d.term = t.term
 ), scores AS (
-    SELECT p.docid, sum(p.score) AS score
+    SELECT p.docid, sum(p.score ORDER BY p.termid) AS score
     FROM search_postings p WHERE p.termid IN (SELECT termid FROM qterms)
     GROUP BY p.docid
     ORDER BY score DESC, p.docid
@@ -68,7 +73,7 @@ WITH tokens AS (
 ), qterms AS (
     SELECT d.termid FROM {fts}.dict d JOIN tokens t ON d.term = t.term
 ), scores AS (
-    SELECT p.docid, sum(p.score) AS score
+    SELECT p.docid, sum(p.score ORDER BY p.termid) AS score
     FROM search_postings p WHERE p.termid IN (SELECT termid FROM qterms)
     GROUP BY p.docid
 )
@@ -185,7 +190,8 @@ class CircuitDatabase:
     indexes and their definitions); anything else is refused with FailedPrecondition.
     """
 
-    def __init__(self, path: str | Path, read_only: bool = True, *, limits: QueryLimits = QueryLimits()) -> None:
+    def __init__(self, path: str | Path, read_only: bool = True, *, limits: QueryLimits = QueryLimits(),
+                 neighbour_index: bool = True, preload: bool = False) -> None:
         self.path = Path(path)
         try:
             found = self.path.is_file()
@@ -214,6 +220,46 @@ class CircuitDatabase:
         # built without one; those tables are then empty).
         parts = self._con.execute("SELECT value FROM metadata WHERE key = 'connectivity_parts'").fetchall()
         self.connectivity_parts = frozenset(p for p in (parts[0][0] if parts else "").split(",") if p)
+        #: The memory-mapped neighbour index GetEdgesForUnit reads (None: answered by DuckDB) and
+        #: why it is or is not used.
+        self.neighbours: Any = None
+        self.neighbour_index_note = "off"
+        if neighbour_index:
+            self._open_neighbour_index()
+        #: Search postings, neuron label columns and labels in memory (``preload``; the server's
+        #: choice): search and label lookups without SQL (circuits_atlas.memory).
+        self.memory: Any = None
+        if preload:
+            from circuits_atlas.memory import MemoryIndex
+
+            try:
+                self.memory = MemoryIndex.load(self._con, unit_columns=UNIT_COLUMNS, fts_schema=FTS_SCHEMA)
+            except FailedPrecondition as exc:
+                log.warning("search and labels are answered by SQL: %s", exc)
+            except BaseException:
+                self.close()
+                raise
+
+    def _open_neighbour_index(self) -> None:
+        from circuits_atlas.neighbours import NeighbourIndex, NeighbourIndexUnusable, index_path
+
+        rows = self._con.execute("SELECT value FROM metadata WHERE key = 'build_id'").fetchall()
+        build_id = rows[0][0] if rows else None
+        edges = self._con.execute("SELECT count(*) FROM edges").fetchone()[0]
+        try:
+            self.neighbours = NeighbourIndex.open(index_path(self.path), build_id=build_id, edges=edges)
+            self.neighbour_index_note = f"using {self.neighbours.path}"
+        except NeighbourIndexUnusable as exc:
+            self.neighbour_index_note = f"not used: {exc}"
+            log.warning("neighbour lookups fall back to DuckDB: %s", exc)
+
+    def _drop_neighbour_index(self, reason: Exception) -> None:
+        with self._lock:
+            index, self.neighbours = self.neighbours, None
+        if index is not None:
+            self.neighbour_index_note = f"not used: {reason}"
+            # Not closed: a lookup in another thread may still read it; unmapped when unreferenced.
+            log.error("neighbour index dropped, lookups fall back to DuckDB: %s", reason)
 
     # -- plumbing ---------------------------------------------------------------------------
     def __enter__(self) -> CircuitDatabase:
@@ -228,6 +274,9 @@ class CircuitDatabase:
                 return
             self._closed = True
             self._watchdog.close()
+            if self.neighbours is not None:
+                self.neighbours.close()
+                self.neighbours = None
             for cur in self._cursors:
                 try:
                     cur.close()
@@ -302,16 +351,21 @@ class CircuitDatabase:
             return units
         import dataclasses
 
-        rows = self._rows(
-            """
-            SELECT layer, neuron, label_pass, text, description, source, score_detection, score_simulation,
-                   score_contexts, score_positives
-            FROM labels WHERE list_contains(?::VARCHAR[], 'L' || layer || '/N' || neuron)
-            ORDER BY layer, neuron, CASE label_pass WHEN 'output' THEN 0 ELSE 1 END
-            """,
-            [[f"L{u.layer}/N{u.index}" for u in units]],
-            timeout=timeout,
-        )
+        if self.memory is not None:
+            rows = [(k[0], k[1], *r) for k, rs in self.memory.labels_of([(u.layer, u.index) for u in units]).items() for r in rs]
+        else:
+            # A join on the integer keys (a string key built per labels row costs ~8x more).
+            rows = self._rows(
+                """
+                SELECT l.layer, l.neuron, l.label_pass, l.text, l.description, l.source, l.score_detection,
+                       l.score_simulation, l.score_contexts, l.score_positives
+                FROM labels l JOIN (SELECT DISTINCT unnest(?::INTEGER[]) AS layer, unnest(?::INTEGER[]) AS neuron) k
+                     ON l.layer = k.layer AND l.neuron = k.neuron
+                ORDER BY l.layer, l.neuron, CASE l.label_pass WHEN 'output' THEN 0 ELSE 1 END, l.label_pass
+                """,
+                [[u.layer for u in units], [u.index for u in units]],
+                timeout=timeout,
+            )
         by_key: dict[tuple[int, int], list[UnitLabel]] = {}
         for layer, neuron, _pass, text, description, source, det, sim, contexts, positives in rows:
             by_key.setdefault((layer, neuron), []).append(UnitLabel(
@@ -350,7 +404,13 @@ class CircuitDatabase:
         score_args = [float(min_score)] if min_score > 0 else []
         cols = ", ".join(f"n.{c}" for c in UNIT_COLUMNS)
         hits: list[SearchHit] = []
-        if self.has_fts:
+        if self.has_fts and self.memory is not None:
+            if timeout is not None and timeout <= 0:
+                raise DeadlineExceeded("no time left for the query")
+            docs, scores = self.memory.top_docs(self.memory.term_ids(self._cursor(), text), limit, float(min_score))
+            rows = self.memory.unit_rows_of_docs(docs)
+            hits = [SearchHit(unit=self._unit(r), score=float(sc)) for r, sc in zip(rows, scores) if r is not None]
+        elif self.has_fts:
             sql = BM25_SQL if not score_filter else BM25_FILTERED_SQL
             params = [text, limit] if not score_filter else [text, *score_args, limit]
             rows = self._rows(sql.format(cols=cols, fts=FTS_SCHEMA), params, timeout=timeout)
@@ -452,6 +512,16 @@ class CircuitDatabase:
             raise InvalidArgument(f"min_count must be a non-negative integer, got {echo(min_count)}")
         limit = self._limit(limit)
         sides = {"downstream": (0,), "upstream": (1,), "both": (0, 1)}[direction]
+        neighbours = self.neighbours
+        if neighbours is not None:
+            from circuits_atlas.neighbours import NeighbourIndexUnusable
+
+            if timeout is not None and timeout <= 0:
+                raise DeadlineExceeded("no time left for the query")
+            try:
+                return [self._edge(r) for side in sides for r in neighbours.edges_of(layer, index, side, limit, min_count)]
+            except (NeighbourIndexUnusable, IndexError, ValueError) as exc:
+                self._drop_neighbour_index(exc)
         parts = []
         params: list[Any] = []
         for side in sides:

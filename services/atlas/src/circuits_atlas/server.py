@@ -30,6 +30,8 @@ class AtlasSettings:
     server: ServerSettings = field(default_factory=ServerSettings)
     #: Result-size and query-time guards.
     limits: QueryLimits = field(default_factory=QueryLimits)
+    #: Hold search postings and labels in memory (CircuitDatabase ``preload``).
+    preload: bool = True
 
 
 class _Undecodable:
@@ -70,7 +72,7 @@ def build_server(settings: AtlasSettings, *, database: CircuitDatabase | None = 
     """A configured, not started server; the database is closed when the server stops."""
     from circuits_core._proto.circuits.v1 import atlas_pb2_grpc
 
-    db = database or CircuitDatabase(settings.duckdb_path, read_only=True, limits=settings.limits)
+    db = database or CircuitDatabase(settings.duckdb_path, read_only=True, limits=settings.limits, preload=settings.preload)
     servicer = AtlasServicer(db)
     server = build_grpc_server(
         settings=settings.server,

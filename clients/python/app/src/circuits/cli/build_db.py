@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name recorded in metadata (default model.name from the config)")
     parser.add_argument("--memory-limit", help="DuckDB memory limit for the build, e.g. 8GB")
     parser.add_argument("--threads", type=int, help="DuckDB threads for the build")
+    parser.add_argument("--index-only", action="store_true",
+                        help="only (re)write the neighbour index beside the existing atlas at --output "
+                             "(an atlas built before the index existed); nothing else is rebuilt")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +51,14 @@ def run(args: argparse.Namespace) -> int:
     from circuits_core.config import Config, load_config
 
     cfg = load_config(args.config) if args.config else None
+    if args.index_only:
+        from circuits_atlas.neighbours import index_atlas
+
+        atlas = Path(args.output) if args.output else (cfg.resolve(cfg.output.duckdb) if cfg else Path("atlas.duckdb"))
+        report = index_atlas(atlas, progress=lambda step: print(f"build-db: {step} ...", file=sys.stderr, flush=True))
+        print(f"wrote {report.path}: {report.edges} edges, {report.source_units} source and {report.target_units} "
+              f"target units, {report.bytes / 2**20:.1f} MiB in {report.seconds:.1f} s")
+        return 0
     base = cfg or Config()
     edge_source = args.edges_from or base.aggregation.method
     connectivity: Path | None = Path(args.connectivity) if args.connectivity else None
