@@ -263,6 +263,8 @@ def build_schema() -> dict[str, Any]:
                         {
                             "url": STRING,
                             "sha256": SHA256,
+                            "indexUrl": STRING,
+                            "indexSha256": SHA256,
                             "existingClaim": STRING,
                             "fileName": NON_EMPTY,
                             "mountPath": ABSOLUTE_PATH,

@@ -286,6 +286,14 @@ def test_atlas_opens_its_file_read_only_and_fetches_it_when_given_a_url(render_c
 
     assert "--processes" not in main["args"]  # one process unless asked
 
+    # the neighbour index beside it (build-db writes atlas.duckdb.neighbours), when its URL is given
+    indexed = render_chart(CHART / "ci" / "full-pipeline-vllm.yaml",
+                           extra=["--set", "atlas.data.indexUrl=https://example.org/atlas/atlas.duckdb.neighbours"])
+    atlas_init, index_init = pod_spec(indexed.get("Deployment", "demo-circuits-atlas"))["initContainers"]
+    assert atlas_init["args"][:4] == init["args"][:4]
+    assert index_init["args"][:4] == ["--url", "https://example.org/atlas/atlas.duckdb.neighbours",
+                                      "--dest", "/data/atlas.duckdb.neighbours"]  # fmt: skip
+
     claimed = render_chart(CHART / "ci" / "atlas-only.yaml").get("Deployment", "demo-circuits-atlas")
     args = pod_spec(claimed)["containers"][0]["args"]
     assert args[args.index("--processes") + 1] == "2"  # atlas.processes (SO_REUSEPORT, read-only)
