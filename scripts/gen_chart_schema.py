@@ -199,6 +199,8 @@ def build_schema() -> dict[str, Any]:
                 {
                     "model": NON_EMPTY,
                     "dtype": {"enum": ["float32", "bfloat16", "float16", "float64"]},
+                    "maxBatch": integer(1, 256),
+                    "batchWindowMs": {"type": "number", "minimum": 0, "maximum": 10000},
                     "gpu": ref("gpu"),
                     "modelCache": ref("modelCache"),
                     "hfToken": ref("secretRef"),
@@ -221,6 +223,7 @@ def build_schema() -> dict[str, Any]:
                                 }
                             ),
                             "aggregatorAddress": STRING,
+                            "batchSize": integer(1, 256),
                             "output": closed({"existingClaim": STRING, "mountPath": ABSOLUTE_PATH}),
                             "extraArgs": STRING_LIST,
                             "resources": ref("resources"),

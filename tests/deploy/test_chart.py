@@ -276,6 +276,21 @@ def test_batch_job_is_indexed_over_shards_and_feeds_every_aggregator_shard(rende
     assert env["CIRCUITS_PROMPTS"] in init["args"], "the worker reads the file the initContainer wrote"
 
 
+def test_attribution_batching_values_reach_the_service_and_the_workers(render_chart) -> None:
+    plain = render_chart(CHART / "ci" / "full-pipeline-vllm.yaml")
+    service_args = pod_spec(plain.get("Deployment", "demo-circuits-attribution"))["containers"][0]["args"]
+    worker_args = pod_spec(plain.get("Job", "demo-circuits-attribution-batch"))["containers"][0]["args"]
+    assert "--max-batch" not in service_args and "--batch-size" not in worker_args  # defaults: no batching
+    batched = render_chart(CHART / "ci" / "full-pipeline-vllm.yaml", extra=[
+        "--set", "attribution.maxBatch=8", "--set", "attribution.batchWindowMs=25",
+        "--set", "attribution.batch.batchSize=4"])  # fmt: skip
+    service_args = pod_spec(batched.get("Deployment", "demo-circuits-attribution"))["containers"][0]["args"]
+    worker_args = pod_spec(batched.get("Job", "demo-circuits-attribution-batch"))["containers"][0]["args"]
+    assert service_args[service_args.index("--max-batch") + 1] == "8"
+    assert service_args[service_args.index("--batch-window-ms") + 1] == "25"
+    assert worker_args[worker_args.index("--batch-size") + 1] == "4"
+
+
 def test_atlas_opens_its_file_read_only_and_fetches_it_when_given_a_url(render_chart) -> None:
     fetched = render_chart(CHART / "ci" / "full-pipeline-vllm.yaml").get("Deployment", "demo-circuits-atlas")
     (init,) = pod_spec(fetched)["initContainers"]
