@@ -329,6 +329,21 @@ def test_labeler_uses_the_in_cluster_vllm_when_enabled(render_chart) -> None:
     assert args[args.index("--tensor-parallel-size") + 1] == "2"
 
 
+def test_labeler_investigates_on_the_release_attribution_service(render_chart) -> None:
+    chart = render_chart(CHART / "ci" / "full-pipeline-vllm.yaml")
+    args = pod_spec(chart.get("Deployment", "demo-circuits-labeler"))["containers"][0]["args"]
+    assert args[args.index("--attribution") + 1] == "demo-circuits-attribution:50051"
+    assert args[args.index("--reports") + 1].endswith("/investigations")  # in the writable workDir
+    policy = chart.get("NetworkPolicy", "demo-circuits-labeler")
+    to_attribution = [r for r in policy["spec"]["egress"] if any(
+        p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "attribution"
+        for p in r.get("to", []))]  # fmt: skip
+    assert to_attribution and to_attribution[0]["ports"] == [{"protocol": "TCP", "port": 50051}]
+    alone = render_chart(CHART / "ci" / "full-pipeline-vllm.yaml", extra=["--set", "attribution.enabled=false"])
+    args = pod_spec(alone.get("Deployment", "demo-circuits-labeler"))["containers"][0]["args"]
+    assert "--attribution" not in args
+
+
 def test_labeler_config_is_accepted_by_the_circuits_config_loader(rendered) -> None:
     from circuits_core.config import config_from_mapping
 
