@@ -116,20 +116,24 @@ def _group_by_key_hashed(keys, weights):  # pragma: no cover - compiled; the tes
                 h = (h + 1) & mask
     return groups, key, count, total, absolute, square, low, high
 
+def group_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Row numbers where each run of equal keys starts in ``sorted_keys`` (non-empty)."""
+    change = np.empty(sorted_keys.shape[0], dtype=bool)
+    change[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=change[1:])
+    return np.flatnonzero(change)
+
+
 def group_by_key_sorted(keys, weights):
     """:func:`group_by_key` in numpy: one sort of the keys, then segment reductions."""
     n = keys.shape[0]
+    if not n:
+        empty = np.empty(0, dtype=np.float64)
+        return 0, keys.copy(), np.empty(0, dtype=np.int64), empty, empty, empty, empty, empty
     order = np.argsort(keys)
     k = keys[order]
     w = weights[order]
-    change = np.empty(n, dtype=bool)
-    if n:
-        change[0] = True
-        np.not_equal(k[1:], k[:-1], out=change[1:])
-    starts = np.flatnonzero(change)
-    if not n:
-        empty = np.empty(0, dtype=np.float64)
-        return 0, k, np.empty(0, dtype=np.int64), empty, empty, empty, empty, empty
+    starts = group_starts(k)
     return (starts.shape[0], k[starts], np.diff(np.append(starts, n)), np.add.reduceat(w, starts),
             np.add.reduceat(np.abs(w), starts), np.add.reduceat(w * w, starts), np.minimum.reduceat(w, starts),
             np.maximum.reduceat(w, starts))  # fmt: skip

@@ -78,7 +78,7 @@ from circuits_core.exports import (
 )
 from circuits_server.duckdb_files import open_duckdb, refuse_code_objects
 
-from circuits_aggregator._kernels import group_by_key
+from circuits_aggregator._kernels import group_by_key, group_starts
 
 _log = logging.getLogger("circuits.aggregator")
 #: meta keys of the model identity recorded at first ingest.
@@ -615,15 +615,6 @@ class AggregateStore:
             cur.close()
 
 
-
-def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
-    """Row numbers where each run of equal keys starts in ``sorted_keys`` (non-empty)."""
-    change = np.empty(sorted_keys.shape[0], dtype=bool)
-    change[0] = True
-    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=change[1:])
-    return np.flatnonzero(change)
-
-
 def group_edges(src_layer: np.ndarray, src_neuron: np.ndarray, tgt_layer: np.ndarray, tgt_neuron: np.ndarray,
                 weight: np.ndarray) -> tuple[pa.Table, pa.Table]:  # fmt: skip
     """Per edge ``(src_layer, src_neuron) -> (tgt_layer, tgt_neuron)``: the edge_delta columns
@@ -684,7 +675,7 @@ def group_units(key: np.ndarray, graph: np.ndarray, act: np.ndarray, attr: np.nd
     order = np.argsort(key, kind="stable")  # stable: graph stays sorted within each key
     k = key[order]
     g = graph[order]
-    starts = _group_starts(k)
+    starts = group_starts(k)
     new_graph = np.empty(k.shape[0], dtype=np.int64)
     new_graph[0] = 1
     new_graph[1:] = (k[1:] != k[:-1]) | (g[1:] != g[:-1])
