@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from circuits_core.jit import prepare_numba
-
 _KERNEL: Any = None  # the compiled kernel; False = numba unavailable
 
 
@@ -31,8 +29,7 @@ def _compile() -> Any:
     if os.environ.get("CIRCUITS_NO_NUMBA"):
         _KERNEL = False
         return _KERNEL
-    prepare_numba()
-    try:
+    try:  # the kernel module chooses numba's cache folder before it imports numba
         from circuits_core._unit_scan_kernel import _scan_units
     except ImportError:  # numba not installed
         _KERNEL = False
