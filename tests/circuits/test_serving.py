@@ -25,6 +25,9 @@ class _Atlas(atlas_pb2_grpc.AtlasServiceServicer):
             raise RuntimeError("secret internal detail")
         return graph_pb2.Unit(layer=request.layer, index=request.index, kind=graph_pb2.UNIT_KIND_NEURON)
 
+    def SearchUnits(self, request, context):
+        return atlas_pb2.SearchUnitsResponse(scores=[float(len(request.text))])
+
 
 @pytest.fixture
 def server():
@@ -77,6 +80,60 @@ def test_metrics_endpoint_counts_rpcs(server) -> None:
             stub.GetUnit(atlas_pb2.GetUnitRequest(layer=1, index=1), timeout=5)
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics.port}/metrics", timeout=5).read().decode()
     assert 'circuits_rpc_requests_total{code="OK",method="GetUnit",service="AtlasService"} 3.0' in body
+
+
+def test_every_call_is_checked_and_counted_under_its_own_code(server) -> None:
+    """The interceptors build a method's wrapped handler once and reuse it: calls of one method
+    that succeed, fail or send bad requests, interleaved, are each counted under their own code
+    and each checked."""
+    import urllib.request
+
+    server.set_serving()
+    codes = []
+    with open_channel(server.address) as channel:
+        stub = atlas_pb2_grpc.AtlasServiceStub(channel)
+        raw = channel.unary_unary("/circuits.v1.AtlasService/SearchUnits")
+        for index in (1, 11, 2, 11, 3):  # OK, NOT_FOUND, OK, NOT_FOUND, OK
+            try:
+                stub.GetUnit(atlas_pb2.GetUnitRequest(layer=1, index=index), timeout=5)
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+        assert codes == ["OK", "NOT_FOUND", "OK", "NOT_FOUND", "OK"]
+        for _ in range(2):
+            assert list(stub.SearchUnits(atlas_pb2.SearchUnitsRequest(text="abc"), timeout=5).scores) == [3.0]
+            with pytest.raises(grpc.RpcError) as err:
+                stub.SearchUnits(atlas_pb2.SearchUnitsRequest(text="a\x00b"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NUL" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                raw(b"\xff\xff\xff", timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "could not be decoded" in err.value.details()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics.port}/metrics", timeout=5).read().decode()
+    for line in ('circuits_rpc_requests_total{code="OK",method="GetUnit",service="AtlasService"} 3.0',
+                 'circuits_rpc_requests_total{code="NOT_FOUND",method="GetUnit",service="AtlasService"} 2.0',
+                 'circuits_rpc_latency_seconds_count{method="GetUnit",service="AtlasService"} 5.0',
+                 'circuits_rpc_requests_total{code="OK",method="SearchUnits",service="AtlasService"} 2.0',
+                 'circuits_rpc_requests_total{code="INVALID_ARGUMENT",method="SearchUnits",service="AtlasService"} 4.0'):  # fmt: skip
+        assert line in body
+
+
+def test_wrapped_handlers_follow_the_inner_handler() -> None:
+    from circuits_server.serving import _WrappedHandlers
+
+    built = []
+
+    def build(method, inner):
+        built.append((method, inner))
+        return ("wrapped", method, inner)
+
+    cache = _WrappedHandlers(size=2)
+    a, b, c = object(), object(), object()
+    assert cache.get("/s/A", a, build) == ("wrapped", "/s/A", a)
+    assert cache.get("/s/A", a, build) == ("wrapped", "/s/A", a) and len(built) == 1  # reused
+    assert cache.get("/s/B", a, build) == ("wrapped", "/s/B", a) and len(built) == 2  # per method
+    assert cache.get("/s/A", b, build) == ("wrapped", "/s/A", b) and len(built) == 3  # another inner handler
+    assert cache.get("/s/A", b, build) == ("wrapped", "/s/A", b) and len(built) == 4  # full: built per call
+    assert cache.get("/s/A", c, build)[2] is c
 
 
 def test_shutdown_reports_not_serving(server) -> None:

@@ -6,11 +6,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-import grpc
 
 from circuits_server.serving import GrpcServer, ServerSettings, build_grpc_server
 
@@ -34,40 +31,6 @@ class AtlasSettings:
     preload: bool = True
 
 
-class _Undecodable:
-    """Stands in for a request whose bytes did not parse (e.g. a string field with invalid UTF-8)."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-class RequestDecodeInterceptor(grpc.ServerInterceptor):
-    """Turns undecodable request bytes into INVALID_ARGUMENT instead of grpc's generic INTERNAL."""
-
-    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None or not handler.unary_unary or handler.request_deserializer is None:
-            return handler
-        decode = handler.request_deserializer
-        behavior = handler.unary_unary
-
-        def tolerant_decode(raw: bytes) -> Any:
-            try:
-                return decode(raw)
-            except Exception as exc:  # noqa: BLE001 - any parse failure is the client's fault
-                return _Undecodable(str(exc) or type(exc).__name__)
-
-        def run(request: Any, context: grpc.ServicerContext) -> Any:
-            if isinstance(request, _Undecodable):
-                # Outermost interceptor: the error interceptor is inside, so abort here directly.
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request could not be decoded ({request.reason[:200]})")
-            return behavior(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(run, tolerant_decode, handler.response_serializer)
-
-
 def build_server(settings: AtlasSettings, *, database: CircuitDatabase | None = None) -> GrpcServer:
     """A configured, not started server; the database is closed when the server stops."""
     from circuits_core._proto.circuits.v1 import atlas_pb2_grpc
@@ -78,7 +41,6 @@ def build_server(settings: AtlasSettings, *, database: CircuitDatabase | None = 
         settings=settings.server,
         service_names=(SERVICE_NAME,),
         add_servicers=lambda s: atlas_pb2_grpc.add_AtlasServiceServicer_to_server(servicer, s),
-        interceptors=(RequestDecodeInterceptor(),),
     )
     server.on_stop.append(db.close)
     return server

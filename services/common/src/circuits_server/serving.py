@@ -406,6 +406,34 @@ class Metrics:
             self._http = None
 
 
+class _WrappedHandlers:
+    """Wrapped method handlers an interceptor built, per (method, inner handler).
+
+    grpc asks every interceptor for a handler on every call, on the server's one polling thread;
+    the handlers the pass-through interceptors build depend only on the method and on the inner
+    handler (which, for a registered method, is the same object every call), so they are built
+    once per method and reused. The inner handler is kept and compared by identity, so an inner
+    interceptor that builds a new handler per call simply gets a new wrapper; at most ``size``
+    entries are kept (beyond that, wrappers are built per call as before).
+    """
+
+    __slots__ = ("_entries", "_size")
+
+    def __init__(self, size: int = 256) -> None:
+        self._entries: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._size = size
+
+    def get(self, method: str, inner: Any, build: Callable[[str, Any], Any]) -> Any:
+        key = (method, id(inner))
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is inner:
+            return entry[1]
+        wrapped = build(method, inner)
+        if len(self._entries) < self._size:
+            self._entries[key] = (inner, wrapped)  # a race builds twice; either result is right
+        return wrapped
+
+
 def _abort_for(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
     if isinstance(exc, CircuitsError):
         code = getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
@@ -422,13 +450,23 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, metrics: Metrics | None) -> None:
         self.metrics = metrics
+        self._handlers = _WrappedHandlers()
+        #: (method, code) -> (request counter, latency histogram) children: prometheus'
+        #: ``labels()`` takes a lock and builds a key on every call.
+        self._series: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def _record(self, method: str, code: str, started: float) -> None:
         if self.metrics is None:
             return
-        name = method.rsplit("/", 1)[-1]
-        self.metrics.requests.labels(self.metrics.service, name, code).inc()
-        self.metrics.latency.labels(self.metrics.service, name).observe(time.perf_counter() - started)
+        series = self._series.get((method, code))
+        if series is None:
+            name = method.rsplit("/", 1)[-1]
+            series = (self.metrics.requests.labels(self.metrics.service, name, code),
+                      self.metrics.latency.labels(self.metrics.service, name))  # fmt: skip
+            if len(self._series) < 4096:  # methods x codes; unknown methods never get here
+                self._series[(method, code)] = series
+        series[0].inc()
+        series[1].observe(time.perf_counter() - started)
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
@@ -437,7 +475,9 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
+        return self._handlers.get(method, handler, self._wrap)
 
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         def code_of(context: grpc.ServicerContext) -> str:
             code = context.code() if hasattr(context, "code") else None
             return code.name if isinstance(code, grpc.StatusCode) else "OK"
@@ -794,14 +834,32 @@ _UNCHECKED = frozenset({("circuits.v1.Graph", "units"), ("circuits.v1.Graph", "p
 _CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F))
 
 
+#: message descriptor -> whether check_request_strings has anything to look at in it.
+_STRING_BEARING: dict[Any, bool] = {}
+
+
+def _bears_strings(descriptor: Any) -> bool:
+    """Whether a message type has a string field, or a message field (checked recursively)."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    return any(f.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_GROUP)
+               for f in descriptor.fields)  # fmt: skip
+
+
 def check_request_strings(message: Any, limits: Limits, where: str) -> None:
     """Refuse (InvalidArgument naming field and limit, never echoing the value in full) string
     fields of a request that are too long for their kind or hold NUL / control characters:
     names (:data:`NAME_FIELDS`) and paths (:data:`PATH_FIELDS`) no control character at all,
     prompts and other text no NUL."""
+    descriptor = message.DESCRIPTOR
+    checked = _STRING_BEARING.get(descriptor)
+    if checked is None:
+        checked = _STRING_BEARING[descriptor] = _bears_strings(descriptor)
+    if not checked:  # only numbers and enums (GetEdgesForUnitRequest, GetUnitRequest, ...)
+        return
     from google.protobuf.descriptor import FieldDescriptor
 
-    owner = message.DESCRIPTOR.full_name
+    owner = descriptor.full_name
     for field, value in message.ListFields():
         if (owner, field.name) in _UNCHECKED:
             continue
@@ -861,6 +919,7 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
         self.limits = dataclasses.replace(DEFAULT_LIMITS, max_name_chars=settings.max_name_chars,
                                           max_path_chars=settings.max_path_chars,
                                           max_text_chars=settings.max_text_chars)  # fmt: skip
+        self._handlers = _WrappedHandlers()
 
     def _check_graph(self, request: Any, where: str) -> None:
         descriptor = getattr(request, "DESCRIPTOR", None)
@@ -878,8 +937,12 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
+        return self._handlers.get(handler_call_details.method, handler, self._wrap)
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         decode = handler.request_deserializer
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        method = full_method.rsplit("/", 1)[-1]
+        request_where = f"{method} request"
 
         def tolerant_decode(raw: bytes) -> Any:
             try:
@@ -895,8 +958,8 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
             def run(request: Any, context: grpc.ServicerContext) -> Any:
                 if isinstance(request, _Undecodable):
                     raise refuse(request.reason)
-                self._check_graph(request, f"{method} request")
-                check_request_strings(request, self.limits, f"{method} request")
+                self._check_graph(request, request_where)
+                check_request_strings(request, self.limits, request_where)
                 return behavior(request, context)
 
             return run
