@@ -231,6 +231,166 @@ def measure_in_process(db, *, requests: int, kind: str, layers: int, neurons: in
     return {"p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99), "n": len(latencies)}
 
 
+class _LocalContext:
+    """What the atlas servicer reads from a grpc.ServicerContext, for calls without a server."""
+
+    def time_remaining(self) -> None:
+        return None
+
+
+_METHODS = {"edges": "GetEdgesForUnit", "search": "SearchUnits"}
+
+
+def request_message(kind: str, args: tuple):
+    """The request the SDK sends for one query of :func:`run_query`."""
+    from circuits_core import wire
+    from circuits_core._proto.circuits.v1 import atlas_pb2
+
+    if kind == "edges":
+        return atlas_pb2.GetEdgesForUnitRequest(layer=args[0], index=args[1], direction=wire.edge_direction_to_proto("both"), limit=100)
+    return atlas_pb2.SearchUnitsRequest(text=args[0], limit=20)
+
+
+def decode_response(kind: str, raw: bytes):
+    """Response bytes -> the SDK's answer (what AtlasClient returns for the query)."""
+    from circuits_core import wire
+    from circuits_core._proto.circuits.v1 import atlas_pb2
+
+    if kind == "edges":
+        return [wire.edge_from_proto(e) for e in atlas_pb2.GetEdgesForUnitResponse.FromString(raw).edges]
+    return wire.search_hits_from_proto(atlas_pb2.SearchUnitsResponse.FromString(raw))
+
+
+def measure_servicer(db, *, requests: int, kind: str, layers: int, neurons: int, seed: int, warmup: int = 0) -> dict:
+    """The 1-client query list of :func:`measure` through the servicer the server runs, in this
+    process, no gRPC: ``servicer`` times request message -> servicer method -> response message;
+    ``codec`` adds what the two ends do around it (request serialized and parsed, response
+    serialized, parsed and turned into domain objects as the SDK does). Also checks that the
+    answers equal the database's."""
+    from circuits_core._proto.circuits.v1 import atlas_pb2
+    from circuits_atlas.servicer import AtlasServicer
+
+    servicer, context = AtlasServicer(db), _LocalContext()
+    method = getattr(servicer, _METHODS[kind])
+    request_type = atlas_pb2.GetEdgesForUnitRequest if kind == "edges" else atlas_pb2.SearchUnitsRequest
+    for args in query_list(kind, warmup, layers=layers, neurons=neurons, seed=seed * 1000 + 500):
+        method(request_message(kind, args), context)
+    queries = query_list(kind, requests, layers=layers, neurons=neurons, seed=seed * 1000)
+    bare, full, same = [], [], 0
+    for args in queries:
+        request = request_message(kind, args)
+        t0 = time.perf_counter()
+        method(request, context)
+        bare.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        raw = method(request_type.FromString(request_message(kind, args).SerializeToString()), context).SerializeToString()
+        answer = decode_response(kind, raw)
+        full.append(time.perf_counter() - t0)
+        same += answer == run_query(db, kind, args)
+    return {"servicer_ms": 1000 * percentile(bare, 50), "codec_ms": 1000 * percentile(full, 50), "same": same, "n": len(queries)}
+
+
+def start_floor_server(responses: dict[str, bytes]) -> tuple[subprocess.Popen, str]:
+    """A bare gRPC server (same grpc runtime, no interceptors, no servicer work) in a subprocess
+    that answers each atlas method with fixed response bytes: the transport floor."""
+    script = (
+        "import sys, grpc, json\n"
+        "from concurrent import futures\n"
+        "answers = {k: bytes.fromhex(v) for k, v in json.loads(sys.stdin.readline()).items()}\n"
+        "handlers = {m: grpc.unary_unary_rpc_method_handler(lambda req, ctx, a=a: a) for m, a in answers.items()}\n"
+        "server = grpc.server(futures.ThreadPoolExecutor(max_workers=int(sys.argv[1])))\n"
+        "server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler('circuits.v1.AtlasService', handlers),))\n"
+        "port = server.add_insecure_port('127.0.0.1:0')\n"
+        "server.start()\n"
+        "print(f'floor serving on 127.0.0.1:{port}', flush=True)\n"
+        "sys.stdin.read()\n"  # until the benchmark closes stdin
+        "server.stop(0)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, "32"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps({m: r.hex() for m, r in responses.items()}) + "\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    match = re.match(r"floor serving on (\S+)", line)
+    if not match:
+        proc.kill()
+        raise SystemExit(f"floor server did not start: {line!r}")
+    return proc, match.group(1)
+
+
+def stop_floor_server(proc: subprocess.Popen) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def typical_response(db, kind: str, *, layers: int, neurons: int, seed: int, sample: int = 200) -> bytes:
+    """Serialized answer of median size among the first ``sample`` queries of the 1-client list."""
+    from circuits_atlas.servicer import AtlasServicer
+
+    servicer, context = AtlasServicer(db), _LocalContext()
+    method = getattr(servicer, _METHODS[kind])
+    raws = sorted((method(request_message(kind, a), context).SerializeToString()
+                   for a in query_list(kind, sample, layers=layers, neurons=neurons, seed=seed * 1000)), key=len)  # fmt: skip
+    return raws[len(raws) // 2]
+
+
+def measure_lean(address: str, *, concurrency: int, requests: int, kind: str, layers: int, neurons: int, seed: int,
+                 warmup: int = 0) -> dict:
+    """Load from ``concurrency`` threads that send pre-serialized requests over grpc's generic
+    unary call (identity serializers) and do not parse the answers: a lighter load generator
+    than the SDK client, so the server, not the client, is what runs out of CPU. The last answer
+    of each thread is parsed to check it is a real response."""
+    import grpc
+
+    path = f"/circuits.v1.AtlasService/{_METHODS[kind]}"
+    per_client = max(1, requests // concurrency)
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        warm = [request_message(kind, a).SerializeToString()
+                for a in query_list(kind, warmup // concurrency, layers=layers, neurons=neurons, seed=seed * 1000 + i + 500)]  # fmt: skip
+        timed = [request_message(kind, a).SerializeToString()
+                 for a in query_list(kind, per_client, layers=layers, neurons=neurons, seed=seed * 1000 + i)]  # fmt: skip
+        local: list[float] = []
+        raw = b""
+        with grpc.insecure_channel(address) as channel:
+            call = channel.unary_unary(path)  # no serializers: bytes in, bytes out
+            for request in warm:
+                call(request, timeout=30)
+            for request in timed:
+                t0 = time.perf_counter()
+                try:
+                    raw = call(request, timeout=30)
+                except grpc.RpcError as exc:
+                    with lock:
+                        errors.append(f"{exc.code().name}: {exc.details()}"[:200])
+                    continue
+                local.append(time.perf_counter() - t0)
+        if raw:
+            decode_response(kind, raw)  # raises if the bytes are not a response
+        with lock:
+            latencies.extend(local)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {
+        "kind": kind, "concurrency": concurrency, "requests": len(latencies) + len(errors), "errors": len(errors),
+        "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
+        "qps": len(latencies) / wall if wall else 0.0, "first_error": errors[0] if errors else "",
+    }  # fmt: skip
+
+
 def compare_paths(fast, sql, *, requests: int, kind: str, layers: int, neurons: int, seed: int) -> tuple[int, int]:
     """How many of the first ``requests`` queries give identical answers on both database objects."""
     queries = query_list(kind, requests, layers=layers, neurons=neurons, seed=seed * 1000)
@@ -388,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                 # The same 1-client query lists in this process: on the database object the server
                 # wraps (neighbour index + preloaded search), and on the SQL-only path (the baseline).
                 from circuits_atlas import CircuitDatabase
+                from circuits_atlas.servicer import AtlasServicer
 
                 t0 = time.perf_counter()
                 with CircuitDatabase(atlas, preload=True) as fast:
@@ -409,24 +570,63 @@ def main(argv: list[str] | None = None) -> int:
                                   f"p50 {r['p50_ms'] / loc['p50_ms']:.2f}x (target <= 1.5x) | SQL path in-process p50 "
                                   f"{base['p50_ms']:8.2f} ms ({base['n']} queries; {base['p50_ms'] / loc['p50_ms']:.0f}x the "
                                   f"fast path); same results: {same}/{total}")  # fmt: skip
-            rates = {}
+                    # Where the service's time goes: the servicer in this process (no gRPC), and a bare
+                    # gRPC server that answers with fixed bytes of the median answer size (the transport
+                    # and grpc-runtime floor any Python servicer pays), measured with the same SDK client.
+                    answers = {_METHODS[kind]: typical_response(fast, kind, layers=args.layers, neurons=args.neurons, seed=args.seed)
+                               for kind in ("edges", "search")}  # fmt: skip
+                    answers["Stats"] = AtlasServicer(fast).Stats(None, _LocalContext()).SerializeToString()
+                    floor_proc, floor_address = start_floor_server(answers)
+                    try:
+                        floor = {kind: measure(floor_address, concurrency=1, requests=args.requests, kind=kind, layers=args.layers,
+                                               neurons=args.neurons, seed=args.seed, warmup=args.warmup)
+                                 for kind in ("edges", "search")}  # fmt: skip
+                    finally:
+                        stop_floor_server(floor_proc)
+                    for kind in ("edges", "search"):
+                        sv = measure_servicer(fast, requests=args.requests, kind=kind, layers=args.layers,
+                                              neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
+                        r, loc, fl = service[kind], local[kind], floor[kind]
+                        print(f"{names[kind]:<16} 1-client p50 parts: database {loc['p50_ms']:.3f} ms | servicer (request "
+                              f"message -> response message) {sv['servicer_ms']:.3f} ms | servicer + codec (both ends' "
+                              f"serialize/parse, SDK decoding) {sv['codec_ms']:.3f} ms | service {r['p50_ms']:.3f} ms | "
+                              f"gRPC floor (bare server, fixed {len(answers[_METHODS[kind]])}-byte answer, SDK client) "
+                              f"{fl['p50_ms']:.3f} ms | service - servicer+codec (transport, gRPC runtime, interceptors) "
+                              f"{r['p50_ms'] - sv['codec_ms']:.3f} ms; service - floor {r['p50_ms'] - fl['p50_ms']:.3f} ms; "
+                              f"floor / database {fl['p50_ms'] / loc['p50_ms']:.1f}x; servicer answers = database "
+                              f"answers: {sv['same']}/{sv['n']}")  # fmt: skip
+                        assert sv["same"] == sv["n"], f"{names[kind]}: the servicer's answers differ from the database's"
+            # Throughput at --process-clients clients with 1 vs N server processes, from two load
+            # generators on the same server: the SDK client (AtlasClient: builds requests and parses
+            # answers into domain objects, as users do) and the lean client (pre-serialized requests,
+            # answers not parsed; see measure_lean). Both run in this process on the machine's cores
+            # together with the server, so the client's CPU per request caps what extra server
+            # processes can add; it is printed next to the server's.
+            loaders = {"SDK clients": measure, "lean clients": measure_lean}
+            rates: dict[str, dict[int, float]] = {name: {} for name in loaders}
             for n_proc in args.processes:
                 proc, address = start_server(atlas, args.server_workers, n_proc)
                 try:
-                    cpu0, server0 = time.process_time(), tree_cpu_seconds(proc.pid)
-                    r = measure(address, concurrency=args.process_clients, requests=args.requests, kind="edges",
-                                layers=args.layers, neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
-                    client_cpu, server_cpu = time.process_time() - cpu0, tree_cpu_seconds(proc.pid) - server0
-                    assert r["errors"] == 0, f"--processes {n_proc}: {r['errors']} failed requests ({r['first_error']})"
-                    rates[n_proc] = r["qps"]
-                    n = r["requests"] + args.warmup // args.process_clients * args.process_clients
-                    print(f"GetEdgesForUnit  clients={args.process_clients:<3} --processes {n_proc}: {r['qps']:7.1f} req/s "
-                          f"p50 {r['p50_ms']:.2f} ms  ratio to {args.processes[0]} process(es) "
-                          f"{r['qps'] / rates[args.processes[0]]:.2f}x (target >= 1.6x at 2); CPU per request: "
-                          f"client {1000 * client_cpu / n:.2f} ms, server {1000 * server_cpu / n:.2f} ms (all its processes)")  # fmt: skip
+                    for name, load in loaders.items():
+                        cpu0, server0 = time.process_time(), tree_cpu_seconds(proc.pid)
+                        r = load(address, concurrency=args.process_clients, requests=args.requests, kind="edges",
+                                 layers=args.layers, neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
+                        client_cpu, server_cpu = time.process_time() - cpu0, tree_cpu_seconds(proc.pid) - server0
+                        assert r["errors"] == 0, f"--processes {n_proc} ({name}): {r['errors']} failed requests ({r['first_error']})"
+                        rates[name][n_proc] = r["qps"]
+                        n = r["requests"] + args.warmup // args.process_clients * args.process_clients
+                        print(f"GetEdgesForUnit  clients={args.process_clients:<3} --processes {n_proc} ({name + '):':<14} "
+                              f"{r['qps']:7.1f} req/s p50 {r['p50_ms']:.2f} ms  ratio to {args.processes[0]} process(es) "
+                              f"{r['qps'] / rates[name][args.processes[0]]:.2f}x (target >= 1.6x at 2); CPU per request: "
+                              f"client {1000 * client_cpu / n:.3f} ms, server {1000 * server_cpu / n:.3f} ms (all its processes)")  # fmt: skip
                 finally:
                     proc.terminate()
                     proc.wait(60)
+            if len(args.processes) > 1:
+                first, last = args.processes[0], args.processes[-1]
+                print(f"process scaling {last} vs {first} at {args.process_clients} clients: "
+                      + "; ".join(f"{name} {r[last] / r[first]:.2f}x" for name, r in rates.items())
+                      + " (the lean clients' figure is the server's scaling; the SDK clients' includes the client's CPU)")
         if not args.skip_infomap:
             bench_infomap(args)
     finally:
