@@ -199,7 +199,8 @@ def measure(
     return {
         "kind": kind, "concurrency": concurrency, "requests": len(latencies) + len(errors), "errors": len(errors),
         "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
-        "qps": len(latencies) / wall if wall else 0.0, "first_error": errors[0] if errors else "",
+        "qps": len(latencies) / wall if wall else 0.0, "first_error": errors[0] if errors else "", "wall_s": wall,
+        "answered": len(latencies),
     }  # fmt: skip
 
 
@@ -262,11 +263,12 @@ def decode_response(kind: str, raw: bytes):
 
 
 def measure_servicer(db, *, requests: int, kind: str, layers: int, neurons: int, seed: int, warmup: int = 0) -> dict:
-    """The 1-client query list of :func:`measure` through the servicer the server runs, in this
-    process, no gRPC: ``servicer`` times request message -> servicer method -> response message;
-    ``codec`` adds what the two ends do around it (request serialized and parsed, response
-    serialized, parsed and turned into domain objects as the SDK does). Also checks that the
-    answers equal the database's."""
+    """The 1-client query list of :func:`measure` in this process, no gRPC, three ways per query
+    (interleaved, so load from elsewhere on the machine hits all three alike): ``database`` the
+    database call the servicer makes; ``servicer`` request message -> servicer method -> response
+    message; ``codec`` that plus what the two ends do around it (request serialized and parsed,
+    response serialized, parsed and turned into domain objects as the SDK does). Also counts the
+    queries whose decoded answer equals the database's."""
     from circuits_core._proto.circuits.v1 import atlas_pb2
     from circuits_atlas.servicer import AtlasServicer
 
@@ -276,8 +278,11 @@ def measure_servicer(db, *, requests: int, kind: str, layers: int, neurons: int,
     for args in query_list(kind, warmup, layers=layers, neurons=neurons, seed=seed * 1000 + 500):
         method(request_message(kind, args), context)
     queries = query_list(kind, requests, layers=layers, neurons=neurons, seed=seed * 1000)
-    bare, full, same = [], [], 0
+    database, bare, full, same = [], [], [], 0
     for args in queries:
+        t0 = time.perf_counter()
+        expected = run_query(db, kind, args)
+        database.append(time.perf_counter() - t0)
         request = request_message(kind, args)
         t0 = time.perf_counter()
         method(request, context)
@@ -286,8 +291,9 @@ def measure_servicer(db, *, requests: int, kind: str, layers: int, neurons: int,
         raw = method(request_type.FromString(request_message(kind, args).SerializeToString()), context).SerializeToString()
         answer = decode_response(kind, raw)
         full.append(time.perf_counter() - t0)
-        same += answer == run_query(db, kind, args)
-    return {"servicer_ms": 1000 * percentile(bare, 50), "codec_ms": 1000 * percentile(full, 50), "same": same, "n": len(queries)}
+        same += answer == expected
+    return {"database_ms": 1000 * percentile(database, 50), "servicer_ms": 1000 * percentile(bare, 50),
+            "codec_ms": 1000 * percentile(full, 50), "same": same, "n": len(queries)}  # fmt: skip
 
 
 def start_floor_server(responses: dict[str, bytes]) -> tuple[subprocess.Popen, str]:
@@ -387,8 +393,79 @@ def measure_lean(address: str, *, concurrency: int, requests: int, kind: str, la
     return {
         "kind": kind, "concurrency": concurrency, "requests": len(latencies) + len(errors), "errors": len(errors),
         "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
-        "qps": len(latencies) / wall if wall else 0.0, "first_error": errors[0] if errors else "",
+        "qps": len(latencies) / wall if wall else 0.0, "first_error": errors[0] if errors else "", "wall_s": wall,
+        "answered": len(latencies),
     }  # fmt: skip
+
+
+def _h2load_seconds(text: str) -> float:
+    value = float(re.match(r"[0-9.]+", text).group(0))
+    return value / 1e6 if text.endswith("us") else value / 1e3 if text.endswith("ms") else value
+
+
+def measure_h2load(address: str, *, concurrency: int, requests: int, kind: str, layers: int, neurons: int, seed: int,
+                   warmup: int = 0, answer: tuple[bytes, bytes] | None = None) -> dict:
+    """Load from h2load (nghttp2's HTTP/2 load generator, C): ``concurrency`` connections, one
+    call in flight on each, every call the same pre-serialized gRPC request ``answer[0]``. Its
+    CPU per request is a small fraction of a Python client's, so on a small machine this is the
+    figure that shows the server's own scaling. h2load does not read gRPC status trailers: every
+    call must have returned exactly the expected answer bytes ``answer[1]`` (checked from the
+    DATA bytes it received), otherwise the calls are counted as errors."""
+    assert answer is not None, "measure_h2load needs the request and its expected answer"
+    request, expected = answer
+    path = f"/circuits.v1.AtlasService/{_METHODS[kind]}"
+    with tempfile.NamedTemporaryFile(suffix=".grpc") as body:
+        body.write(b"\x00" + len(request).to_bytes(4, "big") + request)  # one uncompressed gRPC message
+        body.flush()
+
+        def run(n: int) -> str:
+            cmd = ["h2load", "-n", str(n), "-c", str(concurrency), "-m", "1", "-H", "content-type: application/grpc",
+                   "-H", "te: trailers", "-d", body.name, f"http://{address}{path}"]  # fmt: skip
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+
+        if warmup:
+            run(max(warmup, concurrency))
+        out = run(max(requests, concurrency))
+    done = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded", out)
+    data = re.search(r"traffic: .*\((\d+)\) data", out)  # "traffic: 2.20MB (2305968) total, ..., 1.97MB (2068000) data"
+    wall = re.search(r"finished in ([0-9.]+(?:us|ms|s)),", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
+    if not (done and data and wall):
+        raise SystemExit(f"could not read h2load's report: {out[-800:]}")
+    total, succeeded, data_bytes = int(done.group(1)), int(done.group(2)), int(data.group(1))
+    per_call = 5 + len(expected)
+    answered = succeeded if data_bytes == succeeded * per_call else min(succeeded, data_bytes // per_call)
+    errors = total - answered
+    return {
+        "kind": kind, "concurrency": concurrency, "requests": total, "errors": errors, "answered": answered,
+        "p50_ms": float("nan"), "mean_ms": 1000 * _h2load_seconds(mean.group(1)) if mean else float("nan"),
+        "wall_s": _h2load_seconds(wall.group(1)), "qps": answered / _h2load_seconds(wall.group(1)),
+        "first_error": "" if not errors else f"{errors} calls did not return the expected {len(expected)}-byte answer "
+                                              f"({data_bytes} DATA bytes for {succeeded} calls)",
+    }  # fmt: skip
+
+
+def client_cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes (the h2load runs)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def fixed_edges_call(address: str, *, layers: int, neurons: int, seed: int) -> tuple[bytes, bytes]:
+    """(request, answer) bytes of the first GetEdgesForUnit query of the 1-client list with a
+    non-empty answer, as the server answers it (h2load repeats this one call)."""
+    import grpc
+
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary("/circuits.v1.AtlasService/GetEdgesForUnit")
+        for args in query_list("edges", 1000, layers=layers, neurons=neurons, seed=seed * 1000):
+            request = request_message("edges", args).SerializeToString()
+            answer = call(request, timeout=30)
+            if decode_response("edges", answer):
+                return request, answer
+    raise SystemExit("no GetEdgesForUnit query with edges among the first 1000")
 
 
 def compare_paths(fast, sql, *, requests: int, kind: str, layers: int, neurons: int, seed: int) -> tuple[int, int]:
@@ -487,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2],
                    help="server process counts compared at --process-clients clients (GetEdgesForUnit throughput)")
     p.add_argument("--process-clients", type=int, default=8)
+    p.add_argument("--process-requests", type=int, default=4000, help="requests per configuration in the --processes comparison")
+    p.add_argument("--process-rounds", type=int, default=5,
+                   help="alternating rounds over the --processes configurations (each gets 1/rounds of the requests)")
     p.add_argument("--sql-requests", type=int, default=100,
                    help="queries timed (and compared) on the SQL-only path in process (it is slow)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite runs this; no figure means anything)")
@@ -494,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.layers, args.neurons, args.edges, args.requests, args.warmup = 4, 64, 4000, 40, 5
         args.concurrency, args.server_workers, args.sql_requests = [1, 4], 4, 20
+        args.process_requests, args.process_rounds = 80, 2
         args.infomap_nodes, args.infomap_layer_width, args.infomap_edges, args.infomap_communities = 2000, 500, 8000, 20
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="atlas_bench_"))
@@ -586,47 +667,82 @@ def main(argv: list[str] | None = None) -> int:
                     for kind in ("edges", "search"):
                         sv = measure_servicer(fast, requests=args.requests, kind=kind, layers=args.layers,
                                               neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
-                        r, loc, fl = service[kind], local[kind], floor[kind]
-                        print(f"{names[kind]:<16} 1-client p50 parts: database {loc['p50_ms']:.3f} ms | servicer (request "
+                        r, fl = service[kind], floor[kind]
+                        print(f"{names[kind]:<16} 1-client p50 parts: database {sv['database_ms']:.3f} ms | servicer (request "
                               f"message -> response message) {sv['servicer_ms']:.3f} ms | servicer + codec (both ends' "
                               f"serialize/parse, SDK decoding) {sv['codec_ms']:.3f} ms | service {r['p50_ms']:.3f} ms | "
                               f"gRPC floor (bare server, fixed {len(answers[_METHODS[kind]])}-byte answer, SDK client) "
                               f"{fl['p50_ms']:.3f} ms | service - servicer+codec (transport, gRPC runtime, interceptors) "
                               f"{r['p50_ms'] - sv['codec_ms']:.3f} ms; service - floor {r['p50_ms'] - fl['p50_ms']:.3f} ms; "
-                              f"floor / database {fl['p50_ms'] / loc['p50_ms']:.1f}x; servicer answers = database "
+                              f"floor / database {fl['p50_ms'] / sv['database_ms']:.1f}x; servicer answers = database "
                               f"answers: {sv['same']}/{sv['n']}")  # fmt: skip
                         assert sv["same"] == sv["n"], f"{names[kind]}: the servicer's answers differ from the database's"
             # Throughput at --process-clients clients with 1 vs N server processes, from two load
-            # generators on the same server: the SDK client (AtlasClient: builds requests and parses
-            # answers into domain objects, as users do) and the lean client (pre-serialized requests,
-            # answers not parsed; see measure_lean). Both run in this process on the machine's cores
-            # together with the server, so the client's CPU per request caps what extra server
-            # processes can add; it is printed next to the server's.
+            # generators: the SDK client (AtlasClient: builds requests and parses answers into domain
+            # objects, as users do) and the lean client (pre-serialized requests, answers not parsed;
+            # see measure_lean). Both run in this process on the machine's cores together with the
+            # server, so the client's CPU per request caps what extra server processes can add; it is
+            # printed next to the server's. All servers run at once and are measured in alternating
+            # rounds, so load from elsewhere on a shared machine falls on each configuration alike.
             loaders = {"SDK clients": measure, "lean clients": measure_lean}
-            rates: dict[str, dict[int, float]] = {name: {} for name in loaders}
-            for n_proc in args.processes:
-                proc, address = start_server(atlas, args.server_workers, n_proc)
-                try:
+            servers = {}
+            try:
+                for n_proc in args.processes:
+                    servers[n_proc] = start_server(atlas, args.server_workers, n_proc)
+                if shutil.which("h2load"):
+                    import functools
+
+                    answer = fixed_edges_call(servers[args.processes[0]][1], layers=args.layers, neurons=args.neurons, seed=args.seed)
+                    loaders["h2load"] = functools.partial(measure_h2load, answer=answer)
+                else:
+                    print("h2load not found (Debian/Ubuntu: apt-get install nghttp2-client): the C load generator's figure is skipped")
+                totals = {(name, n): {"answered": 0, "wall_s": 0.0, "client_cpu": 0.0, "server_cpu": 0.0, "n": 0, "p50": [], "mean": []}
+                          for name in loaders for n in args.processes}  # fmt: skip
+                rounds = max(1, args.process_rounds)
+                for _ in range(rounds):
                     for name, load in loaders.items():
-                        cpu0, server0 = time.process_time(), tree_cpu_seconds(proc.pid)
-                        r = load(address, concurrency=args.process_clients, requests=args.requests, kind="edges",
-                                 layers=args.layers, neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
-                        client_cpu, server_cpu = time.process_time() - cpu0, tree_cpu_seconds(proc.pid) - server0
-                        assert r["errors"] == 0, f"--processes {n_proc} ({name}): {r['errors']} failed requests ({r['first_error']})"
-                        rates[name][n_proc] = r["qps"]
-                        n = r["requests"] + args.warmup // args.process_clients * args.process_clients
-                        print(f"GetEdgesForUnit  clients={args.process_clients:<3} --processes {n_proc} ({name + '):':<14} "
-                              f"{r['qps']:7.1f} req/s p50 {r['p50_ms']:.2f} ms  ratio to {args.processes[0]} process(es) "
-                              f"{r['qps'] / rates[name][args.processes[0]]:.2f}x (target >= 1.6x at 2); CPU per request: "
-                              f"client {1000 * client_cpu / n:.3f} ms, server {1000 * server_cpu / n:.3f} ms (all its processes)")  # fmt: skip
-                finally:
+                        for n_proc, (proc, address) in servers.items():
+                            cpu0, server0 = client_cpu_seconds(), tree_cpu_seconds(proc.pid)
+                            r = load(address, concurrency=args.process_clients, requests=args.process_requests // rounds,
+                                     kind="edges", layers=args.layers, neurons=args.neurons, seed=args.seed,
+                                     warmup=args.warmup // rounds)  # fmt: skip
+                            assert r["errors"] == 0, f"--processes {n_proc} ({name}): {r['errors']} failed requests ({r['first_error']})"
+                            t = totals[(name, n_proc)]
+                            t["client_cpu"] += client_cpu_seconds() - cpu0
+                            t["server_cpu"] += tree_cpu_seconds(proc.pid) - server0
+                            t["answered"] += r["answered"]
+                            t["wall_s"] += r["wall_s"]
+                            t["n"] += r["requests"] + args.warmup // rounds // args.process_clients * args.process_clients
+                            t["p50"].append(r["p50_ms"])
+                            t["mean"].append(r.get("mean_ms", float("nan")))
+            finally:
+                for proc, _address in servers.values():
                     proc.terminate()
+                for proc, _address in servers.values():
                     proc.wait(60)
+            first = args.processes[0]
+            for name in loaders:
+                for n_proc in args.processes:
+                    t, base = totals[(name, n_proc)], totals[(name, first)]
+                    qps, base_qps = t["answered"] / t["wall_s"], base["answered"] / base["wall_s"]
+                    latency = (f"p50 {float(np.median(t['p50'])):.2f} ms" if not np.isnan(t["p50"]).all()
+                               else f"mean {float(np.median(t['mean'])):.2f} ms")  # fmt: skip
+                    print(f"GetEdgesForUnit  clients={args.process_clients:<3} --processes {n_proc} ({name + '):':<14} "
+                          f"{qps:7.1f} req/s {latency}  ratio to {first} process(es) "
+                          f"{qps / base_qps:.2f}x (target >= 1.6x at 2); CPU per request: client "
+                          f"{1000 * t['client_cpu'] / t['n']:.3f} ms, server {1000 * t['server_cpu'] / t['n']:.3f} ms "
+                          f"(all its processes); {rounds} alternating rounds")  # fmt: skip
             if len(args.processes) > 1:
-                first, last = args.processes[0], args.processes[-1]
+                last = args.processes[-1]
+
+                def rate(name: str, n: int) -> float:
+                    return totals[(name, n)]["answered"] / totals[(name, n)]["wall_s"]
+
                 print(f"process scaling {last} vs {first} at {args.process_clients} clients: "
-                      + "; ".join(f"{name} {r[last] / r[first]:.2f}x" for name, r in rates.items())
-                      + " (the lean clients' figure is the server's scaling; the SDK clients' includes the client's CPU)")
+                      + "; ".join(f"{name} {rate(name, last) / rate(name, first):.2f}x" for name in loaders)
+                      + " (SDK clients: what users of AtlasClient on the same machine see; lean clients: a lighter Python "
+                      "load generator; h2load: a C load generator, one fixed request, the closest to the server's own "
+                      "scaling on a machine whose cores the clients share)")
         if not args.skip_infomap:
             bench_infomap(args)
     finally:
