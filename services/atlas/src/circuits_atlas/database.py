@@ -328,31 +328,40 @@ class CircuitDatabase:
         return min(limit, self.limits.max_results)
 
     @staticmethod
-    def _unit(row: Sequence[Any]) -> Unit:
+    def _unit(row: Sequence[Any], labels: tuple[UnitLabel, ...] | None = None) -> Unit:
+        """A unit from its UNIT_COLUMNS row; ``labels`` (from the labels table) replace the ones
+        the row's label columns give."""
         layer, neuron, label, input_label, output_label, description, source, appearance, cluster = row
-        labels = []
-        if output_label or label:
-            labels.append(UnitLabel(text=output_label or label, source=source or "progressive_output", description=description or ""))
-        if input_label:
-            labels.append(UnitLabel(text=input_label, source="progressive_input"))
+        if labels is None:
+            found = []
+            if output_label or label:
+                found.append(UnitLabel(text=output_label or label, source=source or "progressive_output", description=description or ""))
+            if input_label:
+                found.append(UnitLabel(text=input_label, source="progressive_input"))
+            labels = tuple(found)
         return Unit(
             layer=layer,
             index=neuron,
             label=label or "",
             input_label=input_label or "",
             appearance_count=int(appearance or 0),
-            labels=tuple(labels),
+            labels=labels,
             cluster=cluster or "",
         )
 
-    def _with_labels(self, units: list[Unit], *, timeout: float | None = None) -> list[Unit]:
-        """Units whose ``labels`` come from the ``labels`` table (one per pass, with scores)."""
-        if not self.has_labels or not units:
-            return units
-        import dataclasses
+    def _units(self, rows: Sequence[Sequence[Any]], *, timeout: float | None = None) -> list[Unit]:
+        """Units of UNIT_COLUMNS rows, each built once, with its labels from the ``labels`` table
+        (one per pass, with scores) when the atlas has them for it."""
+        if not self.has_labels or not rows:
+            return [self._unit(r) for r in rows]
+        by_key = self._labels_by_key([(r[0], r[1]) for r in rows], timeout=timeout)
+        return [self._unit(r, by_key.get((r[0], r[1]))) for r in rows]
 
+    def _labels_by_key(self, keys: list[tuple[int, int]], *, timeout: float | None = None) -> dict[tuple[int, int], tuple[UnitLabel, ...]]:
+        """(layer, neuron) -> its labels from the ``labels`` table, output pass first; units
+        without labels there are left out."""
         if self.memory is not None:
-            rows = [(k[0], k[1], *r) for k, rs in self.memory.labels_of([(u.layer, u.index) for u in units]).items() for r in rs]
+            rows = [(k[0], k[1], *r) for k, rs in self.memory.labels_of(keys).items() for r in rs]
         else:
             # A join on the integer keys (a string key built per labels row costs ~8x more).
             rows = self._rows(
@@ -363,7 +372,7 @@ class CircuitDatabase:
                      ON l.layer = k.layer AND l.neuron = k.neuron
                 ORDER BY l.layer, l.neuron, CASE l.label_pass WHEN 'output' THEN 0 ELSE 1 END, l.label_pass
                 """,
-                [[u.layer for u in units], [u.index for u in units]],
+                [[k[0] for k in keys], [k[1] for k in keys]],
                 timeout=timeout,
             )
         by_key: dict[tuple[int, int], list[UnitLabel]] = {}
@@ -372,8 +381,7 @@ class CircuitDatabase:
                 text=text, source=source or "", description=description or "", score_detection=det,
                 score_simulation=sim, score_contexts=int(contexts or 0), score_positives=int(positives or 0),
             ))
-        return [dataclasses.replace(u, labels=tuple(by_key[(u.layer, u.index)])) if (u.layer, u.index) in by_key else u
-                for u in units]
+        return {key: tuple(labels) for key, labels in by_key.items()}
 
     @staticmethod
     def _edge(row: Sequence[Any]) -> Edge:
@@ -403,20 +411,20 @@ class CircuitDatabase:
         score_filter = "AND coalesce(n.score_detection, -1) >= ?" if min_score > 0 else ""
         score_args = [float(min_score)] if min_score > 0 else []
         cols = ", ".join(f"n.{c}" for c in UNIT_COLUMNS)
-        hits: list[SearchHit] = []
+        scored: list[tuple[Sequence[Any], float]] = []  # (UNIT_COLUMNS row, score), best first
         if self.has_fts and self.memory is not None:
             if timeout is not None and timeout <= 0:
                 raise DeadlineExceeded("no time left for the query")
             docs, scores = self.memory.top_docs(self.memory.term_ids(self._cursor(), text), limit, float(min_score))
             rows = self.memory.unit_rows_of_docs(docs)
-            hits = [SearchHit(unit=self._unit(r), score=float(sc)) for r, sc in zip(rows, scores) if r is not None]
+            scored = [(r, float(sc)) for r, sc in zip(rows, scores.tolist()) if r is not None]
         elif self.has_fts:
             sql = BM25_SQL if not score_filter else BM25_FILTERED_SQL
             params = [text, limit] if not score_filter else [text, *score_args, limit]
             rows = self._rows(sql.format(cols=cols, fts=FTS_SCHEMA), params, timeout=timeout)
-            hits = [SearchHit(unit=self._unit(r[:-1]), score=float(r[-1])) for r in rows]
-        if len(hits) < limit:
-            found = [f"L{h.unit.layer}/N{h.unit.index}" for h in hits]
+            scored = [(r[:-1], float(r[-1])) for r in rows]
+        if len(scored) < limit:
+            found = [f"L{r[0]}/N{r[1]}" for r, _score in scored]
             pattern = _like_pattern(text)
             rows = self._rows(
                 f"""
@@ -427,12 +435,12 @@ class CircuitDatabase:
                 ORDER BY n.appearance_count DESC, n.layer, n.neuron
                 LIMIT ?
                 """,
-                [pattern, pattern, pattern, pattern, found, *score_args, limit - len(hits)],
+                [pattern, pattern, pattern, pattern, found, *score_args, limit - len(scored)],
                 timeout=timeout,
             )
-            hits.extend(SearchHit(unit=self._unit(r), score=0.0) for r in rows)
-        units = self._with_labels([h.unit for h in hits], timeout=timeout)
-        return [SearchHit(unit=u, score=h.score) for u, h in zip(units, hits)]
+            scored.extend((r, 0.0) for r in rows)
+        units = self._units([r for r, _score in scored], timeout=timeout)
+        return [SearchHit(unit=u, score=score) for u, (_row, score) in zip(units, scored)]
 
     def search_units(self, text: str, limit: int | None = 100) -> list[Unit]:
         """Seed-compatible: the units of :meth:`search`, best first."""
@@ -445,7 +453,7 @@ class CircuitDatabase:
         rows = self._rows(
             f"SELECT {', '.join(UNIT_COLUMNS)} FROM neurons WHERE layer = ? AND neuron = ?", [layer, index], timeout=timeout
         )
-        return self._with_labels([self._unit(rows[0])], timeout=timeout)[0] if rows else None
+        return self._units(rows[:1], timeout=timeout)[0] if rows else None
 
     def get_unit_card(self, layer: int, index: int, *, timeout: float | None = None) -> UnitCard | None:
         """The unit ``(layer, index)`` with its activation statistics, innermost cluster and edge
@@ -613,7 +621,7 @@ class CircuitDatabase:
             cluster_path=p, level=int(level), size=int(size), layer_min=int(lmin), layer_max=int(lmax),
             median_layer=float(median),
         )  # fmt: skip
-        return ClusterMembers(cluster=info, units=tuple(self._with_labels([self._unit(r) for r in rows], timeout=timeout)))
+        return ClusterMembers(cluster=info, units=tuple(self._units(rows, timeout=timeout)))
 
     def get_units_by_cluster(self, top_cluster: int | str, limit: int | None = None) -> list[Unit]:
         """Seed-compatible: member units of a cluster ordered by layer, neuron ([] if absent)."""

@@ -7,7 +7,7 @@ takes from Arrow columns. The atlas is opened read-only, and DuckDB lets no othe
 file while it is open, so the copy can never go out of date while the database object lives.
 
 Results are identical to the SQL path (``database.BM25_SQL`` / ``BM25_FILTERED_SQL`` and
-``_with_labels``): a document's score is the sum of its query terms' contributions added in termid
+``_labels_by_key``): a document's score is the sum of its query terms' contributions added in termid
 order (the SQL's ordered aggregate), ranked by score DESC then docid; the labels of a unit come
 output pass first, then the other passes by name.
 """
@@ -114,7 +114,7 @@ class MemoryIndex:
             "SELECT macro_definition FROM duckdb_functions() WHERE schema_name = ? AND function_name = 'tokenize'", [fts]
         ).fetchall()
         self._python_tokens = bool(macro) and macro[0][0] == TOKENIZE_MACRO and "" not in self.terms
-        # Labels: sorted by unit key, output pass first, then by pass name (as _with_labels).
+        # Labels: sorted by unit key, output pass first, then by pass name (as _labels_by_key).
         labels = con.execute(
             f"SELECT layer, neuron, {', '.join(LABEL_FIELDS)} FROM labels "
             "ORDER BY layer, neuron, CASE label_pass WHEN 'output' THEN 0 ELSE 1 END, label_pass"
