@@ -468,6 +468,21 @@ def fixed_edges_call(address: str, *, layers: int, neurons: int, seed: int) -> t
     raise SystemExit("no GetEdgesForUnit query with edges among the first 1000")
 
 
+def alternate(addresses: dict[str, str], *, kind: str, rounds: int, requests: int, layers: int, neurons: int, seed: int,
+              warmup: int) -> dict[str, dict]:
+    """1-client SDK latency of each server in ``addresses``, measured in alternating rounds (each
+    round 1/rounds of the requests); p50 is the median of the rounds' p50s."""
+    rounds = max(1, rounds)
+    p50s: dict[str, list[float]] = {name: [] for name in addresses}
+    for _ in range(rounds):
+        for name, address in addresses.items():
+            r = measure(address, concurrency=1, requests=max(1, requests // rounds), kind=kind, layers=layers,
+                        neurons=neurons, seed=seed, warmup=warmup // rounds)  # fmt: skip
+            assert r["errors"] == 0, f"{name}: {r['errors']} failed requests ({r['first_error']})"
+            p50s[name].append(r["p50_ms"])
+    return {name: {"p50_ms": float(np.median(v))} for name, v in p50s.items()}
+
+
 def compare_paths(fast, sql, *, requests: int, kind: str, layers: int, neurons: int, seed: int) -> tuple[int, int]:
     """How many of the first ``requests`` queries give identical answers on both database objects."""
     queries = query_list(kind, requests, layers=layers, neurons=neurons, seed=seed * 1000)
@@ -657,22 +672,28 @@ def main(argv: list[str] | None = None) -> int:
                     answers = {_METHODS[kind]: typical_response(fast, kind, layers=args.layers, neurons=args.neurons, seed=args.seed)
                                for kind in ("edges", "search")}  # fmt: skip
                     answers["Stats"] = AtlasServicer(fast).Stats(None, _LocalContext()).SerializeToString()
+                    # The service is measured again here, in alternating rounds with the floor server,
+                    # so that both see the same load from elsewhere on the machine.
                     floor_proc, floor_address = start_floor_server(answers)
+                    again, again_address = start_server(atlas, args.server_workers)
                     try:
-                        floor = {kind: measure(floor_address, concurrency=1, requests=args.requests, kind=kind, layers=args.layers,
-                                               neurons=args.neurons, seed=args.seed, warmup=args.warmup)
-                                 for kind in ("edges", "search")}  # fmt: skip
+                        pair = {kind: alternate({"service": again_address, "floor": floor_address}, kind=kind,
+                                                rounds=args.process_rounds, requests=args.requests, layers=args.layers,
+                                                neurons=args.neurons, seed=args.seed, warmup=args.warmup)
+                                for kind in ("edges", "search")}  # fmt: skip
                     finally:
                         stop_floor_server(floor_proc)
+                        again.terminate()
+                        again.wait(30)
                     for kind in ("edges", "search"):
                         sv = measure_servicer(fast, requests=args.requests, kind=kind, layers=args.layers,
                                               neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
-                        r, fl = service[kind], floor[kind]
+                        r, fl = pair[kind]["service"], pair[kind]["floor"]
                         print(f"{names[kind]:<16} 1-client p50 parts: database {sv['database_ms']:.3f} ms | servicer (request "
                               f"message -> response message) {sv['servicer_ms']:.3f} ms | servicer + codec (both ends' "
                               f"serialize/parse, SDK decoding) {sv['codec_ms']:.3f} ms | service {r['p50_ms']:.3f} ms | "
                               f"gRPC floor (bare server, fixed {len(answers[_METHODS[kind]])}-byte answer, SDK client) "
-                              f"{fl['p50_ms']:.3f} ms | service - servicer+codec (transport, gRPC runtime, interceptors) "
+                              f"{fl['p50_ms']:.3f} ms ({args.process_rounds} rounds alternating with the service) | service - servicer+codec (transport, gRPC runtime, interceptors) "
                               f"{r['p50_ms'] - sv['codec_ms']:.3f} ms; service - floor {r['p50_ms'] - fl['p50_ms']:.3f} ms; "
                               f"floor / database {fl['p50_ms'] / sv['database_ms']:.1f}x; servicer answers = database "
                               f"answers: {sv['same']}/{sv['n']}")  # fmt: skip
