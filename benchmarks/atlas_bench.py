@@ -11,9 +11,14 @@ Prints: build time per step (the neighbour index included); GetEdgesForUnit and 
 through a real server (separate process) with 1 and 32 concurrent clients, error counts; the same
 1-client query lists run in this process on the database object the server wraps (neighbour index,
 preloaded search) with the ratio service/in-process, and on the SQL-only path (baseline) with a
-check that both paths answer identically; GetEdgesForUnit throughput at 8 clients with 1 vs 2
-server processes; Infomap time for cluster_full_model vs a bare Infomap run on the same links
-(ratio, target <= 1.5x).
+check that both paths answer identically; the 1-client p50 split into its parts: database call,
+servicer (request message -> response message, no gRPC), servicer + both ends' serialization and
+the SDK's decoding, the service, and a bare gRPC server answering fixed bytes of the same size (the
+floor of the Python gRPC runtime; service and floor in alternating rounds); GetEdgesForUnit
+throughput at 8 clients with 1 vs 2 server processes from three load generators in alternating
+rounds (SDK clients; lean Python clients sending pre-serialized requests without parsing answers;
+h2load, nghttp2's C load generator, when installed), with client and server CPU per request;
+Infomap time for cluster_full_model vs a bare Infomap run on the same links (ratio, target <= 1.5x).
 """
 
 from __future__ import annotations
