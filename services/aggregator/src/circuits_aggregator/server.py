@@ -10,6 +10,7 @@ from circuits_core.limits import Limits
 from circuits_server.serving import GrpcServer, ServerSettings, build_grpc_server
 
 from circuits_aggregator._kernels import warm
+from circuits_aggregator.heap import keep_freed_memory
 from circuits_aggregator.servicer import AggregatorServicer
 from circuits_aggregator.store import AggregateStore
 from circuits_aggregator.stream import BatchPolicy
@@ -33,6 +34,7 @@ class AggregatorServerSettings:
 def build_server(settings: AggregatorServerSettings, *, store: AggregateStore) -> GrpcServer:
     """A (not yet started) server for ``store``; stopping the server closes the store."""
     warm()  # compiled kernels ready before the port opens
+    keep_freed_memory()  # batch buffers are reused, not faulted in again per batch
     servicer = AggregatorServicer(store, policy=settings.batch, limits=settings.limits, export_root=settings.export_root)
     handle = build_grpc_server(
         settings=settings.server,
