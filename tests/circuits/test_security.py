@@ -1,9 +1,9 @@
-"""TLS, mutual TLS, bearer-token scopes and secret redaction of the shared server plumbing."""
+"""TLS, mutual TLS, bearer-token scopes and secret redaction of the shared server plumbing
+(the ``pki`` fixture: tests/conftest.py)."""
 
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -34,23 +34,6 @@ def _serve(**settings):
         add_servicers=lambda s: atlas_pb2_grpc.add_AtlasServiceServicer_to_server(_Atlas(), s),
         method_scopes={"Stats": "write"},
     ).start()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("pki")
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=circuits-test-ca")
-    for name, cn in (("server", "localhost"), ("client", "circuits-client")):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
-        (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
-    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
 def test_tls_and_mutual_tls(pki) -> None:
