@@ -582,3 +582,39 @@ def test_labeler_calls_attribution_with_the_release_tls_and_token(render_chart, 
     # Tokens on but no token for the labeler to present: refused at render time, naming the value.
     result = helm_template(CHART / "ci" / "full-pipeline-vllm.yaml", extra=("--set", "global.auth.tokensSecret=circuits-tokens"))
     assert result.returncode != 0 and "global.auth.clientToken.secretName is required" in result.stderr
+
+
+def test_batch_workers_call_the_aggregator_with_the_release_tls_and_token(render_chart, helm_template) -> None:
+    """The batch workers' aggregator client (Ingest) gets the same CA, client pair and client token
+    as the labeler's, each a file of the right mounted Secret, and none without them."""
+    from circuits_attribution.worker import build_parser
+
+    def worker(*flags: str) -> tuple[dict[str, Any], Any]:
+        values = [f for flag in flags for f in ("--set", flag)]
+        job = render_chart(CHART / "ci" / "full-pipeline-vllm.yaml", extra=values).get("Job", "demo-circuits-attribution-batch")
+        container = pod_spec(job)["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]} | {"JOB_COMPLETION_INDEX": "0"}
+        argv = [env.get(a[2:-1], a) if a.startswith("$(") else a for a in container["args"]]
+        return job, build_parser().parse_args(argv)
+
+    job, plain = worker()
+    assert plain.aggregator and (plain.aggregator_tls_ca, plain.aggregator_tls_cert, plain.aggregator_tls_key,
+                                 plain.aggregator_token_file) == ("", "", "", "")  # fmt: skip
+    assert "client-token" not in {v["name"] for v in pod_spec(job)["volumes"]}
+
+    job, full = worker("global.tls.secretName=circuits-tls", "global.tls.mutual=true",
+                       "global.auth.tokensSecret=circuits-tokens", "global.auth.clientToken.secretName=worker-token")
+    assert _mounted_file(job, full.aggregator_tls_ca) == ("circuits-tls", "ca.crt")
+    assert _mounted_file(job, full.aggregator_tls_cert) == ("circuits-tls", "tls.crt")
+    assert _mounted_file(job, full.aggregator_tls_key) == ("circuits-tls", "tls.key")
+    assert _mounted_file(job, full.aggregator_token_file) == ("worker-token", "token")
+
+    job, tls_only = worker("global.tls.secretName=circuits-tls")
+    assert _mounted_file(job, tls_only.aggregator_tls_ca) == ("circuits-tls", "ca.crt")
+    assert (tls_only.aggregator_tls_cert, tls_only.aggregator_token_file) == ("", "")
+
+    # tokens on, no client token: refused at render time even with the labeler off
+    result = helm_template(CHART / "ci" / "full-pipeline-vllm.yaml",
+                           extra=("--set", "global.auth.tokensSecret=circuits-tokens", "--set", "labeler.enabled=false"))
+    assert result.returncode != 0 and "global.auth.clientToken.secretName is required" in result.stderr
+    assert "batch workers" in result.stderr
