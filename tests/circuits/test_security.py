@@ -99,3 +99,22 @@ def test_registered_secrets_are_redacted_from_logs(caplog) -> None:
     with caplog.at_level(logging.INFO):
         logger.info("calling the API with key %s", secret)
     assert secret not in caplog.text and "***" in caplog.text
+
+
+def test_client_credentials_never_show_the_token(tmp_path: Path) -> None:
+    from circuits_sdk.credentials import ClientCredentials, read_token_file
+
+    credentials = ClientCredentials(token=WRITE_TOKEN, tls_ca_file="ca.pem")
+    assert WRITE_TOKEN not in repr(credentials) and "ca.pem" in repr(credentials)
+    assert credentials.client_kwargs()["token"] == WRITE_TOKEN and not credentials.empty and ClientCredentials().empty
+    (tmp_path / "token").write_text(f"  {WRITE_TOKEN}\n")
+    assert read_token_file(str(tmp_path / "token")) == WRITE_TOKEN
+    (tmp_path / "bom").write_bytes(b"\xef\xbb\xbf" + WRITE_TOKEN.encode() + b"\r\n")
+    assert read_token_file(str(tmp_path / "bom")) == WRITE_TOKEN
+    (tmp_path / "line").write_text(f"{WRITE_TOKEN} write\n")
+    with pytest.raises(InvalidArgument, match="one token") as info:
+        read_token_file(str(tmp_path / "line"), flag="--x-token-file")
+    assert WRITE_TOKEN not in str(info.value) and "--x-token-file" in str(info.value)
+    (tmp_path / "binary").write_bytes(b"\xff\xfe" + WRITE_TOKEN.encode())
+    with pytest.raises(InvalidArgument, match="not UTF-8"):
+        read_token_file(str(tmp_path / "binary"))

@@ -40,12 +40,12 @@ class ClientCredentials:
 
 
 def read_token_file(path: str, *, flag: str = "--token-file") -> str:
-    """The bearer token held in ``path`` (its content without surrounding whitespace).
+    """The bearer token held in ``path`` (its content without surrounding whitespace or a UTF-8 BOM).
 
     InvalidArgument naming ``flag`` when the file cannot be read, is not UTF-8 or is empty; the
     message never shows the file's content."""
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the token
             token = fh.read().strip()
     except OSError as exc:
         raise InvalidArgument(f"cannot read {flag} {path}: {exc.strerror}") from None
