@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from circuits_core import wire
 from circuits_core._proto.circuits.v1 import aggregator_pb2_grpc
 from circuits_core.limits import Limits
 from circuits_server.serving import GrpcServer, ServerSettings, build_grpc_server
@@ -37,6 +38,8 @@ def build_server(settings: AggregatorServerSettings, *, store: AggregateStore) -
         settings=settings.server,
         service_names=[SERVICE_NAME],
         add_servicers=lambda server: aggregator_pb2_grpc.add_AggregatorServiceServicer_to_server(servicer, server),
+        # Ingest graphs are read straight from their bytes (wire.graph_request_from_bytes)
+        request_decoders={f"/{SERVICE_NAME}/Ingest": wire.graph_request_from_bytes},
     )
     handle.on_stop.append(store.close)
     return handle
