@@ -125,3 +125,30 @@ def test_scan_refuses_what_the_reference_refuses(spoil):
             wire.graph_arrays_from_proto(msg, source="t", fast=fast)
         errors.append(str(info.value))
     assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("n", [0, 1, 3000, 70_000])  # 70k rows: the 256-partition path
+def test_merge_partials_equals_regrouping_the_observations(n):
+    """Partials of random slices of observations, merged, equal grouping all observations at once
+    (counts, minima and maxima exactly; sums to rounding); compiled, plain Python and numpy agree."""
+    rng = np.random.default_rng(n)
+    keys = rng.integers(0, max(n // 3, 1), n).astype(np.int64) << 21
+    weights = rng.normal(size=n)
+    cuts = np.sort(rng.integers(0, n + 1, 4))
+    parts = [_kernels.group_by_key_sorted(keys[a:b], weights[a:b]) for a, b in zip([0, *cuts], [*cuts, n])]
+    columns = [np.concatenate([p[i + 1][: p[0]] for p in parts]) for i in range(7)]
+    want = _kernels.group_by_key_sorted(keys, weights)
+    results = [_kernels.merge_partials(*columns), _kernels.merge_partials_sorted(*columns)]
+    if _kernels.COMPILED:
+        with np.errstate(over="ignore"):  # the hash multiplies wrap on purpose
+            results.append(_kernels.merge_partials.py_func(*columns))
+    for got in results:
+        g = got[0]
+        assert g == want[0]
+        order = np.argsort(got[1][:g])
+        np.testing.assert_array_equal(got[1][:g][order], want[1])
+        np.testing.assert_array_equal(got[2][:g][order], want[2])
+        for a, b in zip(got[3:6], want[3:6]):
+            np.testing.assert_allclose(a[:g][order], b, rtol=1e-12, atol=1e-12)
+        for a, b in zip(got[6:], want[6:]):
+            np.testing.assert_array_equal(a[:g][order], b)

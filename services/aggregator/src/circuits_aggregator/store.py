@@ -145,8 +145,6 @@ EDGES_SQL = f"""SELECT (k >> 52)::INTEGER AS src_layer, ((k >> 31) & {_N})::INTE
 FROM ({_EDGE_STATS_PACKED}
       UNION ALL SELECT * FROM edge_delta
       UNION ALL SELECT k, 1::BIGINT, w, abs(w), w * w, w, w FROM edge_single) GROUP BY k"""
-#: Most partial rows one compaction pass merges in memory (~250 bytes each while merging).
-_COMPACT_ROWS = 4_000_000
 UNITS_SQL = _UNIT_MERGE.format(source="SELECT * FROM unit_stats UNION ALL SELECT * FROM unit_delta")
 
 
@@ -175,6 +173,9 @@ class StoreSettings:
     compact_min_rows: int = 4_000_000
     #: ... and at least this multiple of the compacted table's rows (amortises the rewrite).
     compact_growth: float = 1.0
+    #: Most partial edge rows one compaction pass merges in memory (~250 bytes each while merging);
+    #: larger states are compacted in several passes over hash partitions of the edge keys.
+    compact_pass_rows: int = 4_000_000
 
     def __post_init__(self) -> None:
         if self.shard_count < 1:
@@ -183,6 +184,8 @@ class StoreSettings:
             raise InvalidArgument(f"shard index must be in 0..{self.shard_count - 1}, got {self.shard_index}")
         if self.threads < 1:
             raise InvalidArgument(f"threads must be >= 1, got {self.threads}")
+        if self.compact_pass_rows < 1:
+            raise InvalidArgument(f"compact_pass_rows must be >= 1, got {self.compact_pass_rows}")
 
 
 class AggregateStore:
@@ -512,13 +515,13 @@ class AggregateStore:
     def _compact_edges(self, con: duckdb.DuckDBPyConnection) -> None:
         """``edge_stats_new``: the edge partials of every table merged per edge, by the compiled
         :func:`~circuits_aggregator._kernels.merge_partials` (a DuckDB ``GROUP BY`` of the same rows
-        took ~2x longer on one thread), in hash partitions of at most ``_COMPACT_ROWS`` rows so the
-        memory it takes does not grow with the state."""
+        took ~2x longer on one thread), in hash partitions of about ``compact_pass_rows`` rows
+        each (StoreSettings), so the memory it takes does not grow with the state."""
         con.execute(f"CREATE TABLE edge_stats_new {_EDGE_DDL}")
         rows = con.execute(
             "SELECT (SELECT count(*) FROM edge_stats) + (SELECT count(*) FROM edge_delta) + (SELECT count(*) FROM edge_single)"
         ).fetchone()[0]
-        parts = max(1, -(-rows // _COMPACT_ROWS))
+        parts = max(1, -(-rows // self.settings.compact_pass_rows))
         for part in range(parts):
             where = "" if parts == 1 else f" WHERE hash(k) % {parts} = {part}"
             stats = con.execute(f"SELECT * FROM ({_EDGE_STATS_PACKED}){where}").fetchnumpy()
