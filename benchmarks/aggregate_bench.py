@@ -119,8 +119,10 @@ def baseline(json_dir: Path) -> tuple[int, float, float, float]:
 
 def engine_on_files(directory: Path, state: Path, interval: int) -> tuple[int, float, float, float]:
     from circuits_aggregator.directory import aggregate_directory
+    from circuits_aggregator.heap import keep_freed_memory
     from circuits_aggregator.store import AggregateStore, StoreSettings
 
+    keep_freed_memory()  # as `circuits aggregate` does
     cpu_started = time.process_time()
     with AggregateStore(state, StoreSettings(threads=1)) as store:
         report = aggregate_directory(store, directory, checkpoint_interval=interval, progress=False)

@@ -170,7 +170,7 @@ def build_schema() -> dict[str, Any]:
                     "securityContext": FREE_OBJECT,
                     "tmpSizeLimit": ref("quantity"),
                     "tls": closed({"secretName": STRING, "mutual": BOOLEAN}),
-                    "auth": closed({"tokensSecret": STRING}),
+                    "auth": closed({"tokensSecret": STRING, "clientToken": ref("secretRef")}),
                 }
             ),
             "serviceAccount": closed(

@@ -85,3 +85,25 @@ def make_attributor(make_model, tokenizer):
         return RelPAttributor(make_model(arch), tokenizer, RelPConfig(**config))
 
     return make
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> dict:
+    """A throwaway CA (ca.pem) with a server certificate for localhost/127.0.0.1 (server.pem,
+    server.key) and a client certificate (client.pem, client.key), made with openssl."""
+    import subprocess
+
+    d = tmp_path_factory.mktemp("pki")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=circuits-test-ca")
+    for name, cn in (("server", "localhost"), ("client", "circuits-client")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
+        (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}

@@ -1,9 +1,9 @@
 """The compiled paths of the aggregator's write path against their references.
 
 * ``group_edges`` (hash group-by) against a per-row Python dict, compiled and as plain Python.
-* ``wire.graph_arrays_from_proto`` with the compiled unit scan against the attribute-by-attribute
+* ``wire.graph_arrays_from_proto`` with the compiled graph scan against the attribute-by-attribute
   read, on graphs with every unit shape (absent optionals, negative ints, logit tokens), and the
-  same refusals for bad graphs.
+  same refusals for bad graphs (the scan's own byte-level checks: test_graph_scan.py).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 from circuits_aggregator import _kernels
 from circuits_aggregator.store import group_edges
 from circuits_aggregator.testing import random_graph
-from circuits_core import _unit_scan, wire
+from circuits_core import _graph_scan, wire
 from circuits_core.aggregator_types import graph_fingerprint
 from circuits_core.errors import InvalidArgument
 
-compiled = pytest.mark.skipif(not (_unit_scan.available() and _kernels.COMPILED), reason="numba not installed")
+compiled = pytest.mark.skipif(not (_graph_scan.available() and _kernels.COMPILED), reason="numba not installed")
 
 
 def _brute(observe, sl, sn, tl, tn, w):
@@ -107,30 +107,6 @@ def test_scanned_units_equal_attribute_reads(seed):
     assert fast.logit_tokens and fast.logit_tokens[0][1] == " Paris ünï"
 
 
-@compiled
-def test_scan_kernel_compiled_equals_plain_python_and_refuses_cut_bytes():
-    msg = _proto(9)
-    data = msg.SerializeToString()
-    n = len(msg.units)
-    cols = _unit_scan.unit_columns(data, n)
-    assert cols is not None
-    np.testing.assert_array_equal(cols["layer"], [u.layer for u in msg.units])
-    np.testing.assert_array_equal(cols["has_activation"], [u.HasField("activation") for u in msg.units])
-    from circuits_core import _unit_scan_kernel as k
-
-    buf = np.frombuffer(data, dtype=np.uint8)
-    outs = (np.zeros((n, 5), np.int64), np.zeros(n, np.int64), np.zeros((n, 3), np.bool_), np.zeros((n, 3)))
-    plain = (np.zeros((n, 5), np.int64), np.zeros(n, np.int64), np.zeros((n, 3), np.bool_), np.zeros((n, 3)))
-    assert k._scan_units(buf, outs[0], outs[1], outs[2], outs[3].view(np.uint8)) == n
-    assert k._scan_units.py_func(buf, plain[0], plain[1], plain[2], plain[3].view(np.uint8)) == n
-    for a, b in zip(outs, plain):
-        np.testing.assert_array_equal(a, b)
-    # bytes cut inside a unit, or fewer rows than units: no columns (the caller reads the slow way)
-    cut = data[: data.index(msg.units[3].SerializeToString()) + 3]
-    assert _unit_scan.unit_columns(cut, n) is None
-    assert _unit_scan.unit_columns(data, n - 1) is None
-
-
 @pytest.mark.parametrize("spoil", ["nan_activation", "no_kind", "inf_probability", "big_layer"])
 def test_scan_refuses_what_the_reference_refuses(spoil):
     msg = _proto(11)
@@ -149,3 +125,30 @@ def test_scan_refuses_what_the_reference_refuses(spoil):
             wire.graph_arrays_from_proto(msg, source="t", fast=fast)
         errors.append(str(info.value))
     assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("n", [0, 1, 3000, 70_000])  # 70k rows: the 256-partition path
+def test_merge_partials_equals_regrouping_the_observations(n):
+    """Partials of random slices of observations, merged, equal grouping all observations at once
+    (counts, minima and maxima exactly; sums to rounding); compiled, plain Python and numpy agree."""
+    rng = np.random.default_rng(n)
+    keys = rng.integers(0, max(n // 3, 1), n).astype(np.int64) << 21
+    weights = rng.normal(size=n)
+    cuts = np.sort(rng.integers(0, n + 1, 4))
+    parts = [_kernels.group_by_key_sorted(keys[a:b], weights[a:b]) for a, b in zip([0, *cuts], [*cuts, n])]
+    columns = [np.concatenate([p[i + 1][: p[0]] for p in parts]) for i in range(7)]
+    want = _kernels.group_by_key_sorted(keys, weights)
+    results = [_kernels.merge_partials(*columns), _kernels.merge_partials_sorted(*columns)]
+    if _kernels.COMPILED:
+        with np.errstate(over="ignore"):  # the hash multiplies wrap on purpose
+            results.append(_kernels.merge_partials.py_func(*columns))
+    for got in results:
+        g = got[0]
+        assert g == want[0]
+        order = np.argsort(got[1][:g])
+        np.testing.assert_array_equal(got[1][:g][order], want[1])
+        np.testing.assert_array_equal(got[2][:g][order], want[2])
+        for a, b in zip(got[3:6], want[3:6]):
+            np.testing.assert_allclose(a[:g][order], b, rtol=1e-12, atol=1e-12)
+        for a, b in zip(got[6:], want[6:]):
+            np.testing.assert_array_equal(a[:g][order], b)

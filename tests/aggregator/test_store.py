@@ -90,18 +90,26 @@ def test_reingest_counts_once_and_reports_duplicates(brute) -> None:
     brute.assert_matches(*_rows(store), corpus)
 
 
-def test_compaction_keeps_statistics(brute) -> None:
+@pytest.mark.parametrize("pass_rows", [4_000_000, 7])  # one merge pass; many hash-partition passes
+def test_compaction_keeps_statistics(brute, pass_rows) -> None:
     rng = np.random.default_rng(4)
     corpus = [random_graph(rng) for _ in range(30)]
-    store = AggregateStore(settings=StoreSettings(compact_min_rows=10**9))
-    for g in corpus:
+    store = AggregateStore(settings=StoreSettings(compact_min_rows=10**9, compact_pass_rows=pass_rows))
+    for g in corpus[:20]:
         store.ingest([graph_arrays_from_graph(g)])
     before = _rows(store)
     store.compact()
     assert store._con.execute("SELECT count(*) FROM edge_delta").fetchone()[0] == 0
+    assert store._con.execute("SELECT count(*) FROM edge_single").fetchone()[0] == 0
     after = _rows(store)
     assert sorted(map(str, before[1])) == sorted(map(str, after[1]))
-    brute.assert_matches(*after, corpus)
+    brute.assert_matches(*after, corpus[:20])
+    # a second compaction merges the compacted rows with new deltas (and a re-sent graph counts once)
+    store.ingest([graph_arrays_from_graph(g) for g in corpus[15:]])
+    store.compact()
+    edges, units = _rows(store)
+    assert len({(r["src_layer"], r["src_neuron"], r["tgt_layer"], r["tgt_neuron"]) for r in edges}) == len(edges)
+    brute.assert_matches(edges, units, corpus)
 
 
 def test_empty_graph_id_is_invalid() -> None:

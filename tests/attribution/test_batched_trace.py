@@ -2,7 +2,8 @@
 
 * ``trace_many`` traces prompts of different lengths in one left-padded batch; each graph has the
   same units and edges as the prompt's single trace, with weights equal to float64 rounding
-  (differential test: two paths that must agree are compared);
+  (differential test: two paths that must agree are compared), also on a model split over a
+  device map (cpu + disk offload);
 * linearization patches one model *instance*: transformers' global attention table is never
   changed, two models (and replicas of one) trace at the same time from two threads with the
   results of serial traces, and one instance cannot be linearized twice at once;
@@ -193,3 +194,38 @@ def test_a_trace_stops_in_every_phase_and_leaves_the_engine_clean(make_attributo
             assert not layer._forward_pre_hooks and layer.self_attn.config is attributor.model.config
     again = attributor.trace(request)
     assert again.graph_id == reference.graph_id and _edge_map(again) == _edge_map(reference)
+
+
+def test_batched_graphs_on_a_device_map_equal_single_traces(make_model, tokenizer, tmp_path) -> None:
+    """The batch path (B = 3, three prompt lengths, left-padded) of a float64 model split over a
+    device map (layers on cpu and disk offload, weights streamed in by accelerate's hooks) gives
+    each prompt the graph of its single trace on the one-device model."""
+    import json
+
+    from circuits_attribution import RelPAttributor, RelPConfig, load_model
+    from circuits_attribution.placement import is_dispatched
+
+    make_model("llama").save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    device_map = {
+        "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
+        "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "disk", "lm_head": "disk",
+    }
+    single = load_model(str(tmp_path / "tiny"), dtype="float64")
+    mapped = load_model(str(tmp_path / "tiny"), dtype="float64", device_map=json.dumps(device_map),
+                        offload_folder=str(tmp_path / "offload"))
+    assert is_dispatched(mapped.model)
+    assert any(p.device.type == "meta" for p in mapped.model.parameters())  # really offloaded
+    config = RelPConfig(raw=True, model_name="tiny-llama", tau=0.005, k=3)
+    one_device = RelPAttributor(single.model, single.tokenizer, config)
+    split = RelPAttributor(mapped.model, mapped.tokenizer, config)
+    requests = [TraceRequest(prompt=p, raw=True, k=3, tau=0.005) for p in PROMPTS[:3]]
+    # three lengths in one left-padded batch (not one batch per length)
+    assert split.pads_batches() and len({len(split.encode_prompt(r.prompt, raw=True)) for r in requests}) == 3
+    alone = [one_device.trace(request) for request in requests]
+    batched = split.trace_many(requests)
+    assert split.last_timings.batch_size == len(requests)
+    for graph_b, graph_a in zip(batched, alone):
+        assert_same_graph(graph_b, graph_a)
+    # and the split model's own single trace agrees too (the batch is not compared with itself)
+    assert_same_graph(split.trace(requests[1]), alone[1])

@@ -289,3 +289,47 @@ def test_worker_rejects_bad_aggregator_addresses() -> None:
         AggregatorSink(" , ")
     with pytest.raises(InvalidArgument, match="listed twice"):
         AggregatorSink("a:1,b:2,a:1")
+
+
+def test_worker_streams_to_a_tls_and_token_aggregator_with_its_flags(tmp_path, tiny_checkpoint, pki, capsys):
+    """`--aggregator-tls-ca/-tls-cert/-tls-key --aggregator-token-file` (what the chart passes with
+    global.tls + global.auth): the worker's graphs reach a mutual-TLS, token-checking aggregator;
+    a read-only token is refused (exit 2, one line, nothing counted)."""
+    import os
+
+    server_module = pytest.importorskip("circuits_aggregator.server")
+    from circuits_aggregator.store import AggregateStore
+    from circuits_attribution.worker import main
+    from circuits_sdk.aggregator import AggregatorClient
+    from circuits_server.serving import ServerSettings
+
+    write, read = "worker-write-token-0123456789", "worker-read-token-0123456789"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{write} write\n{read} read\n")
+    os.chmod(tokens, 0o600)
+    (tmp_path / "write").write_text(write)
+    (tmp_path / "read").write_text(read)
+    secure = ServerSettings(port=0, tls_cert_file=str(pki["server.pem"]), tls_key_file=str(pki["server.key"]),
+                            tls_client_ca_file=str(pki["ca.pem"]), auth_tokens_file=str(tokens))  # fmt: skip
+    server = server_module.build_server(server_module.AggregatorServerSettings(server=secure),
+                                        store=AggregateStore(":memory:")).start()  # fmt: skip
+    server.set_serving(True)
+    path, _good = prompts_file(tmp_path, 3)
+    tls = ["--aggregator-tls-ca", str(pki["ca.pem"]), "--aggregator-tls-cert", str(pki["client.pem"]),
+           "--aggregator-tls-key", str(pki["client.key"])]  # fmt: skip
+    base = ["--prompts", str(path), "--model", str(tiny_checkpoint), "--no-progress", "--no-files",
+            "--aggregator", f"localhost:{server.port}", *tls]  # fmt: skip
+    try:
+        assert main([*base, "--output-dir", str(tmp_path / "refused"), "--aggregator-token-file", str(tmp_path / "read")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "write" in err and err.count("\n") == 1 and read not in err, err
+        assert main([*base, "--output-dir", str(tmp_path / "sent"), "--aggregator-token-file", str(tmp_path / "write")]) == 0
+        assert "traced 3" in capsys.readouterr().out
+        with AggregatorClient(f"localhost:{server.port}", token=read, tls_ca_file=str(pki["ca.pem"]),
+                              tls_cert_file=str(pki["client.pem"]), tls_key_file=str(pki["client.key"])) as client:
+            assert client.stats().graphs_processed == 3
+    finally:
+        server.stop(0.5)
+    # credential flags without an aggregator to present them to
+    assert main(["--prompts", str(path), "--model", str(tiny_checkpoint), "--output-dir", str(tmp_path / "x"), *tls]) == 2
+    assert "need --aggregator" in capsys.readouterr().err

@@ -1,9 +1,9 @@
-"""TLS, mutual TLS, bearer-token scopes and secret redaction of the shared server plumbing."""
+"""TLS, mutual TLS, bearer-token scopes and secret redaction of the shared server plumbing
+(the ``pki`` fixture: tests/conftest.py)."""
 
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -34,23 +34,6 @@ def _serve(**settings):
         add_servicers=lambda s: atlas_pb2_grpc.add_AtlasServiceServicer_to_server(_Atlas(), s),
         method_scopes={"Stats": "write"},
     ).start()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("pki")
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=circuits-test-ca")
-    for name, cn in (("server", "localhost"), ("client", "circuits-client")):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
-        (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
-    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
 def test_tls_and_mutual_tls(pki) -> None:
@@ -116,3 +99,22 @@ def test_registered_secrets_are_redacted_from_logs(caplog) -> None:
     with caplog.at_level(logging.INFO):
         logger.info("calling the API with key %s", secret)
     assert secret not in caplog.text and "***" in caplog.text
+
+
+def test_client_credentials_never_show_the_token(tmp_path: Path) -> None:
+    from circuits_sdk.credentials import ClientCredentials, read_token_file
+
+    credentials = ClientCredentials(token=WRITE_TOKEN, tls_ca_file="ca.pem")
+    assert WRITE_TOKEN not in repr(credentials) and "ca.pem" in repr(credentials)
+    assert credentials.client_kwargs()["token"] == WRITE_TOKEN and not credentials.empty and ClientCredentials().empty
+    (tmp_path / "token").write_text(f"  {WRITE_TOKEN}\n")
+    assert read_token_file(str(tmp_path / "token")) == WRITE_TOKEN
+    (tmp_path / "bom").write_bytes(b"\xef\xbb\xbf" + WRITE_TOKEN.encode() + b"\r\n")
+    assert read_token_file(str(tmp_path / "bom")) == WRITE_TOKEN
+    (tmp_path / "line").write_text(f"{WRITE_TOKEN} write\n")
+    with pytest.raises(InvalidArgument, match="one token") as info:
+        read_token_file(str(tmp_path / "line"), flag="--x-token-file")
+    assert WRITE_TOKEN not in str(info.value) and "--x-token-file" in str(info.value)
+    (tmp_path / "binary").write_bytes(b"\xff\xfe" + WRITE_TOKEN.encode())
+    with pytest.raises(InvalidArgument, match="not UTF-8"):
+        read_token_file(str(tmp_path / "binary"))

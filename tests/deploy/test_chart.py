@@ -496,7 +496,8 @@ def test_servers_run_tls_and_token_auth_from_existing_secrets(render_chart) -> N
             if "--port" in container.get("args", []):
                 assert "--insecure" in container["args"], workload["metadata"]["name"]
     chart = render_chart(extra=("--set", "global.tls.secretName=circuits-tls", "--set", "global.tls.mutual=true",
-                                "--set", "global.auth.tokensSecret=circuits-tokens"))
+                                "--set", "global.auth.tokensSecret=circuits-tokens",
+                                "--set", "global.auth.clientToken.secretName=circuits-client-token"))
     servers = 0
     for workload in chart.workloads():
         pod = workload["spec"]["template"]["spec"]
@@ -518,3 +519,102 @@ def test_servers_run_tls_and_token_auth_from_existing_secrets(render_chart) -> N
             assert volumes["auth-tokens"]["secret"]["defaultMode"] == volumes["tls"]["secret"]["defaultMode"] == 0o440
     assert servers >= 3
     assert not chart.of_kind("Secret")  # referenced, never inlined
+
+
+def _mounted_file(workload: dict[str, Any], path: str) -> tuple[str, str]:
+    """(Secret name, key) of the file ``path`` in the first container of ``workload``: the Secret
+    volume mounted above it, and the key projected to it (the file name when the volume has no items)."""
+    pod = pod_spec(workload)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for mount in pod["containers"][0]["volumeMounts"]:
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(prefix) and "secret" in volumes[mount["name"]]:
+            assert mount.get("readOnly") is True, mount
+            secret = volumes[mount["name"]]["secret"]
+            name = path[len(prefix):]
+            keys = {item["path"]: item["key"] for item in secret.get("items", [])}
+            assert not keys or name in keys, (path, keys)
+            return secret["secretName"], keys.get(name, name)
+    raise AssertionError(f"{path} is not in a Secret volume of {workload['metadata']['name']}")
+
+
+def test_labeler_calls_attribution_with_the_release_tls_and_token(render_chart, helm_template) -> None:
+    """The labeler's client of attribution (Investigate) gets the CA, the client certificate under
+    mutual TLS and the client token, each a file of the right mounted Secret; none without them."""
+    from circuits_labeler.__main__ import build_parser
+
+    def labeler(*flags: str) -> tuple[dict[str, Any], Any]:
+        values = [f for flag in flags for f in ("--set", flag)]
+        chart = render_chart(CHART / "ci" / "full-pipeline-vllm.yaml", extra=values)
+        workload = chart.get("Deployment", "demo-circuits-labeler")
+        args = pod_spec(workload)["containers"][0]["args"]
+        return workload, build_parser().parse_args(args[2:])
+
+    workload, plain = labeler()
+    assert plain.attribution == "demo-circuits-attribution:50051"
+    assert (plain.attribution_tls_ca, plain.attribution_tls_cert, plain.attribution_tls_key,
+            plain.attribution_token_file) == ("", "", "", "")  # fmt: skip
+    assert {v["name"] for v in pod_spec(workload)["volumes"]}.isdisjoint({"tls", "auth-tokens", "client-token"})
+
+    workload, tls = labeler("global.tls.secretName=circuits-tls")
+    assert _mounted_file(workload, tls.attribution_tls_ca) == ("circuits-tls", "ca.crt")
+    assert (tls.attribution_tls_cert, tls.attribution_tls_key, tls.attribution_token_file) == ("", "", "")
+
+    workload, full = labeler("global.tls.secretName=circuits-tls", "global.tls.mutual=true",
+                             "global.auth.tokensSecret=circuits-tokens",
+                             "global.auth.clientToken.secretName=labeler-token",
+                             "global.auth.clientToken.secretKey=bearer")  # fmt: skip
+    assert _mounted_file(workload, full.attribution_tls_ca) == ("circuits-tls", "ca.crt")
+    assert _mounted_file(workload, full.attribution_tls_cert) == ("circuits-tls", "tls.crt")
+    assert _mounted_file(workload, full.attribution_tls_key) == ("circuits-tls", "tls.key")
+    assert _mounted_file(workload, full.attribution_token_file) == ("labeler-token", "bearer")
+    client_token = {v["name"]: v for v in pod_spec(workload)["volumes"]}["client-token"]
+    assert client_token["secret"]["defaultMode"] == 0o440
+    # the labeler's own server side is unchanged: it serves TLS and checks the release's tokens
+    assert full.tls_cert == "/etc/circuits/tls/tls.crt" and full.auth_tokens_file == "/etc/circuits/auth/tokens"
+
+    # Without attribution there is no client, hence no client credentials (and none required).
+    workload, alone = labeler("attribution.enabled=false", "global.tls.secretName=circuits-tls",
+                              "global.auth.tokensSecret=circuits-tokens")  # fmt: skip
+    assert not alone.attribution and not alone.attribution_tls_ca and not alone.attribution_token_file
+    assert "client-token" not in {v["name"] for v in pod_spec(workload)["volumes"]}
+
+    # Tokens on but no token for the labeler to present: refused at render time, naming the value.
+    result = helm_template(CHART / "ci" / "full-pipeline-vllm.yaml", extra=("--set", "global.auth.tokensSecret=circuits-tokens"))
+    assert result.returncode != 0 and "global.auth.clientToken.secretName is required" in result.stderr
+
+
+def test_batch_workers_call_the_aggregator_with_the_release_tls_and_token(render_chart, helm_template) -> None:
+    """The batch workers' aggregator client (Ingest) gets the same CA, client pair and client token
+    as the labeler's, each a file of the right mounted Secret, and none without them."""
+    from circuits_attribution.worker import build_parser
+
+    def worker(*flags: str) -> tuple[dict[str, Any], Any]:
+        values = [f for flag in flags for f in ("--set", flag)]
+        job = render_chart(CHART / "ci" / "full-pipeline-vllm.yaml", extra=values).get("Job", "demo-circuits-attribution-batch")
+        container = pod_spec(job)["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]} | {"JOB_COMPLETION_INDEX": "0"}
+        argv = [env.get(a[2:-1], a) if a.startswith("$(") else a for a in container["args"]]
+        return job, build_parser().parse_args(argv)
+
+    job, plain = worker()
+    assert plain.aggregator and (plain.aggregator_tls_ca, plain.aggregator_tls_cert, plain.aggregator_tls_key,
+                                 plain.aggregator_token_file) == ("", "", "", "")  # fmt: skip
+    assert "client-token" not in {v["name"] for v in pod_spec(job)["volumes"]}
+
+    job, full = worker("global.tls.secretName=circuits-tls", "global.tls.mutual=true",
+                       "global.auth.tokensSecret=circuits-tokens", "global.auth.clientToken.secretName=worker-token")
+    assert _mounted_file(job, full.aggregator_tls_ca) == ("circuits-tls", "ca.crt")
+    assert _mounted_file(job, full.aggregator_tls_cert) == ("circuits-tls", "tls.crt")
+    assert _mounted_file(job, full.aggregator_tls_key) == ("circuits-tls", "tls.key")
+    assert _mounted_file(job, full.aggregator_token_file) == ("worker-token", "token")
+
+    job, tls_only = worker("global.tls.secretName=circuits-tls")
+    assert _mounted_file(job, tls_only.aggregator_tls_ca) == ("circuits-tls", "ca.crt")
+    assert (tls_only.aggregator_tls_cert, tls_only.aggregator_token_file) == ("", "")
+
+    # tokens on, no client token: refused at render time even with the labeler off
+    result = helm_template(CHART / "ci" / "full-pipeline-vllm.yaml",
+                           extra=("--set", "global.auth.tokensSecret=circuits-tokens", "--set", "labeler.enabled=false"))
+    assert result.returncode != 0 and "global.auth.clientToken.secretName is required" in result.stderr
+    assert "batch workers" in result.stderr

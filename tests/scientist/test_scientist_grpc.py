@@ -110,3 +110,86 @@ def test_labeler_server_takes_the_attribution_flags():
 
     args = build_parser().parse_args(["--config", "c.yaml", "--attribution", "localhost:50051", "--reports", "out"])
     assert (args.attribution, args.reports) == ("localhost:50051", "out")
+
+
+WRITE_TOKEN = "labeler-write-token-0123456789"
+READ_TOKEN = "labeler-read-token-0123456789"
+
+
+def test_labeler_flags_reach_a_tls_and_token_attribution_server(engine, pki, tmp_path):
+    """`circuits serve labeler --attribution ... --attribution-tls-ca/-cert/-key --attribution-token-file`
+    (what the chart passes with global.tls + global.auth) builds a client that gets through a
+    mutual-TLS, token-checking attribution server, and Investigate runs on it; without the token,
+    with a read-only token or without the CA the same server refuses it."""
+    import os
+
+    from circuits_core.errors import PermissionDenied, Unauthenticated, Unavailable
+    from circuits_labeler.__main__ import attribution_client_from_args, build_parser
+    from circuits_labeler.scientist.service import Investigations
+    from circuits_labeler.server import build_server as build_labeler_server
+    from circuits_labeler.service import LabelerService
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{WRITE_TOKEN} write\n{READ_TOKEN} read\n")
+    os.chmod(tokens, 0o600)
+    for name, token in (("write", WRITE_TOKEN), ("read", READ_TOKEN)):
+        (tmp_path / name).write_text(token + "\n")
+    secure = ServerSettings(port=0, grace_seconds=1, tls_cert_file=str(pki["server.pem"]),
+                            tls_key_file=str(pki["server.key"]), tls_client_ca_file=str(pki["ca.pem"]),
+                            auth_tokens_file=str(tokens))  # fmt: skip
+    attr = build_server(AttributionSettings(server=secure, model="planted"), engine).start()
+    tls = ["--attribution-tls-ca", str(pki["ca.pem"]), "--attribution-tls-cert", str(pki["client.pem"]),
+           "--attribution-tls-key", str(pki["client.key"])]  # fmt: skip
+
+    def client(*flags: str):
+        argv = ["--config", "unused.yaml", "--attribution", f"localhost:{attr.port}", *flags]
+        return attribution_client_from_args(build_parser().parse_args(argv))
+
+    probe = ActivationRequest(prompts=("the cat",), neurons=((LAYER, NEURON),))
+    try:
+        for flags, error in ((tls, Unauthenticated),
+                             ([*tls, "--attribution-token-file", str(tmp_path / "read")], PermissionDenied),
+                             (["--attribution-token-file", str(tmp_path / "write")], Unavailable)):  # plaintext to TLS
+            with client(*flags) as refused, pytest.raises(error):
+                refused.activations(probe, timeout=10)
+        engine_client = client(*tls, "--attribution-token-file", str(tmp_path / "write"))
+        assert engine_client.activations(probe) == engine.activations(probe)
+        with StandInLLMServer(responder=ScriptedScientist(probes=PROBES, fillers=FILLERS)) as llm:
+            investigations = Investigations(
+                engine=engine_client, labeling=LabelingSection(model="stand-in", base_url=llm.base_url),
+                reports_dir=tmp_path / "reports", model_name="planted",
+                backend_factory=lambda: AnthropicBackend(model="stand-in", api_key=KEY, base_url=llm.base_url))
+            labeler = build_labeler_server(ServerSettings(port=0), service=LabelerService(None, investigations=investigations)).start()  # type: ignore[arg-type]
+            labeler.set_serving(True)
+            try:
+                with LabelerClient(labeler.address) as labeler_client:
+                    events = list(labeler_client.investigate(LAYER, NEURON, max_steps=20))
+            finally:
+                labeler.stop(0.5)
+                engine_client.close()
+    finally:
+        attr.stop(0.5)
+    final = events[-1]
+    assert final.kind == "finished" and final.label == f"fires on the token {TOKEN}", final
+    assert {e.tool for e in events if e.kind == "tool" and e.ok} == ALL_TOOLS - {"atlas_info", "exemplars", "projections"}
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--attribution-token-file", "/nonexistent/token"], "cannot read --attribution-token-file /nonexistent/token"),
+    (["--attribution-tls-cert", "c.pem"], "--attribution-tls-cert and --attribution-tls-key go together"),
+    (["--attribution-token-file", "EMPTY"], "is empty"),
+    (["--attribution-token-file", "TOKENS"], "must hold one token"),
+])
+def test_labeler_attribution_credential_errors_are_one_line(flags, message, tmp_path, capsys):
+    from circuits_labeler.__main__ import main
+
+    (tmp_path / "EMPTY").write_text("\n")
+    (tmp_path / "TOKENS").write_text(f"{WRITE_TOKEN} write\n")  # the server's tokens file, not a token
+    flags = [str(tmp_path / f) if f in ("EMPTY", "TOKENS") else f for f in flags]
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--insecure", "--attribution", "localhost:1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert WRITE_TOKEN not in err
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--insecure", *flags]) == 2  # and without --attribution
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err

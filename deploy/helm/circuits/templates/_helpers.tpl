@@ -415,3 +415,51 @@ spec:
 {{- end -}}
 {{- toYaml (dict "rules" $rules) -}}
 {{- end -}}
+
+{{/*
+Flags of a client of this release's servers (the labeler calling attribution, the batch workers
+calling the aggregator): with global.tls --<peer>-tls-ca (and the Secret's own pair as client
+certificate under mutual TLS), with global.auth.clientToken --<peer>-token-file. Takes dict
+root, peer, caller (names the caller when tokens are on but no client token is set).
+Rendered as YAML list items ("" when there are none).
+*/}}
+{{- define "circuits.clientArgs" -}}
+{{- $g := .root.Values.global -}}
+{{- if and $g.auth.tokensSecret (not $g.auth.clientToken.secretName) -}}
+{{- fail (printf "global.auth.clientToken.secretName is required with global.auth.tokensSecret: %s presents it (an existing Secret holding one of the tokens, with the write scope)" .caller) -}}
+{{- end -}}
+{{- $args := list -}}
+{{- if $g.tls.secretName -}}
+{{- $args = concat $args (list (printf "--%s-tls-ca" .peer) "/etc/circuits/tls/ca.crt") -}}
+{{- if $g.tls.mutual -}}
+{{- $args = concat $args (list (printf "--%s-tls-cert" .peer) "/etc/circuits/tls/tls.crt" (printf "--%s-tls-key" .peer) "/etc/circuits/tls/tls.key") -}}
+{{- end -}}
+{{- end -}}
+{{- if $g.auth.clientToken.secretName -}}
+{{- $args = concat $args (list (printf "--%s-token-file" .peer) "/etc/circuits/client-auth/token") -}}
+{{- end -}}
+{{- if $args }}{{ toYaml $args }}{{ end -}}
+{{- end -}}
+
+{{/* The client token volume (global.auth.clientToken, key projected to "token"; "" when unset). */}}
+{{- define "circuits.clientTokenVolume" -}}
+{{- with .root.Values.global.auth.clientToken }}
+{{- if .secretName }}
+- name: client-token
+  secret:
+    secretName: {{ .secretName }}
+    items:
+      - key: {{ .secretKey }}
+        path: token
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "circuits.clientTokenVolumeMount" -}}
+{{- if .root.Values.global.auth.clientToken.secretName }}
+- name: client-token
+  mountPath: /etc/circuits/client-auth
+  readOnly: true
+{{- end }}
+{{- end -}}

@@ -7,6 +7,8 @@ group's sums add its rows in row order, so the statistics do not depend on the h
 come out ordered by partition, then by first appearance. Without numba (or with
 ``CIRCUITS_NO_NUMBA=1``), :func:`group_by_key` is the numpy version (one sort, then segment
 reductions; groups ordered by key), with the same statistics.
+
+:func:`merge_partials` merges rows of partial statistics the same way (compaction).
 """
 
 from __future__ import annotations
@@ -29,45 +31,76 @@ except ImportError:
 COMPILED = njit is not None
 
 
-def _group_by_key_hashed(keys, weights):  # pragma: no cover - compiled; the tests call it compiled and as .py_func
-    """``(n_groups, key, count, weight_sum, weight_abs_sum, weight_sq_sum, weight_min, weight_max)``
-    of the rows ``(keys[i], weights[i])``, per distinct key (first ``n_groups`` rows of each array).
+def _partitioned(keys):  # pragma: no cover - compiled with its callers
+    """``(starts, dest, part_keys, part_hashes, table_bits)``: ``keys`` scattered (stably) into 256
+    partitions by the top bits of their hash (one partition for small inputs). Row i moves to
+    ``dest[i]``; partition p holds positions ``starts[p]:starts[p + 1]`` of ``part_keys`` (and of
+    any column passed through :func:`_scatter`), with their hashes, partition bits shifted out;
+    ``table_bits`` sizes an open-addressing table that holds the largest partition half full.
 
-    Radix-partitioned: rows are first scattered (stably) into 256 partitions by the top bits of
-    their hash, then each partition is grouped with an open-addressing table small enough to stay
-    in cache (one big table missed the cache on nearly every row: ~100 ns a row).
-    """
+    Grouping one partition at a time keeps the table in cache (one big table missed the cache on
+    nearly every row: ~100 ns a row), and the columns are read in order while grouping."""
     n = keys.shape[0]
     golden = np.uint64(0x9E3779B97F4A7C15)
     parts = 256 if n > 65536 else 1
     part_shift = np.uint64(56)
-    hashes = np.empty(n, dtype=np.uint64)
     sizes = np.zeros(parts + 1, dtype=np.int64)
     for i in range(n):
         h = np.uint64(keys[i]) * golden
-        hashes[i] = h
-        if parts > 1:
-            sizes[np.int64(h >> part_shift) + 1] += 1
-        else:
-            sizes[1] += 1
-    starts = np.cumsum(sizes)  # partition p holds rows starts[p]:starts[p + 1]
+        sizes[(np.int64(h >> part_shift) if parts > 1 else 0) + 1] += 1
+    starts = np.cumsum(sizes)
     fill = starts[:-1].copy()
+    dest = np.empty(n, dtype=np.int64)
     part_keys = np.empty(n, dtype=np.int64)
-    part_weights = np.empty(n, dtype=np.float64)
     part_hashes = np.empty(n, dtype=np.uint64)
     for i in range(n):
-        p = np.int64(hashes[i] >> part_shift) if parts > 1 else 0
+        h = np.uint64(keys[i]) * golden
+        p = np.int64(h >> part_shift) if parts > 1 else 0
         j = fill[p]
         fill[p] = j + 1
+        dest[i] = j
         part_keys[j] = keys[i]
-        part_weights[j] = weights[i]
-        part_hashes[j] = hashes[i] << np.uint64(8) if parts > 1 else hashes[i]
+        part_hashes[j] = h << np.uint64(8) if parts > 1 else h
     largest = 0
     for p in range(parts):
         largest = max(largest, starts[p + 1] - starts[p])
     table_bits = 4
     while (1 << table_bits) < 2 * largest:
         table_bits += 1
+    return starts, dest, part_keys, part_hashes, table_bits
+
+
+def _scatter(values, dest):  # pragma: no cover - compiled with its callers
+    out = np.empty_like(values)
+    for i in range(values.shape[0]):
+        out[dest[i]] = values[i]
+    return out
+
+
+def _slot_of(slots, key, keys_out, h, mask):  # pragma: no cover - compiled with its callers
+    """The slot of ``key`` (linear probing from hash ``h``): ``(slot, group)``, group -1 when new."""
+    while True:
+        g = slots[h]
+        if g < 0 or keys_out[g] == key:
+            return h, g
+        h = (h + 1) & mask
+
+
+def _table_mask(rows):  # pragma: no cover - compiled with its callers
+    """``(mask, shift)`` of a table for ``rows`` keys, at most half full."""
+    bits = 4
+    while (1 << bits) < 2 * rows:
+        bits += 1
+    return (1 << bits) - 1, np.uint64(64 - bits)
+
+
+def _group_by_key_hashed(keys, weights):  # pragma: no cover - compiled; the tests call it compiled and as .py_func
+    """``(n_groups, key, count, weight_sum, weight_abs_sum, weight_sq_sum, weight_min, weight_max)``
+    of the rows ``(keys[i], weights[i])``, per distinct key (first ``n_groups`` rows of each array).
+    Rows are grouped one hash partition at a time (:func:`_partitioned`)."""
+    n = keys.shape[0]
+    starts, dest, part_keys, part_hashes, table_bits = _partitioned(keys)
+    part_weights = _scatter(weights, dest)
     slots = np.empty(1 << table_bits, dtype=np.int64)
     key = np.empty(n, dtype=np.int64)
     count = np.zeros(n, dtype=np.int64)
@@ -77,44 +110,80 @@ def _group_by_key_hashed(keys, weights):  # pragma: no cover - compiled; the tes
     low = np.empty(n, dtype=np.float64)
     high = np.empty(n, dtype=np.float64)
     groups = 0
-    for p in range(parts):
-        lo = starts[p]
-        hi = starts[p + 1]
-        bits = 4
-        while (1 << bits) < 2 * (hi - lo):
-            bits += 1
-        mask = (1 << bits) - 1
-        shift = np.uint64(64 - bits)
-        slots[: 1 << bits] = -1
-        for i in range(lo, hi):
-            k = part_keys[i]
-            w = part_weights[i]
-            h = np.int64(part_hashes[i] >> shift)
-            while True:
-                g = slots[h]
-                if g < 0:
-                    slots[h] = groups
-                    key[groups] = k
-                    count[groups] = 1
-                    total[groups] = w
-                    absolute[groups] = abs(w)
-                    square[groups] = w * w
-                    low[groups] = w
-                    high[groups] = w
-                    groups += 1
-                    break
-                if key[g] == k:
-                    count[g] += 1
-                    total[g] += w
-                    absolute[g] += abs(w)
-                    square[g] += w * w
-                    if w < low[g]:
-                        low[g] = w
-                    if w > high[g]:
-                        high[g] = w
-                    break
-                h = (h + 1) & mask
+    for p in range(starts.shape[0] - 1):
+        mask, shift = _table_mask(starts[p + 1] - starts[p])
+        slots[: mask + 1] = -1
+        for j in range(starts[p], starts[p + 1]):
+            k = part_keys[j]
+            w = part_weights[j]
+            h, g = _slot_of(slots, k, key, np.int64(part_hashes[j] >> shift), mask)
+            if g < 0:
+                slots[h] = groups
+                key[groups] = k
+                count[groups] = 1
+                total[groups] = w
+                absolute[groups] = abs(w)
+                square[groups] = w * w
+                low[groups] = w
+                high[groups] = w
+                groups += 1
+            else:
+                count[g] += 1
+                total[g] += w
+                absolute[g] += abs(w)
+                square[g] += w * w
+                if w < low[g]:
+                    low[g] = w
+                if w > high[g]:
+                    high[g] = w
     return groups, key, count, total, absolute, square, low, high
+
+
+def _merge_partials_hashed(keys, count, total, absolute, square, low, high):  # pragma: no cover - compiled
+    """Partial statistics rows (as :func:`group_by_key` returns them) merged per distinct key:
+    ``(n_groups, key, count, weight_sum, weight_abs_sum, weight_sq_sum, weight_min, weight_max)``
+    (compaction; the same statistics as grouping the original observations)."""
+    n = keys.shape[0]
+    starts, dest, part_keys, part_hashes, table_bits = _partitioned(keys)
+    columns = (_scatter(count, dest), _scatter(total, dest), _scatter(absolute, dest), _scatter(square, dest),
+               _scatter(low, dest), _scatter(high, dest))  # fmt: skip
+    c_in, t_in, a_in, s_in, lo_in, hi_in = columns
+    slots = np.empty(1 << table_bits, dtype=np.int64)
+    key = np.empty(n, dtype=np.int64)
+    c_out = np.zeros(n, dtype=np.int64)
+    t_out = np.empty(n, dtype=np.float64)
+    a_out = np.empty(n, dtype=np.float64)
+    s_out = np.empty(n, dtype=np.float64)
+    lo_out = np.empty(n, dtype=np.float64)
+    hi_out = np.empty(n, dtype=np.float64)
+    groups = 0
+    for p in range(starts.shape[0] - 1):
+        mask, shift = _table_mask(starts[p + 1] - starts[p])
+        slots[: mask + 1] = -1
+        for j in range(starts[p], starts[p + 1]):
+            k = part_keys[j]
+            h, g = _slot_of(slots, k, key, np.int64(part_hashes[j] >> shift), mask)
+            if g < 0:
+                slots[h] = groups
+                key[groups] = k
+                c_out[groups] = c_in[j]
+                t_out[groups] = t_in[j]
+                a_out[groups] = a_in[j]
+                s_out[groups] = s_in[j]
+                lo_out[groups] = lo_in[j]
+                hi_out[groups] = hi_in[j]
+                groups += 1
+            else:
+                c_out[g] += c_in[j]
+                t_out[g] += t_in[j]
+                a_out[g] += a_in[j]
+                s_out[g] += s_in[j]
+                if lo_in[j] < lo_out[g]:
+                    lo_out[g] = lo_in[j]
+                if hi_in[j] > hi_out[g]:
+                    hi_out[g] = hi_in[j]
+    return groups, key, c_out, t_out, a_out, s_out, lo_out, hi_out
+
 
 def group_starts(sorted_keys: np.ndarray) -> np.ndarray:
     """Row numbers where each run of equal keys starts in ``sorted_keys`` (non-empty)."""
@@ -139,7 +208,28 @@ def group_by_key_sorted(keys, weights):
             np.maximum.reduceat(w, starts))  # fmt: skip
 
 
-group_by_key = njit(cache=_CACHE, nogil=True)(_group_by_key_hashed) if COMPILED else group_by_key_sorted
+def merge_partials_sorted(keys, count, total, absolute, square, low, high):
+    """:func:`merge_partials` in numpy: one sort of the keys, then segment reductions."""
+    if not keys.shape[0]:
+        return 0, keys.copy(), count.copy(), total.copy(), absolute.copy(), square.copy(), low.copy(), high.copy()
+    order = np.argsort(keys)
+    k = keys[order]
+    starts = group_starts(k)
+    sums = (np.add.reduceat(column[order], starts) for column in (count, total, absolute, square))
+    return (starts.shape[0], k[starts], *sums, np.minimum.reduceat(low[order], starts),
+            np.maximum.reduceat(high[order], starts))  # fmt: skip
+
+
+if COMPILED:
+    _partitioned = njit(cache=_CACHE, nogil=True)(_partitioned)
+    _scatter = njit(cache=_CACHE, nogil=True)(_scatter)
+    _slot_of = njit(cache=_CACHE, nogil=True)(_slot_of)
+    _table_mask = njit(cache=_CACHE, nogil=True)(_table_mask)
+    group_by_key = njit(cache=_CACHE, nogil=True)(_group_by_key_hashed)
+    merge_partials = njit(cache=_CACHE, nogil=True)(_merge_partials_hashed)
+else:
+    group_by_key = group_by_key_sorted
+    merge_partials = merge_partials_sorted
 
 
 def warm() -> None:
@@ -147,4 +237,6 @@ def warm() -> None:
     from circuits_core import wire
 
     group_by_key(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float64))
+    one = np.zeros(1, dtype=np.float64)
+    merge_partials(np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64), one, one, one, one, one)
     wire.warm_graph_scan()

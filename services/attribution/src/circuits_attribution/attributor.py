@@ -1268,6 +1268,40 @@ class RelPAttributor:
 
 # ---------------------------------------------------------------------- edge pass state
 @dataclass(frozen=True, slots=True, kw_only=True)
+class _SourceOrder:
+    """The source order both edge passes share: selected neurons sorted by (layer, position, index),
+    each layer's a contiguous run of columns, then one embedding per prompt position.
+
+    ``order`` maps the sorted neurons back to the Selection's rows; ``all_*_np`` (length N + T) name
+    each column's source (embeddings: layer EMBEDDING_LAYER, index the token id)."""
+
+    order: np.ndarray  # [N] Selection row of each sorted neuron
+    layer_np: np.ndarray  # [N] sorted neurons only
+    position_np: np.ndarray  # [N]
+    index_np: np.ndarray  # [N]
+    layer_slices: dict[int, slice]  # layer -> its neurons' columns, in layer order
+    all_layer_np: np.ndarray  # [N + T]
+    all_position_np: np.ndarray  # [N + T]
+    all_index_np: np.ndarray  # [N + T]
+
+    @staticmethod
+    def of(sources: Selection, input_ids: Sequence[int]) -> _SourceOrder:
+        T = len(input_ids)
+        order = np.lexsort((sources.indices, sources.positions, sources.layers))
+        layer_np, pos_np, idx_np = sources.layers[order], sources.positions[order], sources.indices[order]
+        layer_slices = {
+            layer: slice(int(np.searchsorted(layer_np, layer, side="left")), int(np.searchsorted(layer_np, layer, side="right")))
+            for layer in sorted(set(int(x) for x in layer_np))
+        }
+        return _SourceOrder(
+            order=order, layer_np=layer_np, position_np=pos_np, index_np=idx_np, layer_slices=layer_slices,
+            all_layer_np=np.concatenate([layer_np, np.full(T, EMBEDDING_LAYER)]),
+            all_position_np=np.concatenate([pos_np, np.arange(T)]),
+            all_index_np=np.concatenate([idx_np, np.asarray(input_ids, dtype=np.int64)]),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class _EdgeSources:
     """Edge sources: neurons sorted by (layer, position, index), then one embedding per prompt position.
 
@@ -1289,30 +1323,22 @@ class _EdgeSources:
     @staticmethod
     def build(attributor: RelPAttributor, node_scores: NodeScores, sources: Selection) -> _EdgeSources:
         acc, device = attributor.acc_dtype, attributor.device
-        T = len(node_scores.input_ids)
-        order = np.lexsort((sources.indices, sources.positions, sources.layers))
-        layer_np, pos_np, idx_np = sources.layers[order], sources.positions[order], sources.indices[order]
-        layer_slices = {
-            layer: slice(int(np.searchsorted(layer_np, layer, side="left")), int(np.searchsorted(layer_np, layer, side="right")))
-            for layer in sorted(set(int(x) for x in layer_np))
-        }
-        pos_t = torch.as_tensor(pos_np, device=device)
-        idx_t = torch.as_tensor(idx_np, device=device)
-        activations = node_scores.activations[torch.as_tensor(layer_np, device=device), pos_t, idx_t].to(acc)
+        src = _SourceOrder.of(sources, node_scores.input_ids)
+        pos_t = torch.as_tensor(src.position_np, device=device)
+        idx_t = torch.as_tensor(src.index_np, device=device)
+        activations = node_scores.activations[torch.as_tensor(src.layer_np, device=device), pos_t, idx_t].to(acc)
         # Sources are read at the MLP outputs: raw_{s->t} = h_s * W_down[:, i_s] . g_t[p_s], where
         # g_t = d~target/d(mlp output).
         mlps = [layer.mlp for layer in _decoder_layers(attributor.model)]
         down_columns = {
-            layer: module_weight(mlps[layer].down_proj).to(device)[:, idx_t[cols]].to(acc) for layer, cols in layer_slices.items()
+            layer: module_weight(mlps[layer].down_proj).to(device)[:, idx_t[cols]].to(acc) for layer, cols in src.layer_slices.items()
         }
-        all_layer_np = np.concatenate([layer_np, np.full(T, EMBEDDING_LAYER)])
-        all_pos_np = np.concatenate([pos_np, np.arange(T)])
         return _EdgeSources(
-            n_neurons=len(layer_np), n_positions=T, layer_slices=layer_slices, positions=pos_t, activations=activations,
-            down_columns=down_columns, all_layers=torch.as_tensor(all_layer_np, device=device),
-            all_positions=torch.as_tensor(all_pos_np, device=device), layer_np=all_layer_np,
-            index_np=np.concatenate([idx_np, np.asarray(node_scores.input_ids, dtype=np.int64)]),
-            position_np=all_pos_np,
+            n_neurons=len(src.layer_np), n_positions=len(node_scores.input_ids), layer_slices=src.layer_slices,
+            positions=pos_t, activations=activations, down_columns=down_columns,
+            all_layers=torch.as_tensor(src.all_layer_np, device=device),
+            all_positions=torch.as_tensor(src.all_position_np, device=device), layer_np=src.all_layer_np,
+            index_np=src.all_index_np, position_np=src.all_position_np,
         )
 
 
@@ -1606,32 +1632,27 @@ class _TapSources:
     @staticmethod
     def build(attributor: RelPAttributor, node_scores: NodeScores, sources: Selection) -> _TapSources:
         acc, device = attributor.acc_dtype, attributor.device
-        T = len(node_scores.input_ids)
-        order = np.lexsort((sources.indices, sources.positions, sources.layers))
-        layer_np, pos_np, idx_np = sources.layers[order], sources.positions[order], sources.indices[order]
-        act_np = np.asarray(sources.activations, dtype=np.float64)[order]
+        src = _SourceOrder.of(sources, node_scores.input_ids)
+        act_np = np.asarray(sources.activations, dtype=np.float64)[src.order]
         mlps = [layer.mlp for layer in _decoder_layers(attributor.model)]
         taps: dict[int, _LayerTaps] = {}
-        for layer in sorted(set(int(x) for x in layer_np)):
-            cols = slice(int(np.searchsorted(layer_np, layer, side="left")), int(np.searchsorted(layer_np, layer, side="right")))
+        for layer, cols in src.layer_slices.items():
             down = mlps[layer].down_proj
             layer_device = module_device(down)
-            idx = torch.as_tensor(idx_np[cols], device=layer_device)
+            idx = torch.as_tensor(src.index_np[cols], device=layer_device)
             h = torch.as_tensor(act_np[cols], dtype=acc, device=layer_device)
             with torch.no_grad():
                 rows = module_weight(down).to(layer_device)[:, idx].T.to(acc) * h[:, None]  # [n, D]
             taps[layer] = _LayerTaps(
-                columns=cols, positions=torch.as_tensor(pos_np[cols], device=layer_device), rows=rows,
+                columns=cols, positions=torch.as_tensor(src.position_np[cols], device=layer_device), rows=rows,
                 delta=torch.zeros(rows.shape[0], dtype=acc, device=layer_device, requires_grad=True),
             )
-        all_layer_np = np.concatenate([layer_np, np.full(T, EMBEDDING_LAYER)])
-        all_pos_np = np.concatenate([pos_np, np.arange(T)])
         return _TapSources(
-            n_neurons=len(layer_np), taps=taps,
-            embedding_delta=torch.zeros(T, dtype=acc, device=device, requires_grad=True),
-            all_layers=torch.as_tensor(all_layer_np, device=device), all_positions=torch.as_tensor(all_pos_np, device=device),
-            layer_np=all_layer_np, index_np=np.concatenate([idx_np, np.asarray(node_scores.input_ids, dtype=np.int64)]),
-            position_np=all_pos_np,
+            n_neurons=len(src.layer_np), taps=taps,
+            embedding_delta=torch.zeros(len(node_scores.input_ids), dtype=acc, device=device, requires_grad=True),
+            all_layers=torch.as_tensor(src.all_layer_np, device=device),
+            all_positions=torch.as_tensor(src.all_position_np, device=device),
+            layer_np=src.all_layer_np, index_np=src.all_index_np, position_np=src.all_position_np,
         )
 
     def tap(self, layer: int, out: torch.Tensor) -> torch.Tensor:

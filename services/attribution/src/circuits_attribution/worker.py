@@ -15,6 +15,8 @@ aggregator; only then is its line recorded in the shard's ledger
 (``<output-dir>/_progress/shard-<i>-of-<n>.jsonl``). A restarted worker skips recorded lines, so
 a SIGKILL loses nothing and repeats at most the one prompt that was being finished (which
 rewrites the same file under the same content id, and the aggregator counts a graph id once).
+A TLS or token-checking aggregator takes ``--aggregator-tls-ca/-tls-cert/-tls-key`` and
+``--aggregator-token-file`` (a token with the ``write`` scope).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from circuits_core.tracing import PromptLine, TraceSettings, parse_prompt_line
 if TYPE_CHECKING:
     from circuits_core.capabilities import Tracer
     from circuits_core.tracing import TraceRequest
+    from circuits_sdk.credentials import ClientCredentials
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -258,16 +261,18 @@ class AggregatorSink:
     chart passes): graph ``g`` goes to shard ``shard_of(g.graph_id, N)``, N = number of addresses.
     Each shard's AggregatorClient keeps an unacknowledged graph and re-sends it across
     reconnects (a restarted shard counts a graph id once), so every graph lands exactly once in
-    exactly one shard.
+    exactly one shard. ``credentials``: the TLS files and bearer token every shard's client
+    presents (the worker's ``--aggregator-tls-*`` / ``--aggregator-token-file``).
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, *, credentials: ClientCredentials | None = None) -> None:
         self.targets = [t.strip() for t in target.split(",") if t.strip()]
         if not self.targets:
             raise InvalidArgument("--aggregator: give host:port, or the comma-separated addresses of every shard")
         if len(set(self.targets)) != len(self.targets):
             raise InvalidArgument(f"--aggregator: a shard address is listed twice ({target})")
         self.target = target
+        self.credentials = credentials
         self._clients: dict[int, Any] = {}
 
     def shard_for(self, graph_id: str) -> int:
@@ -280,7 +285,8 @@ class AggregatorSink:
         if client is None:
             from circuits_sdk.aggregator import AggregatorClient
 
-            client = self._clients[shard] = AggregatorClient(self.targets[shard])
+            kwargs = self.credentials.client_kwargs() if self.credentials is not None else {}
+            client = self._clients[shard] = AggregatorClient(self.targets[shard], **kwargs)
         return client
 
     def send(self, graph: Graph) -> None:
@@ -316,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--aggregator", default=None, metavar="HOST:PORT[,HOST:PORT...]",
                         help="stream graphs to this aggregator, or to shard_of(graph_id) of the comma-separated "
                              "shard addresses (in shard order)")
+    from circuits_sdk.credentials import add_credential_arguments
+
+    add_credential_arguments(parser, peer="aggregator", what="the --aggregator shards")
     parser.add_argument("--model", default=SMALL_MODEL, help="hub id or local checkpoint directory (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
@@ -354,11 +363,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if not settings.prompts.is_file():
             raise InvalidArgument(f"{settings.prompts}: prompts file not found")
+        from circuits_sdk.credentials import credentials_from_args
+
+        credentials = credentials_from_args(args, peer="aggregator")
+        if not args.aggregator and not credentials.empty:
+            raise InvalidArgument("--aggregator-tls-* / --aggregator-token-file need --aggregator")
         from circuits_attribution.models import load_engine
 
         placement = EnginePlacement(**field_values(args, EnginePlacement))
         engine = load_engine(args.model, dtype=args.dtype, device=args.device, **placement.engine_options())
-        sink = AggregatorSink(args.aggregator) if args.aggregator else None
+        sink = AggregatorSink(args.aggregator, credentials=credentials) if args.aggregator else None
         try:
             report = run_worker(settings, engine, sink=sink)
         finally:

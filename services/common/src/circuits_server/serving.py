@@ -17,7 +17,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from circuits_core import wire
 from circuits_core.errors import CircuitsError, FailedPrecondition, InvalidArgument, ResourceExhausted, clip_message, echo
 from circuits_core.limits import DEFAULT_LIMITS, DEFAULT_MAX_MESSAGE_BYTES, Limits, add_limit_arguments, flag
 
@@ -907,11 +908,16 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
     stream the servicer sees the error raised by the request iterator at the bad message
     (messages before it were delivered normally). Limits come from :class:`ServerSettings`
     (``max_stream_messages``, ``max_nodes_per_graph``, ``max_edges_per_graph``; 0 = unlimited).
+
+    ``decoders`` maps full method names (``/circuits.v1.AggregatorService/Ingest``) to the function
+    that decodes their request bytes instead of the generated ``FromString`` (e.g.
+    :func:`circuits_core.wire.graph_request_from_bytes`); the checks above apply to what it returns.
     """
 
-    def __init__(self, settings: ServerSettings | None = None) -> None:
+    def __init__(self, settings: ServerSettings | None = None, decoders: Mapping[str, Callable[[bytes], Any]] | None = None) -> None:
         import dataclasses
 
+        self.decoders = dict(decoders or {})
         settings = settings or ServerSettings()
         self.max_stream_messages = settings.max_stream_messages
         self.max_nodes_per_graph = settings.max_nodes_per_graph
@@ -922,15 +928,16 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
         self._handlers = _WrappedHandlers()
 
     def _check_graph(self, request: Any, where: str) -> None:
-        descriptor = getattr(request, "DESCRIPTOR", None)
-        if descriptor is None or descriptor.full_name != "circuits.v1.Graph":
+        sizes = wire.graph_sizes(request)
+        if sizes is None:
             return
         for count, limit, name, what in (
-            (len(request.units), self.max_nodes_per_graph, "max_nodes_per_graph", "units"),
-            (len(request.edges.src), self.max_edges_per_graph, "max_edges_per_graph", "edges"),
+            (sizes[0], self.max_nodes_per_graph, "max_nodes_per_graph", "units"),
+            (sizes[1], self.max_edges_per_graph, "max_edges_per_graph", "edges"),
         ):
             if limit and count > limit:
-                raise ResourceExhausted(f"{where}: graph {request.graph_id[:80]!r} has {count} {what}, "
+                graph_id = wire.request_fields(request).graph_id
+                raise ResourceExhausted(f"{where}: graph {graph_id[:80]!r} has {count} {what}, "
                                         f"over the limit {name}={limit} (--{name.replace('_', '-')})")  # fmt: skip
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -940,7 +947,7 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
         return self._handlers.get(handler_call_details.method, handler, self._wrap)
 
     def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        decode = handler.request_deserializer
+        decode = self.decoders.get(full_method, handler.request_deserializer)
         method = full_method.rsplit("/", 1)[-1]
         request_where = f"{method} request"
 
@@ -959,7 +966,7 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
                 if isinstance(request, _Undecodable):
                     raise refuse(request.reason)
                 self._check_graph(request, request_where)
-                check_request_strings(request, self.limits, request_where)
+                check_request_strings(wire.request_fields(request), self.limits, request_where)
                 return behavior(request, context)
 
             return run
@@ -974,7 +981,7 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
                         f"max_stream_messages={self.max_stream_messages} (--max-stream-messages); open a new stream"
                     )
                 self._check_graph(request, f"{method} request message {number}")
-                check_request_strings(request, self.limits, f"{method} request message {number}")
+                check_request_strings(wire.request_fields(request), self.limits, f"{method} request message {number}")
                 yield request
 
         def streaming(behavior: Callable) -> Callable:
@@ -1086,12 +1093,14 @@ def build_grpc_server(
     interceptors: Iterable[grpc.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
     method_scopes: dict[str, str] | None = None,
+    request_decoders: Mapping[str, Callable[[bytes], Any]] | None = None,
 ) -> GrpcServer:
     """Create (not start) a server with the shared plumbing; ``service_names`` are full names
     such as ``circuits.v1.AtlasService`` (used by health and reflection). ``method_scopes`` maps
     method names to the token scope they need when authentication is on; it extends and overrides
     :data:`DEFAULT_METHOD_SCOPES` of those services (unlisted methods need ``read``). Request bytes
-    that do not decode are refused with INVALID_ARGUMENT (:class:`RequestGuardInterceptor`)."""
+    that do not decode are refused with INVALID_ARGUMENT (:class:`RequestGuardInterceptor`, which
+    decodes the methods named in ``request_decoders`` with the given functions)."""
     metrics = metrics or Metrics(service_names[0].rsplit(".", 1)[-1] if service_names else "circuits")
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -1114,7 +1123,7 @@ def build_grpc_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
         interceptors=[*auth, stream_guard, *interceptors, ErrorAndMetricsInterceptor(metrics),
-                      RequestGuardInterceptor(settings)],
+                      RequestGuardInterceptor(settings, request_decoders)],
         options=options,
     )  # fmt: skip
     add_servicers(server)

@@ -188,8 +188,8 @@ def frame_pb(serialized: bytes) -> bytes:
 def _decode_pb(pb: bytes, path: str | Path, *, wire_decode: str, source: str = "", default_graph_id: str = "") -> Any:
     from circuits_core import wire
 
-    try:
-        msg = wire.graph_message_from_bytes(pb)
+    try:  # the aggregator's columns are read straight from the bytes where the compiled scan can
+        msg = wire.graph_message_from_bytes(pb) if wire_decode == "graph" else wire.graph_request_from_bytes(pb)
     except InvalidArgument as exc:
         raise CorruptInput(f"{path}: not a valid compact graph ({exc})") from None
     if not wire.graph_message_has_metadata(msg):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 
 from circuits.backends import Remote
-from circuits_core.errors import InvalidArgument
 
 #: Environment variable holding the bearer token when no ``--token-file`` is given.
 TOKEN_ENV = "CIRCUITS_TOKEN"
@@ -33,7 +32,8 @@ def remote_from_args(
     of the flags (token from ``--token-file`` or $CIRCUITS_TOKEN), or None when there is none.
 
     The token is the ``--token-file`` content stripped of surrounding whitespace; InvalidArgument
-    when that file cannot be read or is empty.
+    when that file cannot be read, is empty or holds more than one word
+    (:func:`circuits_sdk.credentials.read_token_file`).
     """
     from circuits_core.config import env_setting
 
@@ -43,13 +43,9 @@ def remote_from_args(
         return None
     token_file = getattr(args, "token_file", None) or ""
     if token_file:
-        try:
-            with open(token_file, encoding="utf-8") as fh:
-                token = fh.read().strip()
-        except OSError as exc:
-            raise InvalidArgument(f"cannot read --token-file {token_file}: {exc.strerror}") from None
-        if not token:
-            raise InvalidArgument(f"--token-file {token_file} is empty")
+        from circuits_sdk.credentials import read_token_file
+
+        token = read_token_file(token_file, flag="--token-file")
     else:
         token = env_setting(TOKEN_ENV).strip()
     return Remote(address=address, token=token, tls_ca_file=getattr(args, "tls_ca", None) or "", timeout=timeout)

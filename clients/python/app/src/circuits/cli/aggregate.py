@@ -69,6 +69,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _aggregate(args: argparse.Namespace) -> int:
     from circuits_core.config import Config, load_config
     from circuits_aggregator.directory import aggregate_directory
+    from circuits_aggregator.heap import keep_freed_memory
     from circuits_aggregator.store import AggregateStore, StoreSettings
 
     cfg = load_config(args.config) if args.config else Config()
@@ -88,6 +89,7 @@ def _aggregate(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"{graphs_dir}: no graph file (*.json, *.json.gz, *.pb, *.pb.gz) found; nothing to aggregate")
     export_dir = Path(args.export_dir) if args.export_dir else (cfg.resolve(agg.export_dir) if args.config else None)
 
+    keep_freed_memory()  # batch buffers are reused, not faulted in again per batch
     with AggregateStore(state, StoreSettings(threads=args.threads, memory_limit=args.memory_limit)) as store:
         if store.graphs_total and not args.resume:
             raise FailedPrecondition(
