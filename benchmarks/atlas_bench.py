@@ -24,6 +24,7 @@ Infomap time for cluster_full_model vs a bare Infomap run on the same links (rat
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -473,19 +475,23 @@ def fixed_edges_call(address: str, *, layers: int, neurons: int, seed: int) -> t
     raise SystemExit("no GetEdgesForUnit query with edges among the first 1000")
 
 
-def alternate(addresses: dict[str, str], *, kind: str, rounds: int, requests: int, layers: int, neurons: int, seed: int,
-              warmup: int) -> dict[str, dict]:
-    """1-client SDK latency of each server in ``addresses``, measured in alternating rounds (each
-    round 1/rounds of the requests); p50 is the median of the rounds' p50s."""
+def alternate(measurements: dict[str, Callable[[int, int], dict]], *, rounds: int, requests: int, warmup: int) -> dict[str, dict]:
+    """Run each ``measurements[name](requests, warmup)`` in alternating rounds (each round 1/rounds
+    of the requests), so that load from elsewhere on a shared machine falls on all of them alike;
+    every figure of the result is the median of its rounds' values (integers also summed: ``KEY_total``)."""
     rounds = max(1, rounds)
-    p50s: dict[str, list[float]] = {name: [] for name in addresses}
+    seen: dict[str, list[dict]] = {name: [] for name in measurements}
     for _ in range(rounds):
-        for name, address in addresses.items():
-            r = measure(address, concurrency=1, requests=max(1, requests // rounds), kind=kind, layers=layers,
-                        neurons=neurons, seed=seed, warmup=warmup // rounds)  # fmt: skip
-            assert r["errors"] == 0, f"{name}: {r['errors']} failed requests ({r['first_error']})"
-            p50s[name].append(r["p50_ms"])
-    return {name: {"p50_ms": float(np.median(v))} for name, v in p50s.items()}
+        for name, run in measurements.items():
+            r = run(max(1, requests // rounds), warmup // rounds)
+            assert r.get("errors", 0) == 0, f"{name}: {r['errors']} failed requests ({r['first_error']})"
+            seen[name].append(r)
+    out: dict[str, dict] = {}
+    for name, rs in seen.items():
+        numbers = [key for key, value in rs[0].items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        out[name] = {key: float(np.median([r[key] for r in rs])) for key in numbers}
+        out[name].update({f"{key}_total": sum(r[key] for r in rs) for key in numbers if isinstance(rs[0][key], int)})
+    return out
 
 
 def compare_paths(fast, sql, *, requests: int, kind: str, layers: int, neurons: int, seed: int) -> tuple[int, int]:
@@ -677,32 +683,38 @@ def main(argv: list[str] | None = None) -> int:
                     answers = {_METHODS[kind]: typical_response(fast, kind, layers=args.layers, neurons=args.neurons, seed=args.seed)
                                for kind in ("edges", "search")}  # fmt: skip
                     answers["Stats"] = AtlasServicer(fast).Stats(None, _LocalContext()).SerializeToString()
-                    # The service is measured again here, in alternating rounds with the floor server,
-                    # so that both see the same load from elsewhere on the machine.
+                    # The service is measured again here, in alternating rounds with the floor server
+                    # and the in-process parts, so that all see the same load from elsewhere on the machine.
                     floor_proc, floor_address = start_floor_server(answers)
                     again, again_address = start_server(atlas, args.server_workers)
                     try:
-                        pair = {kind: alternate({"service": again_address, "floor": floor_address}, kind=kind,
-                                                rounds=args.process_rounds, requests=args.requests, layers=args.layers,
-                                                neurons=args.neurons, seed=args.seed, warmup=args.warmup)
-                                for kind in ("edges", "search")}  # fmt: skip
+                        parts = {}
+                        for kind in ("edges", "search"):
+                            sizes = {"kind": kind, "layers": args.layers, "neurons": args.neurons, "seed": args.seed}
+
+                            def over(address: str, n: int, warm: int, sizes: dict = sizes) -> dict:
+                                return measure(address, concurrency=1, requests=n, warmup=warm, **sizes)
+
+                            parts[kind] = alternate({
+                                "service": functools.partial(over, again_address),
+                                "floor": functools.partial(over, floor_address),
+                                "in-process": lambda n, warm, sizes=sizes: measure_servicer(fast, requests=n, warmup=warm, **sizes),
+                            }, rounds=args.process_rounds, requests=args.requests, warmup=args.warmup)  # fmt: skip
                     finally:
                         stop_floor_server(floor_proc)
                         again.terminate()
                         again.wait(30)
                     for kind in ("edges", "search"):
-                        sv = measure_servicer(fast, requests=args.requests, kind=kind, layers=args.layers,
-                                              neurons=args.neurons, seed=args.seed, warmup=args.warmup)  # fmt: skip
-                        r, fl = pair[kind]["service"], pair[kind]["floor"]
+                        r, fl, sv = parts[kind]["service"], parts[kind]["floor"], parts[kind]["in-process"]
                         print(f"{names[kind]:<16} 1-client p50 parts: database {sv['database_ms']:.3f} ms | servicer (request "
                               f"message -> response message) {sv['servicer_ms']:.3f} ms | servicer + codec (both ends' "
                               f"serialize/parse, SDK decoding) {sv['codec_ms']:.3f} ms | service {r['p50_ms']:.3f} ms | "
                               f"gRPC floor (bare server, fixed {len(answers[_METHODS[kind]])}-byte answer, SDK client) "
-                              f"{fl['p50_ms']:.3f} ms ({args.process_rounds} rounds alternating with the service) | service - servicer+codec (transport, gRPC runtime, interceptors) "
+                              f"{fl['p50_ms']:.3f} ms | service - servicer+codec (transport, gRPC runtime, interceptors) "
                               f"{r['p50_ms'] - sv['codec_ms']:.3f} ms; service - floor {r['p50_ms'] - fl['p50_ms']:.3f} ms; "
                               f"floor / database {fl['p50_ms'] / sv['database_ms']:.1f}x; servicer answers = database "
-                              f"answers: {sv['same']}/{sv['n']}")  # fmt: skip
-                        assert sv["same"] == sv["n"], f"{names[kind]}: the servicer's answers differ from the database's"
+                              f"answers: {sv['same_total']}/{sv['n_total']} (medians of {args.process_rounds} alternating rounds)")  # fmt: skip
+                        assert sv["same_total"] == sv["n_total"], f"{names[kind]}: the servicer's answers differ from the database's"
             # Throughput at --process-clients clients with 1 vs N server processes, from two load
             # generators: the SDK client (AtlasClient: builds requests and parses answers into domain
             # objects, as users do) and the lean client (pre-serialized requests, answers not parsed;
@@ -716,8 +728,6 @@ def main(argv: list[str] | None = None) -> int:
                 for n_proc in args.processes:
                     servers[n_proc] = start_server(atlas, args.server_workers, n_proc)
                 if shutil.which("h2load"):
-                    import functools
-
                     answer = fixed_edges_call(servers[args.processes[0]][1], layers=args.layers, neurons=args.neurons, seed=args.seed)
                     loaders["h2load"] = functools.partial(measure_h2load, answer=answer)
                 else:
