@@ -778,8 +778,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"process scaling {last} vs {first} at {args.process_clients} clients: "
                       + "; ".join(f"{name} {rate(name, last) / rate(name, first):.2f}x" for name in loaders)
                       + " (SDK clients: what users of AtlasClient on the same machine see; lean clients: a lighter Python "
-                      "load generator; h2load: a C load generator, one fixed request, the closest to the server's own "
-                      "scaling on a machine whose cores the clients share)")
+                      "load generator" + ("; h2load: a C load generator, one fixed request, the closest to the server's own "
+                                          "scaling on a machine whose cores the clients share)" if "h2load" in loaders else ")"))
         if not args.skip_infomap:
             bench_infomap(args)
     finally:
