@@ -30,7 +30,8 @@ endpoints are the same neuron (a self-loop, after positions collapse) is the edg
 ``(L, N) -> (L, N)`` and counted like any other.
 
 Identity and content: the ledger keeps a content fingerprint of every graph
-(:func:`~circuits_core.aggregator_types.graph_fingerprint`). A re-sent graph_id with the same content
+(:func:`~circuits_core.aggregator_types.graph_fingerprint`; sha1 ones of older states are still
+compared). A re-sent graph_id with the same content
 is a duplicate; with different content it is a *conflict*: not counted, listed in the ack's
 ``conflict_graph_ids`` and logged. The state records its model (``Graph.model``) and shape
 (``num_layers`` / ``d_mlp`` when graphs state them) at first ingest (``meta`` table) and refuses
@@ -63,6 +64,7 @@ from circuits_core.aggregator_types import (
     GraphArrays,
     IngestAck,
     graph_fingerprint,
+    same_content,
     shard_of,
 )
 from circuits_core.errors import FailedPrecondition, InvalidArgument, echo
@@ -171,8 +173,11 @@ class StoreSettings:
     memory_limit: str = "1GB"
     #: Compact deltas when they hold at least this many rows ...
     compact_min_rows: int = 4_000_000
-    #: ... and at least this multiple of the compacted table's rows (amortises the rewrite).
-    compact_growth: float = 1.0
+    #: ... and at least this multiple of the compacted table's rows (amortises the rewrite: each
+    #: compaction rewrites the compacted rows, so a larger multiple rewrites them less often; reads
+    #: group the deltas with them either way). Measured over 4,096 graphs whose edges repeat:
+    #: 1.0 -> 3.7 ms CPU per graph (compactions 65 % of it), 4.0 -> 1.9 ms.
+    compact_growth: float = 4.0
     #: Most partial edge rows one compaction pass merges in memory (~250 bytes each while merging);
     #: larger states are compacted in several passes over hash partitions of the edge keys.
     compact_pass_rows: int = 4_000_000
@@ -363,8 +368,8 @@ class AggregateStore:
             new = [g for gid, g in owned.items() if gid not in known]
             duplicates = repeats
             for gid, sha in known.items():
-                if sha is None or sha == prints[gid]:
-                    duplicates += 1  # NULL: counted before fingerprints were kept
+                if same_content(sha, owned[gid], prints[gid]):  # NULL: counted before fingerprints were kept
+                    duplicates += 1
                 else:
                     conflicts.append(gid)
             if new or self._identity_unsaved:
