@@ -163,8 +163,10 @@ def grpc_ingest(messages: list, state: Path, window: int, batch: int) -> tuple[i
 def rss_run(sizes: tuple[int, ...], n_neurons: int, n_edges: int, pool: int = 4096) -> None:
     """Ingest fresh random graphs in-process (batches of 500) and print RSS at each size."""
     from circuits_core.aggregator_types import GraphArrays
+    from circuits_aggregator.heap import keep_freed_memory
     from circuits_aggregator.store import AggregateStore, StoreSettings
 
+    keep_freed_memory()  # as the server does
     rng = np.random.default_rng(5)
 
     def graph(i: int) -> GraphArrays:

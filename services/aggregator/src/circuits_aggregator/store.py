@@ -178,9 +178,10 @@ class StoreSettings:
     #: group the deltas with them either way). Measured over 4,096 graphs whose edges repeat:
     #: 1.0 -> 3.7 ms CPU per graph (compactions 65 % of it), 4.0 -> 1.9 ms.
     compact_growth: float = 4.0
-    #: Most partial edge rows one compaction pass merges in memory (~250 bytes each while merging);
-    #: larger states are compacted in several passes over hash partitions of the edge keys.
-    compact_pass_rows: int = 4_000_000
+    #: Most partial edge rows one compaction pass merges in memory (~300 bytes each while merging,
+    #: so ~300 MB a pass); larger states are compacted in several passes over hash partitions of the
+    #: edge keys (each pass scans the tables once, which costs little next to merging).
+    compact_pass_rows: int = 1_000_000
 
     def __post_init__(self) -> None:
         if self.shard_count < 1:
