@@ -118,8 +118,8 @@ _EDGE_BATCH_SQL = "INSERT INTO edge_delta SELECT * FROM batch_edges"
 _EDGE_SINGLE_SQL = "INSERT INTO edge_single SELECT * FROM batch_single"
 _UNIT_BATCH_SQL = "INSERT INTO unit_delta SELECT * FROM batch_units"
 
-_LOGIT_BATCH_SQL = """
-INSERT INTO logit_delta SELECT k, count(*), sum(w), sum(abs(w)) FROM batch_logits GROUP BY k"""
+# Grouped by key already (group_by_key).
+_LOGIT_BATCH_SQL = "INSERT INTO logit_delta SELECT * FROM batch_logits"
 LOGITS_SQL = f"""SELECT (k >> 52)::INTEGER AS src_layer, ((k >> 31) & {_N})::INTEGER AS src_neuron,
        (k & 2147483647)::BIGINT AS token_id, sum(count)::BIGINT AS count, sum(weight_sum) AS weight_sum,
        sum(weight_abs_sum) AS weight_abs_sum
@@ -230,6 +230,8 @@ class AggregateStore:
         self._identity = self._load_identity()
         self._identity_unsaved = False
         self._graphs = con.execute("SELECT count(*) FROM ledger").fetchone()[0]
+        #: Token ids logit_tokens names (new names are inserted only for the others).
+        self._token_ids: set[int] = {row[0] for row in con.execute("SELECT token_id FROM logit_tokens").fetchall()}
         self._delta_rows = con.execute(
             "SELECT (SELECT count(*) FROM edge_delta) + (SELECT count(*) FROM edge_single) + (SELECT count(*) FROM unit_delta)"
         ).fetchone()[0]
@@ -423,13 +425,18 @@ class AggregateStore:
             np.concatenate([g.unit_attribution for g in new]),
         )
         logit_parts = [g for g in new if g.n_logit_links]
-        logits = pa.table({
-            "k": (np.concatenate([g.logit_src_layer for g in logit_parts]).astype(np.int64) << 52)
-            | (np.concatenate([g.logit_src_neuron for g in logit_parts]).astype(np.int64) << 31)
-            | np.concatenate([g.logit_token_id for g in logit_parts]).astype(np.int64),
-            "w": np.concatenate([g.logit_weight for g in logit_parts]),
-        }) if logit_parts else None  # fmt: skip
-        names = dict(t for g in new for t in g.logit_tokens)
+        logits = None
+        if logit_parts:
+            groups, k, count, total, absolute, *_ = group_by_key(
+                (np.concatenate([g.logit_src_layer for g in logit_parts]).astype(np.int64) << 52)
+                | (np.concatenate([g.logit_src_neuron for g in logit_parts]).astype(np.int64) << 31)
+                | np.concatenate([g.logit_token_id for g in logit_parts]).astype(np.int64),
+                np.ascontiguousarray(np.concatenate([g.logit_weight for g in logit_parts]), dtype=np.float64),
+            )
+            logits = pa.table({"k": k[:groups], "count": count[:groups], "weight_sum": total[:groups],
+                               "weight_abs_sum": absolute[:groups]})  # fmt: skip
+        # Token strings of token ids this state has not named yet (the first name stays).
+        names = {tid: token for g in new for tid, token in g.logit_tokens if tid not in self._token_ids}
         token_names = pa.table({"token_id": pa.array(list(names), pa.int64()), "token": pa.array(list(names.values()), pa.string())})
         con = self._con
         con.register("batch_ledger", ledger)
@@ -461,6 +468,7 @@ class AggregateStore:
                     con.execute("INSERT INTO logit_tokens SELECT * FROM batch_tokens ON CONFLICT DO NOTHING")
                 con.execute("COMMIT")
                 self._identity_unsaved = False
+                self._token_ids.update(names)
             except BaseException:
                 con.execute("ROLLBACK")
                 self._identity = self._load_identity()
