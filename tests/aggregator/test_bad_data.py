@@ -23,7 +23,12 @@ import pytest
 
 from circuits_core import wire
 from circuits_core._proto.circuits.v1 import aggregator_pb2_grpc
-from circuits_core.aggregator_types import graph_arrays_from_graph
+from circuits_core.aggregator_types import (
+    FINGERPRINT_PREFIX,
+    graph_arrays_from_graph,
+    graph_fingerprint,
+    legacy_graph_fingerprint,
+)
 from circuits_core.errors import InvalidArgument
 from circuits_core.graphio import write_graph
 from circuits_core.schemas import Edge, Graph, GraphMetadata, Unit
@@ -101,6 +106,26 @@ def test_resent_graph_id_with_other_content_is_a_conflict(served_store, caplog) 
     # Within one batch too: the second copy with other content is a conflict, not a duplicate.
     ack = store.ingest([graph_arrays_from_graph(_graph("g-2")), graph_arrays_from_graph(_graph("g-2", weight=9.0))])
     assert ack.conflict_graph_ids == ("g-2",) and ack.duplicates == 0
+
+
+def test_sha1_fingerprints_of_older_states_still_tell_duplicates_from_conflicts(tmp_path) -> None:
+    """A state written before xxh3 fingerprints keeps sha1 ones in its ledger: a re-sent graph is
+    compared with its sha1 there (same content: duplicate; other content: conflict)."""
+    first, second = graph_arrays_from_graph(_graph("old-1", weight=1.5)), graph_arrays_from_graph(_graph("old-2", weight=2.5))
+    with AggregateStore(tmp_path / "state.duckdb") as store:
+        store.ingest([first, second])
+        prints = dict(store._con.execute("SELECT graph_id, content_sha FROM ledger").fetchall())
+        assert prints["old-1"] == graph_fingerprint(first) and prints["old-1"].startswith(FINGERPRINT_PREFIX)
+        # What an older version wrote (the format of its ledger), and one graph from before fingerprints.
+        store._con.execute("UPDATE ledger SET content_sha = ? WHERE graph_id = 'old-1'", [legacy_graph_fingerprint(first)])
+        store._con.execute("UPDATE ledger SET content_sha = NULL WHERE graph_id = 'old-2'")
+    assert len(legacy_graph_fingerprint(first)) == 32 and legacy_graph_fingerprint(first) != legacy_graph_fingerprint(second)
+    with AggregateStore(tmp_path / "state.duckdb") as store:
+        ack = store.ingest([first, second])
+        assert ack.duplicates == 2 and ack.conflict_graph_ids == ()
+        ack = store.ingest([graph_arrays_from_graph(_graph("old-1", weight=-7.0))])
+        assert ack.conflict_graph_ids == ("old-1",) and ack.duplicates == 0
+        assert store.graphs_total == 2
 
 
 def test_model_and_shape_are_recorded_at_first_ingest(served_store, tmp_path) -> None:

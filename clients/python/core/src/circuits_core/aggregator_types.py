@@ -209,10 +209,12 @@ def model_dims(extra: Any, where: str = "graph") -> tuple[int, int]:
     return dims[0], dims[1]
 
 
-def graph_fingerprint(g: GraphArrays) -> str:
-    """Content hash of what aggregation counts from ``g`` (units, edges, logit links; not its
-    source or corpus index): a re-sent graph_id with another fingerprint is a conflict."""
-    h = hashlib.sha1(usedforsecurity=False)  # an identity check, not a security boundary; the fastest here
+#: Prefix of content fingerprints (xxh3-128); fingerprints without it are the sha1 ones of
+#: states written before (:func:`legacy_graph_fingerprint`).
+FINGERPRINT_PREFIX = "xxh3:"
+
+
+def _fingerprint(g: GraphArrays, h: Any) -> Any:
     for arr in (g.unit_layer, g.unit_neuron, g.unit_activation, g.unit_attribution, g.edge_src_layer,
                 g.edge_src_neuron, g.edge_tgt_layer, g.edge_tgt_neuron, g.edge_weight, g.logit_src_layer,
                 g.logit_src_neuron, g.logit_token_id, g.logit_weight):  # fmt: skip
@@ -223,7 +225,34 @@ def graph_fingerprint(g: GraphArrays) -> str:
             h.update(arr.dtype.str.encode())
             h.update(memoryview(arr).cast("B") if arr.flags.c_contiguous else arr.tobytes())
     h.update(g.model.encode("utf-8"))
-    return h.hexdigest()[:32]
+    return h
+
+
+def graph_fingerprint(g: GraphArrays) -> str:
+    """Content hash of what aggregation counts from ``g`` (units, edges, logit links; not its
+    source or corpus index): a re-sent graph_id with another fingerprint is a conflict.
+
+    xxh3-128 (an identity check, not a security boundary): ~30x faster than the sha1 it replaced
+    (4 vs 133 µs for a 10k-edge graph); ``"xxh3:"`` + 32 hex digits."""
+    import xxhash
+
+    return FINGERPRINT_PREFIX + _fingerprint(g, xxhash.xxh3_128()).hexdigest()
+
+
+def legacy_graph_fingerprint(g: GraphArrays) -> str:
+    """The sha1 fingerprint (32 hex digits) ledgers kept before :func:`graph_fingerprint`."""
+    return _fingerprint(g, hashlib.sha1(usedforsecurity=False)).hexdigest()[:32]
+
+
+def same_content(stored: str | None, g: GraphArrays, fingerprint: str) -> bool:
+    """Whether a ledger's ``stored`` fingerprint of a graph_id matches ``g`` (whose
+    :func:`graph_fingerprint` is ``fingerprint``): None (counted before fingerprints were kept)
+    matches anything; a sha1 fingerprint of an older state is compared with ``g``'s sha1."""
+    if stored is None:
+        return True
+    if stored.startswith(FINGERPRINT_PREFIX):
+        return stored == fingerprint
+    return stored == legacy_graph_fingerprint(g)
 
 
 def graph_arrays_from_graph(graph: Graph, *, source: str = "", graph_id: str | None = None) -> GraphArrays:
