@@ -213,8 +213,14 @@ def measure(
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system) of a process and its children (Linux /proc; 0 elsewhere)."""
+    return sum(process_cpu_seconds(pid).values())
+
+
+def process_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of a process and of each of its children, by pid (Linux /proc;
+    empty elsewhere)."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total = 0.0
+    found: dict[int, float] = {}
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
         if not entry.name.isdigit():
             continue
@@ -223,8 +229,8 @@ def tree_cpu_seconds(pid: int) -> float:
         except OSError:
             continue
         if int(entry.name) == pid or int(fields[1]) == pid:  # fields[1] is the parent pid
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+            found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return found
 
 
 def measure_in_process(db, *, requests: int, kind: str, layers: int, neurons: int, seed: int, warmup: int = 0) -> dict:
@@ -733,20 +739,24 @@ def main(argv: list[str] | None = None) -> int:
                     loaders["h2load"] = functools.partial(measure_h2load, answer=answer)
                 else:
                     print("h2load not found (Debian/Ubuntu: apt-get install nghttp2-client): the C load generator's figure is skipped")
-                totals = {(name, n): {"answered": 0, "wall_s": 0.0, "client_cpu": 0.0, "server_cpu": 0.0, "n": 0, "p50": [], "mean": []}
+                totals = {(name, n): {"answered": 0, "wall_s": 0.0, "client_cpu": 0.0, "server_cpu": 0.0, "n": 0, "p50": [], "mean": [],
+                           "per_process": {}}
                           for name in loaders for n in args.processes}  # fmt: skip
                 rounds = max(1, args.process_rounds)
                 for _ in range(rounds):
                     for name, load in loaders.items():
                         for n_proc, (proc, address) in servers.items():
-                            cpu0, server0 = client_cpu_seconds(), tree_cpu_seconds(proc.pid)
+                            cpu0, server0 = client_cpu_seconds(), process_cpu_seconds(proc.pid)
                             r = load(address, concurrency=args.process_clients, requests=args.process_requests // rounds,
                                      kind="edges", layers=args.layers, neurons=args.neurons, seed=args.seed,
                                      warmup=args.warmup // rounds)  # fmt: skip
                             assert r["errors"] == 0, f"--processes {n_proc} ({name}): {r['errors']} failed requests ({r['first_error']})"
                             t = totals[(name, n_proc)]
                             t["client_cpu"] += client_cpu_seconds() - cpu0
-                            t["server_cpu"] += tree_cpu_seconds(proc.pid) - server0
+                            server1 = process_cpu_seconds(proc.pid)
+                            t["server_cpu"] += sum(server1.values()) - sum(server0.values())
+                            for child, seconds in server1.items():  # how the kernel spread the connections
+                                t["per_process"][child] = t["per_process"].get(child, 0.0) + seconds - server0.get(child, 0.0)
                             t["answered"] += r["answered"]
                             t["wall_s"] += r["wall_s"]
                             t["n"] += r["requests"] + args.warmup // rounds // args.process_clients * args.process_clients
@@ -758,6 +768,14 @@ def main(argv: list[str] | None = None) -> int:
                 for proc, _address in servers.values():
                     proc.wait(60)
             first = args.processes[0]
+
+            def spread(t: dict) -> str:
+                """Each serving process's share of the server CPU (SO_REUSEPORT spreads connections, not calls)."""
+                busy = sorted(t["per_process"].values(), reverse=True)
+                if len(busy) < 2 or sum(busy) <= 0:
+                    return ""
+                return ", shares " + "/".join(f"{100 * v / sum(busy):.0f}%" for v in busy)
+
             for name in loaders:
                 for n_proc in args.processes:
                     t, base = totals[(name, n_proc)], totals[(name, first)]
@@ -768,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{qps:7.1f} req/s {latency}  ratio to {first} process(es) "
                           f"{qps / base_qps:.2f}x (target >= 1.6x at 2); CPU per request: client "
                           f"{1000 * t['client_cpu'] / t['n']:.3f} ms, server {1000 * t['server_cpu'] / t['n']:.3f} ms "
-                          f"(all its processes); {rounds} alternating rounds")  # fmt: skip
+                          f"(all its processes{spread(t)}); {rounds} alternating rounds")  # fmt: skip
             if len(args.processes) > 1:
                 last = args.processes[-1]
 
