@@ -378,7 +378,9 @@ def measure_lean(address: str, *, concurrency: int, requests: int, kind: str, la
                  for a in query_list(kind, per_client, layers=layers, neurons=neurons, seed=seed * 1000 + i)]  # fmt: skip
         local: list[float] = []
         raw = b""
-        with grpc.insecure_channel(address) as channel:
+        # Its own connection per thread, as AtlasClient has (grpc would otherwise share one TCP
+        # connection per target across the process, and SO_REUSEPORT spreads connections).
+        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             call = channel.unary_unary(path)  # no serializers: bytes in, bytes out
             for request in warm:
                 call(request, timeout=30)
