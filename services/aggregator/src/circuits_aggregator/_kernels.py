@@ -86,6 +86,13 @@ def _slot_of(slots, key, keys_out, h, mask):  # pragma: no cover - compiled with
         h = (h + 1) & mask
 
 
+def _group_columns(n):  # pragma: no cover - compiled with its callers
+    """Room for ``n`` groups: key, count, sum, abs sum, sum of squares, min, max."""
+    return (np.empty(n, dtype=np.int64), np.zeros(n, dtype=np.int64), np.empty(n, dtype=np.float64),
+            np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64),
+            np.empty(n, dtype=np.float64))  # fmt: skip
+
+
 def _table_mask(rows):  # pragma: no cover - compiled with its callers
     """``(mask, shift)`` of a table for ``rows`` keys, at most half full."""
     bits = 4
@@ -94,95 +101,66 @@ def _table_mask(rows):  # pragma: no cover - compiled with its callers
     return (1 << bits) - 1, np.uint64(64 - bits)
 
 
-def _group_by_key_hashed(keys, weights):  # pragma: no cover - compiled; the tests call it compiled and as .py_func
-    """``(n_groups, key, count, weight_sum, weight_abs_sum, weight_sq_sum, weight_min, weight_max)``
-    of the rows ``(keys[i], weights[i])``, per distinct key (first ``n_groups`` rows of each array).
-    Rows are grouped one hash partition at a time (:func:`_partitioned`)."""
+def _fold(keys, count, total, absolute, square, low, high, raw):  # pragma: no cover - compiled with its callers
+    """Rows folded per distinct key: ``(n_groups, key, count, sum, abs sum, sum of squares, min,
+    max)``, the first ``n_groups`` rows of each array. ``raw``: row i is one observation of weight
+    ``total[i]`` (the other columns are not read); else row i holds partial statistics. Rows are
+    folded one hash partition at a time (:func:`_partitioned`), each group in row order."""
     n = keys.shape[0]
     starts, dest, part_keys, part_hashes, table_bits = _partitioned(keys)
-    part_weights = _scatter(weights, dest)
+    t_in = _scatter(total, dest)
+    if raw:
+        c_in, a_in, s_in, lo_in, hi_in = count, t_in, t_in, t_in, t_in
+    else:
+        c_in, a_in, s_in = _scatter(count, dest), _scatter(absolute, dest), _scatter(square, dest)
+        lo_in, hi_in = _scatter(low, dest), _scatter(high, dest)
     slots = np.empty(1 << table_bits, dtype=np.int64)
-    key = np.empty(n, dtype=np.int64)
-    count = np.zeros(n, dtype=np.int64)
-    total = np.empty(n, dtype=np.float64)
-    absolute = np.empty(n, dtype=np.float64)
-    square = np.empty(n, dtype=np.float64)
-    low = np.empty(n, dtype=np.float64)
-    high = np.empty(n, dtype=np.float64)
+    key, c_out, t_out, a_out, s_out, lo_out, hi_out = _group_columns(n)
     groups = 0
     for p in range(starts.shape[0] - 1):
         mask, shift = _table_mask(starts[p + 1] - starts[p])
         slots[: mask + 1] = -1
         for j in range(starts[p], starts[p + 1]):
             k = part_keys[j]
-            w = part_weights[j]
+            t = t_in[j]
+            if raw:
+                c, a, sq, lo, hi = 1, abs(t), t * t, t, t
+            else:
+                c, a, sq, lo, hi = c_in[j], a_in[j], s_in[j], lo_in[j], hi_in[j]
             h, g = _slot_of(slots, k, key, np.int64(part_hashes[j] >> shift), mask)
             if g < 0:
                 slots[h] = groups
                 key[groups] = k
-                count[groups] = 1
-                total[groups] = w
-                absolute[groups] = abs(w)
-                square[groups] = w * w
-                low[groups] = w
-                high[groups] = w
+                c_out[groups] = c
+                t_out[groups] = t
+                a_out[groups] = a
+                s_out[groups] = sq
+                lo_out[groups] = lo
+                hi_out[groups] = hi
                 groups += 1
             else:
-                count[g] += 1
-                total[g] += w
-                absolute[g] += abs(w)
-                square[g] += w * w
-                if w < low[g]:
-                    low[g] = w
-                if w > high[g]:
-                    high[g] = w
-    return groups, key, count, total, absolute, square, low, high
+                c_out[g] += c
+                t_out[g] += t
+                a_out[g] += a
+                s_out[g] += sq
+                if lo < lo_out[g]:
+                    lo_out[g] = lo
+                if hi > hi_out[g]:
+                    hi_out[g] = hi
+    return groups, key, c_out, t_out, a_out, s_out, lo_out, hi_out
+
+
+def _group_by_key_hashed(keys, weights):  # pragma: no cover - compiled; the tests call it compiled and as .py_func
+    """``(n_groups, key, count, weight_sum, weight_abs_sum, weight_sq_sum, weight_min, weight_max)``
+    of the rows ``(keys[i], weights[i])``, per distinct key (first ``n_groups`` rows of each array)."""
+    return _fold(keys, np.empty(0, dtype=np.int64), weights, weights, weights, weights, weights, True)
 
 
 def _merge_partials_hashed(keys, count, total, absolute, square, low, high):  # pragma: no cover - compiled
     """Partial statistics rows (as :func:`group_by_key` returns them) merged per distinct key:
     ``(n_groups, key, count, weight_sum, weight_abs_sum, weight_sq_sum, weight_min, weight_max)``
     (compaction; the same statistics as grouping the original observations)."""
-    n = keys.shape[0]
-    starts, dest, part_keys, part_hashes, table_bits = _partitioned(keys)
-    columns = (_scatter(count, dest), _scatter(total, dest), _scatter(absolute, dest), _scatter(square, dest),
-               _scatter(low, dest), _scatter(high, dest))  # fmt: skip
-    c_in, t_in, a_in, s_in, lo_in, hi_in = columns
-    slots = np.empty(1 << table_bits, dtype=np.int64)
-    key = np.empty(n, dtype=np.int64)
-    c_out = np.zeros(n, dtype=np.int64)
-    t_out = np.empty(n, dtype=np.float64)
-    a_out = np.empty(n, dtype=np.float64)
-    s_out = np.empty(n, dtype=np.float64)
-    lo_out = np.empty(n, dtype=np.float64)
-    hi_out = np.empty(n, dtype=np.float64)
-    groups = 0
-    for p in range(starts.shape[0] - 1):
-        mask, shift = _table_mask(starts[p + 1] - starts[p])
-        slots[: mask + 1] = -1
-        for j in range(starts[p], starts[p + 1]):
-            k = part_keys[j]
-            h, g = _slot_of(slots, k, key, np.int64(part_hashes[j] >> shift), mask)
-            if g < 0:
-                slots[h] = groups
-                key[groups] = k
-                c_out[groups] = c_in[j]
-                t_out[groups] = t_in[j]
-                a_out[groups] = a_in[j]
-                s_out[groups] = s_in[j]
-                lo_out[groups] = lo_in[j]
-                hi_out[groups] = hi_in[j]
-                groups += 1
-            else:
-                c_out[g] += c_in[j]
-                t_out[g] += t_in[j]
-                a_out[g] += a_in[j]
-                s_out[g] += s_in[j]
-                if lo_in[j] < lo_out[g]:
-                    lo_out[g] = lo_in[j]
-                if hi_in[j] > hi_out[g]:
-                    hi_out[g] = hi_in[j]
-    return groups, key, c_out, t_out, a_out, s_out, lo_out, hi_out
+    return _fold(keys, count, total, absolute, square, low, high, False)
 
 
 def group_starts(sorted_keys: np.ndarray) -> np.ndarray:
@@ -225,6 +203,8 @@ if COMPILED:
     _scatter = njit(cache=_CACHE, nogil=True)(_scatter)
     _slot_of = njit(cache=_CACHE, nogil=True)(_slot_of)
     _table_mask = njit(cache=_CACHE, nogil=True)(_table_mask)
+    _group_columns = njit(cache=_CACHE, nogil=True)(_group_columns)
+    _fold = njit(cache=_CACHE, nogil=True, inline="always")(_fold)  # the raw flag folds away in each caller
     group_by_key = njit(cache=_CACHE, nogil=True)(_group_by_key_hashed)
     merge_partials = njit(cache=_CACHE, nogil=True)(_merge_partials_hashed)
 else:
