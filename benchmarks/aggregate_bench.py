@@ -238,7 +238,8 @@ def main() -> None:
                         help="neuron indices per layer (Zipf-drawn); small pools make edges repeat across graphs")
     parser.add_argument("--window", type=int, default=512, help="client in-flight window (graphs)")
     parser.add_argument("--batch", type=int, default=256, help="server micro-batch (graphs; the server's default)")
-    parser.add_argument("--interval", type=int, default=100, help="files: graphs per transaction")
+    parser.add_argument("--interval", type=int, default=500,
+                        help="files: graphs per transaction (default: `circuits aggregate`'s, 500)")
     parser.add_argument("--rss", action="store_true", help="only the memory run (10k and 100k graphs)")
     parser.add_argument("--sustained", type=int, default=0, metavar="N",
                         help="also N graphs through gRPC Ingest (the corpus repeated under fresh ids): compactions included")

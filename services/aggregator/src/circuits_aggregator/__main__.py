@@ -23,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-index", type=int, default=0, help="this replica's shard (default 0)")
     p.add_argument("--shard-count", type=int, default=1, help="number of shards (default 1)")
     p.add_argument("--batch-graphs", type=int, default=256, help="commit an Ingest micro-batch after N graphs (default 256)")
-    p.add_argument("--batch-ms", type=float, default=50.0, help="... or T ms after its first graph (default 50)")
+    p.add_argument("--batch-ms", type=float, default=50.0,
+                   help="... or once no graph arrived for T ms (default 50) ...")
+    p.add_argument("--batch-max-ms", type=float, default=1000.0,
+                   help="... or T ms after its first graph (default 1000)")
     p.add_argument("--threads", type=int, default=1, help="DuckDB threads (default 1)")
     p.add_argument("--memory-limit", default="1GB", help="DuckDB memory limit (default 1GB)")
     p.add_argument("--export-root", default="",
@@ -41,8 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from circuits_aggregator.store import AggregateStore, StoreSettings
         from circuits_aggregator.stream import BatchPolicy
 
-        if args.batch_graphs < 1 or args.batch_ms <= 0:
-            raise CircuitsError("--batch-graphs must be >= 1 and --batch-ms > 0")
+        if args.batch_graphs < 1 or args.batch_ms <= 0 or args.batch_max_ms <= 0:
+            raise CircuitsError("--batch-graphs must be >= 1, --batch-ms and --batch-max-ms > 0")
         store = AggregateStore(
             args.state,
             StoreSettings(shard_index=args.shard_index, shard_count=args.shard_count, threads=args.threads,
@@ -52,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server=server_settings_from_args(args),
             export_root=args.export_root,
             limits=limits_from_args(args),
-            batch=BatchPolicy(max_graphs=args.batch_graphs, max_delay_s=args.batch_ms / 1000.0),
+            batch=BatchPolicy(max_graphs=args.batch_graphs, max_delay_s=args.batch_ms / 1000.0,
+                              max_wait_s=args.batch_max_ms / 1000.0),
         )
         server = build_server(settings, store=store).start()
     except (CircuitsError, OSError) as exc:
