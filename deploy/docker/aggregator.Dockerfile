@@ -23,7 +23,7 @@ WORKDIR /src
 # passes the host's pip configuration here). pip compiles the bytecode: the root filesystem is
 # read-only at run time.
 ARG PIP_EXTRA_ARGS=""
-# "fast": numba-compiled write-path kernels (~1.5x Ingest throughput per core, +190 MB for llvmlite);
+# "fast": numba-compiled write-path kernels and graph scan (~2x Ingest throughput per core, +190 MB for llvmlite);
 # the default image leaves them out and runs the numpy kernels (same results).
 ARG AGGREGATOR_EXTRAS=""
 COPY deploy/docker/requirements.py /usr/local/bin/requirements.py
