@@ -196,6 +196,12 @@ def measure(
         with lock:
             latencies.extend(local)
 
+    return run_workers(worker, kind, concurrency, latencies, errors)
+
+
+def run_workers(worker, kind: str, concurrency: int, latencies: list, errors: list) -> dict:
+    """Run ``worker(i)`` on ``concurrency`` threads (each appends to ``latencies`` / ``errors``);
+    the load figures of the run."""
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
     t0 = time.perf_counter()
     for t in threads:
@@ -398,19 +404,7 @@ def measure_lean(address: str, *, concurrency: int, requests: int, kind: str, la
         with lock:
             latencies.extend(local)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    return {
-        "kind": kind, "concurrency": concurrency, "requests": len(latencies) + len(errors), "errors": len(errors),
-        "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
-        "qps": len(latencies) / wall if wall else 0.0, "first_error": errors[0] if errors else "", "wall_s": wall,
-        "answered": len(latencies),
-    }  # fmt: skip
+    return run_workers(worker, kind, concurrency, latencies, errors)
 
 
 def _h2load_seconds(text: str) -> float:
