@@ -61,6 +61,30 @@ def make_model():
     return make
 
 
+@pytest.fixture
+def offloaded_llama(make_model, tokenizer, tmp_path):
+    """``load(device_map) -> (single, mapped)``: the tiny float64 Llama saved under tmp_path, loaded
+    on one device and split by ``device_map`` (layers on "cpu" / "disk": accelerate's hooks stream
+    offloaded weights in, which stay on meta between uses; checked)."""
+    import json
+
+    from circuits_attribution import load_model
+    from circuits_attribution.placement import is_dispatched
+
+    make_model("llama").save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+
+    def load(device_map: dict):
+        single = load_model(str(tmp_path / "tiny"), dtype="float64")
+        mapped = load_model(str(tmp_path / "tiny"), dtype="float64", device_map=json.dumps(device_map),
+                            offload_folder=str(tmp_path / "offload"))  # fmt: skip
+        assert is_dispatched(mapped.model)
+        assert any(p.device.type == "meta" for p in mapped.model.parameters())  # really offloaded
+        return single, mapped
+
+    return load
+
+
 @pytest.fixture(scope="session")
 def oracle_cls():
     from circuits_attribution.testing import LinearOracle

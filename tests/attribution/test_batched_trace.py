@@ -196,26 +196,16 @@ def test_a_trace_stops_in_every_phase_and_leaves_the_engine_clean(make_attributo
     assert again.graph_id == reference.graph_id and _edge_map(again) == _edge_map(reference)
 
 
-def test_batched_graphs_on_a_device_map_equal_single_traces(make_model, tokenizer, tmp_path) -> None:
+def test_batched_graphs_on_a_device_map_equal_single_traces(offloaded_llama) -> None:
     """The batch path (B = 3, three prompt lengths, left-padded) of a float64 model split over a
     device map (layers on cpu and disk offload, weights streamed in by accelerate's hooks) gives
     each prompt the graph of its single trace on the one-device model."""
-    import json
+    from circuits_attribution import RelPAttributor, RelPConfig
 
-    from circuits_attribution import RelPAttributor, RelPConfig, load_model
-    from circuits_attribution.placement import is_dispatched
-
-    make_model("llama").save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    device_map = {
+    single, mapped = offloaded_llama({
         "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
         "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "disk", "lm_head": "disk",
-    }
-    single = load_model(str(tmp_path / "tiny"), dtype="float64")
-    mapped = load_model(str(tmp_path / "tiny"), dtype="float64", device_map=json.dumps(device_map),
-                        offload_folder=str(tmp_path / "offload"))
-    assert is_dispatched(mapped.model)
-    assert any(p.device.type == "meta" for p in mapped.model.parameters())  # really offloaded
+    })  # fmt: skip
     config = RelPConfig(raw=True, model_name="tiny-llama", tau=0.005, k=3)
     one_device = RelPAttributor(single.model, single.tokenizer, config)
     split = RelPAttributor(mapped.model, mapped.tokenizer, config)

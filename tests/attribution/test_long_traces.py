@@ -224,23 +224,14 @@ def test_device_map_parsing_and_planning(make_model, tmp_path) -> None:
     assert "disk" in spilled.values() and 0 in spilled.values()
 
 
-def test_device_map_trace_equals_single_device_trace(make_model, tokenizer, tmp_path) -> None:
+def test_device_map_trace_equals_single_device_trace(offloaded_llama) -> None:
     """Layers split over cpu and disk offload (accelerate hooks, weights on meta between uses)."""
-    from circuits_attribution import RelPAttributor, RelPConfig, load_model
-    from circuits_attribution.placement import is_dispatched
+    from circuits_attribution import RelPAttributor, RelPConfig
 
-    model = make_model("llama")
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    device_map = {
+    single, mapped = offloaded_llama({
         "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
         "model.layers.2": "cpu", "model.layers.3": "disk", "model.norm": "disk", "lm_head": "disk",
-    }
-    single = load_model(str(tmp_path / "tiny"), dtype="float64")
-    mapped = load_model(str(tmp_path / "tiny"), dtype="float64", device_map=json.dumps(device_map),
-                        offload_folder=str(tmp_path / "offload"))
-    assert is_dispatched(mapped.model)
-    assert any(p.device.type == "meta" for p in mapped.model.parameters())  # really offloaded
+    })  # fmt: skip
     config = RelPConfig(raw=True, model_name="tiny-llama", tau=0.0, top_k_per_layer=6, edge_threshold=0.0)
     _, sel_a, scores_a, edges_a = _trace_parts(RelPAttributor(single.model, single.tokenizer, config))
     _, sel_b, scores_b, edges_b = _trace_parts(RelPAttributor(mapped.model, mapped.tokenizer, config))
