@@ -3,8 +3,9 @@
 #   - no installer (pip, setuptools, wheel): the runtime image installs nothing;
 #   - no bundled test suites, C headers, Cython sources or type stubs of third-party packages (never
 #     imported at run time);
-#   - pyarrow without Arrow Flight, S3, GCS and Azure (~52 MB; no service loads them, and pyarrow.fs
-#     treats a missing _s3fs/_gcsfs/_azurefs as "built without"; Substrait stays: pyarrow.lib links it);
+#   - pyarrow without Arrow Flight, S3, GCS, Azure, HDFS and ORC (~52 MB; no service loads them, and
+#     pyarrow.fs / pyarrow.dataset treat the missing modules as "built without"; Substrait stays:
+#     pyarrow.lib links it); numpy without its build tools (f2py, distutils) and SIMD test module;
 #   - no debug symbols in the shared libraries that carry them (infomap's wheel: ~75 MB of them);
 #   - identical copies of a shared library (wheels cannot hold symlinks) become hard links.
 # Usage (build stage, as root): sh deploy/docker/slim-venv.sh /opt/venv
@@ -20,10 +21,16 @@ for headers in pyarrow/include pyarrow/src numpy/_core/include numpy/core/includ
   rm -rf "${site:?}/$headers"
 done
 find "$site" -mindepth 2 -type f \( -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.pyi' \) -delete
+# numpy's build tools (f2py, distutils: imported only when asked for) and its SIMD test module.
+rm -rf "${site:?}/numpy/f2py" "${site:?}/numpy/distutils"
+rm -f "$site"/numpy/_core/_simd.*.so
+"$venv/bin/python" -c 'import numpy' || { echo "slim-venv: numpy no longer imports" >&2; exit 1; }
 if [ -d "$site/pyarrow" ]; then
+  # ORC and HDFS too: pyarrow.dataset and pyarrow.fs treat them as "built without" when absent.
   rm -f "$site"/pyarrow/_flight.*.so "$site"/pyarrow/libarrow_flight.so* "$site"/pyarrow/libarrow_python_flight.so* \
         "$site"/pyarrow/_s3fs.*.so "$site"/pyarrow/libarrow_s3.so* "$site"/pyarrow/_pyarrow_cpp_tests.*.so \
-        "$site"/pyarrow/_gcsfs.*.so "$site"/pyarrow/_azurefs.*.so
+        "$site"/pyarrow/_gcsfs.*.so "$site"/pyarrow/_azurefs.*.so "$site"/pyarrow/_orc.*.so \
+        "$site"/pyarrow/_dataset_orc.*.so "$site"/pyarrow/_hdfs.*.so
   # What the services use must still import (pyarrow.fs treats the missing ones as "built without";
   # pyarrow.lib itself links libarrow_substrait, which is why that one stays).
   "$venv/bin/python" -c 'import pyarrow, pyarrow.parquet, pyarrow.fs, pyarrow.dataset, pyarrow.compute' \
