@@ -8,8 +8,9 @@ with reused ones. :func:`keep_freed_memory` raises malloc's mmap and trim thresh
 blocks come from the heap and are reused, and keeps up to 256 MB of freed heap
 instead of returning it at once. The resident set then stays nearer the write path's high-water
 mark, which the batch size and one compaction pass bound (not the number of graphs): measured
-with `benchmarks/aggregate_bench.py --rss`, 826 MB after 100k small graphs instead of 590 MB, at
-the same peak (1.29 GB, DuckDB's 1 GB buffer limit included).
+with `benchmarks/aggregate_bench.py --rss`, 728 MiB after 100k small graphs (peak 1,295 MiB,
+DuckDB's 1 GB buffer limit included); a run of the same ingest without this setting ended at
+590 MiB with the same peak.
 
 Called by the aggregator's server and by `circuits aggregate`; a no-op where the C library is
 not glibc.
