@@ -271,3 +271,115 @@ def test_server_ingest_decodes_with_the_scan_and_keeps_its_checks(served_store, 
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_nodes_per_graph=10" in err.value.details()
     finally:
         limited.stop(0)
+
+
+# -- the compiled column pass (wire._scanned_graph_arrays) -------------------------------------
+def _columns_taken(data: bytes) -> bool:
+    """Whether the compiled column pass accepted the scanned graph (else the reference path ran)."""
+    request = wire.graph_request_from_bytes(data)
+    if not isinstance(request, wire.ScannedGraph):
+        return False
+    return wire._scanned_graph_arrays(request.header, request._columns, "t", None) is not None
+
+
+def _semantic(bad: str) -> bytes:
+    msg = _proto(11)
+    kinds = [u.kind for u in msg.units]
+    neuron = kinds.index(graph_pb2.UNIT_KIND_NEURON)
+    logit = kinds.index(graph_pb2.UNIT_KIND_LOGIT)
+    if bad == "duplicate_key":
+        other = kinds.index(graph_pb2.UNIT_KIND_NEURON, neuron + 1)
+        for name in ("layer", "index", "position"):
+            setattr(msg.units[other], name, getattr(msg.units[neuron], name))
+    elif bad == "duplicate_without_position":
+        other = kinds.index(graph_pb2.UNIT_KIND_NEURON, neuron + 1)
+        msg.units[other].layer, msg.units[other].index = msg.units[neuron].layer, msg.units[neuron].index
+        msg.units[neuron].ClearField("position")
+        msg.units[other].ClearField("position")
+    elif bad == "neuron_layer":
+        msg.units[neuron].layer = 1024
+    elif bad == "negative_neuron":
+        msg.units[neuron].index = -3
+    elif bad == "beyond_num_layers":
+        msg.metadata.extra_json = '{"generation_settings": {"num_layers": 2, "d_mlp": 0}}'
+    elif bad == "beyond_d_mlp":
+        msg.metadata.extra_json = '{"generation_settings": {"num_layers": 0, "d_mlp": 3}}'
+    elif bad == "bad_dims":
+        msg.metadata.extra_json = '{"generation_settings": {"num_layers": -1}}'
+    elif bad == "unknown_kind":
+        msg.units[3].kind = 7
+    elif bad == "unset_kind":
+        msg.units[3].kind = graph_pb2.UNIT_KIND_UNSPECIFIED
+    elif bad in ("inf_activation", "nan_attribution", "inf_probability"):
+        field = {"inf_activation": "activation", "nan_attribution": "attribution", "inf_probability": "probability"}[bad]
+        setattr(msg.units[neuron], field, float("nan") if bad.startswith("nan") else float("inf"))
+    elif bad == "nan_weight":
+        msg.edges.weight[5] = float("nan")
+    elif bad == "edge_out_of_range":
+        msg.edges.tgt[4] = len(msg.units)
+    elif bad == "negative_token":
+        msg.units[logit].index = -5
+        msg.edges.src.append(neuron)
+        msg.edges.tgt.append(logit)
+        msg.edges.weight.append(0.25)
+    elif bad == "raw_weight_length":
+        msg.edges.raw_weight.extend([1.0, 2.0])
+    return msg.SerializeToString()
+
+
+_SEMANTIC = ["duplicate_key", "duplicate_without_position", "neuron_layer", "negative_neuron", "beyond_num_layers",
+             "beyond_d_mlp", "bad_dims", "unknown_kind", "unset_kind", "inf_activation", "nan_attribution",
+             "inf_probability", "nan_weight", "edge_out_of_range", "negative_token", "raw_weight_length"]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", _SEMANTIC)
+def test_column_pass_refers_every_bad_graph_to_the_reference(bad):
+    """Each check the reference reader makes: the compiled pass declines the graph, and the
+    refusal is the reference's own message."""
+    data = _semantic(bad)
+    assert not _columns_taken(data)
+    outcome = _scanned(data)
+    assert outcome == _reference(data)
+    assert outcome[0] == "refused", outcome
+
+
+def test_column_pass_takes_valid_graphs_with_logits_and_stated_shapes():
+    msg = _proto(12)
+    msg.metadata.extra_json = '{"generation_settings": {"num_layers": 16, "d_mlp": 2000000}}'
+    kinds = [u.kind for u in msg.units]
+    neuron, logit = kinds.index(graph_pb2.UNIT_KIND_NEURON), kinds.index(graph_pb2.UNIT_KIND_LOGIT)
+    msg.units[neuron].ClearField("activation")  # absent values are NaN in the columns
+    for _ in range(3):  # repeated links to one logit: one token name
+        msg.edges.src.append(neuron)
+        msg.edges.tgt.append(logit)
+        msg.edges.weight.append(-0.5)
+    data = msg.SerializeToString()
+    assert _columns_taken(data)
+    assert _scanned(data) == _reference(data) and _scanned(data)[0] == "counted"
+    fast = wire.graph_arrays_from_proto(wire.graph_request_from_bytes(data), source="t")
+    slow = wire.graph_arrays_from_proto(wire.graph_message_from_bytes(data), source="t", fast=False)
+    for name in fast.__dataclass_fields__:
+        a, b = getattr(fast, name), getattr(slow, name)
+        if isinstance(a, np.ndarray):
+            assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), name
+        else:
+            assert a == b, name
+    assert fast.n_logit_links >= 3 and np.isnan(fast.unit_activation).any()
+
+
+def test_column_kernel_compiled_equals_plain_python():
+    from circuits_core import _graph_scan_kernel as k
+
+    scanned = _graph_scan.scan(_proto(13).SerializeToString())
+    args = (scanned.layer, scanned.index, scanned.kind, scanned.position, scanned.has_position,
+            scanned.has_activation, scanned.has_attribution, scanned.activation, scanned.attribution,
+            scanned.probability, scanned.src, scanned.tgt, scanned.weight, 0, 0, 1023, 2097151)  # fmt: skip
+    compiled, plain = k.graph_columns(*args), k.graph_columns.py_func(*args)
+    assert compiled[0] and plain[0]
+    for a, b in zip(compiled[1:], plain[1:]):
+        np.testing.assert_array_equal(a, b)
+    dup = list(args)
+    dup[1] = np.zeros_like(scanned.index)  # every unit of a layer at index 0, same position: duplicates
+    dup[0] = np.zeros_like(scanned.layer)
+    dup[3] = np.zeros_like(scanned.position)
+    assert not k.graph_columns(*dup)[0] and not k.graph_columns.py_func(*dup)[0]

@@ -117,3 +117,33 @@ def scan(data: bytes) -> Scan | None:
         token_start=ints[:, 4], token_end=token_end,
         src=src, tgt=tgt, weight=_doubles(data, spans[0]), raw_weight=_doubles(data, spans[1]),
     )  # fmt: skip
+
+
+_COLUMNS: Any = None  # the compiled column kernel; False = numba unavailable
+
+
+def columns(scanned: Scan, num_layers: int, d_mlp: int, max_layer: int, max_neuron: int) -> tuple | None:
+    """The aggregator's columns of ``scanned`` in one compiled pass (see
+    :func:`circuits_core._graph_scan_kernel.graph_columns`): ``(unit_layer, unit_neuron,
+    unit_activation, unit_attribution, edge_src_layer, edge_src_neuron, edge_tgt_layer,
+    edge_tgt_neuron, edge_weight, logit_src_layer, logit_src_neuron, logit_token_id, logit_weight,
+    logit_rows)``, or None when numba is unavailable or a check fails (the caller's reference
+    reader then says what is wrong)."""
+    global _COLUMNS
+    if _COLUMNS is None:
+        _COLUMNS = False
+        if _compile() is not False:
+            from circuits_core._graph_scan_kernel import graph_columns
+
+            _COLUMNS = graph_columns
+    if _COLUMNS is False:
+        return None
+    edges = scanned.src.shape[0]
+    if scanned.tgt.shape[0] != edges or scanned.weight.shape[0] != edges or scanned.raw_weight.shape[0] not in (0, edges):
+        return None
+    ok, *out = _COLUMNS(
+        scanned.layer, scanned.index, scanned.kind, scanned.position, scanned.has_position, scanned.has_activation,
+        scanned.has_attribution, scanned.activation, scanned.attribution, scanned.probability, scanned.src,
+        scanned.tgt, scanned.weight, num_layers, d_mlp, max_layer, max_neuron,
+    )  # fmt: skip
+    return tuple(out) if ok else None

@@ -295,3 +295,141 @@ def scan_graph(buf):
         if status < 0:
             return status, ints, token_end, flags, value_bytes, src, tgt, spans
     return units, ints, token_end, flags, value_bytes, src, tgt, spans
+
+
+_INT32_MIN = -(1 << 31)
+_INT32_MAX = (1 << 31) - 1
+_NEURON = 1  # graph_pb2.UNIT_KIND_NEURON
+_LOGIT = 3  # graph_pb2.UNIT_KIND_LOGIT
+
+
+@njit(cache=_CACHE, nogil=True)
+def _distinct_unit_keys(layer, index, position):  # -> whether no two units share (layer, index, position)
+    n = layer.shape[0]
+    bits = 4
+    while (1 << bits) < 2 * n:
+        bits += 1
+    mask = (1 << bits) - 1
+    slots = np.full(1 << bits, -1, dtype=np.int64)
+    for i in range(n):
+        h = np.uint64(layer[i]) * np.uint64(0x9E3779B97F4A7C15)
+        h ^= np.uint64(index[i]) * np.uint64(0xC2B2AE3D27D4EB4F)
+        h ^= np.uint64(position[i]) * np.uint64(0x165667B19E3779F9)
+        s = np.int64(h >> np.uint64(64 - bits))
+        while True:
+            j = slots[s]
+            if j < 0:
+                slots[s] = i
+                break
+            if layer[j] == layer[i] and index[j] == index[i] and position[j] == position[i]:
+                return False
+            s = (s + 1) & mask
+    return True
+
+
+@njit(cache=_CACHE, nogil=True)
+def graph_columns(layer, index, kind, position, has_position, has_activation, has_attribution, activation,
+                  attribution, probability, src, tgt, weight, num_layers, d_mlp, max_layer, max_neuron):  # fmt: skip
+    """The aggregator's columns of a scanned graph, checked in one pass, when the graph passes every
+    check graph readers make (then the result equals what the reference reader builds); ``ok`` is
+    False at the first failed check, and the caller runs the reference reader, which says what is
+    wrong. ``num_layers`` / ``d_mlp``: the model shape the graph states (0 = not stated).
+
+    Returns ``(ok, unit_layer, unit_neuron, unit_activation, unit_attribution, edge_src_layer,
+    edge_src_neuron, edge_tgt_layer, edge_tgt_neuron, edge_weight, logit_src_layer,
+    logit_src_neuron, logit_token_id, logit_weight, logit_rows)``: neuron units (NaN where an
+    activation / attribution is absent), neuron -> neuron edges, neuron -> logit links (with the
+    logit units' rows), each in graph order.
+    """
+    n = layer.shape[0]
+    e = src.shape[0]
+    keyed_position = np.empty(n, dtype=np.int64)
+    neurons = 0
+    ok = True
+    for i in range(n):
+        k = kind[i]
+        lay = layer[i]
+        idx = index[i]
+        pos = position[i] if has_position[i] else -1  # NO_POSITION
+        keyed_position[i] = pos
+        if k < _NEURON or k > _LOGIT:
+            ok = False
+        elif not (_INT32_MIN <= lay <= _INT32_MAX and _INT32_MIN <= idx <= _INT32_MAX and _INT32_MIN <= pos <= _INT32_MAX):
+            ok = False
+        elif not (np.isfinite(activation[i]) and np.isfinite(attribution[i]) and np.isfinite(probability[i])):
+            ok = False  # an absent value reads 0.0, so a non-finite one was sent
+        elif k == _NEURON:
+            if lay < 0 or lay > max_layer or idx < 0 or idx > max_neuron:
+                ok = False
+            elif (num_layers > 0 and lay >= num_layers) or (d_mlp > 0 and idx >= d_mlp):
+                ok = False
+            neurons += 1
+        if not ok:
+            break
+    keep = 0
+    links = 0
+    if ok:
+        for j in range(e):
+            s = src[j]
+            t = tgt[j]
+            if s < 0 or s >= n or t < 0 or t >= n or not np.isfinite(weight[j]):
+                ok = False
+                break
+            if kind[s] == _NEURON:
+                if kind[t] == _NEURON:
+                    keep += 1
+                elif kind[t] == _LOGIT:
+                    if index[t] < 0:
+                        ok = False
+                        break
+                    links += 1
+    if ok and n > 1:
+        ok = _distinct_unit_keys(layer, index, keyed_position)
+    if not ok:
+        neurons = keep = links = 0
+    unit_layer = np.empty(neurons, dtype=np.int32)
+    unit_neuron = np.empty(neurons, dtype=np.int32)
+    unit_activation = np.empty(neurons, dtype=np.float64)
+    unit_attribution = np.empty(neurons, dtype=np.float64)
+    src_layer = np.empty(keep, dtype=np.int32)
+    src_neuron = np.empty(keep, dtype=np.int32)
+    tgt_layer = np.empty(keep, dtype=np.int32)
+    tgt_neuron = np.empty(keep, dtype=np.int32)
+    edge_weight = np.empty(keep, dtype=np.float64)
+    logit_layer = np.empty(links, dtype=np.int32)
+    logit_neuron = np.empty(links, dtype=np.int32)
+    logit_token = np.empty(links, dtype=np.int64)
+    logit_weight = np.empty(links, dtype=np.float64)
+    logit_rows = np.empty(links, dtype=np.int64)
+    if ok:
+        u = 0
+        for i in range(n):
+            if kind[i] == _NEURON:
+                unit_layer[u] = layer[i]
+                unit_neuron[u] = index[i]
+                unit_activation[u] = activation[i] if has_activation[i] else np.nan
+                unit_attribution[u] = attribution[i] if has_attribution[i] else np.nan
+                u += 1
+        a = 0
+        b = 0
+        for j in range(e):
+            s = src[j]
+            t = tgt[j]
+            if kind[s] != _NEURON:
+                continue
+            if kind[t] == _NEURON:
+                src_layer[a] = layer[s]
+                src_neuron[a] = index[s]
+                tgt_layer[a] = layer[t]
+                tgt_neuron[a] = index[t]
+                edge_weight[a] = weight[j]
+                a += 1
+            elif kind[t] == _LOGIT:
+                logit_layer[b] = layer[s]
+                logit_neuron[b] = index[s]
+                logit_token[b] = index[t]
+                logit_weight[b] = weight[j]
+                logit_rows[b] = t
+                b += 1
+    return (ok, unit_layer, unit_neuron, unit_activation, unit_attribution, src_layer, src_neuron, tgt_layer,
+            tgt_neuron, edge_weight, logit_layer, logit_neuron, logit_token, logit_weight, logit_rows)  # fmt: skip

@@ -26,11 +26,14 @@ from google.protobuf.message import DecodeError
 from circuits_core import _graph_scan
 from circuits_core._proto.circuits.v1 import aggregator_pb2, atlas_pb2, attribution_pb2, graph_pb2, labeler_pb2
 from circuits_core.aggregator_types import (
+    MAX_LAYER,
+    MAX_NEURON,
     AggregatorStats,
     EdgeColumns,
     GraphArrays,
     IngestAck,
     graph_arrays_from_units,
+    model_dims,
 )
 from circuits_core.atlas_types import AtlasStats, ClusterInfo, ClusterMembers, SearchHit, UnitActivationStats, UnitCard
 from circuits_core.edge_table import NO_POSITION, EdgeTable, check_unit_keys, checked_unit_keys
@@ -407,6 +410,10 @@ def graph_arrays_from_proto(
         header, scanned = msg, None
         if fast and len(msg.units) >= _SCAN_MIN_UNITS and _graph_scan.available():
             scanned = _graph_scan.scan(msg.SerializeToString())
+    if scanned is not None and fast:
+        checked = _scanned_graph_arrays(header, scanned, source, graph_id)
+        if checked is not None:
+            return checked
     if scanned is not None:  # one compiled pass over the message's bytes (numba installed)
         layer, index, kinds = scanned.layer, scanned.index, scanned.kind
         n = layer.shape[0]
@@ -458,6 +465,52 @@ def graph_arrays_from_proto(
         tokens=tokens,
         model=header.model,
         extra=extra,
+    )
+
+
+def _scanned_graph_arrays(header: graph_pb2.Graph, scanned: _graph_scan.Scan, source: str,
+                          graph_id: str | None) -> GraphArrays | None:  # fmt: skip
+    """:func:`graph_arrays_from_proto` of a scanned graph with its checks and column selections
+    in one compiled pass; None when a check fails (or numba is unavailable): the reference path
+    then raises the error it always raised, so what is accepted and what each refusal says do
+    not depend on this path (tests/aggregator/test_graph_scan.py compares the two)."""
+    gid = header.graph_id if graph_id is None else graph_id
+    try:
+        extra = _extra_from_json(header.metadata.extra_json)
+        num_layers, d_mlp = model_dims(extra, source or gid or "graph")
+    except InvalidArgument:
+        return None
+    cols = _graph_scan.columns(scanned, num_layers, d_mlp, MAX_LAYER, MAX_NEURON)
+    if cols is None:
+        return None
+    (unit_layer, unit_neuron, activation, attribution, src_layer, src_neuron, tgt_layer, tgt_neuron, weight,
+     logit_layer, logit_neuron, logit_token, logit_weight, logit_rows) = cols  # fmt: skip
+    names = {}
+    if logit_rows.shape[0]:
+        tokens = _ScannedTokens(scanned.data, scanned.token_start, scanned.token_end)
+        for row in np.unique(logit_rows).tolist():
+            names[int(scanned.index[row])] = tokens[row]
+    return GraphArrays(
+        graph_id=gid,
+        source=source,
+        corpus_index=header.metadata.corpus_index if header.HasField("metadata") else -1,
+        unit_layer=unit_layer,
+        unit_neuron=unit_neuron,
+        unit_activation=activation,
+        unit_attribution=attribution,
+        edge_src_layer=src_layer,
+        edge_src_neuron=src_neuron,
+        edge_tgt_layer=tgt_layer,
+        edge_tgt_neuron=tgt_neuron,
+        edge_weight=weight,
+        logit_src_layer=logit_layer,
+        logit_src_neuron=logit_neuron,
+        logit_token_id=logit_token,
+        logit_weight=logit_weight,
+        logit_tokens=tuple(sorted(names.items())),
+        model=str(header.model),
+        num_layers=num_layers,
+        d_mlp=d_mlp,
     )
 
 
