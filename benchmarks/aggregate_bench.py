@@ -80,6 +80,15 @@ def server_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_peak_rss_mib(pid: int) -> float:
+    """Peak resident set size of process ``pid`` (VmHWM, MiB)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def baseline(json_dir: Path) -> tuple[int, float, float, float]:
     """Seed-style aggregation: load each legacy JSON, accumulate six floats per edge in a dict."""
     edges: dict[tuple[int, int, int, int], list[float]] = {}
@@ -163,7 +172,8 @@ def grpc_ingest(messages, state: Path, window: int, batch: int, count: int | Non
             report = client.ingest(messages)
             seconds = time.perf_counter() - started
             cpu = server_cpu_seconds(proc.pid) - cpu_started
-            print(f"(gRPC client: {time.process_time() - client_started:.2f} CPU s in this process)")
+            print(f"(gRPC client: {time.process_time() - client_started:.2f} CPU s in this process; server peak RSS "
+                  f"{server_peak_rss_mib(proc.pid):,.0f} MiB)")  # fmt: skip
             assert report.acked == (len(messages) if count is None else count)
             stats = client.stats()
             total = float(sum(c.weight_sum.sum() for c in client.iter_edge_columns()))

@@ -11,6 +11,7 @@ from circuits_core.aggregator_types import shard_of
 from circuits_core.errors import FailedPrecondition, InvalidArgument
 from circuits_core.schemas import Edge, Graph, Unit
 from circuits_aggregator import AggregateStore, InMemoryAggregator, StoreSettings, merge_exports
+from circuits_aggregator import store as store_module
 from circuits_core.aggregator_types import graph_arrays_from_graph
 from circuits_aggregator.testing import random_graph
 
@@ -193,3 +194,31 @@ def test_seed_api_get_edges_and_units() -> None:
                 ref_units.setdefault(u.key, set()).add(g.graph_id)
         assert {u.key: u.appearance_count for u in units} == {k: len(v) for k, v in ref_units.items()}
         assert agg.graphs_processed == 25
+
+
+def test_compaction_spills_beside_the_state_and_cleans_up(tmp_path, brute, monkeypatch) -> None:
+    """A compaction larger than one pass spills hash partitions to a folder beside the state and
+    removes it; a folder left by a compaction killed midway is removed when the state is opened."""
+    rng = np.random.default_rng(8)
+    corpus = [random_graph(rng) for _ in range(12)]
+    state = tmp_path / "state.duckdb"
+    leftover = tmp_path / ".state.duckdb.compaction-killed"
+    leftover.mkdir()
+    (leftover / "part-00003.bin").write_bytes(b"\0" * 64)
+    unrelated = tmp_path / ".other.duckdb.compaction-x"  # another state's: not touched
+    unrelated.mkdir()
+    seen: list[list[str]] = []
+    with AggregateStore(state, StoreSettings(compact_min_rows=10**9, compact_pass_rows=50)) as store:
+        assert not leftover.exists() and unrelated.exists()
+        store.ingest([graph_arrays_from_graph(g) for g in corpus])
+        real_take = store_module._Spill.take
+
+        def take(self, part):  # watch the spill folder while the compaction runs
+            seen.append(sorted(p.name for p in tmp_path.iterdir()))
+            return real_take(self, part)
+
+        monkeypatch.setattr(store_module._Spill, "take", take)
+        store.compact()
+        brute.assert_matches(*_rows(store), corpus)
+    assert any(any(name.startswith(".state.duckdb.compaction-") for name in names) for names in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.duckdb.compaction-x", "state.duckdb"]

@@ -163,6 +163,50 @@ def _merge_partials_hashed(keys, count, total, absolute, square, low, high):  # 
     return _fold(keys, count, total, absolute, square, low, high, False)
 
 
+def _pack_edge_keys_into(src_layer, src_neuron, tgt_layer, tgt_neuron, out, at):  # pragma: no cover - compiled
+    """``out[at:at + n]`` = the packed keys ``src_layer << 52 | src_neuron << 31 | tgt_layer << 21 |
+    tgt_neuron`` of ``n`` edges (the store's edge key)."""
+    for i in range(src_layer.shape[0]):
+        out[at + i] = ((np.int64(src_layer[i]) << 52) | (np.int64(src_neuron[i]) << 31)
+                       | (np.int64(tgt_layer[i]) << 21) | np.int64(tgt_neuron[i]))  # fmt: skip
+
+
+def _pack_edge_keys_into_numpy(src_layer, src_neuron, tgt_layer, tgt_neuron, out, at):
+    out[at:at + src_layer.shape[0]] = (
+        (src_layer.astype(np.int64) << 52) | (src_neuron.astype(np.int64) << 31)
+        | (tgt_layer.astype(np.int64) << 21) | tgt_neuron.astype(np.int64)
+    )  # fmt: skip
+
+
+def _split_once(groups, key, count, total, absolute, square, low, high):  # pragma: no cover - compiled
+    """The first ``groups`` rows of grouped statistics split, in order, into those of keys seen once
+    ``(key, weight)`` and the others ``(key, count, sum, abs sum, sum of squares, min, max)``."""
+    once = 0
+    for g in range(groups):
+        if count[g] == 1:
+            once += 1
+    many = groups - once
+    single_k, single_w = np.empty(once, dtype=np.int64), np.empty(once, dtype=np.float64)
+    k, c, t, a, s, lo, hi = _group_columns(many)
+    i = j = 0
+    for g in range(groups):
+        if count[g] == 1:
+            single_k[i] = key[g]
+            single_w[i] = total[g]
+            i += 1
+        else:
+            k[j], c[j], t[j], a[j], s[j], lo[j], hi[j] = key[g], count[g], total[g], absolute[g], square[g], low[g], high[g]
+            j += 1
+    return single_k, single_w, k, c, t, a, s, lo, hi
+
+
+def _split_once_numpy(groups, key, count, total, absolute, square, low, high):
+    once = count[:groups] == 1
+    many = np.flatnonzero(~once)
+    return (key[:groups][once], total[:groups][once],
+            *(column[many] for column in (key, count, total, absolute, square, low, high)))  # fmt: skip
+
+
 def group_starts(sorted_keys: np.ndarray) -> np.ndarray:
     """Row numbers where each run of equal keys starts in ``sorted_keys`` (non-empty)."""
     change = np.empty(sorted_keys.shape[0], dtype=bool)
@@ -207,16 +251,23 @@ if COMPILED:
     _fold = njit(cache=_CACHE, nogil=True, inline="always")(_fold)  # the raw flag folds away in each caller
     group_by_key = njit(cache=_CACHE, nogil=True)(_group_by_key_hashed)
     merge_partials = njit(cache=_CACHE, nogil=True)(_merge_partials_hashed)
+    pack_edge_keys_into = njit(cache=_CACHE, nogil=True)(_pack_edge_keys_into)
+    split_once = njit(cache=_CACHE, nogil=True)(_split_once)
 else:
     group_by_key = group_by_key_sorted
     merge_partials = merge_partials_sorted
+    pack_edge_keys_into = _pack_edge_keys_into_numpy
+    split_once = _split_once_numpy
 
 
 def warm() -> None:
     """Compile (or load from the disk cache) the kernels now: a server's first Ingest does not wait."""
     from circuits_core import wire
 
-    group_by_key(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float64))
+    groups = group_by_key(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float64))
+    split_once(*groups)
+    small = np.zeros(1, dtype=np.int32)
+    pack_edge_keys_into(small, small, small, small, np.zeros(1, dtype=np.int64), 0)
     one = np.zeros(1, dtype=np.float64)
     merge_partials(np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64), one, one, one, one, one)
     wire.warm_graph_scan()
