@@ -604,11 +604,13 @@ class AggregateStore:
         """Counters from one consistent snapshot."""
         cur = self._cursor()
         try:
+            cur.execute("BEGIN TRANSACTION")  # one snapshot: a batch committed meanwhile is in all counts or none
             graphs, observations = cur.execute(
                 "SELECT count(*), coalesce(sum(edge_observations), 0)::BIGINT FROM ledger"
             ).fetchone()
             distinct_edges = cur.execute(f"SELECT count(*) FROM ({EDGES_SQL})").fetchone()[0]
             distinct_units = cur.execute(f"SELECT count(*) FROM ({UNITS_SQL})").fetchone()[0]
+            cur.execute("COMMIT")
         finally:
             cur.close()
         return AggregatorStats(
