@@ -222,3 +222,41 @@ def test_compaction_spills_beside_the_state_and_cleans_up(tmp_path, brute, monke
         brute.assert_matches(*_rows(store), corpus)
     assert any(any(name.startswith(".state.duckdb.compaction-") for name in names) for names in seen)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.duckdb.compaction-x", "state.duckdb"]
+
+
+def test_checking_a_graph_does_not_wait_for_a_commit() -> None:
+    """The Ingest reader checks each graph (model, shape) while the previous batch commits: the
+    check takes the identity's own lock, not the write lock (waiting for it stalled decoding
+    through every commit and compaction). What a commit saves of a shape learned meanwhile is not
+    lost."""
+    import threading
+    import time
+    from dataclasses import replace
+
+    rng = np.random.default_rng(9)
+    first = replace(graph_arrays_from_graph(random_graph(rng, graph_id="a")), model="m")
+    second = replace(graph_arrays_from_graph(random_graph(rng, graph_id="b")), model="m", num_layers=16)
+    store = AggregateStore()
+    store.check_graph(first)
+    version = store._identity_version
+    held, release = threading.Event(), threading.Event()
+
+    def commit_in_progress() -> None:
+        with store._lock:
+            held.set()
+            release.wait(5)
+
+    writer = threading.Thread(target=commit_in_progress)
+    writer.start()
+    held.wait(5)
+    started = time.perf_counter()
+    store.check_graph(second)  # learns num_layers while the "commit" holds the write lock
+    waited = time.perf_counter() - started
+    release.set()
+    writer.join()
+    assert waited < 1.0
+    store._identity_saved(version)  # a commit that wrote the identity as of before the check
+    assert store._identity_unsaved  # the learned shape is still to be saved
+    store.ingest([second])
+    assert not store._identity_unsaved
+    assert store._load_identity() == {"model": "m", "num_layers": "16", "d_mlp": "0"}

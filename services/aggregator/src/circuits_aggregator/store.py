@@ -245,8 +245,12 @@ class AggregateStore:
         # States written before content fingerprints: their graphs have none (NULL = unknown).
         con.execute("ALTER TABLE ledger ADD COLUMN IF NOT EXISTS content_sha VARCHAR")
         self._check_shard_meta()
+        #: Guards _identity, _identity_unsaved and _identity_version, apart from the write lock: the
+        #: Ingest reader checks graphs while a batch commits (waiting for it stalled decoding).
+        self._identity_lock = threading.Lock()
         self._identity = self._load_identity()
         self._identity_unsaved = False
+        self._identity_version = 0  # bumped at each change, so a commit knows what it saved
         self._graphs = con.execute("SELECT count(*) FROM ledger").fetchone()[0]
         #: Token ids logit_tokens names (new names are inserted only for the others).
         self._token_ids: set[int] = {row[0] for row in con.execute("SELECT token_id FROM logit_tokens").fetchall()}
@@ -277,18 +281,20 @@ class AggregateStore:
     @property
     def identity(self) -> dict[str, str] | None:
         """The model and shape this state counts (None before the first graph)."""
-        return None if self._identity is None else dict(self._identity)
+        with self._identity_lock:
+            return None if self._identity is None else dict(self._identity)
 
     def check_graph(self, g: GraphArrays) -> None:
         """Refuse (InvalidArgument) a graph of another model or shape than this state's, or with
         neurons outside the recorded shape; the first graph ever checked sets the identity
         (saved with the next commit)."""
         where = g.source if g.source and g.source != "grpc" else (g.graph_id or "graph")
-        with self._lock:
+        with self._identity_lock:
             ident = self._identity
             if ident is None:
                 self._identity = {"model": g.model, "num_layers": str(g.num_layers), "d_mlp": str(g.d_mlp)}
                 self._identity_unsaved = True
+                self._identity_version += 1
                 return
             if g.model != ident["model"]:
                 raise InvalidArgument(
@@ -305,6 +311,7 @@ class AggregateStore:
                 if stated and not known:
                     ident[key] = str(stated)
                     self._identity_unsaved = True
+                    self._identity_version += 1
             layers, width = int(ident["num_layers"]), int(ident["d_mlp"])
             if g.n_units:
                 if layers and int(g.unit_layer.max()) >= layers:
@@ -463,6 +470,9 @@ class AggregateStore:
         con.register("batch_tokens", token_names)
         if logits is not None:
             con.register("batch_logits", logits)
+        with self._identity_lock:
+            identity = dict(self._identity) if self._identity_unsaved and self._identity is not None else None
+            version = self._identity_version
         try:
             con.execute("BEGIN TRANSACTION")
             try:
@@ -471,8 +481,8 @@ class AggregateStore:
                     "INSERT INTO ledger SELECT graph_id, source, corpus_index, now()::TIMESTAMP, "
                     "edge_observations, unit_observations, content_sha FROM batch_ledger"
                 )
-                if self._identity_unsaved:
-                    self._write_identity()
+                if identity is not None:
+                    self._write_identity(identity)
                 if edges.num_rows:
                     con.execute(_EDGE_BATCH_SQL)
                 if single.num_rows:
@@ -484,12 +494,14 @@ class AggregateStore:
                 if names:
                     con.execute("INSERT INTO logit_tokens SELECT * FROM batch_tokens ON CONFLICT DO NOTHING")
                 con.execute("COMMIT")
-                self._identity_unsaved = False
+                self._identity_saved(version)
                 self._token_ids.update(names)
             except BaseException:
                 con.execute("ROLLBACK")
-                self._identity = self._load_identity()
-                self._identity_unsaved = False
+                with self._identity_lock:
+                    if self._identity_version == version:  # else graphs checked since hold newer knowledge
+                        self._identity = self._load_identity()
+                        self._identity_unsaved = False
                 raise
         finally:
             for name in ("batch_ledger", "batch_edges", "batch_single", "batch_units", "batch_tokens", "batch_logits"):
@@ -499,19 +511,26 @@ class AggregateStore:
                     pass
         self._delta_rows += edges.num_rows + single.num_rows + units.num_rows
 
-    def _write_identity(self) -> None:
-        assert self._identity is not None
+    def _identity_saved(self, version: int) -> None:
+        """The identity as of ``version`` is committed: unsaved only if it changed since."""
+        with self._identity_lock:
+            if self._identity_version == version:
+                self._identity_unsaved = False
+
+    def _write_identity(self, identity: dict[str, str]) -> None:
         self._con.executemany(
             "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [(k, self._identity[k]) for k in _IDENTITY_KEYS],
+            [(k, identity[k]) for k in _IDENTITY_KEYS],
         )
 
     def _save_identity(self) -> None:
         """Persist an identity learned from graphs that were all duplicates (nothing else to commit)."""
-        if not self._identity_unsaved:
-            return
-        self._write_identity()
-        self._identity_unsaved = False
+        with self._identity_lock:
+            if not self._identity_unsaved or self._identity is None:
+                return
+            identity, version = dict(self._identity), self._identity_version
+        self._write_identity(identity)
+        self._identity_saved(version)
 
     def _should_compact(self) -> bool:
         s = self.settings
