@@ -260,3 +260,41 @@ def test_checking_a_graph_does_not_wait_for_a_commit() -> None:
     store.ingest([second])
     assert not store._identity_unsaved
     assert store._load_identity() == {"model": "m", "num_layers": "16", "d_mlp": "0"}
+
+
+def test_a_failed_compaction_keeps_the_batch_counted_and_retries_later(tmp_path, brute, monkeypatch, caplog) -> None:
+    """No disk left for the compaction's spill: the batch that triggered it is committed and
+    acknowledged, the compaction is rolled back and logged, reads stay exact, and the next attempt
+    waits for another compact_min_rows partial rows (then succeeds once the disk has room)."""
+    import errno
+    import logging
+
+    rng = np.random.default_rng(10)
+    corpus = [random_graph(rng) for _ in range(16)]
+    state = tmp_path / "state.duckdb"
+    store = AggregateStore(state, StoreSettings(compact_min_rows=60, compact_growth=0.0, compact_pass_rows=20))
+    real_add = store_module._Spill.add
+    attempts: list[int] = []
+
+    def full_disk(self, columns):
+        attempts.append(store._delta_rows)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module._Spill, "add", full_disk)
+    with caplog.at_level(logging.ERROR, logger="circuits.aggregator"):
+        ack = store.ingest([graph_arrays_from_graph(g) for g in corpus[:4]])
+    assert ack.graphs_total == 4 and len(attempts) == 1
+    assert "compaction failed" in caplog.text and "No space left" in caplog.text
+    assert store._con.execute("SELECT count(*) FROM edge_stats").fetchone()[0] == 0  # rolled back
+    assert not list(tmp_path.glob(".state.duckdb.compaction-*"))
+    brute.assert_matches(*_rows(store), corpus[:4])
+    for g in corpus[4:8]:  # still no room: an attempt only every compact_min_rows (60) more partial rows
+        store.ingest([graph_arrays_from_graph(g)])
+    assert len(attempts) >= 2 and all(b >= a + 60 for a, b in zip(attempts, attempts[1:]))
+    assert len(attempts) < 5  # not one per batch
+    monkeypatch.setattr(store_module._Spill, "add", real_add)  # room again
+    for g in corpus[8:]:
+        store.ingest([graph_arrays_from_graph(g)])
+    assert store._con.execute("SELECT count(*) FROM edge_stats").fetchone()[0] > 0  # compacted since
+    brute.assert_matches(*_rows(store), corpus)
+    store.close()

@@ -258,6 +258,7 @@ class AggregateStore:
             "SELECT (SELECT count(*) FROM edge_delta) + (SELECT count(*) FROM edge_single) + (SELECT count(*) FROM unit_delta)"
         ).fetchone()[0]
         self._stats_rows = con.execute("SELECT (SELECT count(*) FROM edge_stats) + (SELECT count(*) FROM unit_stats)").fetchone()[0]
+        self._compact_retry_at = 0  # after a failed compaction: the partial rows to wait for
         self._closed = False
 
     def _check_shard_meta(self) -> None:
@@ -404,7 +405,7 @@ class AggregateStore:
                 self._commit(new, [prints[g.graph_id] for g in new])
                 self._graphs += len(new)
                 if self._should_compact():
-                    self.compact()
+                    self._compact_after_commit()
             for gid in conflicts:
                 _log.warning("graph_id %s re-sent with different content (conflict): not counted again; "
                              "the first content stays counted", echo(gid))  # fmt: skip
@@ -534,7 +535,22 @@ class AggregateStore:
 
     def _should_compact(self) -> bool:
         s = self.settings
-        return self._delta_rows >= s.compact_min_rows and self._delta_rows >= s.compact_growth * self._stats_rows
+        return (self._delta_rows >= s.compact_min_rows and self._delta_rows >= s.compact_growth * self._stats_rows
+                and self._delta_rows >= self._compact_retry_at)  # fmt: skip
+
+    def _compact_after_commit(self) -> None:
+        """Compact after a batch committed. A failure (no disk left for the spill, DuckDB out of
+        memory) is logged, not raised: the batch is counted and its ack must say so, reads stay
+        exact over the uncompacted rows, and the next attempt waits until another
+        ``compact_min_rows`` partial rows arrived."""
+        try:
+            self.compact()
+        except (duckdb.Error, OSError, MemoryError) as exc:
+            self._compact_retry_at = self._delta_rows + self.settings.compact_min_rows
+            _log.error(
+                "compaction failed, rolled back (the graphs are counted; reads stay exact; next attempt after "
+                "%d more partial rows): %s", self.settings.compact_min_rows, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )  # fmt: skip
 
     def compact(self) -> None:
         """Fold ``*_delta`` into ``*_stats`` atomically (statistics unchanged, fewer rows)."""
@@ -562,6 +578,7 @@ class AggregateStore:
                 "SELECT (SELECT count(*) FROM edge_stats) + (SELECT count(*) FROM unit_stats)"
             ).fetchone()[0]
             self._delta_rows = 0
+            self._compact_retry_at = 0
             con.execute("CHECKPOINT")
 
     def _compact_edges(self, con: duckdb.DuckDBPyConnection) -> None:
