@@ -30,6 +30,28 @@ def attribution_server(engine):
         server.stop(0.5)
 
 
+@contextmanager
+def investigating_labeler(engine, tmp_path, **labeling):
+    """A real labeler server whose Investigate runs the scripted scientist on ``engine`` (here an
+    attribution client) against a stand-in Anthropic server; ``labeling``: more LabelingSection fields."""
+    from circuits_labeler.scientist.service import Investigations
+    from circuits_labeler.server import build_server as build_labeler_server
+    from circuits_labeler.service import LabelerService
+
+    with StandInLLMServer(responder=ScriptedScientist(probes=PROBES, fillers=FILLERS)) as llm:
+        investigations = Investigations(
+            engine=engine, labeling=LabelingSection(model="stand-in", base_url=llm.base_url, **labeling),
+            reports_dir=tmp_path / "reports", model_name="planted",
+            backend_factory=lambda: AnthropicBackend(model="stand-in", api_key=KEY, base_url=llm.base_url))
+        # the labeler's progressive labelling is not used by Investigate
+        server = build_labeler_server(ServerSettings(port=0), service=LabelerService(None, investigations=investigations)).start()  # type: ignore[arg-type]
+        server.set_serving(True)
+        try:
+            yield server
+        finally:
+            server.stop(0.5)
+
+
 def test_get_activations_over_grpc_equals_in_process(engine):
     request = ActivationRequest(prompts=("the cat is big", "red moon"), neurons=((LAYER, NEURON), (0, 3)))
     local = engine.activations(request)
@@ -56,32 +78,15 @@ def test_cli_remote_investigation(engine, tmp_path, capsys):
 
 
 def test_labeler_investigate_rpc_streams_progress(engine, tmp_path):
-    from circuits_labeler.scientist.service import Investigations
-    from circuits_labeler.server import build_server as build_labeler_server
-    from circuits_labeler.service import LabelerService
-
-    with attribution_server(engine) as attr, StandInLLMServer(
-            responder=ScriptedScientist(probes=PROBES, fillers=FILLERS)) as llm:
-        client = AttributionClient(attr.address)
-        investigations = Investigations(
-            engine=client, labeling=LabelingSection(model="stand-in", base_url=llm.base_url, input_price_per_mtok=3.0,
-                                                    output_price_per_mtok=15.0),
-            reports_dir=tmp_path / "reports", model_name="planted",
-            backend_factory=lambda: AnthropicBackend(model="stand-in", api_key=KEY, base_url=llm.base_url))
-        # the labeler's progressive labelling is not used by Investigate
-        server = build_labeler_server(ServerSettings(port=0), service=LabelerService(None, investigations=investigations)).start()  # type: ignore[arg-type]
-        server.set_serving(True)
-        try:
-            with LabelerClient(server.address) as labeler:
-                events = list(labeler.investigate(LAYER, NEURON, max_steps=20))
-                with pytest.raises(FailedPrecondition, match="investigated before"):
-                    list(labeler.investigate(LAYER, NEURON))
-                with pytest.raises(InvalidArgument, match="max_steps"):
-                    list(labeler.investigate(LAYER, NEURON, max_steps=100_000))
-                stopped = list(labeler.investigate(LAYER, NEURON + 1, max_steps=2))
-        finally:
-            server.stop(0.5)
-            client.close()
+    with attribution_server(engine) as attr, AttributionClient(attr.address) as client, investigating_labeler(
+            client, tmp_path, input_price_per_mtok=3.0, output_price_per_mtok=15.0) as server:
+        with LabelerClient(server.address) as labeler:
+            events = list(labeler.investigate(LAYER, NEURON, max_steps=20))
+            with pytest.raises(FailedPrecondition, match="investigated before"):
+                list(labeler.investigate(LAYER, NEURON))
+            with pytest.raises(InvalidArgument, match="max_steps"):
+                list(labeler.investigate(LAYER, NEURON, max_steps=100_000))
+            stopped = list(labeler.investigate(LAYER, NEURON + 1, max_steps=2))
     final = events[-1]
     assert final.kind == "finished" and final.label == f"fires on the token {TOKEN}" and final.confidence == "high"
     assert (final.predictions_correct, final.predictions_total) == (8, 8) and final.spend_usd > 0
@@ -125,9 +130,6 @@ def test_labeler_flags_reach_a_tls_and_token_attribution_server(engine, pki, tmp
 
     from circuits_core.errors import PermissionDenied, Unauthenticated, Unavailable
     from circuits_labeler.__main__ import attribution_client_from_args, build_parser
-    from circuits_labeler.scientist.service import Investigations
-    from circuits_labeler.server import build_server as build_labeler_server
-    from circuits_labeler.service import LabelerService
 
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{WRITE_TOKEN} write\n{READ_TOKEN} read\n")
@@ -152,21 +154,10 @@ def test_labeler_flags_reach_a_tls_and_token_attribution_server(engine, pki, tmp
                              (["--attribution-token-file", str(tmp_path / "write")], Unavailable)):  # plaintext to TLS
             with client(*flags) as refused, pytest.raises(error):
                 refused.activations(probe, timeout=10)
-        engine_client = client(*tls, "--attribution-token-file", str(tmp_path / "write"))
-        assert engine_client.activations(probe) == engine.activations(probe)
-        with StandInLLMServer(responder=ScriptedScientist(probes=PROBES, fillers=FILLERS)) as llm:
-            investigations = Investigations(
-                engine=engine_client, labeling=LabelingSection(model="stand-in", base_url=llm.base_url),
-                reports_dir=tmp_path / "reports", model_name="planted",
-                backend_factory=lambda: AnthropicBackend(model="stand-in", api_key=KEY, base_url=llm.base_url))
-            labeler = build_labeler_server(ServerSettings(port=0), service=LabelerService(None, investigations=investigations)).start()  # type: ignore[arg-type]
-            labeler.set_serving(True)
-            try:
-                with LabelerClient(labeler.address) as labeler_client:
-                    events = list(labeler_client.investigate(LAYER, NEURON, max_steps=20))
-            finally:
-                labeler.stop(0.5)
-                engine_client.close()
+        with client(*tls, "--attribution-token-file", str(tmp_path / "write")) as engine_client:
+            assert engine_client.activations(probe) == engine.activations(probe)
+            with investigating_labeler(engine_client, tmp_path) as labeler, LabelerClient(labeler.address) as labeler_client:
+                events = list(labeler_client.investigate(LAYER, NEURON, max_steps=20))
     finally:
         attr.stop(0.5)
     final = events[-1]
