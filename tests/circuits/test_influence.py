@@ -156,3 +156,17 @@ def test_viewer_bench_smoke() -> None:
     done = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "ratio baseline / ours" in done.stdout and "influence share" in done.stdout
+
+
+def test_a_logit_with_out_edges_takes_no_share() -> None:
+    """A hand-made graph may have a logit feeding another node (found by the legacy round-trip
+    property test): the logit has influence, but logits are not ranked, so the ranked nodes'
+    shares still rise to 1."""
+    # 0 (embedding) -> 2 (logit, w=1); 1 (logit) -> 0; the logit 1 reaches logit 2 through node 0
+    result = influence_shares(n_nodes=3, sources=[0, 1], targets=[2, 0], weights=[1.0, 1.0], logit_weights=[0, 1, 1],
+                              attributions=[None, None, None], is_logit=[False, True, True])
+    assert result.basis == BASIS_GRAPH
+    assert result.shares == (pytest.approx(1.0), None, None)
+    only_logits = influence_shares(n_nodes=2, sources=[0], targets=[1], weights=[1.0], logit_weights=[1, 1],
+                                   attributions=[None, None], is_logit=[True, True])
+    assert only_logits.shares == (None, None)

@@ -142,7 +142,10 @@ def influence_shares(
     """
     influence = propagate_influence(n_nodes, sources, targets, weights, logit_weights)
     basis = BASIS_GRAPH
-    shares = cumulative_shares(influence) if influence is not None else None
+    # Logits are not ranked (their field is None): a logit with out-edges (possible in a hand-made
+    # graph) would otherwise take a share, and the ranked nodes' largest share would stay below 1.
+    shares = (cumulative_shares([0.0 if is_logit[n] else v for n, v in enumerate(influence)])
+              if influence is not None else None)  # fmt: skip
     if shares is None:
         basis = BASIS_ATTRIBUTION
         # a logit's "attribution" is its logit value, not an effect on the logits: not ranked
